@@ -1,0 +1,117 @@
+"""The kinds tidegate reads: their API groups, served versions, scope and schema.
+
+Gateway API schemas come from the official CRDs bundled in `crds/` (the experimental channel, a superset of
+standard that also serves the alpha versions); built-in kinds from `builtin_schemas.yaml`. Schemas load
+lazily, once per kind, because the CRD files are large and most inputs use a few kinds.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from importlib import resources as importlib_resources
+from typing import Any
+
+import yaml
+
+from tidegate.resources.schema import Schema
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+@dataclass(frozen=True)
+class KindInfo:
+    group: str
+    kind: str
+    namespaced: bool
+    crd_file: str = ""  # set for Gateway API kinds
+
+    def api_versions(self) -> list[str]:
+        return [f"{self.group}/{v}" if self.group else v for v in served_versions(self)]
+
+
+def _gw(kind: str, plural: str, namespaced: bool = True) -> KindInfo:
+    return KindInfo(GATEWAY_GROUP, kind, namespaced, f"{GATEWAY_GROUP}_{plural}.yaml")
+
+
+KINDS: dict[tuple[str, str], KindInfo] = {
+    (k.group, k.kind): k
+    for k in [
+        _gw("GatewayClass", "gatewayclasses", namespaced=False),
+        _gw("Gateway", "gateways"),
+        _gw("HTTPRoute", "httproutes"),
+        _gw("GRPCRoute", "grpcroutes"),
+        _gw("TLSRoute", "tlsroutes"),
+        _gw("TCPRoute", "tcproutes"),
+        _gw("UDPRoute", "udproutes"),
+        _gw("ReferenceGrant", "referencegrants"),
+        _gw("BackendTLSPolicy", "backendtlspolicies"),
+        KindInfo("", "Namespace", namespaced=False),
+        KindInfo("", "Service", namespaced=True),
+        KindInfo("", "Secret", namespaced=True),
+        KindInfo("discovery.k8s.io", "EndpointSlice", namespaced=True),
+        KindInfo("networking.k8s.io", "Ingress", namespaced=True),
+        KindInfo("networking.k8s.io", "IngressClass", namespaced=False),
+    ]
+}
+
+KIND_NAMES = {k.kind for k in KINDS.values()}
+
+
+def split_api_version(api_version: str) -> tuple[str, str]:
+    group, _, version = api_version.rpartition("/")
+    return group, version
+
+
+def lookup(api_version: str, kind: str) -> KindInfo | None:
+    group, _ = split_api_version(api_version)
+    return KINDS.get((group, kind))
+
+
+@functools.cache
+def _crd(filename: str) -> dict[str, Any]:
+    text = importlib_resources.files("tidegate.resources").joinpath("crds", filename).read_text()
+    for doc in yaml.load_all(text, Loader=_Loader):
+        if doc and doc.get("kind") == "CustomResourceDefinition":
+            return doc
+    raise RuntimeError(f"no CustomResourceDefinition in bundled {filename}")
+
+
+@functools.cache
+def _builtin_schemas() -> dict[str, Any]:
+    text = importlib_resources.files("tidegate.resources").joinpath("builtin_schemas.yaml").read_text()
+    return yaml.load(text, Loader=_Loader)
+
+
+@functools.cache
+def served_versions(info: KindInfo) -> tuple[str, ...]:
+    if info.crd_file:
+        return tuple(v["name"] for v in _crd(info.crd_file)["spec"]["versions"] if v.get("served"))
+    prefix = f"{info.group}/" if info.group else ""
+    return tuple(
+        key[len(prefix) :].split("/")[0]
+        for key in _builtin_schemas()
+        if key.startswith(prefix) and key.endswith("/" + info.kind) and key.count("/") == prefix.count("/") + 1
+    )
+
+
+@functools.cache
+def schema_for(info: KindInfo, version: str) -> Schema:
+    """The compiled schema of one served version of a kind (root: the whole object)."""
+    if info.crd_file:
+        for v in _crd(info.crd_file)["spec"]["versions"]:
+            if v["name"] == version:
+                return Schema(v["schema"]["openAPIV3Schema"])
+        raise KeyError(f"{info.kind} has no version {version}")
+    prefix = f"{info.group}/" if info.group else ""
+    node = dict(_builtin_schemas()[f"{prefix}{version}/{info.kind}"])
+    # Like a CRD's root: the envelope fields are known (metadata itself is checked by the loader).
+    node["properties"] = {
+        "apiVersion": {"type": "string"},
+        "kind": {"type": "string"},
+        "metadata": {"type": "object", "x-kubernetes-preserve-unknown-fields": True},
+        **node.get("properties", {}),
+    }
+    return Schema(node)
