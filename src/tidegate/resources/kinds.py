@@ -51,6 +51,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
         KindInfo("", "Namespace", namespaced=False),
         KindInfo("", "Service", namespaced=True),
         KindInfo("", "Secret", namespaced=True),
+        KindInfo("", "ConfigMap", namespaced=True),
         KindInfo("discovery.k8s.io", "EndpointSlice", namespaced=True),
         KindInfo("networking.k8s.io", "Ingress", namespaced=True),
         KindInfo("networking.k8s.io", "IngressClass", namespaced=False),

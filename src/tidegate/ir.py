@@ -1,0 +1,181 @@
+"""The intermediate representation: small, immutable, protocol-shaped (not Kubernetes-shaped).
+
+The translator builds it; the data plane serves from it; the route table (`tidegate.router`) is compiled from
+it. `to_data()` gives plain YAML-able data for golden files and `tidegate routes`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    address: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    zone: str = ""
+    node: str = ""
+    pod: str = ""  # targetRef name, for logs and the echo-based tests
+
+
+@dataclass(frozen=True)
+class BackendTLS:
+    """Upstream TLS from a BackendTLSPolicy."""
+
+    hostname: str
+    ca_pem: str = ""  # concatenated PEM; empty with well_known_ca
+    well_known_ca: str = ""  # "System"
+    subject_alt_names: tuple[str, ...] = ()
+    policy: str = ""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One weighted member of a route's backend group: a Service port resolved to pod endpoints."""
+
+    name: str  # "ns/service:port"
+    weight: int
+    endpoints: tuple[Endpoint, ...] = ()
+    protocol: str = ""  # appProtocol of the Service port (h2c, ws, ...)
+    filters: tuple[Filter, ...] = ()
+    tls: BackendTLS | None = None
+    # Why this backend cannot be used (not found, not permitted, ...): its share of requests gets a 500.
+    invalid: str = ""
+
+
+@dataclass(frozen=True)
+class Filter:
+    type: str  # RequestHeaderModifier, ResponseHeaderModifier, RequestRedirect, URLRewrite, RequestMirror, CORS ...
+    config: dict[str, Any] = field(default_factory=dict, hash=False, compare=True)
+    mirror: Backend | None = None  # resolved backend of a RequestMirror
+
+
+@dataclass(frozen=True)
+class PathMatch:
+    type: str  # Exact | PathPrefix | RegularExpression
+    value: str
+
+
+@dataclass(frozen=True)
+class ValueMatch:
+    """A header or query parameter match."""
+
+    name: str
+    value: str
+    type: str = "Exact"  # Exact | RegularExpression
+
+
+@dataclass(frozen=True)
+class Match:
+    path: PathMatch = PathMatch("PathPrefix", "/")
+    method: str = ""
+    headers: tuple[ValueMatch, ...] = ()
+    query: tuple[ValueMatch, ...] = ()
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    request: float | None = None  # seconds; None = no limit
+    backend_request: float | None = None
+
+
+@dataclass(frozen=True)
+class Retry:
+    codes: tuple[int, ...] = ()
+    attempts: int = 0
+    backoff: float | None = None
+
+
+@dataclass(frozen=True)
+class HTTPRoute:
+    """One rule of an HTTPRoute/GRPCRoute/Ingress as it applies on one listener."""
+
+    name: str  # "httproute/ns/name/rule/0"
+    source: str  # "HTTPRoute ns/name"
+    hostnames: tuple[str, ...]  # effective hostnames on this listener; ("*",) = any
+    matches: tuple[Match, ...]
+    filters: tuple[Filter, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    timeouts: Timeouts = Timeouts()
+    retry: Retry | None = None
+    rule_name: str = ""
+    created: str = ""  # creationTimestamp, for precedence
+    # Set when the rule can only answer with an error (e.g. a rule without backends): status code.
+    direct_status: int = 0
+    # Ingress semantics: "*.a.com" covers exactly one more label (the Gateway API allows any number).
+    wildcard_single_label: bool = False
+
+
+@dataclass(frozen=True)
+class L4Route:
+    """A TLSRoute (by SNI), TCPRoute or UDPRoute on one listener."""
+
+    name: str
+    source: str
+    hostnames: tuple[str, ...] = ()
+    backends: tuple[Backend, ...] = ()
+    created: str = ""
+
+
+@dataclass(frozen=True)
+class Certificate:
+    secret: str  # "ns/name"
+    cert_pem: str
+    key_pem: str
+    hostnames: tuple[str, ...] = ()  # SANs / CN, for SNI selection
+
+
+@dataclass(frozen=True)
+class ListenerTLS:
+    mode: str  # Terminate | Passthrough
+    certificates: tuple[Certificate, ...] = ()
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A programmed listener of a Gateway (or tidegate's Ingress front door)."""
+
+    name: str  # "ns/gateway/listener"
+    gateway: str  # "ns/gateway" or "ingress"
+    address: str  # bind address; "" = the run's --bind default
+    port: int
+    protocol: str  # HTTP | HTTPS | TLS | TCP | UDP
+    hostname: str = ""  # "" = any
+    tls: ListenerTLS | None = None
+    http_routes: tuple[HTTPRoute, ...] = ()
+    l4_routes: tuple[L4Route, ...] = ()
+
+
+@dataclass(frozen=True)
+class IR:
+    listeners: tuple[Listener, ...] = ()
+
+    def to_data(self) -> dict[str, Any]:
+        return {"listeners": [_plain(listener) for listener in self.listeners]}
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses to dicts, dropping fields at their defaults so that golden files stay readable."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            if item == default and f.name not in ("weight", "path"):
+                continue
+            if f.name in ("cert_pem", "key_pem", "ca_pem"):
+                out[f.name] = f"<{len(item)} bytes>"
+                continue
+            out[f.name] = _plain(item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,63 @@
+"""translate(snapshot) -> Translation(IR, statuses, notes): a pure function.
+
+Stages run in a fixed order over an index built once: GatewayClasses → Gateways and listeners → policies →
+routes (attachment, rules, backends) → Ingress → IR. Statuses are returned as values; the snapshot is never
+mutated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from tidegate import ir
+from tidegate.resources.model import Key, Problem, Resource
+from tidegate.translate.gateways import gateway_status, translate_gateway_classes, translate_gateways
+from tidegate.translate.index import Index
+from tidegate.translate.ingress import translate_ingresses
+from tidegate.translate.policies import policy_statuses, resolve_backend_tls_policies
+from tidegate.translate.routes import translate_routes
+
+
+@dataclass(frozen=True)
+class TranslateOptions:
+    address: str = ""  # the address shown in Gateway and Ingress status (a LoadBalancer IP, say)
+    ingress_http_port: int = 80
+    ingress_https_port: int = 443
+
+
+@dataclass
+class Translation:
+    ir: ir.IR
+    statuses: dict[Key, dict[str, Any]] = field(default_factory=dict)
+    notes: list[Problem] = field(default_factory=list)  # warnings about resources that have no status field
+
+
+def translate(resources: Iterable[Resource], options: TranslateOptions = TranslateOptions()) -> Translation:
+    index = Index(resources)
+    statuses: dict[Key, dict[str, Any]] = {}
+    notes: list[Problem] = []
+
+    classes = translate_gateway_classes(index, statuses)
+    gateways = translate_gateways(index, classes, options.address)
+    policies = resolve_backend_tls_policies(index)
+    translate_routes(index, gateways, policies.by_target, statuses)
+
+    listeners: list[ir.Listener] = []
+    for gw in gateways:
+        statuses[gw.resource.key] = gateway_status(gw)
+        if not gw.accepted:
+            continue
+        gateway_name = f"{gw.resource.namespace}/{gw.resource.name}"
+        for state in gw.listeners:
+            if not (state.accepted[0] and state.programmable):
+                continue
+            listeners.append(ir.Listener(
+                name=f"{gateway_name}/{state.name}", gateway=gateway_name, address=gw.bind_address,
+                port=state.port, protocol=state.protocol, hostname=state.hostname, tls=state.tls,
+                http_routes=tuple(sorted(state.http_routes, key=lambda r: r.name)),
+                l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
+    listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
+                                     policies.by_target, statuses, notes)
+    statuses.update(policy_statuses(index, policies, listeners))
+    return Translation(ir=ir.IR(listeners=tuple(listeners)), statuses=dict(sorted(statuses.items())), notes=notes)

@@ -1,0 +1,271 @@
+"""GatewayClasses and Gateways: which are tidegate's, and which listeners are valid, conflicted or resolved."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from tidegate import ir
+from tidegate.resources.model import Resource
+from tidegate.translate.certificates import CertificateError, certificate_from_secret
+from tidegate.translate.conditions import CONTROLLER_NAME, condition
+from tidegate.translate.index import Index
+
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+# Route kinds each listener protocol can carry.
+PROTOCOL_KINDS: dict[str, tuple[str, ...]] = {
+    "HTTP": ("HTTPRoute", "GRPCRoute"),
+    "HTTPS": ("HTTPRoute", "GRPCRoute"),
+    "TLS": ("TLSRoute",),
+    "TCP": ("TCPRoute",),
+    "UDP": ("UDPRoute",),
+}
+# Listeners on one port must share a family: HTTPS and TLS can share (SNI tells them apart), the rest not.
+_FAMILY = {"HTTP": "http", "HTTPS": "tls", "TLS": "tls", "TCP": "tcp", "UDP": "udp"}
+
+
+@dataclass
+class ListenerState:
+    gateway: GatewayState
+    spec: dict[str, Any]
+    name: str
+    port: int
+    protocol: str
+    hostname: str
+    supported_kinds: list[str]
+    tls: ir.ListenerTLS | None = None
+    accepted: tuple[bool, str, str] = (True, "Accepted", "Listener is valid")
+    resolved: tuple[bool, str, str] = (True, "ResolvedRefs", "All references are resolved")
+    conflicted: tuple[bool, str, str] = (False, "NoConflicts", "No conflicts")
+    programmable: bool = True  # certificates resolved: the data plane can serve it
+    attached: int = 0
+    http_routes: list[ir.HTTPRoute] = field(default_factory=list)
+    l4_routes: list[ir.L4Route] = field(default_factory=list)
+
+    @property
+    def attachable(self) -> bool:
+        """Routes attach to listeners that are accepted, whether or not their references resolve."""
+        return self.accepted[0]
+
+    @property
+    def section(self) -> str:
+        return self.name
+
+
+@dataclass
+class GatewayState:
+    resource: Resource
+    listeners: list[ListenerState] = field(default_factory=list)
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+    addresses: list[dict[str, str]] = field(default_factory=list)
+    bind_address: str = ""
+    accepted: bool = True
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.resource.namespace, self.resource.name)
+
+
+def translate_gateway_classes(index: Index, statuses: dict) -> set[str]:
+    """Our GatewayClasses get Accepted; the names of accepted ones are returned."""
+    ours: set[str] = set()
+    for gc in index.all("GatewayClass"):
+        if gc.spec.get("controllerName") != CONTROLLER_NAME:
+            continue
+        gen = gc.generation
+        if gc.spec.get("parametersRef"):
+            ok, reason, msg = False, "InvalidParameters", "tidegate's GatewayClass takes no parametersRef"
+        else:
+            ok, reason, msg = True, "Accepted", "GatewayClass is accepted by tidegate"
+            ours.add(gc.name)
+        statuses[gc.key] = {"conditions": [
+            condition("Accepted", ok, reason, msg, gen),
+            condition("SupportedVersion", True, "SupportedVersion", "Gateway API v1.6.1 CRDs", gen),
+        ]}
+    return ours
+
+
+def translate_gateways(index: Index, classes: set[str], default_address: str) -> list[GatewayState]:
+    states = []
+    for gw in index.all("Gateway"):
+        if gw.spec.get("gatewayClassName") not in classes:
+            continue
+        states.append(_gateway_state(index, gw, default_address))
+    return states
+
+
+def _gateway_state(index: Index, gw: Resource, default_address: str) -> GatewayState:
+    state = GatewayState(gw)
+    gen = gw.generation
+    for spec in gw.spec.get("listeners", []):
+        state.listeners.append(_listener_state(index, state, spec))
+    _mark_conflicts(state.listeners)
+
+    accepted, reason, msg = True, "Accepted", "Gateway is accepted"
+    programmed, p_reason, p_msg = True, "Programmed", "Gateway is programmed"
+    unsupported = [a for a in gw.spec.get("addresses", []) if a.get("type", "IPAddress") != "IPAddress"]
+    bad_ips = [a for a in gw.spec.get("addresses", []) if a.get("type", "IPAddress") == "IPAddress"
+               and a.get("value") and not _is_ip(a["value"])]
+    infra = gw.spec.get("infrastructure") or {}
+    valid_listeners = [listener for listener in state.listeners if listener.accepted[0]]
+    if infra.get("parametersRef"):
+        accepted, reason, msg = False, "InvalidParameters", "tidegate's Gateways take no infrastructure.parametersRef"
+    elif unsupported:
+        accepted, reason = False, "UnsupportedAddress"
+        msg = f"address type {unsupported[0].get('type')!r} is not supported; use IPAddress"
+    elif not valid_listeners:
+        accepted, reason, msg = False, "ListenersNotValid", "no listener is valid"
+    elif len(valid_listeners) < len(state.listeners):
+        reason, msg = "ListenersNotValid", "some listeners are not valid"
+    if bad_ips:
+        programmed, p_reason, p_msg = False, "AddressNotUsable", f"{bad_ips[0].get('value')!r} is not an IP address"
+    if not accepted:
+        programmed, p_reason, p_msg = False, "Invalid", "Gateway is not accepted"
+    state.accepted = accepted
+
+    ips = [a["value"] for a in gw.spec.get("addresses", []) if a.get("type", "IPAddress") == "IPAddress"
+           and a.get("value") and _is_ip(a["value"])]
+    state.bind_address = ips[0] if ips else ""
+    shown = ips or ([default_address] if default_address else [])
+    state.addresses = [{"type": "IPAddress", "value": ip} for ip in shown]
+    if accepted and not shown:
+        programmed, p_reason, p_msg = False, "AddressNotAssigned", "no address: set spec.addresses or --address"
+    state.conditions = [
+        condition("Accepted", accepted, reason, msg, gen),
+        condition("Programmed", programmed, p_reason, p_msg, gen),
+    ]
+    return state
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _listener_state(index: Index, gateway: GatewayState, spec: dict[str, Any]) -> ListenerState:
+    protocol = spec["protocol"]
+    listener = ListenerState(gateway=gateway, spec=spec, name=spec["name"], port=int(spec["port"]),
+                             protocol=protocol, hostname=spec.get("hostname", ""), supported_kinds=[])
+    if protocol not in PROTOCOL_KINDS:
+        listener.accepted = (False, "UnsupportedProtocol", f"protocol {protocol!r} is not supported")
+        listener.programmable = False
+        return listener
+
+    allowed = PROTOCOL_KINDS[protocol]
+    tls_spec = spec.get("tls") or {}
+    if protocol == "TLS" and tls_spec.get("mode", "Terminate") == "Terminate":
+        allowed = ("TLSRoute", "TCPRoute")
+    asked = (spec.get("allowedRoutes") or {}).get("kinds")
+    if asked:
+        valid: list[str] = []
+        invalid: list[str] = []
+        for k in asked:
+            ok = k.get("group", GATEWAY_GROUP) == GATEWAY_GROUP and k["kind"] in allowed
+            (valid if ok else invalid).append(k["kind"])
+        listener.supported_kinds = list(dict.fromkeys(valid))
+        if invalid:
+            listener.resolved = (False, "InvalidRouteKinds",
+                                 f"route kinds {', '.join(invalid)} are not supported on a {protocol} listener")
+    else:
+        listener.supported_kinds = list(allowed)
+
+    if protocol == "HTTPS" or (protocol == "TLS" and tls_spec.get("mode", "Terminate") == "Terminate"):
+        _resolve_certificates(index, gateway.resource, listener, tls_spec)
+    elif protocol == "TLS":
+        listener.tls = ir.ListenerTLS(mode="Passthrough")
+    return listener
+
+
+def _resolve_certificates(index: Index, gw: Resource, listener: ListenerState, tls_spec: dict) -> None:
+    certs: list[ir.Certificate] = []
+    problem: tuple[str, str] | None = None
+    for ref in tls_spec.get("certificateRefs", []):
+        group, kind = ref.get("group", ""), ref.get("kind", "Secret")
+        namespace = ref.get("namespace") or gw.namespace
+        name = ref["name"]
+        if group != "" or kind != "Secret":
+            problem = problem or ("InvalidCertificateRef", f"certificateRef {group or 'core'}/{kind} {name} "
+                                                           "is not a Secret")
+            continue
+        if not index.grant_allows(GATEWAY_GROUP, "Gateway", gw.namespace, "", "Secret", namespace, name):
+            problem = problem or ("RefNotPermitted", f"certificateRef to Secret {namespace}/{name} is not "
+                                                     f"permitted by any ReferenceGrant in namespace {namespace}")
+            continue
+        secret = index.get("Secret", namespace, name)
+        if secret is None:
+            problem = problem or ("InvalidCertificateRef", f"Secret {namespace}/{name} not found")
+            continue
+        try:
+            certs.append(certificate_from_secret(secret))
+        except CertificateError as exc:
+            problem = problem or ("InvalidCertificateRef", str(exc))
+    if not tls_spec.get("certificateRefs"):
+        problem = ("InvalidCertificateRef", "a TLS-terminating listener needs tls.certificateRefs")
+    if problem:
+        listener.resolved = (False, problem[0], problem[1])
+        if not certs:
+            listener.programmable = False
+    listener.tls = ir.ListenerTLS(mode="Terminate", certificates=tuple(certs))
+
+
+def _mark_conflicts(listeners: list[ListenerState]) -> None:
+    """Listeners on one port must be distinct: one protocol family, and distinct hostnames within it.
+    The first listener in the list keeps the port or hostname; later ones are Conflicted."""
+    by_port: dict[tuple[int, str], list[ListenerState]] = {}
+    for listener in listeners:
+        if listener.protocol not in PROTOCOL_KINDS:
+            continue
+        transport = "udp" if listener.protocol == "UDP" else "tcp"
+        by_port.setdefault((listener.port, transport), []).append(listener)
+    for group in by_port.values():
+        family = _FAMILY[group[0].protocol]
+        seen_hosts: set[tuple[str, str]] = set()
+        for listener in group:
+            if _FAMILY[listener.protocol] != family:
+                listener.conflicted = (True, "ProtocolConflict",
+                                       f"port {listener.port} is already used by a {group[0].protocol} listener")
+            else:
+                host_key = (listener.protocol if family in ("tcp", "udp") else family, listener.hostname)
+                if host_key in seen_hosts:
+                    listener.conflicted = (True, "HostnameConflict",
+                                           f"another listener on port {listener.port} has hostname "
+                                           f"{listener.hostname or '(none)'!r}")
+                seen_hosts.add(host_key)
+            if listener.conflicted[0]:
+                listener.accepted = (False, listener.conflicted[1], listener.conflicted[2])
+                listener.programmable = False
+
+
+def listener_status(listener: ListenerState) -> dict[str, Any]:
+    gen = listener.gateway.resource.generation
+    accepted, resolved, conflicted = listener.accepted, listener.resolved, listener.conflicted
+    programmed = accepted[0] and listener.programmable and listener.gateway.accepted
+    if programmed:
+        p_reason, p_msg = "Programmed", "Listener is programmed"
+    else:
+        p_reason = "Invalid" if not accepted[0] or not listener.gateway.accepted else "Pending"
+        p_msg = "Listener cannot be served: " + (accepted[2] if not accepted[0] else resolved[2])
+    return {
+        "name": listener.name,
+        "supportedKinds": [{"group": GATEWAY_GROUP, "kind": k} for k in listener.supported_kinds],
+        "attachedRoutes": listener.attached,
+        "conditions": [
+            condition("Accepted", accepted[0], accepted[1], accepted[2], gen),
+            condition("ResolvedRefs", resolved[0], resolved[1], resolved[2], gen),
+            condition("Programmed", programmed, p_reason, p_msg, gen),
+            condition("Conflicted", conflicted[0], conflicted[1], conflicted[2], gen),
+        ],
+    }
+
+
+def gateway_status(state: GatewayState) -> dict[str, Any]:
+    return {
+        "addresses": state.addresses,
+        "conditions": state.conditions,
+        "listeners": [listener_status(listener) for listener in state.listeners],
+    }
