@@ -130,8 +130,6 @@ def _gateway_state(index: Index, gw: Resource, default_address: str) -> GatewayS
     state.bind_address = ips[0] if ips else ""
     shown = ips or ([default_address] if default_address else [])
     state.addresses = [{"type": "IPAddress", "value": ip} for ip in shown]
-    if accepted and not shown:
-        programmed, p_reason, p_msg = False, "AddressNotAssigned", "no address: set spec.addresses or --address"
     state.conditions = [
         condition("Accepted", accepted, reason, msg, gen),
         condition("Programmed", programmed, p_reason, p_msg, gen),
@@ -248,7 +246,7 @@ def listener_status(listener: ListenerState) -> dict[str, Any]:
     if programmed:
         p_reason, p_msg = "Programmed", "Listener is programmed"
     else:
-        p_reason = "Invalid" if not accepted[0] or not listener.gateway.accepted else "Pending"
+        p_reason = "Invalid"
         p_msg = "Listener cannot be served: " + (accepted[2] if not accepted[0] else resolved[2])
     return {
         "name": listener.name,

@@ -70,7 +70,7 @@ def policy_statuses(index: Index, outcome: PolicyOutcome, listeners: list[ir.Lis
     """Status per policy, one ancestor entry per Gateway whose routes use a targeted Service."""
     gateways_by_service: dict[tuple[str, str], set[str]] = {}
     for listener in listeners:
-        for route in listener.http_routes:
+        for route in (*listener.http_routes, *listener.l4_routes):
             for backend in route.backends:
                 service = tuple(backend.name.split(":")[0].split("/", 1))
                 gateways_by_service.setdefault(service, set()).add(listener.gateway)  # type: ignore[arg-type]

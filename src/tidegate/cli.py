@@ -1,0 +1,295 @@
+"""The `tidegate` command: run, validate, status, routes, explain."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from typing import Any, Sequence
+from urllib.parse import urlsplit
+
+import yaml
+
+from tidegate import __version__
+from tidegate.resources.loader import LoadResult, load_paths
+from tidegate.resources.model import Problem
+from tidegate.router import Request, explain, routers_by_port
+from tidegate.translate import TranslateOptions, Translation, translate
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+def _str_presenter(dumper: yaml.SafeDumper, data: str) -> Any:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+
+_Dumper.add_representer(str, _str_presenter)
+
+
+def dump_yaml(data: Any) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidegate",
+        description="One program for Kubernetes load balancing: a Gateway API and Ingress controller with its "
+                    "own data plane. Reads ordinary Kubernetes YAML from files, or watches a cluster.")
+    parser.add_argument("--version", action="version", version=f"tidegate {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser, positional: bool = True) -> None:
+        if positional:
+            p.add_argument("paths", nargs="+", metavar="PATH", help="YAML files or directories (read recursively)")
+        p.add_argument("--namespace", default="default",
+                       help="namespace for namespaced resources that name none (default: %(default)s)")
+        p.add_argument("--address", default="", help="address to report in Gateway and Ingress status")
+        p.add_argument("--ingress-http-port", type=int, default=80, help="port serving Ingress over HTTP")
+        p.add_argument("--ingress-https-port", type=int, default=443, help="port serving Ingress over HTTPS")
+
+    run = sub.add_parser("run", help="load resources, keep them translated, and watch for changes",
+                         description="Load Kubernetes YAML, translate it and keep watching the files: each change "
+                                     "is validated, and a broken edit keeps the last good version serving.")
+    run.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH",
+                     help="file or directory to read (repeatable)")
+    common(run, positional=False)
+    run.add_argument("--once", action="store_true", help="translate once and exit instead of watching")
+
+    validate = sub.add_parser("validate", help="check resources against the Gateway API and Kubernetes schemas",
+                              description="Validate every document (schema, defaults, CEL rules). Exit 1 on errors.")
+    common(validate)
+
+    status = sub.add_parser("status", help="print the status tidegate computes for every resource, as YAML")
+    common(status)
+
+    routes = sub.add_parser("routes", help="print the route table: listeners, hostnames, matches, backends")
+    common(routes)
+
+    exp = sub.add_parser("explain", help="show which listener, route and rule serve a request, and why others "
+                                         "do not")
+    common(exp)
+    exp.add_argument("--url", required=True, help="request URL, e.g. http://app.example.com:8080/path?q=1")
+    exp.add_argument("-X", "--request", dest="method", default="GET", help="HTTP method (default: GET)")
+    exp.add_argument("-H", "--header", dest="headers", action="append", default=[], metavar="'NAME: VALUE'",
+                     help="request header (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as exc:  # errors without tracebacks, unless asked for
+        if os.environ.get("TIDEGATE_DEBUG"):
+            raise
+        print(f"tidegate: error: {exc} (set TIDEGATE_DEBUG=1 for a traceback)", file=sys.stderr)
+        return 70
+
+
+def _options(args: argparse.Namespace) -> TranslateOptions:
+    return TranslateOptions(address=args.address, ingress_http_port=args.ingress_http_port,
+                            ingress_https_port=args.ingress_https_port)
+
+
+def _load(args: argparse.Namespace) -> LoadResult:
+    result = load_paths(args.paths, default_namespace=args.namespace)
+    for problem in result.problems:
+        print(f"{problem.severity}: {problem}", file=sys.stderr)
+    return result
+
+
+def _report_notes(translation: Translation) -> None:
+    for note in translation.notes:
+        print(f"{note.severity}: {note}", file=sys.stderr)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        return _run(args)
+    result = _load(args)
+    if args.command == "validate":
+        errors = len(result.errors)
+        print(f"{len(result.resources)} resources valid, {errors} error(s)", file=sys.stderr if errors else sys.stdout)
+        return EXIT_INVALID if errors else EXIT_OK
+    translation = translate(result.resources, _options(args))
+    _report_notes(translation)
+    if args.command == "status":
+        print(dump_yaml(statuses_as_data(translation)), end="")
+    elif args.command == "routes":
+        print(format_routes(translation), end="")
+    elif args.command == "explain":
+        return _explain(args, translation)
+    return EXIT_INVALID if result.errors else EXIT_OK
+
+
+def statuses_as_data(translation: Translation) -> list[dict[str, Any]]:
+    return [{"kind": key.kind, "namespace": key.namespace or None, "name": key.name, "status": status}
+            if key.namespace else {"kind": key.kind, "name": key.name, "status": status}
+            for key, status in translation.statuses.items()]
+
+
+def format_routes(translation: Translation) -> str:
+    lines: list[str] = []
+    for listener in translation.ir.listeners:
+        addr = listener.address or "*"
+        lines.append(f"LISTENER {listener.name}  {listener.protocol} {addr}:{listener.port}"
+                     + (f"  hostname {listener.hostname}" if listener.hostname else ""))
+        if listener.tls:
+            certs = ", ".join(c.secret for c in listener.tls.certificates) or "-"
+            lines.append(f"  tls {listener.tls.mode}  certificates: {certs}")
+        for route in listener.http_routes:
+            lines.append(f"  ROUTE {route.name}  ({route.source})")
+            lines.append(f"    hosts    {', '.join(route.hostnames)}")
+            for match in route.matches:
+                parts = [f"{match.path.type} {match.path.value}"]
+                if match.method:
+                    parts.append(f"method={match.method}")
+                parts += [f"header {h.name}{'=' if h.type == 'Exact' else '~'}{h.value}" for h in match.headers]
+                parts += [f"query {q.name}{'=' if q.type == 'Exact' else '~'}{q.value}" for q in match.query]
+                lines.append(f"    match    {'  '.join(parts)}")
+            for f in route.filters:
+                lines.append(f"    filter   {f.type} {_compact(f.config)}")
+            if route.direct_status:
+                lines.append(f"    answers  {route.direct_status}")
+            lines += _backend_lines(route.backends)
+        for l4 in listener.l4_routes:
+            lines.append(f"  ROUTE {l4.name}  ({l4.source})")
+            if l4.hostnames:
+                lines.append(f"    sni      {', '.join(l4.hostnames)}")
+            lines += _backend_lines(l4.backends)
+    if not lines:
+        lines.append("no listeners: no Gateway of tidegate's class, and no Ingress of tidegate's IngressClass")
+    return "\n".join(lines) + "\n"
+
+
+def _backend_lines(backends: Sequence[Any]) -> list[str]:
+    lines = []
+    for b in backends:
+        if b.invalid:
+            lines.append(f"    backend  {b.name}  weight {b.weight}  INVALID: {b.invalid}")
+            continue
+        eps = ", ".join(f"{e.address}:{e.port}" + ("" if e.ready else " (not ready)") for e in b.endpoints)
+        lines.append(f"    backend  {b.name}  weight {b.weight}  endpoints: {eps or 'none'}")
+    return lines
+
+
+def _compact(config: dict[str, Any]) -> str:
+    return yaml.safe_dump(config, default_flow_style=True, width=10_000).strip() if config else ""
+
+
+def _explain(args: argparse.Namespace, translation: Translation) -> int:
+    headers: dict[str, str] = {}
+    for raw in args.headers:
+        name, sep, value = raw.partition(":")
+        if not sep or not name.strip():
+            print(f"tidegate: error: header {raw!r} is not 'Name: value'", file=sys.stderr)
+            return EXIT_USAGE
+        key = name.strip().lower()
+        headers[key] = f"{headers[key]},{value.strip()}" if key in headers else value.strip()
+    url = args.url if "://" in args.url else "http://" + args.url
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    request = Request.from_url(url, args.method, headers)
+    routers = routers_by_port(translation.ir)
+    candidates = [(addr, router) for (addr, p), router in routers.items() if p == port]
+    if not candidates:
+        ports = sorted({p for _, p in routers}) or ["none"]
+        print(f"no HTTP listener on port {port} (HTTP ports: {', '.join(map(str, ports))})")
+        return EXIT_INVALID
+    hostname = (parts.hostname or "")
+    candidates.sort(key=lambda item: (item[0] not in (hostname, ""), item[0]))
+    router = candidates[0][1]
+    result = explain(router, request)
+    print(f"request   {request.method} {request.host}{request.path}" + (f"?{parts.query}" if parts.query else ""))
+    if not result.listener:
+        print(f"listener  none: no listener on port {port} takes host {request.host}")
+        return EXIT_INVALID
+    print(f"listener  {result.listener}")
+    if result.chosen is None:
+        print("route     none: the request matches no route (404)")
+    else:
+        route = result.chosen.route
+        print(f"route     {route.name}  ({route.source}), hostname {result.host_pattern}")
+        print(f"match     {result.chosen.describe()}")
+        for f in route.filters:
+            print(f"filter    {f.type} {_compact(f.config)}")
+        if route.direct_status:
+            print(f"answers   {route.direct_status}")
+        for line in _backend_lines(route.backends):
+            print("backend   " + line.strip()[len("backend"):].strip())
+    if result.passed_over:
+        print("not chosen:")
+        for name, what, why in result.passed_over:
+            print(f"  {name}  [{what}]: {why}")
+    return EXIT_OK if result.chosen else EXIT_INVALID
+
+
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(_serve(args))
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from tidegate.sources.file import FileSource
+    from tidegate.store import Store
+
+    log = logging.getLogger("tidegate")
+    store = Store()
+
+    def report(problem: Problem) -> None:
+        (log.error if problem.severity == "error" else log.warning)("%s", problem)
+
+    source = FileSource(args.paths, store, args.namespace, report)
+    for problem in source.load():
+        report(problem)
+    if args.once:
+        translation = translate(store.snapshot().resources, _options(args))
+        _log_translation(log, store.version, translation)
+        return EXIT_OK
+    watcher = asyncio.create_task(source.watch())
+    try:
+        async for snapshot in store.updates():
+            translation = translate(snapshot.resources, _options(args))
+            _log_translation(log, snapshot.version, translation)
+    finally:
+        watcher.cancel()
+    return EXIT_OK
+
+
+def _log_translation(log: logging.Logger, version: int, translation: Translation) -> None:
+    routes = sum(len(listener.http_routes) + len(listener.l4_routes) for listener in translation.ir.listeners)
+    log.info("config version %d: %d listener(s), %d route rule(s)", version, len(translation.ir.listeners), routes)
+    for listener in translation.ir.listeners:
+        log.info("  %s %s %s:%d", listener.name, listener.protocol, listener.address or "*", listener.port)
+    for note in translation.notes:
+        log.warning("%s", note)
+    for key, status in translation.statuses.items():
+        for cond in _failing_conditions(status):
+            log.warning("%s: %s=%s %s: %s", key, cond["type"], cond["status"], cond["reason"], cond["message"])
+
+
+def _failing_conditions(status: dict[str, Any]) -> list[dict[str, Any]]:
+    bad = [c for c in status.get("conditions", []) if c["status"] == "False" and c["type"] != "Conflicted"]
+    for parent in status.get("parents", []) + status.get("ancestors", []):
+        bad += [c for c in parent["conditions"] if c["status"] == "False"]
+    for listener in status.get("listeners", []):
+        bad += [c for c in listener["conditions"] if (c["status"] == "False") != (c["type"] == "Conflicted")]
+    return bad
+
+
+if __name__ == "__main__":
+    sys.exit(main())

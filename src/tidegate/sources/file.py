@@ -1,0 +1,104 @@
+"""The file source: Kubernetes YAML from files and directories, watched for changes.
+
+An edit that breaks a resource keeps its last good version in the store and says why. A file that cannot be
+parsed at all keeps every resource it held before, since a deletion and a breakage cannot be told apart.
+Deleting a file, or a document from a file that still parses, removes its resources.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Iterable
+
+import watchfiles
+
+from tidegate.resources.loader import YAML_SUFFIXES, expand_paths, load_text
+from tidegate.resources.model import Key, Origin, Problem, Resource
+from tidegate.store import Store
+
+log = logging.getLogger("tidegate.sources.file")
+
+
+class FileSource:
+    name = "file"
+
+    def __init__(self, paths: Iterable[str | Path], store: Store, default_namespace: str = "default",
+                 report: Callable[[Problem], None] | None = None):
+        self.paths = [Path(p) for p in paths]
+        self.store = store
+        self.default_namespace = default_namespace
+        self.report = report or (lambda p: log.warning("%s", p))
+        self._by_file: dict[Path, dict[Key, Resource]] = {}
+
+    def load(self) -> list[Problem]:
+        """Read every file once and publish the result."""
+        problems: list[Problem] = []
+        for path in self.paths:
+            if not path.exists():
+                problems.append(Problem("error", Origin(str(path)), "no such file or directory"))
+        for file in expand_paths(self.paths):
+            problems += self._read(file)
+        problems += self._publish()
+        return problems
+
+    def reload(self, changed: Iterable[Path]) -> list[Problem]:
+        """Re-read changed files (paths as the watcher reports them, usually absolute)."""
+        problems: list[Problem] = []
+        current = {f.resolve(): f for f in expand_paths(self.paths)}
+        known = {f.resolve(): f for f in self._by_file}
+        for path in sorted({Path(p).resolve() for p in changed}):
+            if path in current:
+                problems += self._read(current[path])
+            elif path in known:
+                del self._by_file[known[path]]
+        problems += self._publish()
+        return problems
+
+    def _read(self, file: Path) -> list[Problem]:
+        previous = self._by_file.get(file, {})
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            return [Problem("error", Origin(str(file)), f"cannot read file: {exc}; keeping what it had")]
+        result = load_text(text, str(file), self.default_namespace)
+        problems = list(result.problems)
+        fresh: dict[Key, Resource] = {}
+        for res in result.resources:
+            if res.key in fresh:
+                problems.append(Problem("error", res.origin, f"duplicate of the one defined at "
+                                                             f"{fresh[res.key].origin}", res.key))
+                continue
+            fresh[res.key] = res
+        kept = [k for k in previous if k not in fresh and (k in result.failed_keys or result.unidentified_failure)]
+        for key in kept:
+            fresh[key] = previous[key]
+            problems.append(Problem("warning", Origin(str(file)), "invalid edit: keeping the last good version",
+                                    key))
+        self._by_file[file] = fresh
+        return problems
+
+    def _publish(self) -> list[Problem]:
+        problems: list[Problem] = []
+        merged: dict[Key, Resource] = {}
+        for file in sorted(self._by_file):
+            for key, res in self._by_file[file].items():
+                if key in merged:
+                    problems.append(Problem("error", res.origin,
+                                            f"duplicate of the one defined at {merged[key].origin}", key))
+                    continue
+                merged[key] = res
+        self.store.replace_source(self.name, merged)
+        return problems
+
+    async def watch(self, stop_event=None) -> None:
+        """Reload on every change until cancelled (or until `stop_event` is set)."""
+        roots = [p for p in self.paths if p.exists()]
+        if not roots:
+            return
+        async for changes in watchfiles.awatch(*roots, debounce=50, step=20, stop_event=stop_event,
+                                               recursive=True):
+            files = {Path(path) for _, path in changes if Path(path).suffix in YAML_SUFFIXES}
+            if files:
+                for problem in self.reload(files):
+                    self.report(problem)
