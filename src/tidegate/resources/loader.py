@@ -55,8 +55,12 @@ def split_documents(text: str) -> list[tuple[int, str]]:
         else:
             lines.append(line)
     docs.append((start, "\n".join(lines)))
-    return [(n, t) for n, t in docs if t.strip() and any(
-        s.strip() and not s.lstrip().startswith("#") for s in t.splitlines())]
+    result = []
+    for first, doc in docs:
+        content = [i for i, s in enumerate(doc.splitlines()) if s.strip() and not s.lstrip().startswith("#")]
+        if content:
+            result.append((first + content[0], doc))  # point at the first line with content
+    return result
 
 
 def load_text(text: str, source: str, default_namespace: str = "default") -> LoadResult:
@@ -67,7 +71,8 @@ def load_text(text: str, source: str, default_namespace: str = "default") -> Loa
             doc = yaml.load(doc_text, Loader=_Loader)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
-            where = Origin(source, index, line + mark.line) if mark is not None else origin
+            first = next(i for i, s in enumerate(doc_text.splitlines()) if s.strip() and not s.lstrip().startswith("#"))
+            where = Origin(source, index, line - first + mark.line) if mark is not None else origin
             reason = getattr(exc, "problem", None) or str(exc)
             result.problems.append(Problem("error", where, f"invalid YAML: {reason}"))
             result.unidentified_failure = True

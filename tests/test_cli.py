@@ -1,0 +1,71 @@
+"""The command line: exit codes, messages without tracebacks, and each subcommand's output."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = str(ROOT / "examples" / "basic")
+
+
+def tidegate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tidegate", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_validate_passes_on_the_example_and_fails_with_a_clear_message(tmp_path: Path):
+    ok = tidegate("validate", EXAMPLE)
+    assert ok.returncode == 0 and "0 error(s)" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\n"
+                   "spec: {parentRefs: [{name: gw, port: 0}]}\n")
+    result = tidegate("validate", str(bad))
+    assert result.returncode == 1
+    assert f"error: {bad}:1 (document 1): HTTPRoute default/r spec.parentRefs[0].port:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_path_is_an_error_not_a_traceback(tmp_path: Path):
+    result = tidegate("status", str(tmp_path / "nope"))
+    assert result.returncode == 1 and "no such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_status_prints_yaml_for_every_resource_with_a_status():
+    result = tidegate("status", EXAMPLE, "--address", "192.0.2.1")
+    assert result.returncode == 0, result.stderr
+    statuses = {(s["kind"], s["name"]): s["status"] for s in yaml.safe_load(result.stdout)}
+    route = statuses[("HTTPRoute", "echo")]
+    assert route["parents"][0]["conditions"][0]["status"] == "True"
+    assert statuses[("Gateway", "web")]["listeners"][0]["attachedRoutes"] == 1
+
+
+def test_routes_shows_listeners_matches_and_pod_endpoints():
+    result = tidegate("routes", EXAMPLE)
+    assert result.returncode == 0
+    assert "LISTENER default/web/http  HTTP 127.0.0.1:8080" in result.stdout
+    assert "endpoints: 127.0.0.1:9001, 127.0.0.1:9002" in result.stdout
+
+
+def test_explain_exit_codes_follow_whether_a_route_matched():
+    hit = tidegate("explain", EXAMPLE, "--url", "http://echo.example.com:8080/hello", "-H", "X-A: 1")
+    assert hit.returncode == 0 and "route     httproute/default/echo/rule/0" in hit.stdout
+    miss = tidegate("explain", EXAMPLE, "--url", "http://echo.example.com:9999/")
+    assert miss.returncode == 1 and "no HTTP listener on port 9999" in miss.stdout
+    bad_header = tidegate("explain", EXAMPLE, "--url", "http://echo.example.com:8080/", "-H", "nocolon")
+    assert bad_header.returncode == 2
+
+
+def test_run_once_translates_and_exits():
+    result = tidegate("run", "-f", EXAMPLE, "--once")
+    assert result.returncode == 0
+    assert "config version 1: 1 listener(s), 1 route rule(s)" in result.stderr
+
+
+def test_help_lists_the_subcommands():
+    result = tidegate("--help")
+    for command in ("run", "validate", "status", "routes", "explain"):
+        assert command in result.stdout
