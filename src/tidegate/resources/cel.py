@@ -73,11 +73,13 @@ class CelRule:
     message_program: Any
     transition: bool  # uses oldSelf: only checked on updates, which a file source never makes
 
-    def check(self, value: Any) -> str | None:
-        """Evaluate against a JSON-like value; None when the rule holds, else the error message."""
+    def check(self, value: Any, context: Any = None) -> str | None:
+        """Evaluate against a JSON-like value; None when the rule holds, else the error message. Pass a
+        `context_for(value)` to share its conversion between the rules of one schema node."""
         if self.transition:
             return None
-        context = cel.Context(variables={"self": value}, functions=FUNCTIONS)
+        if context is None:
+            context = context_for(value)
         try:
             result = self.program.execute(context)
         except Exception as exc:  # the interpreter raises for runtime errors (no such key, no overload)
@@ -92,6 +94,10 @@ class CelRule:
             except Exception:
                 pass
         return self.message or f"failed rule: {self.rule}"
+
+
+def context_for(value: Any) -> Any:
+    return cel.Context(variables={"self": value}, functions=FUNCTIONS)
 
 
 def _first_line(exc: Exception) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import re2
 
-from tidegate.resources.cel import CelRule, compile_rule
+from tidegate.resources.cel import CelRule, compile_rule, context_for
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,7 @@ class Schema:
         self.node = node
         self._patterns: dict[int, Any] = {}
         self._rules: dict[int, list[CelRule]] = {}
+        self._verdicts: dict[tuple[int, str], list[tuple[str, str]]] = {}
 
     # -- defaulting ---------------------------------------------------------------------------
     def apply_defaults(self, value: Any) -> Any:
@@ -180,11 +181,25 @@ class Schema:
 
         # CEL rules see well-typed data only: the API server also skips them where the schema failed.
         if len(errors) == start and "x-kubernetes-validations" in node:
+            for field_path, message in self._cel_verdicts(node, value):
+                errors.append(FieldError(path + field_path if field_path else path, message))
+
+    def _cel_verdicts(self, node: dict[str, Any], value: Any) -> list[tuple[str, str]]:
+        """Failed rules of one node as (fieldPath, message). Objects repeat the same sub-values a lot
+        (parentRefs, backendRefs, matches), so verdicts are memoised by node and canonical value."""
+        memo_key = (id(node), json.dumps(value, sort_keys=True, separators=(",", ":")))
+        verdicts = self._verdicts.get(memo_key)
+        if verdicts is None:
+            context = context_for(value)
+            verdicts = []
             for rule in self._cel(node):
-                message = rule.check(value)
+                message = rule.check(value, context)
                 if message is not None:
-                    where = path + rule.field_path if rule.field_path else path
-                    errors.append(FieldError(where, message))
+                    verdicts.append((rule.field_path, message))
+            if len(self._verdicts) >= 100_000:
+                self._verdicts.clear()
+            self._verdicts[memo_key] = verdicts
+        return verdicts
 
     def _passes(self, node: dict[str, Any], value: Any) -> bool:
         probe: list[FieldError] = []
