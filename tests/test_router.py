@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
-
-import pytest
 
 from tidegate.resources.loader import load_text
 from tidegate.router import Request, explain, routers_by_port

@@ -23,7 +23,7 @@ CASES = sorted(p.name[: -len(".in.yaml")] for p in GOLDEN.glob("*.in.yaml"))
 
 def render(case: str) -> str:
     source = GOLDEN / f"{case}.in.yaml"
-    options_line = re.search(r"^# options: (.*)$", source.read_text(), re.M)
+    options_line = re.search(r"^# options: (.*)$", source.read_text(), re.MULTILINE)
     options = TranslateOptions(**yaml.safe_load(options_line.group(1))) if options_line else TranslateOptions()
     loaded = load_paths([source])
     assert not loaded.errors, [str(e) for e in loaded.errors]

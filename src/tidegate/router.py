@@ -9,8 +9,8 @@ matches, oldest route, then namespace/name and rule order.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping
 
 import re2
 
@@ -47,7 +47,7 @@ def normalize_host(host: str) -> str:
 class Candidate:
     """One match of one rule, with its regexes compiled."""
 
-    __slots__ = ("route", "match", "order", "path_regex", "header_tests", "query_tests")
+    __slots__ = ("header_tests", "match", "order", "path_regex", "query_tests", "route")
 
     def __init__(self, route: ir.HTTPRoute, match: ir.Match, order: tuple):
         self.route = route
@@ -88,7 +88,7 @@ class Candidate:
 
 
 class _PrefixNode:
-    __slots__ = ("children", "candidates")
+    __slots__ = ("candidates", "children")
 
     def __init__(self) -> None:
         self.children: dict[str, _PrefixNode] = {}

@@ -8,13 +8,14 @@ tidegate's built-in schemas use are registered here.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import cel
 
 
-def _is_ip(value: str) -> bool:
+def is_ip(value: str) -> bool:
     try:
         ipaddress.ip_address(value)
     except ValueError:
@@ -44,7 +45,7 @@ def _join(values: list[str], sep: str = "") -> str:
 
 # The Kubernetes extension functions (strings library and the IP/CIDR helpers) that CRD rules call.
 FUNCTIONS: dict[str, Callable[..., Any]] = {
-    "isIP": _is_ip,
+    "isIP": is_ip,
     "isCIDR": _is_cidr,
     "split": _split,
     "substring": _substring,

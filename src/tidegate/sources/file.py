@@ -8,8 +8,8 @@ Deleting a file, or a document from a file that still parses, removes its resour
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable
 
 import watchfiles
 

@@ -7,8 +7,9 @@ mutated.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate import ir
+from tidegate.resources.cel import is_ip
 from tidegate.resources.model import Resource
 from tidegate.translate.certificates import CertificateError, certificate_from_secret
 from tidegate.translate.conditions import CONTROLLER_NAME, condition
@@ -107,7 +107,7 @@ def _gateway_state(index: Index, gw: Resource, default_address: str) -> GatewayS
     programmed, p_reason, p_msg = True, "Programmed", "Gateway is programmed"
     unsupported = [a for a in gw.spec.get("addresses", []) if a.get("type", "IPAddress") != "IPAddress"]
     bad_ips = [a for a in gw.spec.get("addresses", []) if a.get("type", "IPAddress") == "IPAddress"
-               and a.get("value") and not _is_ip(a["value"])]
+               and a.get("value") and not is_ip(a["value"])]
     infra = gw.spec.get("infrastructure") or {}
     valid_listeners = [listener for listener in state.listeners if listener.accepted[0]]
     if infra.get("parametersRef"):
@@ -126,7 +126,7 @@ def _gateway_state(index: Index, gw: Resource, default_address: str) -> GatewayS
     state.accepted = accepted
 
     ips = [a["value"] for a in gw.spec.get("addresses", []) if a.get("type", "IPAddress") == "IPAddress"
-           and a.get("value") and _is_ip(a["value"])]
+           and a.get("value") and is_ip(a["value"])]
     state.bind_address = ips[0] if ips else ""
     shown = ips or ([default_address] if default_address else [])
     state.addresses = [{"type": "IPAddress", "value": ip} for ip in shown]
@@ -135,14 +135,6 @@ def _gateway_state(index: Index, gw: Resource, default_address: str) -> GatewayS
         condition("Programmed", programmed, p_reason, p_msg, gen),
     ]
     return state
-
-
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _listener_state(index: Index, gateway: GatewayState, spec: dict[str, Any]) -> ListenerState:
