@@ -60,7 +60,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH",
                      help="file or directory to read (repeatable)")
     common(run, positional=False)
-    run.add_argument("--once", action="store_true", help="translate once and exit instead of watching")
+    run.add_argument("--once", action="store_true", help="translate once and exit instead of serving")
+    run.add_argument("--bind", default="0.0.0.0",
+                     help="address for listeners whose Gateway has no spec.addresses (default: %(default)s)")
+
+    echo = sub.add_parser("echo", help="run echo servers that answer like the Gateway API conformance echo server",
+                          description="Answer every request with JSON describing it (path, host, method, "
+                                      "headers, namespace, pod, ...), as the conformance suite's echo server.")
+    echo.add_argument("--listen", action="append", required=True, metavar="ADDR:PORT[=NAMESPACE/POD]",
+                      help="where to listen, and the pod identity to report (repeatable)")
+    echo.add_argument("--log-requests", action="store_true", help="print one line per request to stdout")
 
     validate = sub.add_parser("validate", help="check resources against the Gateway API and Kubernetes schemas",
                               description="Validate every document (schema, defaults, CEL rules). Exit 1 on errors.")
@@ -121,6 +130,8 @@ def _report_notes(translation: Translation) -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args)
+    if args.command == "echo":
+        return asyncio.run(_echo(args.listen, args.log_requests))
     result = _load(args)
     if args.command == "validate":
         errors = len(result.errors)
@@ -241,10 +252,34 @@ def _explain(args: argparse.Namespace, translation: Translation) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_serve(args))
+    try:
+        import uvloop
+
+        return uvloop.run(_serve(args))
+    except ImportError:
+        return asyncio.run(_serve(args))
+
+
+async def _echo(specs: list[str], log_requests: bool) -> int:
+    from tidegate.echo import PodIdentity, start_echo
+
+    servers = []
+    for spec in specs:
+        where, _, who = spec.partition("=")
+        host, _, port = where.rpartition(":")
+        namespace, _, pod = who.partition("/")
+        if not port.isdigit():
+            print(f"tidegate: error: --listen {spec!r} is not ADDR:PORT[=NAMESPACE/POD]", file=sys.stderr)
+            return EXIT_USAGE
+        servers.append(await start_echo(host.strip("[]") or "127.0.0.1", int(port), PodIdentity(namespace, pod),
+                                        log_requests))
+        print(f"echo on {host}:{port} as {namespace}/{pod}", flush=True)
+    await asyncio.Event().wait()
+    return EXIT_OK
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from tidegate.dataplane.server import DataPlane
     from tidegate.sources.file import FileSource
     from tidegate.store import Store
 
@@ -261,13 +296,17 @@ async def _serve(args: argparse.Namespace) -> int:
         translation = translate(store.snapshot().resources, _options(args))
         _log_translation(log, store.version, translation)
         return EXIT_OK
+    dataplane = DataPlane(bind=args.bind)
     watcher = asyncio.create_task(source.watch())
     try:
         async for snapshot in store.updates():
             translation = translate(snapshot.resources, _options(args))
             _log_translation(log, snapshot.version, translation)
+            await dataplane.apply(translation.ir)
+            log.info("serving config version %d", snapshot.version)
     finally:
         watcher.cancel()
+        await dataplane.close()
     return EXIT_OK
 
 

@@ -1,0 +1,1 @@
+"""The data plane: listeners serving traffic from the current IR, swapped atomically on reload."""

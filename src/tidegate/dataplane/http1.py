@@ -1,0 +1,566 @@
+"""HTTP/1.1 at the edge: parse strictly (httptools/llhttp), route, apply filters, proxy to a pod endpoint.
+
+One `ClientConnection` per accepted socket. Requests on a connection are served one at a time (pipelined
+ones wait their turn); bodies stream both ways with backpressure, so a large upload or download is never
+held in memory. Malformed requests get 400/414/431 and are never forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import deque
+from typing import TYPE_CHECKING, Callable
+from urllib.parse import parse_qs
+
+import httptools
+
+from tidegate import ir
+from tidegate.dataplane.filters import get_header, modify_headers, redirect_location, replace_path
+from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
+from tidegate.router import Request, normalize_host
+
+if TYPE_CHECKING:
+    from tidegate.dataplane.server import Site
+
+log = logging.getLogger("tidegate.http")
+
+MAX_HEADER_COUNT = 100
+MAX_HEADER_BYTES = 64 * 1024
+MAX_URL_BYTES = 8 * 1024
+BODY_BUFFER_LIMIT = 256 * 1024  # bytes of request body held before the client is paused
+IDLE_TIMEOUT = 60.0
+CONNECT_TIMEOUT = 5.0
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+                        "upgrade", "proxy-authenticate", "proxy-authorization"})
+VIA = "1.1 tidegate"
+
+REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
+           308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large",
+           414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+           501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+class RequestRejected(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class Exchange:
+    """One request as it arrives, and its body stream."""
+
+    __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length",
+                 "body_done", "buffered", "buffer", "sink", "expect_continue", "header_bytes")
+
+    def __init__(self) -> None:
+        self.method = "GET"
+        self.target = b""
+        self.version = "1.1"
+        self.headers: list[tuple[str, str]] = []
+        self.keep_alive = True
+        self.chunked = False
+        self.content_length: int | None = None
+        self.body_done = False
+        self.buffered = 0
+        self.buffer: list[bytes] = []
+        self.sink: Callable[[bytes | None], None] | None = None  # None marks the end of the body
+        self.expect_continue = False
+        self.header_bytes = 0
+
+    @property
+    def has_body(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+
+class ClientConnection(asyncio.Protocol):
+    def __init__(self, site_getter: Callable[[], Site], listener_port: int, scheme: str = "http"):
+        self.site_getter = site_getter
+        self.listener_port = listener_port
+        self.scheme = scheme
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.peer = ""
+        self.current: Exchange | None = None
+        self.queue: deque[Exchange] = deque()
+        self.serving: asyncio.Task | None = None
+        self.closed = False
+        self.read_paused = False
+        self.write_paused = False
+        self.upstream: UpstreamConnection | None = None
+        self.idle_handle: asyncio.TimerHandle | None = None
+        self._drain = asyncio.Event()
+        self._drain.set()
+
+    # -- transport events --------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._drain.set()
+        if self.idle_handle:
+            self.idle_handle.cancel()
+        if self.serving is not None and not self.serving.done():
+            self.serving.cancel()
+        if self.upstream is not None:
+            self.upstream.close()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self._drain.clear()
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._drain.set()
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle_handle:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        try:
+            self.parser.feed_data(data)
+        except RequestRejected as exc:
+            self._reject(exc.status, str(exc))
+        except httptools.HttpParserUpgrade:
+            pass  # upgrades (WebSocket) are not proxied yet; the request was already taken as plain HTTP
+        except httptools.HttpParserError as exc:
+            cause = exc.__context__
+            if isinstance(cause, RequestRejected):
+                self._reject(cause.status, str(cause))
+            else:
+                self._reject(400, f"malformed request: {exc}")
+
+    # -- parser callbacks --------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.current = Exchange()
+
+    def on_url(self, url: bytes) -> None:
+        ex = self.current
+        assert ex is not None
+        ex.target += url
+        if len(ex.target) > MAX_URL_BYTES:
+            raise RequestRejected(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        ex = self.current
+        assert ex is not None
+        ex.header_bytes += len(name) + len(value) + 4
+        if len(ex.headers) >= MAX_HEADER_COUNT or ex.header_bytes > MAX_HEADER_BYTES:
+            raise RequestRejected(431, "request headers too large")
+        ex.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        ex = self.current
+        assert ex is not None
+        ex.method = self.parser.get_method().decode("ascii")
+        ex.version = self.parser.get_http_version()
+        ex.keep_alive = self.parser.should_keep_alive()
+        for name, value in ex.headers:
+            lname = name.lower()
+            if lname == "transfer-encoding":
+                ex.chunked = True  # llhttp has already refused anything but a final "chunked"
+            elif lname == "content-length":
+                ex.content_length = int(value)
+            elif lname == "expect" and value.lower() == "100-continue":
+                ex.expect_continue = True
+        if ex.version == "1.1" and get_header(ex.headers, "host") is None:
+            raise RequestRejected(400, "HTTP/1.1 request without a Host header")
+        self.queue.append(ex)
+        if self.serving is None:
+            self._serve_next()
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.current
+        assert ex is not None
+        if ex.sink is not None:
+            ex.sink(body)
+        else:
+            ex.buffer.append(body)
+            ex.buffered += len(body)
+            if ex.buffered > BODY_BUFFER_LIMIT:
+                self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        ex = self.current
+        assert ex is not None
+        ex.body_done = True
+        if ex.sink is not None:
+            ex.sink(None)
+        # One request at a time: stop reading until this one is answered (bounds pipelining).
+        self._pause_reading()
+
+    # -- flow control ---------------------------------------------------------------------------------
+    def _pause_reading(self) -> None:
+        if not self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.read_paused and self.transport is not None and not self.closed:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _arm_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.idle_handle = loop.call_later(IDLE_TIMEOUT, self._idle_close)
+
+    def _idle_close(self) -> None:
+        if self.serving is None and self.transport is not None:
+            self.transport.close()
+
+    # -- serving ------------------------------------------------------------------------------------
+    def _serve_next(self) -> None:
+        ex = self.queue.popleft()
+        self.serving = asyncio.get_running_loop().create_task(self._serve(ex))
+
+    async def _serve(self, ex: Exchange) -> None:
+        keep = False
+        try:
+            keep = await serve_exchange(self, ex)
+        except asyncio.CancelledError:
+            return
+        except Exception:  # never let one request take the listener down
+            log.exception("internal error serving %s %s", ex.method, ex.target[:200])
+            if not self.closed:
+                self.send_simple(500, "internal error", close=True)
+        self.serving = None
+        if self.closed:
+            return
+        if not keep or not ex.keep_alive:
+            self.transport.close()  # type: ignore[union-attr]
+            return
+        if self.queue:
+            self._serve_next()
+        else:
+            self._resume_reading()
+            self._arm_idle()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._drain.wait()
+
+    def send_simple(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
+                    close: bool = False, head_only: bool = False) -> None:
+        body = (message + "\n").encode() if message else b""
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
+        for name, value in headers or []:
+            lines.append(f"{name}: {value}")
+        if body:
+            lines.append("Content-Type: text/plain; charset=utf-8")
+        lines.append(f"Content-Length: {len(body)}")
+        if close:
+            lines.append("Connection: close")
+        self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body))
+
+    def _reject(self, status: int, message: str) -> None:
+        """A request that must not be forwarded: answer it (when nothing was sent yet) and close."""
+        if self.closed:
+            return
+        if self.serving is not None and not self.serving.done():
+            self.serving.cancel()
+        self.send_simple(status, message, close=True)
+        self.transport.close()  # type: ignore[union-attr]
+        self.closed = True
+
+
+# -- one exchange ----------------------------------------------------------------------------------------
+
+def _split_target(target: bytes) -> tuple[str, str, str]:
+    """(host from an absolute-form target or "", path, query), still percent-encoded."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError as exc:
+        raise RequestRejected(400, f"invalid request target: {exc}") from exc
+    host = url.host.decode("latin-1") if url.host else ""
+    if host and url.port:
+        host = f"{host}:{url.port}"
+    path = url.path.decode("latin-1") if url.path else "/"
+    query = url.query.decode("latin-1") if url.query else ""
+    return host, path, query
+
+
+async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
+    """Serve one request; returns whether the connection may be kept open."""
+    site = conn.site_getter()
+    try:
+        abs_host, path, query = _split_target(ex.target)
+    except RequestRejected as exc:
+        conn.send_simple(exc.status, str(exc), close=True)
+        return False
+    host = abs_host or get_header(ex.headers, "host") or ""
+    headers_lower: dict[str, str] = {}
+    for name, value in ex.headers:
+        key = name.lower()
+        headers_lower[key] = f"{headers_lower[key]},{value}" if key in headers_lower else value
+    request = Request(host=host, path=path, method=ex.method, headers=headers_lower,
+                      query=parse_qs(query, keep_blank_values=True) if query else {})
+    candidate = site.router.lookup(request) if site.router else None
+    # Answering before the body was read: the connection cannot be reused unless the body is done.
+    can_keep = not ex.has_body or ex.body_done
+    head_only = ex.method == "HEAD"
+    if candidate is None:
+        conn.send_simple(404, "no route matches", close=not can_keep, head_only=head_only)
+        return can_keep
+    route = candidate.route
+    matched_prefix = candidate.match.path.value if candidate.match.path.type == "PathPrefix" else None
+
+    headers = ex.headers
+    response_mods: list[dict] = []
+    mirrors: list[ir.Filter] = []
+    upstream_host = host
+    upstream_path = path
+    for f in route.filters:
+        if f.type == "RequestRedirect":
+            location = redirect_location(f.config, conn.scheme, host, conn.listener_port, path, query,
+                                         matched_prefix)
+            conn.send_simple(int(f.config.get("statusCode", 302)), "", [("Location", location)],
+                             close=not can_keep, head_only=head_only)
+            return can_keep
+        if f.type == "RequestHeaderModifier":
+            headers = modify_headers(headers, f.config)
+        elif f.type == "ResponseHeaderModifier":
+            response_mods.append(f.config)
+        elif f.type == "URLRewrite":
+            upstream_host, upstream_path = _rewrite(f.config, upstream_host, upstream_path, matched_prefix)
+        elif f.type == "RequestMirror":
+            mirrors.append(f)
+    if route.direct_status:
+        conn.send_simple(route.direct_status, "route has no backend", close=not can_keep, head_only=head_only)
+        return can_keep
+
+    backend = site.balancer.backend_for(route)
+    if backend is None or backend.invalid:
+        conn.send_simple(500, f"invalid backend: {backend.invalid}" if backend else "no backend with weight",
+                         close=not can_keep, head_only=head_only)
+        return can_keep
+    for f in backend.filters:
+        if f.type == "RequestHeaderModifier":
+            headers = modify_headers(headers, f.config)
+        elif f.type == "ResponseHeaderModifier":
+            response_mods.append(f.config)
+        elif f.type == "URLRewrite":
+            upstream_host, upstream_path = _rewrite(f.config, upstream_host, upstream_path, matched_prefix)
+    endpoint = site.balancer.endpoint_for(backend)
+    if endpoint is None:
+        conn.send_simple(503, f"no ready endpoint for {backend.name}", close=not can_keep, head_only=head_only)
+        return can_keep
+
+    target = upstream_path + (f"?{query}" if query else "")
+    for mirror in mirrors:
+        _start_mirror(site, mirror, ex, headers, upstream_host, target, conn.peer)
+
+    timeout = route.timeouts.request
+    backend_timeout = route.timeouts.backend_request
+    if backend_timeout is not None and (timeout is None or backend_timeout < timeout):
+        timeout = backend_timeout
+    state = _ProxyState()
+    try:
+        proxied = _proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state)
+        return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
+    except asyncio.TimeoutError:
+        if not state.head_sent:
+            conn.send_simple(504, "upstream timed out", close=True, head_only=head_only)
+        return False
+    except UpstreamError as exc:
+        if not state.head_sent:
+            conn.send_simple(502, str(exc), close=True, head_only=head_only)
+        return False
+    finally:
+        if state.upstream is not None and not state.released:
+            state.upstream.close()
+        conn.upstream = None
+
+
+def _rewrite(config: dict, host: str, path: str, matched_prefix: str | None) -> tuple[str, str]:
+    if config.get("hostname"):
+        host = config["hostname"]
+    if config.get("path"):
+        path = replace_path(path, config["path"], matched_prefix)
+    return host, path
+
+
+class _ProxyState:
+    __slots__ = ("head_sent", "upstream", "released")
+
+    def __init__(self) -> None:
+        self.head_sent = False
+        self.upstream: UpstreamConnection | None = None
+        self.released = False
+
+
+def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, target: str, peer: str,
+                  scheme: str, original_host: str) -> bytes:
+    connection_tokens = {t.strip().lower() for name, value in headers if name.lower() == "connection"
+                         for t in value.split(",")}
+    lines = [f"{ex.method} {target} HTTP/1.1", f"Host: {host}"]
+    forwarded_for = None
+    for name, value in headers:
+        lname = name.lower()
+        if lname in HOP_BY_HOP or lname in connection_tokens or lname in ("host", "content-length", "expect"):
+            continue
+        if lname == "x-forwarded-for":
+            forwarded_for = value
+            continue
+        lines.append(f"{name}: {value}")
+    lines.append(f"X-Forwarded-For: {forwarded_for + ', ' + peer if forwarded_for else peer}")
+    if get_header(headers, "x-forwarded-proto") is None:
+        lines.append(f"X-Forwarded-Proto: {scheme}")
+    if get_header(headers, "x-forwarded-host") is None:
+        lines.append(f"X-Forwarded-Host: {original_host}")
+    peer_token = f'"[{peer}]"' if ":" in peer else peer
+    forwarded = f"for={peer_token};proto={scheme};host={original_host}" if original_host else \
+        f"for={peer_token};proto={scheme}"
+    existing = get_header(headers, "forwarded")
+    if existing is not None:
+        lines = [line for line in lines if not line.lower().startswith("forwarded:")]
+        forwarded = f"{existing}, {forwarded}"
+    lines.append(f"Forwarded: {forwarded}")
+    via = get_header(headers, "via")
+    lines = [line for line in lines if not line.lower().startswith("via:")]
+    lines.append(f"Via: {via + ', ' if via else ''}{VIA}")
+    if ex.chunked:
+        lines.append("Transfer-Encoding: chunked")
+    elif ex.content_length is not None:
+        lines.append(f"Content-Length: {ex.content_length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
+                 headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
+                 state: _ProxyState) -> bool:
+    pool = site.pools.pool(endpoint.address, endpoint.port)
+    upstream = await pool.acquire(CONNECT_TIMEOUT)
+    state.upstream = upstream
+    conn.upstream = upstream
+    original_host = get_header(ex.headers, "host") or host
+    upstream.start_exchange(_request_head(ex, headers, host, target, conn.peer, conn.scheme, original_host))
+    if ex.expect_continue and not ex.body_done:
+        conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    # Request body: what arrived already, then the rest as it comes.
+    if ex.has_body:
+        chunked = ex.chunked
+
+        def send_body(chunk: bytes | None) -> None:
+            if chunk is None:
+                if chunked:
+                    upstream.write(b"0\r\n\r\n")
+            elif chunk:
+                upstream.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+
+        upstream.on_backpressure = lambda paused: conn._pause_reading() if paused else (
+            None if ex.body_done else conn._resume_reading())
+        for chunk in ex.buffer:
+            send_body(chunk)
+        ex.buffer.clear()
+        ex.sink = send_body
+        if ex.body_done:
+            send_body(None)
+        else:
+            conn._resume_reading()
+
+    head = await upstream.head_future  # type: ignore[arg-type]
+    head_only = ex.method == "HEAD" or head.status in (204, 304)
+    client_keep = ex.keep_alive and ex.body_done or (ex.keep_alive and not ex.has_body)
+    out_chunked = not head_only and head.content_length is None and head.status != 101
+    if out_chunked and ex.version == "1.0":
+        out_chunked, client_keep = False, False  # an HTTP/1.0 client reads until close
+    conn.write(_response_head(head, response_mods, out_chunked, client_keep, ex.version == "1.0" and client_keep))
+    state.head_sent = True
+    if head_only:
+        upstream.reusable = upstream.reusable and ex.method != "HEAD"  # llhttp would wait for a HEAD "body"
+        if ex.method == "HEAD":
+            upstream.close()
+        else:
+            await upstream.done_future  # type: ignore[arg-type]
+    else:
+        if out_chunked:
+            upstream.set_sink(lambda data: conn.write(b"%x\r\n%b\r\n" % (len(data), data)) if data else None)
+        else:
+            upstream.set_sink(conn.write)
+        if conn.write_paused:
+            upstream.pause_reading()
+        await upstream.done_future  # type: ignore[arg-type]
+        if out_chunked:
+            conn.write(b"0\r\n\r\n")
+    if not upstream.closed and upstream.reusable and ex.body_done:
+        state.released = True
+        site.pools.pool(endpoint.address, endpoint.port).release(upstream)
+    return client_keep
+
+
+def _response_head(head: ResponseHead, mods: list[dict], chunked: bool, keep: bool, say_keep_alive: bool) -> bytes:
+    headers = head.headers
+    connection_tokens = {t.strip().lower() for name, value in headers if name.lower() == "connection"
+                         for t in value.split(",")}
+    headers = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in connection_tokens]
+    for config in mods:
+        headers = modify_headers(headers, config)
+    reason = REASONS.get(head.status, "Status")
+    lines = [f"HTTP/1.1 {head.status} {reason}"]
+    lines += [f"{n}: {v}" for n, v in headers]
+    if chunked:
+        lines.append("Transfer-Encoding: chunked")
+    if not keep:
+        lines.append("Connection: close")
+    elif say_keep_alive:
+        lines.append("Connection: keep-alive")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _start_mirror(site: Site, mirror: ir.Filter, ex: Exchange, headers: list[tuple[str, str]], host: str,
+                  target: str, peer: str) -> None:
+    """Fire and forget: send a copy of the request head (bodies are not mirrored) to the mirror backend."""
+    config = mirror.config
+    if "percent" in config and random.random() * 100 >= float(config["percent"]):
+        return
+    if "fraction" in config:
+        fraction = config["fraction"]
+        if random.random() * float(fraction.get("denominator", 100)) >= float(fraction["numerator"]):
+            return
+    backend = mirror.mirror
+    if backend is None or backend.invalid:
+        return
+    endpoint = site.balancer.endpoint_for(backend)
+    if endpoint is None:
+        return
+    copy = Exchange()
+    copy.method, copy.version = ex.method, "1.1"
+    head = _request_head(copy, headers, host, target, peer, "http", host)
+
+    async def send() -> None:
+        pool = site.pools.pool(endpoint.address, endpoint.port)
+        try:
+            upstream = await pool.acquire(CONNECT_TIMEOUT)
+        except UpstreamError:
+            return
+        try:
+            upstream.start_exchange(head)
+            await asyncio.wait_for(upstream.head_future, 10)  # type: ignore[arg-type]
+            if copy.method == "HEAD":
+                upstream.close()
+                return
+            upstream.set_sink(lambda _data: None)
+            await asyncio.wait_for(upstream.done_future, 10)  # type: ignore[arg-type]
+            pool.release(upstream)
+        except (UpstreamError, asyncio.TimeoutError):
+            upstream.close()
+
+    task = asyncio.get_running_loop().create_task(send())
+    site.background.add(task)
+    task.add_done_callback(site.background.discard)
+
+
+__all__ = ["ClientConnection", "normalize_host"]

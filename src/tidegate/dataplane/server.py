@@ -1,0 +1,112 @@
+"""Listeners and atomic configuration swaps.
+
+Each bound (address, port) has a `Site`: the router, balancer and connection pools of the IR in force. A new
+IR replaces the Site objects in one step; a request reads its Site once when it starts, so requests in flight
+finish on the configuration they began with. Sockets of listeners that stay are never closed on reload, so
+keep-alive connections survive it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from tidegate import ir
+from tidegate.dataplane.balancer import RouteBalancer
+from tidegate.dataplane.http1 import ClientConnection
+from tidegate.dataplane.upstream import EndpointPool
+from tidegate.router import Router, routers_by_port
+
+log = logging.getLogger("tidegate.dataplane")
+
+
+class PoolSet:
+    """Connection pools by endpoint, kept across reloads (endpoints rarely change with routes)."""
+
+    def __init__(self) -> None:
+        self._pools: dict[tuple[str, int], EndpointPool] = {}
+
+    def pool(self, address: str, port: int) -> EndpointPool:
+        key = (address, port)
+        found = self._pools.get(key)
+        if found is None:
+            found = self._pools[key] = EndpointPool(address, port)
+        return found
+
+    def retain(self, endpoints: set[tuple[str, int]]) -> None:
+        for key in [k for k in self._pools if k not in endpoints]:
+            self._pools.pop(key).close()
+
+    def close(self) -> None:
+        self.retain(set())
+
+
+@dataclass
+class Site:
+    router: Router | None
+    balancer: RouteBalancer
+    pools: PoolSet
+    background: set = field(default_factory=set)
+
+
+class DataPlane:
+    def __init__(self, bind: str = "0.0.0.0"):
+        self.bind = bind
+        self.pools = PoolSet()
+        self.sites: dict[tuple[str, int], Site] = {}
+        self.servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
+        self.errors: dict[tuple[str, int], str] = {}  # listeners that could not be opened, and why
+        self._background: set = set()
+
+    def _empty_site(self) -> Site:
+        return Site(None, RouteBalancer(), self.pools, self._background)
+
+    async def apply(self, config: ir.IR) -> dict[tuple[str, int], str]:
+        """Serve `config` from now on. Returns the listeners that could not be opened, with the reason."""
+        routers = {(addr or self.bind, port): router for (addr, port), router in routers_by_port(config).items()}
+        for listener in config.listeners:
+            if listener.protocol not in ("HTTP",):
+                log.warning("listener %s: %s is not served yet", listener.name, listener.protocol)
+        balancer = RouteBalancer()
+        sites = {key: Site(router, balancer, self.pools, self._background) for key, router in routers.items()}
+        self.sites = sites  # the atomic swap: new requests see the new configuration
+
+        loop = asyncio.get_running_loop()
+        errors: dict[tuple[str, int], str] = {}
+        for key in routers:
+            if key in self.servers:
+                continue
+            address, port = key
+            try:
+                server = await loop.create_server(
+                    lambda key=key, port=port: ClientConnection(lambda: self.sites.get(key) or self._empty_site(),
+                                                                port),
+                    host=address, port=port, reuse_address=True, backlog=1024)
+            except OSError as exc:
+                errors[key] = f"cannot listen on {address}:{port}: {exc.strerror or exc}"
+                log.error("%s", errors[key])
+                continue
+            self.servers[key] = server
+            log.info("listening on %s:%d (HTTP)", address, port)
+        for key in [k for k in self.servers if k not in routers]:
+            self.servers.pop(key).close()
+            log.info("stopped listening on %s:%d", *key)
+        self.errors = errors
+        self.pools.retain({(e.address, e.port) for listener in config.listeners for route in listener.http_routes
+                           for backend in route.backends for e in backend.endpoints}
+                          | {(e.address, e.port) for listener in config.listeners for route in listener.http_routes
+                             for f in route.filters if f.mirror for e in f.mirror.endpoints})
+        return errors
+
+    def bound_port(self, key: tuple[str, int]) -> int:
+        server = self.servers[key]
+        return server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        for server in self.servers.values():
+            server.close()
+        for server in self.servers.values():
+            await server.wait_closed()
+        self.servers.clear()
+        self.pools.close()

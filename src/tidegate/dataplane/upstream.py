@@ -1,0 +1,221 @@
+"""Upstream HTTP/1.1 connections to pod endpoints, pooled per endpoint with keep-alive.
+
+An `UpstreamConnection` carries one exchange at a time: the proxy writes the request head and streams the
+body; the response head resolves a future; body chunks go to a sink the proxy sets (the client connection),
+with backpressure both ways through pause_reading/resume_reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Callable
+
+import httptools
+
+
+class UpstreamError(Exception):
+    """The endpoint refused, reset or broke the exchange (the client sees 502)."""
+
+
+class ResponseHead:
+    __slots__ = ("status", "reason", "headers", "version", "keep_alive", "chunked", "content_length")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[str, str]] = []
+        self.version = "1.1"
+        self.keep_alive = True
+        self.chunked = False
+        self.content_length: int | None = None
+
+
+class UpstreamConnection(asyncio.Protocol):
+    def __init__(self, pool: EndpointPool):
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.head: ResponseHead | None = None
+        self.head_future: asyncio.Future[ResponseHead] | None = None
+        self.done_future: asyncio.Future[None] | None = None
+        self.sink: Callable[[bytes], None] | None = None  # receives response body bytes
+        self.closed = False
+        self.idle_since = 0.0
+        self.reusable = True
+        self._pending_body: list[bytes] = []
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        # Called when the endpoint's socket buffer fills and drains: the proxy pauses the client's reading.
+        self.on_backpressure: Callable[[bool], None] | None = None
+
+    # -- transport events --------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._can_write.set()
+        error = UpstreamError(f"endpoint closed the connection{': ' + str(exc) if exc else ''}")
+        if self.head_future is not None and not self.head_future.done():
+            self.head_future.set_exception(error)
+        if self.done_future is not None and not self.done_future.done():
+            # a close-delimited body ends here; otherwise the response was cut short
+            if self.head is not None and self.head.content_length is None and not self.head.chunked:
+                self.done_future.set_result(None)
+            else:
+                self.done_future.set_exception(error)
+        self.pool.forget(self)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+        if self.on_backpressure is not None:
+            self.on_backpressure(True)
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+        if self.on_backpressure is not None:
+            self.on_backpressure(False)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self.reusable = False
+            error = UpstreamError(f"invalid response from endpoint: {exc}")
+            if self.head_future is not None and not self.head_future.done():
+                self.head_future.set_exception(error)
+            elif self.done_future is not None and not self.done_future.done():
+                self.done_future.set_exception(error)
+            if self.transport is not None:
+                self.transport.close()
+
+    # -- parser callbacks --------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.head = ResponseHead()
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        assert self.head is not None
+        self.head.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        head = self.head
+        assert head is not None
+        head.status = self.parser.get_status_code()
+        head.version = self.parser.get_http_version()
+        head.keep_alive = self.parser.should_keep_alive()
+        for name, value in head.headers:
+            lname = name.lower()
+            if lname == "transfer-encoding" and "chunked" in value.lower():
+                head.chunked = True
+            elif lname == "content-length":
+                try:
+                    head.content_length = int(value)
+                except ValueError:
+                    pass
+        if 100 <= head.status < 200 and head.status != 101:
+            self.head = None  # an interim response: wait for the real one
+            return
+        if self.head_future is not None and not self.head_future.done():
+            self.head_future.set_result(head)
+
+    def on_body(self, body: bytes) -> None:
+        if self.sink is not None:
+            self.sink(body)
+        else:
+            self._pending_body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.head is None:
+            return  # end of an interim response
+        if not self.head.keep_alive:
+            self.reusable = False
+        if self.done_future is not None and not self.done_future.done():
+            self.done_future.set_result(None)
+
+    # -- used by the proxy ---------------------------------------------------------------------------
+    def start_exchange(self, head: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self.head = None
+        self.head_future = loop.create_future()
+        self.done_future = loop.create_future()
+        self.sink = None
+        self.on_backpressure = None
+        self._pending_body = []
+        assert self.transport is not None
+        self.transport.write(head)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._can_write.wait()
+
+    def set_sink(self, sink: Callable[[bytes], None]) -> None:
+        self.sink = sink
+        for chunk in self._pending_body:
+            sink(chunk)
+        self._pending_body = []
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.reusable = False
+        if self.transport is not None:
+            self.transport.close()
+
+
+class EndpointPool:
+    """Idle keep-alive connections to one endpoint. A request takes an idle one when there is one, and
+    opens a new connection otherwise: it never waits on a busy connection."""
+
+    def __init__(self, host: str, port: int, max_idle: int = 64, idle_timeout: float = 60.0):
+        self.host = host
+        self.port = port
+        self.idle: deque[UpstreamConnection] = deque()
+        self.max_idle = max_idle
+        self.idle_timeout = idle_timeout
+
+    async def acquire(self, connect_timeout: float) -> UpstreamConnection:
+        now = time.monotonic()
+        while self.idle:
+            conn = self.idle.pop()
+            if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                return conn
+            conn.close()
+        loop = asyncio.get_running_loop()
+        try:
+            _, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port), connect_timeout)
+        except asyncio.TimeoutError as exc:
+            raise UpstreamError(f"connect to {self.host}:{self.port} timed out") from exc
+        except OSError as exc:
+            raise UpstreamError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
+        return protocol
+
+    def release(self, conn: UpstreamConnection) -> None:
+        if conn.closed or not conn.reusable or len(self.idle) >= self.max_idle:
+            conn.close()
+            return
+        conn.sink = None
+        conn.on_backpressure = None
+        conn.idle_since = time.monotonic()
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        try:
+            self.idle.remove(conn)
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()

@@ -1,0 +1,169 @@
+"""An echo server that answers like the Gateway API conformance echo server (echo-basic).
+
+Every request gets JSON with path (the request URI), host, method, proto, headers (canonical names, Host
+left out, as Go's net/http has them), httpPort, namespace, ingress, service and pod; `X-Echo-Set-Header:
+name:value,...` sets response headers; `/status/NNN` answers with that status; `/health` answers OK;
+`?delay=1s` waits first. For tidegate's own tests it also has `/stream/N` (N bytes of zeros, streamed with
+backpressure) and reports `bodySize` when a request had a body. One process can serve many "pods", each on
+its own address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+import httptools
+
+_STATUS = re.compile(r"^/status/(\d\d\d)$")
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True)
+class PodIdentity:
+    namespace: str = ""
+    pod: str = ""
+    service: str = ""
+    ingress: str = ""
+
+
+def canonical_header(name: str) -> str:
+    """Go's textproto.CanonicalMIMEHeaderKey: x-foo-bar → X-Foo-Bar."""
+    if not all(c.isalnum() or c == "-" for c in name):
+        return name
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def _duration(text: str) -> float:
+    return sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
+
+
+class EchoProtocol(asyncio.Protocol):
+    def __init__(self, identity: PodIdentity, http_port: str, log_requests: bool = False):
+        self.identity = identity
+        self.log_requests = log_requests
+        self.http_port = http_port
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: list[tuple[str, str]] = []
+        self.body_size = 0
+        self._writable = asyncio.Event()
+        self._writable.set()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._writable.set()
+        self.transport = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            if self.transport:
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                self.transport.close()
+
+    def on_message_begin(self) -> None:
+        self.url, self.headers, self.body_size = b"", [], 0
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_body(self, body: bytes) -> None:
+        self.body_size += len(body)
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode()
+        version = self.parser.get_http_version()
+        keep_alive = self.parser.should_keep_alive()
+        asyncio.get_running_loop().create_task(
+            self._answer(method, version, keep_alive, self.url, self.headers, self.body_size))
+
+    async def _stream(self, size: int, keep_alive: bool) -> None:
+        assert self.transport is not None
+        head = f"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {size}\r\n"
+        self.transport.write((head + ("" if keep_alive else "Connection: close\r\n") + "\r\n").encode())
+        chunk = bytes(65536)
+        left = size
+        while left > 0 and self.transport is not None:
+            await self._writable.wait()
+            if self.transport is None:
+                return
+            self.transport.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+        if not keep_alive and self.transport is not None:
+            self.transport.close()
+
+    async def _answer(self, method: str, version: str, keep_alive: bool, url: bytes,
+                      headers: list[tuple[str, str]], body_size: int) -> None:
+        target = url.decode("latin-1")
+        if self.log_requests:
+            print(f"request {self.identity.namespace}/{self.identity.pod} {method} {target}", flush=True)
+        parsed = httptools.parse_url(url)
+        path = (parsed.path or b"/").decode("latin-1").replace("//", "/")
+        query = parse_qs((parsed.query or b"").decode("latin-1"))
+        if "delay" in query:
+            await asyncio.sleep(_duration(query["delay"][0]))
+        host = ""
+        grouped: dict[str, list[str]] = {}
+        for name, value in headers:
+            if name.lower() == "host":
+                host = value
+                continue
+            grouped.setdefault(canonical_header(name), []).append(value)
+        extra: list[tuple[str, str]] = []
+        for spec in grouped.get("X-Echo-Set-Header", []):
+            for item in spec.split(","):
+                name, _, value = item.strip().partition(":")
+                if name:
+                    extra.append((name, value.strip()))
+        status_match = _STATUS.match(path)
+        if path.startswith("/stream/") and path[8:].isdigit() and method == "GET":
+            await self._stream(int(path[8:]), keep_alive)
+            return
+        if path == "/health":
+            status, body, ctype = 200, b"OK", "text/plain"
+        elif status_match:
+            status, body, ctype = int(status_match.group(1)), b"", "text/plain"
+        else:
+            payload = {
+                "path": target, "host": host, "method": method, "proto": f"HTTP/{version}",
+                "headers": grouped, "httpPort": self.http_port, "namespace": self.identity.namespace,
+                "ingress": self.identity.ingress, "service": self.identity.service, "pod": self.identity.pod,
+            }
+            if body_size:
+                payload["bodySize"] = body_size
+            status, body, ctype = 200, json.dumps(payload, indent=1).encode(), "application/json"
+        lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Status'}", f"Content-Type: {ctype}",
+                 "X-Content-Type-Options: nosniff", f"Content-Length: {len(body)}"]
+        lines += [f"{n}: {v}" for n, v in extra]
+        if not keep_alive:
+            lines.append("Connection: close")
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if method == "HEAD" else body))
+        if not keep_alive:
+            self.transport.close()
+
+
+async def start_echo(host: str, port: int, identity: PodIdentity,
+                     log_requests: bool = False) -> asyncio.base_events.Server:
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: EchoProtocol(identity, str(port), log_requests), host=host, port=port,
+                                    reuse_address=True)

@@ -1,0 +1,127 @@
+"""Real processes and sockets for end-to-end tests: tidegate and echo backends on loopback addresses.
+
+Every process started here is stopped by its context manager (the tests leave nothing running).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+TIDEGATE = [sys.executable, "-m", "tidegate"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}: {_output(proc)}")
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on {host}:{port} after {timeout}s: {_output(proc)}")
+
+
+def _output(proc: subprocess.Popen) -> str:
+    log = getattr(proc, "log_path", None)
+    return Path(log).read_text()[-3000:] if log and Path(log).exists() else ""
+
+
+@contextmanager
+def process(args: list[str], log_path: Path, ready: tuple[str, int] | None = None) -> Iterator[subprocess.Popen]:
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.log_path = str(log_path)  # type: ignore[attr-defined]
+    try:
+        if ready:
+            wait_for_port(*ready, proc)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextmanager
+def echo_servers(pods: dict[tuple[str, int], str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """pods: (address, port) → "namespace/pod"."""
+    args = [*TIDEGATE, "echo", "--log-requests"]
+    for (address, port), who in pods.items():
+        args += ["--listen", f"{address}:{port}={who}"]
+    first = next(iter(pods))
+    with process(args, log_path, ready=first) as proc:
+        for address, port in pods:
+            wait_for_port(address, port, proc)
+        yield proc
+
+
+@contextmanager
+def tidegate_run(config_dir: Path, ready: tuple[str, int], log_path: Path, *extra: str) -> Iterator[subprocess.Popen]:
+    with process([*TIDEGATE, "run", "-f", str(config_dir), *extra], log_path, ready=ready) as proc:
+        yield proc
+
+
+def request(host: str, port: int, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None,
+            body=None, timeout: float = 10.0, chunked: bool = False) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {}, encode_chunked=chunked)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def raw_exchange(host: str, port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send raw bytes and read until the server closes (or the timeout)."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except socket.timeout:
+            pass
+        return b"".join(chunks)
+
+
+def rss_high_water_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def reset_rss_high_water(pid: int) -> None:
+    """Make VmHWM start again from the current RSS (Linux: "5" to clear_refs), so a peak measures only what
+    happens next."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")

@@ -1,0 +1,311 @@
+"""The HTTP/1.1 data plane end to end: tidegate and echo backends as real processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import (echo_servers, free_port, raw_exchange, request, reset_rss_high_water,
+                           rss_high_water_kb, rss_kb, tidegate_run)
+
+GW_ADDR = "127.0.0.1"
+POD_A, POD_B, POD_M = "127.0.0.2", "127.0.0.3", "127.0.0.4"
+
+
+def service(name: str, pods: list[tuple[str, int, str]]) -> str:
+    eps = "".join(f"\n  - addresses: [{ip}]\n    targetRef: {{kind: Pod, name: {pod}}}" for ip, _, pod in pods)
+    port = pods[0][1] if pods else 9
+    return textwrap.dedent(f"""
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {{name: {name}, namespace: default}}
+    spec: {{ports: [{{name: http, port: 80, targetPort: {port}}}]}}
+    ---
+    apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+    addressType: IPv4
+    ports: [{{name: http, port: {port}}}]
+    endpoints:""") + (eps if pods else " []") + "\n"
+
+
+def route(name: str, host: str, rule: str) -> str:
+    return textwrap.dedent(f"""
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{name: {name}, namespace: default}}
+    spec:
+      parentRefs: [{{name: gw}}]
+      hostnames: [{host}]
+      rules:
+    """) + textwrap.indent(textwrap.dedent(rule).strip("\n"), "    ") + "\n"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dataplane")
+    echo_port, gw_port, dead_port = free_port(POD_A), free_port(GW_ADDR), free_port(POD_A)
+    config = tmp / "config"
+    config.mkdir()
+    base = textwrap.dedent(f"""
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: GatewayClass
+    metadata: {{name: tidegate}}
+    spec: {{controllerName: tidegate.io/gateway-controller}}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: {{name: gw, namespace: default}}
+    spec:
+      gatewayClassName: tidegate
+      addresses: [{{value: {GW_ADDR}}}]
+      listeners: [{{name: http, port: {gw_port}, protocol: HTTP}}]
+    """)
+    base += service("both", [(POD_A, echo_port, "pod-a"), (POD_B, echo_port, "pod-b")])
+    base += service("a", [(POD_A, echo_port, "pod-a")]) + service("b", [(POD_B, echo_port, "pod-b")])
+    base += service("mirror", [(POD_M, echo_port, "pod-m")])
+    base += service("empty", []) + service("dead", [(POD_A, dead_port, "dead")])
+    base += route("echo", "echo.test", "- backendRefs: [{name: both, port: 80}]")
+    base += route("slow", "slow.test", """
+        - backendRefs: [{name: a, port: 80}]
+          timeouts: {request: 1s, backendRequest: 500ms}""")
+    base += route("redirect", "redirect.test", """
+        - filters:
+            - type: RequestRedirect
+              requestRedirect: {scheme: https, statusCode: 301, path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}}""")
+    base += route("headers", "headers.test", """
+        - filters:
+            - type: RequestHeaderModifier
+              requestHeaderModifier: {set: [{name: X-Env, value: prod}], add: [{name: X-Add, value: two}], remove: [X-Debug]}
+            - type: ResponseHeaderModifier
+              responseHeaderModifier: {add: [{name: X-Served-By, value: tidegate}], remove: [X-Content-Type-Options]}
+          backendRefs: [{name: a, port: 80}]""")
+    base += route("rewrite", "rewrite.test", """
+        - matches: [{path: {type: PathPrefix, value: /api}}]
+          filters:
+            - type: URLRewrite
+              urlRewrite: {hostname: backend.internal, path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+          backendRefs: [{name: a, port: 80}]""")
+    base += route("weights", "weights.test", """
+        - backendRefs: [{name: a, port: 80, weight: 3}, {name: b, port: 80, weight: 1}]""")
+    base += route("mirror", "mirror.test", """
+        - filters:
+            - type: RequestMirror
+              requestMirror: {backendRef: {name: mirror, port: 80}}
+          backendRefs: [{name: a, port: 80}]""")
+    base += route("invalid", "invalid.test", "- backendRefs: [{name: ghost, port: 80}]")
+    base += route("empty", "empty.test", "- backendRefs: [{name: empty, port: 80}]")
+    base += route("dead", "dead.test", "- backendRefs: [{name: dead, port: 80}]")
+    base += route("nobackend", "nobackend.test", "- matches: [{path: {type: PathPrefix, value: /}}]")
+    (config / "config.yaml").write_text(base)
+    pods = {(POD_A, echo_port): "default/pod-a", (POD_B, echo_port): "default/pod-b",
+            (POD_M, echo_port): "default/pod-m"}
+    with echo_servers(pods, tmp / "echo.log") as echo, \
+            tidegate_run(config, (GW_ADDR, gw_port), tmp / "tidegate.log") as proxy:
+        yield {"port": gw_port, "config": config, "echo_log": tmp / "echo.log", "proxy": proxy,
+               "echo_port": echo_port, "tmp": tmp}
+
+
+def get(stack, host: str, path: str = "/", **kw):
+    headers = {"Host": host, **kw.pop("headers", {})}
+    return request(GW_ADDR, stack["port"], path, headers=headers, **kw)
+
+
+def test_request_reaches_a_pod_with_forwarding_headers(stack):
+    status, headers, body = get(stack, "echo.test", "/hello?x=1", headers={"X-Forwarded-For": "10.9.9.9"})
+    assert status == 200
+    echoed = json.loads(body)
+    assert echoed["path"] == "/hello?x=1" and echoed["host"] == "echo.test" and echoed["method"] == "GET"
+    assert echoed["pod"] in ("pod-a", "pod-b") and echoed["namespace"] == "default"
+    assert echoed["headers"]["X-Forwarded-For"] == ["10.9.9.9, 127.0.0.1"]
+    assert echoed["headers"]["X-Forwarded-Proto"] == ["http"]
+    assert echoed["headers"]["Via"] == ["1.1 tidegate"]
+    assert echoed["headers"]["Forwarded"] == ["for=127.0.0.1;proto=http;host=echo.test"]
+
+
+def test_round_robin_reaches_both_pods_directly(stack):
+    pods = {json.loads(get(stack, "echo.test")[2])["pod"] for _ in range(6)}
+    assert pods == {"pod-a", "pod-b"}
+
+
+def test_errors_follow_the_spec(stack):
+    assert get(stack, "unknown.test")[0] == 404
+    assert get(stack, "invalid.test")[0] == 500
+    assert get(stack, "nobackend.test")[0] == 500
+    assert get(stack, "empty.test")[0] == 503
+    assert get(stack, "dead.test")[0] == 502
+    status, _, body = get(stack, "slow.test", "/?delay=3s")
+    assert status == 504
+
+
+def test_redirect_and_header_filters(stack):
+    status, headers, _ = get(stack, "redirect.test", "/old/page?q=1")
+    assert status == 301 and headers["location"] == "https://redirect.test/new/old/page?q=1"
+    status, headers, body = get(stack, "headers.test", "/", headers={"X-Debug": "1", "X-Add": "one", "X-Env": "dev"})
+    echoed = json.loads(body)
+    assert echoed["headers"]["X-Env"] == ["prod"] and "X-Debug" not in echoed["headers"]
+    assert echoed["headers"]["X-Add"] == ["one,two"]
+    assert headers["x-served-by"] == "tidegate" and "x-content-type-options" not in headers
+
+
+def test_url_rewrite_changes_host_and_path_prefix(stack):
+    echoed = json.loads(get(stack, "rewrite.test", "/api/users?id=7")[2])
+    assert echoed["host"] == "backend.internal" and echoed["path"] == "/v2/users?id=7"
+
+
+def test_weights_split_traffic(stack):
+    pods = [json.loads(get(stack, "weights.test")[2])["pod"] for _ in range(40)]
+    assert pods.count("pod-a") == 30 and pods.count("pod-b") == 10
+
+
+def test_mirror_sends_a_copy_and_ignores_its_answer(stack):
+    marker = f"/mirrored-{time.monotonic_ns()}"
+    status, _, body = get(stack, "mirror.test", marker)
+    assert status == 200 and json.loads(body)["pod"] == "pod-a"
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if f"default/pod-m GET {marker}" in stack["echo_log"].read_text():
+            break
+        time.sleep(0.05)
+    assert f"default/pod-m GET {marker}" in stack["echo_log"].read_text()
+
+
+def test_keep_alive_connection_serves_many_requests(stack):
+    import http.client
+
+    conn = http.client.HTTPConnection(GW_ADDR, stack["port"], timeout=5)
+    try:
+        for i in range(5):
+            conn.request("GET", f"/k{i}", headers={"Host": "echo.test"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["path"] == f"/k{i}"
+        conn.request("HEAD", "/head", headers={"Host": "echo.test"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b""
+        conn.request("POST", "/post", body=b"x" * 1000, headers={"Host": "echo.test"})
+        resp = conn.getresponse()
+        assert json.loads(resp.read())["bodySize"] == 1000
+    finally:
+        conn.close()
+
+
+def test_chunked_upload_and_expect_continue(stack):
+    def chunks():
+        for _ in range(10):
+            yield b"y" * 10000
+
+    status, _, body = get(stack, "echo.test", "/up", method="POST", body=chunks(), chunked=True,
+                          headers={"Transfer-Encoding": "chunked"})
+    assert status == 200 and json.loads(body)["bodySize"] == 100000
+    import socket
+
+    with socket.create_connection((GW_ADDR, stack["port"]), timeout=5) as s:
+        s.sendall(b"POST /e HTTP/1.1\r\nHost: echo.test\r\nExpect: 100-continue\r\nContent-Length: 3\r\n"
+                  b"Connection: close\r\n\r\n")
+        assert s.recv(100) == b"HTTP/1.1 100 Continue\r\n\r\n"  # sent before any body byte
+        s.sendall(b"abc")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200") and b'"bodySize": 3' in reply
+
+
+@pytest.mark.parametrize("probe,status", [
+    (b"POST / HTTP/1.1\r\nHost: echo.test\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: echo.test\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello", 400),
+    (b"POST / HTTP/1.1\r\nHost: echo.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: echo.test\r\nTransfer-Encoding: gzip, chunked, identity\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: echo.test\r\nBad Header: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: echo.test\r\nX-Folded: a\r\n b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nUser-Agent: no-host\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: echo.test\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: echo.test\r\n\r\n", 414),
+    (b"GET / HTTP/9.9\r\nHost: echo.test\r\n\r\n", 400),
+])
+def test_malformed_requests_are_refused_and_never_forwarded(stack, probe, status):
+    marker = f"/probe-{time.monotonic_ns()}"
+    probe = probe.replace(b" / HTTP", f" {marker} HTTP".encode(), 1)
+    reply = raw_exchange(GW_ADDR, stack["port"], probe)
+    assert reply.startswith(f"HTTP/1.1 {status} ".encode()), reply[:200]
+    time.sleep(0.1)
+    assert marker not in stack["echo_log"].read_text()
+
+
+def test_large_bodies_stream_without_growing_memory(stack):
+    pid = stack["proxy"].pid
+    get(stack, "echo.test", "/warm")
+    before = rss_kb(pid)
+    reset_rss_high_water(pid)
+    size = 200 * 1024 * 1024
+
+    def upload():
+        block = b"z" * (1024 * 1024)
+        for _ in range(size // len(block)):
+            yield block
+
+    status, _, body = get(stack, "echo.test", "/upload", method="POST", body=upload(),
+                          headers={"Content-Length": str(size)}, timeout=60)
+    assert status == 200 and json.loads(body)["bodySize"] == size
+    import http.client
+
+    conn = http.client.HTTPConnection(GW_ADDR, stack["port"], timeout=60)
+    conn.request("GET", f"/stream/{size}", headers={"Host": "echo.test"})
+    resp = conn.getresponse()
+    received = 0
+    while chunk := resp.read(1024 * 1024):
+        received += len(chunk)
+    conn.close()
+    assert received == size
+    growth_mb = (rss_high_water_kb(pid) - before) / 1024
+    assert growth_mb < 50, f"peak RSS grew by {growth_mb:.1f} MB while streaming 2 x 200 MB"
+
+
+def test_reload_swaps_routes_without_failing_a_request(stack):
+    config: Path = stack["config"] / "extra.yaml"
+    stop = threading.Event()
+    failures: list[str] = []
+    done = [0]
+
+    def load() -> None:
+        import http.client
+
+        conn = http.client.HTTPConnection(GW_ADDR, stack["port"], timeout=5)
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and done[0] < 3000 and time.monotonic() < deadline:
+            try:
+                conn.request("GET", "/during-reload", headers={"Host": "echo.test"})
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    failures.append(str(resp.status))
+            except Exception as exc:  # any failure counts
+                failures.append(repr(exc))
+                conn.close()
+                conn = http.client.HTTPConnection(GW_ADDR, stack["port"], timeout=5)
+            done[0] += 1
+        conn.close()
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    time.sleep(0.3)
+    config.write_text(route("late", "late.test", "- backendRefs: [{name: b, port: 80}]"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and get(stack, "late.test")[0] != 200:
+        time.sleep(0.1)
+    late = get(stack, "late.test")
+    config.write_text("this: is: not: valid: yaml\n")  # a broken edit changes nothing that serves
+    time.sleep(0.5)
+    still = get(stack, "late.test")
+    stop.set()
+    worker.join(30)
+    config.unlink()
+    assert late[0] == 200 and json.loads(late[2])["pod"] == "pod-b"
+    assert still[0] == 200
+    assert done[0] > 20 and failures == []
