@@ -72,3 +72,55 @@ def redirect_location(config: dict[str, Any], scheme: str, host: str, listener_p
     netloc = hostname if port == default else f"{hostname}:{port}"
     new_path = replace_path(path, config["path"], matched_prefix) if config.get("path") else path
     return f"{new_scheme}://{netloc}{new_path}" + (f"?{query}" if query else "")
+
+
+def _origin_allowed(config: dict[str, Any], origin: str) -> bool:
+    for pattern in config.get("allowOrigins", []):
+        if pattern == "*" or pattern == origin:
+            return True
+        if "*" in pattern:
+            prefix, _, suffix = pattern.partition("*")
+            # "https://*.bar.com" covers any number of labels before ".bar.com", but not "https://bar.com"
+            if origin.startswith(prefix) and origin.endswith(suffix) and len(origin) > len(prefix) + len(suffix):
+                return True
+    return False
+
+
+def cors_preflight(config: dict[str, Any], origin: str, method: str, headers: str) -> Headers:
+    """Response headers for a CORS preflight (OPTIONS with Origin and Access-Control-Request-Method), answered
+    by the gateway itself. An origin that is not allowed gets no CORS headers at all."""
+    if not _origin_allowed(config, origin):
+        return []
+    credentials = bool(config.get("allowCredentials"))
+    out: Headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+    methods = config.get("allowMethods", [])
+    if "*" in methods:
+        # With credentials a literal "*" means nothing to browsers, so the asked method is echoed.
+        out.append(("Access-Control-Allow-Methods", method if credentials and method else "*"))
+    elif methods:
+        out.append(("Access-Control-Allow-Methods", ", ".join(methods)))
+    allow_headers = config.get("allowHeaders", [])
+    if "*" in allow_headers:
+        value = headers if credentials and headers else "*"
+        if value:
+            out.append(("Access-Control-Allow-Headers", value))
+    elif allow_headers:
+        out.append(("Access-Control-Allow-Headers", ", ".join(allow_headers)))
+    if config.get("exposeHeaders"):
+        out.append(("Access-Control-Expose-Headers", ", ".join(config["exposeHeaders"])))
+    out.append(("Access-Control-Max-Age", str(config.get("maxAge", 5))))
+    if credentials:
+        out.append(("Access-Control-Allow-Credentials", "true"))
+    return out
+
+
+def cors_response(config: dict[str, Any], origin: str) -> dict[str, Any]:
+    """A ResponseHeaderModifier-shaped config adding CORS headers to an actual (non-preflight) response."""
+    if not _origin_allowed(config, origin):
+        return {}
+    headers = [{"name": "Access-Control-Allow-Origin", "value": origin}, {"name": "Vary", "value": "Origin"}]
+    if config.get("allowCredentials"):
+        headers.append({"name": "Access-Control-Allow-Credentials", "value": "true"})
+    if config.get("exposeHeaders"):
+        headers.append({"name": "Access-Control-Expose-Headers", "value": ", ".join(config["exposeHeaders"])})
+    return {"set": headers}

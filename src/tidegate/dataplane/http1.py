@@ -17,7 +17,8 @@ from urllib.parse import parse_qs
 import httptools
 
 from tidegate import ir
-from tidegate.dataplane.filters import get_header, modify_headers, redirect_location, replace_path
+from tidegate.dataplane.filters import (cors_preflight, cors_response, get_header, modify_headers,
+                                        redirect_location, replace_path)
 from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
 from tidegate.router import Request, normalize_host
 
@@ -336,6 +337,17 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
             upstream_host, upstream_path = _rewrite(f.config, upstream_host, upstream_path, matched_prefix)
         elif f.type == "RequestMirror":
             mirrors.append(f)
+        elif f.type == "CORS":
+            origin = headers_lower.get("origin")
+            if origin is None:
+                continue
+            asked = headers_lower.get("access-control-request-method")
+            if ex.method == "OPTIONS" and asked is not None:
+                preflight = cors_preflight(f.config, origin, asked,
+                                           headers_lower.get("access-control-request-headers", ""))
+                conn.send_simple(204, "", preflight, close=not can_keep)
+                return can_keep
+            response_mods.append(cors_response(f.config, origin))
     if route.direct_status:
         conn.send_simple(route.direct_status, "route has no backend", close=not can_keep, head_only=head_only)
         return can_keep
