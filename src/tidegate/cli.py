@@ -302,7 +302,12 @@ async def _serve(args: argparse.Namespace) -> int:
         async for snapshot in store.updates():
             translation = translate(snapshot.resources, _options(args))
             _log_translation(log, snapshot.version, translation)
-            await dataplane.apply(translation.ir)
+            try:
+                await dataplane.apply(translation.ir)
+            except Exception:  # a bug here must not take down what is serving: keep the last good config
+                log.exception("config version %d could not be applied; the previous one keeps serving",
+                              snapshot.version)
+                continue
             log.info("serving config version %d", snapshot.version)
     finally:
         watcher.cancel()

@@ -181,6 +181,7 @@ class Expectation:
     literal: dict
     gateway: str  # the Gateway whose address the request goes to
     helper: str  # the suite helper that sends it (MakeRequestAndExpectEventuallyConsistentResponse, ...)
+    server_name: str = ""  # TLS SNI, for the tls.* helpers ("@host": the request's Host)
 
 
 @dataclass
@@ -257,7 +258,11 @@ def read_cases(path: Path) -> list[GoCase]:
                             before = [name for pos, name in addrs[arg] if pos < m.start()]
                             gateway = before[-1] if before else addrs[arg][0][1]
                             break
-                case.expectations += [Expectation(e, gateway, helper) for e in found]
+                server_name = ""
+                if send and send.group(1) == "tls":
+                    quoted = re.findall(r'"([^"]*)"', send.group(3))
+                    server_name = quoted[0] if quoted else "@host"
+                case.expectations += [Expectation(e, gateway, helper, server_name) for e in found]
         except Unportable as exc:
             case.unportable = str(exc)
         cases.append(case)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from tidegate import ir
 from tidegate.dataplane.balancer import RouteBalancer
 from tidegate.dataplane.http1 import ClientConnection
+from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool
 from tidegate.router import Router, routers_by_port
 
@@ -57,6 +58,9 @@ class DataPlane:
         self.sites: dict[tuple[str, int], Site] = {}
         self.servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
         self.errors: dict[tuple[str, int], str] = {}  # listeners that could not be opened, and why
+        self.tls_sites: dict[tuple[str, int], TLSSite] = {}
+        self.schemes: dict[tuple[str, int], str] = {}
+        self._contexts: dict[tuple[str, str], object] = {}  # certificate → SSLContext, reused across reloads
         self._background: set = set()
 
     def _empty_site(self) -> Site:
@@ -65,30 +69,43 @@ class DataPlane:
     async def apply(self, config: ir.IR) -> dict[tuple[str, int], str]:
         """Serve `config` from now on. Returns the listeners that could not be opened, with the reason."""
         routers = {(addr or self.bind, port): router for (addr, port), router in routers_by_port(config).items()}
+        https: dict[tuple[str, int], list[ir.Listener]] = {}
         for listener in config.listeners:
-            if listener.protocol not in ("HTTP",):
+            if listener.protocol == "HTTPS":
+                https.setdefault((listener.address or self.bind, listener.port), []).append(listener)
+            elif listener.protocol != "HTTP":
                 log.warning("listener %s: %s is not served yet", listener.name, listener.protocol)
+        used = {(c.cert_pem, c.key_pem) for group in https.values() for listener in group
+                for c in (listener.tls.certificates if listener.tls else ())}
+        self._contexts = {k: v for k, v in self._contexts.items() if k in used}
+        tls_sites = {key: TLSSite(group, self._contexts) for key, group in https.items()}  # type: ignore[arg-type]
         balancer = RouteBalancer()
         sites = {key: Site(router, balancer, self.pools, self._background) for key, router in routers.items()}
         self.sites = sites  # the atomic swap: new requests see the new configuration
+        self.tls_sites = tls_sites
 
         loop = asyncio.get_running_loop()
         errors: dict[tuple[str, int], str] = {}
         for key in routers:
-            if key in self.servers:
+            scheme = "https" if key in https else "http"
+            if key in self.servers and self.schemes.get(key) == scheme:
                 continue
+            if key in self.servers:
+                self.servers.pop(key).close()
             address, port = key
+            ssl_ctx = server_context(lambda key=key: self.tls_sites.get(key)) if scheme == "https" else None
             try:
                 server = await loop.create_server(
-                    lambda key=key, port=port: ClientConnection(lambda: self.sites.get(key) or self._empty_site(),
-                                                                port),
-                    host=address, port=port, reuse_address=True, backlog=1024)
+                    lambda key=key, port=port, scheme=scheme: ClientConnection(
+                        lambda: self.sites.get(key) or self._empty_site(), port, scheme),
+                    host=address, port=port, reuse_address=True, backlog=1024, ssl=ssl_ctx)
             except OSError as exc:
                 errors[key] = f"cannot listen on {address}:{port}: {exc.strerror or exc}"
                 log.error("%s", errors[key])
                 continue
+            self.schemes[key] = scheme
             self.servers[key] = server
-            log.info("listening on %s:%d (HTTP)", address, port)
+            log.info("listening on %s:%d (%s)", address, port, scheme.upper())
         for key in [k for k in self.servers if k not in routers]:
             self.servers.pop(key).close()
             log.info("stopped listening on %s:%d", *key)

@@ -1,0 +1,77 @@
+"""TLS termination: one server-side SSL context per bound port, choosing the certificate by SNI.
+
+The SNI callback reads the current `TLSSite` on every handshake, so certificates change on reload without
+closing the listening socket. A listener is chosen by hostname (most specific first), then among its
+certificates the one whose names cover the SNI, else its first.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import tempfile
+from typing import Callable
+
+from tidegate import ir
+from tidegate.translate.hostnames import matches, specificity
+
+
+def context_for(cert: ir.Certificate) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    # load_cert_chain only reads files: write the PEMs to a private temporary file and remove it at once.
+    fd, path = tempfile.mkstemp(prefix="tidegate-cert-", suffix=".pem")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(cert.cert_pem.rstrip() + "\n" + cert.key_pem)
+        ctx.load_cert_chain(path)
+    finally:
+        os.unlink(path)
+    return ctx
+
+
+class TLSSite:
+    """The certificates of the HTTPS listeners on one bound port."""
+
+    def __init__(self, listeners: list[ir.Listener], cache: dict[tuple[str, str], ssl.SSLContext]):
+        self.entries: list[tuple[str, list[tuple[ir.Certificate, ssl.SSLContext]]]] = []
+        for listener in sorted(listeners, key=lambda l: specificity(l.hostname)):
+            if listener.tls is None or not listener.tls.certificates:
+                continue
+            contexts = []
+            for cert in listener.tls.certificates:
+                key = (cert.cert_pem, cert.key_pem)
+                if key not in cache:
+                    cache[key] = context_for(cert)
+                contexts.append((cert, cache[key]))
+            self.entries.append((listener.hostname, contexts))
+
+    def select(self, server_name: str | None) -> ssl.SSLContext | None:
+        name = (server_name or "").lower()
+        for hostname, contexts in self.entries:
+            if name and not matches(hostname, name):
+                continue
+            for cert, ctx in contexts:
+                if any(matches(h, name) for h in cert.hostnames):
+                    return ctx
+            return contexts[0][1]
+        return self.entries[0][1][0][1] if self.entries else None
+
+
+def server_context(current: Callable[[], TLSSite | None]) -> ssl.SSLContext:
+    """The context a listening socket is created with; its SNI callback swaps in the chosen certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+
+    def on_sni(sock: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
+        site = current()
+        chosen = site.select(server_name) if site else None
+        if chosen is None:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        sock.context = chosen
+        return None
+
+    ctx.sni_callback = on_sni
+    return ctx
