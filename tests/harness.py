@@ -11,9 +11,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 TIDEGATE = [sys.executable, "-m", "tidegate"]
 
@@ -102,7 +102,7 @@ def raw_exchange(host: str, port: int, data: bytes, timeout: float = 5.0) -> byt
                 if not chunk:
                     break
                 chunks.append(chunk)
-        except socket.timeout:
+        except TimeoutError:
             pass
         return b"".join(chunks)
 

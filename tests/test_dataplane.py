@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import (echo_servers, free_port, raw_exchange, request, reset_rss_high_water,
-                           rss_high_water_kb, rss_kb, tidegate_run)
+from tests.harness import (
+    echo_servers,
+    free_port,
+    raw_exchange,
+    request,
+    reset_rss_high_water,
+    rss_high_water_kb,
+    rss_kb,
+    tidegate_run,
+)
 
 GW_ADDR = "127.0.0.1"
 POD_A, POD_B, POD_M = "127.0.0.2", "127.0.0.3", "127.0.0.4"
@@ -309,3 +317,37 @@ def test_reload_swaps_routes_without_failing_a_request(stack):
     assert late[0] == 200 and json.loads(late[2])["pod"] == "pod-b"
     assert still[0] == 200
     assert done[0] > 20 and failures == []
+
+
+def test_sigterm_lets_requests_in_flight_finish(tmp_path):
+    import signal
+
+    echo_port, gw_port = free_port(POD_A), free_port(GW_ADDR)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "c.yaml").write_text(textwrap.dedent(f"""
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: GatewayClass
+    metadata: {{name: tidegate}}
+    spec: {{controllerName: tidegate.io/gateway-controller}}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: {{name: gw, namespace: default}}
+    spec:
+      gatewayClassName: tidegate
+      addresses: [{{value: {GW_ADDR}}}]
+      listeners: [{{name: http, port: {gw_port}, protocol: HTTP}}]
+    """) + service("a", [(POD_A, echo_port, "pod-a")]) + route("r", "slow.test", "- backendRefs: [{name: a, port: 80}]"))
+    result: list = []
+    with echo_servers({(POD_A, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
+        with tidegate_run(config, (GW_ADDR, gw_port), tmp_path / "tidegate.log") as proxy:
+            worker = threading.Thread(target=lambda: result.append(
+                request(GW_ADDR, gw_port, "/?delay=1s", headers={"Host": "slow.test"})))
+            worker.start()
+            time.sleep(0.3)
+            proxy.send_signal(signal.SIGTERM)
+            worker.join(10)
+            assert proxy.wait(10) == 0
+    assert result and result[0][0] == 200
+    assert "in-flight requests get" in (tmp_path / "tidegate.log").read_text()

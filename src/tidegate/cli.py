@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="file or directory to read (repeatable)")
     common(run, positional=False)
     run.add_argument("--once", action="store_true", help="translate once and exit instead of serving")
+    run.add_argument("--grace", type=float, default=10.0,
+                     help="seconds that in-flight requests get to finish on SIGTERM (default: %(default)s)")
     run.add_argument("--bind", default="0.0.0.0",
                      help="address for listeners whose Gateway has no spec.addresses (default: %(default)s)")
 
@@ -297,8 +300,12 @@ async def _serve(args: argparse.Namespace) -> int:
         _log_translation(log, store.version, translation)
         return EXIT_OK
     dataplane = DataPlane(bind=args.bind)
-    watcher = asyncio.create_task(source.watch())
-    try:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def follow() -> None:
         async for snapshot in store.updates():
             translation = translate(snapshot.resources, _options(args))
             _log_translation(log, snapshot.version, translation)
@@ -309,9 +316,14 @@ async def _serve(args: argparse.Namespace) -> int:
                               snapshot.version)
                 continue
             log.info("serving config version %d", snapshot.version)
-    finally:
-        watcher.cancel()
-        await dataplane.close()
+
+    watcher = asyncio.create_task(source.watch())
+    follower = asyncio.create_task(follow())
+    await stop.wait()
+    log.info("stopping: no new connections; in-flight requests get %.0f s to finish", args.grace)
+    watcher.cancel()
+    follower.cancel()
+    await dataplane.close(grace=args.grace)
     return EXIT_OK
 
 

@@ -39,7 +39,7 @@ _TOKEN = re.compile(r"""
   | (?P<num>-?\d+(?:\.\d+)?)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)
   | (?P<punct>[{}\[\]():,&*+])
-""", re.S | re.X)
+""", re.DOTALL | re.VERBOSE)
 
 
 def tokenize(text: str, start: int) -> list[tuple[str, Any, int]]:
@@ -231,7 +231,7 @@ def read_cases(path: Path) -> list[GoCase]:
         manifests = re.findall(r'"(tests/[^"]+\.yaml)"', body)
         test_ref = re.search(r"Test:\s*(\w+)\.Test\b", body)
         if test_ref:  # shares another case's test function
-            other = re.search(rf"var\s+{test_ref.group(1)}\s*=.*?(?=\nvar\s|\Z)", text, re.S)
+            other = re.search(rf"var\s+{test_ref.group(1)}\s*=.*?(?=\nvar\s|\Z)", text, re.DOTALL)
             body = body + (other.group(0) if other else "")
         case = GoCase(short.group(1), features, manifests, path.name)
         addrs = _gateway_addresses(body)

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from tests.certs import tls_secret_yaml
-from tests.conformance.golit import APP, INFRA, WEB, Expectation, GoCase, read_cases
+from tests.conformance.golit import INFRA, WEB, Expectation, GoCase, read_cases
 from tests.harness import echo_servers, tidegate_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -323,7 +323,7 @@ def _mirror_seen(log: Path, mirrors: list[dict], path: str) -> str:
     for mirror in mirrors:
         ref = mirror.get("BackendRef") or mirror
         pattern = re.compile(rf"request {re.escape(ref.get('Namespace') or INFRA)}/"
-                             rf"{re.escape(ref['Name'])}-pod-\d+ \w+ {re.escape(path)}(\?| |$)", re.M)
+                             rf"{re.escape(ref['Name'])}-pod-\d+ \w+ {re.escape(path)}(\?| |$)", re.MULTILINE)
         if not pattern.search(text):
             return f"no mirrored request for {path} at {ref['Name']}"
     return ""
@@ -475,7 +475,7 @@ def _write_report(results: dict[str, tuple[str, str]]) -> None:
     report = {
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "ConformanceReport",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "gatewayAPIVersion": "v1.6.1",
         "gatewayAPIChannel": "experimental",
         "implementation": {"organization": "tidegate", "project": "tidegate", "url": "", "version": "0.1.0",

@@ -9,7 +9,7 @@ class WeightedChoice:
     """Smooth weighted round robin: over any window of sum(weights) picks, each item appears weight times,
     interleaved rather than in runs."""
 
-    __slots__ = ("items", "weights", "current")
+    __slots__ = ("current", "items", "weights")
 
     def __init__(self, items: list, weights: list[int]):
         self.items = items

@@ -45,7 +45,7 @@ def replace_path(path: str, config: dict[str, Any], matched_prefix: str | None) 
         return config.get("replaceFullPath") or "/"
     if kind == "ReplacePrefixMatch" and matched_prefix is not None:
         prefix = matched_prefix.rstrip("/")
-        rest = path[len(prefix):] if path.startswith(prefix) else path
+        rest = path.removeprefix(prefix)
         return ((config.get("replacePrefixMatch") or "/").rstrip("/") + rest) or "/"
     return path
 

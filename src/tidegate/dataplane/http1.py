@@ -11,14 +11,21 @@ import asyncio
 import logging
 import random
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
 import httptools
 
 from tidegate import ir
-from tidegate.dataplane.filters import (cors_preflight, cors_response, get_header, modify_headers,
-                                        redirect_location, replace_path)
+from tidegate.dataplane.filters import (
+    cors_preflight,
+    cors_response,
+    get_header,
+    modify_headers,
+    redirect_location,
+    replace_path,
+)
 from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
 from tidegate.router import Request, normalize_host
 
@@ -52,8 +59,21 @@ class RequestRejected(Exception):
 class Exchange:
     """One request as it arrives, and its body stream."""
 
-    __slots__ = ("method", "target", "version", "headers", "keep_alive", "chunked", "content_length",
-                 "body_done", "buffered", "buffer", "sink", "expect_continue", "header_bytes")
+    __slots__ = (
+        "body_done",
+        "buffer",
+        "buffered",
+        "chunked",
+        "content_length",
+        "expect_continue",
+        "header_bytes",
+        "headers",
+        "keep_alive",
+        "method",
+        "sink",
+        "target",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.method = "GET"
@@ -76,6 +96,8 @@ class Exchange:
 
 
 class ClientConnection(asyncio.Protocol):
+    busy = 0  # requests being served right now, in this process (for a graceful stop)
+
     def __init__(self, site_getter: Callable[[], Site], listener_port: int, scheme: str = "http"):
         self.site_getter = site_getter
         self.listener_port = listener_port
@@ -225,6 +247,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _serve(self, ex: Exchange) -> None:
         keep = False
+        ClientConnection.busy += 1
         try:
             keep = await serve_exchange(self, ex)
         except asyncio.CancelledError:
@@ -233,6 +256,8 @@ class ClientConnection(asyncio.Protocol):
             log.exception("internal error serving %s %s", ex.method, ex.target[:200])
             if not self.closed:
                 self.send_simple(500, "internal error", close=True)
+        finally:
+            ClientConnection.busy -= 1
         self.serving = None
         if self.closed:
             return
@@ -381,7 +406,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
     try:
         proxied = _proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state)
         return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         if not state.head_sent:
             conn.send_simple(504, "upstream timed out", close=True, head_only=head_only)
         return False
@@ -404,7 +429,7 @@ def _rewrite(config: dict, host: str, path: str, matched_prefix: str | None) -> 
 
 
 class _ProxyState:
-    __slots__ = ("head_sent", "upstream", "released")
+    __slots__ = ("head_sent", "released", "upstream")
 
     def __init__(self) -> None:
         self.head_sent = False
@@ -567,7 +592,7 @@ def _start_mirror(site: Site, mirror: ir.Filter, ex: Exchange, headers: list[tup
             upstream.set_sink(lambda _data: None)
             await asyncio.wait_for(upstream.done_future, 10)  # type: ignore[arg-type]
             pool.release(upstream)
-        except (UpstreamError, asyncio.TimeoutError):
+        except (TimeoutError, UpstreamError):
             upstream.close()
 
     task = asyncio.get_running_loop().create_task(send())

@@ -120,10 +120,12 @@ class DataPlane:
         server = self.servers[key]
         return server.sockets[0].getsockname()[1]
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 0.0) -> None:
+        """Stop accepting; give requests in flight up to `grace` seconds; then close everything."""
         for server in self.servers.values():
             server.close()
-        for server in self.servers.values():
-            await server.wait_closed()
+        deadline = asyncio.get_running_loop().time() + grace
+        while ClientConnection.busy and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
         self.servers.clear()
         self.pools.close()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 from tidegate import ir
 from tidegate.translate.hostnames import matches, specificity

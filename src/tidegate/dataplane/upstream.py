@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 import httptools
 
@@ -20,7 +20,7 @@ class UpstreamError(Exception):
 
 
 class ResponseHead:
-    __slots__ = ("status", "reason", "headers", "version", "keep_alive", "chunked", "content_length")
+    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status", "version")
 
     def __init__(self) -> None:
         self.status = 0
@@ -195,7 +195,7 @@ class EndpointPool:
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port), connect_timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamError(f"connect to {self.host}:{self.port} timed out") from exc
         except OSError as exc:
             raise UpstreamError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
