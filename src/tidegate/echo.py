@@ -3,7 +3,8 @@
 Every request gets JSON with path (the request URI), host, method, proto, headers (canonical names, Host
 left out, as Go's net/http has them), httpPort, namespace, ingress, service and pod; `X-Echo-Set-Header:
 name:value,...` sets response headers; `/status/NNN` answers with that status; `/health` answers OK;
-`?delay=1s` waits first. For tidegate's own tests it also has `/stream/N` (N bytes of zeros, streamed with
+`?delay=1s` waits first; `/retry/...?uuid=U&succeedAfter=N[&responseCode=C]` fails the first N requests
+for U (with C, or by resetting the connection), as echo-basic's retry simulation does. For tidegate's own tests it also has `/stream/N` (N bytes of zeros, streamed with
 backpressure) and reports `bodySize` when a request had a body. One process can serve many "pods", each on
 its own address.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import struct
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -40,6 +43,9 @@ def canonical_header(name: str) -> str:
 
 def _duration(text: str) -> float:
     return sum(float(n) * _UNITS[u] for n, u in _DURATION.findall(text))
+
+
+_RETRY_ATTEMPTS: dict[str, int] = {}
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -134,6 +140,24 @@ class EchoProtocol(asyncio.Protocol):
                 if name:
                     extra.append((name, value.strip()))
         status_match = _STATUS.match(path)
+        if path.startswith("/retry/"):
+            uuid, after = query.get("uuid", [""])[0], query.get("succeedAfter", [""])[0]
+            if not uuid or not after.isdigit():
+                self._write(400, b"uuid and succeedAfter are required", "text/plain", [], keep_alive, method)
+                return
+            if _RETRY_ATTEMPTS.get(uuid, 0) < int(after):
+                _RETRY_ATTEMPTS[uuid] = _RETRY_ATTEMPTS.get(uuid, 0) + 1
+                if "delayRetry" in query:
+                    await asyncio.sleep(_duration(query["delayRetry"][0]))
+                code = query.get("responseCode", [""])[0]
+                if code.isdigit():
+                    self._write(int(code), b"", "text/plain", [], keep_alive, method)
+                elif self.transport is not None:
+                    sock = self.transport.get_extra_info("socket")
+                    if sock is not None:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.transport.abort()  # a reset, as the Go server's hijack-and-close does
+                return
         if path.startswith("/stream/") and path[8:].isdigit() and method == "GET":
             await self._stream(int(path[8:]), keep_alive)
             return
@@ -150,6 +174,10 @@ class EchoProtocol(asyncio.Protocol):
             if body_size:
                 payload["bodySize"] = body_size
             status, body, ctype = 200, json.dumps(payload, indent=1).encode(), "application/json"
+        self._write(status, body, ctype, extra, keep_alive, method)
+
+    def _write(self, status: int, body: bytes, ctype: str, extra: list[tuple[str, str]], keep_alive: bool,
+               method: str) -> None:
         lines = [f"HTTP/1.1 {status} {'OK' if status == 200 else 'Status'}", f"Content-Type: {ctype}",
                  "X-Content-Type-Options: nosniff", f"Content-Length: {len(body)}"]
         lines += [f"{n}: {v}" for n, v in extra]

@@ -44,7 +44,6 @@ NOT_YET = {
                                                        "implemented yet",
     "HTTPRouteBackendProtocolH2C": "HTTP/2 (h2c) to backends is not implemented yet",
     "HTTPRouteBackendProtocolWebSocket": "WebSocket upgrades are not proxied yet",
-    "HTTPRouteRetry": "HTTPRoute retry is not implemented yet",
     "HTTPRouteRequestPercentageMirror": "its Go test samples mirrors statistically; not ported yet",
     "HTTPRouteObservedGenerationBump": "needs an API server (generation bumps); see the Kubernetes source issue",
 }
@@ -65,6 +64,45 @@ HANDPORTED = {
 WEIGHTS = {
     "HTTPRouteWeight": {"infra-backend-v1": 0.7, "infra-backend-v2": 0.3, "infra-backend-v3": 0.0},
 }
+def _retry_table() -> list[tuple[str, dict[str, str], int]]:
+    """HTTPRouteRetry's table (path, retry-simulation query, expected status), read from its Go file."""
+    text = (SUITE / "tests" / "httproute-retry.go").read_text() if SUITE.exists() else ""
+    rows = []
+    for m in re.finditer(r'path:\s*"([^"]+)",\s*retrySimulationConfig:\s*url\.Values\{(.*?)\},\s*\},\s*'
+                         r'want:\s*http\.Response\{StatusCode:\s*(\d+)\}', text, re.S):
+        values = dict(re.findall(r'"(\w+)":\s*\[\]string\{"([^"]*)"\}', m.group(2)))
+        rows.append((m.group(1), values, int(m.group(3))))
+    return rows
+
+
+def _retry_case(stack, case: GoCase) -> list[str]:
+    """assertConsistentRetryBehaviour: each probe has a fresh uuid, so the echo server's retry simulation
+    counts its attempts afresh; three probes in a row must give the expected status."""
+    import uuid
+    from urllib.parse import urlencode
+
+    ip = stack["layout"].gateway_ips[(INFRA, "same-namespace")]
+    failures = []
+    rows = _retry_table()
+    if len(rows) < 10:
+        return [f"read only {len(rows)} rows from httproute-retry.go"]
+    for path, values, want in rows:
+        streak, last, deadline = 0, "", time.monotonic() + MAX_WAIT
+        while streak < CONSECUTIVE and time.monotonic() < deadline:
+            query = urlencode({**values, "uuid": str(uuid.uuid4())})
+            literal = {"Request": {"Path": f"{path}?{query}"}, "Response": {"StatusCode": want},
+                       "Backend": "infra-backend-v3", "Namespace": INFRA}
+            try:
+                status, headers, body = _send(ip, 80, literal)
+                last = compare(literal, status, headers, body, literal["Request"]["Path"])
+            except OSError as exc:
+                last = str(exc)
+            streak = 0 if last else streak + 1
+        if last:
+            failures.append(f"{path} {values}: {last}")
+    return failures
+
+
 # Cases whose Go test sends 100 requests and checks that the per-backend filter's "Backend" header names
 # the pod that answered.
 BACKEND_HEADER_CASES = {"HTTPRouteRequestHeaderModifierBackendWeights"}
@@ -405,6 +443,16 @@ def test_conformance_case(stack, case: GoCase) -> None:
     if case.short_name in NOT_YET:
         RESULTS[case.short_name] = ("skipped", NOT_YET[case.short_name])
         pytest.skip(NOT_YET[case.short_name])
+    if case.short_name == "HTTPRouteRetry":
+        case.expectations, case.unportable = [], ""
+        layout: Layout = stack["layout"]
+        text = "---\n".join((SUITE / m).read_text() for m in case.manifests)
+        (stack["config"] / "50-case.yaml").write_text(layout.rewrite(text))
+        failures = _retry_case(stack, case)
+        (stack["config"] / "50-case.yaml").unlink()
+        RESULTS[case.short_name] = ("failed", "; ".join(failures)) if failures else ("passed", "")
+        assert not failures, "\n".join(failures)
+        return
     if case.short_name in HANDPORTED:
         case.expectations, case.unportable = HANDPORTED[case.short_name], ""
     if case.unportable:

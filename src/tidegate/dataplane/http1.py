@@ -377,6 +377,36 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         conn.send_simple(route.direct_status, "route has no backend", close=not can_keep, head_only=head_only)
         return can_keep
 
+    retry = route.retry
+    retry_codes = frozenset(retry.codes) if retry else frozenset()
+    # Only a request without a body can be sent again: its bytes are not kept once streamed.
+    attempts_left = retry.attempts if retry and not ex.has_body else 0
+    while True:
+        outcome = await _attempt(conn, ex, site, route, headers, response_mods, mirrors, upstream_host,
+                                 upstream_path, query, matched_prefix, can_keep, head_only,
+                                 retry_codes if attempts_left else frozenset())
+        if not isinstance(outcome, _Retry):
+            return outcome
+        attempts_left -= 1
+        mirrors = []  # a mirror gets one copy, not one per attempt
+        log.debug("retrying %s %s after %s (%d left)", ex.method, path, outcome.reason, attempts_left)
+        if retry and retry.backoff:
+            await asyncio.sleep(retry.backoff)
+
+
+class _Retry:
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute,
+                   headers: list[tuple[str, str]], response_mods: list[dict], mirrors: list[ir.Filter],
+                   upstream_host: str, upstream_path: str, query: str, matched_prefix: str | None,
+                   can_keep: bool, head_only: bool, retry_codes: frozenset[int]) -> bool | _Retry:
+    """One try at a backend: the connection's keep-alive verdict, or _Retry when another try is allowed."""
+    response_mods = list(response_mods)
     backend = site.balancer.backend_for(route)
     if backend is None or backend.invalid:
         conn.send_simple(500, f"invalid backend: {backend.invalid}" if backend else "no backend with weight",
@@ -391,6 +421,8 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
             upstream_host, upstream_path = _rewrite(f.config, upstream_host, upstream_path, matched_prefix)
     endpoint = site.balancer.endpoint_for(backend)
     if endpoint is None:
+        if retry_codes and 503 in retry_codes:
+            return _Retry("no ready endpoint")
         conn.send_simple(503, f"no ready endpoint for {backend.name}", close=not can_keep, head_only=head_only)
         return can_keep
 
@@ -404,20 +436,33 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         timeout = backend_timeout
     state = _ProxyState()
     try:
-        proxied = _proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state)
+        proxied = _proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state,
+                         retry_codes)
         return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
-    except TimeoutError:
+    except asyncio.TimeoutError:
         if not state.head_sent:
+            if 504 in retry_codes:
+                return _Retry("timeout")
             conn.send_simple(504, "upstream timed out", close=True, head_only=head_only)
         return False
     except UpstreamError as exc:
         if not state.head_sent:
+            if retry_codes:
+                return _Retry(str(exc))  # a refused or reset connection is worth another try
             conn.send_simple(502, str(exc), close=True, head_only=head_only)
         return False
+    except _RetryStatus as exc:
+        return _Retry(f"status {exc.status}")
     finally:
         if state.upstream is not None and not state.released:
             state.upstream.close()
         conn.upstream = None
+
+
+class _RetryStatus(Exception):
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
 
 
 def _rewrite(config: dict, host: str, path: str, matched_prefix: str | None) -> tuple[str, str]:
@@ -476,7 +521,7 @@ def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, targe
 
 async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                  headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
-                 state: _ProxyState) -> bool:
+                 state: _ProxyState, retry_codes: frozenset[int] = frozenset()) -> bool:
     pool = site.pools.pool(endpoint.address, endpoint.port)
     upstream = await pool.acquire(CONNECT_TIMEOUT)
     state.upstream = upstream
@@ -509,6 +554,8 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
             conn._resume_reading()
 
     head = await upstream.head_future  # type: ignore[arg-type]
+    if head.status in retry_codes:
+        raise _RetryStatus(head.status)  # nothing was sent to the client yet: another try is possible
     head_only = ex.method == "HEAD" or head.status in (204, 304)
     client_keep = ex.keep_alive and ex.body_done or (ex.keep_alive and not ex.has_body)
     out_chunked = not head_only and head.content_length is None and head.status != 101
