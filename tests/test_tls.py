@@ -55,7 +55,7 @@ def config(port: int, echo_port: int) -> str:
     """)
 
 
-def handshake(port: int, sni: str) -> tuple[list[str], bytes]:
+def handshake(port: int, sni: str, host: str = "") -> tuple[list[str], bytes]:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -63,7 +63,7 @@ def handshake(port: int, sni: str) -> tuple[list[str], bytes]:
         cert = x509.load_der_x509_certificate(s.getpeercert(binary_form=True))
         names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
             x509.DNSName)
-        s.sendall(f"GET /tls HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(f"GET /tls HTTP/1.1\r\nHost: {host or sni}\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := s.recv(65536):
             data += chunk
@@ -113,3 +113,10 @@ def test_a_new_certificate_is_served_after_reload_without_rebinding(tls_stack):
             break
         time.sleep(0.1)
     assert "renewed.a.test" in names
+
+
+def test_a_host_of_another_listener_than_the_sni_is_misdirected(tls_stack):
+    _, reply = handshake(tls_stack["port"], "a.test", host="x.b.test")
+    assert reply.startswith(b"HTTP/1.1 421")
+    _, reply = handshake(tls_stack["port"], "x.b.test", host="y.b.test")  # same listener: fine
+    assert reply.startswith(b"HTTP/1.1 200")

@@ -141,7 +141,7 @@ class _Reader:
                     if self.peek()[1] == ",":
                         self.take(",")
                 self.take(")")
-                if value in ("ptr.To", "int32", "int64", "int", "string", "float64") and len(args) == 1:
+                if value in ("ptr.To", "new", "int32", "int64", "int", "string", "float64") and len(args) == 1:
                     return args[0]
                 raise Unportable(f"call to {value}()")
             if nxt == "[" and value == "ptr.To":  # ptr.To[int32](50)

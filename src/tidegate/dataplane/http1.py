@@ -26,6 +26,7 @@ from tidegate.dataplane.filters import (
     redirect_location,
     replace_path,
 )
+from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
 from tidegate.router import Request, normalize_host
 
@@ -44,7 +45,7 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "t
                         "upgrade", "proxy-authenticate", "proxy-authorization"})
 VIA = "1.1 tidegate"
 
-REASONS = {200: "OK", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
+REASONS = {200: "OK", 421: "Misdirected Request", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
            308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large",
            414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
@@ -112,6 +113,7 @@ class ClientConnection(asyncio.Protocol):
         self.read_paused = False
         self.write_paused = False
         self.upstream: UpstreamConnection | None = None
+        self.server_name = ""  # TLS SNI
         self.idle_handle: asyncio.TimerHandle | None = None
         self._drain = asyncio.Event()
         self._drain.set()
@@ -121,6 +123,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.server_name = take_server_name(ssl_object) if ssl_object is not None else ""
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -332,10 +336,18 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         headers_lower[key] = f"{headers_lower[key]},{value}" if key in headers_lower else value
     request = Request(host=host, path=path, method=ex.method, headers=headers_lower,
                       query=parse_qs(query, keep_blank_values=True) if query else {})
-    candidate = site.router.lookup(request) if site.router else None
     # Answering before the body was read: the connection cannot be reused unless the body is done.
     can_keep = not ex.has_body or ex.body_done
     head_only = ex.method == "HEAD"
+    if conn.server_name and site.router is not None:
+        # A connection set up for one listener (by SNI) must not carry requests for another: 421.
+        by_sni = site.router.listener_for(conn.server_name)
+        by_host = site.router.listener_for(normalize_host(host))
+        if by_sni is not by_host:
+            conn.send_simple(421, "misdirected request: the TLS server name and Host select different listeners",
+                             close=not can_keep, head_only=head_only)
+            return can_keep
+    candidate = site.router.lookup(request) if site.router else None
     if candidate is None:
         conn.send_simple(404, "no route matches", close=not can_keep, head_only=head_only)
         return can_keep

@@ -59,6 +59,15 @@ class TLSSite:
         return self.entries[0][1][0][1] if self.entries else None
 
 
+# SNI seen during handshakes, by id() of the server-side SSLObject, until the connection picks it up (the
+# server side of an SSLObject does not keep the name it was asked for).
+SERVER_NAMES: dict[int, str] = {}
+
+
+def take_server_name(ssl_object: object) -> str:
+    return SERVER_NAMES.pop(id(ssl_object), "")
+
+
 def server_context(current: Callable[[], TLSSite | None]) -> ssl.SSLContext:
     """The context a listening socket is created with; its SNI callback swaps in the chosen certificate."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -67,6 +76,10 @@ def server_context(current: Callable[[], TLSSite | None]) -> ssl.SSLContext:
 
     def on_sni(sock: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         site = current()
+        if server_name:
+            if len(SERVER_NAMES) > 10_000:  # handshakes that failed after SNI never collect theirs
+                SERVER_NAMES.clear()
+            SERVER_NAMES[id(sock)] = server_name.lower()
         chosen = site.select(server_name) if site else None
         if chosen is None:
             return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
