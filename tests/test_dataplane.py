@@ -351,3 +351,80 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path):
             assert proxy.wait(10) == 0
     assert result and result[0][0] == 200
     assert "in-flight requests get" in (tmp_path / "tidegate.log").read_text()
+
+
+def test_a_taken_port_is_reported_and_the_other_listeners_serve(tmp_path):
+    import socket as socketlib
+
+    echo_port, free, taken = free_port(POD_A), free_port(GW_ADDR), free_port(GW_ADDR)
+    blocker = socketlib.socket()
+    blocker.setsockopt(socketlib.SOL_SOCKET, socketlib.SO_REUSEADDR, 1)
+    blocker.bind((GW_ADDR, taken))
+    blocker.listen()
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "c.yaml").write_text(textwrap.dedent(f"""
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: GatewayClass
+    metadata: {{name: tidegate}}
+    spec: {{controllerName: tidegate.io/gateway-controller}}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: {{name: gw, namespace: default}}
+    spec:
+      gatewayClassName: tidegate
+      addresses: [{{value: {GW_ADDR}}}]
+      listeners:
+        - {{name: free, port: {free}, protocol: HTTP}}
+        - {{name: taken, port: {taken}, protocol: HTTP}}
+    """) + service("a", [(POD_A, echo_port, "pod-a")]) + route("r", "any.test", "- backendRefs: [{name: a, port: 80}]"))
+    try:
+        with echo_servers({(POD_A, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
+            with tidegate_run(config, (GW_ADDR, free), tmp_path / "tidegate.log"):
+                assert request(GW_ADDR, free, "/", headers={"Host": "any.test"})[0] == 200
+                log = (tmp_path / "tidegate.log").read_text()
+    finally:
+        blocker.close()
+    assert f"cannot listen on {GW_ADDR}:{taken}" in log
+    assert "Gateway default/gw: Accepted=False PortUnavailable" in log
+
+
+def test_ingress_is_served_through_the_same_data_plane(tmp_path):
+    echo_port, http_port = free_port(POD_A), free_port(GW_ADDR)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "c.yaml").write_text(textwrap.dedent("""
+    apiVersion: networking.k8s.io/v1
+    kind: IngressClass
+    metadata:
+      name: tidegate
+      annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
+    spec: {controller: tidegate.io/ingress-controller}
+    ---
+    apiVersion: networking.k8s.io/v1
+    kind: Ingress
+    metadata: {name: site, namespace: default}
+    spec:
+      defaultBackend: {service: {name: b, port: {number: 80}}}
+      rules:
+        - host: "*.shop.test"
+          http:
+            paths:
+              - {path: /cart, pathType: Exact, backend: {service: {name: a, port: {number: 80}}}}
+              - {path: /api, pathType: Prefix, backend: {service: {name: a, port: {name: http}}}}
+    """) + service("a", [(POD_A, echo_port, "pod-a")]) + service("b", [(POD_B, echo_port, "pod-b")]))
+    pods = {(POD_A, echo_port): "default/pod-a", (POD_B, echo_port): "default/pod-b"}
+    with echo_servers(pods, tmp_path / "echo.log"):
+        with tidegate_run(config, (GW_ADDR, http_port), tmp_path / "tidegate.log", "--bind", GW_ADDR,
+                          "--ingress-http-port", str(http_port)):
+            def pod(host: str, path: str) -> str:
+                status, _, body = request(GW_ADDR, http_port, path, headers={"Host": host})
+                assert status == 200, (host, path, status)
+                return json.loads(body)["pod"]
+
+            assert pod("www.shop.test", "/cart") == "pod-a"
+            assert pod("www.shop.test", "/cart/x") == "pod-b"  # Exact: only /cart itself
+            assert pod("www.shop.test", "/api/v1") == "pod-a"
+            assert pod("a.b.shop.test", "/api") == "pod-b"  # an Ingress wildcard covers one label only
+            assert pod("other.test", "/") == "pod-b"  # the default backend

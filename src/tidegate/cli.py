@@ -285,6 +285,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from tidegate.dataplane.server import DataPlane
     from tidegate.sources.file import FileSource
     from tidegate.store import Store
+    from tidegate.translate.gateways import mark_unbindable
 
     log = logging.getLogger("tidegate")
     store = Store()
@@ -308,13 +309,15 @@ async def _serve(args: argparse.Namespace) -> int:
     async def follow() -> None:
         async for snapshot in store.updates():
             translation = translate(snapshot.resources, _options(args))
-            _log_translation(log, snapshot.version, translation)
             try:
-                await dataplane.apply(translation.ir)
+                errors = await dataplane.apply(translation.ir)
             except Exception:  # a bug here must not take down what is serving: keep the last good config
                 log.exception("config version %d could not be applied; the previous one keeps serving",
                               snapshot.version)
                 continue
+            translation.statuses = mark_unbindable(translation.statuses, list(translation.ir.listeners), errors,
+                                                   args.bind)
+            _log_translation(log, snapshot.version, translation)
             log.info("serving config version %d", snapshot.version)
 
     watcher = asyncio.create_task(source.watch())

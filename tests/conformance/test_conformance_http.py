@@ -68,7 +68,7 @@ def _retry_table() -> list[tuple[str, dict[str, str], int]]:
     text = (SUITE / "tests" / "httproute-retry.go").read_text() if SUITE.exists() else ""
     rows = []
     for m in re.finditer(r'path:\s*"([^"]+)",\s*retrySimulationConfig:\s*url\.Values\{(.*?)\},\s*\},\s*'
-                         r'want:\s*http\.Response\{StatusCode:\s*(\d+)\}', text, re.S):
+                         r'want:\s*http\.Response\{StatusCode:\s*(\d+)\}', text, re.DOTALL):
         values = dict(re.findall(r'"(\w+)":\s*\[\]string\{"([^"]*)"\}', m.group(2)))
         rows.append((m.group(1), values, int(m.group(3))))
     return rows

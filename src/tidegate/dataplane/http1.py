@@ -451,7 +451,7 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         proxied = _proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state,
                          retry_codes)
         return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         if not state.head_sent:
             if 504 in retry_codes:
                 return _Retry("timeout")

@@ -259,3 +259,37 @@ def gateway_status(state: GatewayState) -> dict[str, Any]:
         "conditions": state.conditions,
         "listeners": [listener_status(listener) for listener in state.listeners],
     }
+
+
+def mark_unbindable(statuses: dict, listeners: list[ir.Listener], errors: dict[tuple[str, int], str],
+                    bind: str) -> dict:
+    """A copy of `statuses` where listeners whose socket could not be opened are Accepted=False with reason
+    PortUnavailable (and not Programmed). The translator cannot know this; the data plane finds out."""
+    if not errors:
+        return statuses
+    out = dict(statuses)
+    for listener in listeners:
+        error = errors.get((listener.address or bind, listener.port))
+        if error is None or listener.gateway.count("/") != 1:
+            continue
+        namespace, name = listener.gateway.split("/")
+        key = next((k for k in out if k.kind == "Gateway" and k.namespace == namespace and k.name == name), None)
+        if key is None:
+            continue
+        status = dict(out[key])
+        section = listener.name.rsplit("/", 1)[1]
+        updated = []
+        for entry in status["listeners"]:
+            if entry["name"] == section:
+                entry = dict(entry)
+                conditions = []
+                for cond in entry["conditions"]:
+                    if cond["type"] in ("Accepted", "Programmed"):
+                        cond = {**cond, "status": "False", "message": error,
+                                "reason": "PortUnavailable" if cond["type"] == "Accepted" else "Invalid"}
+                    conditions.append(cond)
+                entry["conditions"] = conditions
+            updated.append(entry)
+        status["listeners"] = updated
+        out[key] = status
+    return out
