@@ -428,3 +428,19 @@ def test_ingress_is_served_through_the_same_data_plane(tmp_path):
             assert pod("www.shop.test", "/api/v1") == "pod-a"
             assert pod("a.b.shop.test", "/api") == "pod-b"  # an Ingress wildcard covers one label only
             assert pod("other.test", "/") == "pod-b"  # the default backend
+
+
+def test_websocket_upgrade_is_tunnelled_to_the_pod(stack):
+    import socket as socketlib
+
+    from websockets.sync.client import connect
+
+    sock = socketlib.create_connection((GW_ADDR, stack["port"]), timeout=5)
+    with connect("ws://echo.test/ws", sock=sock, open_timeout=5) as ws:
+        ws.send("Websocket Support!")
+        assert ws.recv(timeout=5) == "Websocket Support!"
+        ws.send(bytes([1, 2, 3, 4, 5, 6, 7]))
+        assert ws.recv(timeout=5) == bytes([1, 2, 3, 4, 5, 6, 7])
+        big = "x" * 200_000
+        ws.send(big)
+        assert ws.recv(timeout=5) == big

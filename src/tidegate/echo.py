@@ -6,12 +6,14 @@ name:value,...` sets response headers; `/status/NNN` answers with that status; `
 `?delay=1s` waits first; `/retry/...?uuid=U&succeedAfter=N[&responseCode=C]` fails the first N requests
 for U (with C, or by resetting the connection), as echo-basic's retry simulation does. For tidegate's own tests it also has `/stream/N` (N bytes of zeros, streamed with
 backpressure) and reports `bodySize` when a request had a body. One process can serve many "pods", each on
-its own address.
+its own address. `/ws` is a WebSocket echo, as echo-basic's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
 import json
 import re
 import socket
@@ -60,6 +62,7 @@ class EchoProtocol(asyncio.Protocol):
         self.body_size = 0
         self._writable = asyncio.Event()
         self._writable.set()
+        self.ws_buffer: bytes | None = None  # set once upgraded to WebSocket
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -75,8 +78,13 @@ class EchoProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.ws_buffer is not None:
+            self._ws_feed(data)
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._ws_upgrade(data[exc.args[0]:])
         except httptools.HttpParserError:
             if self.transport:
                 self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
@@ -94,7 +102,62 @@ class EchoProtocol(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
 
+    def _ws_upgrade(self, rest: bytes) -> None:
+        headers = {k.lower(): v for k, v in self.headers}
+        key = headers.get("sec-websocket-key", "")
+        if headers.get("upgrade", "").lower() != "websocket" or not key or self.transport is None:
+            if self.transport is not None:
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                self.transport.close()
+            return
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+        self.ws_buffer = b""
+        if rest:
+            self._ws_feed(rest)
+
+    def _ws_feed(self, data: bytes) -> None:
+        """Echo each complete frame back unmasked, with its opcode; answer a close with a close."""
+        assert self.ws_buffer is not None
+        buf = self.ws_buffer + data
+        while len(buf) >= 2:
+            opcode, masked, length = buf[0] & 0x0F, buf[1] & 0x80, buf[1] & 0x7F
+            pos = 2
+            if length == 126:
+                if len(buf) < 4:
+                    break
+                length, pos = int.from_bytes(buf[2:4], "big"), 4
+            elif length == 127:
+                if len(buf) < 10:
+                    break
+                length, pos = int.from_bytes(buf[2:10], "big"), 10
+            mask = buf[pos:pos + 4] if masked else b""
+            pos += 4 if masked else 0
+            if len(buf) < pos + length:
+                break
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(buf[pos:pos + length])) if masked else \
+                buf[pos:pos + length]
+            buf = buf[pos + length:]
+            if length < 126:
+                head = bytes([0x80 | opcode, length])
+            elif length < 65536:
+                head = bytes([0x80 | opcode, 126]) + length.to_bytes(2, "big")
+            else:
+                head = bytes([0x80 | opcode, 127]) + length.to_bytes(8, "big")
+            if self.transport is None:
+                return
+            if opcode == 0x9:  # ping → pong
+                head = bytes([0x8A]) + head[1:]
+            self.transport.write(head + payload)
+            if opcode == 0x8:
+                self.transport.close()
+                return
+        self.ws_buffer = buf
+
     def on_message_complete(self) -> None:
+        if self.parser.should_upgrade():
+            return  # answered in data_received once the upgrade is seen
         method = self.parser.get_method().decode()
         version = self.parser.get_http_version()
         keep_alive = self.parser.should_keep_alive()

@@ -43,7 +43,6 @@ NOT_YET = {
     "HTTPRouteHTTPSListenerDetectMisdirectedRequests": "sends its requests over HTTP/2 (ALPN h2), which is not "
                                                        "served yet (421 itself is: tests/test_tls.py)",
     "HTTPRouteBackendProtocolH2C": "HTTP/2 (h2c) to backends is not implemented yet",
-    "HTTPRouteBackendProtocolWebSocket": "WebSocket upgrades are not proxied yet",
     "HTTPRouteObservedGenerationBump": "needs an API server (generation bumps); see the Kubernetes source issue",
 }
 # Cases whose requests the Go file builds in a loop over a table of its own: written out here, unchanged.
@@ -63,6 +62,30 @@ HANDPORTED = {
 WEIGHTS = {
     "HTTPRouteWeight": {"infra-backend-v1": 0.7, "infra-backend-v2": 0.3, "infra-backend-v3": 0.0},
 }
+def _websocket_case(stack) -> list[str]:
+    """HTTPRouteBackendProtocolWebSocket: a text and a binary message echoed through the gateway, three times
+    in a row."""
+    from websockets.sync.client import connect
+
+    ip = stack["layout"].gateway_ips[(INFRA, "same-namespace")]
+    streak, last, deadline = 0, "", time.monotonic() + MAX_WAIT
+    while streak < CONSECUTIVE and time.monotonic() < deadline:
+        try:
+            with connect(f"ws://{ip}/ws", open_timeout=5, origin="ws://gateway/HTTPRouteBackendProtocolWebSocket") as ws:
+                ws.send("Websocket Support!")
+                text = ws.recv(timeout=5)
+                ws.send(bytes([1, 2, 3, 4, 5, 6, 7]))
+                binary = ws.recv(timeout=5)
+            last = "" if (text, binary) == ("Websocket Support!", bytes([1, 2, 3, 4, 5, 6, 7])) else \
+                f"unexpected replies {text!r}, {binary!r}"
+        except Exception as exc:  # any failure to dial or exchange counts, as in the Go case
+            last = f"websocket: {exc}"
+        streak = 0 if last else streak + 1
+        if last:
+            time.sleep(0.2)
+    return [last] if last else []
+
+
 def _retry_table() -> list[tuple[str, dict[str, str], int]]:
     """HTTPRouteRetry's table (path, retry-simulation query, expected status), read from its Go file."""
     text = (SUITE / "tests" / "httproute-retry.go").read_text() if SUITE.exists() else ""
@@ -486,12 +509,12 @@ def test_conformance_case(stack, case: GoCase) -> None:
     if case.short_name in NOT_YET:
         RESULTS[case.short_name] = ("skipped", NOT_YET[case.short_name])
         pytest.skip(NOT_YET[case.short_name])
-    if case.short_name == "HTTPRouteRetry":
+    if case.short_name in ("HTTPRouteRetry", "HTTPRouteBackendProtocolWebSocket"):
         case.expectations, case.unportable = [], ""
         layout: Layout = stack["layout"]
         text = "---\n".join((SUITE / m).read_text() for m in case.manifests)
         (stack["config"] / "50-case.yaml").write_text(layout.rewrite(text))
-        failures = _retry_case(stack, case)
+        failures = _retry_case(stack, case) if case.short_name == "HTTPRouteRetry" else _websocket_case(stack)
         (stack["config"] / "50-case.yaml").unlink()
         RESULTS[case.short_name] = ("failed", "; ".join(failures)) if failures else ("passed", "")
         assert not failures, "\n".join(failures)

@@ -73,6 +73,7 @@ class Exchange:
         "method",
         "sink",
         "target",
+        "upgrade",
         "version",
     )
 
@@ -90,6 +91,7 @@ class Exchange:
         self.sink: Callable[[bytes | None], None] | None = None  # None marks the end of the body
         self.expect_continue = False
         self.header_bytes = 0
+        self.upgrade = False  # an Upgrade request (WebSocket): after a 101 the connection becomes a tunnel
 
     @property
     def has_body(self) -> bool:
@@ -114,6 +116,9 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused = False
         self.upstream: UpstreamConnection | None = None
         self.server_name = ""  # TLS SNI
+        self.tunnel: UpstreamConnection | None = None  # set once an upgrade succeeded
+        self.tunnel_pending = b""  # bytes that followed an upgrade request's head
+        self.tunnel_closed: asyncio.Future[None] | None = None
         self.idle_handle: asyncio.TimerHandle | None = None
         self._drain = asyncio.Event()
         self._drain.set()
@@ -130,6 +135,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._drain.set()
+        if self.tunnel_closed is not None and not self.tunnel_closed.done():
+            self.tunnel_closed.set_result(None)
         if self.idle_handle:
             self.idle_handle.cancel()
         if self.serving is not None and not self.serving.done():
@@ -150,6 +157,9 @@ class ClientConnection(asyncio.Protocol):
             self.upstream.resume_reading()
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
         if self.idle_handle:
             self.idle_handle.cancel()
             self.idle_handle = None
@@ -157,12 +167,17 @@ class ClientConnection(asyncio.Protocol):
             self.parser.feed_data(data)
         except RequestRejected as exc:
             self._reject(exc.status, str(exc))
-        except httptools.HttpParserUpgrade:
-            pass  # upgrades (WebSocket) are not proxied yet; the request was already taken as plain HTTP
+        except httptools.HttpParserUpgrade as exc:
+            # The upgrade request is queued; what follows its head belongs to the upgraded protocol.
+            self.tunnel_pending += data[exc.args[0]:]
+            self._pause_reading()
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, RequestRejected):
                 self._reject(cause.status, str(cause))
+            elif cause is not None:  # a bug in a callback, not a bad request: say so, and log it
+                log.error("internal error while parsing a request", exc_info=cause)
+                self._reject(500, "internal error")
             else:
                 self._reject(400, f"malformed request: {exc}")
 
@@ -191,6 +206,7 @@ class ClientConnection(asyncio.Protocol):
         ex.method = self.parser.get_method().decode("ascii")
         ex.version = self.parser.get_http_version()
         ex.keep_alive = self.parser.should_keep_alive()
+        ex.upgrade = self.parser.should_upgrade()
         for name, value in ex.headers:
             lname = name.lower()
             if lname == "transfer-encoding":
@@ -524,6 +540,10 @@ def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, targe
     via = get_header(headers, "via")
     lines = [line for line in lines if not line.lower().startswith("via:")]
     lines.append(f"Via: {via + ', ' if via else ''}{VIA}")
+    if ex.upgrade:
+        upgrade = get_header(headers, "upgrade")
+        if upgrade:
+            lines += ["Connection: Upgrade", f"Upgrade: {upgrade}"]
     if ex.chunked:
         lines.append("Transfer-Encoding: chunked")
     elif ex.content_length is not None:
@@ -568,6 +588,9 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
     head = await upstream.head_future  # type: ignore[arg-type]
     if head.status in retry_codes:
         raise _RetryStatus(head.status)  # nothing was sent to the client yet: another try is possible
+    if head.status == 101 and ex.upgrade:
+        await _tunnel(conn, upstream, head, response_mods, state)
+        return False
     head_only = ex.method == "HEAD" or head.status in (204, 304)
     client_keep = ex.keep_alive and ex.body_done or (ex.keep_alive and not ex.has_body)
     out_chunked = not head_only and head.content_length is None and head.status != 101
@@ -595,6 +618,36 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
         state.released = True
         site.pools.pool(endpoint.address, endpoint.port).release(upstream)
     return client_keep
+
+
+async def _tunnel(conn: ClientConnection, upstream: UpstreamConnection, head: ResponseHead,
+                  response_mods: list[dict], state: _ProxyState) -> None:
+    """After a 101: pass bytes both ways until either side closes (WebSocket and other upgrades)."""
+    headers = [(n, v) for n, v in head.headers if n.lower() not in HOP_BY_HOP]
+    for config in response_mods:
+        headers = modify_headers(headers, config)
+    upgrade = get_header(head.headers, "upgrade") or "websocket"
+    lines = ["HTTP/1.1 101 Switching Protocols", "Connection: Upgrade", f"Upgrade: {upgrade}"]
+    lines += [f"{n}: {v}" for n, v in headers]
+    conn.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+    state.head_sent = True
+    loop = asyncio.get_running_loop()
+    conn.tunnel_closed = loop.create_future()
+    upstream.start_tunnel(conn.write)
+    if conn.tunnel_pending:
+        upstream.write(conn.tunnel_pending)
+        conn.tunnel_pending = b""
+    conn.tunnel = upstream
+    upstream.on_backpressure = lambda paused: conn._pause_reading() if paused else conn._resume_reading()
+    conn._resume_reading()
+    upstream_closed = loop.create_future()
+    upstream.on_closed = lambda: upstream_closed.done() or upstream_closed.set_result(None)
+    if upstream.closed:
+        upstream_closed.set_result(None)
+    await asyncio.wait([conn.tunnel_closed, upstream_closed], return_when=asyncio.FIRST_COMPLETED)
+    upstream.close()
+    if conn.transport is not None:
+        conn.transport.close()
 
 
 def _response_head(head: ResponseHead, mods: list[dict], chunked: bool, keep: bool, say_keep_alive: bool) -> bytes:

@@ -49,6 +49,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._can_write.set()
         # Called when the endpoint's socket buffer fills and drains: the proxy pauses the client's reading.
         self.on_backpressure: Callable[[bool], None] | None = None
+        # After a 101 the connection carries raw bytes (WebSocket): they go here, unparsed.
+        self.raw_sink: Callable[[bytes], None] | None = None
+        self.leftover = b""  # bytes that followed the 101 response head in the same read
+        self.on_closed: Callable[[], object] | None = None
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -57,6 +61,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._can_write.set()
+        if self.on_closed is not None:
+            self.on_closed()
         error = UpstreamError(f"endpoint closed the connection{': ' + str(exc) if exc else ''}")
         if self.head_future is not None and not self.head_future.done():
             self.head_future.set_exception(error)
@@ -79,8 +85,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.on_backpressure(False)
 
     def data_received(self, data: bytes) -> None:
+        if self.raw_sink is not None:
+            self.raw_sink(data)
+            return
         try:
             self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self.leftover += data[exc.args[0]:]
+            self.reusable = False
         except httptools.HttpParserError as exc:
             self.reusable = False
             error = UpstreamError(f"invalid response from endpoint: {exc}")
@@ -152,6 +164,14 @@ class UpstreamConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         await self._can_write.wait()
+
+    def start_tunnel(self, sink: Callable[[bytes], None]) -> None:
+        """From now on pass every byte from the endpoint to `sink` unparsed (after an upgrade)."""
+        self.raw_sink = sink
+        self.reusable = False
+        if self.leftover:
+            sink(self.leftover)
+            self.leftover = b""
 
     def set_sink(self, sink: Callable[[bytes], None]) -> None:
         self.sink = sink
