@@ -119,6 +119,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel: UpstreamConnection | None = None  # set once an upgrade succeeded
         self.tunnel_pending = b""  # bytes that followed an upgrade request's head
         self.tunnel_closed: asyncio.Future[None] | None = None
+        self._out_chunked = False
         self.idle_handle: asyncio.TimerHandle | None = None
         self._drain = asyncio.Event()
         self._drain.set()
@@ -170,7 +171,7 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             # The upgrade request is queued; what follows its head belongs to the upgraded protocol.
             self.tunnel_pending += data[exc.args[0]:]
-            self._pause_reading()
+            self.pause_reading()
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, RequestRejected):
@@ -230,7 +231,7 @@ class ClientConnection(asyncio.Protocol):
             ex.buffer.append(body)
             ex.buffered += len(body)
             if ex.buffered > BODY_BUFFER_LIMIT:
-                self._pause_reading()
+                self.pause_reading()
 
     def on_message_complete(self) -> None:
         ex = self.current
@@ -239,15 +240,15 @@ class ClientConnection(asyncio.Protocol):
         if ex.sink is not None:
             ex.sink(None)
         # One request at a time: stop reading until this one is answered (bounds pipelining).
-        self._pause_reading()
+        self.pause_reading()
 
     # -- flow control ---------------------------------------------------------------------------------
-    def _pause_reading(self) -> None:
+    def pause_reading(self) -> None:
         if not self.read_paused and self.transport is not None and not self.closed:
             self.read_paused = True
             self.transport.pause_reading()
 
-    def _resume_reading(self) -> None:
+    def resume_reading(self) -> None:
         if self.read_paused and self.transport is not None and not self.closed:
             self.read_paused = False
             self.transport.resume_reading()
@@ -287,7 +288,7 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             self._serve_next()
         else:
-            self._resume_reading()
+            self.resume_reading()
             self._arm_idle()
 
     def write(self, data: bytes) -> None:
@@ -296,6 +297,38 @@ class ClientConnection(asyncio.Protocol):
 
     async def drain(self) -> None:
         await self._drain.wait()
+
+    # -- the response side, as serve_exchange uses it (HTTP/2 streams offer the same methods) --------------
+    def send_continue(self) -> None:
+        self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def begin_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]], content_length: int | None,
+                       head_only: bool) -> bool:
+        """Write the response head; returns whether the connection can be kept open afterwards."""
+        keep = ex.keep_alive and (ex.body_done or not ex.has_body)
+        self._out_chunked = not head_only and content_length is None
+        if self._out_chunked and ex.version == "1.0":
+            self._out_chunked, keep = False, False  # an HTTP/1.0 client reads until the connection closes
+        lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
+        lines += [f"{n}: {v}" for n, v in headers]
+        if self._out_chunked:
+            lines.append("Transfer-Encoding: chunked")
+        if not keep:
+            lines.append("Connection: close")
+        elif ex.version == "1.0":
+            lines.append("Connection: keep-alive")
+        self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        return keep
+
+    def body(self, data: bytes) -> None:
+        if not data:
+            return
+        self.write(b"%x\r\n%b\r\n" % (len(data), data) if self._out_chunked else data)
+
+    def end_response(self) -> None:
+        if self._out_chunked:
+            self.write(b"0\r\n\r\n")
+            self._out_chunked = False
 
     def send_simple(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
                     close: bool = False, head_only: bool = False) -> None:
@@ -561,7 +594,7 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
     original_host = get_header(ex.headers, "host") or host
     upstream.start_exchange(_request_head(ex, headers, host, target, conn.peer, conn.scheme, original_host))
     if ex.expect_continue and not ex.body_done:
-        conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        conn.send_continue()
 
     # Request body: what arrived already, then the rest as it comes.
     if ex.has_body:
@@ -574,8 +607,8 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
             elif chunk:
                 upstream.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
 
-        upstream.on_backpressure = lambda paused: conn._pause_reading() if paused else (
-            None if ex.body_done else conn._resume_reading())
+        upstream.on_backpressure = lambda paused: conn.pause_reading() if paused else (
+            None if ex.body_done else conn.resume_reading())
         for chunk in ex.buffer:
             send_body(chunk)
         ex.buffer.clear()
@@ -583,7 +616,7 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
         if ex.body_done:
             send_body(None)
         else:
-            conn._resume_reading()
+            conn.resume_reading()
 
     head = await upstream.head_future  # type: ignore[arg-type]
     if head.status in retry_codes:
@@ -592,11 +625,8 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
         await _tunnel(conn, upstream, head, response_mods, state)
         return False
     head_only = ex.method == "HEAD" or head.status in (204, 304)
-    client_keep = ex.keep_alive and ex.body_done or (ex.keep_alive and not ex.has_body)
-    out_chunked = not head_only and head.content_length is None and head.status != 101
-    if out_chunked and ex.version == "1.0":
-        out_chunked, client_keep = False, False  # an HTTP/1.0 client reads until close
-    conn.write(_response_head(head, response_mods, out_chunked, client_keep, ex.version == "1.0" and client_keep))
+    client_keep = conn.begin_response(ex, head.status, response_headers(head, response_mods), head.content_length,
+                                      head_only)
     state.head_sent = True
     if head_only:
         upstream.reusable = upstream.reusable and ex.method != "HEAD"  # llhttp would wait for a HEAD "body"
@@ -604,16 +634,13 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
             upstream.close()
         else:
             await upstream.done_future  # type: ignore[arg-type]
+        conn.end_response()
     else:
-        if out_chunked:
-            upstream.set_sink(lambda data: conn.write(b"%x\r\n%b\r\n" % (len(data), data)) if data else None)
-        else:
-            upstream.set_sink(conn.write)
+        upstream.set_sink(conn.body)
         if conn.write_paused:
             upstream.pause_reading()
         await upstream.done_future  # type: ignore[arg-type]
-        if out_chunked:
-            conn.write(b"0\r\n\r\n")
+        conn.end_response()
     if not upstream.closed and upstream.reusable and ex.body_done:
         state.released = True
         site.pools.pool(endpoint.address, endpoint.port).release(upstream)
@@ -638,8 +665,8 @@ async def _tunnel(conn: ClientConnection, upstream: UpstreamConnection, head: Re
         upstream.write(conn.tunnel_pending)
         conn.tunnel_pending = b""
     conn.tunnel = upstream
-    upstream.on_backpressure = lambda paused: conn._pause_reading() if paused else conn._resume_reading()
-    conn._resume_reading()
+    upstream.on_backpressure = lambda paused: conn.pause_reading() if paused else conn.resume_reading()
+    conn.resume_reading()
     upstream_closed = loop.create_future()
     upstream.on_closed = lambda: upstream_closed.done() or upstream_closed.set_result(None)
     if upstream.closed:
@@ -650,23 +677,14 @@ async def _tunnel(conn: ClientConnection, upstream: UpstreamConnection, head: Re
         conn.transport.close()
 
 
-def _response_head(head: ResponseHead, mods: list[dict], chunked: bool, keep: bool, say_keep_alive: bool) -> bytes:
-    headers = head.headers
-    connection_tokens = {t.strip().lower() for name, value in headers if name.lower() == "connection"
+def response_headers(head: ResponseHead, mods: list[dict]) -> list[tuple[str, str]]:
+    """The endpoint's response headers without hop-by-hop ones, after ResponseHeaderModifiers."""
+    connection_tokens = {t.strip().lower() for name, value in head.headers if name.lower() == "connection"
                          for t in value.split(",")}
-    headers = [(n, v) for n, v in headers if n.lower() not in HOP_BY_HOP and n.lower() not in connection_tokens]
+    headers = [(n, v) for n, v in head.headers if n.lower() not in HOP_BY_HOP and n.lower() not in connection_tokens]
     for config in mods:
         headers = modify_headers(headers, config)
-    reason = REASONS.get(head.status, "Status")
-    lines = [f"HTTP/1.1 {head.status} {reason}"]
-    lines += [f"{n}: {v}" for n, v in headers]
-    if chunked:
-        lines.append("Transfer-Encoding: chunked")
-    if not keep:
-        lines.append("Connection: close")
-    elif say_keep_alive:
-        lines.append("Connection: keep-alive")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return headers
 
 
 def _start_mirror(site: Site, mirror: ir.Filter, ex: Exchange, headers: list[tuple[str, str]], host: str,
