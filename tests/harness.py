@@ -125,3 +125,59 @@ def rss_kb(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError("no VmRSS")
+
+
+def h2_request(host: str, port: int, authority: str, path: str, method: str = "GET", body: bytes = b"",
+               tls_server_name: str | None = None, timeout: float = 10.0) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/2 request: h2c with prior knowledge, or h2 over TLS (ALPN) when a server name is given."""
+    import ssl
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    raw = socket.create_connection((host, port), timeout=timeout)
+    if tls_server_name:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        ctx.set_alpn_protocols(["h2"])
+        raw = ctx.wrap_socket(raw, server_hostname=tls_server_name)
+        assert raw.selected_alpn_protocol() == "h2"
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", method), (":path", path), (":scheme", "https" if tls_server_name else "http"),
+                          (":authority", authority)], end_stream=not body)
+    raw.sendall(conn.data_to_send())
+    status, headers, data, done = 0, {}, bytearray(), False
+    pending = memoryview(body)
+    try:
+        while pending:  # send the body as the server's flow-control windows allow
+            window = min(conn.local_flow_control_window(1), conn.max_outbound_frame_size, len(pending))
+            if window > 0:
+                conn.send_data(1, bytes(pending[:window]), end_stream=window == len(pending))
+                pending = pending[window:]
+                raw.sendall(conn.data_to_send())
+                continue
+            for event in conn.receive_data(raw.recv(65536)):
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = dict(event.headers)
+                    status = int(headers[":status"])
+            raw.sendall(conn.data_to_send())
+        while not done:
+            chunk = raw.recv(65536)
+            if not chunk:
+                break
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    headers = dict(event.headers)
+                    status = int(headers[":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    done = True
+            raw.sendall(conn.data_to_send())
+    finally:
+        raw.close()
+    return status, headers, bytes(data)

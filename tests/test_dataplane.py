@@ -444,3 +444,19 @@ def test_websocket_upgrade_is_tunnelled_to_the_pod(stack):
         big = "x" * 200_000
         ws.send(big)
         assert ws.recv(timeout=5) == big
+
+
+def test_http2_with_prior_knowledge_is_served(stack):
+    from tests.harness import h2_request
+
+    status, headers, body = h2_request(GW_ADDR, stack["port"], "echo.test", "/h2?q=1")
+    assert status == 200 and json.loads(body)["path"] == "/h2?q=1"
+    assert json.loads(body)["host"] == "echo.test"
+    status, _, body = h2_request(GW_ADDR, stack["port"], "echo.test", "/upload", method="POST", body=b"b" * 300_000)
+    assert status == 200 and json.loads(body)["bodySize"] == 300_000
+    size = 5 * 1024 * 1024  # more than the default flow-control windows: the proxy must wait for updates
+    status, _, body = h2_request(GW_ADDR, stack["port"], "echo.test", f"/stream/{size}")
+    assert status == 200 and len(body) == size
+    assert h2_request(GW_ADDR, stack["port"], "unknown.test", "/")[0] == 404
+    status, headers, _ = h2_request(GW_ADDR, stack["port"], "redirect.test", "/old/x")
+    assert status == 301 and headers["location"] == "https://redirect.test/new/old/x"

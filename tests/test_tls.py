@@ -120,3 +120,11 @@ def test_a_host_of_another_listener_than_the_sni_is_misdirected(tls_stack):
     assert reply.startswith(b"HTTP/1.1 421")
     _, reply = handshake(tls_stack["port"], "x.b.test", host="y.b.test")  # same listener: fine
     assert reply.startswith(b"HTTP/1.1 200")
+
+
+def test_http2_is_negotiated_by_alpn_and_misdirected_requests_get_421(tls_stack):
+    from tests.harness import h2_request
+
+    status, _, body = h2_request(GW, tls_stack["port"], "a.test", "/h2", tls_server_name="a.test")
+    assert status == 200 and json.loads(body)["headers"]["X-Forwarded-Proto"] == ["https"]
+    assert h2_request(GW, tls_stack["port"], "x.b.test", "/h2", tls_server_name="a.test")[0] == 421

@@ -27,7 +27,7 @@ import yaml
 
 from tests.certs import tls_secret_yaml
 from tests.conformance.golit import INFRA, WEB, Expectation, GoCase, read_cases
-from tests.harness import echo_servers, tidegate_run
+from tests.harness import echo_servers, h2_request, tidegate_run
 
 ROOT = Path(__file__).resolve().parents[2]
 SUITE = ROOT.parent / "shared" / "gateway-api" / "conformance"
@@ -40,13 +40,29 @@ MAX_WAIT = 15.0
 
 # Cases whose Go test needs something tidegate does not have yet, or that are not about HTTP traffic.
 NOT_YET = {
-    "HTTPRouteHTTPSListenerDetectMisdirectedRequests": "sends its requests over HTTP/2 (ALPN h2), which is not "
-                                                       "served yet (421 itself is: tests/test_tls.py)",
     "HTTPRouteBackendProtocolH2C": "HTTP/2 (h2c) to backends is not implemented yet",
     "HTTPRouteObservedGenerationBump": "needs an API server (generation bumps); see the Kubernetes source issue",
 }
+def _misdirected_table() -> list[Expectation]:
+    """HTTPRouteHTTPSListenerDetectMisdirectedRequests builds its requests from a table: read it from the Go
+    file. Every request goes over HTTP/2 (ALPN h2) with the row's TLS server name."""
+    text = (SUITE / "tests" / "httproute-https-listener-detect-misdirected-requests.go").read_text() \
+        if SUITE.exists() else ""
+    rows = []
+    for m in re.finditer(r'\{serverName:\s*"([^"]+)",\s*host:\s*"([^"]+)",\s*statusCode:\s*(\d+)'
+                         r'(?:,\s*backend:\s*confsuite\.InfraBackendServiceName(V\d))?\}', text):
+        sni, host, code, version = m.groups()
+        rows.append(Expectation(
+            {"Request": {"Host": host, "Path": "/detect-misdirected-requests", "Protocol": "HTTP/2"},
+             "Response": {"StatusCodes": [int(code)]},
+             "Backend": f"infra-backend-{version.lower()}" if version else "", "Namespace": INFRA},
+            "same-namespace-with-https-listener", "tls.Make", sni))
+    return rows
+
+
 # Cases whose requests the Go file builds in a loop over a table of its own: written out here, unchanged.
 HANDPORTED = {
+    "HTTPRouteHTTPSListenerDetectMisdirectedRequests": _misdirected_table(),
     "HTTPRouteHTTPSListener": [
         Expectation({"Request": {"Host": host, "Path": "/"}, "Response": {"StatusCode": code}, "Backend": backend,
                      "Namespace": INFRA}, "same-namespace-with-https-listener", "tls.Make", "@host")
@@ -319,6 +335,10 @@ def _send(ip: str, port: int, expected: dict, server_name: str = "") -> tuple[in
     headers = dict(req.get("Headers") or {})
     backend_set = expected.get("BackendSetResponseHeaders") or {}
     headers["X-Echo-Set-Header"] = ",".join(f"{k}:{v}" for k, v in backend_set.items())
+    if req.get("Protocol") == "HTTP/2":
+        status, h2_headers, body = h2_request(ip, port, host, path, method, (req.get("Body") or "").encode(),
+                                              tls_server_name=server_name or None)
+        return status, {k: [v] for k, v in h2_headers.items()}, body
     conn = _TLSConnection(ip, port, server_name) if server_name else http.client.HTTPConnection(ip, port, timeout=10)
     try:
         conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)

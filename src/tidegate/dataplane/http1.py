@@ -120,6 +120,8 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_pending = b""  # bytes that followed an upgrade request's head
         self.tunnel_closed: asyncio.Future[None] | None = None
         self._out_chunked = False
+        self.seen_bytes = False
+        self.http2 = False
         self.idle_handle: asyncio.TimerHandle | None = None
         self._drain = asyncio.Event()
         self._drain.set()
@@ -131,7 +133,25 @@ class ClientConnection(asyncio.Protocol):
         self.peer = peer[0] if peer else ""
         ssl_object = transport.get_extra_info("ssl_object")
         self.server_name = take_server_name(ssl_object) if ssl_object is not None else ""
+        if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
+            self._switch_to_http2(b"")
+            return
         self._arm_idle()
+
+    def _switch_to_http2(self, data: bytes) -> None:
+        """HTTP/2 from here on (ALPN h2, or the h2c preface): hand the socket to an H2ServerConnection."""
+        from tidegate.dataplane.http2 import H2ServerConnection
+
+        if self.idle_handle:
+            self.idle_handle.cancel()
+            self.idle_handle = None
+        self.http2 = True
+        h2conn = H2ServerConnection(self.site_getter, self.listener_port, self.scheme, self.peer, self.server_name)
+        assert self.transport is not None
+        self.transport.set_protocol(h2conn)
+        h2conn.connection_made(self.transport)
+        if data:
+            h2conn.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -161,6 +181,11 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
+        if not self.seen_bytes:
+            self.seen_bytes = True
+            if data[:3] == b"PRI":  # the HTTP/2 connection preface: h2c with prior knowledge
+                self._switch_to_http2(data)
+                return
         if self.idle_handle:
             self.idle_handle.cancel()
             self.idle_handle = None

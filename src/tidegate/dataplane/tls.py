@@ -19,7 +19,7 @@ from tidegate.translate.hostnames import matches, specificity
 def context_for(cert: ir.Certificate) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
     # load_cert_chain only reads files: write the PEMs to a private temporary file and remove it at once.
     fd, path = tempfile.mkstemp(prefix="tidegate-cert-", suffix=".pem")
     try:
@@ -72,7 +72,7 @@ def server_context(current: Callable[[], TLSSite | None]) -> ssl.SSLContext:
     """The context a listening socket is created with; its SNI callback swaps in the chosen certificate."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
 
     def on_sni(sock: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         site = current()

@@ -1,0 +1,275 @@
+"""HTTP/2 at the edge (h2c with prior knowledge, and h2 chosen by ALPN on TLS), with the `h2` library.
+
+Each stream becomes an `Exchange` served by the same `serve_exchange` as HTTP/1.1 (routing, filters,
+retries, upstream pools); `H2Stream` offers the response methods it calls. Response bodies respect HTTP/2
+flow control: what the peer's window cannot take yet waits in the stream, and the endpoint's connection stops
+being read while too much waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Callable
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+
+from tidegate.dataplane.http1 import REASONS, Exchange, serve_exchange
+
+if TYPE_CHECKING:
+    from tidegate.dataplane.server import Site
+    from tidegate.dataplane.upstream import UpstreamConnection
+
+log = logging.getLogger("tidegate.http2")
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PENDING_LIMIT = 256 * 1024  # response bytes held for a stream before its endpoint is paused
+# Connection-specific headers are forbidden in HTTP/2 (RFC 9113 8.2.2).
+_CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+
+
+class H2Stream:
+    """One request/response on an HTTP/2 connection, seen by serve_exchange as its client connection."""
+
+    def __init__(self, conn: H2ServerConnection, stream_id: int, ex: Exchange):
+        self.conn = conn
+        self.site_getter = conn.site_getter
+        self.stream_id = stream_id
+        self.ex = ex
+        self.scheme = conn.scheme
+        self.listener_port = conn.listener_port
+        self.peer = conn.peer
+        self.server_name = conn.server_name
+        self.upstream: UpstreamConnection | None = None
+        self.pending = bytearray()
+        self.ending = False
+        self.closed = False
+        self.task: asyncio.Task | None = None
+
+    # -- what serve_exchange calls -------------------------------------------------------------------
+    @property
+    def write_paused(self) -> bool:
+        return len(self.pending) > PENDING_LIMIT
+
+    def pause_reading(self) -> None:  # request bodies: HTTP/2 flow control paces them (see on_data)
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def send_continue(self) -> None:
+        self.conn.send_headers(self.stream_id, [(":status", "100")], end_stream=False)
+
+    def begin_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]], content_length: int | None,
+                       head_only: bool) -> bool:
+        out = [(":status", str(status))]
+        out += [(n.lower(), v) for n, v in headers if n.lower() not in _CONNECTION_SPECIFIC]
+        self.conn.send_headers(self.stream_id, out, end_stream=head_only)
+        self.ending = head_only
+        return True
+
+    def body(self, data: bytes) -> None:
+        if data:
+            self.pending += data
+            self.conn.flush_stream(self)
+            if self.write_paused and self.upstream is not None:
+                self.upstream.pause_reading()
+
+    def end_response(self) -> None:
+        if not self.ending:
+            self.ending = True
+            self.conn.flush_stream(self)
+
+    def send_simple(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
+                    close: bool = False, head_only: bool = False) -> None:
+        body = (message + "\n").encode() if message else b""
+        out = [(n, v) for n, v in headers or []]
+        if body:
+            out.append(("content-type", "text/plain; charset=utf-8"))
+        out.append(("content-length", str(len(body))))
+        self.begin_response(self.ex, status, out, len(body), head_only or not body)
+        if body and not head_only:
+            self.body(body)
+            self.end_response()
+
+
+class H2ServerConnection(asyncio.Protocol):
+    def __init__(self, site_getter: Callable[[], Site], listener_port: int, scheme: str, peer: str,
+                 server_name: str = ""):
+        self.site_getter = site_getter
+        self.listener_port = listener_port
+        self.scheme = scheme
+        self.peer = peer
+        self.server_name = server_name
+        self.transport: asyncio.Transport | None = None
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        self.h2 = h2.connection.H2Connection(config=config)
+        self.streams: dict[int, H2Stream] = {}
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.h2.initiate_connection()
+        self._flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        for stream in self.streams.values():
+            stream.closed = True
+            if stream.task is not None and not stream.task.done():
+                stream.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            log.info("HTTP/2 protocol error from %s: %s", self.peer, exc)
+            self._flush()
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self._on_request(event.stream_id, event.headers, event.stream_ended is not None)
+            elif isinstance(event, h2.events.DataReceived):
+                self._on_data(event.stream_id, event.data, event.flow_controlled_length)
+                if event.stream_ended is not None:
+                    self._on_end(event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._on_end(event.stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                stream = self.streams.pop(event.stream_id, None)
+                if stream is not None and stream.task is not None:
+                    stream.task.cancel()
+            elif isinstance(event, h2.events.WindowUpdated):
+                targets = list(self.streams.values()) if event.stream_id == 0 else \
+                    [s for s in [self.streams.get(event.stream_id)] if s is not None]
+                for stream in targets:
+                    self.flush_stream(stream)
+            elif isinstance(event, h2.events.ConnectionTerminated):
+                if self.transport is not None:
+                    self.transport.close()
+        self._flush()
+
+    # -- requests ---------------------------------------------------------------------------------------
+    def _on_request(self, stream_id: int, headers: list[tuple[str, str]], ended: bool) -> None:
+        ex = Exchange()
+        regular: list[tuple[str, str]] = []
+        authority = ""
+        cookies: list[str] = []
+        for name, value in headers:
+            if name == ":method":
+                ex.method = value
+            elif name == ":path":
+                ex.target = value.encode("latin-1")
+            elif name == ":authority":
+                authority = value
+            elif name.startswith(":"):
+                continue
+            elif name == "cookie":
+                cookies.append(value)  # HTTP/2 may split cookies; HTTP/1.1 wants one header
+            else:
+                regular.append((name, value))
+                if name == "content-length" and value.isdigit():
+                    ex.content_length = int(value)
+        if authority and not any(n == "host" for n, _ in regular):
+            regular.insert(0, ("host", authority))
+        if cookies:
+            regular.append(("cookie", "; ".join(cookies)))
+        ex.headers = regular
+        ex.version = "2"
+        ex.keep_alive = True
+        ex.expect_continue = any(n == "expect" and v.lower() == "100-continue" for n, v in regular)
+        if not ended and ex.content_length is None:
+            ex.chunked = True  # a body of unknown length: sent upstream with chunked encoding
+        ex.body_done = ended
+        stream = H2Stream(self, stream_id, ex)
+        self.streams[stream_id] = stream
+        stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+
+    async def _serve(self, stream: H2Stream) -> None:
+        from tidegate.dataplane.http1 import ClientConnection
+
+        ClientConnection.busy += 1
+        try:
+            await serve_exchange(stream, stream.ex)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("internal error serving an HTTP/2 stream")
+            if not stream.closed:
+                try:
+                    self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+                    self._flush()
+                except h2.exceptions.ProtocolError:
+                    pass
+        finally:
+            ClientConnection.busy -= 1
+
+    def _on_data(self, stream_id: int, data: bytes, flow_length: int) -> None:
+        # Acknowledge at once: the request body is forwarded as it comes and the endpoint's socket buffer
+        # (with pause_writing) bounds what is held.
+        self.h2.acknowledge_received_data(flow_length, stream_id)
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            return
+        ex = stream.ex
+        if ex.sink is not None:
+            ex.sink(data)
+        else:
+            ex.buffer.append(data)
+            ex.buffered += len(data)
+
+    def _on_end(self, stream_id: int) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.ex.body_done:
+            return
+        stream.ex.body_done = True
+        if stream.ex.sink is not None:
+            stream.ex.sink(None)
+
+    # -- responses --------------------------------------------------------------------------------------
+    def send_headers(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        if self.closed or stream_id not in self.streams:
+            return
+        try:
+            self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:
+            log.debug("cannot send headers on stream %d: %s", stream_id, exc)
+        if end_stream:
+            self.streams.pop(stream_id, None)
+        self._flush()
+
+    def flush_stream(self, stream: H2Stream) -> None:
+        """Send as much of the stream's pending body as the flow-control windows allow."""
+        if self.closed or stream.stream_id not in self.streams:
+            return
+        try:
+            while stream.pending:
+                window = min(self.h2.local_flow_control_window(stream.stream_id),
+                             self.h2.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                chunk = bytes(stream.pending[:window])
+                del stream.pending[:window]
+                self.h2.send_data(stream.stream_id, chunk)
+            if stream.ending and not stream.pending:
+                self.h2.end_stream(stream.stream_id)
+                self.streams.pop(stream.stream_id, None)
+        except h2.exceptions.ProtocolError as exc:
+            log.debug("cannot send data on stream %d: %s", stream.stream_id, exc)
+        self._flush()
+        if not stream.write_paused and stream.upstream is not None:
+            stream.upstream.resume_reading()
+
+    def _flush(self) -> None:
+        data = self.h2.data_to_send()
+        if data and self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+
+__all__ = ["PREFACE", "REASONS", "H2ServerConnection"]
