@@ -460,3 +460,44 @@ def test_http2_with_prior_knowledge_is_served(stack):
     assert h2_request(GW_ADDR, stack["port"], "unknown.test", "/")[0] == 404
     status, headers, _ = h2_request(GW_ADDR, stack["port"], "redirect.test", "/old/x")
     assert status == 301 and headers["location"] == "https://redirect.test/new/old/x"
+
+
+def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
+    echo_port, gw_port = free_port(POD_A), free_port(GW_ADDR)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "c.yaml").write_text(textwrap.dedent(f"""
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: GatewayClass
+    metadata: {{name: tidegate}}
+    spec: {{controllerName: tidegate.io/gateway-controller}}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: {{name: gw, namespace: default}}
+    spec:
+      gatewayClassName: tidegate
+      addresses: [{{value: {GW_ADDR}}}]
+      listeners: [{{name: http, port: {gw_port}, protocol: HTTP}}]
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {{name: grpcish, namespace: default}}
+    spec: {{ports: [{{name: h2c, port: 80, targetPort: {echo_port}, appProtocol: kubernetes.io/h2c}}]}}
+    ---
+    apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata: {{name: grpcish-1, namespace: default, labels: {{kubernetes.io/service-name: grpcish}}}}
+    addressType: IPv4
+    ports: [{{name: h2c, port: {echo_port}}}]
+    endpoints: [{{addresses: [{POD_A}], targetRef: {{kind: Pod, name: pod-a}}}}]
+    """) + route("r", "h2c.test", "- backendRefs: [{name: grpcish, port: 80}]"))
+    with echo_servers({(POD_A, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
+        with tidegate_run(config, (GW_ADDR, gw_port), tmp_path / "tidegate.log"):
+            for _ in range(3):  # several requests share one HTTP/2 connection to the pod
+                status, _, body = request(GW_ADDR, gw_port, "/over-h2?x=1", headers={"Host": "h2c.test"})
+                echoed = json.loads(body)
+                assert status == 200 and echoed["proto"] == "HTTP/2.0" and echoed["path"] == "/over-h2?x=1"
+            status, _, body = request(GW_ADDR, gw_port, "/post", method="POST", body=b"p" * 200_000,
+                                      headers={"Host": "h2c.test"})
+            assert status == 200 and json.loads(body)["bodySize"] == 200_000

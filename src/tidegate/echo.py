@@ -63,6 +63,8 @@ class EchoProtocol(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self.ws_buffer: bytes | None = None  # set once upgraded to WebSocket
+        self.h2 = None  # an h2 connection once the client spoke HTTP/2
+        self.seen_bytes = False
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -81,6 +83,15 @@ class EchoProtocol(asyncio.Protocol):
         if self.ws_buffer is not None:
             self._ws_feed(data)
             return
+        if self.h2 is not None:
+            self._h2_feed(data)
+            return
+        if not self.seen_bytes:
+            self.seen_bytes = True
+            if data[:3] == b"PRI":  # HTTP/2 with prior knowledge (h2c), as echo-basic's H2C port answers
+                self._h2_start()
+                self._h2_feed(data)
+                return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -101,6 +112,63 @@ class EchoProtocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self.body_size += len(body)
+
+    def _h2_start(self) -> None:
+        import h2.config
+        import h2.connection
+
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False, header_encoding="utf-8"))
+        self.h2.initiate_connection()
+        self.h2_streams: dict[int, tuple[list, int]] = {}
+
+    def _h2_feed(self, data: bytes) -> None:
+        import h2.events
+        import h2.exceptions
+
+        try:
+            events = self.h2.receive_data(data)
+        except h2.exceptions.ProtocolError:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for event in events:
+            if isinstance(event, h2.events.RequestReceived):
+                self.h2_streams[event.stream_id] = (event.headers, 0)
+                if event.stream_ended is not None:
+                    self._h2_answer(event.stream_id)
+            elif isinstance(event, h2.events.DataReceived):
+                headers, size = self.h2_streams.get(event.stream_id, ([], 0))
+                self.h2_streams[event.stream_id] = (headers, size + len(event.data))
+                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_ended is not None:
+                    self._h2_answer(event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                self._h2_answer(event.stream_id)
+        if self.transport is not None:
+            self.transport.write(self.h2.data_to_send())
+
+    def _h2_answer(self, stream_id: int) -> None:
+        if stream_id not in self.h2_streams:
+            return  # already answered (h2 reports the end of a stream twice: with the data and on its own)
+        headers, size = self.h2_streams.pop(stream_id)
+        pseudo = {k: v for k, v in headers if k.startswith(":")}
+        grouped: dict[str, list[str]] = {}
+        for name, value in headers:
+            if not name.startswith(":"):
+                grouped.setdefault(canonical_header(name), []).append(value)
+        payload = {"path": pseudo.get(":path", "/"), "host": pseudo.get(":authority", ""),
+                   "method": pseudo.get(":method", "GET"), "proto": "HTTP/2.0", "headers": grouped,
+                   "httpPort": self.http_port, "namespace": self.identity.namespace,
+                   "ingress": self.identity.ingress, "service": self.identity.service, "pod": self.identity.pod}
+        if size:
+            payload["bodySize"] = size
+        if self.log_requests:
+            print(f"request {self.identity.namespace}/{self.identity.pod} {payload['method']} {payload['path']}",
+                  flush=True)
+        body = json.dumps(payload, indent=1).encode()
+        self.h2.send_headers(stream_id, [(":status", "200"), ("content-type", "application/json"),
+                                         ("content-length", str(len(body)))])
+        self.h2.send_data(stream_id, body, end_stream=True)  # small: within the default window
 
     def _ws_upgrade(self, rest: bytes) -> None:
         headers = {k.lower(): v for k, v in self.headers}

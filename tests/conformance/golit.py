@@ -24,6 +24,7 @@ CONSTANTS = {
     "confsuite.InfraBackendServiceNameV3": "infra-backend-v3", "suite.InfraBackendServiceNameV3": "infra-backend-v3",
     "confsuite.AppBackendServiceNameV1": "app-backend-v1", "confsuite.AppBackendServiceNameV2": "app-backend-v2",
     "confsuite.WebBackendServiceName": "web-backend",
+    "roundtripper.H2CPriorKnowledgeProtocol": "H2C", "roundtripper.H2Protocol": "HTTP/2",
     "true": True, "false": False, "nil": None,
 }
 

@@ -40,7 +40,6 @@ MAX_WAIT = 15.0
 
 # Cases whose Go test needs something tidegate does not have yet, or that are not about HTTP traffic.
 NOT_YET = {
-    "HTTPRouteBackendProtocolH2C": "HTTP/2 (h2c) to backends is not implemented yet",
     "HTTPRouteObservedGenerationBump": "needs an API server (generation bumps); see the Kubernetes source issue",
 }
 def _misdirected_table() -> list[Expectation]:
@@ -220,7 +219,8 @@ class Layout:
 
     def __init__(self) -> None:
         self.gateway_ips: dict[tuple[str, str], str] = {}
-        self.pods: dict[tuple[str, str], tuple[str, int]] = {}  # (ns, service) → (ip, port)
+        self.pods: dict[tuple[str, str], tuple[str, int]] = {}  # (ns, service) → (pod ip, unused)
+        self.listen: set[tuple[str, int]] = set()  # every (pod ip, targetPort) an echo server must answer on
         texts = [(SUITE / "base" / "manifests.yaml").read_text()]
         texts += [(SUITE / m).read_text() for c in CASES for m in c.manifests if (SUITE / m).exists()]
         for text in texts:
@@ -238,9 +238,10 @@ class Layout:
                         self.pods[key] = self.pods[(key[0], app)]  # another Service over the same pods
                         continue
                     n = len(self.pods) + 1
-                    ports = (doc.get("spec") or {}).get("ports") or [{}]
-                    target = ports[0].get("targetPort", ports[0].get("port", 3000))
-                    self.pods[key] = (f"127.0.2.{n}", int(target) if str(target).isdigit() else 3000)
+                    self.pods[key] = (f"127.0.2.{n}", 0)
+                    for port in (doc.get("spec") or {}).get("ports") or [{}]:
+                        target = port.get("targetPort", port.get("port", 3000))
+                        self.listen.add((f"127.0.2.{n}", int(target) if str(target).isdigit() else 3000))
 
     def rewrite(self, text: str) -> str:
         """Give Gateways their addresses and Services their EndpointSlices."""
@@ -260,7 +261,7 @@ class Layout:
                 doc["endpoints"] = [{"addresses": [ip], "conditions": {"ready": True},
                                      "targetRef": {"kind": "Pod", "name": "infra-backend-v1-pod-0"}}]
             if kind == "Service" and key in self.pods:
-                ip, port = self.pods[key]
+                ip, _ = self.pods[key]
                 ports = (doc.get("spec") or {}).get("ports") or []
                 owner = doc["spec"]["selector"].get("app", key[1])
                 out.append({
@@ -268,8 +269,10 @@ class Layout:
                     "metadata": {"name": f"{key[1]}-pods", "namespace": key[0],
                                  "labels": {"kubernetes.io/service-name": key[1]}},
                     "addressType": "IPv4",
-                    "ports": [{"name": p.get("name", ""), "port": port, "protocol": p.get("protocol", "TCP")}
-                              for p in ports] or [{"port": port}],
+                    "ports": [{"name": p.get("name", ""), "protocol": p.get("protocol", "TCP"),
+                               "port": int(p.get("targetPort", p.get("port", 3000)))
+                               if str(p.get("targetPort", p.get("port", 3000))).isdigit() else 3000}
+                              for p in ports] or [{"port": 3000}],
                     "endpoints": [{"addresses": [ip], "conditions": {"ready": True},
                                    "targetRef": {"kind": "Pod", "name": f"{owner}-pod-0", "namespace": key[0]}}],
                 })
@@ -289,9 +292,8 @@ def stack(tmp_path_factory):
     secrets = [tls_secret_yaml(WEB, "certificate", ["*"]),
                tls_secret_yaml(INFRA, "tls-validity-checks-certificate", ["*", "*.org", "*.wildcard.org"])]
     (config / "02-secrets.yaml").write_text("---\n".join(secrets))
-    pods: dict[tuple[str, int], str] = {}
-    for (ns, svc), addr in layout.pods.items():
-        pods.setdefault(addr, f"{ns}/{svc}-pod-0")
+    owners = {ip: f"{ns}/{svc}-pod-0" for (ns, svc), (ip, _) in reversed(list(layout.pods.items()))}
+    pods = {(ip, port): owners[ip] for ip, port in sorted(layout.listen)}
     first_gateway = layout.gateway_ips[(INFRA, "same-namespace")]
     with echo_servers(pods, tmp / "echo.log") as _echo, \
             tidegate_run(config, (first_gateway, 80), tmp / "tidegate.log"):
@@ -335,7 +337,7 @@ def _send(ip: str, port: int, expected: dict, server_name: str = "") -> tuple[in
     headers = dict(req.get("Headers") or {})
     backend_set = expected.get("BackendSetResponseHeaders") or {}
     headers["X-Echo-Set-Header"] = ",".join(f"{k}:{v}" for k, v in backend_set.items())
-    if req.get("Protocol") == "HTTP/2":
+    if req.get("Protocol") in ("HTTP/2", "H2C"):
         status, h2_headers, body = h2_request(ip, port, host, path, method, (req.get("Body") or "").encode(),
                                               tls_server_name=server_name or None)
         return status, {k: [v] for k, v in h2_headers.items()}, body

@@ -522,8 +522,8 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         timeout = backend_timeout
     state = _ProxyState()
     try:
-        proxied = _proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state,
-                         retry_codes)
+        proxy = _proxy_h2 if backend.protocol == "kubernetes.io/h2c" else _proxy
+        proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, retry_codes)
         return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
     except TimeoutError:
         if not state.head_sent:
@@ -568,36 +568,42 @@ class _ProxyState:
         self.released = False
 
 
-def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, target: str, peer: str,
-                  scheme: str, original_host: str) -> bytes:
+def _forward_headers(ex: Exchange, headers: list[tuple[str, str]], peer: str, scheme: str,
+                     original_host: str) -> list[tuple[str, str]]:
+    """The request headers to send upstream: hop-by-hop ones and Host removed; X-Forwarded-For/-Proto/-Host,
+    Forwarded and Via added (existing values extended)."""
     connection_tokens = {t.strip().lower() for name, value in headers if name.lower() == "connection"
                          for t in value.split(",")}
-    lines = [f"{ex.method} {target} HTTP/1.1", f"Host: {host}"]
-    forwarded_for = None
+    out: list[tuple[str, str]] = []
+    forwarded_for = forwarded = via = None
     for name, value in headers:
         lname = name.lower()
         if lname in HOP_BY_HOP or lname in connection_tokens or lname in ("host", "content-length", "expect"):
             continue
         if lname == "x-forwarded-for":
             forwarded_for = value
-            continue
-        lines.append(f"{name}: {value}")
-    lines.append(f"X-Forwarded-For: {forwarded_for + ', ' + peer if forwarded_for else peer}")
+        elif lname == "forwarded":
+            forwarded = value
+        elif lname == "via":
+            via = value
+        else:
+            out.append((name, value))
+    out.append(("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer))
     if get_header(headers, "x-forwarded-proto") is None:
-        lines.append(f"X-Forwarded-Proto: {scheme}")
+        out.append(("X-Forwarded-Proto", scheme))
     if get_header(headers, "x-forwarded-host") is None:
-        lines.append(f"X-Forwarded-Host: {original_host}")
+        out.append(("X-Forwarded-Host", original_host))
     peer_token = f'"[{peer}]"' if ":" in peer else peer
-    forwarded = f"for={peer_token};proto={scheme};host={original_host}" if original_host else \
-        f"for={peer_token};proto={scheme}"
-    existing = get_header(headers, "forwarded")
-    if existing is not None:
-        lines = [line for line in lines if not line.lower().startswith("forwarded:")]
-        forwarded = f"{existing}, {forwarded}"
-    lines.append(f"Forwarded: {forwarded}")
-    via = get_header(headers, "via")
-    lines = [line for line in lines if not line.lower().startswith("via:")]
-    lines.append(f"Via: {via + ', ' if via else ''}{VIA}")
+    element = f"for={peer_token};proto={scheme}" + (f";host={original_host}" if original_host else "")
+    out.append(("Forwarded", f"{forwarded}, {element}" if forwarded else element))
+    out.append(("Via", f"{via}, {VIA}" if via else VIA))
+    return out
+
+
+def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, target: str, peer: str,
+                  scheme: str, original_host: str) -> bytes:
+    lines = [f"{ex.method} {target} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{n}: {v}" for n, v in _forward_headers(ex, headers, peer, scheme, original_host)]
     if ex.upgrade:
         upgrade = get_header(headers, "upgrade")
         if upgrade:
@@ -607,6 +613,42 @@ def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, targe
     elif ex.content_length is not None:
         lines.append(f"Content-Length: {ex.content_length}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
+                    headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
+                    state: _ProxyState, retry_codes: frozenset[int] = frozenset()) -> bool:
+    """The exchange over HTTP/2 to an h2c endpoint (appProtocol kubernetes.io/h2c)."""
+    h2conn = await site.pools.h2_pool(endpoint.address, endpoint.port).acquire(CONNECT_TIMEOUT)
+    original_host = get_header(ex.headers, "host") or host
+    fields = [(":method", ex.method), (":scheme", "http"), (":authority", host), (":path", target)]
+    fields += [(n.lower(), v) for n, v in _forward_headers(ex, headers, conn.peer, conn.scheme, original_host)
+               if n.lower() not in ("te", "connection")]
+    if ex.content_length is not None:
+        fields.append(("content-length", str(ex.content_length)))
+    stream = h2conn.open_stream(fields, end_stream=not ex.has_body)
+    if ex.has_body:
+        for chunk in ex.buffer:
+            stream.send(chunk)
+        ex.buffer.clear()
+        ex.sink = stream.send
+        if ex.body_done:
+            stream.send(None)
+        else:
+            conn.resume_reading()
+    head = await stream.head_future
+    if head.status in retry_codes:
+        raise _RetryStatus(head.status)
+    head_only = ex.method == "HEAD" or head.status in (204, 304)
+    keep = conn.begin_response(ex, head.status, response_headers(head, response_mods), head.content_length,
+                               head_only)
+    state.head_sent = True
+    conn.upstream = stream  # type: ignore[assignment]
+    stream.set_sink(conn.body)
+    await stream.done_future
+    conn.end_response()
+    state.released = True  # the connection is shared by streams: never closed for one of them
+    return keep
 
 
 async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,

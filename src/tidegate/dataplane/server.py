@@ -17,6 +17,7 @@ from tidegate.dataplane.balancer import RouteBalancer
 from tidegate.dataplane.http1 import ClientConnection
 from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool
+from tidegate.dataplane.upstream_h2 import H2EndpointPool
 from tidegate.router import Router, routers_by_port
 
 log = logging.getLogger("tidegate.dataplane")
@@ -27,6 +28,7 @@ class PoolSet:
 
     def __init__(self) -> None:
         self._pools: dict[tuple[str, int], EndpointPool] = {}
+        self._h2_pools: dict[tuple[str, int], H2EndpointPool] = {}
 
     def pool(self, address: str, port: int) -> EndpointPool:
         key = (address, port)
@@ -35,9 +37,18 @@ class PoolSet:
             found = self._pools[key] = EndpointPool(address, port)
         return found
 
+    def h2_pool(self, address: str, port: int) -> H2EndpointPool:
+        key = (address, port)
+        found = self._h2_pools.get(key)
+        if found is None:
+            found = self._h2_pools[key] = H2EndpointPool(address, port)
+        return found
+
     def retain(self, endpoints: set[tuple[str, int]]) -> None:
         for key in [k for k in self._pools if k not in endpoints]:
             self._pools.pop(key).close()
+        for key in [k for k in self._h2_pools if k not in endpoints]:
+            self._h2_pools.pop(key).close()
 
     def close(self) -> None:
         self.retain(set())
