@@ -127,3 +127,18 @@ def test_watching_picks_up_an_edit(tmp_path: Path):
         return hostnames(store)
 
     assert asyncio.run(scenario()) == ["b.example.com"]
+
+
+def test_an_edit_bumps_the_generation_and_an_unchanged_reload_does_not(tmp_path: Path):
+    file = tmp_path / "route.yaml"
+    file.write_text(ROUTE.format(name="r", host="a.example.com"))
+    store = Store()
+    source = FileSource([tmp_path], store)
+    source.load()
+    assert store.snapshot().get(KEY).generation == 1
+    file.write_text(ROUTE.format(name="r", host="b.example.com"))
+    source.reload([file])
+    assert store.snapshot().get(KEY).generation == 2
+    file.write_text(ROUTE.format(name="r", host="b.example.com") + "\n# a comment changes nothing\n")
+    source.reload([file])
+    assert store.snapshot().get(KEY).generation == 2 and store.version == 2

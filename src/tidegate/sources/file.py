@@ -20,6 +20,27 @@ from tidegate.store import Store
 log = logging.getLogger("tidegate.sources.file")
 
 
+def _content(obj: dict) -> dict:
+    """What a change of counts as a new generation: everything but status and server-set metadata."""
+    meta = {k: v for k, v in (obj.get("metadata") or {}).items()
+            if k not in ("generation", "resourceVersion", "managedFields")}
+    return {**{k: v for k, v in obj.items() if k != "status"}, "metadata": meta}
+
+
+def _with_generation(res: Resource, previous: Resource | None) -> Resource:
+    """Number generations as the API server does: a resource whose content changed gets the next one, so that
+    status can say which generation it describes (observedGeneration)."""
+    if previous is None:
+        return res
+    generation = previous.generation
+    if _content(res.obj) != _content(previous.obj):
+        generation += 1
+    if res.generation == generation:
+        return res
+    obj = {**res.obj, "metadata": {**res.obj["metadata"], "generation": generation}}
+    return Resource(res.key, res.api_version, obj, res.origin)
+
+
 class FileSource:
     name = "file"
 
@@ -70,6 +91,8 @@ class FileSource:
                                                              f"{fresh[res.key].origin}", res.key))
                 continue
             fresh[res.key] = res
+        for key, res in list(fresh.items()):
+            fresh[key] = _with_generation(res, previous.get(key))
         kept = [k for k in previous if k not in fresh and (k in result.failed_keys or result.unidentified_failure)]
         for key in kept:
             fresh[key] = previous[key]
