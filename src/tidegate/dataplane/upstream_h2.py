@@ -8,7 +8,7 @@ done future and a body sink.
 from __future__ import annotations
 
 import asyncio
-from typing import Callable
+from collections.abc import Callable
 
 import h2.config
 import h2.connection
@@ -184,7 +184,7 @@ class H2EndpointPool:
         try:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(lambda: H2UpstreamConnection(self), self.host, self.port), connect_timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamError(f"connect to {self.host}:{self.port} timed out") from exc
         except OSError as exc:
             raise UpstreamError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc

@@ -1,0 +1,157 @@
+"""Conformance cases whose Go test edits resources and watches status change, run through the same file
+source and translator as `tidegate run`: the edit is written to the file, the source re-reads it (and numbers
+the generation, as the API server would), and the computed status is checked as the Go test checks it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.certs import tls_secret_yaml
+from tests.conformance.golit import INFRA, WEB
+from tidegate.resources.model import Key
+from tidegate.sources.file import FileSource
+from tidegate.store import Store
+from tidegate.translate import translate
+
+CONTROLLER = "tidegate.io/gateway-controller"
+
+
+class FileCluster:
+    """Base manifests plus one case in a folder, loaded by a FileSource; edits go through the files."""
+
+    def __init__(self, folder: Path, suite: Path, case: str, gateway_class: str):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "class.yaml").write_text(
+            f"apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: {gateway_class}}}\n"
+            f"spec: {{controllerName: {CONTROLLER}}}\n")
+        (folder / "secrets.yaml").write_text(
+            tls_secret_yaml(INFRA, "tls-validity-checks-certificate", ["*", "*.org", "*.wildcard.org"]) + "---\n"
+            + tls_secret_yaml(WEB, "certificate", ["*"]))
+        substitute = {"{GATEWAY_CLASS_NAME}": gateway_class, "{GATEWAY_CONTROLLER_NAME}": CONTROLLER}
+        texts = {"base.yaml": (suite / "base" / "manifests.yaml").read_text(),
+                 "case.yaml": (suite / "tests" / case).read_text()}
+        for name, text in texts.items():
+            for old, new in substitute.items():
+                text = text.replace(old, new)
+            (folder / name).write_text(text)
+        self.case_file = folder / "case.yaml"
+        self.store = Store()
+        self.source = FileSource([folder], self.store)
+        problems = [p for p in self.source.load() if p.severity == "error"]
+        assert not problems, [str(p) for p in problems]
+
+    def status(self, key: Key) -> dict[str, Any]:
+        return translate(self.store.snapshot().resources).statuses[key]
+
+    def generation(self, key: Key) -> int:
+        found = self.store.snapshot().get(key)
+        assert found is not None, key
+        return found.generation
+
+    def patch(self, kind: str, name: str, change: Callable[[dict], None]) -> None:
+        docs = [d for d in yaml.safe_load_all(self.case_file.read_text()) if d]
+        target = next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+        change(target)
+        self.case_file.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        problems = [p for p in self.source.reload([self.case_file]) if p.severity == "error"]
+        assert not problems, [str(p) for p in problems]
+
+
+def _latest(conditions: list[dict], generation: int, what: str) -> list[str]:
+    stale = [c["type"] for c in conditions if c["observedGeneration"] != generation]
+    return [f"{what}: conditions {stale} do not carry generation {generation}"] if stale else []
+
+
+def _has(conditions: list[dict], type_: str, status: str) -> bool:
+    return any(c["type"] == type_ and c["status"] == status for c in conditions)
+
+
+def httproute_observed_generation_bump(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    cluster = FileCluster(folder, suite, "httproute-observed-generation-bump.yaml", gateway_class)
+    key = Key("HTTPRoute", INFRA, "observed-generation-bump")
+
+    def parent() -> list[dict]:
+        return next(p for p in cluster.status(key)["parents"]
+                    if p["parentRef"]["name"] == "same-namespace")["conditions"]
+
+    original = cluster.generation(key)
+    failures = _latest(parent(), original, "before the edit")
+    cluster.patch("HTTPRoute", "observed-generation-bump",
+                  lambda d: d["spec"]["rules"][0]["backendRefs"][0].update(name="infra-backend-v2"))
+    updated = cluster.generation(key)
+    if updated == original:
+        failures.append("generation did not change after an update")
+    for type_ in ("Accepted", "ResolvedRefs"):
+        if not _has(parent(), type_, "True"):
+            failures.append(f"{type_} is not True after the update")
+    return failures + _latest(parent(), updated, "after the edit")
+
+
+def gateway_observed_generation_bump(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    cluster = FileCluster(folder, suite, "gateway-observed-generation-bump.yaml", gateway_class)
+    key = Key("Gateway", INFRA, "gateway-observed-generation-bump")
+    original = cluster.generation(key)
+    failures = _latest(cluster.status(key)["conditions"], original, "before the edit")
+    cluster.patch("Gateway", key.name, lambda d: d["spec"]["listeners"].append(
+        {"name": "alternate", "hostname": "foo.com", "port": 80, "protocol": "HTTP",
+         "allowedRoutes": {"namespaces": {"from": "All"}}}))
+    updated = cluster.generation(key)
+    if updated == original:
+        failures.append("generation did not change after an update")
+    return failures + _latest(cluster.status(key)["conditions"], updated, "after the edit")
+
+
+def gatewayclass_observed_generation_bump(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    cluster = FileCluster(folder, suite, "gatewayclass-observed-generation-bump.yaml", gateway_class)
+    key = Key("GatewayClass", "", "gatewayclass-observed-generation-bump")
+    original = cluster.generation(key)
+    failures = _latest(cluster.status(key)["conditions"], original, "before the edit")
+    if not any(c["type"] == "Accepted" for c in cluster.status(key)["conditions"]):
+        failures.append("no Accepted condition")
+    cluster.patch("GatewayClass", key.name, lambda d: d["spec"].update(description="the description was changed"))
+    updated = cluster.generation(key)
+    if updated == original:
+        failures.append("generation did not change after an update")
+    return failures + _latest(cluster.status(key)["conditions"], updated, "after the edit")
+
+
+def gateway_modify_listeners(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    failures: list[str] = []
+    cluster = FileCluster(folder, suite, "gateway-modify-listeners.yaml", gateway_class)
+
+    def listeners_ok(name: str, expected: dict[str, int]) -> None:
+        listeners = cluster.status(Key("Gateway", INFRA, name))["listeners"]
+        got = {entry["name"]: entry for entry in listeners}
+        if set(got) != set(expected):
+            failures.append(f"{name}: listeners {sorted(got)}, expected {sorted(expected)}")
+            return
+        for section, attached in expected.items():
+            entry = got[section]
+            if entry["attachedRoutes"] != attached:
+                failures.append(f"{name}/{section}: attachedRoutes {entry['attachedRoutes']}, expected {attached}")
+            for type_ in ("Accepted", "ResolvedRefs"):
+                if not _has(entry["conditions"], type_, "True"):
+                    failures.append(f"{name}/{section}: {type_} is not True")
+            if not any(k["kind"] == "HTTPRoute" for k in entry["supportedKinds"]):
+                failures.append(f"{name}/{section}: HTTPRoute missing from supportedKinds")
+
+    cluster.patch("Gateway", "gateway-add-listener", lambda d: d["spec"]["listeners"].append(
+        {"name": "http", "port": 80, "protocol": "HTTP", "hostname": "data.test.com",
+         "allowedRoutes": {"namespaces": {"from": "All"}}}))
+    listeners_ok("gateway-add-listener", {"https": 1, "http": 1})
+    cluster.patch("Gateway", "gateway-remove-listener", lambda d: d["spec"].update(
+        listeners=[entry for entry in d["spec"]["listeners"] if entry["name"] == "http"]))
+    listeners_ok("gateway-remove-listener", {"http": 1})
+    return failures
+
+
+MUTATION_CASES: dict[str, Callable[[Path, Path, str], list[str]]] = {
+    "HTTPRouteObservedGenerationBump": httproute_observed_generation_bump,
+    "GatewayObservedGenerationBump": gateway_observed_generation_bump,
+    "GatewayClassObservedGenerationBump": gatewayclass_observed_generation_bump,
+    "GatewayModifyListeners": gateway_modify_listeners,
+}
