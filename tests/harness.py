@@ -62,9 +62,9 @@ def process(args: list[str], log_path: Path, ready: tuple[str, int] | None = Non
 
 
 @contextmanager
-def echo_servers(pods: dict[tuple[str, int], str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """pods: (address, port) → "namespace/pod"."""
-    args = [*TIDEGATE, "echo", "--log-requests"]
+def echo_servers(pods: dict[tuple[str, int], str], log_path: Path, *extra: str) -> Iterator[subprocess.Popen]:
+    """pods: (address, port) → "namespace/pod" (with "+tls" for a TLS port; extra args give the certificate)."""
+    args = [*TIDEGATE, "echo", "--log-requests", *extra]
     for (address, port), who in pods.items():
         args += ["--listen", f"{address}:{port}={who}"]
     first = next(iter(pods))

@@ -12,7 +12,7 @@ import pytest
 from cryptography import x509
 
 from tests.certs import tls_secret_yaml
-from tests.harness import echo_servers, free_port, tidegate_run
+from tests.harness import echo_servers, free_port, request, tidegate_run
 
 GW, POD = "127.0.0.1", "127.0.0.5"
 
@@ -128,3 +128,81 @@ def test_http2_is_negotiated_by_alpn_and_misdirected_requests_get_421(tls_stack)
     status, _, body = h2_request(GW, tls_stack["port"], "a.test", "/h2", tls_server_name="a.test")
     assert status == 200 and json.loads(body)["headers"]["X-Forwarded-Proto"] == ["https"]
     assert h2_request(GW, tls_stack["port"], "x.b.test", "/h2", tls_server_name="a.test")[0] == 421
+
+
+def test_backend_tls_policy_reencrypts_to_the_pod_and_verifies_it(tmp_path):
+    from tests.certs import ca_and_leaf
+
+    ca, leaf, key = ca_and_leaf(["backend.internal", "spiffe://cluster.local/ns/default/sa/secure"])
+    (tmp_path / "leaf.pem").write_bytes(leaf)
+    (tmp_path / "leaf.key").write_bytes(key)
+    echo_port, gw_port = free_port(POD), free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    ca_text = textwrap.indent(ca.decode(), "        ")
+    policies = [("by-hostname", "secure-a", "backend.internal", ""),
+                ("wrong-hostname", "secure-b", "other.internal", ""),
+                ("by-san", "secure-c", "not-in-the-cert.internal",
+                 "    subjectAltNames: [{type: URI, uri: 'spiffe://cluster.local/ns/default/sa/secure'}]\n")]
+    docs = [textwrap.dedent(f"""
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: GatewayClass
+        metadata: {{name: tidegate}}
+        spec: {{controllerName: tidegate.io/gateway-controller}}
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: Gateway
+        metadata: {{name: gw, namespace: default}}
+        spec:
+          gatewayClassName: tidegate
+          addresses: [{{value: {GW}}}]
+          listeners: [{{name: http, port: {gw_port}, protocol: HTTP}}]
+        ---
+        apiVersion: v1
+        kind: ConfigMap
+        metadata: {{name: ca, namespace: default}}
+        data:
+          ca.crt: |
+        """) + ca_text]
+    for name, service, hostname, extra in policies:
+        docs.append(textwrap.dedent(f"""
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: {service}, namespace: default}}
+        spec: {{ports: [{{port: 443, targetPort: {echo_port}}}]}}
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}
+        addressType: IPv4
+        endpoints: [{{addresses: [{POD}], targetRef: {{kind: Pod, name: secure-0}}}}]
+        ports: [{{port: {echo_port}}}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {{name: {service}, namespace: default}}
+        spec:
+          parentRefs: [{{name: gw}}]
+          hostnames: [{service}.test]
+          rules: [{{backendRefs: [{{name: {service}, port: 443}}]}}]
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: BackendTLSPolicy
+        metadata: {{name: {name}, namespace: default}}
+        spec:
+          targetRefs: [{{group: "", kind: Service, name: {service}}}]
+          validation:
+            hostname: {hostname}
+            caCertificateRefs: [{{group: "", kind: ConfigMap, name: ca}}]
+        """) + extra)
+    (config / "c.yaml").write_text("---".join(docs))
+    tls_args = ("--tls-cert", str(tmp_path / "leaf.pem"), "--tls-key", str(tmp_path / "leaf.key"))
+    with echo_servers({(POD, echo_port): "default/secure-0+tls"}, tmp_path / "echo.log", *tls_args):
+        with tidegate_run(config, (GW, gw_port), tmp_path / "tidegate.log"):
+            status, _, body = request(GW, gw_port, "/", headers={"Host": "secure-a.test"})
+            assert status == 200
+            assert json.loads(body)["tls"]["serverName"] == "backend.internal"
+            status, _, body = request(GW, gw_port, "/", headers={"Host": "secure-b.test"})
+            assert status == 502 and b"TLS" in body  # the certificate does not cover other.internal
+            status, _, body = request(GW, gw_port, "/", headers={"Host": "secure-c.test"})
+            assert status == 200 and json.loads(body)["tls"]["serverName"] == "not-in-the-cert.internal"

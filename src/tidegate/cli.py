@@ -71,8 +71,11 @@ def _parser() -> argparse.ArgumentParser:
                           description="Answer every request with JSON describing it (path, host, method, "
                                       "headers, namespace, pod, ...), as the conformance suite's echo server.")
     echo.add_argument("--listen", action="append", required=True, metavar="ADDR:PORT[=NAMESPACE/POD]",
-                      help="where to listen, and the pod identity to report (repeatable)")
+                      help="where to listen, and the pod identity to report; append +tls to serve TLS there "
+                           "(repeatable)")
     echo.add_argument("--log-requests", action="store_true", help="print one line per request to stdout")
+    echo.add_argument("--tls-cert", metavar="FILE", help="PEM certificate for listeners marked +tls")
+    echo.add_argument("--tls-key", metavar="FILE", help="PEM private key for listeners marked +tls")
 
     validate = sub.add_parser("validate", help="check resources against the Gateway API and Kubernetes schemas",
                               description="Validate every document (schema, defaults, CEL rules). Exit 1 on errors.")
@@ -134,7 +137,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args)
     if args.command == "echo":
-        return asyncio.run(_echo(args.listen, args.log_requests))
+        return asyncio.run(_echo(args.listen, args.log_requests, args.tls_cert, args.tls_key))
     result = _load(args)
     if args.command == "validate":
         errors = len(result.errors)
@@ -263,11 +266,16 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(_serve(args))
 
 
-async def _echo(specs: list[str], log_requests: bool) -> int:
-    from tidegate.echo import PodIdentity, start_echo
+async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str | None) -> int:
+    from tidegate.echo import PodIdentity, start_echo, tls_context
 
     servers = []
     for spec in specs:
+        use_tls = spec.endswith("+tls")
+        spec = spec.removesuffix("+tls")
+        if use_tls and not (cert and key):
+            print("tidegate: error: +tls listeners need --tls-cert and --tls-key", file=sys.stderr)
+            return EXIT_USAGE
         where, _, who = spec.partition("=")
         host, _, port = where.rpartition(":")
         namespace, _, pod = who.partition("/")
@@ -275,7 +283,7 @@ async def _echo(specs: list[str], log_requests: bool) -> int:
             print(f"tidegate: error: --listen {spec!r} is not ADDR:PORT[=NAMESPACE/POD]", file=sys.stderr)
             return EXIT_USAGE
         servers.append(await start_echo(host.strip("[]") or "127.0.0.1", int(port), PodIdentity(namespace, pod),
-                                        log_requests))
+                                        log_requests, tls_context(cert, key) if use_tls else None))
         print(f"echo on {host}:{port} as {namespace}/{pod}", flush=True)
     await asyncio.Event().wait()
     return EXIT_OK

@@ -6,7 +6,8 @@ name:value,...` sets response headers; `/status/NNN` answers with that status; `
 `?delay=1s` waits first; `/retry/...?uuid=U&succeedAfter=N[&responseCode=C]` fails the first N requests
 for U (with C, or by resetting the connection), as echo-basic's retry simulation does. For tidegate's own tests it also has `/stream/N` (N bytes of zeros, streamed with
 backpressure) and reports `bodySize` when a request had a body. One process can serve many "pods", each on
-its own address. `/ws` is a WebSocket echo, as echo-basic's.
+its own address. `/ws` is a WebSocket echo, as echo-basic's. A port can serve TLS (with echo-basic's "tls"
+fields: version, serverName, negotiatedProtocol, cipherSuite).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import re
 import socket
+import ssl
 import struct
 from dataclasses import dataclass
 from urllib.parse import parse_qs
@@ -48,6 +50,20 @@ def _duration(text: str) -> float:
 
 
 _RETRY_ATTEMPTS: dict[str, int] = {}
+_SNI: dict[int, str] = {}  # server names seen in handshakes, until the connection reads its own
+
+
+def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert_file, key_file)
+
+    def remember(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+        if len(_SNI) > 10_000:
+            _SNI.clear()
+        _SNI[id(sock)] = name or ""
+
+    ctx.sni_callback = remember
+    return ctx
 
 
 class EchoProtocol(asyncio.Protocol):
@@ -62,6 +78,7 @@ class EchoProtocol(asyncio.Protocol):
         self.body_size = 0
         self._writable = asyncio.Event()
         self._writable.set()
+        self.tls: dict[str, str] | None = None  # echo-basic's "tls" assertions, on a TLS port
         self.ws_buffer: bytes | None = None  # set once upgraded to WebSocket
         self.h2 = None  # an h2 connection once the client spoke HTTP/2
         self.seen_bytes = False
@@ -78,6 +95,12 @@ class EchoProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        ssl_object = transport.get_extra_info("ssl_object")
+        if ssl_object is not None:
+            cipher = ssl_object.cipher()
+            self.tls = {"version": ssl_object.version() or "", "serverName": _SNI.pop(id(ssl_object), ""),
+                        "negotiatedProtocol": ssl_object.selected_alpn_protocol() or "",
+                        "cipherSuite": cipher[0] if cipher else ""}
 
     def data_received(self, data: bytes) -> None:
         if self.ws_buffer is not None:
@@ -304,6 +327,8 @@ class EchoProtocol(asyncio.Protocol):
             }
             if body_size:
                 payload["bodySize"] = body_size
+            if self.tls is not None:
+                payload["tls"] = self.tls
             status, body, ctype = 200, json.dumps(payload, indent=1).encode(), "application/json"
         self._write(status, body, ctype, extra, keep_alive, method)
 
@@ -321,8 +346,8 @@ class EchoProtocol(asyncio.Protocol):
             self.transport.close()
 
 
-async def start_echo(host: str, port: int, identity: PodIdentity,
-                     log_requests: bool = False) -> asyncio.base_events.Server:
+async def start_echo(host: str, port: int, identity: PodIdentity, log_requests: bool = False,
+                     tls: ssl.SSLContext | None = None) -> asyncio.base_events.Server:
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: EchoProtocol(identity, str(port), log_requests), host=host, port=port,
-                                    reuse_address=True)
+                                    reuse_address=True, ssl=tls)

@@ -523,7 +523,8 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     state = _ProxyState()
     try:
         proxy = _proxy_h2 if backend.protocol == "kubernetes.io/h2c" else _proxy
-        proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, retry_codes)
+        proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, retry_codes,
+                        backend.tls)
         return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
     except TimeoutError:
         if not state.head_sent:
@@ -617,7 +618,8 @@ def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, targe
 
 async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                     headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
-                    state: _ProxyState, retry_codes: frozenset[int] = frozenset()) -> bool:
+                    state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
+                    tls: ir.BackendTLS | None = None) -> bool:
     """The exchange over HTTP/2 to an h2c endpoint (appProtocol kubernetes.io/h2c)."""
     h2conn = await site.pools.h2_pool(endpoint.address, endpoint.port).acquire(CONNECT_TIMEOUT)
     original_host = get_header(ex.headers, "host") or host
@@ -653,8 +655,9 @@ async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: 
 
 async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                  headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
-                 state: _ProxyState, retry_codes: frozenset[int] = frozenset()) -> bool:
-    pool = site.pools.pool(endpoint.address, endpoint.port)
+                 state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
+                 tls: ir.BackendTLS | None = None) -> bool:
+    pool = site.pools.pool(endpoint.address, endpoint.port, tls)
     upstream = await pool.acquire(CONNECT_TIMEOUT)
     state.upstream = upstream
     conn.upstream = upstream
@@ -710,7 +713,7 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
         conn.end_response()
     if not upstream.closed and upstream.reusable and ex.body_done:
         state.released = True
-        site.pools.pool(endpoint.address, endpoint.port).release(upstream)
+        upstream.pool.release(upstream)
     return client_keep
 
 
@@ -775,7 +778,7 @@ def _start_mirror(site: Site, mirror: ir.Filter, ex: Exchange, headers: list[tup
     head = _request_head(copy, headers, host, target, peer, "http", host)
 
     async def send() -> None:
-        pool = site.pools.pool(endpoint.address, endpoint.port)
+        pool = site.pools.pool(endpoint.address, endpoint.port, backend.tls)
         try:
             upstream = await pool.acquire(CONNECT_TIMEOUT)
         except UpstreamError:

@@ -16,7 +16,7 @@ from tidegate import ir
 from tidegate.dataplane.balancer import RouteBalancer
 from tidegate.dataplane.http1 import ClientConnection
 from tidegate.dataplane.tls import TLSSite, server_context
-from tidegate.dataplane.upstream import EndpointPool
+from tidegate.dataplane.upstream import EndpointPool, backend_tls_context
 from tidegate.dataplane.upstream_h2 import H2EndpointPool
 from tidegate.router import Router, routers_by_port
 
@@ -27,14 +27,21 @@ class PoolSet:
     """Connection pools by endpoint, kept across reloads (endpoints rarely change with routes)."""
 
     def __init__(self) -> None:
-        self._pools: dict[tuple[str, int], EndpointPool] = {}
+        self._pools: dict[tuple, EndpointPool] = {}
         self._h2_pools: dict[tuple[str, int], H2EndpointPool] = {}
 
-    def pool(self, address: str, port: int) -> EndpointPool:
-        key = (address, port)
+    def pool(self, address: str, port: int, tls: ir.BackendTLS | None = None) -> EndpointPool:
+        key = (address, port, tls)
         found = self._pools.get(key)
         if found is None:
-            found = self._pools[key] = EndpointPool(address, port)
+            if tls is None:
+                found = EndpointPool(address, port)
+            else:
+                # With subjectAltNames the policy names what to trust instead of the hostname (GEP-1897).
+                ctx = backend_tls_context(tls.ca_pem, tls.well_known_ca, check_hostname=not tls.subject_alt_names)
+                found = EndpointPool(address, port, tls=ctx, server_hostname=tls.hostname,
+                                     subject_alt_names=tls.subject_alt_names)
+            self._pools[key] = found
         return found
 
     def h2_pool(self, address: str, port: int) -> H2EndpointPool:
@@ -45,7 +52,7 @@ class PoolSet:
         return found
 
     def retain(self, endpoints: set[tuple[str, int]]) -> None:
-        for key in [k for k in self._pools if k not in endpoints]:
+        for key in [k for k in self._pools if k[:2] not in endpoints]:
             self._pools.pop(key).close()
         for key in [k for k in self._h2_pools if k not in endpoints]:
             self._h2_pools.pop(key).close()

@@ -8,6 +8,7 @@ with backpressure both ways through pause_reading/resume_reading.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Callable
@@ -72,6 +73,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.done_future.set_result(None)
             else:
                 self.done_future.set_exception(error)
+                if self.head_future is not None and self.head_future.exception() is not None:
+                    self.done_future.exception()  # nobody waits for the body of a response that never came
         self.pool.forget(self)
 
     def pause_writing(self) -> None:
@@ -193,13 +196,34 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
+def _check_subject_alt_names(ssl_object: ssl.SSLObject | None, wanted: tuple[str, ...]) -> str:
+    """BackendTLSPolicy subjectAltNames: the endpoint's certificate must carry one of them (DNS or URI)."""
+    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    names = {value for kind, value in (cert or {}).get("subjectAltName", ()) if kind in ("DNS", "URI")}
+    return "" if names & set(wanted) else f"certificate names {sorted(names)} include none of {list(wanted)}"
+
+
+def backend_tls_context(ca_pem: str, well_known: str, check_hostname: bool) -> ssl.SSLContext:
+    """A client context for TLS to endpoints: trust the policy's CA certificates (or the system's)."""
+    # wellKnownCACertificates "System" and a policy with CA certificates are the two forms the API allows.
+    ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
+    ctx.check_hostname = check_hostname
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
 class EndpointPool:
     """Idle keep-alive connections to one endpoint. A request takes an idle one when there is one, and
     opens a new connection otherwise: it never waits on a busy connection."""
 
-    def __init__(self, host: str, port: int, max_idle: int = 64, idle_timeout: float = 60.0):
+    def __init__(self, host: str, port: int, max_idle: int = 64, idle_timeout: float = 60.0,
+                 tls: ssl.SSLContext | None = None, server_hostname: str = "",
+                 subject_alt_names: tuple[str, ...] = ()):
         self.host = host
         self.port = port
+        self.tls = tls  # TLS to the endpoint (BackendTLSPolicy), verified against server_hostname or the SANs
+        self.server_hostname = server_hostname
+        self.subject_alt_names = subject_alt_names
         self.idle: deque[UpstreamConnection] = deque()
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
@@ -212,13 +236,22 @@ class EndpointPool:
                 return conn
             conn.close()
         loop = asyncio.get_running_loop()
+        extra = {"ssl": self.tls, "server_hostname": self.server_hostname} if self.tls is not None else {}
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port), connect_timeout)
+            transport, protocol = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, **extra),
+                connect_timeout)
         except TimeoutError as exc:
             raise UpstreamError(f"connect to {self.host}:{self.port} timed out") from exc
+        except ssl.SSLError as exc:
+            raise UpstreamError(f"TLS to {self.host}:{self.port} failed: {exc.reason or exc}") from exc
         except OSError as exc:
             raise UpstreamError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
+        if self.tls is not None and self.subject_alt_names:
+            problem = _check_subject_alt_names(transport.get_extra_info("ssl_object"), self.subject_alt_names)
+            if problem:
+                transport.close()
+                raise UpstreamError(f"TLS to {self.host}:{self.port}: {problem}")
         return protocol
 
     def release(self, conn: UpstreamConnection) -> None:
