@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -123,6 +124,7 @@ class ClientConnection(asyncio.Protocol):
         self.seen_bytes = False
         self.http2 = False
         self.idle_handle: asyncio.TimerHandle | None = None
+        self.last_active = time.monotonic()
         self._drain = asyncio.Event()
         self._drain.set()
 
@@ -186,9 +188,7 @@ class ClientConnection(asyncio.Protocol):
             if data[:3] == b"PRI":  # the HTTP/2 connection preface: h2c with prior knowledge
                 self._switch_to_http2(data)
                 return
-        if self.idle_handle:
-            self.idle_handle.cancel()
-            self.idle_handle = None
+        self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
         except RequestRejected as exc:
@@ -279,12 +279,18 @@ class ClientConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _arm_idle(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.idle_handle = loop.call_later(IDLE_TIMEOUT, self._idle_close)
+        """One timer per connection, re-armed when it fires: cheaper than a timer per request."""
+        self.idle_handle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._idle_check)
 
-    def _idle_close(self) -> None:
-        if self.serving is None and self.transport is not None:
+    def _idle_check(self) -> None:
+        if self.closed or self.transport is None:
+            return
+        idle_for = time.monotonic() - self.last_active
+        if self.serving is None and idle_for >= IDLE_TIMEOUT:
             self.transport.close()
+        else:
+            self.idle_handle = asyncio.get_running_loop().call_later(max(IDLE_TIMEOUT - idle_for, 1.0),
+                                                                      self._idle_check)
 
     # -- serving ------------------------------------------------------------------------------------
     def _serve_next(self) -> None:
@@ -310,11 +316,11 @@ class ClientConnection(asyncio.Protocol):
         if not keep or not ex.keep_alive:
             self.transport.close()  # type: ignore[union-attr]
             return
+        self.last_active = time.monotonic()
         if self.queue:
             self._serve_next()
         else:
             self.resume_reading()
-            self._arm_idle()
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:

@@ -216,7 +216,7 @@ class EndpointPool:
     """Idle keep-alive connections to one endpoint. A request takes an idle one when there is one, and
     opens a new connection otherwise: it never waits on a busy connection."""
 
-    def __init__(self, host: str, port: int, max_idle: int = 64, idle_timeout: float = 60.0,
+    def __init__(self, host: str, port: int, max_idle: int = 1024, idle_timeout: float = 60.0,
                  tls: ssl.SSLContext | None = None, server_hostname: str = "",
                  subject_alt_names: tuple[str, ...] = ()):
         self.host = host
