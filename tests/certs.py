@@ -34,7 +34,7 @@ def tls_secret_yaml(namespace: str, name: str, hosts: list[str]) -> str:
 
 def ca_and_leaf(hosts: list[str]) -> tuple[bytes, bytes, bytes]:
     """A throwaway CA and a leaf certificate it signed: (CA PEM, leaf PEM, leaf key PEM)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tidegate test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

@@ -20,40 +20,10 @@ from tests.harness import (
     rss_kb,
     tidegate_run,
 )
+from tests.manifests import gateway, http_gateway, route, service
 
 GW_ADDR = "127.0.0.1"
 POD_A, POD_B, POD_M = "127.0.0.2", "127.0.0.3", "127.0.0.4"
-
-
-def service(name: str, pods: list[tuple[str, int, str]]) -> str:
-    eps = "".join(f"\n  - addresses: [{ip}]\n    targetRef: {{kind: Pod, name: {pod}}}" for ip, _, pod in pods)
-    port = pods[0][1] if pods else 9
-    return textwrap.dedent(f"""
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {{name: {name}, namespace: default}}
-    spec: {{ports: [{{name: http, port: 80, targetPort: {port}}}]}}
-    ---
-    apiVersion: discovery.k8s.io/v1
-    kind: EndpointSlice
-    metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-    addressType: IPv4
-    ports: [{{name: http, port: {port}}}]
-    endpoints:""") + (eps if pods else " []") + "\n"
-
-
-def route(name: str, host: str, rule: str) -> str:
-    return textwrap.dedent(f"""
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: HTTPRoute
-    metadata: {{name: {name}, namespace: default}}
-    spec:
-      parentRefs: [{{name: gw}}]
-      hostnames: [{host}]
-      rules:
-    """) + textwrap.indent(textwrap.dedent(rule).strip("\n"), "    ") + "\n"
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +32,7 @@ def stack(tmp_path_factory):
     echo_port, gw_port, dead_port = free_port(POD_A), free_port(GW_ADDR), free_port(POD_A)
     config = tmp / "config"
     config.mkdir()
-    base = textwrap.dedent(f"""
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: GatewayClass
-    metadata: {{name: tidegate}}
-    spec: {{controllerName: tidegate.io/gateway-controller}}
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: Gateway
-    metadata: {{name: gw, namespace: default}}
-    spec:
-      gatewayClassName: tidegate
-      addresses: [{{value: {GW_ADDR}}}]
-      listeners: [{{name: http, port: {gw_port}, protocol: HTTP}}]
-    """)
+    base = http_gateway(GW_ADDR, gw_port)
     base += service("both", [(POD_A, echo_port, "pod-a"), (POD_B, echo_port, "pod-b")])
     base += service("a", [(POD_A, echo_port, "pod-a")]) + service("b", [(POD_B, echo_port, "pod-b")])
     base += service("mirror", [(POD_M, echo_port, "pod-m")])
@@ -115,7 +72,7 @@ def stack(tmp_path_factory):
     (config / "config.yaml").write_text(base)
     pods = {(POD_A, echo_port): "default/pod-a", (POD_B, echo_port): "default/pod-b",
             (POD_M, echo_port): "default/pod-m"}
-    with echo_servers(pods, tmp / "echo.log") as echo, \
+    with echo_servers(pods, tmp / "echo.log"), \
             tidegate_run(config, (GW_ADDR, gw_port), tmp / "tidegate.log") as proxy:
         yield {"port": gw_port, "config": config, "echo_log": tmp / "echo.log", "proxy": proxy,
                "echo_port": echo_port, "tmp": tmp}
@@ -325,20 +282,7 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path):
     echo_port, gw_port = free_port(POD_A), free_port(GW_ADDR)
     config = tmp_path / "config"
     config.mkdir()
-    (config / "c.yaml").write_text(textwrap.dedent(f"""
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: GatewayClass
-    metadata: {{name: tidegate}}
-    spec: {{controllerName: tidegate.io/gateway-controller}}
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: Gateway
-    metadata: {{name: gw, namespace: default}}
-    spec:
-      gatewayClassName: tidegate
-      addresses: [{{value: {GW_ADDR}}}]
-      listeners: [{{name: http, port: {gw_port}, protocol: HTTP}}]
-    """) + service("a", [(POD_A, echo_port, "pod-a")]) + route("r", "slow.test", "- backendRefs: [{name: a, port: 80}]"))
+    (config / "c.yaml").write_text(http_gateway(GW_ADDR, gw_port) + service("a", [(POD_A, echo_port, "pod-a")]) + route("r", "slow.test", "- backendRefs: [{name: a, port: 80}]"))
     result: list = []
     with echo_servers({(POD_A, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
         with tidegate_run(config, (GW_ADDR, gw_port), tmp_path / "tidegate.log") as proxy:
@@ -363,22 +307,8 @@ def test_a_taken_port_is_reported_and_the_other_listeners_serve(tmp_path):
     blocker.listen()
     config = tmp_path / "config"
     config.mkdir()
-    (config / "c.yaml").write_text(textwrap.dedent(f"""
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: GatewayClass
-    metadata: {{name: tidegate}}
-    spec: {{controllerName: tidegate.io/gateway-controller}}
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: Gateway
-    metadata: {{name: gw, namespace: default}}
-    spec:
-      gatewayClassName: tidegate
-      addresses: [{{value: {GW_ADDR}}}]
-      listeners:
-        - {{name: free, port: {free}, protocol: HTTP}}
-        - {{name: taken, port: {taken}, protocol: HTTP}}
-    """) + service("a", [(POD_A, echo_port, "pod-a")]) + route("r", "any.test", "- backendRefs: [{name: a, port: 80}]"))
+    listeners = f"[{{name: free, port: {free}, protocol: HTTP}}, {{name: taken, port: {taken}, protocol: HTTP}}]"
+    (config / "c.yaml").write_text(gateway(GW_ADDR, listeners) + service("a", [(POD_A, echo_port, "pod-a")]) + route("r", "any.test", "- backendRefs: [{name: a, port: 80}]"))
     try:
         with echo_servers({(POD_A, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
             with tidegate_run(config, (GW_ADDR, free), tmp_path / "tidegate.log"):
@@ -466,32 +396,8 @@ def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
     echo_port, gw_port = free_port(POD_A), free_port(GW_ADDR)
     config = tmp_path / "config"
     config.mkdir()
-    (config / "c.yaml").write_text(textwrap.dedent(f"""
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: GatewayClass
-    metadata: {{name: tidegate}}
-    spec: {{controllerName: tidegate.io/gateway-controller}}
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: Gateway
-    metadata: {{name: gw, namespace: default}}
-    spec:
-      gatewayClassName: tidegate
-      addresses: [{{value: {GW_ADDR}}}]
-      listeners: [{{name: http, port: {gw_port}, protocol: HTTP}}]
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {{name: grpcish, namespace: default}}
-    spec: {{ports: [{{name: h2c, port: 80, targetPort: {echo_port}, appProtocol: kubernetes.io/h2c}}]}}
-    ---
-    apiVersion: discovery.k8s.io/v1
-    kind: EndpointSlice
-    metadata: {{name: grpcish-1, namespace: default, labels: {{kubernetes.io/service-name: grpcish}}}}
-    addressType: IPv4
-    ports: [{{name: h2c, port: {echo_port}}}]
-    endpoints: [{{addresses: [{POD_A}], targetRef: {{kind: Pod, name: pod-a}}}}]
-    """) + route("r", "h2c.test", "- backendRefs: [{name: grpcish, port: 80}]"))
+    (config / "c.yaml").write_text(http_gateway(GW_ADDR, gw_port)
+                                   + service("grpcish", [(POD_A, echo_port, "pod-a")], "kubernetes.io/h2c") + route("r", "h2c.test", "- backendRefs: [{name: grpcish, port: 80}]"))
     with echo_servers({(POD_A, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
         with tidegate_run(config, (GW_ADDR, gw_port), tmp_path / "tidegate.log"):
             for _ in range(3):  # several requests share one HTTP/2 connection to the pod

@@ -13,46 +13,18 @@ from cryptography import x509
 
 from tests.certs import tls_secret_yaml
 from tests.harness import echo_servers, free_port, request, tidegate_run
+from tests.manifests import gateway, http_gateway, route, service
 
 GW, POD = "127.0.0.1", "127.0.0.5"
 
 
 def config(port: int, echo_port: int) -> str:
-    return textwrap.dedent(f"""
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: GatewayClass
-    metadata: {{name: tidegate}}
-    spec: {{controllerName: tidegate.io/gateway-controller}}
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: Gateway
-    metadata: {{name: gw, namespace: default}}
-    spec:
-      gatewayClassName: tidegate
-      addresses: [{{value: {GW}}}]
-      listeners:
-        - {{name: a, port: {port}, protocol: HTTPS, hostname: a.test, tls: {{certificateRefs: [{{name: cert-a}}]}}}}
-        - {{name: wild, port: {port}, protocol: HTTPS, hostname: "*.b.test", tls: {{certificateRefs: [{{name: cert-b}}]}}}}
-    ---
-    apiVersion: gateway.networking.k8s.io/v1
-    kind: HTTPRoute
-    metadata: {{name: r, namespace: default}}
-    spec:
-      parentRefs: [{{name: gw}}]
-      rules: [{{backendRefs: [{{name: echo, port: 80}}]}}]
-    ---
-    apiVersion: v1
-    kind: Service
-    metadata: {{name: echo, namespace: default}}
-    spec: {{ports: [{{port: 80, targetPort: {echo_port}}}]}}
-    ---
-    apiVersion: discovery.k8s.io/v1
-    kind: EndpointSlice
-    metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}
-    addressType: IPv4
-    endpoints: [{{addresses: [{POD}], targetRef: {{kind: Pod, name: echo-0}}}}]
-    ports: [{{port: {echo_port}}}]
-    """)
+    listeners = (f'[{{name: a, port: {port}, protocol: HTTPS, hostname: a.test, '
+                 f'tls: {{certificateRefs: [{{name: cert-a}}]}}}}, '
+                 f'{{name: wild, port: {port}, protocol: HTTPS, hostname: "*.b.test", '
+                 f'tls: {{certificateRefs: [{{name: cert-b}}]}}}}]')
+    return (gateway(GW, listeners) + service("echo", [(POD, echo_port, "echo-0")])
+            + route("r", "", "- backendRefs: [{name: echo, port: 80}]"))
 
 
 def handshake(port: int, sni: str, host: str = "") -> tuple[list[str], bytes]:
@@ -144,23 +116,11 @@ def test_backend_tls_policy_reencrypts_to_the_pod_and_verifies_it(tmp_path):
                 ("wrong-hostname", "secure-b", "other.internal", ""),
                 ("by-san", "secure-c", "not-in-the-cert.internal",
                  "    subjectAltNames: [{type: URI, uri: 'spiffe://cluster.local/ns/default/sa/secure'}]\n")]
-    docs = [textwrap.dedent(f"""
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: GatewayClass
-        metadata: {{name: tidegate}}
-        spec: {{controllerName: tidegate.io/gateway-controller}}
-        ---
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: Gateway
-        metadata: {{name: gw, namespace: default}}
-        spec:
-          gatewayClassName: tidegate
-          addresses: [{{value: {GW}}}]
-          listeners: [{{name: http, port: {gw_port}, protocol: HTTP}}]
+    docs = [http_gateway(GW, gw_port) + textwrap.dedent("""
         ---
         apiVersion: v1
         kind: ConfigMap
-        metadata: {{name: ca, namespace: default}}
+        metadata: {name: ca, namespace: default}
         data:
           ca.crt: |
         """) + ca_text]

@@ -446,13 +446,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
             conn.send_simple(int(f.config.get("statusCode", 302)), "", [("Location", location)],
                              close=not can_keep, head_only=head_only)
             return can_keep
-        if f.type == "RequestHeaderModifier":
-            headers = modify_headers(headers, f.config)
-        elif f.type == "ResponseHeaderModifier":
-            response_mods.append(f.config)
-        elif f.type == "URLRewrite":
-            upstream_host, upstream_path = _rewrite(f.config, upstream_host, upstream_path, matched_prefix)
-        elif f.type == "RequestMirror":
+        if f.type == "RequestMirror":
             mirrors.append(f)
         elif f.type == "CORS":
             origin = headers_lower.get("origin")
@@ -465,6 +459,9 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
                 conn.send_simple(204, "", preflight, close=not can_keep)
                 return can_keep
             response_mods.append(cors_response(f.config, origin))
+        else:
+            headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host,
+                                                            upstream_path, matched_prefix)
     if route.direct_status:
         conn.send_simple(route.direct_status, "route has no backend", close=not can_keep, head_only=head_only)
         return can_keep
@@ -505,12 +502,8 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
                          close=not can_keep, head_only=head_only)
         return can_keep
     for f in backend.filters:
-        if f.type == "RequestHeaderModifier":
-            headers = modify_headers(headers, f.config)
-        elif f.type == "ResponseHeaderModifier":
-            response_mods.append(f.config)
-        elif f.type == "URLRewrite":
-            upstream_host, upstream_path = _rewrite(f.config, upstream_host, upstream_path, matched_prefix)
+        headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host, upstream_path,
+                                                        matched_prefix)
     endpoint = site.balancer.endpoint_for(backend)
     if endpoint is None:
         if retry_codes and 503 in retry_codes:
@@ -556,6 +549,18 @@ class _RetryStatus(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
+
+
+def _modify(f: ir.Filter, headers: list[tuple[str, str]], response_mods: list[dict], host: str, path: str,
+            matched_prefix: str | None) -> tuple[list[tuple[str, str]], str, str]:
+    """The filters that change the request or queue a response change (route or backend level)."""
+    if f.type == "RequestHeaderModifier":
+        headers = modify_headers(headers, f.config)
+    elif f.type == "ResponseHeaderModifier":
+        response_mods.append(f.config)
+    elif f.type == "URLRewrite":
+        host, path = _rewrite(f.config, host, path, matched_prefix)
+    return headers, host, path
 
 
 def _rewrite(config: dict, host: str, path: str, matched_prefix: str | None) -> tuple[str, str]:

@@ -1,0 +1,62 @@
+"""YAML snippets the end-to-end tests share: a GatewayClass of tidegate's, a Gateway, a Service with pods."""
+
+from __future__ import annotations
+
+import textwrap
+
+
+def gateway(address: str, listeners: str, name: str = "gw") -> str:
+    """tidegate's GatewayClass and a Gateway bound to `address` (listeners: a YAML flow list)."""
+    return textwrap.dedent(f"""
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: GatewayClass
+    metadata: {{name: tidegate}}
+    spec: {{controllerName: tidegate.io/gateway-controller}}
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: Gateway
+    metadata: {{name: {name}, namespace: default}}
+    spec:
+      gatewayClassName: tidegate
+      addresses: [{{value: {address}}}]
+      listeners: {listeners}
+    """)
+
+
+def http_gateway(address: str, port: int) -> str:
+    return gateway(address, f"[{{name: http, port: {port}, protocol: HTTP}}]")
+
+
+def service(name: str, pods: list[tuple[str, int, str]], app_protocol: str = "") -> str:
+    """A Service and the EndpointSlice a cluster would make for it: pods are (address, port, pod name)."""
+    endpoints = "".join(f"\n  - addresses: [{ip}]\n    targetRef: {{kind: Pod, name: {pod}}}" for ip, _, pod in pods)
+    port = pods[0][1] if pods else 9
+    protocol = f", appProtocol: {app_protocol}" if app_protocol else ""
+    return textwrap.dedent(f"""
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {{name: {name}, namespace: default}}
+    spec: {{ports: [{{name: http, port: 80, targetPort: {port}{protocol}}}]}}
+    ---
+    apiVersion: discovery.k8s.io/v1
+    kind: EndpointSlice
+    metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+    addressType: IPv4
+    ports: [{{name: http, port: {port}}}]
+    endpoints:""") + (endpoints if pods else " []") + "\n"
+
+
+def route(name: str, host: str, rule: str) -> str:
+    """An HTTPRoute on Gateway "gw" for one hostname (any when empty); `rule` is the YAML of its rules list."""
+    hostnames = f"hostnames: [{host}]" if host else ""
+    return textwrap.dedent(f"""
+    ---
+    apiVersion: gateway.networking.k8s.io/v1
+    kind: HTTPRoute
+    metadata: {{name: {name}, namespace: default}}
+    spec:
+      parentRefs: [{{name: gw}}]
+      {hostnames}
+      rules:
+    """) + textwrap.indent(textwrap.dedent(rule).strip("\n"), "    ") + "\n"
