@@ -117,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _options(args: argparse.Namespace) -> TranslateOptions:
-    return TranslateOptions(address=args.address, ingress_http_port=args.ingress_http_port,
+    # Without --address, a specific --bind address is the one clients reach.
+    bind = getattr(args, "bind", "")
+    address = args.address or (bind if bind not in ("", "0.0.0.0", "::") else "")
+    return TranslateOptions(address=address, ingress_http_port=args.ingress_http_port,
                             ingress_https_port=args.ingress_https_port)
 
 

@@ -4,6 +4,7 @@ the generation, as the API server would), and the computed status is checked as 
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ import yaml
 
 from tests.certs import tls_secret_yaml
 from tests.conformance.golit import INFRA, WEB
+from tidegate.dataplane.server import DataPlane
 from tidegate.resources.model import Key
 from tidegate.sources.file import FileSource
 from tidegate.store import Store
-from tidegate.translate import translate
+from tidegate.translate import TranslateOptions, translate
+from tidegate.translate.gateways import mark_unbindable
 
 CONTROLLER = "tidegate.io/gateway-controller"
 
@@ -23,7 +26,8 @@ CONTROLLER = "tidegate.io/gateway-controller"
 class FileCluster:
     """Base manifests plus one case in a folder, loaded by a FileSource; edits go through the files."""
 
-    def __init__(self, folder: Path, suite: Path, case: str, gateway_class: str):
+    def __init__(self, folder: Path, suite: Path, case: str, gateway_class: str,
+                 substitute: dict[str, str] | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "class.yaml").write_text(
             f"apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: {gateway_class}}}\n"
@@ -31,7 +35,8 @@ class FileCluster:
         (folder / "secrets.yaml").write_text(
             tls_secret_yaml(INFRA, "tls-validity-checks-certificate", ["*", "*.org", "*.wildcard.org"]) + "---\n"
             + tls_secret_yaml(WEB, "certificate", ["*"]))
-        substitute = {"{GATEWAY_CLASS_NAME}": gateway_class, "{GATEWAY_CONTROLLER_NAME}": CONTROLLER}
+        substitute = {"{GATEWAY_CLASS_NAME}": gateway_class, "{GATEWAY_CONTROLLER_NAME}": CONTROLLER,
+                      **(substitute or {})}
         texts = {"base.yaml": (suite / "base" / "manifests.yaml").read_text(),
                  "case.yaml": (suite / "tests" / case).read_text()}
         for name, text in texts.items():
@@ -44,8 +49,22 @@ class FileCluster:
         problems = [p for p in self.source.load() if p.severity == "error"]
         assert not problems, [str(p) for p in problems]
 
-    def status(self, key: Key) -> dict[str, Any]:
-        return translate(self.store.snapshot().resources).statuses[key]
+    def status(self, key: Key, address: str = "") -> dict[str, Any]:
+        return translate(self.store.snapshot().resources, TranslateOptions(address=address)).statuses[key]
+
+    def served_status(self, key: Key) -> dict[str, Any]:
+        """The status after the data plane tried to open the sockets (as `tidegate run` reports it)."""
+
+        async def serve() -> dict[str, Any]:
+            translation = translate(self.store.snapshot().resources)
+            dataplane = DataPlane(bind="127.0.0.1")
+            try:
+                errors = await dataplane.apply(translation.ir)
+            finally:
+                await dataplane.close()
+            return mark_unbindable(translation.statuses, list(translation.ir.listeners), errors, "127.0.0.1")[key]
+
+        return asyncio.run(serve())
 
     def generation(self, key: Key) -> int:
         found = self.store.snapshot().get(key)
@@ -149,9 +168,60 @@ def gateway_modify_listeners(folder: Path, suite: Path, gateway_class: str) -> l
     return failures
 
 
+def _condition(conditions: list[dict], type_: str, status: str, reason: str) -> bool:
+    return any(c["type"] == type_ and c["status"] == status and c["reason"] == reason for c in conditions)
+
+
+def gateway_static_addresses(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    """The suite's usable and unusable addresses: 127.0.3.1 is a loopback address this host can bind;
+    192.0.2.77 (TEST-NET-1) is on no interface here, so binding to it fails."""
+    usable, unusable = "127.0.3.1", "192.0.2.77"
+    cluster = FileCluster(folder, suite, "gateway-static-addresses.yaml", gateway_class,
+                          {'value: "PLACEHOLDER_UNUSABLE_ADDRS"': f'value: "{unusable}"',
+                           'value: "PLACEHOLDER_USABLE_ADDRS"': f'value: "{usable}"'})
+    key = Key("Gateway", INFRA, "gateway-static-addresses")
+    failures = []
+    if not _condition(cluster.status(key)["conditions"], "Accepted", "False", "UnsupportedAddress"):
+        failures.append("an unsupported address type did not make the Gateway Accepted=False UnsupportedAddress")
+    cluster.patch("Gateway", key.name, lambda d: d["spec"].update(
+        addresses=[a for a in d["spec"]["addresses"] if a.get("type", "IPAddress") == "IPAddress"]))
+    status = cluster.served_status(key)
+    if not _condition(status["conditions"], "Accepted", "True", "Accepted"):
+        failures.append("without the invalid address the Gateway is not Accepted")
+    if not _condition(status["conditions"], "Programmed", "False", "AddressNotUsable"):
+        failures.append(f"an address that cannot be bound did not give Programmed=False AddressNotUsable: "
+                        f"{status['conditions']}")
+    cluster.patch("Gateway", key.name, lambda d: d["spec"].update(
+        addresses=[a for a in d["spec"]["addresses"] if a.get("value") != unusable]))
+    status = cluster.served_status(key)
+    if not _condition(status["conditions"], "Programmed", "True", "Programmed"):
+        failures.append("with only the usable address the Gateway is not Programmed")
+    if [a["value"] for a in status["addresses"]] != [usable]:
+        failures.append(f"status addresses {status['addresses']}, expected only {usable}")
+    listener = next((entry for entry in status["listeners"] if entry["name"] == "http"), None)
+    if listener is None or not _has(listener["conditions"], "Accepted", "True") \
+            or not _has(listener["conditions"], "ResolvedRefs", "True") or listener["attachedRoutes"] != 0:
+        failures.append(f"listener http is not as expected: {listener}")
+    return failures
+
+
+def gateway_optional_address_value(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    """An address entry without a value asks the implementation for one: tidegate gives the address it was
+    told to report (--address)."""
+    cluster = FileCluster(folder, suite, "gateway-optional-address-value.yaml", gateway_class)
+    status = cluster.status(Key("Gateway", INFRA, "gateway-without-address-value"), address="127.0.3.2")
+    if [a["value"] for a in status.get("addresses", [])] != ["127.0.3.2"]:
+        return [f"no address assigned: {status.get('addresses')}"]
+    if not _has(status["conditions"], "Accepted", "True"):
+        return ["the Gateway is not Accepted"]
+    return []
+
+
 MUTATION_CASES: dict[str, Callable[[Path, Path, str], list[str]]] = {
     "HTTPRouteObservedGenerationBump": httproute_observed_generation_bump,
     "GatewayObservedGenerationBump": gateway_observed_generation_bump,
     "GatewayClassObservedGenerationBump": gatewayclass_observed_generation_bump,
     "GatewayModifyListeners": gateway_modify_listeners,
+    "GatewayStaticAddresses": gateway_static_addresses,
+    "GatewayOptionalAddressValue": gateway_optional_address_value,
 }

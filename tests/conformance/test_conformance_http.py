@@ -52,8 +52,6 @@ NOT_YET = {
     "GatewayInvalidFrontendClientCertificateValidation": "client certificate validation (mTLS) is not implemented yet",
     "GatewayInvalidTLSBackendConfiguration": "TLS to backends (BackendTLSPolicy) is not served yet",
     "GatewayTLSBackendClientCertificate": "TLS to backends (BackendTLSPolicy) is not served yet",
-    "GatewayOptionalAddressValue": "its Go test needs an address assigned by a cluster; not ported yet",
-    "GatewayStaticAddresses": "only its unsupported-address step is ported (tests/test_conformance_status.py)",
 }
 
 

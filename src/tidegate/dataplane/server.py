@@ -9,6 +9,7 @@ keep-alive connections survive it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from dataclasses import dataclass, field
 
@@ -75,7 +76,8 @@ class DataPlane:
         self.pools = PoolSet()
         self.sites: dict[tuple[str, int], Site] = {}
         self.servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
-        self.errors: dict[tuple[str, int], str] = {}  # listeners that could not be opened, and why
+        # Sockets that could not be opened: (reason for the status condition, message).
+        self.errors: dict[tuple[str, int], tuple[str, str]] = {}
         self.tls_sites: dict[tuple[str, int], TLSSite] = {}
         self.schemes: dict[tuple[str, int], str] = {}
         self._contexts: dict[tuple[str, str], object] = {}  # certificate → SSLContext, reused across reloads
@@ -84,7 +86,7 @@ class DataPlane:
     def _empty_site(self) -> Site:
         return Site(None, RouteBalancer(), self.pools, self._background)
 
-    async def apply(self, config: ir.IR) -> dict[tuple[str, int], str]:
+    async def apply(self, config: ir.IR) -> dict[tuple[str, int], tuple[str, str]]:
         """Serve `config` from now on. Returns the listeners that could not be opened, with the reason."""
         routers = {(addr or self.bind, port): router for (addr, port), router in routers_by_port(config).items()}
         https: dict[tuple[str, int], list[ir.Listener]] = {}
@@ -103,7 +105,7 @@ class DataPlane:
         self.tls_sites = tls_sites
 
         loop = asyncio.get_running_loop()
-        errors: dict[tuple[str, int], str] = {}
+        errors: dict[tuple[str, int], tuple[str, str]] = {}
         for key in routers:
             scheme = "https" if key in https else "http"
             if key in self.servers and self.schemes.get(key) == scheme:
@@ -118,8 +120,9 @@ class DataPlane:
                         lambda: self.sites.get(key) or self._empty_site(), port, scheme),
                     host=address, port=port, reuse_address=True, backlog=1024, ssl=ssl_ctx)
             except OSError as exc:
-                errors[key] = f"cannot listen on {address}:{port}: {exc.strerror or exc}"
-                log.error("%s", errors[key])
+                reason = "AddressNotUsable" if exc.errno == errno.EADDRNOTAVAIL else "PortUnavailable"
+                errors[key] = (reason, f"cannot listen on {address}:{port}: {exc.strerror or exc}")
+                log.error("%s", errors[key][1])
                 continue
             self.schemes[key] = scheme
             self.servers[key] = server

@@ -53,11 +53,12 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
         for state in gw.listeners:
             if not (state.accepted[0] and state.programmable):
                 continue
-            listeners.append(ir.Listener(
-                name=f"{gateway_name}/{state.name}", gateway=gateway_name, address=gw.bind_address,
-                port=state.port, protocol=state.protocol, hostname=state.hostname, tls=state.tls,
-                http_routes=tuple(sorted(state.http_routes, key=lambda r: r.name)),
-                l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
+            for address in gw.bind_addresses or [""]:
+                listeners.append(ir.Listener(
+                    name=f"{gateway_name}/{state.name}", gateway=gateway_name, address=address,
+                    port=state.port, protocol=state.protocol, hostname=state.hostname, tls=state.tls,
+                    http_routes=tuple(sorted(state.http_routes, key=lambda r: r.name)),
+                    l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
                                      policies.by_target, statuses, notes)
     statuses.update(policy_statuses(index, policies, listeners))

@@ -60,7 +60,9 @@ class GatewayState:
     listeners: list[ListenerState] = field(default_factory=list)
     conditions: list[dict[str, Any]] = field(default_factory=list)
     addresses: list[dict[str, str]] = field(default_factory=list)
-    bind_address: str = ""
+    # Every listener binds to each of these (the Gateway API says: all listeners on every address); none
+    # means the run's --bind address.
+    bind_addresses: list[str] = field(default_factory=list)
     accepted: bool = True
 
     @property
@@ -127,7 +129,7 @@ def _gateway_state(index: Index, gw: Resource, default_address: str) -> GatewayS
 
     ips = [a["value"] for a in gw.spec.get("addresses", []) if a.get("type", "IPAddress") == "IPAddress"
            and a.get("value") and is_ip(a["value"])]
-    state.bind_address = ips[0] if ips else ""
+    state.bind_addresses = list(dict.fromkeys(ips))
     shown = ips or ([default_address] if default_address else [])
     state.addresses = [{"type": "IPAddress", "value": ip} for ip in shown]
     state.conditions = [
@@ -261,35 +263,39 @@ def gateway_status(state: GatewayState) -> dict[str, Any]:
     }
 
 
-def mark_unbindable(statuses: dict, listeners: list[ir.Listener], errors: dict[tuple[str, int], str],
+def mark_unbindable(statuses: dict, listeners: list[ir.Listener], errors: dict[tuple[str, int], tuple[str, str]],
                     bind: str) -> dict:
-    """A copy of `statuses` where listeners whose socket could not be opened are Accepted=False with reason
-    PortUnavailable (and not Programmed). The translator cannot know this; the data plane finds out."""
+    """A copy of `statuses` with what only the data plane can find out: a listener whose port is taken is
+    Accepted=False (PortUnavailable); a Gateway address that cannot be bound here makes the Gateway
+    Programmed=False (AddressNotUsable) and is left out of its status addresses."""
     if not errors:
         return statuses
     out = dict(statuses)
+    gateway_keys = {(k.namespace, k.name): k for k in out if k.kind == "Gateway"}
     for listener in listeners:
         error = errors.get((listener.address or bind, listener.port))
         if error is None or listener.gateway.count("/") != 1:
             continue
-        namespace, name = listener.gateway.split("/")
-        key = next((k for k in out if k.kind == "Gateway" and k.namespace == namespace and k.name == name), None)
+        key = gateway_keys.get(tuple(listener.gateway.split("/")))  # type: ignore[arg-type]
         if key is None:
             continue
+        reason, message = error
         status = dict(out[key])
-        section = listener.name.rsplit("/", 1)[1]
-        updated = []
-        for entry in status["listeners"]:
-            if entry["name"] == section:
-                entry = dict(entry)
-                conditions = []
-                for cond in entry["conditions"]:
-                    if cond["type"] in ("Accepted", "Programmed"):
-                        cond = {**cond, "status": "False", "message": error,
-                                "reason": "PortUnavailable" if cond["type"] == "Accepted" else "Invalid"}
-                    conditions.append(cond)
-                entry["conditions"] = conditions
-            updated.append(entry)
-        status["listeners"] = updated
+        if reason == "AddressNotUsable":
+            status["conditions"] = [
+                {**c, "status": "False", "reason": "AddressNotUsable", "message": message}
+                if c["type"] == "Programmed" else c for c in status["conditions"]]
+            status["addresses"] = [a for a in status.get("addresses", []) if a["value"] != listener.address]
+        else:
+            section = listener.name.rsplit("/", 1)[1]
+            status["listeners"] = [_unbound_listener(entry, message) if entry["name"] == section else entry
+                                   for entry in status["listeners"]]
         out[key] = status
     return out
+
+
+def _unbound_listener(entry: dict, message: str) -> dict:
+    conditions = [{**c, "status": "False", "message": message,
+                   "reason": "PortUnavailable" if c["type"] == "Accepted" else "Invalid"}
+                  if c["type"] in ("Accepted", "Programmed") else c for c in entry["conditions"]]
+    return {**entry, "conditions": conditions}
