@@ -166,3 +166,62 @@ def test_backend_tls_policy_reencrypts_to_the_pod_and_verifies_it(tmp_path):
             assert status == 502 and b"TLS" in body  # the certificate does not cover other.internal
             status, _, body = request(GW, gw_port, "/", headers={"Host": "secure-c.test"})
             assert status == 200 and json.loads(body)["tls"]["serverName"] == "not-in-the-cert.internal"
+
+
+def test_client_certificates_are_required_when_the_gateway_validates_them(tmp_path):
+    from tests.certs import ca_and_leaf
+
+    ca, client_cert, client_key = ca_and_leaf(["client.example"])
+    _, stranger_cert, stranger_key = ca_and_leaf(["stranger.example"])  # signed by another CA
+    for name, data in {"client.pem": client_cert, "client.key": client_key, "stranger.pem": stranger_cert,
+                       "stranger.key": stranger_key}.items():
+        (tmp_path / name).write_bytes(data)
+    echo_port, strict_port, open_port = free_port(POD), free_port(GW), free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    listeners = (f"[{{name: strict, port: {strict_port}, protocol: HTTPS, tls: {{certificateRefs: [{{name: cert-a}}]}}}},"
+                 f" {{name: open, port: {open_port}, protocol: HTTPS, tls: {{certificateRefs: [{{name: cert-a}}]}}}}]")
+    frontend = textwrap.indent(textwrap.dedent(f"""
+        tls:
+          frontend:
+            default:
+              validation: {{caCertificateRefs: [{{group: "", kind: ConfigMap, name: client-ca}}]}}
+            perPort:
+              - port: {open_port}
+                tls:
+                  validation:
+                    mode: AllowInsecureFallback
+                    caCertificateRefs: [{{group: "", kind: ConfigMap, name: client-ca}}]
+        """), "  ")
+    manifest = gateway(GW, listeners).replace("  listeners:", frontend.rstrip("\n") + "\n  listeners:")
+    manifest += service("echo", [(POD, echo_port, "echo-0")]) + route("r", "", "- backendRefs: [{name: echo, port: 80}]")
+    manifest += "---\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: client-ca, namespace: default}\ndata:\n"
+    manifest += "  ca.crt: |\n" + textwrap.indent(ca.decode(), "    ") + "---\n"
+    manifest += tls_secret_yaml("default", "cert-a", ["a.test"])
+    (config / "c.yaml").write_text(manifest)
+
+    def get(port: int, cert: str | None) -> int:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        if cert:
+            ctx.load_cert_chain(tmp_path / f"{cert}.pem", tmp_path / f"{cert}.key")
+        with socket.create_connection((GW, port), timeout=5) as raw, \
+                ctx.wrap_socket(raw, server_hostname="a.test") as s:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            try:
+                reply = s.recv(100)
+            except (ssl.SSLError, ConnectionError):
+                return 0  # with TLS 1.3 the refusal of a client certificate arrives after the handshake
+        return int(reply.split()[1]) if reply else 0
+
+    with echo_servers({(POD, echo_port): "default/echo-0"}, tmp_path / "echo.log"):
+        with tidegate_run(config, (GW, strict_port), tmp_path / "tidegate.log"):
+            assert get(strict_port, "client") == 200
+            for cert in (None, "stranger"):
+                try:
+                    status = get(strict_port, cert)
+                except (ssl.SSLError, ConnectionError):
+                    status = 0
+                assert status == 0, f"a client with {cert or 'no'} certificate was let in"
+            assert [get(open_port, cert) for cert in ("client", "stranger", None)] == [200, 200, 200]

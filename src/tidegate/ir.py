@@ -134,6 +134,10 @@ class Certificate:
 class ListenerTLS:
     mode: str  # Terminate | Passthrough
     certificates: tuple[Certificate, ...] = ()
+    # Client certificates (Gateway spec.tls.frontend): CAs to verify them against, and the mode
+    # (AllowValidOnly: a valid certificate is required; AllowInsecureFallback: any client is let in).
+    client_ca_pem: str = ""
+    client_validation: str = ""
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,9 @@ class Expectation:
     gateway: str  # the Gateway whose address the request goes to
     helper: str  # the suite helper that sends it (MakeRequestAndExpectEventuallyConsistentResponse, ...)
     server_name: str = ""  # TLS SNI, for the tls.* helpers ("@host": the request's Host)
+    client_cert: str = ""  # which client certificate to present ("" none)
+    port: int = 0  # a listener port other than the Gateway's first one
+    expect_failure: bool = False  # MakeTLSRequestAndExpectFailureResponse: refused or not 200
 
 
 @dataclass

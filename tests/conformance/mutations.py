@@ -5,13 +5,14 @@ the generation, as the API server would), and the computed status is checked as 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tests.certs import tls_secret_yaml
+from tests.certs import ca_and_leaf, tls_secret_yaml
 from tests.conformance.golit import INFRA, WEB
 from tidegate.dataplane.server import DataPlane
 from tidegate.resources.model import Key
@@ -32,9 +33,12 @@ class FileCluster:
         (folder / "class.yaml").write_text(
             f"apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {{name: {gateway_class}}}\n"
             f"spec: {{controllerName: {CONTROLLER}}}\n")
-        (folder / "secrets.yaml").write_text(
-            tls_secret_yaml(INFRA, "tls-validity-checks-certificate", ["*", "*.org", "*.wildcard.org"]) + "---\n"
-            + tls_secret_yaml(WEB, "certificate", ["*"]))
+        cas = [f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: {INFRA}}}\ndata:\n"
+               "  ca.crt: |\n" + "".join(f"    {line}\n" for line in ca_and_leaf(["x"])[0].decode().splitlines())
+               for name in ("tls-validity-checks-ca-certificate", "tls-validity-checks-per-port-ca-certificate")]
+        (folder / "secrets.yaml").write_text("---\n".join([
+            tls_secret_yaml(INFRA, "tls-validity-checks-certificate", ["*", "*.org", "*.wildcard.org"]),
+            tls_secret_yaml(WEB, "certificate", ["*"]), *cas]))
         substitute = {"{GATEWAY_CLASS_NAME}": gateway_class, "{GATEWAY_CONTROLLER_NAME}": CONTROLLER,
                       **(substitute or {})}
         texts = {"base.yaml": (suite / "base" / "manifests.yaml").read_text(),
@@ -217,6 +221,50 @@ def gateway_optional_address_value(folder: Path, suite: Path, gateway_class: str
     return []
 
 
+_LISTENER_ROW = re.compile(r'lName:\s*"([^"]+)",\s*expectedConditions:\s*\[\]metav1\.Condition\{(.*?)\n\t{4,5}\},',
+                           re.DOTALL)
+_CONDITION = re.compile(r"Type:\s*string\(gatewayv1\.ListenerCondition(\w+)\),\s*Status:\s*metav1\.Condition(\w+),"
+                        r"\s*Reason:\s*(?:string\(gatewayv1\.ListenerReason(\w+)\)|\"\")")
+
+
+def listener_condition_table(go_file: Path) -> dict[str, list[tuple[str, str, str]]]:
+    """The (listener → expected conditions) table of a Go case, read from its source."""
+    text = go_file.read_text()
+    return {name: [(t, st, reason or "") for t, st, reason in _CONDITION.findall(body)]
+            for name, body in _LISTENER_ROW.findall(text)}
+
+
+# GatewayFrontendInvalidDefaultClientCertificateValidation writes its expectations inline, not as a table.
+INVALID_DEFAULT_VALIDATION = {
+    "http": [("ResolvedRefs", "True", ""), ("Accepted", "True", ""), ("Programmed", "True", "")],
+    "https": [("ResolvedRefs", "False", "InvalidCACertificateRef"), ("Accepted", "False", "NoValidCACertificate"),
+              ("Programmed", "False", "")],
+}
+
+
+def _listener_conditions_case(manifest: str, go_name: str, gateway_name: str,
+                              table: dict | None = None) -> Callable[[Path, Path, str], list[str]]:
+    def run(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+        expected_table = table or listener_condition_table(suite / "tests" / go_name)
+        if not expected_table:
+            return [f"read no listener conditions from {go_name}"]
+        cluster = FileCluster(folder, suite, manifest, gateway_class)
+        listeners = {e["name"]: e for e in cluster.status(Key("Gateway", INFRA, gateway_name))["listeners"]}
+        failures = []
+        for name, expected in expected_table.items():
+            got = listeners.get(name)
+            if got is None:
+                failures.append(f"no status for listener {name}")
+                continue
+            for type_, status, reason in expected:
+                if not any(c["type"] == type_ and c["status"] == status and (not reason or c["reason"] == reason)
+                           for c in got["conditions"]):
+                    failures.append(f"listener {name}: expected {type_}={status} {reason}, got "
+                                    f"{[(c['type'], c['status'], c['reason']) for c in got['conditions']]}")
+        return failures
+    return run
+
+
 MUTATION_CASES: dict[str, Callable[[Path, Path, str], list[str]]] = {
     "HTTPRouteObservedGenerationBump": httproute_observed_generation_bump,
     "GatewayObservedGenerationBump": gateway_observed_generation_bump,
@@ -224,4 +272,11 @@ MUTATION_CASES: dict[str, Callable[[Path, Path, str], list[str]]] = {
     "GatewayModifyListeners": gateway_modify_listeners,
     "GatewayStaticAddresses": gateway_static_addresses,
     "GatewayOptionalAddressValue": gateway_optional_address_value,
+    "GatewayInvalidFrontendClientCertificateValidation": _listener_conditions_case(
+        "gateway-with-invalid-clientcertificate-validation.yaml", "gateway-with-invalid-clientcertificate-validation.go",
+        "gateway-with-invalid-client-cert-validation"),
+    "GatewayFrontendInvalidDefaultClientCertificateValidation": _listener_conditions_case(
+        "gateway-invalid-default-frontend-client-certificate-validation.yaml",
+        "gateway-invalid-default-frontend-client-certificate-validation.go", "invalid-default-client-validation-config",
+        INVALID_DEFAULT_VALIDATION),
 }

@@ -79,8 +79,9 @@ class DataPlane:
         # Sockets that could not be opened: (reason for the status condition, message).
         self.errors: dict[tuple[str, int], tuple[str, str]] = {}
         self.tls_sites: dict[tuple[str, int], TLSSite] = {}
-        self.schemes: dict[tuple[str, int], str] = {}
-        self._contexts: dict[tuple[str, str], object] = {}  # certificate → SSLContext, reused across reloads
+        self.schemes: dict[tuple[str, int], tuple[str, str, str]] = {}
+        # (certificate, key, client CA, mode) → SSLContext, reused across reloads
+        self._contexts: dict[tuple[str, str, str, str], object] = {}
         self._background: set = set()
 
     def _empty_site(self) -> Site:
@@ -97,7 +98,7 @@ class DataPlane:
                 log.warning("listener %s: %s is not served yet", listener.name, listener.protocol)
         used = {(c.cert_pem, c.key_pem) for group in https.values() for listener in group
                 for c in (listener.tls.certificates if listener.tls else ())}
-        self._contexts = {k: v for k, v in self._contexts.items() if k in used}
+        self._contexts = {k: v for k, v in self._contexts.items() if k[:2] in used}
         tls_sites = {key: TLSSite(group, self._contexts) for key, group in https.items()}  # type: ignore[arg-type]
         balancer = RouteBalancer()
         sites = {key: Site(router, balancer, self.pools, self._background) for key, router in routers.items()}
@@ -108,12 +109,15 @@ class DataPlane:
         errors: dict[tuple[str, int], tuple[str, str]] = {}
         for key in routers:
             scheme = "https" if key in https else "http"
-            if key in self.servers and self.schemes.get(key) == scheme:
+            # The socket's identity: its scheme and, for HTTPS, its client-certificate checks.
+            identity = (scheme, *(tls_sites[key].client_validation if key in tls_sites else ("", "")))
+            if key in self.servers and self.schemes.get(key) == identity:
                 continue
             if key in self.servers:
                 self.servers.pop(key).close()
             address, port = key
-            ssl_ctx = server_context(lambda key=key: self.tls_sites.get(key)) if scheme == "https" else None
+            ssl_ctx = server_context(lambda key=key: self.tls_sites.get(key), identity[1],
+                                     identity[2]) if scheme == "https" else None
             try:
                 server = await loop.create_server(
                     lambda key=key, port=port, scheme=scheme: ClientConnection(
@@ -124,7 +128,7 @@ class DataPlane:
                 errors[key] = (reason, f"cannot listen on {address}:{port}: {exc.strerror or exc}")
                 log.error("%s", errors[key][1])
                 continue
-            self.schemes[key] = scheme
+            self.schemes[key] = identity
             self.servers[key] = server
             log.info("listening on %s:%d (%s)", address, port, scheme.upper())
         for key in [k for k in self.servers if k not in routers]:

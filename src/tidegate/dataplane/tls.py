@@ -16,10 +16,19 @@ from tidegate import ir
 from tidegate.translate.hostnames import matches, specificity
 
 
-def context_for(cert: ir.Certificate) -> ssl.SSLContext:
+def _require_client_certificates(ctx: ssl.SSLContext, client_ca_pem: str, mode: str) -> None:
+    """AllowValidOnly: a client certificate signed by one of the CAs is required. AllowInsecureFallback lets
+    every client in, so no certificate is asked for (Python's ssl cannot accept a failed verification)."""
+    if client_ca_pem and mode == "AllowValidOnly":
+        ctx.load_verify_locations(cadata=client_ca_pem)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+
+
+def context_for(cert: ir.Certificate, client_ca_pem: str = "", client_mode: str = "") -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2", "http/1.1"])
+    _require_client_certificates(ctx, client_ca_pem, client_mode)
     # load_cert_chain only reads files: write the PEMs to a private temporary file and remove it at once.
     fd, path = tempfile.mkstemp(prefix="tidegate-cert-", suffix=".pem")
     try:
@@ -34,16 +43,20 @@ def context_for(cert: ir.Certificate) -> ssl.SSLContext:
 class TLSSite:
     """The certificates of the HTTPS listeners on one bound port."""
 
-    def __init__(self, listeners: list[ir.Listener], cache: dict[tuple[str, str], ssl.SSLContext]):
+    def __init__(self, listeners: list[ir.Listener], cache: dict[tuple[str, str, str, str], ssl.SSLContext]):
         self.entries: list[tuple[str, list[tuple[ir.Certificate, ssl.SSLContext]]]] = []
+        self.client_validation = ("", "")  # (CA PEM, mode) of the port: the same for all its listeners
         for listener in sorted(listeners, key=lambda l: specificity(l.hostname)):
             if listener.tls is None or not listener.tls.certificates:
                 continue
+            client = (listener.tls.client_ca_pem, listener.tls.client_validation)
+            if client[0]:
+                self.client_validation = client
             contexts = []
             for cert in listener.tls.certificates:
-                key = (cert.cert_pem, cert.key_pem)
+                key = (cert.cert_pem, cert.key_pem, *client)
                 if key not in cache:
-                    cache[key] = context_for(cert)
+                    cache[key] = context_for(cert, *client)
                 contexts.append((cert, cache[key]))
             self.entries.append((listener.hostname, contexts))
 
@@ -68,11 +81,15 @@ def take_server_name(ssl_object: object) -> str:
     return SERVER_NAMES.pop(id(ssl_object), "")
 
 
-def server_context(current: Callable[[], TLSSite | None]) -> ssl.SSLContext:
-    """The context a listening socket is created with; its SNI callback swaps in the chosen certificate."""
+def server_context(current: Callable[[], TLSSite | None], client_ca_pem: str = "",
+                   client_mode: str = "") -> ssl.SSLContext:
+    """The context a listening socket is created with; its SNI callback swaps in the chosen certificate. Client
+    certificate checks are set here too (the handshake keeps the first context's verification settings), so a
+    change of them reopens the socket."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2", "http/1.1"])
+    _require_client_certificates(ctx, client_ca_pem, client_mode)
 
     def on_sni(sock: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:
         site = current()

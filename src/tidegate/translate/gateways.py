@@ -8,7 +8,8 @@ from typing import Any
 from tidegate import ir
 from tidegate.resources.cel import is_ip
 from tidegate.resources.model import Resource
-from tidegate.translate.certificates import CertificateError, certificate_from_secret
+from tidegate.translate.backends import decode_secret_field
+from tidegate.translate.certificates import CertificateError, ca_bundle_is_valid, certificate_from_secret
 from tidegate.translate.conditions import CONTROLLER_NAME, condition
 from tidegate.translate.index import Index
 
@@ -168,6 +169,7 @@ def _listener_state(index: Index, gateway: GatewayState, spec: dict[str, Any]) -
 
     if protocol == "HTTPS" or (protocol == "TLS" and tls_spec.get("mode", "Terminate") == "Terminate"):
         _resolve_certificates(index, gateway.resource, listener, tls_spec)
+        _resolve_client_validation(index, gateway.resource, listener)
     elif protocol == "TLS":
         listener.tls = ir.ListenerTLS(mode="Passthrough")
     return listener
@@ -203,6 +205,49 @@ def _resolve_certificates(index: Index, gw: Resource, listener: ListenerState, t
         if not certs:
             listener.programmable = False
     listener.tls = ir.ListenerTLS(mode="Terminate", certificates=tuple(certs))
+
+
+def _resolve_client_validation(index: Index, gw: Resource, listener: ListenerState) -> None:
+    """Gateway spec.tls.frontend: the validation for this listener's port (perPort), else the default."""
+    frontend = ((gw.spec.get("tls") or {}).get("frontend")) or {}
+    validation = (frontend.get("default") or {}).get("validation")
+    for entry in frontend.get("perPort", []):
+        if entry.get("port") == listener.port:
+            validation = (entry.get("tls") or {}).get("validation")
+    if not validation or listener.tls is None:
+        return
+    pems: list[str] = []
+    problem: tuple[str, str] | None = None
+    for ref in validation.get("caCertificateRefs", []):
+        group, kind, name = ref.get("group", ""), ref.get("kind", "ConfigMap"), ref["name"]
+        namespace = ref.get("namespace") or gw.namespace
+        if group != "" or kind not in ("ConfigMap", "Secret"):
+            problem = problem or ("InvalidCACertificateKind", f"caCertificateRef {kind} {name} is not a ConfigMap")
+            continue
+        if not index.grant_allows(GATEWAY_GROUP, "Gateway", gw.namespace, "", kind, namespace, name):
+            problem = problem or ("RefNotPermitted", f"caCertificateRef to {kind} {namespace}/{name} is not "
+                                                     "permitted by any ReferenceGrant")
+            continue
+        holder = index.get(kind, namespace, name)
+        pem = b""
+        if holder is not None:
+            pem = (decode_secret_field(holder.obj, "ca.crt") if kind == "Secret"
+                   else (holder.obj.get("data") or {}).get("ca.crt", "").encode()) or b""
+        if not pem or not ca_bundle_is_valid(pem):
+            problem = problem or ("InvalidCACertificateRef", f"{kind} {namespace}/{name} has no valid PEM "
+                                                             "certificate under ca.crt")
+            continue
+        pems.append(pem.decode())
+    if problem:
+        listener.resolved = (False, problem[0], problem[1])
+    if not pems:
+        # Without a CA no client can be verified: the listener must not serve as if validation were off.
+        listener.accepted = (False, "NoValidCACertificate", problem[1] if problem else "no CA certificate")
+        listener.programmable = False
+        return
+    listener.tls = ir.ListenerTLS(mode=listener.tls.mode, certificates=listener.tls.certificates,
+                                  client_ca_pem="".join(pems),
+                                  client_validation=validation.get("mode", "AllowValidOnly"))
 
 
 def _mark_conflicts(listeners: list[ListenerState]) -> None:
