@@ -76,7 +76,11 @@ def echo_servers(pods: dict[tuple[str, int], str], log_path: Path, *extra: str) 
 
 @contextmanager
 def tidegate_run(config_dir: Path, ready: tuple[str, int], log_path: Path, *extra: str) -> Iterator[subprocess.Popen]:
-    with process([*TIDEGATE, "run", "-f", str(config_dir), *extra], log_path, ready=ready) as proc:
+    """`tidegate run` on a config folder; its admin listener is on a free loopback port (proc.admin_port)."""
+    admin_port = free_port()
+    args = [*TIDEGATE, "run", "-f", str(config_dir), "--admin", f"127.0.0.1:{admin_port}", *extra]
+    with process(args, log_path, ready=ready) as proc:
+        proc.admin_port = admin_port  # type: ignore[attr-defined]
         yield proc
 
 

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
                      help="file or directory to read (repeatable)")
     common(run, positional=False)
     run.add_argument("--once", action="store_true", help="translate once and exit instead of serving")
+    run.add_argument("--admin", default="127.0.0.1:9900", metavar="ADDR:PORT",
+                     help="admin listener: /healthz, /readyz, /metrics, /api/v1 (default: %(default)s; 'off' "
+                          "for none)")
+    run.add_argument("--admin-token", default=os.environ.get("TIDEGATE_ADMIN_TOKEN", ""),
+                     help="bearer token required from non-loopback admin clients (or TIDEGATE_ADMIN_TOKEN)")
     run.add_argument("--grace", type=float, default=10.0,
                      help="seconds that in-flight requests get to finish on SIGTERM (default: %(default)s)")
     run.add_argument("--bind", default="0.0.0.0",
@@ -294,6 +300,8 @@ async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str
 
 async def _serve(args: argparse.Namespace) -> int:
     from tidegate.dataplane.server import DataPlane
+    from tidegate.observe.admin import RunState, start_admin
+    from tidegate.observe.metrics import METRICS
     from tidegate.sources.file import FileSource
     from tidegate.store import Store
     from tidegate.translate.gateways import mark_unbindable
@@ -317,17 +325,37 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    state = RunState(sources=[str(p) for p in args.paths])
+    admin = None
+    if args.admin != "off":
+        try:
+            admin = await start_admin(args.admin, state, args.admin_token,
+                                      lambda url, method, headers: explain_as_data(state.translation, url, method,
+                                                                                   headers))
+            log.info("admin API on http://%s (/healthz /readyz /metrics /api/v1/...)",
+                     _bound(admin) if admin.sockets else args.admin)
+        except (OSError, ValueError) as exc:
+            log.error("cannot open the admin listener %s: %s", args.admin, exc)
+
     async def follow() -> None:
         async for snapshot in store.updates():
+            started = time.perf_counter()
             translation = translate(snapshot.resources, _options(args))
+            METRICS.translation.observe(time.perf_counter() - started)
             try:
                 errors = await dataplane.apply(translation.ir)
             except Exception:  # a bug here must not take down what is serving: keep the last good config
                 log.exception("config version %d could not be applied; the previous one keeps serving",
                               snapshot.version)
+                METRICS.reloads.labels("failed").inc()
                 continue
             translation.statuses = mark_unbindable(translation.statuses, list(translation.ir.listeners), errors,
                                                    args.bind)
+            state.version, state.translation = snapshot.version, translation
+            state.statuses = statuses_as_data(translation)
+            state.ready, state.applied_at = not errors, time.time()
+            METRICS.reloads.labels("ok").inc()
+            METRICS.config_version.set(snapshot.version)
             _log_translation(log, snapshot.version, translation)
             log.info("serving config version %d", snapshot.version)
 
@@ -335,10 +363,44 @@ async def _serve(args: argparse.Namespace) -> int:
     follower = asyncio.create_task(follow())
     await stop.wait()
     log.info("stopping: no new connections; in-flight requests get %.0f s to finish", args.grace)
+    state.ready = False
     watcher.cancel()
     follower.cancel()
     await dataplane.close(grace=args.grace)
+    if admin is not None:
+        admin.close()
     return EXIT_OK
+
+
+def _bound(server: asyncio.base_events.Server) -> str:
+    host, port = server.sockets[0].getsockname()[:2]
+    return f"{host}:{port}"
+
+
+def explain_as_data(translation: Translation | None, url: str, method: str, headers: dict[str, str]) -> dict:
+    """The `tidegate explain` answer as data, for the admin API."""
+    if translation is None:
+        return {"error": "no configuration yet"}
+    target = url if "://" in url else "http://" + url
+    parts = urlsplit(target)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    request = Request.from_url(target, method, headers)
+    routers = [router for (_, p), router in routers_by_port(translation.ir).items() if p == port]
+    if not routers:
+        return {"request": url, "listener": None, "error": f"no HTTP listener on port {port}"}
+    result = explain(routers[0], request)
+    chosen = result.chosen
+    return {
+        "request": f"{request.method} {request.host}{request.path}",
+        "listener": result.listener or None,
+        "route": chosen.route.name if chosen else None,
+        "source": chosen.route.source if chosen else None,
+        "match": chosen.describe() if chosen else None,
+        "backends": [{"name": b.name, "weight": b.weight, "invalid": b.invalid or None,
+                      "endpoints": [f"{e.address}:{e.port}" for e in b.endpoints]}
+                     for b in (chosen.route.backends if chosen else ())],
+        "notChosen": [{"route": name, "match": what, "why": why} for name, what, why in result.passed_over],
+    }
 
 
 def _log_translation(log: logging.Logger, version: int, translation: Translation) -> None:

@@ -47,10 +47,11 @@ def normalize_host(host: str) -> str:
 class Candidate:
     """One match of one rule, with its regexes compiled."""
 
-    __slots__ = ("header_tests", "match", "order", "path_regex", "query_tests", "route")
+    __slots__ = ("header_tests", "listener", "match", "order", "path_regex", "query_tests", "route")
 
-    def __init__(self, route: ir.HTTPRoute, match: ir.Match, order: tuple):
+    def __init__(self, route: ir.HTTPRoute, match: ir.Match, order: tuple, listener: str = ""):
         self.route = route
+        self.listener = listener  # name of the listener whose table holds it (for metrics and logs)
         self.match = match
         self.order = order
         self.path_regex = re2.compile(match.path.value) if match.path.type == "RegularExpression" else None
@@ -171,7 +172,8 @@ class ListenerTable:
                 order = (0 if match.method else 1, -len(match.headers), -len(match.query),
                          route.created or "~", route.source, route.name, m)
                 for host in route.hostnames:
-                    self._table(host, route.wildcard_single_label).add(Candidate(route, match, order))
+                    self._table(host, route.wildcard_single_label).add(
+                        Candidate(route, match, order, listener.name))
         for table in self._tables():
             table.seal()
 

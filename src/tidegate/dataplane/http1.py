@@ -29,6 +29,7 @@ from tidegate.dataplane.filters import (
 )
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
+from tidegate.observe.metrics import METRICS
 from tidegate.router import Request, normalize_host
 
 if TYPE_CHECKING:
@@ -71,8 +72,11 @@ class Exchange:
         "header_bytes",
         "headers",
         "keep_alive",
+        "listener",
         "method",
+        "route",
         "sink",
+        "started",
         "target",
         "upgrade",
         "version",
@@ -93,6 +97,9 @@ class Exchange:
         self.expect_continue = False
         self.header_bytes = 0
         self.upgrade = False  # an Upgrade request (WebSocket): after a 101 the connection becomes a tunnel
+        self.route = ""  # the rule that served it, and its listener (for metrics and access logs)
+        self.listener = ""
+        self.started = time.monotonic()
 
     @property
     def has_body(self) -> bool:
@@ -123,6 +130,7 @@ class ClientConnection(asyncio.Protocol):
         self._out_chunked = False
         self.seen_bytes = False
         self.http2 = False
+        self.last_status = 0  # of the response being written, for metrics
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_active = time.monotonic()
         self._drain = asyncio.Event()
@@ -131,6 +139,8 @@ class ClientConnection(asyncio.Protocol):
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        METRICS.connections.inc()  # decremented by whichever protocol sees the connection close
+        METRICS.connections_total.inc()
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         ssl_object = transport.get_extra_info("ssl_object")
@@ -156,6 +166,7 @@ class ClientConnection(asyncio.Protocol):
             h2conn.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        METRICS.connections.dec()
         self.closed = True
         self._drain.set()
         if self.tunnel_closed is not None and not self.tunnel_closed.done():
@@ -300,6 +311,7 @@ class ClientConnection(asyncio.Protocol):
     async def _serve(self, ex: Exchange) -> None:
         keep = False
         ClientConnection.busy += 1
+        self.last_status = 0
         try:
             keep = await serve_exchange(self, ex)
         except asyncio.CancelledError:
@@ -310,6 +322,8 @@ class ClientConnection(asyncio.Protocol):
                 self.send_simple(500, "internal error", close=True)
         finally:
             ClientConnection.busy -= 1
+            METRICS.observe_request(ex.listener, ex.route, ex.method, self.last_status,
+                                    time.monotonic() - ex.started)
         self.serving = None
         if self.closed:
             return
@@ -336,6 +350,7 @@ class ClientConnection(asyncio.Protocol):
     def begin_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]], content_length: int | None,
                        head_only: bool) -> bool:
         """Write the response head; returns whether the connection can be kept open afterwards."""
+        self.last_status = status
         keep = ex.keep_alive and (ex.body_done or not ex.has_body)
         self._out_chunked = not head_only and content_length is None
         if self._out_chunked and ex.version == "1.0":
@@ -363,6 +378,7 @@ class ClientConnection(asyncio.Protocol):
 
     def send_simple(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
                     close: bool = False, head_only: bool = False) -> None:
+        self.last_status = status
         body = (message + "\n").encode() if message else b""
         lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
         for name, value in headers or []:
@@ -432,6 +448,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         conn.send_simple(404, "no route matches", close=not can_keep, head_only=head_only)
         return can_keep
     route = candidate.route
+    ex.route, ex.listener = route.name, candidate.listener
     matched_prefix = candidate.match.path.value if candidate.match.path.type == "PathPrefix" else None
 
     headers = ex.headers
@@ -477,6 +494,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         if not isinstance(outcome, _Retry):
             return outcome
         attempts_left -= 1
+        METRICS.retries.labels(route.name).inc()
         mirrors = []  # a mirror gets one copy, not one per attempt
         log.debug("retrying %s %s after %s (%d left)", ex.method, path, outcome.reason, attempts_left)
         if retry and retry.backoff:
@@ -526,12 +544,14 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
                         backend.tls)
         return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
     except TimeoutError:
+        METRICS.upstream_errors.labels(backend.name, "timeout").inc()
         if not state.head_sent:
             if 504 in retry_codes:
                 return _Retry("timeout")
             conn.send_simple(504, "upstream timed out", close=True, head_only=head_only)
         return False
     except UpstreamError as exc:
+        METRICS.upstream_errors.labels(backend.name, "error").inc()
         if not state.head_sent:
             if retry_codes:
                 return _Retry(str(exc))  # a refused or reset connection is worth another try

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ import h2.events
 import h2.exceptions
 
 from tidegate.dataplane.http1 import REASONS, Exchange, serve_exchange
+from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
     from tidegate.dataplane.server import Site
@@ -50,6 +52,7 @@ class H2Stream:
         self.ending = False
         self.closed = False
         self.task: asyncio.Task | None = None
+        self.last_status = 0
 
     # -- what serve_exchange calls -------------------------------------------------------------------
     @property
@@ -67,6 +70,7 @@ class H2Stream:
 
     def begin_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]], content_length: int | None,
                        head_only: bool) -> bool:
+        self.last_status = status
         out = [(":status", str(status))]
         out += [(n.lower(), v) for n, v in headers if n.lower() not in _CONNECTION_SPECIFIC]
         self.conn.send_headers(self.stream_id, out, end_stream=head_only)
@@ -118,6 +122,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        METRICS.connections.dec()
         self.closed = True
         for stream in self.streams.values():
             stream.closed = True
@@ -198,6 +203,8 @@ class H2ServerConnection(asyncio.Protocol):
         ClientConnection.busy += 1
         try:
             await serve_exchange(stream, stream.ex)  # type: ignore[arg-type]
+            METRICS.observe_request(stream.ex.listener, stream.ex.route, stream.ex.method, stream.last_status,
+                                    time.monotonic() - stream.ex.started)
         except asyncio.CancelledError:
             return
         except Exception:

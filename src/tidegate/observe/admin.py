@@ -1,0 +1,169 @@
+"""The admin listener: health, readiness, Prometheus metrics and a read-only JSON API.
+
+    GET /healthz            the process is up
+    GET /readyz             a configuration is loaded and its listeners are open (503 before that)
+    GET /metrics            Prometheus exposition
+    GET /api/v1/config      version of the configuration in force, its sources, readiness
+    GET /api/v1/status      status of every resource (the same YAML as `tidegate status`, as JSON), with what
+                            the data plane found (ports taken, addresses not usable)
+    GET /api/v1/routes      the IR being served
+    GET /api/v1/explain?url=URL[&method=M][&header=Name:value...]
+                            which listener, route and rule serve a request, and why others do not
+
+Requests from anything but a loopback address need `Authorization: Bearer TOKEN` (--admin-token); without a
+token configured they are refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httptools
+
+from tidegate.observe.metrics import METRICS
+
+log = logging.getLogger("tidegate.admin")
+
+
+@dataclass
+class RunState:
+    """What the running process knows, for the admin API: updated by the run loop on every new config."""
+
+    sources: list[str] = field(default_factory=list)
+    version: int = 0
+    translation: Any = None  # tidegate.translate.Translation
+    statuses: list[dict] = field(default_factory=list)
+    ready: bool = False
+    started: float = field(default_factory=time.time)
+    applied_at: float = 0.0
+
+
+def peer_allowed(peer: str, authorization: str | None, token: str) -> bool:
+    """Loopback peers are trusted; others need the bearer token (and there must be one)."""
+    try:
+        if ipaddress.ip_address(peer.split("%")[0]).is_loopback:
+            return True
+    except ValueError:
+        return False
+    if not token or not authorization or not authorization.startswith("Bearer "):
+        return False
+    return hmac.compare_digest(authorization[len("Bearer "):].strip(), token)
+
+
+class AdminProtocol(asyncio.Protocol):
+    def __init__(self, state: RunState, token: str, explain: Callable[[str, str, dict[str, str]], dict]):
+        self.state = state
+        self.token = token
+        self.explain = explain
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.url = b""
+        self.headers: dict[str, str] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            self._send(400, {"error": "malformed request"}, close=True)
+
+    def on_message_begin(self) -> None:
+        self.url, self.headers = b"", {}
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_message_complete(self) -> None:
+        method = self.parser.get_method().decode()
+        keep = self.parser.should_keep_alive()
+        if not peer_allowed(self.peer, self.headers.get("authorization"), self.token):
+            self._send(403 if not self.token else 401, {"error": "the admin API needs a bearer token from "
+                                                                 "outside this host"}, close=not keep)
+            return
+        if method not in ("GET", "HEAD"):
+            self._send(405, {"error": "the admin API is read-only"}, close=not keep)
+            return
+        try:
+            status, body, ctype = self._route(self.url.decode("latin-1"))
+        except Exception as exc:  # an admin bug must not take the process down
+            log.exception("admin request failed")
+            status, body, ctype = 500, json.dumps({"error": str(exc)}).encode(), "application/json"
+        self._write(status, body, ctype, close=not keep, head=method == "HEAD")
+
+    def _route(self, target: str) -> tuple[int, bytes, str]:
+        parts = urlsplit(target)
+        query = parse_qs(parts.query)
+        path = parts.path.rstrip("/") or "/"
+        state = self.state
+        if path == "/healthz":
+            return 200, b"ok\n", "text/plain"
+        if path == "/readyz":
+            return (200, b"ready\n", "text/plain") if state.ready else (503, b"not ready\n", "text/plain")
+        if path == "/metrics":
+            return 200, METRICS.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+        if path == "/api/v1/config":
+            return 200, _json({"version": state.version, "sources": state.sources, "ready": state.ready,
+                               "started": state.started, "appliedAt": state.applied_at,
+                               "listeners": [listener.name for listener in _listeners(state)]}), "application/json"
+        if path == "/api/v1/status":
+            return 200, _json(state.statuses), "application/json"
+        if path == "/api/v1/routes":
+            return 200, _json(state.translation.ir.to_data() if state.translation else {}), "application/json"
+        if path == "/api/v1/explain":
+            url = (query.get("url") or [""])[0]
+            if not url:
+                return 400, _json({"error": "url= is required"}), "application/json"
+            headers = {}
+            for raw in query.get("header", []):
+                name, _, value = raw.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            method = (query.get("method") or ["GET"])[0]
+            return 200, _json(self.explain(url, method, headers)), "application/json"
+        return 404, _json({"error": f"no such endpoint: {path}"}), "application/json"
+
+    def _send(self, status: int, payload: dict, close: bool) -> None:
+        self._write(status, _json(payload), "application/json", close)
+
+    def _write(self, status: int, body: bytes, ctype: str, close: bool, head: bool = False) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+                  405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "")
+        head_bytes = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                      + ("Connection: close\r\n" if close else "") + "\r\n").encode()
+        self.transport.write(head_bytes + (b"" if head else body))
+        if close:
+            self.transport.close()
+
+
+def _listeners(state: RunState) -> list:
+    return list(state.translation.ir.listeners) if state.translation else []
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, indent=1, default=str).encode() + b"\n"
+
+
+async def start_admin(address: str, state: RunState, token: str,
+                      explain: Callable[[str, str, dict[str, str]], dict]) -> asyncio.base_events.Server:
+    host, _, port = address.rpartition(":")
+    loop = asyncio.get_running_loop()
+    return await loop.create_server(lambda: AdminProtocol(state, token, explain), host=host.strip("[]") or "127.0.0.1",
+                                    port=int(port), reuse_address=True)

@@ -1,0 +1,73 @@
+"""The admin listener: health, readiness, metrics that move with traffic, the JSON API, access control."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.harness import request
+from tests.test_dataplane import GW_ADDR, stack  # noqa: F401  (the running stack fixture)
+from tidegate.observe.admin import peer_allowed
+
+
+def admin(stack, path: str) -> tuple[int, bytes]:  # noqa: F811
+    status, _, body = request("127.0.0.1", stack["proxy"].admin_port, path)
+    return status, body
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not (line.startswith(name + "{") or line.startswith(name + " ")):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0])) if "{" in line else {}
+        if all(found.get(k) == v for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_health_and_readiness(stack):  # noqa: F811
+    assert admin(stack, "/healthz") == (200, b"ok\n")
+    assert admin(stack, "/readyz") == (200, b"ready\n")
+
+
+def test_request_metrics_move_with_traffic(stack):  # noqa: F811
+    route = "httproute/default/echo/rule/0"
+    before = admin(stack, "/metrics")[1].decode()
+    for _ in range(5):
+        assert request(GW_ADDR, stack["port"], "/m", headers={"Host": "echo.test"})[0] == 200
+    assert request(GW_ADDR, stack["port"], "/m", headers={"Host": "nowhere.test"})[0] == 404
+    after = admin(stack, "/metrics")[1].decode()
+    ok = dict(route=route, method="GET", code="2xx", listener="default/gw/http")
+    assert metric(after, "tidegate_http_requests_total", **ok) - metric(before, "tidegate_http_requests_total", **ok) == 5
+    assert metric(after, "tidegate_http_requests_total", route="", code="4xx") >= 1
+    count = "tidegate_http_request_duration_seconds_count"
+    assert metric(after, count, route=route) - metric(before, count, route=route) == 5
+    assert metric(after, "tidegate_config_version") >= 1
+    assert metric(after, "tidegate_http_connections_accepted_total") >= 6
+    # bounded labels: no raw path anywhere
+    assert "/m" not in after
+
+
+def test_json_api_shows_status_routes_and_explain(stack):  # noqa: F811
+    status, body = admin(stack, "/api/v1/status")
+    assert status == 200
+    statuses = {(s["kind"], s["name"]): s["status"] for s in json.loads(body)}
+    assert statuses[("HTTPRoute", "echo")]["parents"][0]["conditions"][0]["status"] == "True"
+    config = json.loads(admin(stack, "/api/v1/config")[1])
+    assert config["ready"] and config["version"] >= 1 and "default/gw/http" in config["listeners"]
+    routes = json.loads(admin(stack, "/api/v1/routes")[1])
+    assert any(r["name"] == "httproute/default/echo/rule/0" for lst in routes["listeners"] for r in lst.get("http_routes", []))
+    url = f"http://echo.test:{stack['port']}/x"
+    answer = json.loads(admin(stack, f"/api/v1/explain?url={url}")[1])
+    assert answer["route"] == "httproute/default/echo/rule/0" and answer["backends"][0]["endpoints"]
+    assert admin(stack, "/api/v1/nope")[0] == 404
+
+
+def test_only_loopback_or_the_token_gets_in():
+    assert peer_allowed("127.0.0.1", None, "")
+    assert peer_allowed("::1", None, "")
+    assert not peer_allowed("10.1.2.3", None, "")  # no token configured: outside is refused
+    assert not peer_allowed("10.1.2.3", None, "s3cret")
+    assert not peer_allowed("10.1.2.3", "Bearer wrong", "s3cret")
+    assert peer_allowed("10.1.2.3", "Bearer s3cret", "s3cret")
