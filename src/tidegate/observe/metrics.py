@@ -3,22 +3,47 @@ from the configuration, method from a fixed list, status by class. Never raw pat
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+class _RequestCollector:
+    """Per-request counts and latency buckets kept in plain dicts and lists, turned into metric families only
+    when scraped: no lock and no metric object per update on the request path."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, str, str], int] = {}
+        self.buckets: dict[tuple[str, str], list[float]] = {}  # counts per bucket (+Inf last), then the sum
+
+    def collect(self):  # noqa: ANN201  (prometheus-client's collector protocol)
+        requests = CounterMetricFamily("tidegate_http_requests", "HTTP requests answered, by listener, route, "
+                                       "method and status class", labels=["listener", "route", "method", "code"])
+        for key, value in list(self.requests.items()):
+            requests.add_metric(list(key), value)
+        yield requests
+        duration = HistogramMetricFamily("tidegate_http_request_duration_seconds", "Time from a request's head "
+                                         "to the end of its response", labels=["listener", "route"])
+        for key, counts in list(self.buckets.items()):
+            cumulative, running = [], 0.0
+            for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), counts[:-1]):
+                running += count
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
+            duration.add_metric(list(key), cumulative, sum_value=counts[-1])
+        yield duration
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("tidegate_http_requests", "HTTP requests answered, by listener, route, method and "
-                                "status class", ["listener", "route", "method", "code"], registry=self.registry)
-        self.duration = Histogram("tidegate_http_request_duration_seconds", "Time from a request's head to the end "
-                                  "of its response", ["listener", "route"], buckets=_LATENCY_BUCKETS,
-                                  registry=self.registry)
+        self._collector = _RequestCollector()
+        self.registry.register(self._collector)
         self.upstream_errors = Counter("tidegate_upstream_errors", "Failed attempts at an endpoint, by backend and "
-                                       "kind (connect, timeout, reset)", ["backend", "kind"], registry=self.registry)
+                                       "kind (timeout, error)", ["backend", "kind"], registry=self.registry)
         self.retries = Counter("tidegate_http_retries", "Requests sent again to a backend", ["route"],
                                registry=self.registry)
         self.connections = Gauge("tidegate_http_connections", "Client connections open now", registry=self.registry)
@@ -30,22 +55,18 @@ class Metrics:
                                     registry=self.registry)
         self.translation = Histogram("tidegate_translation_duration_seconds", "Time to translate a snapshot",
                                      registry=self.registry)
-        self._children: dict[tuple[str, str, str, str], Counter] = {}
-        self._histograms: dict[tuple[str, str], Histogram] = {}
 
     def observe_request(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
-        """Per request: two dict lookups and two updates (children are cached per label set)."""
-        code = f"{status // 100}xx" if status else "none"
-        key = (listener, route, method if method in _METHODS else "OTHER", code)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(*key)
-        child.inc()
+        """Per request: a dict update and a bucket increment, no locks (one event loop per process)."""
+        key = (listener, route, method if method in _METHODS else "OTHER", f"{status // 100}xx" if status else "none")
+        requests = self._collector.requests
+        requests[key] = requests.get(key, 0) + 1
         hkey = (listener, route)
-        histogram = self._histograms.get(hkey)
-        if histogram is None:
-            histogram = self._histograms[hkey] = self.duration.labels(*hkey)
-        histogram.observe(seconds)
+        counts = self._collector.buckets.get(hkey)
+        if counts is None:
+            counts = self._collector.buckets[hkey] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+        counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        counts[-1] += seconds
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
