@@ -32,6 +32,8 @@ class BackendTLS:
     well_known_ca: str = ""  # "System"
     subject_alt_names: tuple[str, ...] = ()
     policy: str = ""
+    # Set when the policy is invalid: its Service must not be reached in clear text, so it answers 500.
+    problem: str = ""
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ CONSTANTS = {
     "confsuite.AppBackendServiceNameV1": "app-backend-v1", "confsuite.AppBackendServiceNameV2": "app-backend-v2",
     "confsuite.WebBackendServiceName": "web-backend",
     "roundtripper.H2CPriorKnowledgeProtocol": "H2C", "roundtripper.H2Protocol": "HTTP/2",
+    "serverStr": "abc.example.com",  # a local of the BackendTLSPolicy cases, always this value
     "true": True, "false": False, "nil": None,
 }
 
@@ -203,8 +204,8 @@ class GoCase:
 _CASE = re.compile(r"var\s+(\w+)\s*=\s*(?:conf)?suite\.ConformanceTest\{")
 _NN = re.compile(r'(\w+)\s*:?=\s*types\.NamespacedName\{(?:Namespace:\s*[\w.]+,\s*)?Name:\s*"([^"]+)"')
 _ADDR = re.compile(r"(\w+)\s*:?=\s*kubernetes\.Gateway\w*MustBeAccepted\w*\(.*?NewGatewayRef\((\w+)")
-_SEND = re.compile(r"\b(http|tls|grpc)\.(Make\w+)\(([^\n]*)")
-_SEND_BEFORE = re.compile(r"\b(http|tls|grpc)\.(Make\w+)\(([^;{}]*)$")
+_SEND = re.compile(r"\b(http|h|tls|grpc)\.(Make\w+)\(([^\n]*)")
+_SEND_BEFORE = re.compile(r"\b(http|h|tls|grpc)\.(Make\w+)\(([^;{}]*)$")
 
 
 def _gateway_addresses(body: str) -> dict[str, list[tuple[int, str]]]:
@@ -242,21 +243,21 @@ def read_cases(path: Path) -> list[GoCase]:
         case.gateways = list(dict.fromkeys(name for seen in addrs.values() for _, name in seen))
         case.helpers = sorted(set(re.findall(r"\b(?:http|weight|tls|grpc|kubernetes)\.(\w+)\(", body)))
         try:
-            for m in re.finditer(r"(\[\])?http\.ExpectedResponse\{", body):
+            for m in re.finditer(r"(\[\])?(?:http|h)\.ExpectedResponse\{", body):
                 reader = _Reader(tokenize(body, m.start() + (2 if m.group(1) else 0)))
                 if m.group(1):
                     reader.skip_type()
                     literal = reader.composite()
                     found = [e for e in literal if isinstance(e, dict)]
                 else:
-                    reader.take()  # http.ExpectedResponse
+                    reader.take()  # http.ExpectedResponse (or h.ExpectedResponse)
                     found = [reader.composite()]
                 end = reader.tokens[reader.i - 1][2]
                 # The literal is either an argument of the call that sends it, or sent by the next call.
                 send = _SEND_BEFORE.search(body[max(0, m.start() - 300):m.start()]) or _SEND.search(body, end)
                 helper, gateway = "", ""
                 if send:
-                    helper = f"{send.group(1)}.{send.group(2)}"
+                    helper = f"{'http' if send.group(1) == 'h' else send.group(1)}.{send.group(2)}"
                     for arg in re.split(r"[,\s()]+", send.group(3)):
                         if arg in addrs:
                             before = [name for pos, name in addrs[arg] if pos < m.start()]
@@ -266,7 +267,9 @@ def read_cases(path: Path) -> list[GoCase]:
                 if send and send.group(1) == "tls":
                     quoted = re.findall(r'"([^"]*)"', send.group(3))
                     server_name = quoted[0] if quoted else "@host"
-                case.expectations += [Expectation(e, gateway, helper, server_name) for e in found]
+                failure = bool(send and send.group(2) == "MakeRequestAndExpectFailure")
+                case.expectations += [Expectation(e, gateway, helper, server_name, expect_failure=failure)
+                                      for e in found]
         except Unportable as exc:
             case.unportable = str(exc)
         cases.append(case)

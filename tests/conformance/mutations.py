@@ -35,7 +35,8 @@ class FileCluster:
             f"spec: {{controllerName: {CONTROLLER}}}\n")
         cas = [f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {name}, namespace: {INFRA}}}\ndata:\n"
                "  ca.crt: |\n" + "".join(f"    {line}\n" for line in ca_and_leaf(["x"])[0].decode().splitlines())
-               for name in ("tls-validity-checks-ca-certificate", "tls-validity-checks-per-port-ca-certificate")]
+               for name in ("tls-validity-checks-ca-certificate", "tls-validity-checks-per-port-ca-certificate",
+                            "tls-checks-ca-certificate", "mismatch-ca-certificate")]
         (folder / "secrets.yaml").write_text("---\n".join([
             tls_secret_yaml(INFRA, "tls-validity-checks-certificate", ["*", "*.org", "*.wildcard.org"]),
             tls_secret_yaml(WEB, "certificate", ["*"]), *cas]))
@@ -74,6 +75,12 @@ class FileCluster:
         found = self.store.snapshot().get(key)
         assert found is not None, key
         return found.generation
+
+    def add(self, doc: dict) -> None:
+        docs = [d for d in yaml.safe_load_all(self.case_file.read_text()) if d] + [doc]
+        self.case_file.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        problems = [p for p in self.source.reload([self.case_file]) if p.severity == "error"]
+        assert not problems, [str(p) for p in problems]
 
     def patch(self, kind: str, name: str, change: Callable[[dict], None]) -> None:
         docs = [d for d in yaml.safe_load_all(self.case_file.read_text()) if d]
@@ -265,6 +272,102 @@ def _listener_conditions_case(manifest: str, go_name: str, gateway_name: str,
     return run
 
 
+OK = ("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")
+ACCEPTED = (("Accepted", "True", "Accepted"),)
+CONFLICTED = (("Accepted", "False", "Conflicted"),)
+INVALID_CA = ("Accepted", "False", "NoValidCACertificate"), ("ResolvedRefs", "False", "InvalidCACertificateRef")
+
+# BackendTLSPolicyMustHaveCondition calls of each case: policy → conditions on its ancestor same-namespace.
+POLICY_CONDITIONS: dict[str, tuple[str, dict[str, tuple]]] = {
+    "BackendTLSPolicy": ("backendtlspolicy.yaml", {
+        "normative-test": OK, "host-mismatch": OK, "cert-mismatch": OK, "reconcile-test": OK}),
+    "BackendTLSPolicyConflictResolution": ("backendtlspolicy-conflict-resolution.yaml", {
+        "conflicted-without-section-name-1": ACCEPTED, "conflicted-without-section-name-2": CONFLICTED,
+        "conflicted-with-section-name-1": ACCEPTED, "conflicted-with-section-name-2": CONFLICTED,
+        "not-conflicted-with-section-name": ACCEPTED, "not-conflicted-without-section-name": ACCEPTED}),
+    "BackendTLSPolicyInvalidCACertificateRef": ("backendtlspolicy-invalid-ca-certificate-ref.yaml", {
+        "nonexistent-ca-certificate-ref": INVALID_CA, "malformed-ca-certificate-ref": INVALID_CA}),
+    "BackendTLSPolicyInvalidKind": ("backendtlspolicy-invalid-kind.yaml", {
+        "invalid-kind": (("Accepted", "False", "NoValidCACertificate"), ("ResolvedRefs", "False", "InvalidKind"))}),
+    "BackendTLSPolicySANValidation": ("backendtlspolicy-san.yaml", {
+        name: ACCEPTED for name in ("san-dns", "san-dns-mismatch", "san-uri", "san-uri-mismatch", "multiple-sans",
+                                    "multiple-mismatch-sans")}),
+}
+
+
+def _policy_conditions(cluster: FileCluster, policy: str, gateway: str = "same-namespace") -> list[dict]:
+    status = cluster.status(Key("BackendTLSPolicy", INFRA, policy))
+    for ancestor in status.get("ancestors", []):
+        if ancestor["ancestorRef"]["name"] == gateway:
+            return ancestor["conditions"]
+    return []
+
+
+def _check_policies(cluster: FileCluster, expected: dict[str, tuple]) -> list[str]:
+    failures = []
+    for policy, conditions in expected.items():
+        got = _policy_conditions(cluster, policy)
+        for type_, status, reason in conditions:
+            if not _condition(got, type_, status, reason):
+                failures.append(f"BackendTLSPolicy {policy}: expected {type_}={status} {reason}, got "
+                                f"{[(c['type'], c['status'], c['reason']) for c in got] or 'no ancestor status'}")
+    return failures
+
+
+def _policy_case(name: str) -> Callable[[Path, Path, str], list[str]]:
+    manifest, expected = POLICY_CONDITIONS[name]
+
+    def run(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+        cluster = FileCluster(folder, suite, manifest, gateway_class)
+        failures = _check_policies(cluster, expected)
+        if name == "BackendTLSPolicy" and not failures:
+            failures += _reconcile_ca_configmap(cluster)
+        return failures
+    return run
+
+
+def _reconcile_ca_configmap(cluster: FileCluster) -> list[str]:
+    """The main case's last step: the policy moves to a ConfigMap that does not exist yet (invalid), which is
+    then created (valid), emptied (invalid) and restored (valid)."""
+    failures: list[str] = []
+    ca_doc = next(d for d in yaml.safe_load_all((cluster.case_file.parent / "secrets.yaml").read_text())
+                  if d and d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tls-checks-ca-certificate")
+    original = ca_doc["data"]["ca.crt"]
+
+    def expect(step: str, conditions: tuple) -> None:
+        failures.extend(f"{step}: {f}" for f in _check_policies(cluster, {"reconcile-test": conditions}))
+
+    cluster.patch("BackendTLSPolicy", "reconcile-test", lambda d: d["spec"]["validation"].update(
+        caCertificateRefs=[{"group": "", "kind": "ConfigMap", "name": "tls-checks-ca-certificate-reconcile-test"}]))
+    expect("pointing at a missing ConfigMap", INVALID_CA)
+    configmap = {"apiVersion": "v1", "kind": "ConfigMap",
+                 "metadata": {"name": "tls-checks-ca-certificate-reconcile-test", "namespace": INFRA},
+                 "data": {"ca.crt": original}}
+    cluster.add(configmap)
+    expect("after the ConfigMap was created", OK)
+    cluster.patch("ConfigMap", "tls-checks-ca-certificate-reconcile-test", lambda d: d["data"].update({"ca.crt": ""}))
+    expect("after ca.crt was emptied", INVALID_CA)
+    cluster.patch("ConfigMap", "tls-checks-ca-certificate-reconcile-test",
+                  lambda d: d["data"].update({"ca.crt": original}))
+    expect("after ca.crt was restored", OK)
+    return failures
+
+
+def backendtlspolicy_observed_generation_bump(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    cluster = FileCluster(folder, suite, "backendtlspolicy-observed-generation-bump.yaml", gateway_class)
+    key = Key("BackendTLSPolicy", INFRA, "observed-generation-bump")
+    original = cluster.generation(key)
+    failures = _latest(_policy_conditions(cluster, key.name), original, "before the edit")
+    cluster.patch("BackendTLSPolicy", key.name, lambda d: d["spec"]["validation"].update(hostname="foo.example.com"))
+    updated = cluster.generation(key)
+    conditions = _policy_conditions(cluster, key.name)
+    if updated == original:
+        failures.append("generation did not change after an update")
+    if not _has(conditions, "Accepted", "True"):
+        failures.append(f"not Accepted after the edit: {conditions}")
+    return failures + _latest(conditions, updated, "after the edit")
+
+
 MUTATION_CASES: dict[str, Callable[[Path, Path, str], list[str]]] = {
     "HTTPRouteObservedGenerationBump": httproute_observed_generation_bump,
     "GatewayObservedGenerationBump": gateway_observed_generation_bump,
@@ -272,6 +375,8 @@ MUTATION_CASES: dict[str, Callable[[Path, Path, str], list[str]]] = {
     "GatewayModifyListeners": gateway_modify_listeners,
     "GatewayStaticAddresses": gateway_static_addresses,
     "GatewayOptionalAddressValue": gateway_optional_address_value,
+    **{name: _policy_case(name) for name in POLICY_CONDITIONS},
+    "BackendTLSPolicyObservedGenerationBump": backendtlspolicy_observed_generation_bump,
     "GatewayInvalidFrontendClientCertificateValidation": _listener_conditions_case(
         "gateway-with-invalid-clientcertificate-validation.yaml", "gateway-with-invalid-clientcertificate-validation.go",
         "gateway-with-invalid-client-cert-validation"),

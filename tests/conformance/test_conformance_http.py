@@ -36,7 +36,7 @@ SUITE = ROOT.parent / "shared" / "gateway-api" / "conformance"
 pytestmark = pytest.mark.skipif(not SUITE.exists(), reason=f"conformance suite not found at {SUITE}")
 
 CLASS = "tidegate-conformance"
-CASE_FILES = ["httproute-*.go", "gateway-*.go", "gatewayclass-*.go"]
+CASE_FILES = ["httproute-*.go", "gateway-*.go", "gatewayclass-*.go", "backendtlspolicy*.go"]
 CONSECUTIVE = 3  # RequiredConsecutiveSuccesses in the suite's default timeouts
 MAX_WAIT = 15.0
 
@@ -44,8 +44,10 @@ MAX_WAIT = 15.0
 NOT_YET = {
     "GatewayInfrastructure": "infrastructure labels and annotations propagate to generated objects; tidegate "
                              "generates none (file mode) yet",
-    "GatewayInvalidTLSBackendConfiguration": "TLS to backends (BackendTLSPolicy) is not served yet",
-    "GatewayTLSBackendClientCertificate": "TLS to backends (BackendTLSPolicy) is not served yet",
+    "GatewayInvalidTLSBackendConfiguration": "Gateway spec.tls.backend (a client certificate for TLS to "
+                                             "backends) is not implemented yet",
+    "GatewayTLSBackendClientCertificate": "Gateway spec.tls.backend (a client certificate for TLS to backends) is "
+                                          "not implemented yet",
 }
 
 
@@ -120,6 +122,13 @@ HANDPORTED = {
         Expectation({"Request": {"Host": "example.org", "Path": "/"}, "Namespace": INFRA},
                     "invalid-default-client-validation-config", "tls.Make", "example.org", port=443,
                     expect_failure=True)],
+    # backendtlspolicy-invalid-*.go loop over their policies: a request to each policy's path fails.
+    **{case: [Expectation({"Request": {"Host": "abc.example.com", "Path": f"/backendtlspolicy-{policy}"},
+                           "Response": {"StatusCodes": [500, 502, 503]}, "Namespace": INFRA},
+                          "same-namespace", "http.Make") for policy in policies]
+       for case, policies in (("BackendTLSPolicyInvalidCACertificateRef",
+                               ("nonexistent-ca-certificate-ref", "malformed-ca-certificate-ref")),
+                              ("BackendTLSPolicyInvalidKind", ("invalid-kind",)))},
     "HTTPRouteServiceTypes": [
         Expectation({"Request": {"Path": f"/{path}"}, "Response": {"StatusCode": 200},
                      "Backend": "infra-backend-v1", "Namespace": INFRA}, "same-namespace", "http.Make")
@@ -274,6 +283,7 @@ class Layout:
         self.gateway_ips: dict[tuple[str, str], str] = {}
         self.pods: dict[tuple[str, str], tuple[str, int]] = {}  # (ns, service) → (pod ip, unused)
         self.listen: set[tuple[str, int]] = set()  # every (pod ip, targetPort) an echo server must answer on
+        self.tls_ips: set[str] = set()  # pods of the suite's tls-backend Deployments: they serve TLS
         texts = [(SUITE / "base" / "manifests.yaml").read_text()]
         texts += [(SUITE / m).read_text() for c in CASES for m in c.manifests if (SUITE / m).exists()]
         for text in texts:
@@ -292,6 +302,8 @@ class Layout:
                         continue
                     n = len(self.pods) + 1
                     self.pods[key] = (f"127.0.2.{n}", 0)
+                    if app.startswith("tls-backend") and key[0] == INFRA:
+                        self.tls_ips.add(f"127.0.2.{n}")
                     for port in (doc.get("spec") or {}).get("ports") or [{}]:
                         target = port.get("targetPort", port.get("port", 3000))
                         self.listen.add((f"127.0.2.{n}", int(target) if str(target).isdigit() else 3000))
@@ -354,11 +366,23 @@ def stack(tmp_path_factory):
         client_certs[client] = (tmp / f"{client}.pem", tmp / f"{client}.key")
         secrets.append(f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {configmap}, namespace: {INFRA}}}\n"
                        "data:\n  ca.crt: |\n" + "".join(f"    {line}\n" for line in ca.decode().splitlines()))
+    # The suite's tls-backend pods serve "tls-checks-certificate", signed by the CA in the ConfigMap
+    # "tls-checks-ca-certificate"; "mismatch-ca-certificate" holds an unrelated CA.
+    tls_ca, tls_cert, tls_key = ca_and_leaf(["abc.example.com", "spiffe://abc.example.com/test-identity",
+                                             "other.example.com"])
+    (tmp / "tls-backend.pem").write_bytes(tls_cert)
+    (tmp / "tls-backend.key").write_bytes(tls_key)
+    for configmap, pem in (("tls-checks-ca-certificate", tls_ca), ("mismatch-ca-certificate", ca_and_leaf(["x"])[0])):
+        secrets.append(f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {configmap}, namespace: {INFRA}}}\n"
+                       "data:\n  ca.crt: |\n" + "".join(f"    {line}\n" for line in pem.decode().splitlines()))
     (config / "02-secrets.yaml").write_text("---\n".join(secrets))
     owners = {ip: f"{ns}/{svc}-pod-0" for (ns, svc), (ip, _) in reversed(list(layout.pods.items()))}
-    pods = {(ip, port): owners[ip] for ip, port in sorted(layout.listen)}
+    pods = {(ip, port): owners[ip] for ip, port in sorted(layout.listen) if ip not in layout.tls_ips}
+    tls_pods = {(ip, port): owners[ip] + "+tls" for ip, port in sorted(layout.listen) if ip in layout.tls_ips}
     first_gateway = layout.gateway_ips[(INFRA, "same-namespace")]
+    tls_args = ("--tls-cert", str(tmp / "tls-backend.pem"), "--tls-key", str(tmp / "tls-backend.key"))
     with echo_servers(pods, tmp / "echo.log") as _echo, \
+            echo_servers(tls_pods, tmp / "echo-tls.log", *tls_args) as _tls_echo, \
             tidegate_run(config, (first_gateway, 80), tmp / "tidegate.log"):
         yield {"layout": layout, "config": config, "echo_log": tmp / "echo.log", "tmp": tmp,
                "tidegate_log": tmp / "tidegate.log", "client_certs": client_certs}
@@ -464,6 +488,9 @@ def compare(expected: dict, status: int, headers: dict[str, list[str]], body: by
                 return f"expected request header {name} at the backend"
             if ",".join(got_headers[name.lower()]) != value:
                 return f"expected request header {name}={value!r}, got {','.join(got_headers[name.lower()])!r}"
+        want_sni = exp_req.get("SNI")
+        if want_sni and (echoed.get("tls") or {}).get("serverName") != want_sni:
+            return f"expected the backend to see TLS server name {want_sni!r}, got {(echoed.get('tls') or {})!r}"
         for name in exp_req_full.get("AbsentHeaders") or []:
             if name.lower() in got_headers:
                 return f"expected request header {name} to be absent"
@@ -607,7 +634,7 @@ def test_conformance_case(stack, case: GoCase) -> None:
         # Status checks (and edits) through the file source, which numbers generations as the API server does;
         # a case that also sends requests goes on below.
         failures = MUTATION_CASES[case.short_name](stack["tmp"] / case.short_name, SUITE, CLASS)
-        if failures or case.short_name not in HANDPORTED:
+        if failures or not (case.short_name in HANDPORTED or case.expectations):
             RESULTS[case.short_name] = ("failed", "; ".join(failures)) if failures else ("passed", "")
             assert not failures, "\n".join(failures)
             return

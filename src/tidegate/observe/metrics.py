@@ -20,7 +20,7 @@ class _RequestCollector:
         self.requests: dict[tuple[str, str, str, str], int] = {}
         self.buckets: dict[tuple[str, str], list[float]] = {}  # counts per bucket (+Inf last), then the sum
 
-    def collect(self):  # noqa: ANN201  (prometheus-client's collector protocol)
+    def collect(self):
         requests = CounterMetricFamily("tidegate_http_requests", "HTTP requests answered, by listener, route, "
                                        "method and status class", labels=["listener", "route", "method", "code"])
         for key, value in list(self.requests.items()):

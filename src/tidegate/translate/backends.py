@@ -54,6 +54,10 @@ def resolve_backend(
         return invalid(RefProblem("BackendNotFound", f"Service {namespace}/{name} has no port {port}"))
     tls = backend_tls.get((namespace, name, (service_port or {}).get("name", ""))) or backend_tls.get(
         (namespace, name, ""))
+    if from_kind in ("TLSRoute", "TCPRoute", "UDPRoute"):
+        tls = None  # the gateway originates no TLS for these: passthrough and plain streams
+    if tls is not None and tls.problem:
+        return ir.Backend(name=label, weight=weight, filters=filters, invalid=tls.problem), None
     return ir.Backend(
         name=label,
         weight=weight,

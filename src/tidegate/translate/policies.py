@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from tidegate import ir
@@ -56,12 +57,17 @@ def resolve_backend_tls_policies(index: Index) -> PolicyOutcome:
                 accepted = ("Accepted", False, "Invalid", f"targetRef {target.get('kind')} is not a Service")
                 continue
             key = (policy.namespace, target["name"], target.get("sectionName", ""))
-            if key in outcome.by_target:
+            existing = outcome.by_target.get(key)
+            if existing is not None and not existing.problem:
                 accepted = ("Accepted", False, "Conflicted",
-                            f"Service {key[0]}/{key[1]} already has policy {outcome.by_target[key].policy}")
+                            f"Service {key[0]}/{key[1]} already has policy {existing.policy}")
                 continue
             if accepted[1]:
                 outcome.by_target[key] = tls
+            elif existing is None:
+                # Fail closed: a Service meant to be reached over TLS is not reached in clear text.
+                outcome.by_target[key] = dataclasses.replace(tls, problem=f"BackendTLSPolicy {policy.namespace}/"
+                                                                          f"{policy.name} is invalid: {accepted[3]}")
         outcome.conditions[policy.key] = [accepted, resolved]
     return outcome
 
