@@ -82,6 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--log-requests", action="store_true", help="print one line per request to stdout")
     echo.add_argument("--tls-cert", metavar="FILE", help="PEM certificate for listeners marked +tls")
     echo.add_argument("--tls-key", metavar="FILE", help="PEM private key for listeners marked +tls")
+    echo.add_argument("--tls-client-ca", metavar="FILE", help="CA certificates to verify client certificates "
+                                                              "against (when a client presents one)")
 
     validate = sub.add_parser("validate", help="check resources against the Gateway API and Kubernetes schemas",
                               description="Validate every document (schema, defaults, CEL rules). Exit 1 on errors.")
@@ -146,7 +148,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run":
         return _run(args)
     if args.command == "echo":
-        return asyncio.run(_echo(args.listen, args.log_requests, args.tls_cert, args.tls_key))
+        return asyncio.run(_echo(args.listen, args.log_requests, args.tls_cert, args.tls_key, args.tls_client_ca))
     result = _load(args)
     if args.command == "validate":
         errors = len(result.errors)
@@ -275,7 +277,8 @@ def _run(args: argparse.Namespace) -> int:
         return asyncio.run(_serve(args))
 
 
-async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str | None) -> int:
+async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str | None,
+                client_ca: str | None = None) -> int:
     from tidegate.echo import PodIdentity, start_echo, tls_context
 
     servers = []
@@ -292,7 +295,7 @@ async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str
             print(f"tidegate: error: --listen {spec!r} is not ADDR:PORT[=NAMESPACE/POD]", file=sys.stderr)
             return EXIT_USAGE
         servers.append(await start_echo(host.strip("[]") or "127.0.0.1", int(port), PodIdentity(namespace, pod),
-                                        log_requests, tls_context(cert, key) if use_tls else None))
+                                        log_requests, tls_context(cert, key, client_ca) if use_tls else None))
         print(f"echo on {host}:{port} as {namespace}/{pod}", flush=True)
     await asyncio.Event().wait()
     return EXIT_OK

@@ -53,9 +53,12 @@ _RETRY_ATTEMPTS: dict[str, int] = {}
 _SNI: dict[int, str] = {}  # server names seen in handshakes, until the connection reads its own
 
 
-def tls_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+def tls_context(cert_file: str, key_file: str, client_ca_file: str | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(cert_file, key_file)
+    if client_ca_file:  # as echo-basic with TLS_CLIENT_CACERTS: verify a client certificate when one is given
+        ctx.load_verify_locations(client_ca_file)
+        ctx.verify_mode = ssl.CERT_OPTIONAL
 
     def remember(sock: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
         if len(_SNI) > 10_000:
@@ -98,9 +101,11 @@ class EchoProtocol(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if ssl_object is not None:
             cipher = ssl_object.cipher()
+            peer = ssl_object.getpeercert(binary_form=True)
             self.tls = {"version": ssl_object.version() or "", "serverName": _SNI.pop(id(ssl_object), ""),
                         "negotiatedProtocol": ssl_object.selected_alpn_protocol() or "",
-                        "cipherSuite": cipher[0] if cipher else ""}
+                        "cipherSuite": cipher[0] if cipher else "",
+                        "peerCertificates": [ssl.DER_cert_to_PEM_cert(peer)] if peer else []}
 
     def data_received(self, data: bytes) -> None:
         if self.ws_buffer is not None:

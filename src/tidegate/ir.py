@@ -153,6 +153,8 @@ class Listener:
     protocol: str  # HTTP | HTTPS | TLS | TCP | UDP
     hostname: str = ""  # "" = any
     tls: ListenerTLS | None = None
+    # The certificate the Gateway presents to TLS backends (spec.tls.backend.clientCertificateRef).
+    backend_client_certificate: Certificate | None = None
     http_routes: tuple[HTTPRoute, ...] = ()
     l4_routes: tuple[L4Route, ...] = ()
 

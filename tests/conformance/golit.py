@@ -26,6 +26,7 @@ CONSTANTS = {
     "confsuite.WebBackendServiceName": "web-backend",
     "roundtripper.H2CPriorKnowledgeProtocol": "H2C", "roundtripper.H2Protocol": "HTTP/2",
     "serverStr": "abc.example.com",  # a local of the BackendTLSPolicy cases, always this value
+    "expectedClientCert": "@tls-checks-client-certificate",  # the harness puts that Secret's PEM here
     "true": True, "false": False, "nil": None,
 }
 

@@ -39,6 +39,7 @@ class FileCluster:
                             "tls-checks-ca-certificate", "mismatch-ca-certificate")]
         (folder / "secrets.yaml").write_text("---\n".join([
             tls_secret_yaml(INFRA, "tls-validity-checks-certificate", ["*", "*.org", "*.wildcard.org"]),
+            tls_secret_yaml(INFRA, "tls-checks-client-certificate", ["gateway.client"]),
             tls_secret_yaml(WEB, "certificate", ["*"]), *cas]))
         substitute = {"{GATEWAY_CLASS_NAME}": gateway_class, "{GATEWAY_CONTROLLER_NAME}": CONTROLLER,
                       **(substitute or {})}
@@ -368,6 +369,40 @@ def backendtlspolicy_observed_generation_bump(folder: Path, suite: Path, gateway
     return failures + _latest(conditions, updated, "after the edit")
 
 
+_GATEWAY_ROW = re.compile(r'gatewayNamespacedName:\s*types\.NamespacedName\{Name:\s*"([^"]+)"[^}]*\},\s*'
+                          r'resolveRefsReason:\s*gatewayv1\.GatewayReason(\w+)')
+
+
+def gateway_invalid_tls_backend_configuration(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    """Each Gateway with a broken spec.tls.backend.clientCertificateRef: ResolvedRefs=False with the row's
+    reason, and still Accepted."""
+    rows = _GATEWAY_ROW.findall((suite / "tests" / "gateway-invalid-tls-backend-configuration.go").read_text())
+    if len(rows) < 3:
+        return [f"read only {len(rows)} rows from gateway-invalid-tls-backend-configuration.go"]
+    cluster = FileCluster(folder, suite, "gateway-invalid-tls-backend-configuration.yaml", gateway_class)
+    failures = []
+    for name, reason in rows:
+        conditions = cluster.status(Key("Gateway", INFRA, name))["conditions"]
+        if not _condition(conditions, "ResolvedRefs", "False", reason):
+            failures.append(f"{name}: expected ResolvedRefs=False {reason}, got {conditions}")
+        if not _condition(conditions, "Accepted", "True", "Accepted"):
+            failures.append(f"{name}: expected Accepted=True")
+    return failures
+
+
+def gateway_tls_backend_client_certificate(folder: Path, suite: Path, gateway_class: str) -> list[str]:
+    """The status half of GatewayTLSBackendClientCertificate (the request half runs against tidegate)."""
+    cluster = FileCluster(folder, suite, "gateway-tls-backend-client-certificate.yaml", gateway_class)
+    name = "gateway-tls-backend-client-certificate"
+    failures = []
+    if not _condition(cluster.status(Key("Gateway", INFRA, name))["conditions"], "ResolvedRefs", "True",
+                      "ResolvedRefs"):
+        failures.append("the Gateway is not ResolvedRefs=True")
+    if not _has(_policy_conditions(cluster, "gateway-tls-backend-client-certificate-test", name), "Accepted", "True"):
+        failures.append("the BackendTLSPolicy is not Accepted on the Gateway")
+    return failures
+
+
 MUTATION_CASES: dict[str, Callable[[Path, Path, str], list[str]]] = {
     "HTTPRouteObservedGenerationBump": httproute_observed_generation_bump,
     "GatewayObservedGenerationBump": gateway_observed_generation_bump,
@@ -377,6 +412,8 @@ MUTATION_CASES: dict[str, Callable[[Path, Path, str], list[str]]] = {
     "GatewayOptionalAddressValue": gateway_optional_address_value,
     **{name: _policy_case(name) for name in POLICY_CONDITIONS},
     "BackendTLSPolicyObservedGenerationBump": backendtlspolicy_observed_generation_bump,
+    "GatewayInvalidTLSBackendConfiguration": gateway_invalid_tls_backend_configuration,
+    "GatewayTLSBackendClientCertificate": gateway_tls_backend_client_certificate,
     "GatewayInvalidFrontendClientCertificateValidation": _listener_conditions_case(
         "gateway-with-invalid-clientcertificate-validation.yaml", "gateway-with-invalid-clientcertificate-validation.go",
         "gateway-with-invalid-client-cert-validation"),

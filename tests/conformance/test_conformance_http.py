@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from tests.certs import ca_and_leaf, tls_secret_yaml
+from tests.certs import ca_and_leaf, ca_and_leaves, tls_secret_pem_yaml, tls_secret_yaml
 from tests.conformance.golit import INFRA, WEB, Expectation, GoCase, read_cases
 from tests.conformance.mutations import MUTATION_CASES
 from tests.harness import echo_servers, h2_request, tidegate_run
@@ -42,12 +42,9 @@ MAX_WAIT = 15.0
 
 # Cases whose Go test needs something tidegate does not have yet, or that are not about HTTP traffic.
 NOT_YET = {
-    "GatewayInfrastructure": "infrastructure labels and annotations propagate to generated objects; tidegate "
-                             "generates none (file mode) yet",
-    "GatewayInvalidTLSBackendConfiguration": "Gateway spec.tls.backend (a client certificate for TLS to "
-                                             "backends) is not implemented yet",
-    "GatewayTLSBackendClientCertificate": "Gateway spec.tls.backend (a client certificate for TLS to backends) is "
-                                          "not implemented yet",
+    "GatewayInfrastructure": "a cluster feature tidegate does not have: it checks labels and annotations on the "
+                             "per-Gateway objects (Deployment, Service) a provisioning controller creates; tidegate "
+                             "serves every Gateway from its own processes and creates none",
 }
 
 
@@ -368,10 +365,13 @@ def stack(tmp_path_factory):
                        "data:\n  ca.crt: |\n" + "".join(f"    {line}\n" for line in ca.decode().splitlines()))
     # The suite's tls-backend pods serve "tls-checks-certificate", signed by the CA in the ConfigMap
     # "tls-checks-ca-certificate"; "mismatch-ca-certificate" holds an unrelated CA.
-    tls_ca, tls_cert, tls_key = ca_and_leaf(["abc.example.com", "spiffe://abc.example.com/test-identity",
-                                             "other.example.com"])
+    tls_ca, ((tls_cert, tls_key), (client_cert, client_key)) = ca_and_leaves(
+        [["abc.example.com", "spiffe://abc.example.com/test-identity", "other.example.com"], ["gateway.client"]])
     (tmp / "tls-backend.pem").write_bytes(tls_cert)
     (tmp / "tls-backend.key").write_bytes(tls_key)
+    (tmp / "tls-ca.pem").write_bytes(tls_ca)
+    # The client certificate Gateways present to those pods (spec.tls.backend), signed by the same CA.
+    secrets.append(tls_secret_pem_yaml(INFRA, "tls-checks-client-certificate", client_cert, client_key))
     for configmap, pem in (("tls-checks-ca-certificate", tls_ca), ("mismatch-ca-certificate", ca_and_leaf(["x"])[0])):
         secrets.append(f"apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {configmap}, namespace: {INFRA}}}\n"
                        "data:\n  ca.crt: |\n" + "".join(f"    {line}\n" for line in pem.decode().splitlines()))
@@ -380,12 +380,14 @@ def stack(tmp_path_factory):
     pods = {(ip, port): owners[ip] for ip, port in sorted(layout.listen) if ip not in layout.tls_ips}
     tls_pods = {(ip, port): owners[ip] + "+tls" for ip, port in sorted(layout.listen) if ip in layout.tls_ips}
     first_gateway = layout.gateway_ips[(INFRA, "same-namespace")]
-    tls_args = ("--tls-cert", str(tmp / "tls-backend.pem"), "--tls-key", str(tmp / "tls-backend.key"))
+    tls_args = ("--tls-cert", str(tmp / "tls-backend.pem"), "--tls-key", str(tmp / "tls-backend.key"),
+                "--tls-client-ca", str(tmp / "tls-ca.pem"))
     with echo_servers(pods, tmp / "echo.log") as _echo, \
             echo_servers(tls_pods, tmp / "echo-tls.log", *tls_args) as _tls_echo, \
             tidegate_run(config, (first_gateway, 80), tmp / "tidegate.log"):
         yield {"layout": layout, "config": config, "echo_log": tmp / "echo.log", "tmp": tmp,
-               "tidegate_log": tmp / "tidegate.log", "client_certs": client_certs}
+               "tidegate_log": tmp / "tidegate.log", "client_certs": client_certs,
+               "pems": {"@tls-checks-client-certificate": client_cert.decode()}}
     _write_report(RESULTS)
 
 
@@ -488,6 +490,11 @@ def compare(expected: dict, status: int, headers: dict[str, list[str]], body: by
                 return f"expected request header {name} at the backend"
             if ",".join(got_headers[name.lower()]) != value:
                 return f"expected request header {name}={value!r}, got {','.join(got_headers[name.lower()])!r}"
+        want_cert = exp_req.get("ClientCert")
+        if want_cert:
+            seen = [c.split() for c in (echoed.get("tls") or {}).get("peerCertificates", [])]
+            if want_cert.split() not in seen:
+                return "the backend did not see the expected client certificate"
         want_sni = exp_req.get("SNI")
         if want_sni and (echoed.get("tls") or {}).get("serverName") != want_sni:
             return f"expected the backend to see TLS server name {want_sni!r}, got {(echoed.get('tls') or {})!r}"
@@ -563,6 +570,12 @@ def _run_expectation(stack, case: GoCase, exp) -> str:
     if not exp.gateway and ":" in host:
         port = int(host.rsplit(":", 1)[1])
     path_sent = (exp.literal.get("Request") or {}).get("Path") or "/"
+    literal = json.loads(json.dumps(exp.literal))
+    for part in (literal.get("Request") or {}, (literal.get("ExpectedRequest") or {}).get("Request") or {}):
+        if part.get("ClientCert") in stack["pems"]:
+            part["ClientCert"] = stack["pems"][part["ClientCert"]]
+    exp = Expectation(literal, exp.gateway, exp.helper, exp.server_name, exp.client_cert, exp.port,
+                      exp.expect_failure)
     deadline = time.monotonic() + MAX_WAIT
     streak, last = 0, "no request sent"
     while time.monotonic() < deadline:

@@ -490,7 +490,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
     while True:
         outcome = await _attempt(conn, ex, site, route, headers, response_mods, mirrors, upstream_host,
                                  upstream_path, query, matched_prefix, can_keep, head_only,
-                                 retry_codes if attempts_left else frozenset())
+                                 retry_codes if attempts_left else frozenset(), candidate.client_certificate)
         if not isinstance(outcome, _Retry):
             return outcome
         attempts_left -= 1
@@ -511,7 +511,8 @@ class _Retry:
 async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute,
                    headers: list[tuple[str, str]], response_mods: list[dict], mirrors: list[ir.Filter],
                    upstream_host: str, upstream_path: str, query: str, matched_prefix: str | None,
-                   can_keep: bool, head_only: bool, retry_codes: frozenset[int]) -> bool | _Retry:
+                   can_keep: bool, head_only: bool, retry_codes: frozenset[int],
+                   client_certificate: ir.Certificate | None = None) -> bool | _Retry:
     """One try at a backend: the connection's keep-alive verdict, or _Retry when another try is allowed."""
     response_mods = list(response_mods)
     backend = site.balancer.backend_for(route)
@@ -541,7 +542,7 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     try:
         proxy = _proxy_h2 if backend.protocol == "kubernetes.io/h2c" else _proxy
         proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, retry_codes,
-                        backend.tls)
+                        backend.tls, client_certificate)
         return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
     except TimeoutError:
         METRICS.upstream_errors.labels(backend.name, "timeout").inc()
@@ -650,7 +651,7 @@ def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, targe
 async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                     headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
                     state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
-                    tls: ir.BackendTLS | None = None) -> bool:
+                    tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None) -> bool:
     """The exchange over HTTP/2 to an h2c endpoint (appProtocol kubernetes.io/h2c)."""
     h2conn = await site.pools.h2_pool(endpoint.address, endpoint.port).acquire(CONNECT_TIMEOUT)
     original_host = get_header(ex.headers, "host") or host
@@ -687,8 +688,8 @@ async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: 
 async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                  headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
                  state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
-                 tls: ir.BackendTLS | None = None) -> bool:
-    pool = site.pools.pool(endpoint.address, endpoint.port, tls)
+                 tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None) -> bool:
+    pool = site.pools.pool(endpoint.address, endpoint.port, tls, client_certificate)
     upstream = await pool.acquire(CONNECT_TIMEOUT)
     state.upstream = upstream
     conn.upstream = upstream

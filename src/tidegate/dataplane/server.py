@@ -31,15 +31,17 @@ class PoolSet:
         self._pools: dict[tuple, EndpointPool] = {}
         self._h2_pools: dict[tuple[str, int], H2EndpointPool] = {}
 
-    def pool(self, address: str, port: int, tls: ir.BackendTLS | None = None) -> EndpointPool:
-        key = (address, port, tls)
+    def pool(self, address: str, port: int, tls: ir.BackendTLS | None = None,
+             client_certificate: ir.Certificate | None = None) -> EndpointPool:
+        key = (address, port, tls, client_certificate if tls is not None else None)
         found = self._pools.get(key)
         if found is None:
             if tls is None:
                 found = EndpointPool(address, port)
             else:
                 # With subjectAltNames the policy names what to trust instead of the hostname (GEP-1897).
-                ctx = backend_tls_context(tls.ca_pem, tls.well_known_ca, check_hostname=not tls.subject_alt_names)
+                ctx = backend_tls_context(tls.ca_pem, tls.well_known_ca, check_hostname=not tls.subject_alt_names,
+                                          client_certificate=client_certificate)
                 found = EndpointPool(address, port, tls=ctx, server_hostname=tls.hostname,
                                      subject_alt_names=tls.subject_alt_names)
             self._pools[key] = found

@@ -8,10 +8,13 @@ with backpressure both ways through pause_reading/resume_reading.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import httptools
 
@@ -203,12 +206,23 @@ def _check_subject_alt_names(ssl_object: ssl.SSLObject | None, wanted: tuple[str
     return "" if names & set(wanted) else f"certificate names {sorted(names)} include none of {list(wanted)}"
 
 
-def backend_tls_context(ca_pem: str, well_known: str, check_hostname: bool) -> ssl.SSLContext:
-    """A client context for TLS to endpoints: trust the policy's CA certificates (or the system's)."""
+def backend_tls_context(ca_pem: str, well_known: str, check_hostname: bool,
+                        client_certificate: Any = None) -> ssl.SSLContext:
+    """A client context for TLS to endpoints: trust the policy's CA certificates (or the system's), and present
+    the Gateway's client certificate when it has one."""
     # wellKnownCACertificates "System" and a policy with CA certificates are the two forms the API allows.
     ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
     ctx.check_hostname = check_hostname
     ctx.set_alpn_protocols(["http/1.1"])
+    if client_certificate is not None:
+        # load_cert_chain reads files only: a private temporary file, removed at once
+        fd, path = tempfile.mkstemp(prefix="tidegate-client-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(client_certificate.cert_pem.rstrip() + "\n" + client_certificate.key_pem)
+            ctx.load_cert_chain(path)
+        finally:
+            os.unlink(path)
     return ctx
 
 

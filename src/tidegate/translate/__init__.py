@@ -57,6 +57,7 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
                 listeners.append(ir.Listener(
                     name=f"{gateway_name}/{state.name}", gateway=gateway_name, address=address,
                     port=state.port, protocol=state.protocol, hostname=state.hostname, tls=state.tls,
+                    backend_client_certificate=gw.backend_client_certificate,
                     http_routes=tuple(sorted(state.http_routes, key=lambda r: r.name)),
                     l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,

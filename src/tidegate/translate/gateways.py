@@ -64,6 +64,7 @@ class GatewayState:
     # Every listener binds to each of these (the Gateway API says: all listeners on every address); none
     # means the run's --bind address.
     bind_addresses: list[str] = field(default_factory=list)
+    backend_client_certificate: ir.Certificate | None = None
     accepted: bool = True
 
     @property
@@ -137,7 +138,33 @@ def _gateway_state(index: Index, gw: Resource, default_address: str) -> GatewayS
         condition("Accepted", accepted, reason, msg, gen),
         condition("Programmed", programmed, p_reason, p_msg, gen),
     ]
+    backend_tls = (gw.spec.get("tls") or {}).get("backend") or {}
+    if backend_tls.get("clientCertificateRef"):
+        ok, ref_reason, ref_msg = _resolve_backend_client_certificate(index, gw, state,
+                                                                      backend_tls["clientCertificateRef"])
+        state.conditions.append(condition("ResolvedRefs", ok, ref_reason, ref_msg, gen))
     return state
+
+
+def _resolve_backend_client_certificate(index: Index, gw: Resource, state: GatewayState,
+                                        ref: dict) -> tuple[bool, str, str]:
+    """spec.tls.backend.clientCertificateRef: the certificate presented to backends reached over TLS. A
+    problem is the Gateway's ResolvedRefs condition; the Gateway stays Accepted."""
+    group, kind, name = ref.get("group", ""), ref.get("kind", "Secret"), ref["name"]
+    namespace = ref.get("namespace") or gw.namespace
+    if group != "" or kind != "Secret":
+        return False, "InvalidClientCertificateRef", f"clientCertificateRef {kind} {name} is not a Secret"
+    if not index.grant_allows(GATEWAY_GROUP, "Gateway", gw.namespace, "", "Secret", namespace, name):
+        return False, "RefNotPermitted", (f"clientCertificateRef to Secret {namespace}/{name} is not permitted by "
+                                          f"any ReferenceGrant in namespace {namespace}")
+    secret = index.get("Secret", namespace, name)
+    if secret is None:
+        return False, "InvalidClientCertificateRef", f"Secret {namespace}/{name} not found"
+    try:
+        state.backend_client_certificate = certificate_from_secret(secret)
+    except CertificateError as exc:
+        return False, "InvalidClientCertificateRef", str(exc)
+    return True, "ResolvedRefs", "All references are resolved"
 
 
 def _listener_state(index: Index, gateway: GatewayState, spec: dict[str, Any]) -> ListenerState:
