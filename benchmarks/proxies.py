@@ -298,7 +298,10 @@ def main() -> int:
             proxies["nginx"] = (stack.start(["nginx", "-c", str(nginx_proxy_config(tmp, port, backends))],
                                             "nginx-proxy", port, PROXY_CORE), port)
             port = free_port()
-            tidegate = [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f", str(tidegate_config(tmp, port, backends))]
+            # tidegate runs as users would run it: metrics on, JSON access log to a file, admin listener open.
+            tidegate = [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f", str(tidegate_config(tmp, port, backends)),
+                        "--access-log", "json", "--access-log-file", str(tmp / "tidegate-access.log"),
+                        "--admin", f"127.0.0.1:{free_port()}"]
             proxies["tidegate"] = (stack.start(tidegate, "tidegate", port, PROXY_CORE), port)
             for scenario in scenarios:
                 for name, (proc, port) in proxies.items():
@@ -332,7 +335,8 @@ def render(results: list[Result], scenarios: list[Scenario], seconds: float) -> 
         f"- {version(['nginx', '-v'])}",
         f"- {version(['wrk', '-v'])}",
         f"- tidegate {version([str(ROOT / '.venv' / 'bin' / 'tidegate'), '--version']).split()[-1]} "
-        f"(Python {sys.version.split()[0]}, uvloop, httptools), one worker process",
+        f"(Python {sys.version.split()[0]}, uvloop, httptools), one worker process, with Prometheus metrics and a "
+        "JSON access log to a file on (HAProxy and nginx log nothing)",
         "",
         "Requests per CPU-second is requests served divided by the proxy's own CPU time (user + system, from "
         "/proc): steadier than req/s when the load generator shares the machine.",

@@ -68,6 +68,14 @@ def _parser() -> argparse.ArgumentParser:
                           "for none)")
     run.add_argument("--admin-token", default=os.environ.get("TIDEGATE_ADMIN_TOKEN", ""),
                      help="bearer token required from non-loopback admin clients (or TIDEGATE_ADMIN_TOKEN)")
+    run.add_argument("--access-log", default="off", choices=["off", "json", "clf", "combined"],
+                     help="access log format: JSON lines, Common or Combined Log Format (default: %(default)s)")
+    run.add_argument("--access-log-file", default="-", metavar="PATH", help="where access log lines go (default: "
+                                                                            "stdout)")
+    run.add_argument("--access-log-sample", type=float, default=1.0, metavar="FRACTION",
+                     help="log this fraction of requests (default: all)")
+    run.add_argument("--access-log-status", default="", metavar="N[-M]",
+                     help="log only responses with these status codes, e.g. 400-599")
     run.add_argument("--grace", type=float, default=10.0,
                      help="seconds that in-flight requests get to finish on SIGTERM (default: %(default)s)")
     run.add_argument("--bind", default="0.0.0.0",
@@ -303,6 +311,7 @@ async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str
 
 async def _serve(args: argparse.Namespace) -> int:
     from tidegate.dataplane.server import DataPlane
+    from tidegate.observe import accesslog
     from tidegate.observe.admin import RunState, start_admin
     from tidegate.observe.metrics import METRICS
     from tidegate.sources.file import FileSource
@@ -322,6 +331,9 @@ async def _serve(args: argparse.Namespace) -> int:
         translation = translate(store.snapshot().resources, _options(args))
         _log_translation(log, store.version, translation)
         return EXIT_OK
+    if args.access_log != "off":
+        accesslog.ACCESS_LOG = accesslog.AccessLog(args.access_log, args.access_log_file, args.access_log_sample,
+                                                   args.access_log_status)
     dataplane = DataPlane(bind=args.bind)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -372,6 +384,8 @@ async def _serve(args: argparse.Namespace) -> int:
     await dataplane.close(grace=args.grace)
     if admin is not None:
         admin.close()
+    if accesslog.ACCESS_LOG is not None:
+        accesslog.ACCESS_LOG.close()  # the last batch: no line is lost on a graceful stop
     return EXIT_OK
 
 

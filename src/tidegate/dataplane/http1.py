@@ -11,6 +11,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -29,6 +30,7 @@ from tidegate.dataplane.filters import (
 )
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
+from tidegate.observe import accesslog
 from tidegate.observe.metrics import METRICS
 from tidegate.router import Request, normalize_host
 
@@ -66,19 +68,24 @@ class Exchange:
         "body_done",
         "buffer",
         "buffered",
+        "bytes_sent",
         "chunked",
         "content_length",
+        "endpoint",
         "expect_continue",
         "header_bytes",
         "headers",
         "keep_alive",
         "listener",
         "method",
+        "request_id",
+        "retries",
         "route",
         "sink",
         "started",
         "target",
         "upgrade",
+        "upstream_time",
         "version",
     )
 
@@ -100,6 +107,11 @@ class Exchange:
         self.route = ""  # the rule that served it, and its listener (for metrics and access logs)
         self.listener = ""
         self.started = time.monotonic()
+        self.bytes_sent = 0  # response body bytes, for access logs
+        self.endpoint = ""
+        self.retries = 0
+        self.request_id = ""
+        self.upstream_time = 0.0
 
     @property
     def has_body(self) -> bool:
@@ -131,6 +143,7 @@ class ClientConnection(asyncio.Protocol):
         self.seen_bytes = False
         self.http2 = False
         self.last_status = 0  # of the response being written, for metrics
+        self.bytes_out = 0  # response body bytes of the exchange being served
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_active = time.monotonic()
         self._drain = asyncio.Event()
@@ -311,7 +324,7 @@ class ClientConnection(asyncio.Protocol):
     async def _serve(self, ex: Exchange) -> None:
         keep = False
         ClientConnection.busy += 1
-        self.last_status = 0
+        self.last_status = self.bytes_out = 0
         try:
             keep = await serve_exchange(self, ex)
         except asyncio.CancelledError:
@@ -322,8 +335,8 @@ class ClientConnection(asyncio.Protocol):
                 self.send_simple(500, "internal error", close=True)
         finally:
             ClientConnection.busy -= 1
-            METRICS.observe_request(ex.listener, ex.route, ex.method, self.last_status,
-                                    time.monotonic() - ex.started)
+            ex.bytes_sent = self.bytes_out
+            finished(self, ex, self.last_status)
         self.serving = None
         if self.closed:
             return
@@ -369,6 +382,7 @@ class ClientConnection(asyncio.Protocol):
     def body(self, data: bytes) -> None:
         if not data:
             return
+        self.bytes_out += len(data)
         self.write(b"%x\r\n%b\r\n" % (len(data), data) if self._out_chunked else data)
 
     def end_response(self) -> None:
@@ -380,6 +394,7 @@ class ClientConnection(asyncio.Protocol):
                     close: bool = False, head_only: bool = False) -> None:
         self.last_status = status
         body = (message + "\n").encode() if message else b""
+        self.bytes_out = 0 if head_only else len(body)
         lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
         for name, value in headers or []:
             lines.append(f"{name}: {value}")
@@ -402,6 +417,20 @@ class ClientConnection(asyncio.Protocol):
 
 
 # -- one exchange ----------------------------------------------------------------------------------------
+
+def finished(conn: ClientConnection | object, ex: Exchange, status: int) -> None:
+    """Account for a finished exchange: metrics always, an access log line when logging is on."""
+    elapsed = time.monotonic() - ex.started
+    METRICS.observe_request(ex.listener, ex.route, ex.method, status, elapsed)
+    log_sink = accesslog.ACCESS_LOG
+    if log_sink is not None and log_sink.wants(status):
+        headers = {k.lower(): v for k, v in ex.headers}
+        log_sink.record(accesslog.Entry(
+            time.time(), getattr(conn, "peer", ""), ex.method, headers.get("host", ""),
+            ex.target.decode("latin-1"), f"HTTP/{ex.version}", status, ex.bytes_sent, elapsed, ex.upstream_time,
+            ex.route, ex.listener, ex.endpoint, ex.retries, getattr(conn, "server_name", ""), ex.request_id,
+            headers.get("referer", ""), headers.get("user-agent", "")))
+
 
 def _split_target(target: bytes) -> tuple[str, str, str]:
     """(host from an absolute-form target or "", path, query), still percent-encoded."""
@@ -430,6 +459,11 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
     for name, value in ex.headers:
         key = name.lower()
         headers_lower[key] = f"{headers_lower[key]},{value}" if key in headers_lower else value
+    if accesslog.ACCESS_LOG is not None:
+        # Keep the client's X-Request-Id, or make one; the pod sees it too, so logs can be joined.
+        ex.request_id = headers_lower.get("x-request-id") or uuid.uuid4().hex
+        if "x-request-id" not in headers_lower:
+            ex.headers = [*ex.headers, ("X-Request-Id", ex.request_id)]
     request = Request(host=host, path=path, method=ex.method, headers=headers_lower,
                       query=parse_qs(query, keep_blank_values=True) if query else {})
     # Answering before the body was read: the connection cannot be reused unless the body is done.
@@ -494,6 +528,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         if not isinstance(outcome, _Retry):
             return outcome
         attempts_left -= 1
+        ex.retries += 1
         METRICS.retries.labels(route.name).inc()
         mirrors = []  # a mirror gets one copy, not one per attempt
         log.debug("retrying %s %s after %s (%d left)", ex.method, path, outcome.reason, attempts_left)
@@ -531,6 +566,7 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         return can_keep
 
     target = upstream_path + (f"?{query}" if query else "")
+    ex.endpoint = f"{endpoint.address}:{endpoint.port}"
     for mirror in mirrors:
         _start_mirror(site, mirror, ex, headers, upstream_host, target, conn.peer)
 
@@ -539,6 +575,7 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     if backend_timeout is not None and (timeout is None or backend_timeout < timeout):
         timeout = backend_timeout
     state = _ProxyState()
+    upstream_started = time.monotonic()
     try:
         proxy = _proxy_h2 if backend.protocol == "kubernetes.io/h2c" else _proxy
         proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, retry_codes,
@@ -561,6 +598,7 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     except _RetryStatus as exc:
         return _Retry(f"status {exc.status}")
     finally:
+        ex.upstream_time += time.monotonic() - upstream_started
         if state.upstream is not None and not state.released:
             state.upstream.close()
         conn.upstream = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -20,7 +19,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from tidegate.dataplane.http1 import REASONS, Exchange, serve_exchange
+from tidegate.dataplane.http1 import REASONS, Exchange, finished, serve_exchange
 from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
@@ -79,6 +78,7 @@ class H2Stream:
 
     def body(self, data: bytes) -> None:
         if data:
+            self.ex.bytes_sent += len(data)
             self.pending += data
             self.conn.flush_stream(self)
             if self.write_paused and self.upstream is not None:
@@ -203,8 +203,7 @@ class H2ServerConnection(asyncio.Protocol):
         ClientConnection.busy += 1
         try:
             await serve_exchange(stream, stream.ex)  # type: ignore[arg-type]
-            METRICS.observe_request(stream.ex.listener, stream.ex.route, stream.ex.method, stream.last_status,
-                                    time.monotonic() - stream.ex.started)
+            finished(stream, stream.ex, stream.last_status)
         except asyncio.CancelledError:
             return
         except Exception:
