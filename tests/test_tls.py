@@ -124,33 +124,33 @@ def test_backend_tls_policy_reencrypts_to_the_pod_and_verifies_it(tmp_path):
         data:
           ca.crt: |
         """) + ca_text]
-    for name, service, hostname, extra in policies:
+    for name, svc, hostname, extra in policies:
         docs.append(textwrap.dedent(f"""
         apiVersion: v1
         kind: Service
-        metadata: {{name: {service}, namespace: default}}
+        metadata: {{name: {svc}, namespace: default}}
         spec: {{ports: [{{port: 443, targetPort: {echo_port}}}]}}
         ---
         apiVersion: discovery.k8s.io/v1
         kind: EndpointSlice
-        metadata: {{name: {service}-1, namespace: default, labels: {{kubernetes.io/service-name: {service}}}}}
+        metadata: {{name: {svc}-1, namespace: default, labels: {{kubernetes.io/service-name: {svc}}}}}
         addressType: IPv4
         endpoints: [{{addresses: [{POD}], targetRef: {{kind: Pod, name: secure-0}}}}]
         ports: [{{port: {echo_port}}}]
         ---
         apiVersion: gateway.networking.k8s.io/v1
         kind: HTTPRoute
-        metadata: {{name: {service}, namespace: default}}
+        metadata: {{name: {svc}, namespace: default}}
         spec:
           parentRefs: [{{name: gw}}]
-          hostnames: [{service}.test]
-          rules: [{{backendRefs: [{{name: {service}, port: 443}}]}}]
+          hostnames: [{svc}.test]
+          rules: [{{backendRefs: [{{name: {svc}, port: 443}}]}}]
         ---
         apiVersion: gateway.networking.k8s.io/v1
         kind: BackendTLSPolicy
         metadata: {{name: {name}, namespace: default}}
         spec:
-          targetRefs: [{{group: "", kind: Service, name: {service}}}]
+          targetRefs: [{{group: "", kind: Service, name: {svc}}}]
           validation:
             hostname: {hostname}
             caCertificateRefs: [{{group: "", kind: ConfigMap, name: ca}}]

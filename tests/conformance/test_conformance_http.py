@@ -597,7 +597,7 @@ def _run_expectation(stack, case: GoCase, exp) -> str:
     mirrors = exp.literal.get("MirroredTo")
     if mirrors and "ExpectMirroredRequest" in case.helpers:
         end = time.monotonic() + 5
-        while time.monotonic() < end and (missing := _mirror_seen(stack["echo_log"], mirrors, path_sent)):
+        while time.monotonic() < end and _mirror_seen(stack["echo_log"], mirrors, path_sent):
             time.sleep(0.1)
         return _mirror_seen(stack["echo_log"], mirrors, path_sent)
     return ""
