@@ -15,6 +15,7 @@ import time
 from typing import IO, NamedTuple
 
 FORMATS = ("json", "clf", "combined")
+BATCH = 128  # lines written together at most
 
 
 class Entry(NamedTuple):
@@ -70,7 +71,9 @@ class AccessLog:
 
     def record(self, entry: Entry) -> None:
         self._pending.append(entry)
-        if self._task is None:
+        if len(self._pending) >= BATCH:
+            self.flush()  # small batches: a big one written at once stalls every request behind it (p99)
+        elif self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._flush_later())
 
     async def _flush_later(self) -> None:
