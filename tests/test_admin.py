@@ -71,3 +71,14 @@ def test_only_loopback_or_the_token_gets_in():
     assert not peer_allowed("10.1.2.3", None, "s3cret")
     assert not peer_allowed("10.1.2.3", "Bearer wrong", "s3cret")
     assert peer_allowed("10.1.2.3", "Bearer s3cret", "s3cret")
+
+
+def test_every_path_of_the_openapi_description_answers(stack):  # noqa: F811
+    status, body = admin(stack, "/api/v1/openapi.json")
+    assert status == 200
+    spec = json.loads(body)
+    assert spec["openapi"].startswith("3.")
+    url = f"http://echo.test:{stack['port']}/"
+    for path in spec["paths"]:
+        query = f"?url={url}" if path == "/api/v1/explain" else ""
+        assert admin(stack, path + query)[0] == 200, path

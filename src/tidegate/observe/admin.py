@@ -3,6 +3,7 @@
     GET /healthz            the process is up
     GET /readyz             a configuration is loaded and its listeners are open (503 before that)
     GET /metrics            Prometheus exposition
+    GET /api/v1/openapi.json  this API, described in OpenAPI 3
     GET /api/v1/config      version of the configuration in force, its sources, readiness
     GET /api/v1/status      status of every resource (the same YAML as `tidegate status`, as JSON), with what
                             the data plane found (ports taken, addresses not usable)
@@ -24,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources as importlib_resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,6 +34,7 @@ import httptools
 from tidegate.observe.metrics import METRICS
 
 log = logging.getLogger("tidegate.admin")
+OPENAPI = importlib_resources.files("tidegate.observe").joinpath("openapi.json").read_bytes()
 
 
 @dataclass
@@ -118,6 +121,8 @@ class AdminProtocol(asyncio.Protocol):
             return (200, b"ready\n", "text/plain") if state.ready else (503, b"not ready\n", "text/plain")
         if path == "/metrics":
             return 200, METRICS.exposition(), "text/plain; version=0.0.4; charset=utf-8"
+        if path == "/api/v1/openapi.json":
+            return 200, OPENAPI, "application/json"
         if path == "/api/v1/config":
             return 200, _json({"version": state.version, "sources": state.sources, "ready": state.ready,
                                "started": state.started, "appliedAt": state.applied_at,
