@@ -69,3 +69,18 @@ def test_help_lists_the_subcommands():
     result = tidegate("--help")
     for command in ("run", "validate", "status", "routes", "explain"):
         assert command in result.stdout
+
+
+def test_simulate_shows_the_node_level_imbalance_and_its_fixes():
+    result = tidegate("simulate", str(ROOT / "examples" / "uneven"), "--requests", "10000", "--json")
+    assert result.returncode == 0, result.stderr
+    shares = {s["pod"]: s for s in __import__("json").loads(result.stdout)["default/shop"]}
+    for pod in ("shop-a1", "shop-a2", "shop-a3", "shop-b1"):
+        assert abs(shares[pod]["tidegate"] - 0.25) <= 0.03  # straight to the pods: even
+        assert abs(shares[pod]["node_balancer_weighted"] - 0.25) <= 0.03  # node weights by local endpoints
+    assert abs(shares["shop-b1"]["node_balancer"] - 0.5) <= 0.03  # the lone pod takes half
+    assert all(abs(shares[p]["node_balancer"] - 1 / 6) <= 0.03 for p in ("shop-a1", "shop-a2", "shop-a3"))
+    table = tidegate("simulate", str(ROOT / "examples" / "uneven"))
+    assert "shop-b1" in table.stdout and "50.0%" in table.stdout
+    missing = tidegate("simulate", str(ROOT / "examples" / "uneven"), "--service", "default/nope")
+    assert missing.returncode == 1 and "no Service with ready endpoints named default/nope" in missing.stderr

@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--bind", default="0.0.0.0",
                      help="address for listeners whose Gateway has no spec.addresses (default: %(default)s)")
 
+    sim = sub.add_parser("simulate", help="show how a Service's traffic would spread over its pods: through "
+                                           "tidegate, and through a node-level balancer with and without node "
+                                           "weights")
+    common(sim)
+    sim.add_argument("--requests", type=int, default=10_000, help="requests to play (default: %(default)s)")
+    sim.add_argument("--service", default="", metavar="NAMESPACE/NAME", help="only this Service")
+    sim.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
     echo = sub.add_parser("echo", help="run echo servers that answer like the Gateway API conformance echo server",
                           description="Answer every request with JSON describing it (path, host, method, "
                                       "headers, namespace, pod, ...), as the conformance suite's echo server.")
@@ -170,6 +178,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(format_routes(translation), end="")
     elif args.command == "explain":
         return _explain(args, translation)
+    elif args.command == "simulate":
+        return _simulate(args, result)
     return EXIT_INVALID if result.errors else EXIT_OK
 
 
@@ -226,6 +236,30 @@ def _backend_lines(backends: Sequence[Any]) -> list[str]:
 
 def _compact(config: dict[str, Any]) -> str:
     return yaml.safe_dump(config, default_flow_style=True, width=10_000).strip() if config else ""
+
+
+def _simulate(args: argparse.Namespace, loaded: LoadResult) -> int:
+    import json
+
+    from tidegate.simulate import simulate
+
+    if args.requests <= 0:
+        print("tidegate: error: --requests must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    results = simulate(loaded.resources, args.requests, args.service)
+    if not results:
+        print("no Service with ready endpoints" + (f" named {args.service}" if args.service else ""), file=sys.stderr)
+        return EXIT_INVALID
+    if args.json:
+        print(json.dumps({name: [vars(share) for share in shares] for name, shares in results.items()}, indent=1))
+        return EXIT_OK
+    for name, shares in results.items():
+        print(f"Service {name}: {args.requests} requests")
+        print(f"  {'pod':24s} {'node':16s} {'tidegate':>9s} {'node LB':>9s} {'node LB, weighted':>18s}")
+        for s in shares:
+            print(f"  {s.pod:24s} {s.node:16s} {s.tidegate:9.1%} {s.node_balancer:9.1%} "
+                  f"{s.node_balancer_weighted:18.1%}")
+    return EXIT_OK
 
 
 def _explain(args: argparse.Namespace, translation: Translation) -> int:
