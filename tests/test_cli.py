@@ -84,3 +84,9 @@ def test_simulate_shows_the_node_level_imbalance_and_its_fixes():
     assert "shop-b1" in table.stdout and "50.0%" in table.stdout
     missing = tidegate("simulate", str(ROOT / "examples" / "uneven"), "--service", "default/nope")
     assert missing.returncode == 1 and "no Service with ready endpoints named default/nope" in missing.stderr
+
+
+def test_bad_run_options_are_usage_errors():
+    for option in (["--access-log-status", "abc"], ["--access-log-sample", "2"], ["--admin", "nonsense"]):
+        result = tidegate("run", "-f", EXAMPLE, *option)
+        assert result.returncode == 2 and "tidegate: error:" in result.stderr and "TIDEGATE_DEBUG" not in result.stderr

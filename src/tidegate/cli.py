@@ -309,7 +309,30 @@ def _explain(args: argparse.Namespace, translation: Translation) -> int:
     return EXIT_OK if result.chosen else EXIT_INVALID
 
 
+def _run_args_problem(args: argparse.Namespace) -> str:
+    """Bad `run` options, found before anything starts (a usage error, not a crash later)."""
+    from tidegate.observe.accesslog import parse_status_filter
+
+    try:
+        parse_status_filter(args.access_log_status)
+    except ValueError as exc:
+        return str(exc)
+    if not 0.0 < args.access_log_sample <= 1.0:
+        return "--access-log-sample must be in (0, 1]"
+    if args.admin != "off":
+        host, sep, port = args.admin.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            return f"--admin {args.admin!r} is not ADDR:PORT (or off)"
+    if args.grace < 0:
+        return "--grace must not be negative"
+    return ""
+
+
 def _run(args: argparse.Namespace) -> int:
+    problem = _run_args_problem(args)
+    if problem:
+        print(f"tidegate: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         import uvloop
