@@ -29,7 +29,12 @@ def context_for(cert: ir.Certificate, client_ca_pem: str = "", client_mode: str 
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["h2", "http/1.1"])
     _require_client_certificates(ctx, client_ca_pem, client_mode)
-    # load_cert_chain only reads files: write the PEMs to a private temporary file and remove it at once.
+    load_certificate(ctx, cert)
+    return ctx
+
+
+def load_certificate(ctx: ssl.SSLContext, cert: ir.Certificate) -> None:
+    """ctx.load_cert_chain reads files only: write the PEMs to a private temporary file, removed at once."""
     fd, path = tempfile.mkstemp(prefix="tidegate-cert-", suffix=".pem")
     try:
         with os.fdopen(fd, "w") as handle:
@@ -37,7 +42,6 @@ def context_for(cert: ir.Certificate, client_ca_pem: str = "", client_mode: str 
         ctx.load_cert_chain(path)
     finally:
         os.unlink(path)
-    return ctx
 
 
 class TLSSite:

@@ -8,15 +8,15 @@ with backpressure both ways through pause_reading/resume_reading.
 from __future__ import annotations
 
 import asyncio
-import os
 import ssl
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import httptools
+
+from tidegate import ir
+from tidegate.dataplane.tls import load_certificate
 
 
 class UpstreamError(Exception):
@@ -207,7 +207,7 @@ def _check_subject_alt_names(ssl_object: ssl.SSLObject | None, wanted: tuple[str
 
 
 def backend_tls_context(ca_pem: str, well_known: str, check_hostname: bool,
-                        client_certificate: Any = None) -> ssl.SSLContext:
+                        client_certificate: ir.Certificate | None = None) -> ssl.SSLContext:
     """A client context for TLS to endpoints: trust the policy's CA certificates (or the system's), and present
     the Gateway's client certificate when it has one."""
     # wellKnownCACertificates "System" and a policy with CA certificates are the two forms the API allows.
@@ -215,14 +215,7 @@ def backend_tls_context(ca_pem: str, well_known: str, check_hostname: bool,
     ctx.check_hostname = check_hostname
     ctx.set_alpn_protocols(["http/1.1"])
     if client_certificate is not None:
-        # load_cert_chain reads files only: a private temporary file, removed at once
-        fd, path = tempfile.mkstemp(prefix="tidegate-client-", suffix=".pem")
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(client_certificate.cert_pem.rstrip() + "\n" + client_certificate.key_pem)
-            ctx.load_cert_chain(path)
-        finally:
-            os.unlink(path)
+        load_certificate(ctx, client_certificate)
     return ctx
 
 
