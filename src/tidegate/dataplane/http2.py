@@ -19,7 +19,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from tidegate.dataplane.http1 import REASONS, Exchange, finished, serve_exchange
+from tidegate.dataplane.http1 import BODY_BUFFER_LIMIT, REASONS, Exchange, finished, serve_exchange
 from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
@@ -52,17 +52,23 @@ class H2Stream:
         self.closed = False
         self.task: asyncio.Task | None = None
         self.last_status = 0
+        self.paused = False  # request body: window updates held back while the endpoint is slow
+        self.unacked = 0  # flow-controlled bytes received but not yet granted back
 
     # -- what serve_exchange calls -------------------------------------------------------------------
     @property
     def write_paused(self) -> bool:
         return len(self.pending) > PENDING_LIMIT
 
-    def pause_reading(self) -> None:  # request bodies: HTTP/2 flow control paces them (see on_data)
-        pass
+    def pause_reading(self) -> None:
+        """The endpoint is not keeping up: stop granting the client window for this stream's body."""
+        self.paused = True
 
     def resume_reading(self) -> None:
-        pass
+        self.paused = False
+        if self.unacked and not self.closed:
+            self.conn.acknowledge(self.stream_id, self.unacked)
+            self.unacked = 0
 
     def send_continue(self) -> None:
         self.conn.send_headers(self.stream_id, [(":status", "100")], end_stream=False)
@@ -218,11 +224,12 @@ class H2ServerConnection(asyncio.Protocol):
             ClientConnection.busy -= 1
 
     def _on_data(self, stream_id: int, data: bytes, flow_length: int) -> None:
-        # Acknowledge at once: the request body is forwarded as it comes and the endpoint's socket buffer
-        # (with pause_writing) bounds what is held.
-        self.h2.acknowledge_received_data(flow_length, stream_id)
+        """Request body bytes. The client's window is granted back only once they are on their way to the
+        endpoint: while the endpoint's socket is full (or nothing is connected yet and a buffer's worth is
+        held), the window stays closed and the client waits: HTTP/2's own backpressure."""
         stream = self.streams.get(stream_id)
         if stream is None:
+            self.acknowledge(stream_id, flow_length)
             return
         ex = stream.ex
         if ex.sink is not None:
@@ -230,6 +237,17 @@ class H2ServerConnection(asyncio.Protocol):
         else:
             ex.buffer.append(data)
             ex.buffered += len(data)
+        if stream.paused or (ex.sink is None and ex.buffered > BODY_BUFFER_LIMIT):
+            stream.unacked += flow_length
+        else:
+            self.acknowledge(stream_id, flow_length)
+
+    def acknowledge(self, stream_id: int, flow_length: int) -> None:
+        try:
+            self.h2.acknowledge_received_data(flow_length, stream_id)
+        except h2.exceptions.ProtocolError:
+            return  # the stream is gone; nothing to grant
+        self._flush()
 
     def _on_end(self, stream_id: int) -> None:
         stream = self.streams.get(stream_id)

@@ -1,0 +1,68 @@
+"""HTTP/2 request bodies are paced by flow control: the client's window is granted back only as the body
+moves on to the endpoint (no sockets: an H2ServerConnection fed by an h2 client in memory)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import h2.config
+import h2.connection
+import h2.events
+
+from tidegate.dataplane.http2 import H2ServerConnection
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.out = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_window_updates_wait_while_the_endpoint_is_slow(monkeypatch):
+    async def scenario() -> tuple[int, int]:
+        async def never_served(stream, ex):  # keep the stream open; the test plays the endpoint's part
+            await asyncio.sleep(10)
+
+        monkeypatch.setattr("tidegate.dataplane.http2.serve_exchange", never_served)
+        server = H2ServerConnection(lambda: None, 80, "http", "127.0.0.1")
+        transport = _Transport()
+        server.connection_made(transport)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "a")])
+        server.data_received(client.data_to_send())
+        client.receive_data(bytes(transport.out))
+        transport.out.clear()
+        stream = server.streams[1]
+        sunk: list[bytes] = []
+        stream.ex.sink = lambda chunk: sunk.append(chunk or b"")
+        stream.pause_reading()  # the endpoint's socket is full
+
+        def push(size: int) -> None:
+            for start in range(0, size, 16_000):
+                client.send_data(1, b"x" * min(16_000, size - start))
+            server.data_received(client.data_to_send())
+            client.receive_data(bytes(transport.out))
+            transport.out.clear()
+
+        push(60_000)
+        window_while_paused = client.local_flow_control_window(1)
+        stream.resume_reading()  # the endpoint drained
+        client.receive_data(bytes(transport.out))
+        window_after_resume = client.local_flow_control_window(1)
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+        assert b"".join(sunk) == b"x" * 60_000  # the bytes themselves moved on
+        return window_while_paused, window_after_resume
+
+    paused, resumed = asyncio.run(scenario())
+    assert paused < 10_000  # nothing granted back while the endpoint was slow
+    assert resumed > 60_000  # granted once it drained
