@@ -87,6 +87,7 @@ def test_simulate_shows_the_node_level_imbalance_and_its_fixes():
 
 
 def test_bad_run_options_are_usage_errors():
-    for option in (["--access-log-status", "abc"], ["--access-log-sample", "2"], ["--admin", "nonsense"]):
+    for option in (["--access-log-status", "abc"], ["--access-log-sample", "2"], ["--admin", "nonsense"],
+                   ["--access-log", "json", "--access-log-file", "/no/such/dir/access.log"]):
         result = tidegate("run", "-f", EXAMPLE, *option)
         assert result.returncode == 2 and "tidegate: error:" in result.stderr and "TIDEGATE_DEBUG" not in result.stderr

@@ -319,6 +319,10 @@ def _run_args_problem(args: argparse.Namespace) -> str:
         return str(exc)
     if not 0.0 < args.access_log_sample <= 1.0:
         return "--access-log-sample must be in (0, 1]"
+    if args.access_log != "off" and args.access_log_file != "-":
+        folder = os.path.dirname(os.path.abspath(args.access_log_file))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            return f"--access-log-file {args.access_log_file!r}: {folder} is not a writable directory"
     if args.admin != "off":
         host, sep, port = args.admin.rpartition(":")
         if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
