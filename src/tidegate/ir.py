@@ -37,6 +37,85 @@ class BackendTLS:
 
 
 @dataclass(frozen=True)
+class HashKey:
+    """What a consistent hash is keyed by."""
+
+    type: str  # Path | Header | Cookie | SourceIP
+    name: str = ""  # the header or cookie name
+    cookie_ttl: float | None = None  # set: a client without the cookie is given one (sticky session)
+    cookie_path: str = "/"
+    table_size: int = 16381
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """An active check, run once per endpoint however many routes use it."""
+
+    type: str  # HTTP | TCP
+    path: str = "/"
+    host: str = ""
+    method: str = "GET"
+    expected_statuses: tuple[int, ...] = ()  # empty: 2xx and 3xx
+    interval: float = 5.0
+    timeout: float = 1.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    jitter: float = 0.1
+
+
+@dataclass(frozen=True)
+class OutlierDetection:
+    """Passive health: consecutive failures seen in live traffic eject an endpoint for a growing time."""
+
+    consecutive_5xx: int = 0  # 0: not counted
+    consecutive_gateway_errors: int = 5  # 502, 503, 504, connect failures, resets, timeouts
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 50
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 2
+    retry_on: tuple[str, ...] = ("connect-failure", "reset", "gateway-error")
+    status_codes: tuple[int, ...] = ()
+    per_try_timeout: float | None = None
+    backoff_base: float = 0.025
+    backoff_max: float = 0.25
+    budget_percent: int = 20
+    budget_min_per_second: int = 3
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    """Limits per backend (Service port) across its endpoints; None means no limit."""
+
+    max_connections: int | None = None
+    max_pending_requests: int | None = None
+    max_requests: int | None = None
+    max_retries: int | None = None
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """The BackendPolicy settings in force for one backend of one route, merged from its Gateway, route and
+    Service policies (the more specific wins, section by section)."""
+
+    algorithm: str = "RoundRobin"  # RoundRobin | LeastRequest | Random | PowerOfTwoChoices | ConsistentHash
+    hash: HashKey | None = None
+    slow_start: float = 0.0  # seconds over which a new endpoint's share ramps up
+    health_check: HealthCheck | None = None
+    outlier: OutlierDetection | None = None
+    retry: RetryPolicy | None = None
+    connect_timeout: float | None = None
+    request_timeout: float | None = None
+    idle_timeout: float | None = None
+    circuit_breaker: CircuitBreaker | None = None
+    # Where each section came from: (section, "BackendPolicy ns/name on Service ns/svc").
+    origins: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class Backend:
     """One weighted member of a route's backend group: a Service port resolved to pod endpoints."""
 
@@ -48,6 +127,7 @@ class Backend:
     tls: BackendTLS | None = None
     # Why this backend cannot be used (not found, not permitted, ...): its share of requests gets a 500.
     invalid: str = ""
+    policy: TrafficPolicy | None = None
 
 
 @dataclass(frozen=True)

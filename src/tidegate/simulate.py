@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from tidegate import ir
-from tidegate.dataplane.balancer import WeightedChoice
+from tidegate.balancing.algorithms import WeightedChoice
 from tidegate.resources.model import Resource
 from tidegate.translate.backends import service_endpoints
 from tidegate.translate.index import Index

@@ -34,6 +34,7 @@ def modify_headers(headers: Headers, config: dict[str, Any]) -> Headers:
     removed = {name.lower() for name in config.get("remove", [])}
     if removed:
         out = [(k, v) for k, v in out if k.lower() not in removed]
+    out.extend(config.get("append", ()))  # tidegate's own: new header lines (Set-Cookie must not be joined)
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import secrets
 import time
 import uuid
 from collections import deque
@@ -20,6 +21,17 @@ from urllib.parse import parse_qs
 import httptools
 
 from tidegate import ir
+from tidegate.balancing.outlier import record_outcome
+from tidegate.balancing.retry import (
+    DEFAULT_RETRY,
+    IDEMPOTENT,
+    NO_RETRY,
+    RetryRules,
+    backoff,
+    policy_rules,
+    route_rules,
+)
+from tidegate.balancing.state import BackendState
 from tidegate.dataplane.filters import (
     cors_preflight,
     cors_response,
@@ -29,7 +41,7 @@ from tidegate.dataplane.filters import (
     replace_path,
 )
 from tidegate.dataplane.tls import take_server_name
-from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
+from tidegate.dataplane.upstream import ConnectError, ResponseHead, UpstreamConnection, UpstreamError
 from tidegate.observe import accesslog
 from tidegate.observe.metrics import METRICS
 from tidegate.router import Request, normalize_host
@@ -517,23 +529,141 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         conn.send_simple(route.direct_status, "route has no backend", close=not can_keep, head_only=head_only)
         return can_keep
 
-    retry = route.retry
-    retry_codes = frozenset(retry.codes) if retry else frozenset()
-    # Only a request without a body can be sent again: its bytes are not kept once streamed.
-    attempts_left = retry.attempts if retry and not ex.has_body else 0
+    return await _forward(conn, ex, site, route, candidate.client_certificate, headers, headers_lower, response_mods,
+                          mirrors, upstream_host, upstream_path, query, matched_prefix, can_keep, head_only)
+
+
+async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute,
+                   client_certificate: ir.Certificate | None, headers: list[tuple[str, str]],
+                   headers_lower: dict[str, str], response_mods: list[dict], mirrors: list[ir.Filter],
+                   upstream_host: str, upstream_path: str, query: str, matched_prefix: str | None, can_keep: bool,
+                   head_only: bool) -> bool:
+    """Choose a backend and an endpoint, try, and try again elsewhere while the retry rules allow."""
+    balancer = site.balancer
+    registry = balancer.registry
+    tried: list[ir.Endpoint] = []
+    retry_policy: ir.RetryPolicy | None = None
+    attempts = 0
     while True:
-        outcome = await _attempt(conn, ex, site, route, headers, response_mods, mirrors, upstream_host,
-                                 upstream_path, query, matched_prefix, can_keep, head_only,
-                                 retry_codes if attempts_left else frozenset(), candidate.client_certificate)
+        backend = balancer.backend_for(route)
+        if backend is None or backend.invalid:
+            conn.send_simple(500, f"invalid backend: {backend.invalid}" if backend else "no backend with weight",
+                             close=not can_keep, head_only=head_only)
+            return can_keep
+        policy = backend.policy
+        backend_state = registry.backend(backend.name)
+        now = time.monotonic()
+        if not tried and retry_policy is None:
+            # The first backend chosen decides the retry policy of the whole request.
+            retry_policy = policy.retry if policy is not None and policy.retry is not None else DEFAULT_RETRY
+            backend_state.budget.deposit(retry_policy, now)
+            if route.retry is not None:
+                attempts = route.retry.attempts
+            else:
+                attempts = retry_policy.attempts
+        key = cookie = None
+        if policy is not None and policy.hash is not None:
+            key, cookie = hash_key(policy.hash, upstream_path, headers_lower, conn.peer)
+        endpoint = balancer.endpoint_for(backend, key, tuple(tried))
+        retries_done = len(tried)
+        if endpoint is None:
+            if attempts > retries_done and route.retry is not None and 503 in route.retry.codes:
+                tried.append(ir.Endpoint("", 0))
+                continue
+            conn.send_simple(503, f"no ready endpoint for {backend.name}", close=not can_keep, head_only=head_only)
+            return can_keep
+        breaker = policy.circuit_breaker if policy is not None else None
+        if breaker is not None:
+            limit = _circuit_limit(breaker, backend_state, site, backend, endpoint, client_certificate)
+            if limit:
+                METRICS.circuit_rejections.labels(backend.name, limit).inc()
+                conn.send_simple(503, f"backend {backend.name} is at its {limit} limit",
+                                 [("X-Tidegate-Overloaded", limit)], close=not can_keep, head_only=head_only)
+                return can_keep
+        rules = NO_RETRY
+        if attempts > retries_done and (breaker is None or breaker.max_retries is None
+                                        or backend_state.retries < breaker.max_retries):
+            if route.retry is not None:
+                rules = route_rules(route.retry, ex.has_body)
+            elif backend_state.budget.available(retry_policy, now):
+                rules = policy_rules(retry_policy, not ex.has_body and ex.method in IDEMPOTENT)
+            else:
+                METRICS.retry_budget_exhausted.labels(backend.name).inc()
+        mods = response_mods
+        if cookie is not None:
+            mods = [*response_mods, {"append": [("Set-Cookie", cookie)]}]
+        endpoint_state = registry.endpoint(endpoint.address, endpoint.port)
+        endpoint_state.active += 1
+        backend_state.active += 1
+        if retries_done:
+            backend_state.retries += 1
+        try:
+            outcome = await _attempt(conn, ex, site, route, backend, endpoint, headers, mods, mirrors, upstream_host,
+                                     upstream_path, query, matched_prefix, head_only, rules, client_certificate)
+        finally:
+            endpoint_state.active -= 1
+            backend_state.active -= 1
+            if retries_done:
+                backend_state.retries -= 1
         if not isinstance(outcome, _Retry):
             return outcome
-        attempts_left -= 1
+        tried.append(endpoint)
         ex.retries += 1
+        if route.retry is None:
+            backend_state.budget.withdraw()
         METRICS.retries.labels(route.name).inc()
         mirrors = []  # a mirror gets one copy, not one per attempt
-        log.debug("retrying %s %s after %s (%d left)", ex.method, path, outcome.reason, attempts_left)
-        if retry and retry.backoff:
-            await asyncio.sleep(retry.backoff)
+        log.debug("retrying %s %s after %s (%d left)", ex.method, upstream_path, outcome.reason,
+                  attempts - len(tried))
+        if outcome.reason == "connect":
+            continue  # nothing reached the endpoint: no need to wait before the next one
+        if route.retry is not None:
+            if route.retry.backoff:
+                await asyncio.sleep(route.retry.backoff)
+        elif retry_policy is not None:
+            await asyncio.sleep(backoff(retry_policy, retries_done))
+
+
+def _circuit_limit(breaker: ir.CircuitBreaker, state: BackendState, site: Site, backend: ir.Backend,
+                   endpoint: ir.Endpoint, client_certificate: ir.Certificate | None) -> str:
+    """The circuit-breaker limit this request would cross, or ""."""
+    if breaker.max_requests is not None and state.active >= breaker.max_requests:
+        return "max-requests"
+    if breaker.max_connections is None and breaker.max_pending_requests is None:
+        return ""
+    pools = site.pools
+    if pools.pool(endpoint.address, endpoint.port, backend.tls, client_certificate).idle:
+        return ""  # an idle connection is there: no new connection, nothing pending
+    if breaker.max_pending_requests is not None and state.pending >= breaker.max_pending_requests:
+        return "max-pending-requests"
+    if breaker.max_connections is not None:
+        open_now = sum(pools.pool(e.address, e.port, backend.tls, client_certificate).open for e in backend.endpoints)
+        if open_now >= breaker.max_connections:
+            return "max-connections"
+    return ""
+
+
+def hash_key(key: ir.HashKey, path: str, headers_lower: dict[str, str], peer: str) -> tuple[str | None, str | None]:
+    """The consistent-hash key of a request, and a Set-Cookie value when a sticky cookie has to be made."""
+    if key.type == "Path":
+        return path, None
+    if key.type == "SourceIP":
+        return peer, None
+    if key.type == "Header":
+        return headers_lower.get(key.name.lower()), None
+    value = cookie_value(headers_lower.get("cookie", ""), key.name)
+    if value is not None or key.cookie_ttl is None:
+        return value, None
+    value = secrets.token_hex(12)
+    return value, f"{key.name}={value}; Path={key.cookie_path}; Max-Age={int(key.cookie_ttl)}; HttpOnly"
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    for part in header.split(";"):
+        k, sep, v = part.strip().partition("=")
+        if sep and k == name:
+            return v.strip('"')
+    return None
 
 
 class _Retry:
@@ -543,65 +673,67 @@ class _Retry:
         self.reason = reason
 
 
-async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute,
-                   headers: list[tuple[str, str]], response_mods: list[dict], mirrors: list[ir.Filter],
-                   upstream_host: str, upstream_path: str, query: str, matched_prefix: str | None,
-                   can_keep: bool, head_only: bool, retry_codes: frozenset[int],
+async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute, backend: ir.Backend,
+                   endpoint: ir.Endpoint, headers: list[tuple[str, str]], response_mods: list[dict],
+                   mirrors: list[ir.Filter], upstream_host: str, upstream_path: str, query: str,
+                   matched_prefix: str | None, head_only: bool, rules: RetryRules,
                    client_certificate: ir.Certificate | None = None) -> bool | _Retry:
-    """One try at a backend: the connection's keep-alive verdict, or _Retry when another try is allowed."""
+    """One try at an endpoint: the connection's keep-alive verdict, or _Retry when another try is allowed."""
     response_mods = list(response_mods)
-    backend = site.balancer.backend_for(route)
-    if backend is None or backend.invalid:
-        conn.send_simple(500, f"invalid backend: {backend.invalid}" if backend else "no backend with weight",
-                         close=not can_keep, head_only=head_only)
-        return can_keep
     for f in backend.filters:
         headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host, upstream_path,
                                                         matched_prefix)
-    endpoint = site.balancer.endpoint_for(backend)
-    if endpoint is None:
-        if retry_codes and 503 in retry_codes:
-            return _Retry("no ready endpoint")
-        conn.send_simple(503, f"no ready endpoint for {backend.name}", close=not can_keep, head_only=head_only)
-        return can_keep
-
     target = upstream_path + (f"?{query}" if query else "")
     ex.endpoint = f"{endpoint.address}:{endpoint.port}"
     for mirror in mirrors:
         _start_mirror(site, mirror, ex, headers, upstream_host, target, conn.peer)
 
+    policy = backend.policy
     timeout = route.timeouts.request
-    backend_timeout = route.timeouts.backend_request
-    if backend_timeout is not None and (timeout is None or backend_timeout < timeout):
-        timeout = backend_timeout
+    if timeout is None and policy is not None:
+        timeout = policy.request_timeout
+    for limit in (route.timeouts.backend_request, policy.retry.per_try_timeout if policy and policy.retry else None):
+        if limit is not None and (timeout is None or limit < timeout):
+            timeout = limit
+    connect_timeout = policy.connect_timeout if policy is not None and policy.connect_timeout else CONNECT_TIMEOUT
     state = _ProxyState()
     upstream_started = time.monotonic()
+    registry = site.balancer.registry
+    status: int | None = None
     try:
         proxy = _proxy_h2 if backend.protocol == "kubernetes.io/h2c" else _proxy
-        proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, retry_codes,
-                        backend.tls, client_certificate)
-        return await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
+        proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, rules.codes,
+                        backend.tls, client_certificate, connect_timeout, registry.backend(backend.name))
+        keep = await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
+        status = state.status or 200
+        return keep
     except TimeoutError:
         METRICS.upstream_errors.labels(backend.name, "timeout").inc()
         if not state.head_sent:
-            if 504 in retry_codes:
+            if rules.timeout:
                 return _Retry("timeout")
             conn.send_simple(504, "upstream timed out", close=True, head_only=head_only)
         return False
     except UpstreamError as exc:
         METRICS.upstream_errors.labels(backend.name, "error").inc()
         if not state.head_sent:
-            if retry_codes:
-                return _Retry(str(exc))  # a refused or reset connection is worth another try
+            if isinstance(exc, ConnectError) and rules.connect:
+                return _Retry("connect")
+            if rules.reset and not isinstance(exc, ConnectError):
+                return _Retry(str(exc))
             conn.send_simple(502, str(exc), close=True, head_only=head_only)
         return False
     except _RetryStatus as exc:
+        status = exc.status
         return _Retry(f"status {exc.status}")
     finally:
-        ex.upstream_time += time.monotonic() - upstream_started
+        now = time.monotonic()
+        ex.upstream_time += now - upstream_started
         if state.upstream is not None and not state.released:
             state.upstream.close()
         conn.upstream = None
+        if policy is not None and policy.outlier is not None:
+            record_outcome(registry, backend, registry.endpoint(endpoint.address, endpoint.port), status, now)
 
 
 class _RetryStatus(Exception):
@@ -631,10 +763,11 @@ def _rewrite(config: dict, host: str, path: str, matched_prefix: str | None) -> 
 
 
 class _ProxyState:
-    __slots__ = ("head_sent", "released", "upstream")
+    __slots__ = ("head_sent", "released", "status", "upstream")
 
     def __init__(self) -> None:
         self.head_sent = False
+        self.status = 0
         self.upstream: UpstreamConnection | None = None
         self.released = False
 
@@ -689,9 +822,10 @@ def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, targe
 async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                     headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
                     state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
-                    tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None) -> bool:
+                    tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None,
+                    connect_timeout: float = CONNECT_TIMEOUT, backend_state: BackendState | None = None) -> bool:
     """The exchange over HTTP/2 to an h2c endpoint (appProtocol kubernetes.io/h2c)."""
-    h2conn = await site.pools.h2_pool(endpoint.address, endpoint.port).acquire(CONNECT_TIMEOUT)
+    h2conn = await site.pools.h2_pool(endpoint.address, endpoint.port).acquire(connect_timeout)
     original_host = get_header(ex.headers, "host") or host
     fields = [(":method", ex.method), (":scheme", "http"), (":authority", host), (":path", target)]
     fields += [(n.lower(), v) for n, v in _forward_headers(ex, headers, conn.peer, conn.scheme, original_host)
@@ -709,6 +843,7 @@ async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: 
         else:
             conn.resume_reading()
     head = await stream.head_future
+    state.status = head.status
     if head.status in retry_codes:
         raise _RetryStatus(head.status)
     head_only = ex.method == "HEAD" or head.status in (204, 304)
@@ -726,9 +861,17 @@ async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: 
 async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                  headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
                  state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
-                 tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None) -> bool:
+                 tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT, backend_state: BackendState | None = None) -> bool:
     pool = site.pools.pool(endpoint.address, endpoint.port, tls, client_certificate)
-    upstream = await pool.acquire(CONNECT_TIMEOUT)
+    if pool.idle or backend_state is None:
+        upstream = await pool.acquire(connect_timeout)
+    else:
+        backend_state.pending += 1  # waiting for a new connection (the circuit breaker's maxPendingRequests)
+        try:
+            upstream = await pool.acquire(connect_timeout)
+        finally:
+            backend_state.pending -= 1
     state.upstream = upstream
     conn.upstream = upstream
     original_host = get_header(ex.headers, "host") or host
@@ -759,6 +902,7 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
             conn.resume_reading()
 
     head = await upstream.head_future  # type: ignore[arg-type]
+    state.status = head.status
     if head.status in retry_codes:
         raise _RetryStatus(head.status)  # nothing was sent to the client yet: another try is possible
     if head.status == 101 and ex.upgrade:

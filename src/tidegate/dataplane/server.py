@@ -14,7 +14,9 @@ import logging
 from dataclasses import dataclass, field
 
 from tidegate import ir
-from tidegate.dataplane.balancer import RouteBalancer
+from tidegate.balancing.balancer import RouteBalancer
+from tidegate.balancing.health import HealthChecker
+from tidegate.balancing.state import Registry
 from tidegate.dataplane.http1 import ClientConnection
 from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool, backend_tls_context
@@ -85,9 +87,12 @@ class DataPlane:
         # (certificate, key, client CA, mode) → SSLContext, reused across reloads
         self._contexts: dict[tuple[str, str, str, str], object] = {}
         self._background: set = set()
+        # Endpoint health, ejections, active requests, circuit counts: they outlive configurations.
+        self.registry = Registry()
+        self.health = HealthChecker(self.registry)
 
     def _empty_site(self) -> Site:
-        return Site(None, RouteBalancer(), self.pools, self._background)
+        return Site(None, RouteBalancer(self.registry), self.pools, self._background)
 
     async def apply(self, config: ir.IR) -> dict[tuple[str, int], tuple[str, str]]:
         """Serve `config` from now on. Returns the listeners that could not be opened, with the reason."""
@@ -102,7 +107,9 @@ class DataPlane:
                 for c in (listener.tls.certificates if listener.tls else ())}
         self._contexts = {k: v for k, v in self._contexts.items() if k[:2] in used}
         tls_sites = {key: TLSSite(group, self._contexts) for key, group in https.items()}  # type: ignore[arg-type]
-        balancer = RouteBalancer()
+        self.registry.retain(config)
+        self.health.apply(config)
+        balancer = RouteBalancer(self.registry)
         sites = {key: Site(router, balancer, self.pools, self._background) for key, router in routers.items()}
         self.sites = sites  # the atomic swap: new requests see the new configuration
         self.tls_sites = tls_sites
@@ -141,6 +148,12 @@ class DataPlane:
                            for backend in route.backends for e in backend.endpoints}
                           | {(e.address, e.port) for listener in config.listeners for route in listener.http_routes
                              for f in route.filters if f.mirror for e in f.mirror.endpoints})
+        for listener in config.listeners:
+            for route in listener.http_routes:
+                for backend in route.backends:
+                    if backend.policy is not None and backend.policy.idle_timeout:
+                        for e in backend.endpoints:
+                            self.pools.pool(e.address, e.port, backend.tls).idle_timeout = backend.policy.idle_timeout
         return errors
 
     def bound_port(self, key: tuple[str, int]) -> int:
@@ -155,4 +168,5 @@ class DataPlane:
         while ClientConnection.busy and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         self.servers.clear()
+        await self.health.close()
         self.pools.close()

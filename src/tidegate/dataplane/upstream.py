@@ -23,6 +23,10 @@ class UpstreamError(Exception):
     """The endpoint refused, reset or broke the exchange (the client sees 502)."""
 
 
+class ConnectError(UpstreamError):
+    """No connection could be made: nothing of the request was sent, so any request may go elsewhere."""
+
+
 class ResponseHead:
     __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status", "version")
 
@@ -61,9 +65,11 @@ class UpstreamConnection(asyncio.Protocol):
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.pool.open += 1
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        self.pool.open -= 1
         self._can_write.set()
         if self.on_closed is not None:
             self.on_closed()
@@ -232,6 +238,7 @@ class EndpointPool:
         self.server_hostname = server_hostname
         self.subject_alt_names = subject_alt_names
         self.idle: deque[UpstreamConnection] = deque()
+        self.open = 0  # connections open now, idle or busy (for the circuit breaker's maxConnections)
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
 
@@ -249,11 +256,11 @@ class EndpointPool:
                 loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, **extra),
                 connect_timeout)
         except TimeoutError as exc:
-            raise UpstreamError(f"connect to {self.host}:{self.port} timed out") from exc
+            raise ConnectError(f"connect to {self.host}:{self.port} timed out") from exc
         except ssl.SSLError as exc:
             raise UpstreamError(f"TLS to {self.host}:{self.port} failed: {exc.reason or exc}") from exc
         except OSError as exc:
-            raise UpstreamError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
+            raise ConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
         if self.tls is not None and self.subject_alt_names:
             problem = _check_subject_alt_names(transport.get_extra_info("ssl_object"), self.subject_alt_names)
             if problem:

@@ -15,7 +15,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from tidegate.dataplane.upstream import ResponseHead, UpstreamError
+from tidegate.dataplane.upstream import ConnectError, ResponseHead, UpstreamError
 
 
 class H2UpstreamStream:
@@ -185,9 +185,9 @@ class H2EndpointPool:
             _, protocol = await asyncio.wait_for(
                 loop.create_connection(lambda: H2UpstreamConnection(self), self.host, self.port), connect_timeout)
         except TimeoutError as exc:
-            raise UpstreamError(f"connect to {self.host}:{self.port} timed out") from exc
+            raise ConnectError(f"connect to {self.host}:{self.port} timed out") from exc
         except OSError as exc:
-            raise UpstreamError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
+            raise ConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
         self.conn = protocol
         return protocol
 

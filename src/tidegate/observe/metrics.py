@@ -46,6 +46,15 @@ class Metrics:
                                        "kind (timeout, error)", ["backend", "kind"], registry=self.registry)
         self.retries = Counter("tidegate_http_retries", "Requests sent again to a backend", ["route"],
                                registry=self.registry)
+        self.ejections = Counter("tidegate_endpoint_ejections", "Endpoints taken out of rotation by outlier "
+                                 "detection, by backend", ["backend"], registry=self.registry)
+        self.circuit_rejections = Counter("tidegate_circuit_breaker_rejections", "Requests refused (503) because a "
+                                          "backend was at a circuit-breaker limit, by backend and limit",
+                                          ["backend", "limit"], registry=self.registry)
+        self.retry_budget_exhausted = Counter("tidegate_retry_budget_exhausted", "Retries not made because the "
+                                              "backend's retry budget was spent", ["backend"], registry=self.registry)
+        self.health_checks = Counter("tidegate_health_checks", "Active health checks run, by backend and result",
+                                     ["backend", "result"], registry=self.registry)
         self.connections = Gauge("tidegate_http_connections", "Client connections open now", registry=self.registry)
         self.connections_total = Counter("tidegate_http_connections_accepted", "Client connections accepted",
                                          registry=self.registry)

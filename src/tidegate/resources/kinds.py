@@ -1,6 +1,6 @@
 """The kinds tidegate reads: their API groups, served versions, scope and schema.
 
-Gateway API schemas come from the official CRDs bundled in `crds/` (the experimental channel, a superset of
+Gateway API schemas come from the official CRDs bundled in `crds/` (tidegate's own CRDs sit beside them) (the experimental channel, a superset of
 standard that also serves the alpha versions); built-in kinds from `builtin_schemas.yaml`. Schemas load
 lazily, once per kind, because the CRD files are large and most inputs use a few kinds.
 """
@@ -17,6 +17,7 @@ import yaml
 from tidegate.resources.schema import Schema
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
+TIDEGATE_GROUP = "tidegate.io"
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -48,6 +49,7 @@ KINDS: dict[tuple[str, str], KindInfo] = {
         _gw("UDPRoute", "udproutes"),
         _gw("ReferenceGrant", "referencegrants"),
         _gw("BackendTLSPolicy", "backendtlspolicies"),
+        KindInfo(TIDEGATE_GROUP, "BackendPolicy", True, f"{TIDEGATE_GROUP}_backendpolicies.yaml"),
         KindInfo("", "Namespace", namespaced=False),
         KindInfo("", "Service", namespaced=True),
         KindInfo("", "Secret", namespaced=True),

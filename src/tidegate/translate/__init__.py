@@ -1,7 +1,7 @@
 """translate(snapshot) -> Translation(IR, statuses, notes): a pure function.
 
 Stages run in a fixed order over an index built once: GatewayClasses → Gateways and listeners → policies →
-routes (attachment, rules, backends) → Ingress → IR. Statuses are returned as values; the snapshot is never
+routes (attachment, rules, backends) → Ingress → BackendPolicies → IR. Statuses are returned as values; the snapshot is never
 mutated.
 """
 
@@ -13,6 +13,7 @@ from typing import Any
 
 from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
+from tidegate.translate.backend_policies import apply_backend_policies
 from tidegate.translate.gateways import gateway_status, translate_gateway_classes, translate_gateways
 from tidegate.translate.index import Index
 from tidegate.translate.ingress import translate_ingresses
@@ -62,5 +63,6 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
                     l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
                                      policies.by_target, statuses, notes)
+    listeners = apply_backend_policies(index, listeners, statuses, notes)
     statuses.update(policy_statuses(index, policies, listeners))
     return Translation(ir=ir.IR(listeners=tuple(listeners)), statuses=dict(sorted(statuses.items())), notes=notes)
