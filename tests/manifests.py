@@ -60,3 +60,15 @@ def route(name: str, host: str, rule: str) -> str:
       {hostnames}
       rules:
     """) + textwrap.indent(textwrap.dedent(rule).strip("\n"), "    ") + "\n"
+
+
+def backend_policy(name: str, service_name: str, spec: str) -> str:
+    """A BackendPolicy on one Service; `spec` is the YAML of its settings besides targetRefs."""
+    return textwrap.dedent(f"""
+    ---
+    apiVersion: tidegate.io/v1alpha1
+    kind: BackendPolicy
+    metadata: {{name: {name}, namespace: default}}
+    spec:
+      targetRefs: [{{group: "", kind: Service, name: {service_name}}}]
+    """) + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n"

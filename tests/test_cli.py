@@ -59,6 +59,21 @@ def test_explain_exit_codes_follow_whether_a_route_matched():
     assert bad_header.returncode == 2
 
 
+def test_routes_and_explain_show_the_backend_policy_in_force_and_where_it_came_from():
+    golden = str(ROOT / "testdata" / "translate" / "backend-policies.in.yaml")
+    routes = tidegate("routes", golden)
+    assert routes.returncode == 0, routes.stderr
+    assert ("      policy loadBalancer: LeastRequest, slow start 30s  <- BackendPolicy default/shop-least-request "
+            "on HTTPRoute default/shop") in routes.stdout
+    assert "policy loadBalancer: ConsistentHash by SourceIP  <- sessionAffinity of Service default/legacy" in (
+        routes.stdout)
+    explained = tidegate("explain", golden, "--url", "http://shop.example.com/cart")
+    assert explained.returncode == 0, explained.stderr
+    assert ("  policy  retry: 3 on connect-failure, reset, gateway-error, per try 2s, budget 10% + 3/s  "
+            "<- BackendPolicy default/gateway-retries on Gateway default/gw") in explained.stdout
+    assert "annotation tidegate.io/max-requests ignored: 'lots' is not a whole number" in explained.stderr
+
+
 def test_run_once_translates_and_exits():
     result = tidegate("run", "-f", EXAMPLE, "--once")
     assert result.returncode == 0

@@ -231,7 +231,52 @@ def _backend_lines(backends: Sequence[Any]) -> list[str]:
             continue
         eps = ", ".join(f"{e.address}:{e.port}" + ("" if e.ready else " (not ready)") for e in b.endpoints)
         lines.append(f"    backend  {b.name}  weight {b.weight}  endpoints: {eps or 'none'}")
+        if b.policy is not None:
+            lines += [f"      policy {line}" for line in policy_lines(b.policy)]
     return lines
+
+
+def policy_lines(policy: Any) -> list[str]:
+    """Each section of a backend's BackendPolicy in force, in words, with where it came from."""
+    def seconds(value: float | None) -> str:
+        return "none" if value is None else (f"{value * 1000:g}ms" if value < 1 else f"{value:g}s")
+
+    said: dict[str, str] = {}
+    algorithm = policy.algorithm
+    if policy.hash is not None:
+        h = policy.hash
+        algorithm += f" by {h.type}" + (f" {h.name}" if h.name else "")
+        if h.cookie_ttl is not None:
+            algorithm += f" (sticky cookie, ttl {seconds(h.cookie_ttl)})"
+    if policy.slow_start:
+        algorithm += f", slow start {seconds(policy.slow_start)}"
+    said["loadBalancer"] = algorithm
+    if policy.health_check is not None:
+        c = policy.health_check
+        what = f"{c.method} {c.path}" if c.type == "HTTP" else "TCP connect"
+        said["healthCheck.active"] = (f"{what} every {seconds(c.interval)}, timeout {seconds(c.timeout)}, "
+                                      f"down after {c.unhealthy_threshold}, up after {c.healthy_threshold}")
+    if policy.outlier is not None:
+        o = policy.outlier
+        counts = [f"{o.consecutive_5xx} 5xx" if o.consecutive_5xx else "",
+                  f"{o.consecutive_gateway_errors} gateway errors" if o.consecutive_gateway_errors else ""]
+        said["healthCheck.passive"] = (f"eject after {' or '.join(c for c in counts if c)} in a row, for "
+                                       f"{seconds(o.base_ejection_time)} × the ejections in a row (max "
+                                       f"{seconds(o.max_ejection_time)}), at most {o.max_ejection_percent}%")
+    if policy.retry is not None:
+        r = policy.retry
+        said["retry"] = (f"{r.attempts} on {', '.join(r.retry_on)}"
+                         + (f" {list(r.status_codes)}" if r.status_codes else "")
+                         + f", per try {seconds(r.per_try_timeout)}, budget {r.budget_percent}% + "
+                           f"{r.budget_min_per_second}/s")
+    timeouts = {"connect": policy.connect_timeout, "request": policy.request_timeout, "idle": policy.idle_timeout}
+    said["timeouts"] = ", ".join(f"{k} {seconds(v)}" for k, v in timeouts.items() if v is not None)
+    if policy.circuit_breaker is not None:
+        cb = policy.circuit_breaker
+        limits = {"connections": cb.max_connections, "pending": cb.max_pending_requests,
+                  "requests": cb.max_requests, "retries": cb.max_retries}
+        said["circuitBreaker"] = "max " + ", ".join(f"{k} {v}" for k, v in limits.items() if v is not None)
+    return [f"{section}: {said.get(section, '')}  <- {origin}" for section, origin in policy.origins]
 
 
 def _compact(config: dict[str, Any]) -> str:
@@ -301,7 +346,11 @@ def _explain(args: argparse.Namespace, translation: Translation) -> int:
         if route.direct_status:
             print(f"answers   {route.direct_status}")
         for line in _backend_lines(route.backends):
-            print("backend   " + line.strip()[len("backend"):].strip())
+            line = line.strip()
+            if line.startswith("policy "):
+                print("  policy  " + line[len("policy"):].strip())
+            else:
+                print("backend   " + line[len("backend"):].strip())
     if result.passed_over:
         print("not chosen:")
         for name, what, why in result.passed_over:
@@ -475,7 +524,8 @@ def explain_as_data(translation: Translation | None, url: str, method: str, head
         "source": chosen.route.source if chosen else None,
         "match": chosen.describe() if chosen else None,
         "backends": [{"name": b.name, "weight": b.weight, "invalid": b.invalid or None,
-                      "endpoints": [f"{e.address}:{e.port}" for e in b.endpoints]}
+                      "endpoints": [f"{e.address}:{e.port}" for e in b.endpoints],
+                      "policy": policy_lines(b.policy) if b.policy is not None else []}
                      for b in (chosen.route.backends if chosen else ())],
         "notChosen": [{"route": name, "match": what, "why": why} for name, what, why in result.passed_over],
     }

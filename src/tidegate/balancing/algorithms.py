@@ -109,15 +109,16 @@ class LeastRequest(Picker):
         self._turn = 0
 
     def pick(self, candidates, states, weights, key):
-        n = len(candidates)
-        self._turn = start = (self._turn + 1) % n
-        best, best_load = start, float("inf")
-        for step in range(n):
-            i = (start + step) % n
-            load = states[i].active / (weights[i] if weights is not None else 1.0)
+        best: list[int] = []
+        best_load = float("inf")
+        for i, state in enumerate(states):
+            load = state.active / (weights[i] if weights is not None else 1.0)
             if load < best_load:
-                best, best_load = i, load
-        return candidates[best]
+                best, best_load = [i], load
+            elif load == best_load:
+                best.append(i)
+        self._turn += 1
+        return candidates[best[self._turn % len(best)]]
 
 
 class PowerOfTwoChoices(Picker):

@@ -1,0 +1,88 @@
+"""Backends whose behaviour a test changes while traffic flows: answer, answer 503, hang, answer slowly, fail
+health checks. Each runs an asyncio server on its own loopback address in a thread of the test process and
+counts what it saw, so a test can assert how many requests an endpoint really received."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+
+
+class ScriptedBackend:
+    def __init__(self, address: str, port: int, name: str):
+        self.address, self.port, self.name = address, port, name
+        self.mode = "ok"  # ok | 503 | hang | slow
+        self.slow_seconds = 0.5
+        self.healthy = True  # what /healthz answers
+        self.requests = 0  # requests seen, health checks excluded
+        self.health_checks = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._main, daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, self.address, self.port))
+        self._ready.set()
+        self._loop.run_forever()
+
+    def start(self) -> ScriptedBackend:
+        self._thread.start()
+        self._ready.wait(5)
+        return self
+
+    def stop(self) -> None:
+        async def shut() -> None:
+            assert self._server is not None
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await asyncio.sleep(0)
+
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                path = line.split(" ")[1] if " " in line else "/"
+                if path == "/healthz":
+                    self.health_checks += 1
+                    status = 200 if self.healthy else 500
+                else:
+                    self.requests += 1
+                    if self.mode == "hang":
+                        await asyncio.sleep(3600)
+                    if self.mode == "slow":
+                        await asyncio.sleep(self.slow_seconds)
+                    status = 503 if self.mode == "503" else 200
+                body = json.dumps({"pod": self.name, "path": path}).encode()
+                writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+                             % (status, len(body), body))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+@contextmanager
+def scripted_backends(*specs: tuple[str, int, str]) -> Iterator[list[ScriptedBackend]]:
+    """(address, port, pod name) each; all stopped on exit."""
+    with ExitStack() as stack:
+        backends = []
+        for address, port, name in specs:
+            backend = ScriptedBackend(address, port, name).start()
+            stack.callback(backend.stop)
+            backends.append(backend)
+        yield backends
