@@ -204,3 +204,46 @@ def test_health_check_answers():
     assert not status_is_healthy(check, None)
     strict = ir.HealthCheck(type="HTTP", expected_statuses=(204,))
     assert status_is_healthy(strict, 204) and not status_is_healthy(strict, 200)
+
+
+def _zoned(zones: list[str], hints: bool = False, **policy) -> ir.Backend:
+    endpoints = tuple(ir.Endpoint(f"10.0.0.{i}", 8080, zone=z, hints=(z,) if hints else None)
+                      for i, z in enumerate(zones, start=1))
+    return ir.Backend("default/app:80", 1, endpoints=endpoints, policy=ir.TrafficPolicy(**policy) if policy else None)
+
+
+@pytest.mark.parametrize("algorithm", ["RoundRobin", "Random", "LeastRequest", "PowerOfTwoChoices"])
+def test_endpoint_weights_set_the_shares(algorithm):
+    random.seed(7)
+    endpoints = (ir.Endpoint("10.0.0.1", 80, weight=3), ir.Endpoint("10.0.0.2", 80),
+                 ir.Endpoint("10.0.0.3", 80, weight=0))
+    backend = ir.Backend("default/app:80", 1, endpoints=endpoints, policy=ir.TrafficPolicy(algorithm=algorithm))
+    balancer = RouteBalancer()
+    shares = _shares([balancer.endpoint_for(backend) for _ in range(N)])
+    assert "10.0.0.3" not in shares  # weight 0: nothing while the others can take it
+    assert abs(shares["10.0.0.1"] - 0.75) <= TOLERANCE, shares
+
+
+def test_topology_hints_keep_traffic_in_the_zone_when_every_endpoint_has_them():
+    balancer = RouteBalancer()
+    balancer.registry.zone = "a"
+    hinted = _zoned(["a", "b", "b"], hints=True)
+    assert {balancer.endpoint_for(hinted).zone for _ in range(50)} == {"a"}
+    partly = ir.Backend("default/app:80", 1, endpoints=(*hinted.endpoints[:2], ir.Endpoint("10.0.0.9", 8080, zone="b")))
+    assert {balancer.endpoint_for(partly).zone for _ in range(50)} == {"a", "b"}  # kube-proxy ignores partial hints
+    balancer.registry.zone = ""
+    assert {balancer.endpoint_for(hinted).zone for _ in range(50)} == {"a", "b"}
+
+
+def test_zone_aware_balancing_stays_local_until_the_zone_is_overloaded():
+    balancer = RouteBalancer()
+    balancer.registry.zone = "a"
+    backend = _zoned(["a", "a", "b", "b"], zone_aware=(2, 2))
+    assert {balancer.endpoint_for(backend).zone for _ in range(50)} == {"a"}
+    for address in ("10.0.0.1", "10.0.0.2"):
+        balancer.registry.endpoint(address, 8080).active = 2  # 2 in flight each vs none elsewhere: overloaded
+    assert {balancer.endpoint_for(backend).zone for _ in range(50)} == {"a", "b"}  # spilled over
+    balancer.registry.endpoint("10.0.0.1", 8080).active = 0
+    balancer.registry.endpoint("10.0.0.2", 8080).active = 0
+    balancer.registry.endpoint("10.0.0.2", 8080).ejected_until = 1e18  # one local endpoint left: below minEndpoints
+    assert {balancer.endpoint_for(backend).zone for _ in range(50)} == {"a", "b"}

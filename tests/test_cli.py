@@ -63,8 +63,9 @@ def test_routes_and_explain_show_the_backend_policy_in_force_and_where_it_came_f
     golden = str(ROOT / "testdata" / "translate" / "backend-policies.in.yaml")
     routes = tidegate("routes", golden)
     assert routes.returncode == 0, routes.stderr
-    assert ("      policy loadBalancer: LeastRequest, slow start 30s  <- BackendPolicy default/shop-least-request "
-            "on HTTPRoute default/shop") in routes.stdout
+    assert ("      policy loadBalancer: LeastRequest, slow start 30s, zone-aware (at least 2 local, spill at 2× "
+            "load)  <- BackendPolicy default/shop-least-request on HTTPRoute default/shop") in routes.stdout
+    assert "endpoints: 10.0.0.1:8080 (weight 4), 10.0.0.2:8080 (weight 0)" in routes.stdout
     assert "policy loadBalancer: ConsistentHash by SourceIP  <- sessionAffinity of Service default/legacy" in (
         routes.stdout)
     explained = tidegate("explain", golden, "--url", "http://shop.example.com/cart")

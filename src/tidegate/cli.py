@@ -80,6 +80,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds that in-flight requests get to finish on SIGTERM (default: %(default)s)")
     run.add_argument("--bind", default="0.0.0.0",
                      help="address for listeners whose Gateway has no spec.addresses (default: %(default)s)")
+    run.add_argument("--zone", default=os.environ.get("TIDEGATE_ZONE", ""),
+                     help="the zone tidegate runs in, for EndpointSlice topology hints and zone-aware balancing "
+                          "(default: $TIDEGATE_ZONE)")
 
     sim = sub.add_parser("simulate", help="show how a Service's traffic would spread over its pods: through "
                                            "tidegate, and through a node-level balancer with and without node "
@@ -229,7 +232,8 @@ def _backend_lines(backends: Sequence[Any]) -> list[str]:
         if b.invalid:
             lines.append(f"    backend  {b.name}  weight {b.weight}  INVALID: {b.invalid}")
             continue
-        eps = ", ".join(f"{e.address}:{e.port}" + ("" if e.ready else " (not ready)") for e in b.endpoints)
+        eps = ", ".join(f"{e.address}:{e.port}" + ("" if e.ready else " (not ready)")
+                        + ("" if e.weight == 1 else f" (weight {e.weight})") for e in b.endpoints)
         lines.append(f"    backend  {b.name}  weight {b.weight}  endpoints: {eps or 'none'}")
         if b.policy is not None:
             lines += [f"      policy {line}" for line in policy_lines(b.policy)]
@@ -250,6 +254,8 @@ def policy_lines(policy: Any) -> list[str]:
             algorithm += f" (sticky cookie, ttl {seconds(h.cookie_ttl)})"
     if policy.slow_start:
         algorithm += f", slow start {seconds(policy.slow_start)}"
+    if policy.zone_aware is not None:
+        algorithm += f", zone-aware (at least {policy.zone_aware[0]} local, spill at {policy.zone_aware[1]}× load)"
     said["loadBalancer"] = algorithm
     if policy.health_check is not None:
         c = policy.health_check
@@ -445,6 +451,7 @@ async def _serve(args: argparse.Namespace) -> int:
         accesslog.ACCESS_LOG = accesslog.AccessLog(args.access_log, args.access_log_file, args.access_log_sample,
                                                    args.access_log_status)
     dataplane = DataPlane(bind=args.bind)
+    dataplane.registry.zone = args.zone
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -21,6 +21,8 @@ class Endpoint:
     zone: str = ""
     node: str = ""
     pod: str = ""  # targetRef name, for logs and the echo-based tests
+    hints: tuple[str, ...] | None = None  # EndpointSlice hints.forZones; None: the slice gave none
+    weight: int = 1  # from a BackendPolicy's endpointWeights
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ class TrafficPolicy:
     algorithm: str = "RoundRobin"  # RoundRobin | LeastRequest | Random | PowerOfTwoChoices | ConsistentHash
     hash: HashKey | None = None
     slow_start: float = 0.0  # seconds over which a new endpoint's share ramps up
+    # Prefer endpoints in tidegate's zone: (min endpoints there, overload factor); None = zone-blind.
+    zone_aware: tuple[int, int] | None = None
     health_check: HealthCheck | None = None
     outlier: OutlierDetection | None = None
     retry: RetryPolicy | None = None
@@ -255,7 +259,7 @@ def _plain(value: Any) -> Any:
             item = getattr(value, f.name)
             default = f.default if f.default is not dataclasses.MISSING else (
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-            if item == default and f.name not in ("weight", "path"):
+            if item == default and (f.name not in ("weight", "path") or isinstance(value, Endpoint)):
                 continue
             if f.name in ("cert_pem", "key_pem", "ca_pem"):
                 out[f.name] = f"<{len(item)} bytes>"

@@ -68,7 +68,8 @@ def maglev_table(names: Sequence[str], size: int) -> list[int]:
 
 
 class Picker:
-    """Chooses one of `candidates` (never empty). `weights` is None when all are equal."""
+    """Chooses one of `candidates` (never empty). `weights` is None when all are equal; whole numbers when
+    they are endpointWeights; fractions while an endpoint is in slow start."""
 
     def pick(self, candidates: list[ir.Endpoint], states: list[EndpointState], weights: list[float] | None,
              key: str | None) -> ir.Endpoint:
@@ -80,17 +81,18 @@ class RoundRobin(Picker):
     candidate set, so an endpoint leaving and coming back does not upset the others' shares."""
 
     def __init__(self) -> None:
-        self._choices: dict[tuple[int, ...], WeightedChoice] = {}
+        self._choices: dict[tuple, WeightedChoice] = {}
 
     def pick(self, candidates, states, weights, key):
-        if weights is not None:  # slow start ramps weights continuously: a weighted random pick follows them
+        if weights is not None and not all(isinstance(w, int) for w in weights):
+            # Slow start ramps weights continuously: a weighted random pick follows them.
             return random.choices(candidates, weights)[0]
-        ident = tuple(id(e) for e in candidates)
+        ident = (tuple(id(e) for e in candidates), tuple(weights) if weights else None)
         choice = self._choices.get(ident)
         if choice is None:
             if len(self._choices) > 64:
                 self._choices.clear()
-            choice = self._choices[ident] = WeightedChoice(candidates, [1] * len(candidates))
+            choice = self._choices[ident] = WeightedChoice(candidates, weights or [1] * len(candidates))
         return choice.pick()
 
 
@@ -102,23 +104,40 @@ class Random(Picker):
 
 
 class LeastRequest(Picker):
-    """The endpoint with the fewest requests in flight (per unit of weight); ties go round the candidates in
-    turn, so an idle backend still spreads its load evenly."""
+    """The endpoint with the fewest requests in flight; ties go round the candidates in turn, so an idle
+    backend still spreads its load evenly. With weights (as Envoy does), each endpoint's weight is divided by
+    its requests in flight plus one, and a smooth weighted round robin follows those changing weights: an
+    idle backend shares by weight, a busy endpoint gets less."""
 
     def __init__(self) -> None:
         self._turn = 0
+        self._current: dict[int, float] = {}
 
     def pick(self, candidates, states, weights, key):
-        best: list[int] = []
+        if weights is not None:
+            current = self._current
+            total, best, best_value = 0.0, 0, float("-inf")
+            for i, (e, state) in enumerate(zip(candidates, states)):
+                dynamic = weights[i] / (state.active + 1)
+                value = current.get(id(e), 0.0) + dynamic
+                current[id(e)] = value
+                total += dynamic
+                if value > best_value:
+                    best, best_value = i, value
+            current[id(candidates[best])] -= total
+            if len(current) > 4 * len(candidates) + 64:
+                current.clear()
+            return candidates[best]
+        best_indexes: list[int] = []
         best_load = float("inf")
         for i, state in enumerate(states):
-            load = state.active / (weights[i] if weights is not None else 1.0)
+            load = state.active
             if load < best_load:
-                best, best_load = [i], load
+                best_indexes, best_load = [i], load
             elif load == best_load:
-                best.append(i)
+                best_indexes.append(i)
         self._turn += 1
-        return candidates[best[self._turn % len(best)]]
+        return candidates[best_indexes[self._turn % len(best_indexes)]]
 
 
 class PowerOfTwoChoices(Picker):

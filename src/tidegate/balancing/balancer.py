@@ -49,13 +49,42 @@ class RouteBalancer:
                 if state.usable(now):
                     usable.append(e)
                     usable_states.append(state)
-        if usable:
-            return usable, usable_states
-        if not ready:
-            ready = [e for e in backend.endpoints if e.serving and e not in exclude]
-            if not ready and exclude:
-                return self.candidates(backend)  # every endpoint was tried: any may be tried again
-        return ready, [endpoint_state(e.address, e.port) for e in ready]
+        if not usable:
+            if not ready:
+                ready = [e for e in backend.endpoints if e.serving and e not in exclude]
+                if not ready and exclude:
+                    return self.candidates(backend)  # every endpoint was tried: any may be tried again
+            usable, usable_states = ready, [endpoint_state(e.address, e.port) for e in ready]
+        if len(usable) > 1:
+            if self.registry.zone:
+                usable, usable_states = self._prefer_zone(backend, usable, usable_states)
+            if any(e.weight == 0 for e in usable) and any(e.weight for e in usable):
+                kept = [i for i, e in enumerate(usable) if e.weight]
+                usable, usable_states = [usable[i] for i in kept], [usable_states[i] for i in kept]
+        return usable, usable_states
+
+    def _prefer_zone(self, backend: ir.Backend, candidates: list[ir.Endpoint], states: list[EndpointState]
+                     ) -> tuple[list[ir.Endpoint], list[EndpointState]]:
+        """Topology hints (as kube-proxy uses them: only when every endpoint has some), else with
+        zoneAware, the endpoints in tidegate's own zone while there are enough and they are not overloaded."""
+        zone = self.registry.zone
+        if all(e.hints is not None for e in candidates):
+            keep = [i for i, e in enumerate(candidates) if zone in e.hints]  # type: ignore[operator]
+        elif backend.policy is not None and backend.policy.zone_aware is not None:
+            min_endpoints, overload_factor = backend.policy.zone_aware
+            keep = [i for i, e in enumerate(candidates) if e.zone == zone]
+            others = len(candidates) - len(keep)
+            if len(keep) < min_endpoints or not others:
+                return candidates, states
+            local_load = sum(states[i].active for i in keep) / len(keep)
+            other_load = (sum(s.active for s in states) - local_load * len(keep)) / others
+            if local_load >= overload_factor * (other_load + 1):
+                return candidates, states  # the zone is overloaded: spill over to the others
+        else:
+            return candidates, states
+        if not keep:
+            return candidates, states
+        return [candidates[i] for i in keep], [states[i] for i in keep]
 
     def endpoint_for(self, backend: ir.Backend, key: str | None = None,
                      exclude: tuple[ir.Endpoint, ...] = ()) -> ir.Endpoint | None:
@@ -68,15 +97,19 @@ class RouteBalancer:
         picker = self._pickers.get(id(backend))
         if picker is None:
             picker = self._pickers[id(backend)] = picker_for(backend.policy)
-        weights = None
+        weights: list | None = None
+        if any(e.weight != 1 for e in candidates) and any(e.weight for e in candidates):
+            weights = [e.weight for e in candidates]
         policy = backend.policy
         if policy is not None and policy.slow_start:
-            weights = _slow_start_weights(states, policy.slow_start, time.monotonic())
+            ramp = _slow_start_factors(states, policy.slow_start, time.monotonic())
+            if ramp is not None:
+                weights = [r * w for r, w in zip(ramp, weights)] if weights else ramp
         return picker.pick(candidates, states, weights, key)
 
 
-def _slow_start_weights(states: list[EndpointState], window: float, now: float) -> list[float] | None:
-    """Weights that ramp a new endpoint from a tenth to its full share over `window` seconds; None when no
+def _slow_start_factors(states: list[EndpointState], window: float, now: float) -> list[float] | None:
+    """Factors that ramp a new endpoint from a tenth to its full share over `window` seconds; None when no
     endpoint is new (the pickers' fast paths)."""
-    weights = [min(1.0, max(SLOW_START_MIN_WEIGHT, (now - s.first_seen) / window)) for s in states]
-    return weights if any(w < 1.0 for w in weights) else None
+    factors = [min(1.0, max(SLOW_START_MIN_WEIGHT, (now - s.first_seen) / window)) for s in states]
+    return factors if any(f < 1.0 for f in factors) else None

@@ -85,6 +85,7 @@ class Registry:
         self.endpoints: dict[EndpointKey, EndpointState] = {}
         self.backends: dict[str, BackendState] = {}
         self._started = False
+        self.zone = ""  # tidegate's own zone (run --zone), for topology hints and zoneAware
 
     def endpoint(self, address: str, port: int) -> EndpointState:
         key = (address, port)

@@ -59,6 +59,8 @@ def _build(sections: dict[str, tuple[Section, str]]) -> ir.TrafficPolicy:
                                         cookie_path=cookie.get("path", "/"), table_size=ch.get("tableSize", 16381))
         if lb.get("slowStart"):
             fields["slow_start"] = parse_duration(lb["slowStart"]["window"])
+        if "zoneAware" in lb:
+            fields["zone_aware"] = (lb["zoneAware"].get("minEndpoints", 1), lb["zoneAware"].get("overloadFactor", 2))
     if "healthCheck.active" in sections:
         hc = sections["healthCheck.active"][0]
         http = hc.get("http") or {}
@@ -100,6 +102,14 @@ def _build(sections: dict[str, tuple[Section, str]]) -> ir.TrafficPolicy:
             max_requests=cb.get("maxRequests"), max_retries=cb.get("maxRetries"))
     fields["origins"] = tuple((name, origin) for name, (_, origin) in sections.items())
     return ir.TrafficPolicy(**fields)
+
+
+def _endpoint_weight(endpoint: ir.Endpoint, weights: list[dict[str, Any]]) -> int:
+    for entry in weights:
+        if all(entry[k] == v for k, v in (("node", endpoint.node), ("zone", endpoint.zone), ("pod", endpoint.pod))
+               if k in entry):
+            return entry["weight"]
+    return 1
 
 
 # Ingress annotations → BackendPolicy sections. Values that do not parse are reported and ignored.
@@ -234,7 +244,13 @@ def apply_backend_policies(index: Index, listeners: list[ir.Listener], statuses:
                         merged[name] = (section, origin)
                         if policy is not None:
                             used_at.setdefault(policy.key, set()).add(listener.gateway)
-                backends.append(dataclasses.replace(backend, policy=_build(merged)) if merged else backend)
+                if not merged:
+                    backends.append(backend)
+                    continue
+                weights = merged["loadBalancer"][0].get("endpointWeights") if "loadBalancer" in merged else None
+                endpoints = tuple(dataclasses.replace(e, weight=_endpoint_weight(e, weights)) if weights else e
+                                  for e in backend.endpoints)
+                backends.append(dataclasses.replace(backend, policy=_build(merged), endpoints=endpoints))
             routes.append(dataclasses.replace(route, backends=tuple(backends)))
         out.append(dataclasses.replace(listener, http_routes=tuple(routes)))
 

@@ -106,13 +106,16 @@ def service_endpoints(index: Index, namespace: str, name: str, spec: dict, servi
             if not ready and not serving:
                 continue
             target_ref = ep.get("targetRef") or {}
+            hints = (ep.get("hints") or {}).get("forZones")
+            zones_hint = tuple(z["name"] for z in hints) if hints is not None else None
             for address in ep["addresses"]:
                 key = (address, endpoint_port)
                 if key in found:
                     continue
                 found[key] = ir.Endpoint(
                     address=address, port=endpoint_port, ready=ready, serving=serving, terminating=terminating,
-                    zone=ep.get("zone", ""), node=ep.get("nodeName", ""), pod=target_ref.get("name", ""))
+                    zone=ep.get("zone", ""), node=ep.get("nodeName", ""), pod=target_ref.get("name", ""),
+                    hints=zones_hint)
     return tuple(found.values())
 
 
