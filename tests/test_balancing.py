@@ -247,3 +247,33 @@ def test_zone_aware_balancing_stays_local_until_the_zone_is_overloaded():
     balancer.registry.endpoint("10.0.0.2", 8080).active = 0
     balancer.registry.endpoint("10.0.0.2", 8080).ejected_until = 1e18  # one local endpoint left: below minEndpoints
     assert {balancer.endpoint_for(backend).zone for _ in range(50)} == {"a", "b"}
+
+
+def test_probes_over_real_sockets():
+    import asyncio
+    import socket
+
+    from tidegate.balancing.health import probe
+
+    async def main() -> tuple[bool, bool, bool, bool]:
+        async def answer(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            closed = s.getsockname()[1]  # bound, not listening: connections are refused
+            tcp = ir.HealthCheck(type="TCP", timeout=1.0)
+            http_any = ir.HealthCheck(type="HTTP", path="/healthz", timeout=1.0)
+            http_503 = ir.HealthCheck(type="HTTP", path="/healthz", timeout=1.0, expected_statuses=(503,))
+            results = (await probe(tcp, "127.0.0.1", port), await probe(tcp, "127.0.0.1", closed),
+                       await probe(http_any, "127.0.0.1", port), await probe(http_503, "127.0.0.1", port))
+        server.close()
+        await server.wait_closed()
+        return results
+
+    assert asyncio.run(main()) == (True, False, False, True)
