@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -59,8 +60,25 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="load resources, keep them translated, and watch for changes",
                          description="Load Kubernetes YAML, translate it and keep watching the files: each change "
                                      "is validated, and a broken edit keeps the last good version serving.")
-    run.add_argument("-f", "--file", dest="paths", action="append", required=True, metavar="PATH",
+    run.add_argument("-f", "--file", dest="paths", action="append", default=[], metavar="PATH",
                      help="file or directory to read (repeatable)")
+    kube = run.add_argument_group("Kubernetes", "watch an API server (--kubernetes) instead of, or as well as, files")
+    kube.add_argument("--kubernetes", action="store_true",
+                      help="list and watch the cluster; write status (the leader only)")
+    kube.add_argument("--kubeconfig", default=None, metavar="PATH",
+                      help="kubeconfig file (default: in-cluster, then $KUBECONFIG, then ~/.kube/config)")
+    kube.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
+    kube.add_argument("--lease-namespace", default=os.environ.get("POD_NAMESPACE", "tidegate-system"),
+                      help="namespace of the leader-election Lease (default: $POD_NAMESPACE or %(default)s)")
+    kube.add_argument("--lease-name", default="tidegate-leader", help="name of the Lease (default: %(default)s)")
+    kube.add_argument("--identity", default=os.environ.get("POD_NAME") or socket.gethostname(),
+                      help="this replica's name in the Lease (default: $POD_NAME or the host name)")
+    kube.add_argument("--lease-duration", type=float, default=15.0,
+                      help="seconds a leader's lease lasts without renewal (default: %(default)s)")
+    kube.add_argument("--renew-deadline", type=float, default=10.0,
+                      help="seconds the leader keeps trying to renew before it steps down (default: %(default)s)")
+    kube.add_argument("--retry-period", type=float, default=2.0,
+                      help="seconds between tries to take or renew the lease (default: %(default)s)")
     common(run, positional=False)
     run.add_argument("--once", action="store_true", help="translate once and exit instead of serving")
     run.add_argument("--admin", default="127.0.0.1:9900", metavar="ADDR:PORT",
@@ -384,6 +402,12 @@ def _run_args_problem(args: argparse.Namespace) -> str:
             return f"--admin {args.admin!r} is not ADDR:PORT (or off)"
     if args.grace < 0:
         return "--grace must not be negative"
+    if not args.paths and not args.kubernetes:
+        return "say where resources come from: -f PATH (files) and/or --kubernetes (a cluster)"
+    if args.kubernetes and not args.lease_duration > args.renew_deadline > args.retry_period > 0:
+        return "--lease-duration > --renew-deadline > --retry-period > 0 is needed"
+    if args.kubeconfig and not os.path.isfile(args.kubeconfig):
+        return f"--kubeconfig {args.kubeconfig!r}: no such file"
     return ""
 
 
@@ -393,6 +417,8 @@ def _run(args: argparse.Namespace) -> int:
         print(f"tidegate: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "httpx2", "httpcore", "httpcore2"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)  # a line per API request is noise
     try:
         import uvloop
 
@@ -443,9 +469,29 @@ async def _serve(args: argparse.Namespace) -> int:
     source = FileSource(args.paths, store, args.namespace, report)
     for problem in source.load():
         report(problem)
+    cluster = writer = elector = None
+    if args.kubernetes:
+        from tidegate.leader import LeaderElector
+        from tidegate.sources.kubernetes import KubernetesSource, connect
+        from tidegate.status_writer import StatusWriter
+
+        try:
+            client = connect(args.kubeconfig, args.context)
+        except Exception as exc:  # no usable kubeconfig or in-cluster credentials
+            log.error("cannot set up a Kubernetes client: %s", exc)
+            return EXIT_INVALID
+        cluster = KubernetesSource(client, store, report)
+        cluster.start()
+        log.info("waiting for the first full list of every kind from the API server")
+        await cluster.synced.wait()
+        elector = LeaderElector(client, args.lease_namespace, args.lease_name, args.identity,
+                                args.lease_duration, args.renew_deadline, args.retry_period)
+        writer = StatusWriter(client, cluster, elector)
     if args.once:
         translation = translate(store.snapshot().resources, _options(args))
         _log_translation(log, store.version, translation)
+        if cluster is not None:
+            await cluster.close()
         return EXIT_OK
     if args.access_log != "off":
         accesslog.ACCESS_LOG = accesslog.AccessLog(args.access_log, args.access_log_file, args.access_log_sample,
@@ -457,7 +503,7 @@ async def _serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    state = RunState(sources=[str(p) for p in args.paths])
+    state = RunState(sources=[str(p) for p in args.paths] + (["kubernetes"] if args.kubernetes else []))
     admin = None
     if args.admin != "off":
         try:
@@ -486,18 +532,25 @@ async def _serve(args: argparse.Namespace) -> int:
             state.version, state.translation = snapshot.version, translation
             state.statuses = statuses_as_data(translation)
             state.ready, state.applied_at = not errors, time.time()
+            if writer is not None:
+                writer.submit(translation.statuses)
             METRICS.reloads.labels("ok").inc()
             METRICS.config_version.set(snapshot.version)
             _log_translation(log, snapshot.version, translation)
             log.info("serving config version %d", snapshot.version)
 
-    watcher = asyncio.create_task(source.watch())
-    follower = asyncio.create_task(follow())
+    tasks = [asyncio.create_task(source.watch()), asyncio.create_task(follow())]
+    if elector is not None and writer is not None:
+        tasks += [asyncio.create_task(elector.run()), asyncio.create_task(writer.run())]
     await stop.wait()
     log.info("stopping: no new connections; in-flight requests get %.0f s to finish", args.grace)
     state.ready = False
-    watcher.cancel()
-    follower.cancel()
+    for task in tasks:
+        task.cancel()
+    if elector is not None:
+        await elector.release()
+    if cluster is not None:
+        await cluster.close()
     await dataplane.close(grace=args.grace)
     if admin is not None:
         admin.close()

@@ -117,7 +117,7 @@ class LeastRequest(Picker):
         if weights is not None:
             current = self._current
             total, best, best_value = 0.0, 0, float("-inf")
-            for i, (e, state) in enumerate(zip(candidates, states)):
+            for i, (e, state) in enumerate(zip(candidates, states, strict=True)):
                 dynamic = weights[i] / (state.active + 1)
                 value = current.get(id(e), 0.0) + dynamic
                 current[id(e)] = value

@@ -104,7 +104,7 @@ class RouteBalancer:
         if policy is not None and policy.slow_start:
             ramp = _slow_start_factors(states, policy.slow_start, time.monotonic())
             if ramp is not None:
-                weights = [r * w for r, w in zip(ramp, weights)] if weights else ramp
+                weights = [r * w for r, w in zip(ramp, weights, strict=True)] if weights else ramp
         return picker.pick(candidates, states, weights, key)
 
 

@@ -88,6 +88,18 @@ def _builtin_schemas() -> dict[str, Any]:
     return yaml.load(text, Loader=_Loader)
 
 
+_BUILTIN_PLURALS = {"Namespace": "namespaces", "Service": "services", "Secret": "secrets",
+                    "ConfigMap": "configmaps", "EndpointSlice": "endpointslices", "Ingress": "ingresses",
+                    "IngressClass": "ingressclasses"}
+
+
+def plural(info: KindInfo) -> str:
+    """The resource name in API paths (gateways, endpointslices, ...)."""
+    if info.crd_file:
+        return _crd(info.crd_file)["spec"]["names"]["plural"]
+    return _BUILTIN_PLURALS[info.kind]
+
+
 @functools.cache
 def served_versions(info: KindInfo) -> tuple[str, ...]:
     if info.crd_file:

@@ -82,9 +82,9 @@ def load_text(text: str, source: str, default_namespace: str = "default") -> Loa
             continue
         if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
             for item in doc["items"]:
-                _load_object(item, origin, default_namespace, result)
+                load_object(item, origin, default_namespace, result)
         else:
-            _load_object(doc, origin, default_namespace, result)
+            load_object(doc, origin, default_namespace, result)
     return result
 
 
@@ -136,7 +136,9 @@ def dedupe(result: LoadResult) -> None:
     result.resources = kept
 
 
-def _load_object(doc: Any, origin: Origin, default_namespace: str, result: LoadResult) -> None:
+def load_object(doc: Any, origin: Origin, default_namespace: str, result: LoadResult) -> None:
+    """Validate one object (from a file or from the API server), apply defaults, add it or its problems to
+    `result`."""
     if not isinstance(doc, dict):
         result.problems.append(Problem("error", origin, "a document must be a mapping with apiVersion and kind"))
         result.unidentified_failure = True

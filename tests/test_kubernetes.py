@@ -1,0 +1,260 @@
+"""`tidegate run --kubernetes` against an API server stand-in (tests/apiserver.py) that speaks the real HTTP
+API: initial sync, events that change what is served, dropped watches and 410 Gone, status written once
+per real change, and two replicas sharing one Lease."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.apiserver import FakeAPIServer, fake_apiserver
+from tests.harness import TIDEGATE, free_port, process, request
+from tests.manifests import http_gateway, route, service
+from tests.scripted import scripted_backends
+
+GW = "127.0.0.1"
+LEASE = ("--lease-namespace", "default", "--lease-duration", "2", "--renew-deadline", "1.5", "--retry-period", "0.2")
+
+
+def eventually(check: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (OSError, AssertionError, KeyError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
+
+
+def _pod_of(port: int, host: str) -> str:
+    status, _, body = request(GW, port, "/", headers={"Host": host}, timeout=2)
+    return json.loads(body)["pod"] if status == 200 else str(status)
+
+
+@contextmanager
+def replica(api: FakeAPIServer, tmp: Path, name: str, ready: tuple[str, int], *extra: str, token: str = ""):
+    config = json.loads(api.kubeconfig())
+    if token:
+        config["users"][0]["user"]["token"] = token
+    kubeconfig = tmp / f"kubeconfig-{name}"
+    kubeconfig.write_text(json.dumps(config))
+    admin = free_port()
+    args = [*TIDEGATE, "run", "--kubernetes", "--kubeconfig", str(kubeconfig), "--identity", name,
+            "--admin", f"127.0.0.1:{admin}", *LEASE, *extra]
+    with process(args, tmp / f"tidegate-{name}.log", ready=ready) as proc:
+        proc.admin_port = admin  # type: ignore[attr-defined]
+        yield proc
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    port, pod_port = free_port(GW), free_port("127.0.9.1")
+    pods = [("127.0.9.1", pod_port, "pod-a"), ("127.0.9.2", pod_port, "pod-b")]
+    with fake_apiserver() as api, scripted_backends(*pods) as backends:
+        api.put_yaml(http_gateway(GW, port))
+        api.put_yaml(service("app", pods[:1]))
+        api.put_yaml(route("app", "app.test", "- backendRefs: [{name: app, port: 80}]"))
+        yield api, port, pods, backends
+
+
+def test_initial_sync_then_events_change_what_is_served(cluster, tmp_path):
+    api, port, pods, _ = cluster
+    with replica(api, tmp_path, "a", (GW, port)) as proc:
+        assert _pod_of(port, "app.test") == "pod-a"
+        ready = request("127.0.0.1", proc.admin_port, "/readyz")
+        assert ready[0] == 200
+        # add: a new route and the Service it uses
+        api.put_yaml(service("other", pods[1:]))
+        api.put_yaml(route("other", "other.test", "- backendRefs: [{name: other, port: 80}]"))
+        eventually(lambda: _pod_of(port, "other.test") == "pod-b", what="the new route serves")
+        # modify: the EndpointSlice now names the other pod
+        api.put_yaml(service("app", pods[1:]))
+        eventually(lambda: _pod_of(port, "app.test") == "pod-b", what="the endpoint change is served")
+        # delete: the route goes, its host gets 404
+        api.delete("HTTPRoute", "default", "other")
+        eventually(lambda: _pod_of(port, "other.test") == "404", what="the deleted route is gone")
+
+
+def test_dropped_watches_and_410_gone_lose_no_event(cluster, tmp_path):
+    api, port, pods, _ = cluster
+    with replica(api, tmp_path, "a", (GW, port)):
+        assert _pod_of(port, "app.test") == "pod-a"
+        watches, lists = api.watch_requests, api.list_requests["HTTPRoute"]
+        api.drop_watches()
+        api.put_yaml(route("second", "second.test", "- backendRefs: [{name: app, port: 80}]"))
+        eventually(lambda: _pod_of(port, "second.test") == "pod-a", what="an event after a dropped watch")
+        assert api.watch_requests > watches  # it came back through a new watch ...
+        assert api.list_requests["HTTPRoute"] == lists  # ... resumed at its resourceVersion, no new list
+        # ... from where it stopped. Now watches are cut and held back while one route is deleted and
+        # another added, and history is compacted: resuming gets 410 Gone, and both changes must still
+        # arrive through a fresh list.
+        api.hold_watches(True)
+        api.drop_watches()
+        api.delete("HTTPRoute", "default", "second")
+        api.put_yaml(route("third", "third.test", "- backendRefs: [{name: app, port: 80}]"))
+        api.compact()
+        time.sleep(0.3)
+        assert _pod_of(port, "second.test") == "pod-a"  # nothing seen yet: the last config keeps serving
+        api.hold_watches(False)
+        eventually(lambda: _pod_of(port, "third.test") == "pod-a", what="an addition made during the gap")
+        eventually(lambda: _pod_of(port, "second.test") == "404", what="a deletion made during the gap")
+        assert api.list_requests["HTTPRoute"] > lists  # the 410 made it list again
+
+
+def _conditions(status: dict, kind: str) -> dict[str, str]:
+    if kind == "HTTPRoute":
+        entry = status["parents"][0]
+        return {c["type"]: c["status"] for c in entry["conditions"]}
+    return {c["type"]: c["status"] for c in status["conditions"]}
+
+
+def test_status_is_written_once_per_real_change(cluster, tmp_path):
+    api, port, pods, _ = cluster
+    other_parent = {"parentRef": {"name": "theirs", "group": "gateway.networking.k8s.io", "kind": "Gateway"},
+                    "controllerName": "example.com/another-controller",
+                    "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                                    "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]}
+    obj = api.get("HTTPRoute", "default", "app")
+    obj["status"] = {"parents": [other_parent]}
+    api._call(api._store, obj, True)
+    with replica(api, tmp_path, "a", (GW, port)):
+        for kind, name in (("GatewayClass", "tidegate"), ("Gateway", "gw"), ("HTTPRoute", "app")):
+            eventually(lambda kind=kind, name=name: api.status_writes(kind, name), what=f"{kind} status")
+        time.sleep(1.0)  # a second write would come now, if any
+        assert [len(api.status_writes(k, n)) for k, n in
+                (("GatewayClass", "tidegate"), ("Gateway", "gw"), ("HTTPRoute", "app"))] == [1, 1, 1]
+        gateway = api.get("Gateway", "default", "gw")["status"]
+        assert _conditions(gateway, "Gateway") == {"Accepted": "True", "Programmed": "True"}
+        assert all(c["lastTransitionTime"] and c["observedGeneration"] == 1 for c in gateway["conditions"])
+        route_status = api.get("HTTPRoute", "default", "app")["status"]
+        assert route_status["parents"][0] == other_parent  # another controller's entry is kept
+        assert {p["controllerName"] for p in route_status["parents"]} == {
+            "example.com/another-controller", "tidegate.io/gateway-controller"}
+
+        # A change that alters no status: no write.
+        api.put_yaml(service("app", pods[1:]))
+        eventually(lambda: _pod_of(port, "app.test") == "pod-b", what="the endpoint change")
+        time.sleep(0.5)
+        assert len(api.status_writes()) == 3
+
+        # A change to the route's status: one write, for the route, with the new generation.
+        api.put_yaml(route("app", "app.test", "- backendRefs: [{name: missing, port: 80}]"))
+        eventually(lambda: len(api.status_writes("HTTPRoute", "app")) == 2, what="the route's new status")
+        time.sleep(0.5)
+        assert len(api.status_writes()) == 4
+        mine = next(p for p in api.get("HTTPRoute", "default", "app")["status"]["parents"]
+                    if p["controllerName"] == "tidegate.io/gateway-controller")
+        resolved = next(c for c in mine["conditions"] if c["type"] == "ResolvedRefs")
+        assert resolved["status"] == "False" and resolved["reason"] == "BackendNotFound"
+        assert resolved["observedGeneration"] == 2
+
+
+def test_two_replicas_one_leader_and_failover(cluster, tmp_path):
+    """Two replicas, each on its own address (as pods would be); one Lease. Only the holder writes status;
+    when it dies without a word (SIGKILL), the other takes over within the lease duration and writes."""
+    api, port, pods, _ = cluster
+    api.put_yaml(gateway_without_addresses(port))
+    with replica(api, tmp_path, "a", (GW, port), "--bind", GW, token="token-a") as first:
+        eventually(lambda: api.status_writes("Gateway", "gw"), what="the first replica leads and writes")
+        with replica(api, tmp_path, "b", ("127.0.0.2", port), "--bind", "127.0.0.2", token="token-b"):
+            assert _pod_of(port, "app.test") == "pod-a"  # both serve traffic
+            status, _, body = request("127.0.0.2", port, "/", headers={"Host": "app.test"})
+            assert status == 200 and json.loads(body)["pod"] == "pod-a"
+            api.put_yaml(route("app", "app.test", """
+                - backendRefs: [{name: app, port: 80}]
+                  timeouts: {request: 5s}"""))  # a new generation: observedGeneration changes
+            eventually(lambda: len(api.status_writes("HTTPRoute", "app")) == 2, what="the leader's write")
+            time.sleep(1.0)
+            assert api.get("Lease", "default", "tidegate-leader")["spec"]["holderIdentity"] == "a"
+            assert {w.agent for w in api.status_writes()} == {"token-a"}  # b never wrote
+            first.kill()  # no goodbye: the lease must expire
+            killed_at = time.monotonic()
+            eventually(lambda: api.get("Lease", "default", "tidegate-leader")["spec"]["holderIdentity"] == "b",
+                       timeout=5, what="the other replica takes the lease")
+            assert time.monotonic() - killed_at < 2 + 1  # the lease duration, and a retry period or two
+            api.put_yaml(route("app", "app.test", "- backendRefs: [{name: missing, port: 80}]"))
+            eventually(lambda: len(api.status_writes("HTTPRoute", "app")) == 3, what="the new leader writes")
+            assert api.status_writes("HTTPRoute", "app")[-1].agent == "token-b"
+
+
+def gateway_without_addresses(port: int) -> str:
+    return f"""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: gw, namespace: default}}
+spec:
+  gatewayClassName: tidegate
+  listeners: [{{name: http, port: {port}, protocol: HTTP}}]
+"""
+
+
+def test_only_referenced_secrets_are_kept_and_versions_follow_what_the_cluster_serves(tmp_path):
+    """In-process: the source against the stand-in. TCPRoute is served only as v1alpha2 and TLSRoute not at
+    all (an older Gateway API install); Secrets are kept only while something references them."""
+    import asyncio
+
+    from tests.apiserver import KINDS
+    from tidegate.resources.model import Key
+    from tidegate.sources.kubernetes import KubernetesSource, connect
+    from tidegate.store import Store
+
+    kinds = [k for k in KINDS if k.kind != "TLSRoute"]
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "kubernetes.io/tls",
+              "data": {"tls.crt": "Y2VydA==", "tls.key": "a2V5"}}
+    with fake_apiserver(kinds=kinds) as api:
+        api.put_yaml("""
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw}
+spec:
+  gatewayClassName: tidegate
+  listeners:
+    - name: https
+      port: 443
+      protocol: HTTPS
+      tls: {certificateRefs: [{name: site}]}
+""")
+        for name in ("site", "unrelated"):
+            api.put({**secret, "metadata": {"name": name, "namespace": "default"}})
+
+        async def main() -> None:
+            kubeconfig = tmp_path / "kubeconfig"
+            kubeconfig.write_text(api.kubeconfig())
+            source = KubernetesSource(connect(str(kubeconfig)), Store())
+            source.start()
+            await asyncio.wait_for(source.synced.wait(), 10)
+            assert source.versions["TCPRoute"] == "v1alpha2" and "TLSRoute" not in source.versions
+            secrets = lambda: {k.name for k in source.objects if k.kind == "Secret"}  # noqa: E731
+            assert secrets() == {"site"}
+            api.put_yaml("""
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {name: web, namespace: default}
+spec:
+  tls: [{secretName: unrelated}]
+  defaultBackend: {service: {name: x, port: {number: 80}}}
+""")
+            for _ in range(100):
+                if secrets() == {"site", "unrelated"}:
+                    break
+                await asyncio.sleep(0.05)
+            assert secrets() == {"site", "unrelated"}  # fetched once it was referenced
+            assert Key("Secret", "default", "unrelated") in {r.key for r in source.store.snapshot().resources}
+            api.delete("Ingress", "default", "web")
+            for _ in range(100):
+                if secrets() == {"site"}:
+                    break
+                await asyncio.sleep(0.05)
+            assert secrets() == {"site"}  # dropped when nothing references it
+            await source.close()
+
+        asyncio.run(main())
