@@ -107,3 +107,7 @@ def test_bad_run_options_are_usage_errors():
                    ["--access-log", "json", "--access-log-file", "/no/such/dir/access.log"]):
         result = tidegate("run", "-f", EXAMPLE, *option)
         assert result.returncode == 2 and "tidegate: error:" in result.stderr and "TIDEGATE_DEBUG" not in result.stderr
+    for args in ([], ["--kubernetes", "--lease-duration", "1", "--renew-deadline", "2"],
+                 ["--kubernetes", "--kubeconfig", "/no/such/kubeconfig"]):
+        result = tidegate("run", *args)
+        assert result.returncode == 2 and "tidegate: error:" in result.stderr, (args, result.stderr)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from tidegate.resources.loader import load_text
 
 GATEWAY_WITH_TLS_ON_HTTP = """
@@ -158,9 +156,3 @@ def test_non_re2_regex_in_a_crd_pattern_field_is_not_what_fails_loading():
                                                "      backendRefs")
     assert load_text(text, "r.yaml").resources
 
-
-def test_the_deployable_backendpolicy_crd_is_the_one_tidegate_validates_with():
-    root = Path(__file__).resolve().parent.parent
-    shipped = root / "deploy" / "crds" / "tidegate.io_backendpolicies.yaml"
-    bundled = root / "src" / "tidegate" / "resources" / "crds" / "tidegate.io_backendpolicies.yaml"
-    assert shipped.read_text() == bundled.read_text()

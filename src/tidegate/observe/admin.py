@@ -12,7 +12,7 @@
                             which listener, route and rule serve a request, and why others do not
 
 Requests from anything but a loopback address need `Authorization: Bearer TOKEN` (--admin-token); without a
-token configured they are refused.
+token configured they are refused. /healthz and /readyz answer anyone (kubelet probes; they tell nothing).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ class AdminProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode()
         keep = self.parser.should_keep_alive()
-        if not peer_allowed(self.peer, self.headers.get("authorization"), self.token):
+        probe = self.url.split(b"?")[0].rstrip(b"/") in (b"/healthz", b"/readyz")  # kubelet probes: no token
+        if not probe and not peer_allowed(self.peer, self.headers.get("authorization"), self.token):
             self._send(403 if not self.token else 401, {"error": "the admin API needs a bearer token from "
                                                                  "outside this host"}, close=not keep)
             return

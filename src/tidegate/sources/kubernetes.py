@@ -131,6 +131,8 @@ class KubernetesSource:
         self._referenced: set[Key] = set()
         self._publish_scheduled = False
         self._tasks: list[asyncio.Task] = []
+        self._fetches: set[asyncio.Task] = set()
+        self._finishing = False
 
     # -- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -139,9 +141,10 @@ class KubernetesSource:
             self._tasks.append(loop.create_task(self._follow(info), name=f"watch {info.kind}"))
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._fetches]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
 
     # -- list and watch ---------------------------------------------------------------------------------
@@ -284,10 +287,19 @@ class KubernetesSource:
 
     def _mark_synced(self, kind: str) -> None:
         self._synced_kinds.add(kind)
-        if len(self._synced_kinds) == len(kinds.KINDS) and not self.synced.is_set():
+        if len(self._synced_kinds) == len(kinds.KINDS) and not self.synced.is_set() and not self._finishing:
+            self._finishing = True
+            self._tasks.append(asyncio.get_running_loop().create_task(self._finish_sync()))
+
+    async def _finish_sync(self) -> None:
+        """Every kind is listed; Secrets listed before the Gateways that use them are still being fetched.
+        Only when they are here is the first configuration complete (no listener may look certificate-less)."""
+        self._publish()
+        while self._fetches:
+            await asyncio.gather(*list(self._fetches), return_exceptions=True)
             self._publish()
-            log.info("initial sync done: %d objects", len(self.objects))
-            self.synced.set()
+        log.info("initial sync done: %d objects", len(self.objects))
+        self.synced.set()
 
     def _schedule_publish(self) -> None:
         """Publish once per burst of events (one pass of the event loop), not once per event."""
@@ -306,7 +318,9 @@ class KubernetesSource:
                 self._unkept.add(key)
             for key in added:
                 if key in self._unkept:
-                    self._tasks.append(asyncio.get_running_loop().create_task(self._fetch(key)))
+                    fetch = asyncio.get_running_loop().create_task(self._fetch(key))
+                    self._fetches.add(fetch)
+                    fetch.add_done_callback(self._fetches.discard)
         self.store.replace_source(self.name, self.objects)
 
     async def _fetch(self, key: Key) -> None:

@@ -1,0 +1,117 @@
+"""deploy/: kustomize builds it, every manifest passes its schema, `kubectl apply --dry-run=client -k`
+works against an API server stand-in, and RBAC grants what the Kubernetes source uses and no more."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.apiserver import KINDS, Kind, fake_apiserver
+from tidegate.resources import kinds
+from tidegate.resources.loader import load_text
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+KUBECTL = shutil.which("kubectl")
+pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (scripts/test installs it)")
+
+
+def _built() -> list[dict]:
+    out = subprocess.run([KUBECTL, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def test_every_manifest_passes_its_schema():
+    docs = _built()
+    assert len(docs) > 20
+    for doc in docs:
+        if kinds.lookup(doc["apiVersion"], doc["kind"]) is not None:  # Gateway API, tidegate's and core kinds
+            result = load_text(yaml.safe_dump(doc), f"deploy:{doc['kind']}/{doc['metadata']['name']}")
+            assert not result.errors, [str(e) for e in result.errors]
+        if doc["apiVersion"].split("/")[0] not in ("gateway.networking.k8s.io", "tidegate.io"):
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_a_typo_in_a_manifest_fails_the_schema_check():
+    deployment = next(d for d in _built() if d["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]["httpGett"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
+
+
+def test_the_deployable_backendpolicy_crd_is_the_one_tidegate_validates_with():
+    shipped = DEPLOY / "crds" / "tidegate.io_backendpolicies.yaml"
+    bundled = ROOT / "src" / "tidegate" / "resources" / "crds" / "tidegate.io_backendpolicies.yaml"
+    assert shipped.read_text() == bundled.read_text()
+
+
+DEPLOY_KINDS = [
+    Kind("", "v1", "ServiceAccount", "serviceaccounts"),
+    Kind("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", namespaced=False),
+    Kind("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings", namespaced=False),
+    Kind("rbac.authorization.k8s.io", "v1", "Role", "roles"),
+    Kind("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings"),
+    Kind("apps", "v1", "Deployment", "deployments"),
+    Kind("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets"),
+    Kind("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", namespaced=False),
+    Kind("admissionregistration.k8s.io", "v1", "ValidatingAdmissionPolicy", "validatingadmissionpolicies",
+         namespaced=False),
+    Kind("admissionregistration.k8s.io", "v1", "ValidatingAdmissionPolicyBinding",
+         "validatingadmissionpolicybindings", namespaced=False),
+]
+
+
+def test_kubectl_apply_dry_run_client(tmp_path):
+    docs = _built()
+    with fake_apiserver(kinds=KINDS + DEPLOY_KINDS) as api:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(api.kubeconfig())
+        out = subprocess.run([KUBECTL, "--kubeconfig", str(kubeconfig), "apply", "--dry-run=client",
+                              "--validate=false", "-k", str(DEPLOY)], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.count("(dry run)") == len(docs), out.stdout
+        assert not api.writes  # a dry run writes nothing
+
+
+def test_rbac_grants_what_the_source_reads_and_writes_only_status_and_the_lease():
+    docs = _built()
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    granted: dict[tuple[str, str], set[str]] = {}
+    for rule in cluster_role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                granted.setdefault((group, resource), set()).update(rule["verbs"])
+    for info in kinds.KINDS.values():
+        assert {"get", "list", "watch"} <= granted.get((info.group, kinds.plural(info)), set()), info.kind
+    for (group, resource), verbs in granted.items():
+        writes = verbs - {"get", "list", "watch"}
+        assert not writes or resource.endswith("/status"), (resource, verbs)
+        assert "*" not in verbs and resource != "*"
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert role["metadata"]["namespace"] == "tidegate-system"
+    assert [(r["resources"], sorted(r["verbs"])) for r in role["rules"]] == [(["leases"], ["create", "get", "update"])]
+
+
+def test_the_deployment_runs_two_probed_replicas_of_the_kubernetes_mode():
+    docs = _built()
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][:2] == ["run", "--kubernetes"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["requests"]
+    assert any(d["kind"] == "PodDisruptionBudget" for d in docs)
+    service = next(d for d in docs if d["kind"] == "Service")
+    assert service["spec"]["type"] == "LoadBalancer"
+    classes = {d["kind"]: d for d in docs if d["kind"] in ("GatewayClass", "IngressClass")}
+    assert classes["GatewayClass"]["spec"]["controllerName"] == "tidegate.io/gateway-controller"
+    assert classes["IngressClass"]["spec"]["controller"] == "tidegate.io/ingress-controller"
+    assert json.dumps(deployment).count("tidegate-system") >= 1
