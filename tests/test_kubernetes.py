@@ -157,6 +157,15 @@ def test_status_is_written_once_per_real_change(cluster, tmp_path):
         assert resolved["status"] == "False" and resolved["reason"] == "BackendNotFound"
         assert resolved["observedGeneration"] == 2
 
+        # The route leaves tidegate's Gateway for another controller's: tidegate's entry goes, theirs stays.
+        moved = route("app", "app.test", "- backendRefs: [{name: app, port: 80}]").replace(
+            "parentRefs: [{name: gw}]", "parentRefs: [{name: theirs}]")
+        api.put_yaml(moved)
+        eventually(lambda: api.get("HTTPRoute", "default", "app")["status"]["parents"] == [other_parent],
+                   what="tidegate's parent entry removed")
+        time.sleep(0.5)
+        assert len(api.status_writes("HTTPRoute", "app")) == 3
+
 
 def test_two_replicas_one_leader_and_failover(cluster, tmp_path):
     """Two replicas, each on its own address (as pods would be); one Lease. Only the holder writes status;

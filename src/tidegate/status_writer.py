@@ -124,6 +124,13 @@ class StatusWriter:
 
     async def write_all(self, statuses: dict[Key, dict[str, Any]]) -> int:
         written = 0
+        statuses = dict(statuses)
+        for key, current in list(self.source.statuses.items()):
+            # A route or policy tidegate no longer serves: take its own entries out, leave the others'.
+            for field in SHARED_LISTS:
+                if key not in statuses and any(e.get("controllerName") == CONTROLLER_NAME
+                                               for e in current.get(field) or []):
+                    statuses[key] = {field: []}
         for key, ours in statuses.items():
             if not self._leading():
                 return written  # lost the lease: not one more write
