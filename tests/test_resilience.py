@@ -132,7 +132,7 @@ def test_active_health_checks_take_a_failing_pod_out_and_bring_it_back(tmp_path)
         healthCheck:
           active: {type: HTTP, http: {path: /healthz}, interval: 100ms, timeout: 500ms,
                    healthyThreshold: 2, unhealthyThreshold: 2, jitterPercent: 0}""")
-    with scripted_backends(*pods) as (a, b), tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+    with scripted_backends(*pods) as (a, b), tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
         b.healthy = False
         deadline = time.monotonic() + 5
         while b.health_checks < 3 and time.monotonic() < deadline:
@@ -141,6 +141,11 @@ def test_active_health_checks_take_a_failing_pod_out_and_bring_it_back(tmp_path)
         before = b.requests
         assert {_pod(request(GW, port, "/")[2]) for _ in range(20)} == {"pod-a"}
         assert b.requests == before
+        metrics = request("127.0.0.1", proxy.admin_port, "/metrics")[2].decode()
+        assert f'tidegate_endpoint_healthy{{backend="default/app:80",endpoint="127.0.6.2:{pod_port}"}} 0.0' in metrics
+        assert f'tidegate_endpoint_healthy{{backend="default/app:80",endpoint="127.0.6.1:{pod_port}"}} 1.0' in metrics
+        assert (f'tidegate_endpoint_requests_total{{backend="default/app:80",endpoint="127.0.6.1:{pod_port}"}} '
+                "20.0") in metrics
         b.healthy = True
         time.sleep(0.5)  # two passing checks
         assert {_pod(request(GW, port, "/")[2]) for _ in range(20)} == {"pod-a", "pod-b"}

@@ -504,6 +504,10 @@ async def _serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
 
     state = RunState(sources=[str(p) for p in args.paths] + (["kubernetes"] if args.kubernetes else []))
+    state.registry = dataplane.registry
+    from tidegate.observe.admin import backends_view
+
+    METRICS.endpoints.source = lambda: backends_view(state)
     admin = None
     if args.admin != "off":
         try:

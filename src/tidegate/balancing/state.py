@@ -8,15 +8,19 @@ configuration no longer names.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 
 from tidegate import ir
 
 EndpointKey = tuple[str, int]
 
 
+LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
 class EndpointState:
     __slots__ = ("active", "check_results", "consecutive_5xx", "consecutive_gateway_errors", "ejected_until",
-                 "ejections", "first_seen", "key", "last_ejection")
+                 "ejections", "failures", "first_seen", "key", "last_ejection", "latency", "requests")
 
     def __init__(self, key: EndpointKey, first_seen: float):
         self.key = key
@@ -29,6 +33,17 @@ class EndpointState:
         self.last_ejection = 0.0
         # Active health: one verdict per check that covers this endpoint (several policies may check it).
         self.check_results: dict[ir.HealthCheck, bool] = {}
+        # What the dashboard shows: tries sent here, those that failed (5xx or no answer), and upstream
+        # latency counts per LATENCY_BOUNDS bucket (the last one: above them all).
+        self.requests = 0
+        self.failures = 0
+        self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
+
+    def record(self, status: int | None, seconds: float) -> None:
+        self.requests += 1
+        if status is None or status >= 500:
+            self.failures += 1
+        self.latency[bisect_left(LATENCY_BOUNDS, seconds)] += 1
 
     @property
     def healthy(self) -> bool:

@@ -732,8 +732,10 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         if state.upstream is not None and not state.released:
             state.upstream.close()
         conn.upstream = None
+        endpoint_state = registry.endpoint(endpoint.address, endpoint.port)
+        endpoint_state.record(status, now - upstream_started)
         if policy is not None and policy.outlier is not None:
-            record_outcome(registry, backend, registry.endpoint(endpoint.address, endpoint.port), status, now)
+            record_outcome(registry, backend, endpoint_state, status, now)
 
 
 class _RetryStatus(Exception):

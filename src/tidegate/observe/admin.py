@@ -10,6 +10,9 @@
     GET /api/v1/routes      the IR being served
     GET /api/v1/explain?url=URL[&method=M][&header=Name:value...]
                             which listener, route and rule serve a request, and why others do not
+    GET /api/v1/backends    backends and their endpoints: health, ejection, weight, in flight, counts, latency
+    GET /api/v1/traffic     request counts by route and status class, latency buckets, connections
+    GET /dashboard/         the web dashboard (static files from the package; nothing from outside)
 
 Requests from anything but a loopback address need `Authorization: Bearer TOKEN` (--admin-token); without a
 token configured they are refused. /healthz and /readyz answer anyone (kubelet probes; they tell nothing).
@@ -31,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httptools
 
+from tidegate.balancing.state import LATENCY_BOUNDS
 from tidegate.observe.metrics import METRICS
 
 log = logging.getLogger("tidegate.admin")
@@ -48,6 +52,7 @@ class RunState:
     ready: bool = False
     started: float = field(default_factory=time.time)
     applied_at: float = 0.0
+    registry: Any = None  # tidegate.balancing.state.Registry of the data plane: endpoint health and counts
 
 
 def peer_allowed(peer: str, authorization: str | None, token: str) -> bool:
@@ -109,6 +114,9 @@ class AdminProtocol(asyncio.Protocol):
         except Exception as exc:  # an admin bug must not take the process down
             log.exception("admin request failed")
             status, body, ctype = 500, json.dumps({"error": str(exc)}).encode(), "application/json"
+        if status == 302:
+            self._write(302, b"", "text/plain", close=not keep, location=ctype)
+            return
         self._write(status, body, ctype, close=not keep, head=method == "HEAD")
 
     def _route(self, target: str) -> tuple[int, bytes, str]:
@@ -116,6 +124,8 @@ class AdminProtocol(asyncio.Protocol):
         query = parse_qs(parts.query)
         path = parts.path.rstrip("/") or "/"
         state = self.state
+        if path in ("/", "/dashboard") and not parts.path.startswith("/dashboard/"):
+            return 302, b"", "/dashboard/"
         if path == "/healthz":
             return 200, b"ok\n", "text/plain"
         if path == "/readyz":
@@ -132,6 +142,18 @@ class AdminProtocol(asyncio.Protocol):
             return 200, _json(state.statuses), "application/json"
         if path == "/api/v1/routes":
             return 200, _json(state.translation.ir.to_data() if state.translation else {}), "application/json"
+        if path == "/api/v1/backends":
+            return 200, _json({"latencyBounds": list(LATENCY_BOUNDS), "backends": backends_view(state)}), \
+                "application/json"
+        if path == "/api/v1/traffic":
+            return 200, _json({**METRICS.traffic(), "version": state.version, "now": time.time()}), \
+                "application/json"
+        if parts.path.startswith("/dashboard/"):
+            name = parts.path[len("/dashboard/"):] or "index.html"
+            asset = DASHBOARD.get(name)
+            if asset is None:
+                return 404, _json({"error": f"no such file: {name}"}), "application/json"
+            return 200, asset[1], asset[0]
         if path == "/api/v1/explain":
             url = (query.get("url") or [""])[0]
             if not url:
@@ -147,16 +169,74 @@ class AdminProtocol(asyncio.Protocol):
     def _send(self, status: int, payload: dict, close: bool) -> None:
         self._write(status, _json(payload), "application/json", close)
 
-    def _write(self, status: int, body: bytes, ctype: str, close: bool, head: bool = False) -> None:
+    def _write(self, status: int, body: bytes, ctype: str, close: bool, head: bool = False,
+               location: str = "") -> None:
         if self.transport is None or self.transport.is_closing():
             return
-        reason = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-                  405: "Method Not Allowed", 500: "Internal Server Error", 503: "Service Unavailable"}.get(status, "")
+        reason = {200: "OK", 302: "Found", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
+                  404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+                  503: "Service Unavailable"}.get(status, "")
         head_bytes = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                      + (f"Location: {location}\r\n" if location else "")
+                      + "Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
                       + ("Connection: close\r\n" if close else "") + "\r\n").encode()
         self.transport.write(head_bytes + (b"" if head else body))
         if close:
             self.transport.close()
+
+
+def _load_dashboard() -> dict[str, tuple[str, bytes]]:
+    folder = importlib_resources.files("tidegate.observe").joinpath("dashboard")
+    types = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+             ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml"}
+    return {item.name: (types.get(item.name[item.name.rfind("."):], "application/octet-stream"), item.read_bytes())
+            for item in folder.iterdir() if item.is_file()}
+
+
+DASHBOARD = _load_dashboard()
+
+
+def backends_view(state: RunState) -> list[dict[str, Any]]:
+    """Every backend of the configuration in force with its endpoints: health (active checks), ejection
+    (outlier detection), weight, requests in flight, and counts and latency buckets since start."""
+    if state.translation is None:
+        return []
+    registry = state.registry
+    now = time.monotonic()
+    found: dict[str, dict[str, Any]] = {}
+    for listener in state.translation.ir.listeners:
+        for route in (*listener.http_routes, *listener.l4_routes):
+            for backend in route.backends:
+                entry = found.get(backend.name)
+                if entry is None:
+                    policy = backend.policy
+                    counts = registry.backends.get(backend.name) if registry is not None else None
+                    entry = found[backend.name] = {
+                        "name": backend.name, "invalid": backend.invalid or None, "routes": [],
+                        "algorithm": policy.algorithm if policy is not None else "RoundRobin",
+                        "activeChecks": policy is not None and policy.health_check is not None,
+                        "outlierDetection": policy is not None and policy.outlier is not None,
+                        "active": counts.active if counts is not None else 0,
+                        "retriesInFlight": counts.retries if counts is not None else 0,
+                        "endpoints": [_endpoint_view(e, registry, now) for e in backend.endpoints]}
+                if route.name not in entry["routes"]:
+                    entry["routes"].append(route.name)
+    return [found[name] for name in sorted(found)]
+
+
+def _endpoint_view(endpoint: Any, registry: Any, now: float) -> dict[str, Any]:
+    state = registry.endpoints.get((endpoint.address, endpoint.port)) if registry is not None else None
+    view: dict[str, Any] = {
+        "address": endpoint.address, "port": endpoint.port, "pod": endpoint.pod, "node": endpoint.node,
+        "zone": endpoint.zone, "weight": endpoint.weight, "ready": endpoint.ready, "serving": endpoint.serving,
+        "terminating": endpoint.terminating}
+    if state is None:
+        return {**view, "health": "unknown", "ejectedFor": 0, "ejections": 0, "active": 0, "requests": 0,
+                "failures": 0, "latency": []}
+    health = ("unchecked" if not state.check_results else "healthy" if state.healthy else "unhealthy")
+    return {**view, "health": health, "ejectedFor": round(max(0.0, state.ejected_until - now), 1),
+            "ejections": state.ejections, "active": state.active, "requests": state.requests,
+            "failures": state.failures, "latency": list(state.latency)}
 
 
 def _listeners(state: RunState) -> list:

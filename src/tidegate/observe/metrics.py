@@ -6,7 +6,7 @@ from __future__ import annotations
 from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -37,11 +37,42 @@ class _RequestCollector:
         yield duration
 
 
+class _EndpointCollector:
+    """Endpoint health, ejection, requests in flight and counts, read from the data plane's balancing state
+    when scraped. `source` returns the admin API's backends view (set by `tidegate run`)."""
+
+    def __init__(self) -> None:
+        self.source = None
+
+    def collect(self):
+        labels = ["backend", "endpoint"]
+        healthy = GaugeMetricFamily("tidegate_endpoint_healthy", "1 when the endpoint passes its active health "
+                                    "checks (or has none), else 0", labels=labels)
+        ejected = GaugeMetricFamily("tidegate_endpoint_ejected", "1 while outlier detection keeps the endpoint "
+                                    "out of rotation", labels=labels)
+        active = GaugeMetricFamily("tidegate_endpoint_active_requests", "Requests in flight to the endpoint",
+                                   labels=labels)
+        requests = CounterMetricFamily("tidegate_endpoint_requests", "Tries sent to the endpoint", labels=labels)
+        failures = CounterMetricFamily("tidegate_endpoint_failures", "Tries that got a 5xx or no answer",
+                                       labels=labels)
+        for backend in (self.source() if self.source is not None else []):
+            for e in backend["endpoints"]:
+                key = [backend["name"], f"{e['address']}:{e['port']}"]
+                healthy.add_metric(key, 0 if e["health"] == "unhealthy" else 1)
+                ejected.add_metric(key, 1 if e["ejectedFor"] > 0 else 0)
+                active.add_metric(key, e["active"])
+                requests.add_metric(key, e["requests"])
+                failures.add_metric(key, e["failures"])
+        yield from (healthy, ejected, active, requests, failures)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._collector = _RequestCollector()
         self.registry.register(self._collector)
+        self.endpoints = _EndpointCollector()
+        self.registry.register(self.endpoints)
         self.upstream_errors = Counter("tidegate_upstream_errors", "Failed attempts at an endpoint, by backend and "
                                        "kind (timeout, error)", ["backend", "kind"], registry=self.registry)
         self.retries = Counter("tidegate_http_retries", "Requests sent again to a backend", ["route"],
@@ -79,6 +110,23 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def traffic(self) -> dict:
+        """Counts so far, as plain data (the dashboard turns two readings into rates and percentiles)."""
+        routes: dict[tuple[str, str], dict] = {}
+        for (listener, route, _method, code), count in list(self._collector.requests.items()):
+            entry = routes.setdefault((listener, route), {"listener": listener, "route": route, "codes": {},
+                                                          "latency": []})
+            entry["codes"][code] = entry["codes"].get(code, 0) + count
+        for (listener, route), counts in list(self._collector.buckets.items()):
+            entry = routes.setdefault((listener, route), {"listener": listener, "route": route, "codes": {},
+                                                          "latency": []})
+            entry["latency"] = [int(c) for c in counts[:-1]]
+        return {"latencyBounds": list(_LATENCY_BUCKETS), "routes": list(routes.values()),
+                "connections": self.registry.get_sample_value("tidegate_http_connections") or 0,
+                "connectionsAccepted": self.registry.get_sample_value("tidegate_http_connections_accepted_total") or 0,
+                "retries": sum(sample.value for family in self.retries.collect() for sample in family.samples
+                               if sample.name.endswith("_total"))}
 
 
 METRICS = Metrics()  # one per process; the admin listener serves it

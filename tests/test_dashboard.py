@@ -1,0 +1,126 @@
+"""The web dashboard in a real browser: headless Chromium (Debian's chromium and chromium-driver, driven by
+selenium) loads it from the admin listener while traffic flows. The numbers must move, an endpoint failing
+its health checks must show as unhealthy, and a screenshot is kept in test-artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import free_port, request, tidegate_run
+from tests.manifests import backend_policy, http_gateway, route, service
+from tests.scripted import scripted_backends
+
+GW = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="Debian's chromium and chromium-driver are not installed (scripts/test does)")
+
+
+def _browser(profile: Path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--window-size=1280,1600", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+
+
+def _text(driver, element_id: str) -> str:
+    return driver.find_element("id", element_id).text
+
+
+def _wait(check, timeout: float = 15.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def test_the_dashboard_shows_live_numbers_and_an_unhealthy_endpoint(tmp_path):
+    port, pod_port = free_port(GW), free_port("127.0.10.1")
+    pods = [("127.0.10.1", pod_port, "pod-a"), ("127.0.10.2", pod_port, "pod-b")]
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        http_gateway(GW, port) + service("app", pods) + route("app", "app.test", "- backendRefs: [{name: app, port: 80}]")
+        + backend_policy("app", "app", """
+            healthCheck:
+              active: {type: HTTP, http: {path: /healthz}, interval: 100ms, timeout: 500ms,
+                       unhealthyThreshold: 1, healthyThreshold: 1, jitterPercent: 0}"""))
+    stop = threading.Event()
+    sent = [0]
+
+    def traffic() -> None:  # bounded: at most 3,000 requests or 60 s
+        deadline = time.monotonic() + 60
+        while not stop.is_set() and sent[0] < 3000 and time.monotonic() < deadline:
+            request(GW, port, "/", headers={"Host": "app.test"}, timeout=5)
+            sent[0] += 1
+            time.sleep(0.01)
+
+    with scripted_backends(*pods) as (_, b), tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
+        b.healthy = False
+        driver = _browser(tmp_path / "chromium-profile")
+        loader = threading.Thread(target=traffic)
+        try:
+            driver.get(f"http://127.0.0.1:{proxy.admin_port}/")  # redirects to /dashboard/
+            _wait(lambda: _text(driver, "version") == "config version 1", what="the config version")
+            _wait(lambda: _text(driver, "ready") == "ready", what="readiness")
+            loader.start()
+            first = _wait(lambda: _rate(driver), what="a request rate above zero")
+            total_first = int(_text(driver, "total"))
+            _wait(lambda: int(_text(driver, "total")) > total_first + 20, what="the request count to grow")
+            readings = {first}
+            _wait(lambda: readings.add(_rate(driver)) or len(readings) > 1, what="the rate to change")
+            assert _text(driver, "p99").startswith(("≤", ">"))
+            rows = {r.get_attribute("data-endpoint"): r for r in driver.find_elements("css selector", "tr[data-endpoint]")}
+            _wait(lambda: _state(driver, f"127.0.10.2:{pod_port}") == "unhealthy", what="pod-b shown unhealthy")
+            assert _state(driver, f"127.0.10.1:{pod_port}") == "healthy"
+            assert "unhealthy" in driver.find_element("css selector", f'tr[data-endpoint="127.0.10.2:{pod_port}"]').text
+            assert rows
+            route_rows = driver.find_elements("css selector", "#routes tbody tr")
+            assert any("Accepted=True" in r.text for r in route_rows)
+            _wait(lambda: any(_cell_rate(r) > 0 for r in driver.find_elements("css selector", "#routes tbody tr")),
+                  what="the route's own request rate")
+            ARTIFACTS.mkdir(exist_ok=True)
+            driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
+        finally:
+            stop.set()
+            if loader.is_alive():
+                loader.join(10)
+            driver.quit()
+    assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def _cell_rate(row) -> float:
+    cells = row.find_elements("css selector", "td")
+    try:
+        return float(cells[3].text)
+    except (IndexError, ValueError):
+        return 0.0
+
+
+def _rate(driver) -> float:
+    text = _text(driver, "rps")
+    try:
+        return float(text)
+    except ValueError:
+        return 0.0
+
+
+def _state(driver, endpoint: str) -> str:
+    rows = driver.find_elements("css selector", f'tr[data-endpoint="{endpoint}"]')
+    return rows[0].get_attribute("data-state") if rows else ""
