@@ -271,6 +271,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run (default: 5)")
     parser.add_argument("--quick", action="store_true", help="only the first scenario")
+    parser.add_argument("--only", choices=["haproxy", "nginx", "tidegate"], action="append",
+                        help="run only these proxies (repeatable; no report file is written)")
+    parser.add_argument("--profile", metavar="FILE", help="record where tidegate spends its time with py-spy "
+                                                          "(pip install py-spy) during its first scenario: a "
+                                                          "collapsed-stack file for flame graphs")
     args = parser.parse_args()
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
@@ -305,10 +310,21 @@ def main() -> int:
             proxies["tidegate"] = (stack.start(tidegate, "tidegate", port, PROXY_CORE), port)
             for scenario in scenarios:
                 for name, (proc, port) in proxies.items():
+                    if args.only and name not in args.only:
+                        continue
                     run_wrk(port, scenario, 1.0)  # warm up: pools, caches
+                    profiler = None
+                    if args.profile and name == "tidegate" and scenario is scenarios[0]:
+                        profiler = subprocess.Popen(
+                            [shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid",
+                             str(proc.pid), "--duration", str(max(1, round(args.seconds))), "--format", "raw",
+                             "--output", args.profile, "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                     before = cpu_seconds([proc.pid])
                     rps, p50, p99, errors = run_wrk(port, scenario, args.seconds)
                     cpu = cpu_seconds([proc.pid]) - before
+                    if profiler is not None:
+                        profiler.wait(30)
                     result = Result(name, scenario.name, rps, p50, p99, cpu, errors, seconds=args.seconds)
                     results.append(result)
                     print(f"{scenario.name:40s} {name:9s} {rps:10.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
@@ -317,7 +333,8 @@ def main() -> int:
         finally:
             stack.stop()
     report = render(results, scenarios, args.seconds)
-    (ROOT / "benchmarks" / "RESULTS.md").write_text(report)
+    if not args.only:
+        (ROOT / "benchmarks" / "RESULTS.md").write_text(report)
     print("\n" + report)
     return 0
 

@@ -89,6 +89,8 @@ class FakeAPIServer:
         self.watch_requests = 0
         self.list_requests: dict[str, int] = {}  # kind → lists served
         self.fail_next: dict[str, int] = {}  # kind → how many lists/watches to answer 500
+        self.unavailable = False  # every request answered 503, as while the API server restarts
+        self.conflict_next_status_writes = 0  # answer this many status writes 409 Conflict
         self._loop = asyncio.new_event_loop()
         self._changed: asyncio.Condition | None = None  # made on the server's own loop
         self._watchers: set[asyncio.StreamWriter] = set()
@@ -289,6 +291,8 @@ class FakeAPIServer:
 
     async def _dispatch(self, method: str, target: str, headers: dict, body: bytes,
                         writer: asyncio.StreamWriter) -> bool:
+        if self.unavailable:
+            return await self._respond(writer, 503, self._error(503, "ServiceUnavailable", "the API server is away"))
         url = urlsplit(target)
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         parts = [p for p in url.path.split("/") if p]
@@ -334,6 +338,13 @@ class FakeAPIServer:
             return await self._respond(writer, 404, self._error(404, "NotFound", f"{kind.plural} {name} not found"))
         if method == "DELETE":
             return await self._respond(writer, 200, await self._remove(kind.kind, namespace or "", name) or {})
+        if method == "PUT" and subresource == "status" and self.conflict_next_status_writes:
+            self.conflict_next_status_writes -= 1
+            with self.lock:  # someone else wrote in between: the object moved on
+                self.rv += 1
+                current["metadata"]["resourceVersion"] = str(self.rv)
+                self.objects[(kind.kind, namespace or "", name)]["metadata"]["resourceVersion"] = str(self.rv)
+            return await self._respond(writer, 409, self._error(409, "Conflict", "the object has been modified"))
         if method == "PUT":
             wanted = data.get("metadata", {}).get("resourceVersion")
             if wanted and wanted != current["metadata"]["resourceVersion"]:

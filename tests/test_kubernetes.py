@@ -110,6 +110,30 @@ def test_dropped_watches_and_410_gone_lose_no_event(cluster, tmp_path):
         assert api.list_requests["HTTPRoute"] > lists  # the 410 made it list again
 
 
+def test_while_the_api_server_is_away_the_last_config_keeps_serving(cluster, tmp_path):
+    api, port, pods, _ = cluster
+    with replica(api, tmp_path, "a", (GW, port)):
+        assert _pod_of(port, "app.test") == "pod-a"
+        api.unavailable = True
+        api.drop_watches()
+        time.sleep(1.5)  # lists and watches fail, and back off
+        assert [_pod_of(port, "app.test") for _ in range(5)] == ["pod-a"] * 5
+        api.unavailable = False
+        api.put_yaml(route("later", "later.test", "- backendRefs: [{name: app, port: 80}]"))
+        eventually(lambda: _pod_of(port, "later.test") == "pod-a", timeout=15, what="changes after it came back")
+
+
+def test_a_status_write_that_conflicts_is_read_again_and_retried(cluster, tmp_path):
+    api, port, pods, _ = cluster
+    api.conflict_next_status_writes = 1
+    with replica(api, tmp_path, "a", (GW, port)):
+        for kind, name in (("GatewayClass", "tidegate"), ("Gateway", "gw"), ("HTTPRoute", "app")):
+            eventually(lambda kind=kind, name=name: (api.get(kind, "default" if kind != "GatewayClass" else "",
+                                                             name) or {}).get("status"), what=f"{kind} status")
+        assert api.conflict_next_status_writes == 0
+        assert len(api.status_writes()) == 4  # three objects, one of them twice (the conflict, then the retry)
+
+
 def _conditions(status: dict, kind: str) -> dict[str, str]:
     if kind == "HTTPRoute":
         entry = status["parents"][0]

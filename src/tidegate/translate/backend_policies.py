@@ -211,8 +211,9 @@ def apply_backend_policies(index: Index, listeners: list[ir.Listener], statuses:
     out: list[ir.Listener] = []
     for listener in listeners:
         gw_ns, _, gw_name = listener.gateway.partition("/")
-        routes = []
-        for route in listener.http_routes:
+        routes: list[Any] = []
+        l4_routes: list[Any] = []
+        for route in (*listener.http_routes, *listener.l4_routes):
             route_kind, _, route_ref = route.source.partition(" ")
             route_ns, _, route_name = route_ref.partition("/")
             layers: list[tuple[str, Resource | None, dict[str, Section]]] = []
@@ -251,8 +252,9 @@ def apply_backend_policies(index: Index, listeners: list[ir.Listener], statuses:
                 endpoints = tuple(dataclasses.replace(e, weight=_endpoint_weight(e, weights)) if weights else e
                                   for e in backend.endpoints)
                 backends.append(dataclasses.replace(backend, policy=_build(merged), endpoints=endpoints))
-            routes.append(dataclasses.replace(route, backends=tuple(backends)))
-        out.append(dataclasses.replace(listener, http_routes=tuple(routes)))
+            (l4_routes if isinstance(route, ir.L4Route) else routes).append(
+                dataclasses.replace(route, backends=tuple(backends)))
+        out.append(dataclasses.replace(listener, http_routes=tuple(routes), l4_routes=tuple(l4_routes)))
 
     for policy in policies:
         ok, reason, message = conditions[policy.key]
