@@ -8,11 +8,12 @@ held in memory. Malformed requests get 400/414/431 and are never forwarded.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import random
 import secrets
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -65,6 +66,15 @@ REASONS = {200: "OK", 421: "Misdirected Request", 301: "Moved Permanently", 302:
            308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large",
            414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
            501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+_ID_PREFIX = os.urandom(8).hex()  # unique per process; a counter makes each id unique within it
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """32 hex digits, like a UUID's, unique without the cost of uuid4() per request."""
+    return f"{_ID_PREFIX}{next(_id_counter):016x}"
 
 
 class RequestRejected(Exception):
@@ -473,7 +483,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         headers_lower[key] = f"{headers_lower[key]},{value}" if key in headers_lower else value
     if accesslog.ACCESS_LOG is not None:
         # Keep the client's X-Request-Id, or make one; the pod sees it too, so logs can be joined.
-        ex.request_id = headers_lower.get("x-request-id") or uuid.uuid4().hex
+        ex.request_id = headers_lower.get("x-request-id") or new_request_id()
         if "x-request-id" not in headers_lower:
             ex.headers = [*ex.headers, ("X-Request-Id", ex.request_id)]
     request = Request(host=host, path=path, method=ex.method, headers=headers_lower,

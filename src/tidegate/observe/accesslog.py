@@ -14,6 +14,8 @@ import sys
 import time
 from typing import IO, NamedTuple
 
+_quote = json.encoder.encode_basestring_ascii  # C when available: a JSON string literal, as json.dumps writes
+
 FORMATS = ("json", "clf", "combined")
 BATCH = 128  # lines written together at most
 
@@ -63,6 +65,7 @@ class AccessLog:
         self._out: IO[str] = sys.stdout if path == "-" else open(path, "a", buffering=1 << 16)  # noqa: SIM115
         self._pending: list[Entry] = []
         self._task: asyncio.Task | None = None
+        self._stamps: dict[str, tuple[int, str]] = {}
 
     def wants(self, status: int) -> bool:
         if self.statuses is not None and not self.statuses[0] <= status <= self.statuses[1]:
@@ -95,16 +98,27 @@ class AccessLog:
         if self._out is not sys.stdout:
             self._out.close()
 
+    def _second(self, when: float, pattern: str) -> str:
+        """strftime once per second of log time, not once per line."""
+        second = int(when)
+        cached = self._stamps.get(pattern)
+        if cached is None or cached[0] != second:
+            cached = self._stamps[pattern] = (second, time.strftime(pattern, time.gmtime(second)))
+        return cached[1]
+
     def format_entry(self, e: Entry) -> str:
         if self.format == "json":
-            return json.dumps({
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(e.time)) + f".{int(e.time % 1 * 1000):03d}Z",
-                "client": e.client, "method": e.method, "host": e.host, "path": e.target, "protocol": e.proto,
-                "status": e.status, "bytes": e.bytes_sent, "duration_ms": round(e.duration * 1000, 3),
-                "upstream_ms": round(e.upstream_duration * 1000, 3), "route": e.route, "listener": e.listener,
-                "endpoint": e.endpoint, "retries": e.retries, "sni": e.sni, "request_id": e.request_id,
-            }, separators=(",", ":")) + "\n"
-        stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(e.time))
+            # The same JSON object json.dumps would write, put together directly: strings through the C
+            # string encoder, numbers as they are (a log line costs a few µs, not tens).
+            q = _quote
+            return (f'{{"time":"{self._second(e.time, "%Y-%m-%dT%H:%M:%S")}.{int(e.time % 1 * 1000):03d}Z",'
+                    f'"client":{q(e.client)},"method":{q(e.method)},"host":{q(e.host)},"path":{q(e.target)},'
+                    f'"protocol":{q(e.proto)},"status":{e.status},"bytes":{e.bytes_sent},'
+                    f'"duration_ms":{round(e.duration * 1000, 3)!r},'
+                    f'"upstream_ms":{round(e.upstream_duration * 1000, 3)!r},"route":{q(e.route)},'
+                    f'"listener":{q(e.listener)},"endpoint":{q(e.endpoint)},"retries":{e.retries},'
+                    f'"sni":{q(e.sni)},"request_id":{q(e.request_id)}}}\n')
+        stamp = self._second(e.time, "%d/%b/%Y:%H:%M:%S +0000")
         line = (f'{e.client or "-"} - - [{stamp}] "{e.method} {e.target} {e.proto}" {e.status} '
                 f'{e.bytes_sent or "-"}')
         if self.format == "combined":
