@@ -1,12 +1,17 @@
 """tidegate next to HAProxy and nginx, on the same machine, in one run.
 
-    .venv/bin/python benchmarks/proxies.py [--seconds 5] [--quick]
+    .venv/bin/python benchmarks/proxies.py [--seconds 5] [--quick] [--only tidegate] [--profile FILE]
 
 Starts two nginx backends, then HAProxy, nginx (as a proxy, upstream keep-alive) and tidegate with
 equivalent configs (round robin over the two backends). Each proxy is pinned to core 0; the backends and
-wrk run on core 1. For each scenario and proxy it reports req/s, p50/p99 latency, the proxy's own CPU
-seconds (from /proc) and requests per CPU-second, then the ratio tidegate ÷ HAProxy and ÷ nginx, and writes
-the table to benchmarks/RESULTS.md. Loopback only; every run is bounded by --seconds.
+the load generators (wrk, h2load) run on core 1. For each scenario and proxy it reports req/s, p50/p99
+latency, the proxy's own CPU seconds (from /proc) and requests per CPU-second, then the ratio tidegate ÷
+HAProxy and ÷ nginx. Scenarios come in groups that share one configuration: plain HTTP (small, 1 KB and
+1 MB responses, a new connection per request, a 10 MB upload, HTTP/2 with h2load), 1,000 routes with
+distinct hostnames, and TLS termination (keep-alive, and a handshake per request). A second tidegate
+without its access log runs each group's first scenario, to show what logging costs. Control-plane figures follow: loading and translating
+10,000 HTTPRoutes, and the time from a file change to the new route serving. The report goes to
+benchmarks/RESULTS.md. Loopback only; every run is bounded by --seconds.
 """
 
 from __future__ import annotations
@@ -23,12 +28,17 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import dataclass
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 PROXY_CORE, LOAD_CORE = "0", "1"
-TOOLS = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "taskset": "util-linux"}
+TOOLS = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "h2load": "nghttp2-client", "taskset": "util-linux"}
+HOSTS = 1000
+NO_LOG = "tidegate, no log"  # run beside the others on each group's first scenario: what the access log costs
 
 
 @dataclass
@@ -37,14 +47,47 @@ class Scenario:
     path: str
     connections: int
     close: bool = False
+    script: str = ""  # a wrk Lua script (rotating Host headers)
+    h2: bool = False  # h2load over h2c instead of wrk
+    tls: bool = False
+    upload: int = 0  # bytes POSTed per request, with h2load --h1 (wrk stalls on bodies this big)
 
 
-SCENARIOS = [
-    Scenario("small GET, keep-alive, 64 conns", "/small", 64),
-    Scenario("small GET, keep-alive, 256 conns", "/small", 256),
-    Scenario("1 KB response, keep-alive, 64 conns", "/1k", 64),
-    Scenario("new connection per request, 64 conns", "/small", 64, close=True),
-    Scenario("1 MB response, keep-alive, 16 conns", "/1m", 16),
+@dataclass
+class Group:
+    """Scenarios that share one configuration of every proxy."""
+
+    name: str
+    scenarios: list[Scenario]
+    hosts: int = 0  # >0: that many routes with distinct hostnames
+    tls: bool = False
+    proxies: tuple[str, ...] = ("haproxy", "nginx", "tidegate", NO_LOG)
+
+
+ROTATE = textwrap.dedent(f"""
+    local i = 0
+    request = function()
+      i = (i % {HOSTS}) + 1
+      return wrk.format("GET", "/small", {{["Host"] = "h" .. i .. ".bench.local"}})
+    end
+""")
+
+GROUPS = [
+    Group("plain HTTP", [
+        Scenario("small GET, keep-alive, 64 conns", "/small", 64),
+        Scenario("small GET, keep-alive, 256 conns", "/small", 256),
+        Scenario("1 KB response, keep-alive, 64 conns", "/1k", 64),
+        Scenario("new connection per request, 64 conns", "/small", 64, close=True),
+        Scenario("1 MB response, keep-alive, 16 conns", "/1m", 16),
+        Scenario("10 MB upload, 4 conns", "/upload", 4, upload=10 * 2**20),
+        Scenario("HTTP/2 (h2c) small GET, 64 conns x 10 streams", "/small", 64, h2=True),
+    ]),
+    Group(f"{HOSTS} routes", [Scenario(f"small GET over {HOSTS} hostnames, 64 conns", "/small", 64, script=ROTATE)],
+          hosts=HOSTS),
+    Group("TLS termination", [
+        Scenario("TLS small GET, keep-alive, 64 conns", "/small", 64, tls=True),
+        Scenario("TLS handshake per request, 64 conns", "/small", 64, close=True, tls=True),
+    ], tls=True),
 ]
 
 
@@ -53,16 +96,15 @@ class Result:
     proxy: str
     scenario: str
     rps: float
-    p50_ms: float
-    p99_ms: float
+    p50_ms: float | None
+    p99_ms: float | None
     cpu_s: float
     errors: int
+    seconds: float = 0.0
 
     @property
     def per_cpu_second(self) -> float:
         return self.rps * self.seconds / self.cpu_s if self.cpu_s else 0.0
-
-    seconds: float = 0.0
 
 
 def free_port() -> int:
@@ -128,16 +170,22 @@ class Stack:
             raise RuntimeError(f"{name} did not start: {log_path.read_text()[-2000:]}") from exc
         return proc
 
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
+    def stop(self, procs: list[subprocess.Popen] | None = None) -> None:
+        procs = list(self.procs) if procs is None else procs
+        for proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
+        for proc in procs:
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait(5)
+            if proc in self.procs:
+                self.procs.remove(proc)
 
+
+# -- configurations -------------------------------------------------------------------------------------
 
 def backend_config(tmp: Path, port: int, name: str) -> Path:
     root = tmp / f"www-{name}"
@@ -154,19 +202,40 @@ def backend_config(tmp: Path, port: int, name: str) -> Path:
             access_log off; keepalive_requests 1000000; default_type text/plain;
             client_body_temp_path {tmp}/cb-{name}; proxy_temp_path {tmp}/pt-{name};
             fastcgi_temp_path {tmp}/ft-{name}; uwsgi_temp_path {tmp}/ut-{name}; scgi_temp_path {tmp}/st-{name};
-            server {{ listen 127.0.0.1:{port}; root {root}; location / {{ }} }}
+            server {{
+                listen 127.0.0.1:{port}; root {root};
+                location / {{ }}
+                # Reads the whole body first (request buffering, in memory), then answers: a backend that
+                # answered before the body was in would test how proxies handle early answers instead.
+                location = /upload {{
+                    client_max_body_size 100m; client_body_buffer_size 16m; proxy_pass_request_body off;
+                    proxy_set_header Content-Length ""; proxy_method GET; proxy_pass http://127.0.0.1:{port}/small;
+                }}
+            }}
         }}
     """))
     return conf
 
 
-def haproxy_config(tmp: Path, port: int, backends: list[int]) -> Path:
+@dataclass
+class Ports:
+    http: int = field(default_factory=free_port)
+    h2c: int = field(default_factory=free_port)
+
+
+def haproxy_config(tmp: Path, ports: Ports, backends: list[int], group: Group, cert: Path | None) -> Path:
     conf = tmp / "haproxy.cfg"
     servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
+    bind = f"bind 127.0.0.1:{ports.http}" + (f" ssl crt {cert}" if group.tls else "")
+    routing = "default_backend pods"
+    if group.hosts:
+        (tmp / "hosts.lst").write_text("".join(f"h{i}.bench.local\n" for i in range(1, group.hosts + 1)))
+        routing = f"use_backend pods if {{ req.hdr(host),lower -f {tmp}/hosts.lst }}"
     conf.write_text(textwrap.dedent(f"""
         global
             nbthread 1
             maxconn 4000
+            tune.ssl.default-dh-param 2048
         defaults
             mode http
             timeout connect 5s
@@ -174,7 +243,10 @@ def haproxy_config(tmp: Path, port: int, backends: list[int]) -> Path:
             timeout server 30s
             http-reuse always
         frontend web
-            bind 127.0.0.1:{port}
+            {bind}
+            {routing}
+        frontend h2c
+            bind 127.0.0.1:{ports.h2c} proto h2
             default_backend pods
         backend pods
             balance roundrobin
@@ -182,29 +254,35 @@ def haproxy_config(tmp: Path, port: int, backends: list[int]) -> Path:
     return conf
 
 
-def nginx_proxy_config(tmp: Path, port: int, backends: list[int]) -> Path:
+def nginx_proxy_config(tmp: Path, ports: Ports, backends: list[int], group: Group, cert: Path | None,
+                       key: Path | None) -> Path:
     conf = tmp / "nginx-proxy.conf"
     servers = " ".join(f"server 127.0.0.1:{p};" for p in backends)
+    names = " ".join(f"h{i}.bench.local" for i in range(1, group.hosts + 1)) if group.hosts else "_"
+    listen = f"listen 127.0.0.1:{ports.http}" + (" ssl" if group.tls else "") + ";"
+    tls = f"ssl_certificate {cert}; ssl_certificate_key {key};" if group.tls else ""
+    location = ('location / { proxy_pass http://pods; proxy_http_version 1.1; proxy_set_header Connection ""; '
+                "proxy_request_buffering off; client_max_body_size 100m; }")
     conf.write_text(textwrap.dedent(f"""
         daemon off; master_process off; worker_processes 1; pid {tmp}/proxy.pid;
         error_log {tmp}/proxy.err warn;
         events {{ worker_connections 8192; }}
         http {{
-            access_log off; keepalive_requests 1000000;
+            access_log off; keepalive_requests 1000000; server_names_hash_max_size 4096;
+            server_names_hash_bucket_size 64;
             client_body_temp_path {tmp}/cb-p; proxy_temp_path {tmp}/pt-p;
             fastcgi_temp_path {tmp}/ft-p; uwsgi_temp_path {tmp}/ut-p; scgi_temp_path {tmp}/st-p;
             upstream pods {{ {servers} keepalive 64; }}
-            server {{
-                listen 127.0.0.1:{port};
-                location / {{ proxy_pass http://pods; proxy_http_version 1.1; proxy_set_header Connection "";
-                             proxy_buffering on; }}
-            }}
+            server {{ {listen} server_name {names}; {tls} {location} }}
+            server {{ listen 127.0.0.1:{ports.h2c} http2; {location} }}
         }}
     """))
     return conf
 
 
-def tidegate_config(tmp: Path, port: int, backends: list[int]) -> Path:
+def tidegate_config(tmp: Path, ports: Ports, backends: list[int], group: Group, cert: bytes, key: bytes) -> Path:
+    from tests.certs import tls_secret_pem_yaml
+
     folder = tmp / "tidegate"
     folder.mkdir()
     slices = "".join(textwrap.dedent(f"""
@@ -216,7 +294,12 @@ def tidegate_config(tmp: Path, port: int, backends: list[int]) -> Path:
         ports: [{{name: http, port: {p}}}]
         endpoints: [{{addresses: [127.0.0.1]}}]
         """) for i, p in enumerate(backends))
-    (folder / "bench.yaml").write_text(textwrap.dedent(f"""
+    if group.tls:
+        listener = (f"{{name: web, port: {ports.http}, protocol: HTTPS, "
+                    "tls: {mode: Terminate, certificateRefs: [{name: bench-cert}]}}")
+    else:
+        listener = f"{{name: web, port: {ports.http}, protocol: HTTP}}"
+    text = textwrap.dedent(f"""
         apiVersion: gateway.networking.k8s.io/v1
         kind: GatewayClass
         metadata: {{name: tidegate}}
@@ -228,49 +311,161 @@ def tidegate_config(tmp: Path, port: int, backends: list[int]) -> Path:
         spec:
           gatewayClassName: tidegate
           addresses: [{{value: 127.0.0.1}}]
-          listeners: [{{name: http, port: {port}, protocol: HTTP}}]
-        ---
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: HTTPRoute
-        metadata: {{name: bench, namespace: default}}
-        spec:
-          parentRefs: [{{name: bench}}]
-          rules: [{{backendRefs: [{{name: pods, port: 80}}]}}]
+          listeners: [{listener}, {{name: h2c, port: {ports.h2c}, protocol: HTTP}}]
         ---
         apiVersion: v1
         kind: Service
         metadata: {{name: pods, namespace: default}}
         spec: {{ports: [{{name: http, port: 80}}]}}
-        """) + slices)
+        """) + slices
+    if group.hosts:
+        for i in range(1, group.hosts + 1):
+            text += textwrap.dedent(f"""
+                ---
+                apiVersion: gateway.networking.k8s.io/v1
+                kind: HTTPRoute
+                metadata: {{name: h{i}, namespace: default}}
+                spec:
+                  parentRefs: [{{name: bench}}]
+                  hostnames: [h{i}.bench.local]
+                  rules: [{{backendRefs: [{{name: pods, port: 80}}]}}]
+                """)
+    text += textwrap.dedent("""
+        ---
+        apiVersion: gateway.networking.k8s.io/v1
+        kind: HTTPRoute
+        metadata: {name: bench, namespace: default}
+        spec:
+          parentRefs: [{name: bench}]
+          rules: [{backendRefs: [{name: pods, port: 80}]}]
+        """)
+    if group.tls:
+        text += "---\n" + tls_secret_pem_yaml("default", "bench-cert", cert, key)
+    (folder / "bench.yaml").write_text(text)
     return folder
 
+
+# -- load generators --------------------------------------------------------------------------------------
 
 _LATENCY = re.compile(r"^\s*(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.MULTILINE)
 _UNIT = {"us": 0.001, "ms": 1.0, "s": 1000.0}
 
 
-def run_wrk(port: int, scenario: Scenario, seconds: float) -> tuple[float, float, float, int]:
-    args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{scenario.connections}", f"-d{max(1, round(seconds))}s", "--latency",
-            "--timeout", "10s", "-H", "Host: bench.local"]
+def run_wrk(port: int, scenario: Scenario, seconds: float, tmp: Path) -> tuple[float, float | None, float | None, int]:
+    args = ["taskset", "-c", LOAD_CORE, "wrk", "-t1", f"-c{scenario.connections}", f"-d{max(1, round(seconds))}s",
+            "--latency", "--timeout", "10s"]
+    if scenario.script:
+        script = tmp / f"wrk-{abs(hash(scenario.script))}.lua"
+        script.write_text(scenario.script)
+        args += ["-s", str(script)]
+    if scenario.script != ROTATE:
+        args += ["-H", "Host: bench.local"]
     if scenario.close:
         args += ["-H", "Connection: close"]
-    done = subprocess.run([*args, f"http://127.0.0.1:{port}{scenario.path}"], capture_output=True, text=True,
-                          timeout=seconds + 30)
+    scheme = "https" if scenario.tls else "http"
+    done = subprocess.run([*args, f"{scheme}://127.0.0.1:{port}{scenario.path}"], capture_output=True, text=True,
+                          timeout=seconds + 60)
     out = done.stdout
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if found is None:
         raise RuntimeError(f"wrk failed on port {port}: {done.stdout[-500:]} {done.stderr[-500:]}")
-    rps = float(found.group(1))
     latencies = {m.group(1): float(m.group(2)) * _UNIT[m.group(3)] for m in _LATENCY.finditer(out)}
     errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return rps, latencies.get("50", 0.0), latencies.get("99", 0.0), errors + (int(non2xx.group(1)) if non2xx else 0)
+    return (float(found.group(1)), latencies.get("50"), latencies.get("99"),
+            errors + (int(non2xx.group(1)) if non2xx else 0))
 
+
+def run_h2load(port: int, scenario: Scenario, seconds: float, tmp: Path) -> tuple[float, None, None, int]:
+    args = ["taskset", "-c", LOAD_CORE, "h2load", "-c", str(scenario.connections), "-t", "1",
+            "-D", str(max(1, round(seconds)))]
+    if scenario.upload:
+        body = tmp / f"upload-{scenario.upload}"
+        if not body.exists():
+            body.write_bytes(b"u" * scenario.upload)
+        args += ["--h1", "-m", "1", "-d", str(body)]
+    else:
+        args += ["-m", "10"]
+    args.append(f"http://127.0.0.1:{port}{scenario.path}")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=seconds + 60)
+    found = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", done.stdout)
+    if found is None:
+        raise RuntimeError(f"h2load failed on port {port}: {done.stdout[-800:]} {done.stderr[-300:]}")
+    status = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+                       done.stdout)
+    errors = int(status.group(2)) + int(status.group(3)) if status else 0
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", done.stdout)
+    if codes:
+        errors += int(codes.group(3)) + int(codes.group(4))
+    return float(found.group(1)), None, None, errors
+
+
+# -- control plane ----------------------------------------------------------------------------------------
+
+def control_plane_figures(tmp: Path) -> list[str]:
+    """benchmarks/translate_routes.py for 10,000 routes (its own process), and file change → serving."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "translate_routes.py"), "--routes", "10000"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    lines = ["- 10,000 HTTPRoutes (`benchmarks/translate_routes.py`; targets: translate < 1 s, < 300 MB):"]
+    lines += [f"  - {' '.join(raw.split())}" for raw in done.stdout.splitlines() if raw.strip()]
+    backend_port, port = free_port(), free_port()
+    stack = Stack(tmp)
+    try:
+        stack.start(["nginx", "-c", str(backend_config(tmp, backend_port, "reload"))], "backend-reload",
+                    backend_port, LOAD_CORE)
+        config = tidegate_config(tmp, Ports(http=port), [backend_port], Group("reload", []), b"", b"")
+        stack.start([str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f", str(config), "--admin", "off"],
+                    "tidegate-reload", port, PROXY_CORE)
+        times = []
+        for attempt in range(5):
+            host = f"new{attempt}.bench.local"
+            wanted = _probe(port, host)
+            assert wanted == 200, f"the catch-all route should answer {host}"
+            started = time.perf_counter()
+            (config / f"extra-{attempt}.yaml").write_text(textwrap.dedent(f"""
+                apiVersion: gateway.networking.k8s.io/v1
+                kind: HTTPRoute
+                metadata: {{name: extra-{attempt}, namespace: default}}
+                spec:
+                  parentRefs: [{{name: bench}}]
+                  hostnames: [{host}]
+                  rules:
+                    - filters: [{{type: RequestRedirect, requestRedirect: {{statusCode: 302}}}}]
+                """))
+            deadline = started + 5
+            while time.perf_counter() < deadline and _probe(port, host) != 302:
+                time.sleep(0.002)
+            times.append(time.perf_counter() - started)
+        times.sort()
+        lines.append(f"- file change → new route serving: median {times[len(times) // 2] * 1000:.0f} ms, worst "
+                     f"{times[-1] * 1000:.0f} ms over {len(times)} changes (target: < 200 ms)")
+    finally:
+        stack.stop()
+    return lines
+
+
+def _probe(port: int, host: str) -> int:
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/small", headers={"Host": host})
+    try:
+        with opener.open(request, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+# -- the run ------------------------------------------------------------------------------------------------
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=5.0, help="length of each wrk run (default: 5)")
-    parser.add_argument("--quick", action="store_true", help="only the first scenario")
+    parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run (default: 5)")
+    parser.add_argument("--quick", action="store_true", help="only the first scenario, no control-plane figures")
     parser.add_argument("--only", choices=["haproxy", "nginx", "tidegate"], action="append",
                         help="run only these proxies (repeatable; no report file is written)")
     parser.add_argument("--profile", metavar="FILE", help="record where tidegate spends its time with py-spy "
@@ -286,94 +481,140 @@ def main() -> int:
     if (os.cpu_count() or 1) < 2:
         print("needs 2 cores: one for the proxy, one for the load", file=sys.stderr)
         return 2
-    scenarios = SCENARIOS[:1] if args.quick else SCENARIOS
+    groups = [Group(GROUPS[0].name, GROUPS[0].scenarios[:1])] if args.quick else GROUPS
     results: list[Result] = []
+    control: list[str] = []
+    profiled = False
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-") as tmpdir:
         tmp = Path(tmpdir)
         stack = Stack(tmp)
         try:
+            from tests.certs import self_signed
+
+            cert, key = self_signed(["bench.local"])
+            (tmp / "cert.pem").write_bytes(cert)
+            (tmp / "key.pem").write_bytes(key)
+            (tmp / "combined.pem").write_bytes(cert + key)
             backends = [free_port(), free_port()]
             for i, port in enumerate(backends):
                 stack.start(["nginx", "-c", str(backend_config(tmp, port, str(i)))], f"backend-{i}", port, LOAD_CORE)
-            proxies = {}
-            port = free_port()
-            proxies["haproxy"] = (stack.start(["haproxy", "-f", str(haproxy_config(tmp, port, backends))],
-                                              "haproxy", port, PROXY_CORE), port)
-            port = free_port()
-            proxies["nginx"] = (stack.start(["nginx", "-c", str(nginx_proxy_config(tmp, port, backends))],
-                                            "nginx-proxy", port, PROXY_CORE), port)
-            port = free_port()
-            # tidegate runs as users would run it: metrics on, JSON access log to a file, admin listener open.
-            tidegate = [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f", str(tidegate_config(tmp, port, backends)),
-                        "--access-log", "json", "--access-log-file", str(tmp / "tidegate-access.log"),
-                        "--admin", f"127.0.0.1:{free_port()}"]
-            proxies["tidegate"] = (stack.start(tidegate, "tidegate", port, PROXY_CORE), port)
-            for scenario in scenarios:
-                for name, (proc, port) in proxies.items():
-                    if args.only and name not in args.only:
+            for g, group in enumerate(groups):
+                gtmp = tmp / f"group-{g}"
+                gtmp.mkdir()
+                started: dict[str, tuple[subprocess.Popen, Ports]] = {}
+                launch: dict[str, Callable[[Ports], list[str]]] = {
+                    "haproxy": lambda p: ["haproxy", "-f", str(haproxy_config(gtmp, p, backends, group,
+                                                                             tmp / "combined.pem"))],
+                    "nginx": lambda p: ["nginx", "-c", str(nginx_proxy_config(gtmp, p, backends, group,
+                                                                              tmp / "cert.pem", tmp / "key.pem"))],
+                    # tidegate runs as users would run it: metrics on, JSON access log to a file, admin open.
+                    "tidegate": lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
+                                           str(tidegate_config(gtmp, p, backends, group, cert, key)),
+                                           "--access-log", "json", "--access-log-file", str(gtmp / "access.log"),
+                                           "--admin", f"127.0.0.1:{free_port()}"],
+                    NO_LOG: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
+                                       str(tidegate_config(gtmp / "nolog", p, backends, group, cert, key)),
+                                       "--access-log", "off", "--admin", f"127.0.0.1:{free_port()}"],
+                }
+                (gtmp / "nolog").mkdir()
+                for name in group.proxies:
+                    if args.only and name.split(",")[0] not in args.only:
                         continue
-                    run_wrk(port, scenario, 1.0)  # warm up: pools, caches
-                    profiler = None
-                    if args.profile and name == "tidegate" and scenario is scenarios[0]:
-                        profiler = subprocess.Popen(
-                            [shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record", "--pid",
-                             str(proc.pid), "--duration", str(max(1, round(args.seconds))), "--format", "raw",
-                             "--output", args.profile, "--nonblocking"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-                    before = cpu_seconds([proc.pid])
-                    rps, p50, p99, errors = run_wrk(port, scenario, args.seconds)
-                    cpu = cpu_seconds([proc.pid]) - before
-                    if profiler is not None:
-                        profiler.wait(30)
-                    result = Result(name, scenario.name, rps, p50, p99, cpu, errors, seconds=args.seconds)
-                    results.append(result)
-                    print(f"{scenario.name:40s} {name:9s} {rps:10.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
-                          f"  cpu {cpu:5.2f} s  {result.per_cpu_second:9.0f} req/cpu-s  errors {errors}",
-                          flush=True)
+                    ports = Ports()
+                    started[name] = (stack.start(launch[name](ports), f"{name.replace(', ', '-')}-{g}".replace(
+                        " ", "-"), ports.http, PROXY_CORE), ports)
+                for scenario in group.scenarios:
+                    for name, (proc, ports) in started.items():
+                        if name == NO_LOG and scenario is not group.scenarios[0]:
+                            continue
+                        port = ports.h2c if scenario.h2 else ports.http
+                        load = run_h2load if scenario.h2 or scenario.upload else run_wrk
+                        load(port, scenario, 1.0, gtmp)  # warm up: pools, caches
+                        profiler = None
+                        if args.profile and name == "tidegate" and not profiled:
+                            profiled = True
+                            profiler = subprocess.Popen(
+                                [shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record",
+                                 "--pid", str(proc.pid), "--duration", str(max(1, round(args.seconds))),
+                                 "--format", "raw", "--output", args.profile, "--nonblocking"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                        before = cpu_seconds([proc.pid])
+                        rps, p50, p99, errors = load(port, scenario, args.seconds, gtmp)
+                        cpu = cpu_seconds([proc.pid]) - before
+                        if profiler is not None:
+                            profiler.wait(30)
+                        label = name
+                        result = Result(label, scenario.name, rps, p50, p99, cpu, errors, seconds=args.seconds)
+                        results.append(result)
+                        print(f"{scenario.name:46s} {label:17s} {rps:9.0f} req/s  p50 {_ms(p50):>8s}  "
+                              f"p99 {_ms(p99):>8s}  cpu {cpu:5.2f} s  {result.per_cpu_second:8.0f} req/cpu-s  "
+                              f"errors {errors}", flush=True)
+                stack.stop([proc for proc, _ in started.values()])
         finally:
             stack.stop()
-    report = render(results, scenarios, args.seconds)
+        if not args.quick and not args.only:
+            with tempfile.TemporaryDirectory(prefix="tidegate-cp-") as cpdir:
+                control = control_plane_figures(Path(cpdir))
+            for line in control:
+                print(line)
+    report = render(results, groups, args.seconds, control)
     if not args.only:
         (ROOT / "benchmarks" / "RESULTS.md").write_text(report)
     print("\n" + report)
     return 0
 
 
-def render(results: list[Result], scenarios: list[Scenario], seconds: float) -> str:
+def _ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def render(results: list[Result], groups: list[Group], seconds: float, control: list[str]) -> str:
     by = {(r.proxy, r.scenario): r for r in results}
     lines = [
         "# tidegate next to HAProxy and nginx",
         "",
         f"Run on {datetime.date.today().isoformat()} by `benchmarks/proxies.py --seconds {seconds:g}` on "
-        f"{os.cpu_count()} cores: each proxy pinned to core {PROXY_CORE}; wrk and two nginx backends on core "
-        f"{LOAD_CORE}. Loopback only.",
+        f"{os.cpu_count()} cores: each proxy pinned to core {PROXY_CORE}; wrk/h2load and two nginx backends on "
+        f"core {LOAD_CORE}. Loopback only.",
         "",
         f"- {version(['haproxy', '-v'])}",
         f"- {version(['nginx', '-v'])}",
-        f"- {version(['wrk', '-v'])}",
+        f"- {version(['wrk', '-v'])}; {version(['h2load', '--version'])}",
         f"- tidegate {version([str(ROOT / '.venv' / 'bin' / 'tidegate'), '--version']).split()[-1]} "
         f"(Python {sys.version.split()[0]}, uvloop, httptools), one worker process, with Prometheus metrics and a "
-        "JSON access log to a file on (HAProxy and nginx log nothing)",
+        "JSON access log to a file on (HAProxy and nginx log nothing); \"tidegate, no log\" is the same without "
+        "the access log",
         "",
         "Requests per CPU-second is requests served divided by the proxy's own CPU time (user + system, from "
-        "/proc): steadier than req/s when the load generator shares the machine.",
+        "/proc): steadier than req/s when the load generator shares the machine. h2load (HTTP/2, and the "
+        "upload: wrk stalls on 10 MB bodies) reports no percentiles (–).",
         "",
         "| scenario | proxy | req/s | p50 ms | p99 ms | proxy CPU s | req per CPU-s | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for scenario in scenarios:
-        for proxy in ("haproxy", "nginx", "tidegate"):
-            r = by.get((proxy, scenario.name))
+    names = [s.name for g in groups for s in g.scenarios]
+    for scenario in dict.fromkeys(names):
+        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG):
+            r = by.get((proxy, scenario))
             if r:
-                lines.append(f"| {scenario.name} | {proxy} | {r.rps:.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+                lines.append(f"| {scenario} | {proxy} | {r.rps:.0f} | {_ms(r.p50_ms)} | {_ms(r.p99_ms)} | "
                              f"{r.cpu_s:.2f} | {r.per_cpu_second:.0f} | {r.errors} |")
     lines += ["", "| scenario | tidegate ÷ HAProxy (req per CPU-s) | tidegate ÷ nginx | p99 tidegate ÷ HAProxy |",
               "|---|---:|---:|---:|"]
-    for scenario in scenarios:
-        t, h, n = (by.get((p, scenario.name)) for p in ("tidegate", "haproxy", "nginx"))
-        if t and h and n and h.per_cpu_second and n.per_cpu_second and h.p99_ms:
-            lines.append(f"| {scenario.name} | {t.per_cpu_second / h.per_cpu_second:.2f} | "
-                         f"{t.per_cpu_second / n.per_cpu_second:.2f} | {t.p99_ms / h.p99_ms:.2f} |")
+    for scenario in dict.fromkeys(names):
+        t, h, n = (by.get((p, scenario)) for p in ("tidegate", "haproxy", "nginx"))
+        if t and h and n and h.per_cpu_second and n.per_cpu_second:
+            p99 = f"{t.p99_ms / h.p99_ms:.2f}" if t.p99_ms and h.p99_ms else "–"
+            lines.append(f"| {scenario} | {t.per_cpu_second / h.per_cpu_second:.2f} | "
+                         f"{t.per_cpu_second / n.per_cpu_second:.2f} | {p99} |")
+    for group in groups:
+        first = group.scenarios[0].name
+        logged, unlogged = by.get(("tidegate", first)), by.get((NO_LOG, first))
+        if logged and unlogged and unlogged.per_cpu_second:
+            lines.append(f"\nThe JSON access log costs {100 * (1 - logged.per_cpu_second / unlogged.per_cpu_second):.0f} "
+                         f"% of tidegate's requests per CPU-second on \"{first}\" (one run each: a few % is noise).")
+    if control:
+        lines += ["", "## Control plane", "", *control]
     return "\n".join(lines) + "\n"
 
 

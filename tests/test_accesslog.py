@@ -60,3 +60,31 @@ def test_formatting_and_filters_without_processes():
     assert json.loads(AccessLog("json", "/dev/null").format_entry(entry))["retries"] == 2
     assert parse_status_filter("500") == (500, 500) and parse_status_filter("") is None
     assert not AccessLog("json", "/dev/null", statuses="500-599").wants(200)
+
+
+def test_a_gateway_chooses_its_own_access_log(tmp_path):
+    """Global --access-log off; Gateway "loud" says json through tidegate.io/access-log, Gateway "quiet" says
+    nothing: only loud's requests are logged. Then the other way round: global json, loud says off."""
+    echo_port, loud_port, quiet_port = free_port(POD), free_port(GW), free_port("127.0.0.7")
+    config = tmp_path / "config"
+    config.mkdir()
+    loud = http_gateway(GW, loud_port).replace("name: gw, namespace: default}",
+                                               "name: gw, namespace: default, annotations: {tidegate.io/access-log: json}}")
+    quiet = http_gateway("127.0.0.7", quiet_port).replace("kind: GatewayClass", "kind: GatewayClass").replace(
+        "name: gw, namespace: default}", "name: quiet, namespace: default}")
+    quiet = quiet.split("---", 1)[1]  # the GatewayClass is in `loud` already
+    routes = route("r", "log.test", "- backendRefs: [{name: a, port: 80}]") + route(
+        "q", "log.test", "- backendRefs: [{name: a, port: 80}]").replace("parentRefs: [{name: gw}]",
+                                                                          "parentRefs: [{name: quiet}]")
+    (config / "c.yaml").write_text(loud + "---" + quiet + service("a", [(POD, echo_port, "pod-a")]) + routes)
+    log_file = tmp_path / "access.log"
+    with echo_servers({(POD, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
+        with tidegate_run(config, (GW, loud_port), tmp_path / "tidegate.log", "--access-log-file", str(log_file),
+                          "--access-log", "off") as proxy:
+            assert request(GW, loud_port, "/loud", headers={"Host": "log.test"})[0] == 200
+            assert request("127.0.0.7", quiet_port, "/quiet", headers={"Host": "log.test"})[0] == 200
+            proxy.send_signal(signal.SIGTERM)
+            assert proxy.wait(10) == 0
+    lines = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert [entry["path"] for entry in lines] == ["/loud"]
+    assert lines[0]["listener"] == "default/gw/http"

@@ -392,7 +392,7 @@ def _run_args_problem(args: argparse.Namespace) -> str:
         return str(exc)
     if not 0.0 < args.access_log_sample <= 1.0:
         return "--access-log-sample must be in (0, 1]"
-    if args.access_log != "off" and args.access_log_file != "-":
+    if args.access_log_file != "-":
         folder = os.path.dirname(os.path.abspath(args.access_log_file))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             return f"--access-log-file {args.access_log_file!r}: {folder} is not a writable directory"
@@ -493,9 +493,9 @@ async def _serve(args: argparse.Namespace) -> int:
         if cluster is not None:
             await cluster.close()
         return EXIT_OK
-    if args.access_log != "off":
-        accesslog.ACCESS_LOG = accesslog.AccessLog(args.access_log, args.access_log_file, args.access_log_sample,
-                                                   args.access_log_status)
+    # Always there, "off" included: a Gateway may turn its own access log on (tidegate.io/access-log).
+    accesslog.ACCESS_LOG = accesslog.AccessLog(args.access_log, args.access_log_file, args.access_log_sample,
+                                               args.access_log_status)
     dataplane = DataPlane(bind=args.bind)
     dataplane.registry.zone = args.zone
     stop = asyncio.Event()

@@ -241,6 +241,7 @@ class Listener:
     backend_client_certificate: Certificate | None = None
     http_routes: tuple[HTTPRoute, ...] = ()
     l4_routes: tuple[L4Route, ...] = ()
+    access_log: str = ""  # json | clf | combined | off from the Gateway's tidegate.io/access-log; "" = global
 
 
 @dataclass(frozen=True)

@@ -445,13 +445,14 @@ def finished(conn: ClientConnection | object, ex: Exchange, status: int) -> None
     elapsed = time.monotonic() - ex.started
     METRICS.observe_request(ex.listener, ex.route, ex.method, status, elapsed)
     log_sink = accesslog.ACCESS_LOG
-    if log_sink is not None and log_sink.wants(status):
+    fmt = log_sink.wants(status, ex.listener) if log_sink is not None else ""
+    if fmt:
         headers = {k.lower(): v for k, v in ex.headers}
         log_sink.record(accesslog.Entry(
             time.time(), getattr(conn, "peer", ""), ex.method, headers.get("host", ""),
             ex.target.decode("latin-1"), f"HTTP/{ex.version}", status, ex.bytes_sent, elapsed, ex.upstream_time,
             ex.route, ex.listener, ex.endpoint, ex.retries, getattr(conn, "server_name", ""), ex.request_id,
-            headers.get("referer", ""), headers.get("user-agent", "")))
+            headers.get("referer", ""), headers.get("user-agent", "")), fmt)
 
 
 def _split_target(target: bytes) -> tuple[str, str, str]:
@@ -481,7 +482,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
     for name, value in ex.headers:
         key = name.lower()
         headers_lower[key] = f"{headers_lower[key]},{value}" if key in headers_lower else value
-    if accesslog.ACCESS_LOG is not None:
+    if accesslog.ACCESS_LOG is not None and accesslog.ACCESS_LOG.is_active:
         # Keep the client's X-Request-Id, or make one; the pod sees it too, so logs can be joined.
         ex.request_id = headers_lower.get("x-request-id") or new_request_id()
         if "x-request-id" not in headers_lower:

@@ -21,6 +21,7 @@ from tidegate.dataplane.http1 import ClientConnection
 from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool, backend_tls_context
 from tidegate.dataplane.upstream_h2 import H2EndpointPool
+from tidegate.observe import accesslog
 from tidegate.router import Router, routers_by_port
 
 log = logging.getLogger("tidegate.dataplane")
@@ -109,6 +110,8 @@ class DataPlane:
         tls_sites = {key: TLSSite(group, self._contexts) for key, group in https.items()}  # type: ignore[arg-type]
         self.registry.retain(config)
         self.health.apply(config)
+        if accesslog.ACCESS_LOG is not None:
+            accesslog.ACCESS_LOG.set_listeners({l.name: l.access_log for l in config.listeners if l.access_log})
         balancer = RouteBalancer(self.registry)
         sites = {key: Site(router, balancer, self.pools, self._background) for key, router in routers.items()}
         self.sites = sites  # the atomic swap: new requests see the new configuration

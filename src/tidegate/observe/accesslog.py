@@ -17,6 +17,7 @@ from typing import IO, NamedTuple
 _quote = json.encoder.encode_basestring_ascii  # C when available: a JSON string literal, as json.dumps writes
 
 FORMATS = ("json", "clf", "combined")
+CHOICES = (*FORMATS, "off")  # per Gateway (annotation tidegate.io/access-log) or globally (--access-log)
 BATCH = 128  # lines written together at most
 
 
@@ -54,8 +55,8 @@ def parse_status_filter(spec: str) -> tuple[int, int] | None:
 class AccessLog:
     def __init__(self, fmt: str = "json", path: str = "-", sample: float = 1.0, statuses: str = "",
                  interval: float = 0.2):
-        if fmt not in FORMATS:
-            raise ValueError(f"access log format {fmt!r}: use one of {', '.join(FORMATS)}")
+        if fmt not in CHOICES:
+            raise ValueError(f"access log format {fmt!r}: use one of {', '.join(CHOICES)}")
         if not 0.0 < sample <= 1.0:
             raise ValueError("access log sample must be in (0, 1]")
         self.format = fmt
@@ -63,17 +64,33 @@ class AccessLog:
         self.statuses = parse_status_filter(statuses)
         self.interval = interval
         self._out: IO[str] = sys.stdout if path == "-" else open(path, "a", buffering=1 << 16)  # noqa: SIM115
-        self._pending: list[Entry] = []
+        self._pending: list[tuple[Entry, str]] = []
+        # Listener name → format, for Gateways that choose their own (set with each configuration).
+        self.by_listener: dict[str, str] = {}
+        self.is_active = fmt != "off"  # cached `active`, read per request
         self._task: asyncio.Task | None = None
         self._stamps: dict[str, tuple[int, str]] = {}
 
-    def wants(self, status: int) -> bool:
-        if self.statuses is not None and not self.statuses[0] <= status <= self.statuses[1]:
-            return False
-        return self.sample >= 1.0 or random.random() < self.sample
+    @property
+    def active(self) -> bool:
+        """Is anything logged at all (globally, or by some Gateway)?"""
+        return self.format != "off" or any(f != "off" for f in self.by_listener.values())
 
-    def record(self, entry: Entry) -> None:
-        self._pending.append(entry)
+    def set_listeners(self, formats: dict[str, str]) -> None:
+        self.by_listener = formats
+        self.is_active = self.active
+
+    def wants(self, status: int, listener: str = "") -> str:
+        """The format to log this response in, or "" when it is not logged (off, filtered, not sampled)."""
+        fmt = self.by_listener.get(listener, self.format) if self.by_listener else self.format
+        if fmt == "off":
+            return ""
+        if self.statuses is not None and not self.statuses[0] <= status <= self.statuses[1]:
+            return ""
+        return fmt if self.sample >= 1.0 or random.random() < self.sample else ""
+
+    def record(self, entry: Entry, fmt: str = "") -> None:
+        self._pending.append((entry, fmt or self.format))
         if len(self._pending) >= BATCH:
             self.flush()  # small batches: a big one written at once stalls every request behind it (p99)
         elif self._task is None:
@@ -87,7 +104,7 @@ class AccessLog:
     def flush(self) -> None:
         batch, self._pending = self._pending, []
         if batch:
-            self._out.write("".join(self.format_entry(e) for e in batch))
+            self._out.write("".join(self.format_entry(e, fmt) for e, fmt in batch))
             self._out.flush()
 
     def close(self) -> None:
@@ -106,8 +123,9 @@ class AccessLog:
             cached = self._stamps[pattern] = (second, time.strftime(pattern, time.gmtime(second)))
         return cached[1]
 
-    def format_entry(self, e: Entry) -> str:
-        if self.format == "json":
+    def format_entry(self, e: Entry, fmt: str = "") -> str:
+        fmt = fmt or self.format
+        if fmt == "json":
             # The same JSON object json.dumps would write, put together directly: strings through the C
             # string encoder, numbers as they are (a log line costs a few µs, not tens).
             q = _quote
@@ -121,7 +139,7 @@ class AccessLog:
         stamp = self._second(e.time, "%d/%b/%Y:%H:%M:%S +0000")
         line = (f'{e.client or "-"} - - [{stamp}] "{e.method} {e.target} {e.proto}" {e.status} '
                 f'{e.bytes_sent or "-"}')
-        if self.format == "combined":
+        if fmt == "combined":
             line += f' "{e.referer or "-"}" "{e.user_agent or "-"}"'
         return line + "\n"
 

@@ -21,6 +21,10 @@ from tidegate.translate.policies import policy_statuses, resolve_backend_tls_pol
 from tidegate.translate.routes import translate_routes
 
 
+ACCESS_LOG_ANNOTATION = "tidegate.io/access-log"
+ACCESS_LOG_CHOICES = ("json", "clf", "combined", "off")
+
+
 @dataclass(frozen=True)
 class TranslateOptions:
     address: str = ""  # the address shown in Gateway and Ingress status (a LoadBalancer IP, say)
@@ -51,6 +55,12 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
         if not gw.accepted:
             continue
         gateway_name = f"{gw.resource.namespace}/{gw.resource.name}"
+        access_log = gw.resource.annotations.get(ACCESS_LOG_ANNOTATION, "")
+        if access_log not in ("", *ACCESS_LOG_CHOICES):
+            notes.append(Problem("warning", gw.resource.origin, f"annotation {ACCESS_LOG_ANNOTATION}: "
+                                 f"{access_log!r} is not one of {', '.join(ACCESS_LOG_CHOICES)}; the global "
+                                 "access log setting applies", gw.resource.key))
+            access_log = ""
         for state in gw.listeners:
             if not (state.accepted[0] and state.programmable):
                 continue
@@ -59,6 +69,7 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
                     name=f"{gateway_name}/{state.name}", gateway=gateway_name, address=address,
                     port=state.port, protocol=state.protocol, hostname=state.hostname, tls=state.tls,
                     backend_client_certificate=gw.backend_client_certificate,
+                    access_log=access_log,
                     http_routes=tuple(sorted(state.http_routes, key=lambda r: r.name)),
                     l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
