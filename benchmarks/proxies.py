@@ -39,6 +39,7 @@ PROXY_CORE, LOAD_CORE = "0", "1"
 TOOLS = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "h2load": "nghttp2-client", "taskset": "util-linux"}
 HOSTS = 1000
 NO_LOG = "tidegate, no log"  # run beside the others on each group's first scenario: what the access log costs
+TWO_WORKERS = "tidegate, 2 workers"  # --workers 2 on both cores (the load generator shares one)
 
 
 @dataclass
@@ -84,6 +85,8 @@ GROUPS = [
     ]),
     Group(f"{HOSTS} routes", [Scenario(f"small GET over {HOSTS} hostnames, 64 conns", "/small", 64, script=ROTATE)],
           hosts=HOSTS),
+    Group("workers", [Scenario("small GET, keep-alive, 64 conns, 1 vs 2 workers", "/small", 64)],
+          proxies=("tidegate", TWO_WORKERS)),
     Group("TLS termination", [
         Scenario("TLS small GET, keep-alive, 64 conns", "/small", 64, tls=True),
         Scenario("TLS handshake per request, 64 conns", "/small", 64, close=True, tls=True),
@@ -512,17 +515,25 @@ def main() -> int:
                                            str(tidegate_config(gtmp, p, backends, group, cert, key)),
                                            "--access-log", "json", "--access-log-file", str(gtmp / "access.log"),
                                            "--admin", f"127.0.0.1:{free_port()}"],
+                    TWO_WORKERS: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
+                                            str(tidegate_config(gtmp / "two", p, backends, group, cert, key)),
+                                            "--access-log", "json", "--access-log-file", str(gtmp / "access2.log"),
+                                            "--admin", f"127.0.0.1:{free_port()}", "--workers", "2"],
                     NO_LOG: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
                                        str(tidegate_config(gtmp / "nolog", p, backends, group, cert, key)),
                                        "--access-log", "off", "--admin", f"127.0.0.1:{free_port()}"],
                 }
                 (gtmp / "nolog").mkdir()
+                (gtmp / "two").mkdir()
                 for name in group.proxies:
                     if args.only and name.split(",")[0] not in args.only:
                         continue
                     ports = Ports()
+                    core = f"{PROXY_CORE},{LOAD_CORE}" if name == TWO_WORKERS else PROXY_CORE
                     started[name] = (stack.start(launch[name](ports), f"{name.replace(', ', '-')}-{g}".replace(
-                        " ", "-"), ports.http, PROXY_CORE), ports)
+                        " ", "-"), ports.http, core), ports)
+                    if name == TWO_WORKERS:
+                        time.sleep(2)  # both workers listening (the port opens with the first)
                 for scenario in group.scenarios:
                     for name, (proc, ports) in started.items():
                         if name == NO_LOG and scenario is not group.scenarios[0]:
@@ -594,7 +605,7 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
     ]
     names = [s.name for g in groups for s in g.scenarios]
     for scenario in dict.fromkeys(names):
-        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG):
+        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG, TWO_WORKERS):
             r = by.get((proxy, scenario))
             if r:
                 lines.append(f"| {scenario} | {proxy} | {r.rps:.0f} | {_ms(r.p50_ms)} | {_ms(r.p99_ms)} | "
@@ -613,6 +624,12 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
         if logged and unlogged and unlogged.per_cpu_second:
             lines.append(f"\nThe JSON access log costs {100 * (1 - logged.per_cpu_second / unlogged.per_cpu_second):.0f} "
                          f"% of tidegate's requests per CPU-second on \"{first}\" (one run each: a few % is noise).")
+    one = next((r for r in results if r.proxy == "tidegate" and "workers" in r.scenario), None)
+    two = next((r for r in results if r.proxy == TWO_WORKERS), None)
+    if one and two and one.rps:
+        lines.append(f"\n2 workers serve {two.rps / one.rps:.2f}× the requests per second of 1 (target 1.7×). On 2 "
+                     "cores the load generator and the backends share a core with the second worker, so this is "
+                     "a floor, not the scaling a machine with spare cores would show.")
     if control:
         lines += ["", "## Control plane", "", *control]
     return "\n".join(lines) + "\n"

@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="log only responses with these status codes, e.g. 400-599")
     run.add_argument("--grace", type=float, default=10.0,
                      help="seconds that in-flight requests get to finish on SIGTERM (default: %(default)s)")
+    run.add_argument("--workers", type=int, default=1, metavar="N",
+                     help="data-plane processes sharing the listening ports (SO_REUSEPORT; default: %(default)s)")
     run.add_argument("--bind", default="0.0.0.0",
                      help="address for listeners whose Gateway has no spec.addresses (default: %(default)s)")
     run.add_argument("--zone", default=os.environ.get("TIDEGATE_ZONE", ""),
@@ -402,6 +404,8 @@ def _run_args_problem(args: argparse.Namespace) -> str:
             return f"--admin {args.admin!r} is not ADDR:PORT (or off)"
     if args.grace < 0:
         return "--grace must not be negative"
+    if not 1 <= args.workers <= 256:
+        return "--workers must be between 1 and 256"
     if not args.paths and not args.kubernetes:
         return "say where resources come from: -f PATH (files) and/or --kubernetes (a cluster)"
     if args.kubernetes and not args.lease_duration > args.renew_deadline > args.retry_period > 0:
@@ -496,15 +500,31 @@ async def _serve(args: argparse.Namespace) -> int:
     # Always there, "off" included: a Gateway may turn its own access log on (tidegate.io/access-log).
     accesslog.ACCESS_LOG = accesslog.AccessLog(args.access_log, args.access_log_file, args.access_log_sample,
                                                args.access_log_status)
-    dataplane = DataPlane(bind=args.bind)
-    dataplane.registry.zone = args.zone
+    pool = None
+    if args.workers > 1:
+        from tidegate.balancing.health import HealthChecker
+        from tidegate.balancing.state import Registry
+        from tidegate.workers import WorkerOptions, WorkerPool
+
+        # Traffic goes to the workers; this process keeps sources, translation, status, health checks, admin.
+        accesslog.ACCESS_LOG = None
+        METRICS.use_workers()
+        registry = Registry()
+        pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
+                                                      args.access_log_sample, args.access_log_status), registry)
+        health = HealthChecker(registry, on_change=pool.health_changed)
+        pool.start()
+    else:
+        dataplane = DataPlane(bind=args.bind)
+        dataplane.registry.zone = args.zone
+        registry, health = dataplane.registry, dataplane.health
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     state = RunState(sources=[str(p) for p in args.paths] + (["kubernetes"] if args.kubernetes else []))
-    state.registry = dataplane.registry
+    state.registry = registry
     from tidegate.observe.admin import backends_view
 
     METRICS.endpoints.source = lambda: backends_view(state)
@@ -525,7 +545,12 @@ async def _serve(args: argparse.Namespace) -> int:
             translation = translate(snapshot.resources, _options(args))
             METRICS.translation.observe(time.perf_counter() - started)
             try:
-                errors = await dataplane.apply(translation.ir)
+                if pool is not None:
+                    registry.retain(translation.ir)
+                    health.apply(translation.ir)
+                    errors = await pool.apply(snapshot.version, translation.ir)
+                else:
+                    errors = await dataplane.apply(translation.ir)
             except Exception:  # a bug here must not take down what is serving: keep the last good config
                 log.exception("config version %d could not be applied; the previous one keeps serving",
                               snapshot.version)
@@ -555,7 +580,11 @@ async def _serve(args: argparse.Namespace) -> int:
         await elector.release()
     if cluster is not None:
         await cluster.close()
-    await dataplane.close(grace=args.grace)
+    if pool is not None:
+        await pool.stop(args.grace)
+        await health.close()
+    else:
+        await dataplane.close(grace=args.grace)
     if admin is not None:
         admin.close()
     if accesslog.ACCESS_LOG is not None:

@@ -59,9 +59,11 @@ async def probe(check: ir.HealthCheck, address: str, port: int) -> bool:
 class HealthChecker:
     """Keeps one checking task per (endpoint, check) that the configuration asks for."""
 
-    def __init__(self, registry: Registry):
+    def __init__(self, registry: Registry, on_change=None):
         self.registry = registry
         self._tasks: dict[tuple[str, int, ir.HealthCheck], asyncio.Task] = {}
+        # Called with (address, port, check, healthy) when a verdict flips (worker processes learn them so).
+        self.on_change = on_change
 
     def apply(self, config: ir.IR) -> None:
         wanted: dict[tuple[str, int, ir.HealthCheck], str] = {}
@@ -97,11 +99,15 @@ class HealthChecker:
                 passes, failures = passes + 1, 0
                 if not healthy and passes >= check.healthy_threshold:
                     state.check_results[check] = True
+                    if self.on_change is not None:
+                        self.on_change(address, port, check, True)
                     log.warning("endpoint %s:%d of %s is healthy again", address, port, backend_name)
             else:
                 passes, failures = 0, failures + 1
                 if healthy and failures >= check.unhealthy_threshold:
                     state.check_results[check] = False
+                    if self.on_change is not None:
+                        self.on_change(address, port, check, False)
                     log.warning("endpoint %s:%d of %s failed %d health checks in a row: out of rotation",
                                 address, port, backend_name, failures)
             await asyncio.sleep(check.interval * (1 + random.uniform(-check.jitter, check.jitter)))

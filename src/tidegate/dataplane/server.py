@@ -76,8 +76,12 @@ class Site:
 
 
 class DataPlane:
-    def __init__(self, bind: str = "0.0.0.0"):
+    def __init__(self, bind: str = "0.0.0.0", reuse_port: bool = False, health_checks: bool = True):
+        """`reuse_port`: worker processes share each listening port (SO_REUSEPORT; the kernel spreads
+        connections). `health_checks`: False in workers, whose verdicts come from the control process."""
         self.bind = bind
+        self.reuse_port = reuse_port
+        self.run_health_checks = health_checks
         self.pools = PoolSet()
         self.sites: dict[tuple[str, int], Site] = {}
         self.servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
@@ -109,7 +113,8 @@ class DataPlane:
         self._contexts = {k: v for k, v in self._contexts.items() if k[:2] in used}
         tls_sites = {key: TLSSite(group, self._contexts) for key, group in https.items()}  # type: ignore[arg-type]
         self.registry.retain(config)
-        self.health.apply(config)
+        if self.run_health_checks:
+            self.health.apply(config)
         if accesslog.ACCESS_LOG is not None:
             accesslog.ACCESS_LOG.set_listeners({l.name: l.access_log for l in config.listeners if l.access_log})
         balancer = RouteBalancer(self.registry)
@@ -134,7 +139,8 @@ class DataPlane:
                 server = await loop.create_server(
                     lambda key=key, port=port, scheme=scheme: ClientConnection(
                         lambda: self.sites.get(key) or self._empty_site(), port, scheme),
-                    host=address, port=port, reuse_address=True, backlog=1024, ssl=ssl_ctx)
+                    host=address, port=port, reuse_address=True, reuse_port=self.reuse_port or None,
+                    backlog=1024, ssl=ssl_ctx)
             except OSError as exc:
                 reason = "AddressNotUsable" if exc.errno == errno.EADDRNOTAVAIL else "PortUnavailable"
                 errors[key] = (reason, f"cannot listen on {address}:{port}: {exc.strerror or exc}")

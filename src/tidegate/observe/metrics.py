@@ -7,6 +7,7 @@ from bisect import bisect_left
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -66,6 +67,31 @@ class _EndpointCollector:
         yield from (healthy, ejected, active, requests, failures)
 
 
+class _WorkerSums:
+    """The workers' data-plane counters and gauges, added up, and each worker's request count."""
+
+    def __init__(self, workers: dict[int, dict]):
+        self.workers = workers
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        totals: dict[tuple[str, str, tuple], float] = {}
+        for snap in list(self.workers.values()):
+            for name, kind, doc, sample, labels, value in snap["samples"]:
+                if name not in families:
+                    families[name] = Metric(name, doc, kind)
+                key = (name, sample, labels)
+                totals[key] = totals.get(key, 0.0) + value
+        for (name, sample, labels), value in totals.items():
+            families[name].add_sample(sample, dict(labels), value)
+        yield from families.values()
+        per_worker = CounterMetricFamily("tidegate_worker_requests", "HTTP requests answered, by worker process",
+                                         labels=["worker"])
+        for index, snap in sorted((k, v) for k, v in self.workers.items() if isinstance(k, int)):
+            per_worker.add_metric([str(index)], sum(snap["requests"].values()))
+        yield per_worker
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -111,6 +137,52 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def _data_plane_metrics(self) -> tuple:
+        return (self.upstream_errors, self.retries, self.connections, self.connections_total, self.ejections,
+                self.circuit_rejections, self.retry_budget_exhausted)
+
+    def snapshot(self) -> dict:
+        """What a worker process counted, as plain data for the control process to add up."""
+        samples = []
+        for metric in self._data_plane_metrics():
+            for family in metric.collect():
+                for sample in family.samples:
+                    if not sample.name.endswith("_created"):
+                        samples.append((family.name, family.type, family.documentation, sample.name,
+                                        tuple(sorted(sample.labels.items())), sample.value))
+        return {"requests": dict(self._collector.requests),
+                "buckets": {k: list(v) for k, v in self._collector.buckets.items()}, "samples": samples}
+
+    def use_workers(self) -> None:
+        """In the control process of `run --workers N`: data-plane figures are the workers' sums."""
+        for metric in self._data_plane_metrics():
+            self.registry.unregister(metric)
+        self._workers: dict[int, dict] = {}
+        self.registry.register(_WorkerSums(self._workers))
+
+    def retire_worker(self, index: int) -> None:
+        """A worker died: what it counted stays in the sums (counters never go down); its gauges go."""
+        snap = self._workers.pop(index, None)
+        if snap is None:
+            return
+        snap = {**snap, "samples": [x for x in snap["samples"] if x[1] == "counter"]}
+        self._workers[f"retired-{len(self._workers)}-{index}"] = snap  # type: ignore[index]
+        self.merge_worker(None, None)
+
+    def merge_worker(self, index: int | None, snapshot: dict | None) -> None:
+        if index is not None and snapshot is not None:
+            self._workers[index] = snapshot
+        requests: dict = {}
+        buckets: dict = {}
+        for snap in self._workers.values():
+            for key, count in snap["requests"].items():
+                requests[key] = requests.get(key, 0) + count
+            for key, counts in snap["buckets"].items():
+                mine = buckets.setdefault(key, [0.0] * len(counts))
+                for i, c in enumerate(counts):
+                    mine[i] += c
+        self._collector.requests, self._collector.buckets = requests, buckets
+
     def traffic(self) -> dict:
         """Counts so far, as plain data (the dashboard turns two readings into rates and percentiles)."""
         routes: dict[tuple[str, str], dict] = {}
@@ -125,7 +197,8 @@ class Metrics:
         return {"latencyBounds": list(_LATENCY_BUCKETS), "routes": list(routes.values()),
                 "connections": self.registry.get_sample_value("tidegate_http_connections") or 0,
                 "connectionsAccepted": self.registry.get_sample_value("tidegate_http_connections_accepted_total") or 0,
-                "retries": sum(sample.value for family in self.retries.collect() for sample in family.samples
+                "retries": sum(sample.value for family in self.registry.collect()
+                               if family.name == "tidegate_http_retries" for sample in family.samples
                                if sample.name.endswith("_total"))}
 
 

@@ -1,0 +1,273 @@
+"""`tidegate run --workers N`: N data-plane processes beside one control process.
+
+The control process keeps everything that must happen once: sources, store, translation, status writes,
+leader election, the admin listener, and active health checks. Each worker process serves traffic: it opens
+every listener with SO_REUSEPORT (the kernel spreads connections over the workers), receives each new IR
+over a pipe and answers with the sockets it could not open, learns health verdicts from the control
+process, and reports its counters every second; the control process adds them up for /metrics, the admin
+API and the dashboard. A worker that dies is started again with the configuration in force. Workers never
+act on signals themselves: the control process tells them to stop, with the grace period.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from tidegate import ir
+from tidegate.balancing.state import Registry
+
+log = logging.getLogger("tidegate.workers")
+
+STATS_INTERVAL = 1.0
+APPLY_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    bind: str
+    zone: str
+    access_log: str
+    access_log_file: str
+    access_log_sample: float
+    access_log_status: str
+    log_level: int = logging.INFO
+
+
+# -- the control process's side ---------------------------------------------------------------------------
+
+class WorkerPool:
+    def __init__(self, count: int, options: WorkerOptions, registry: Registry):
+        self.count = count
+        self.options = options
+        self.registry = registry  # the control process's: health verdicts, and the workers' counts added up
+        self._context = multiprocessing.get_context("spawn")
+        self._procs: dict[int, Any] = {}
+        self._conns: dict[int, Connection] = {}
+        self._waiting: dict[int, asyncio.Future] = {}
+        self._config: tuple[int, ir.IR] | None = None
+        self._endpoint_stats: dict[int, dict] = {}
+        self._stopping = False
+        self._watcher: asyncio.Task | None = None
+
+    def start(self) -> None:
+        for index in range(self.count):
+            self._spawn(index)
+        self._watcher = asyncio.get_running_loop().create_task(self._supervise())
+
+    def _spawn(self, index: int) -> None:
+        parent, child = self._context.Pipe()
+        proc = self._context.Process(target=worker_main, args=(child, index, self.options), name=f"tidegate-worker-{index}")
+        proc.start()
+        child.close()
+        self._procs[index], self._conns[index] = proc, parent
+        asyncio.get_running_loop().add_reader(parent.fileno(), self._receive, index)
+        log.info("worker %d started (pid %d)", index, proc.pid)
+
+    def _receive(self, index: int) -> None:
+        conn = self._conns.get(index)
+        if conn is None:
+            return
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            asyncio.get_running_loop().remove_reader(conn.fileno())
+            return
+        kind = message[0]
+        if kind == "applied":
+            waiter = self._waiting.get(index)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(message[2])
+        elif kind == "stats":
+            from tidegate.observe.metrics import METRICS
+
+            METRICS.merge_worker(index, message[1])
+            self._endpoint_stats[index] = message[2]
+            self._merge_endpoints()
+
+    def _merge_endpoints(self) -> None:
+        """The workers' per-endpoint counts, added up into the control process's registry (what the admin
+        API, the dashboard and /metrics read)."""
+        now = time.monotonic()
+        totals: dict[tuple[str, int], list] = {}
+        for stats in self._endpoint_stats.values():
+            for key, (active, requests, failures, latency, ejected_for, ejections) in stats.items():
+                t = totals.setdefault(key, [0, 0, 0, [0] * len(latency), 0.0, 0])
+                t[0] += active
+                t[1] += requests
+                t[2] += failures
+                t[3] = [a + b for a, b in zip(t[3], latency, strict=False)]
+                t[4] = max(t[4], ejected_for)
+                t[5] = max(t[5], ejections)
+        for (address, port), (active, requests, failures, latency, ejected_for, ejections) in totals.items():
+            state = self.registry.endpoints.get((address, port))
+            if state is None:
+                continue
+            state.active, state.requests, state.failures, state.latency = active, requests, failures, latency
+            state.ejected_until = now + ejected_for if ejected_for else 0.0
+            state.ejections = ejections
+
+    async def _send(self, index: int, message: tuple) -> None:
+        conn = self._conns.get(index)
+        if conn is None:
+            return
+        try:
+            # A large IR does not fit a pipe buffer: send from a thread so the loop keeps serving.
+            await asyncio.get_running_loop().run_in_executor(None, conn.send, message)
+        except (OSError, ValueError) as exc:
+            log.warning("worker %d: cannot send %s: %s", index, message[0], exc)
+
+    async def apply(self, version: int, config: ir.IR) -> dict:
+        """Send a configuration to every worker; the listeners any of them could not open (with why)."""
+        self._config = (version, config)
+        errors: dict = {}
+        results = await asyncio.gather(*(self._apply_one(i, version, config) for i in list(self._conns)))
+        for found in results:
+            errors.update(found)
+        return errors
+
+    async def _apply_one(self, index: int, version: int, config: ir.IR) -> dict:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting[index] = waiter
+        await self._send(index, ("config", version, config))
+        for key, state in self.registry.endpoints.items():  # verdicts so far, for a worker that just started
+            for check, healthy in state.check_results.items():
+                if not healthy:
+                    await self._send(index, ("health", key[0], key[1], check, healthy))
+        try:
+            return await asyncio.wait_for(waiter, APPLY_TIMEOUT)
+        except TimeoutError:
+            log.error("worker %d did not apply config version %d within %.0f s", index, version, APPLY_TIMEOUT)
+            return {}
+
+    def health_changed(self, address: str, port: int, check: ir.HealthCheck, healthy: bool) -> None:
+        for index in list(self._conns):
+            asyncio.get_running_loop().create_task(self._send(index, ("health", address, port, check, healthy)))
+
+    async def _supervise(self) -> None:
+        """Start a worker again when one dies (not while stopping)."""
+        while not self._stopping:
+            await asyncio.sleep(0.5)
+            for index, proc in list(self._procs.items()):
+                if proc.is_alive() or self._stopping:
+                    continue
+                log.error("worker %d (pid %d) exited with %s: starting it again", index, proc.pid, proc.exitcode)
+                from tidegate.observe.metrics import METRICS
+
+                METRICS.retire_worker(index)
+                self._endpoint_stats.pop(index, None)
+                conn = self._conns.pop(index)
+                try:
+                    asyncio.get_running_loop().remove_reader(conn.fileno())
+                except (ValueError, OSError):
+                    pass
+                conn.close()
+                self._spawn(index)
+                if self._config is not None:
+                    asyncio.get_running_loop().create_task(self._apply_one(index, *self._config))
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs.values()]
+
+    async def stop(self, grace: float) -> None:
+        self._stopping = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+        for index in list(self._conns):
+            await self._send(index, ("stop", grace))
+        deadline = time.monotonic() + grace + 10
+        for proc in self._procs.values():
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, max(0.1, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        for conn in self._conns.values():
+            try:
+                asyncio.get_running_loop().remove_reader(conn.fileno())
+            except (ValueError, OSError):
+                pass
+            conn.close()
+
+
+# -- a worker process ------------------------------------------------------------------------------------
+
+def worker_main(conn: Connection, index: int, options: WorkerOptions) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the control process decides when to stop
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=options.log_level,
+                        format=f"%(asctime)s %(levelname)s %(name)s[worker {index}]: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.run(_serve(conn, index, options))
+    except ImportError:
+        asyncio.run(_serve(conn, index, options))
+
+
+async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
+    from tidegate.dataplane.server import DataPlane
+    from tidegate.observe import accesslog
+    from tidegate.observe.metrics import METRICS
+
+    accesslog.ACCESS_LOG = accesslog.AccessLog(options.access_log, options.access_log_file,
+                                               options.access_log_sample, options.access_log_status)
+    dataplane = DataPlane(bind=options.bind, reuse_port=True, health_checks=False)
+    dataplane.registry.zone = options.zone
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    def readable() -> None:
+        try:
+            inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):
+            loop.remove_reader(conn.fileno())
+            inbox.put_nowait(("stop", 0.0))  # the control process is gone: so are we
+
+    loop.add_reader(conn.fileno(), readable)
+
+    async def report() -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            now = time.monotonic()
+            endpoints = {key: (s.active, s.requests, s.failures, list(s.latency), max(0.0, s.ejected_until - now),
+                               s.ejections) for key, s in dataplane.registry.endpoints.items()}
+            try:
+                conn.send(("stats", METRICS.snapshot(), endpoints))
+            except (OSError, ValueError):
+                return
+
+    reporter = loop.create_task(report())
+    grace = 0.0
+    while True:
+        message = await inbox.get()
+        kind = message[0]
+        if kind == "config":
+            _, version, config = message
+            try:
+                errors = await dataplane.apply(config)
+            except Exception:  # keep serving the last good configuration
+                logging.getLogger("tidegate.workers").exception("worker %d: config %d not applied", index, version)
+                errors = {}
+            conn.send(("applied", version, errors))
+        elif kind == "health":
+            _, address, port, check, healthy = message
+            dataplane.registry.endpoint(address, port).check_results[check] = healthy
+        elif kind == "stop":
+            grace = message[1]
+            break
+    reporter.cancel()
+    await dataplane.close(grace=grace)
+    if accesslog.ACCESS_LOG is not None:
+        accesslog.ACCESS_LOG.close()
+    try:
+        conn.send(("stats", METRICS.snapshot(), {}))
+    except (OSError, ValueError):
+        pass
+    os._exit(0)

@@ -1,0 +1,114 @@
+"""`tidegate run --workers 2`: two data-plane processes share the ports; the control process adds up their
+metrics, runs health checks once for both, reloads both, restarts a worker that dies, and stops them all."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+from tests.harness import free_port, request, tidegate_run
+from tests.manifests import backend_policy, http_gateway, route, service
+from tests.scripted import scripted_backends
+
+GW = "127.0.0.1"
+
+
+def _children(pid: int, workers_only: bool = True) -> list[int]:
+    """Worker processes (multiprocessing's spawn_main), or every child (its resource tracker too)."""
+    try:
+        found = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    if not workers_only:
+        return found
+    workers = []
+    for child in found:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except FileNotFoundError:
+            continue
+    return workers
+
+
+def _metric(text: str, pattern: str) -> float:
+    return sum(float(m.group(1)) for m in re.finditer(pattern + r" ([0-9.e+]+)$", text, re.MULTILINE))
+
+
+def _wait(check, timeout: float = 10.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
+    port, pod_port = free_port(GW), free_port("127.0.11.1")
+    pods = [("127.0.11.1", pod_port, "pod-a"), ("127.0.11.2", pod_port, "pod-b")]
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        http_gateway(GW, port) + service("app", pods) + route("app", "app.test", "- backendRefs: [{name: app, port: 80}]")
+        + backend_policy("app", "app", """
+            healthCheck:
+              active: {type: HTTP, http: {path: /healthz}, interval: 100ms, timeout: 500ms,
+                       unhealthyThreshold: 1, healthyThreshold: 1, jitterPercent: 0}"""))
+    with scripted_backends(*pods) as (a, b), \
+            tidegate_run(config, (GW, port), tmp_path / "tidegate.log", "--workers", "2") as proxy:
+        workers = _wait(lambda: len(_children(proxy.pid)) >= 2 and _children(proxy.pid), what="two workers")
+        assert len(workers) == 2
+        _wait(lambda: request("127.0.0.1", proxy.admin_port, "/readyz")[0] == 200, what="every worker applied")
+        statuses = [request(GW, port, "/", headers={"Host": "app.test"})[0] for _ in range(100)]
+        assert statuses == [200] * 100
+
+        def scraped() -> str:
+            return request("127.0.0.1", proxy.admin_port, "/metrics")[2].decode()
+
+        _wait(lambda: _metric(scraped(), r'tidegate_http_requests_total\{[^}]*route="httproute/default/app/rule/0"\}')
+              == 100, what="the request counter to reach 100 across workers")
+        text = scraped()
+        per_worker = [_metric(text, f'tidegate_worker_requests_total{{worker="{i}"}}') for i in (0, 1)]
+        assert sum(per_worker) == 100 and min(per_worker) > 0, per_worker  # the kernel spread the connections
+        assert _metric(text, r'tidegate_http_request_duration_seconds_count\{[^}]*\}') == 100
+
+        # Health checks run once, in the control process, and both workers follow the verdict.
+        checks_before, started = a.health_checks, time.monotonic()
+        time.sleep(1.0)
+        rate = (a.health_checks - checks_before) / (time.monotonic() - started)
+        assert 5 <= rate <= 14, rate  # every 100 ms: about 10/s, not 20/s
+        b.healthy = False
+        time.sleep(0.5)
+        before = b.requests
+        pods_seen = {request(GW, port, "/", headers={"Host": "app.test"})[2] for _ in range(40)}
+        assert b.requests == before and all(b"pod-a" in body for body in pods_seen)
+        _wait(lambda: 'tidegate_endpoint_healthy{backend="default/app:80",endpoint="127.0.11.2:%d"} 0.0' % pod_port
+              in scraped(), what="the unhealthy endpoint in /metrics")
+
+        # A reload reaches both workers.
+        (config / "more.yaml").write_text(route("more", "more.test", "- backendRefs: [{name: app, port: 80}]"))
+        _wait(lambda: all(request(GW, port, "/", headers={"Host": "more.test"})[0] == 200 for _ in range(20)),
+              what="the new route on every worker")
+
+        # A worker that dies is replaced and gets the configuration in force. What it had reported stays
+        # counted (a SIGKILL loses at most its last second).
+        time.sleep(1.5)
+        counted_before = _metric(scraped(), r'tidegate_http_requests_total\{[^}]*\}')
+        os.kill(workers[0], signal.SIGKILL)
+        _wait(lambda: len(_children(proxy.pid)) == 2 and workers[0] not in _children(proxy.pid),
+              what="a new worker")
+        _wait(lambda: all(request(GW, port, "/", headers={"Host": "more.test"})[0] == 200 for _ in range(20)),
+              what="the new worker serves the configuration in force")
+        _wait(lambda: _metric(scraped(), r'tidegate_http_requests_total\{[^}]*\}') >= counted_before + 20,
+              what="counts that never go down")
+
+        everyone = [proxy.pid, *_children(proxy.pid, workers_only=False)]
+        proxy.send_signal(signal.SIGTERM)
+        assert proxy.wait(20) == 0
+    for pid in everyone:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
