@@ -568,18 +568,31 @@ def main() -> int:
                 control = control_plane_figures(Path(cpdir))
             for line in control:
                 print(line)
-    report = render(results, groups, args.seconds, control)
+    report = render(results, groups, args.seconds, control, metrics_cost())
     if not args.only:
         (ROOT / "benchmarks" / "RESULTS.md").write_text(report)
     print("\n" + report)
     return 0
 
 
+def metrics_cost() -> float:
+    """Seconds of CPU that recording one request's metrics takes (they cannot be turned off)."""
+    from tidegate.observe.metrics import Metrics
+
+    metrics = Metrics()
+    rounds = 200_000
+    started = time.process_time()
+    for i in range(rounds):
+        metrics.observe_request("default/bench/web", "httproute/default/bench/rule/0", "GET", 200, 0.001 * (i % 7))
+    return (time.process_time() - started) / rounds
+
+
 def _ms(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def render(results: list[Result], groups: list[Group], seconds: float, control: list[str]) -> str:
+def render(results: list[Result], groups: list[Group], seconds: float, control: list[str],
+           metric_seconds: float = 0.0) -> str:
     by = {(r.proxy, r.scenario): r for r in results}
     lines = [
         "# tidegate next to HAProxy and nginx",
@@ -624,6 +637,11 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
         if logged and unlogged and unlogged.per_cpu_second:
             lines.append(f"\nThe JSON access log costs {100 * (1 - logged.per_cpu_second / unlogged.per_cpu_second):.0f} "
                          f"% of tidegate's requests per CPU-second on \"{first}\" (one run each: a few % is noise).")
+    base = by.get(("tidegate", names[0]))
+    if metric_seconds and base and base.per_cpu_second:
+        lines.append(f"\nPrometheus metrics cost {metric_seconds * 1e6:.2f} µs of CPU per request (a dict update and a "
+                     f"bucket count), {100 * metric_seconds * base.per_cpu_second:.1f} % of tidegate's CPU per request "
+                     f"on \"{names[0]}\".")
     one = next((r for r in results if r.proxy == "tidegate" and "workers" in r.scenario), None)
     two = next((r for r in results if r.proxy == TWO_WORKERS), None)
     if one and two and one.rps:

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import sys
+
+import pytest
 
 from tests.harness import request
+from tests.manifests import http_gateway
 from tests.test_dataplane import GW_ADDR, stack  # noqa: F401  (the running stack fixture)
 from tidegate.observe.admin import peer_allowed
 
@@ -82,3 +86,60 @@ def test_every_path_of_the_openapi_description_answers(stack):  # noqa: F811
     for path in spec["paths"]:
         query = f"?url={url}" if path == "/api/v1/explain" else ""
         assert admin(stack, path + query)[0] == 200, path
+
+
+def _netns_available() -> bool:
+    import os
+    import shutil
+
+    return os.geteuid() == 0 and shutil.which("ip") is not None
+
+
+@pytest.mark.skipif(not _netns_available(), reason="needs root and iproute2 for a network namespace")
+def test_a_client_from_another_host_needs_the_token(tmp_path):
+    """A real non-loopback client: a network namespace joined to this one by a veth pair (198.18.213.0/24, which
+    exists only on these two ends). The admin listener is bound to this side's address."""
+    import os
+    import subprocess
+
+    from tests.harness import free_port, tidegate_run
+
+    ns, host_if, ns_if = f"tgadm{os.getpid()}", f"tgh{os.getpid() % 100000}", f"tgn{os.getpid() % 100000}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    def get(path: str, token: str = "") -> int:
+        code = ("import urllib.request, urllib.error\n"
+                f"r = urllib.request.Request('http://198.18.213.1:{admin}{path}')\n"
+                + (f"r.add_header('Authorization', 'Bearer {token}')\n" if token else "")
+                + "try:\n print(urllib.request.urlopen(r, timeout=5).status)\n"
+                  "except urllib.error.HTTPError as e:\n print(e.code)\n")
+        out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], capture_output=True,
+                             text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.strip())
+
+    ip("netns", "add", ns)
+    try:
+        ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+        ip("link", "set", ns_if, "netns", ns)
+        ip("addr", "add", "198.18.213.1/24", "dev", host_if)
+        ip("link", "set", host_if, "up")
+        ip("netns", "exec", ns, "ip", "addr", "add", "198.18.213.2/24", "dev", ns_if)
+        ip("netns", "exec", ns, "ip", "link", "set", ns_if, "up")
+        ip("netns", "exec", ns, "ip", "link", "set", "lo", "up")
+        config = tmp_path / "config"
+        config.mkdir()
+        port = free_port()
+        (config / "c.yaml").write_text(http_gateway("127.0.0.1", port))
+        admin = free_port()
+        with tidegate_run(config, ("127.0.0.1", port), tmp_path / "tidegate.log", "--admin",
+                          f"198.18.213.1:{admin}", "--admin-token", "s3cret"):
+            assert get("/api/v1/config") == 401  # no token
+            assert get("/api/v1/config", "wrong") == 401
+            assert get("/api/v1/config", "s3cret") == 200
+            assert get("/healthz") == 200  # probes need none
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)

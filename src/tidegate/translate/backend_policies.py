@@ -252,9 +252,13 @@ def apply_backend_policies(index: Index, listeners: list[ir.Listener], statuses:
                 endpoints = tuple(dataclasses.replace(e, weight=_endpoint_weight(e, weights)) if weights else e
                                   for e in backend.endpoints)
                 backends.append(dataclasses.replace(backend, policy=_build(merged), endpoints=endpoints))
+            changed = any(new is not old for new, old in zip(backends, route.backends, strict=True))
             (l4_routes if isinstance(route, ir.L4Route) else routes).append(
-                dataclasses.replace(route, backends=tuple(backends)))
-        out.append(dataclasses.replace(listener, http_routes=tuple(routes), l4_routes=tuple(l4_routes)))
+                dataclasses.replace(route, backends=tuple(backends)) if changed else route)
+        if any(new is not old for new, old in zip(routes, listener.http_routes, strict=True)) or any(
+                new is not old for new, old in zip(l4_routes, listener.l4_routes, strict=True)):
+            listener = dataclasses.replace(listener, http_routes=tuple(routes), l4_routes=tuple(l4_routes))
+        out.append(listener)
 
     for policy in policies:
         ok, reason, message = conditions[policy.key]

@@ -78,7 +78,17 @@ def service_port_by_name(spec: dict, name: str) -> dict | None:
 
 def service_endpoints(index: Index, namespace: str, name: str, spec: dict, service_port: dict | None,
                       port: int) -> tuple[ir.Endpoint, ...]:
-    """Ready (or serving) endpoints of one Service port, from its EndpointSlices, deduplicated."""
+    """Ready (or serving) endpoints of one Service port, from its EndpointSlices, deduplicated. Computed once
+    per snapshot and Service port, however many routes point at it."""
+    key = (namespace, name, port)
+    found = index.endpoints_cache.get(key)
+    if found is None:
+        found = index.endpoints_cache[key] = _service_endpoints(index, namespace, name, spec, service_port, port)
+    return found
+
+
+def _service_endpoints(index: Index, namespace: str, name: str, spec: dict, service_port: dict | None,
+                       port: int) -> tuple[ir.Endpoint, ...]:
     if spec.get("type") == "ExternalName":
         return (ir.Endpoint(address=spec["externalName"], port=port),)
     assert service_port is not None
