@@ -47,6 +47,15 @@ def test_request_metrics_move_with_traffic(stack):  # noqa: F811
     assert metric(after, "tidegate_http_requests_total", route="", code="4xx") >= 1
     count = "tidegate_http_request_duration_seconds_count"
     assert metric(after, count, route=route) - metric(before, count, route=route) == 5
+    upstream = "tidegate_http_upstream_duration_seconds_count"
+    assert metric(after, upstream, route=route) - metric(before, upstream, route=route) == 5
+    sent = "tidegate_http_response_body_bytes_total"
+    assert metric(after, sent, route=route) - metric(before, sent, route=route) > 5 * 50  # echo JSON bodies
+    assert request(GW_ADDR, stack["port"], "/m", method="POST", body=b"x" * 1000,
+                   headers={"Host": "echo.test"})[0] == 200
+    posted = admin(stack, "/metrics")[1].decode()
+    received = "tidegate_http_request_body_bytes_total"
+    assert metric(posted, received, route=route) - metric(after, received, route=route) == 1000
     assert metric(after, "tidegate_config_version") >= 1
     assert metric(after, "tidegate_http_connections_accepted_total") >= 6
     # bounded labels: no raw path anywhere

@@ -90,6 +90,7 @@ class Exchange:
         "body_done",
         "buffer",
         "buffered",
+        "bytes_received",
         "bytes_sent",
         "chunked",
         "content_length",
@@ -130,6 +131,7 @@ class Exchange:
         self.listener = ""
         self.started = time.monotonic()
         self.bytes_sent = 0  # response body bytes, for access logs
+        self.bytes_received = 0  # request body bytes, for metrics
         self.endpoint = ""
         self.retries = 0
         self.request_id = ""
@@ -296,6 +298,7 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.current
         assert ex is not None
+        ex.bytes_received += len(body)
         if ex.sink is not None:
             ex.sink(body)
         else:
@@ -443,7 +446,8 @@ class ClientConnection(asyncio.Protocol):
 def finished(conn: ClientConnection | object, ex: Exchange, status: int) -> None:
     """Account for a finished exchange: metrics always, an access log line when logging is on."""
     elapsed = time.monotonic() - ex.started
-    METRICS.observe_request(ex.listener, ex.route, ex.method, status, elapsed)
+    METRICS.observe_request(ex.listener, ex.route, ex.method, status, elapsed,
+                            ex.upstream_time if ex.endpoint else None, ex.bytes_received, ex.bytes_sent)
     log_sink = accesslog.ACCESS_LOG
     fmt = log_sink.wants(status, ex.listener) if log_sink is not None else ""
     if fmt:

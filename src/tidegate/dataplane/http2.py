@@ -232,6 +232,7 @@ class H2ServerConnection(asyncio.Protocol):
             self.acknowledge(stream_id, flow_length)
             return
         ex = stream.ex
+        ex.bytes_received += len(data)
         if ex.sink is not None:
             ex.sink(data)
         else:

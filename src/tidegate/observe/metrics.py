@@ -13,6 +13,14 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+def _cumulative(counts: list[float]) -> list[tuple[str, float]]:
+    out, running = [], 0.0
+    for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), counts[:-1], strict=True):
+        running += count
+        out.append(("+Inf" if bound == float("inf") else repr(bound), running))
+    return out
+
+
 class _RequestCollector:
     """Per-request counts and latency buckets kept in plain dicts and lists, turned into metric families only
     when scraped: no lock and no metric object per update on the request path."""
@@ -20,6 +28,8 @@ class _RequestCollector:
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str, str, str], int] = {}
         self.buckets: dict[tuple[str, str], list[float]] = {}  # counts per bucket (+Inf last), then the sum
+        self.upstream: dict[tuple[str, str], list[float]] = {}  # the same, for time spent at the endpoints
+        self.transfer: dict[tuple[str, str], list[int]] = {}  # request body bytes, response body bytes
 
     def collect(self):
         requests = CounterMetricFamily("tidegate_http_requests", "HTTP requests answered, by listener, route, "
@@ -30,12 +40,22 @@ class _RequestCollector:
         duration = HistogramMetricFamily("tidegate_http_request_duration_seconds", "Time from a request's head "
                                          "to the end of its response", labels=["listener", "route"])
         for key, counts in list(self.buckets.items()):
-            cumulative, running = [], 0.0
-            for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), counts[:-1]):
-                running += count
-                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))
-            duration.add_metric(list(key), cumulative, sum_value=counts[-1])
+            duration.add_metric(list(key), _cumulative(counts), sum_value=counts[-1])
         yield duration
+        upstream = HistogramMetricFamily("tidegate_http_upstream_duration_seconds", "Time spent waiting on "
+                                         "endpoints (all tries of a request)", labels=["listener", "route"])
+        for key, counts in list(self.upstream.items()):
+            upstream.add_metric(list(key), _cumulative(counts), sum_value=counts[-1])
+        yield upstream
+        received = CounterMetricFamily("tidegate_http_request_body_bytes", "Request body bytes received from "
+                                       "clients", labels=["listener", "route"])
+        sent = CounterMetricFamily("tidegate_http_response_body_bytes", "Response body bytes sent to clients",
+                                   labels=["listener", "route"])
+        for key, (bytes_in, bytes_out) in list(self.transfer.items()):
+            received.add_metric(list(key), bytes_in)
+            sent.add_metric(list(key), bytes_out)
+        yield received
+        yield sent
 
 
 class _EndpointCollector:
@@ -122,17 +142,28 @@ class Metrics:
         self.translation = Histogram("tidegate_translation_duration_seconds", "Time to translate a snapshot",
                                      registry=self.registry)
 
-    def observe_request(self, listener: str, route: str, method: str, status: int, seconds: float) -> None:
-        """Per request: a dict update and a bucket increment, no locks (one event loop per process)."""
+    def observe_request(self, listener: str, route: str, method: str, status: int, seconds: float,
+                        upstream_seconds: float | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        """Per request: dict updates and bucket increments, no locks (one event loop per process)."""
+        collector = self._collector
         key = (listener, route, method if method in _METHODS else "OTHER", f"{status // 100}xx" if status else "none")
-        requests = self._collector.requests
+        requests = collector.requests
         requests[key] = requests.get(key, 0) + 1
         hkey = (listener, route)
-        counts = self._collector.buckets.get(hkey)
+        counts = collector.buckets.get(hkey)
         if counts is None:
-            counts = self._collector.buckets[hkey] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+            counts = collector.buckets[hkey] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+            collector.upstream[hkey] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
+            collector.transfer[hkey] = [0, 0]
         counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
         counts[-1] += seconds
+        if upstream_seconds is not None:
+            upstream = collector.upstream[hkey]
+            upstream[bisect_left(_LATENCY_BUCKETS, upstream_seconds)] += 1
+            upstream[-1] += upstream_seconds
+        transfer = collector.transfer[hkey]
+        transfer[0] += bytes_in
+        transfer[1] += bytes_out
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -150,8 +181,10 @@ class Metrics:
                     if not sample.name.endswith("_created"):
                         samples.append((family.name, family.type, family.documentation, sample.name,
                                         tuple(sorted(sample.labels.items())), sample.value))
-        return {"requests": dict(self._collector.requests),
-                "buckets": {k: list(v) for k, v in self._collector.buckets.items()}, "samples": samples}
+        c = self._collector
+        return {"requests": dict(c.requests), "buckets": {k: list(v) for k, v in c.buckets.items()},
+                "upstream": {k: list(v) for k, v in c.upstream.items()},
+                "transfer": {k: list(v) for k, v in c.transfer.items()}, "samples": samples}
 
     def use_workers(self) -> None:
         """In the control process of `run --workers N`: data-plane figures are the workers' sums."""
@@ -173,15 +206,18 @@ class Metrics:
         if index is not None and snapshot is not None:
             self._workers[index] = snapshot
         requests: dict = {}
-        buckets: dict = {}
+        lists: dict[str, dict] = {"buckets": {}, "upstream": {}, "transfer": {}}
         for snap in self._workers.values():
             for key, count in snap["requests"].items():
                 requests[key] = requests.get(key, 0) + count
-            for key, counts in snap["buckets"].items():
-                mine = buckets.setdefault(key, [0.0] * len(counts))
-                for i, c in enumerate(counts):
-                    mine[i] += c
-        self._collector.requests, self._collector.buckets = requests, buckets
+            for name, merged in lists.items():
+                for key, counts in snap.get(name, {}).items():
+                    mine = merged.setdefault(key, [0] * len(counts))
+                    for i, c in enumerate(counts):
+                        mine[i] += c
+        c = self._collector
+        c.requests, c.buckets, c.upstream, c.transfer = (requests, lists["buckets"], lists["upstream"],
+                                                         lists["transfer"])
 
     def traffic(self) -> dict:
         """Counts so far, as plain data (the dashboard turns two readings into rates and percentiles)."""
