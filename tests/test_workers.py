@@ -60,7 +60,7 @@ def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
               active: {type: HTTP, http: {path: /healthz}, interval: 100ms, timeout: 500ms,
                        unhealthyThreshold: 1, healthyThreshold: 1, jitterPercent: 0}"""))
     with scripted_backends(*pods) as (a, b), \
-            tidegate_run(config, (GW, port), tmp_path / "tidegate.log", "--workers", "2") as proxy:
+            tidegate_run(config, (GW, port), tmp_path / "tidegate.log", "--workers", "2", "--grace", "2") as proxy:
         workers = _wait(lambda: len(_children(proxy.pid)) >= 2 and _children(proxy.pid), what="two workers")
         assert len(workers) == 2
         _wait(lambda: request("127.0.0.1", proxy.admin_port, "/readyz")[0] == 200, what="every worker applied")
@@ -109,6 +109,6 @@ def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
 
         everyone = [proxy.pid, *_children(proxy.pid, workers_only=False)]
         proxy.send_signal(signal.SIGTERM)
-        assert proxy.wait(20) == 0
+        assert proxy.wait(30) == 0
     for pid in everyone:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()

@@ -182,7 +182,7 @@ class WorkerPool:
             self._watcher.cancel()
         for index in list(self._conns):
             await self._send(index, ("stop", grace))
-        deadline = time.monotonic() + grace + 10
+        deadline = time.monotonic() + grace + 5
         for proc in self._procs.values():
             await asyncio.get_running_loop().run_in_executor(None, proc.join, max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
