@@ -547,7 +547,7 @@ def main() -> int:
                             profiler = subprocess.Popen(
                                 [shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record",
                                  "--pid", str(proc.pid), "--duration", str(max(1, round(args.seconds))),
-                                 "--format", "raw", "--output", args.profile, "--nonblocking"],
+                                 "--format", "raw", "--output", args.profile, "--nonblocking", "--rate", "400"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                         before = cpu_seconds([proc.pid])
                         rps, p50, p99, errors = load(port, scenario, args.seconds, gtmp)
