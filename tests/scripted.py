@@ -42,7 +42,11 @@ class ScriptedBackend:
             self._server.close()
             for writer in list(self._writers):
                 writer.close()
-            await asyncio.sleep(0)
+            current = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not current]  # hanging answers among them
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
