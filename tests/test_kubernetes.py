@@ -191,6 +191,40 @@ def test_status_is_written_once_per_real_change(cluster, tmp_path):
         assert len(api.status_writes("HTTPRoute", "app")) == 3
 
 
+def test_ingress_status_gets_the_address(cluster, tmp_path):
+    api, port, pods, _ = cluster
+    api.put_yaml(f"""
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {{name: tidegate}}
+spec: {{controller: tidegate.io/ingress-controller}}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: web, namespace: default}}
+spec:
+  ingressClassName: tidegate
+  rules: [{{host: ing.test, http: {{paths: [{{path: /, pathType: Prefix,
+          backend: {{service: {{name: app, port: {{number: 80}}}}}}}}]}}}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata: {{name: theirs, namespace: default}}
+spec:
+  ingressClassName: nginx
+  defaultBackend: {{service: {{name: app, port: {{number: 80}}}}}}
+""")
+    ingress_port = free_port(GW)
+    with replica(api, tmp_path, "a", (GW, ingress_port), "--address", "203.0.113.7", "--bind", GW,
+                 "--ingress-http-port", str(ingress_port)):
+        eventually(lambda: (api.get("Ingress", "default", "web") or {}).get("status"), what="the Ingress status")
+        assert api.get("Ingress", "default", "web")["status"]["loadBalancer"] == {"ingress": [{"ip": "203.0.113.7"}]}
+        status, _, body = request(GW, ingress_port, "/", headers={"Host": "ing.test"})
+        assert status == 200 and json.loads(body)["pod"] == "pod-a"
+        time.sleep(0.5)
+        assert not api.status_writes("Ingress", "theirs")  # another controller's Ingress is not touched
+
+
 def test_two_replicas_one_leader_and_failover(cluster, tmp_path):
     """Two replicas, each on its own address (as pods would be); one Lease. Only the holder writes status;
     when it dies without a word (SIGKILL), the other takes over within the lease duration and writes."""

@@ -146,7 +146,8 @@ class StatusWriter:
 
     async def _write(self, key: Key, ours: dict[str, Any]) -> int:
         info = next(i for i in kinds.KINDS.values() if i.kind == key.kind)
-        res = resource_class(info, self.source.versions.get(key.kind, "v1"))
+        version = self.source.versions.get(key.kind, "v1")
+        res = resource_class(info, version)
         current = self.source.statuses.get(key, {})
         resource_version = self.source.resource_versions.get(key, "")
         for _ in range(CONFLICT_RETRIES):
@@ -154,14 +155,15 @@ class StatusWriter:
             desired = merged_status(current, ours, now)
             if same_status(desired, current):
                 return 0
-            body = {"apiVersion": res._api_info.resource.api_version, "kind": key.kind,
+            body = {"apiVersion": f"{info.group}/{version}" if info.group else version, "kind": key.kind,
                     "metadata": {"name": key.name, "resourceVersion": resource_version,
                                  **({"namespace": key.namespace} if key.namespace else {})},
                     "status": desired}
             if not self._leading():
                 return 0
             try:
-                answer = await self.client.replace(res.Status(body), namespace=key.namespace or None)
+                # from_dict: lightkube's models (built-in kinds) and generic resources (CRDs) alike
+                answer = await self.client.replace(res.Status.from_dict(body), namespace=key.namespace or None)
             except ApiError as exc:
                 if exc.status.code == 404:
                     return 0
