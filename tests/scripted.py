@@ -14,7 +14,7 @@ from contextlib import ExitStack, contextmanager
 class ScriptedBackend:
     def __init__(self, address: str, port: int, name: str):
         self.address, self.port, self.name = address, port, name
-        self.mode = "ok"  # ok | 503 | hang | slow
+        self.mode = "ok"  # ok | 503 | hang | slow | early (a POST gets 401 before its body is read)
         self.slow_seconds = 0.5
         self.healthy = True  # what /healthz answers
         self.requests = 0  # requests seen, health checks excluded
@@ -59,6 +59,21 @@ class ScriptedBackend:
                 head = await reader.readuntil(b"\r\n\r\n")
                 line = head.split(b"\r\n", 1)[0].decode("latin-1")
                 path = line.split(" ")[1] if " " in line else "/"
+                if self.mode == "early" and line.startswith("POST"):
+                    # Answer before reading the body (an auth failure on an upload), then read and drop
+                    # the body before hanging up, as nginx's lingering close does (closing with unread data
+                    # would reset the connection and lose the answer).
+                    self.requests += 1
+                    writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 4\r\nConnection: close\r\n\r\nno\r\n")
+                    await writer.drain()
+                    length = next((int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                                   if h.lower().startswith(b"content-length:")), 0)
+                    while length > 0:
+                        chunk = await reader.read(min(length, 65536))
+                        if not chunk:
+                            break
+                        length -= len(chunk)
+                    break
                 if path == "/healthz":
                     self.health_checks += 1
                     status = 200 if self.healthy else 500

@@ -407,3 +407,47 @@ def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
             status, _, body = request(GW_ADDR, gw_port, "/post", method="POST", body=b"p" * 200_000,
                                       headers={"Host": "h2c.test"})
             assert status == 200 and json.loads(body)["bodySize"] == 200_000
+
+
+def test_an_early_answer_to_an_upload_keeps_the_client_connection(tmp_path):
+    """The pod answers 401 before reading a 2 MB upload. tidegate passes the 401 on, reads and drops the
+    rest of the body, and the same client connection then carries the next request."""
+    import socket
+
+    from tests.scripted import scripted_backends
+
+    port, pod_port = free_port(GW_ADDR), free_port("127.0.12.1")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "c.yaml").write_text(http_gateway(GW_ADDR, port) + service("up", [("127.0.12.1", pod_port, "pod-u")])
+                                   + route("up", "up.test", "- backendRefs: [{name: up, port: 80}]"))
+    with scripted_backends(("127.0.12.1", pod_port, "pod-u")) as (pod,), \
+            tidegate_run(config, (GW_ADDR, port), tmp_path / "tidegate.log"):
+        pod.mode = "early"
+        body = b"u" * (2 * 1024 * 1024)
+        with socket.create_connection((GW_ADDR, port), timeout=10) as s:
+            s.sendall(b"POST /upload HTTP/1.1\r\nHost: up.test\r\nContent-Length: %d\r\n\r\n" % len(body))
+            s.sendall(body[:65536])
+            first = _read_response(s)  # the answer comes while most of the body is still to be sent
+            assert first.startswith(b"HTTP/1.1 401") and b"connection: close" not in first.lower(), first[:300]
+            s.sendall(body[65536:])
+            pod.mode = "ok"
+            s.sendall(b"GET /after HTTP/1.1\r\nHost: up.test\r\n\r\n")
+            second = _read_response(s)
+            assert second.startswith(b"HTTP/1.1 200"), second[:200]
+
+
+def _read_response(s) -> bytes:
+    """One response with a Content-Length body, from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(
+        b"content-length")))
+    while len(rest) < length:
+        rest += s.recv(65536)
+    return head + b"\r\n\r\n" + rest

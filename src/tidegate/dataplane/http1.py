@@ -16,6 +16,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qs
 
@@ -56,16 +57,18 @@ MAX_HEADER_COUNT = 100
 MAX_HEADER_BYTES = 64 * 1024
 MAX_URL_BYTES = 8 * 1024
 BODY_BUFFER_LIMIT = 256 * 1024  # bytes of request body held before the client is paused
+# An endpoint that answers before the request body is in (a 401 or 413 to an upload) leaves the rest of the
+# body on the wire. Like nginx, read and drop it, up to these limits, to keep the connection: a client
+# still writing its upload when the connection closed might never read the answer.
+DRAIN_LIMIT = 8 * 1024 * 1024
+DRAIN_SECONDS = 5.0
 IDLE_TIMEOUT = 60.0
 CONNECT_TIMEOUT = 5.0
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate", "proxy-authorization"})
 VIA = "1.1 tidegate"
 
-REASONS = {200: "OK", 421: "Misdirected Request", 301: "Moved Permanently", 302: "Found", 303: "See Other", 307: "Temporary Redirect",
-           308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 413: "Payload Too Large",
-           414: "URI Too Long", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
-           501: "Not Implemented", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+REASONS = {status.value: status.phrase for status in HTTPStatus}  # reason phrases the clients see
 
 
 _ID_PREFIX = os.urandom(8).hex()  # unique per process; a counter makes each id unique within it
@@ -362,6 +365,8 @@ class ClientConnection(asyncio.Protocol):
             ClientConnection.busy -= 1
             ex.bytes_sent = self.bytes_out
             finished(self, ex, self.last_status)
+        if keep and ex.has_body and not ex.body_done and not self.closed:
+            keep = await self._drain_body(ex)
         self.serving = None
         if self.closed:
             return
@@ -373,6 +378,28 @@ class ClientConnection(asyncio.Protocol):
             self._serve_next()
         else:
             self.resume_reading()
+
+    async def _drain_body(self, ex: Exchange) -> bool:
+        """The response is out but the client is still sending its body: drop the rest (within limits)
+        and say whether the connection can carry the next request."""
+        start = ex.bytes_received
+        done = asyncio.get_running_loop().create_future()
+
+        def discard(chunk: bytes | None) -> None:
+            if done.done():
+                return
+            if chunk is None:
+                done.set_result(True)
+            elif ex.bytes_received - start > DRAIN_LIMIT:
+                done.set_result(False)
+
+        ex.sink = discard
+        ex.buffer.clear()
+        self.resume_reading()
+        try:
+            return await asyncio.wait_for(done, DRAIN_SECONDS)
+        except TimeoutError:
+            return False
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -389,7 +416,7 @@ class ClientConnection(asyncio.Protocol):
                        head_only: bool) -> bool:
         """Write the response head; returns whether the connection can be kept open afterwards."""
         self.last_status = status
-        keep = ex.keep_alive and (ex.body_done or not ex.has_body)
+        keep = ex.keep_alive and (ex.body_done or not ex.has_body or _drainable(ex))
         self._out_chunked = not head_only and content_length is None
         if self._out_chunked and ex.version == "1.0":
             self._out_chunked, keep = False, False  # an HTTP/1.0 client reads until the connection closes
@@ -442,6 +469,13 @@ class ClientConnection(asyncio.Protocol):
 
 
 # -- one exchange ----------------------------------------------------------------------------------------
+
+def _drainable(ex: Exchange) -> bool:
+    """Can the rest of this request's body be read and dropped after an early answer (see DRAIN_LIMIT)?"""
+    if ex.upgrade or ex.version == "1.0":
+        return False
+    return ex.content_length is None or ex.content_length - ex.bytes_received <= DRAIN_LIMIT
+
 
 def finished(conn: ClientConnection | object, ex: Exchange, status: int) -> None:
     """Account for a finished exchange: metrics always, an access log line when logging is on."""
