@@ -247,7 +247,9 @@ def test_two_replicas_one_leader_and_failover(cluster, tmp_path):
             killed_at = time.monotonic()
             eventually(lambda: api.get("Lease", "default", "tidegate-leader")["spec"]["holderIdentity"] == "b",
                        timeout=5, what="the other replica takes the lease")
-            assert time.monotonic() - killed_at < 2 + 1  # the lease duration, and a retry period or two
+            # The lease duration (2 s) from when the other replica last saw a renewal: a retry period or two
+            # after the kill, plus scheduling slack on a busy machine.
+            assert time.monotonic() - killed_at < 2 + 2
             api.put_yaml(route("app", "app.test", "- backendRefs: [{name: missing, port: 80}]"))
             eventually(lambda: len(api.status_writes("HTTPRoute", "app")) == 3, what="the new leader writes")
             assert api.status_writes("HTTPRoute", "app")[-1].agent == "token-b"

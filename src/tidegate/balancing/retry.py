@@ -33,6 +33,7 @@ class RetryRules:
 
 
 NO_RETRY = RetryRules()
+DEFAULT_RULES = RetryRules(connect=True)  # DEFAULT_RETRY's, for any request: nothing was sent
 
 
 @functools.lru_cache(maxsize=256)

@@ -26,6 +26,7 @@ from tidegate import ir
 from tidegate.balancing.outlier import record_outcome
 from tidegate.balancing.retry import (
     DEFAULT_RETRY,
+    DEFAULT_RULES,
     IDEMPOTENT,
     NO_RETRY,
     RetryRules,
@@ -33,7 +34,7 @@ from tidegate.balancing.retry import (
     policy_rules,
     route_rules,
 )
-from tidegate.balancing.state import BackendState
+from tidegate.balancing.state import BackendState, EndpointState
 from tidegate.dataplane.filters import (
     cors_preflight,
     cors_response,
@@ -485,7 +486,11 @@ def finished(conn: ClientConnection | object, ex: Exchange, status: int) -> None
     log_sink = accesslog.ACCESS_LOG
     fmt = log_sink.wants(status, ex.listener) if log_sink is not None else ""
     if fmt:
-        headers = {k.lower(): v for k, v in ex.headers}
+        headers = {}
+        for name, value in ex.headers:  # only the three a log line uses
+            lname = name.lower()
+            if lname in ("host", "referer", "user-agent") and lname not in headers:
+                headers[lname] = value
         log_sink.record(accesslog.Entry(
             time.time(), getattr(conn, "peer", ""), ex.method, headers.get("host", ""),
             ex.target.decode("latin-1"), f"HTTP/{ex.version}", status, ex.bytes_sent, elapsed, ex.upstream_time,
@@ -605,7 +610,8 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         if not tried and retry_policy is None:
             # The first backend chosen decides the retry policy of the whole request.
             retry_policy = policy.retry if policy is not None and policy.retry is not None else DEFAULT_RETRY
-            backend_state.budget.deposit(retry_policy, now)
+            if retry_policy is not DEFAULT_RETRY:
+                backend_state.budget.deposit(retry_policy, now)
             if route.retry is not None:
                 attempts = route.retry.attempts
             else:
@@ -634,6 +640,10 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
                                         or backend_state.retries < breaker.max_retries):
             if route.retry is not None:
                 rules = route_rules(route.retry, ex.has_body)
+            elif retry_policy is DEFAULT_RETRY:
+                # One retry on a refused connection, nothing else: it cannot more than double the load, so
+                # it needs no budget (and costs none per request).
+                rules = DEFAULT_RULES
             elif backend_state.budget.available(retry_policy, now):
                 rules = policy_rules(retry_policy, not ex.has_body and ex.method in IDEMPOTENT)
             else:
@@ -647,8 +657,9 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         if retries_done:
             backend_state.retries += 1
         try:
-            outcome = await _attempt(conn, ex, site, route, backend, endpoint, headers, mods, mirrors, upstream_host,
-                                     upstream_path, query, matched_prefix, head_only, rules, client_certificate)
+            outcome = await _attempt(conn, ex, site, route, backend, endpoint, endpoint_state, headers, mods, mirrors,
+                                     upstream_host, upstream_path, query, matched_prefix, head_only, rules,
+                                     client_certificate)
         finally:
             endpoint_state.active -= 1
             backend_state.active -= 1
@@ -658,7 +669,7 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
             return outcome
         tried.append(endpoint)
         ex.retries += 1
-        if route.retry is None:
+        if route.retry is None and retry_policy is not DEFAULT_RETRY:
             backend_state.budget.withdraw()
         METRICS.retries.labels(route.name).inc()
         mirrors = []  # a mirror gets one copy, not one per attempt
@@ -723,7 +734,8 @@ class _Retry:
 
 
 async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute, backend: ir.Backend,
-                   endpoint: ir.Endpoint, headers: list[tuple[str, str]], response_mods: list[dict],
+                   endpoint: ir.Endpoint, endpoint_state: EndpointState, headers: list[tuple[str, str]],
+                   response_mods: list[dict],
                    mirrors: list[ir.Filter], upstream_host: str, upstream_path: str, query: str,
                    matched_prefix: str | None, head_only: bool, rules: RetryRules,
                    client_certificate: ir.Certificate | None = None) -> bool | _Retry:
@@ -781,7 +793,6 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         if state.upstream is not None and not state.released:
             state.upstream.close()
         conn.upstream = None
-        endpoint_state = registry.endpoint(endpoint.address, endpoint.port)
         endpoint_state.record(status, now - upstream_started)
         if policy is not None and policy.outlier is not None:
             record_outcome(registry, backend, endpoint_state, status, now)
