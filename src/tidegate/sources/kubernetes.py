@@ -226,6 +226,8 @@ class KubernetesSource:
             async for event_type, obj in _watch_with_bookmarks(self.client, res, info.namespaced, resource_version,
                                                                 on_error):
                 failures = 0
+                # Built-in kinds come as lightkube's models, CRDs as generic dicts: one shape from here on.
+                obj = obj.to_dict() if hasattr(obj, "to_dict") else dict(obj)
                 rv = (obj.get("metadata") or {}).get("resourceVersion")
                 if rv:
                     resource_version = rv
