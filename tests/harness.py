@@ -84,6 +84,22 @@ def tidegate_run(config_dir: Path, ready: tuple[str, int], log_path: Path, *extr
         yield proc
 
 
+def wait_until(check, timeout: float = 10.0, what: str = ""):
+    """Poll `check` until it returns something true (its value is returned). Connection errors and failed
+    assertions inside it count as "not yet"; after `timeout` seconds, fail saying `what` was awaited."""
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+            if last:
+                return last
+        except (OSError, AssertionError, KeyError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
+
+
 def request(host: str, port: int, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None,
             body=None, timeout: float = 10.0, chunked: bool = False) -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection(host, port, timeout=timeout)

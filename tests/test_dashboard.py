@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port, request, tidegate_run
+from tests.harness import free_port, request, tidegate_run, wait_until
 from tests.manifests import backend_policy, http_gateway, route, service
 from tests.scripted import scripted_backends
 
@@ -38,16 +38,6 @@ def _browser(profile: Path):
 
 def _text(driver, element_id: str) -> str:
     return driver.find_element("id", element_id).text
-
-
-def _wait(check, timeout: float = 15.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what}")
 
 
 def test_the_dashboard_shows_live_numbers_and_an_unhealthy_endpoint(tmp_path):
@@ -77,23 +67,25 @@ def test_the_dashboard_shows_live_numbers_and_an_unhealthy_endpoint(tmp_path):
         loader = threading.Thread(target=traffic)
         try:
             driver.get(f"http://127.0.0.1:{proxy.admin_port}/")  # redirects to /dashboard/
-            _wait(lambda: _text(driver, "version") == "config version 1", what="the config version")
-            _wait(lambda: _text(driver, "ready") == "ready", what="readiness")
+            wait_until(lambda: _text(driver, "version") == "config version 1", timeout=15, what="the config version")
+            wait_until(lambda: _text(driver, "ready") == "ready", timeout=15, what="readiness")
             loader.start()
-            first = _wait(lambda: _rate(driver), what="a request rate above zero")
+            first = wait_until(lambda: _rate(driver), timeout=15, what="a request rate above zero")
             total_first = int(_text(driver, "total"))
-            _wait(lambda: int(_text(driver, "total")) > total_first + 20, what="the request count to grow")
+            wait_until(lambda: int(_text(driver, "total")) > total_first + 20,
+                       timeout=15, what="the request count to grow")
             readings = {first}
-            _wait(lambda: readings.add(_rate(driver)) or len(readings) > 1, what="the rate to change")
+            wait_until(lambda: readings.add(_rate(driver)) or len(readings) > 1, timeout=15, what="the rate to change")
             assert _text(driver, "p99").startswith(("≤", ">"))
             rows = {r.get_attribute("data-endpoint"): r for r in driver.find_elements("css selector", "tr[data-endpoint]")}
-            _wait(lambda: _state(driver, f"127.0.10.2:{pod_port}") == "unhealthy", what="pod-b shown unhealthy")
+            wait_until(lambda: _state(driver, f"127.0.10.2:{pod_port}") == "unhealthy",
+                       timeout=15, what="pod-b shown unhealthy")
             assert _state(driver, f"127.0.10.1:{pod_port}") == "healthy"
             assert "unhealthy" in driver.find_element("css selector", f'tr[data-endpoint="127.0.10.2:{pod_port}"]').text
             assert rows
             route_rows = driver.find_elements("css selector", "#routes tbody tr")
             assert any("Accepted=True" in r.text for r in route_rows)
-            _wait(lambda: any(_cell_rate(r) > 0 for r in driver.find_elements("css selector", "#routes tbody tr")),
+            wait_until(lambda: any(_cell_rate(r) > 0 for r in driver.find_elements("css selector", "#routes tbody tr")),
                   what="the route's own request rate")
             ARTIFACTS.mkdir(exist_ok=True)
             driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))

@@ -6,33 +6,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.apiserver import FakeAPIServer, fake_apiserver
-from tests.harness import TIDEGATE, free_port, process, request
+from tests.harness import TIDEGATE, free_port, process, request, wait_until
 from tests.manifests import http_gateway, route, service
 from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
 LEASE = ("--lease-namespace", "default", "--lease-duration", "2", "--renew-deadline", "1.5", "--retry-period", "0.2")
-
-
-def eventually(check: Callable[[], object], timeout: float = 10.0, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-            if last:
-                return last
-        except (OSError, AssertionError, KeyError) as exc:
-            last = exc
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s: {what} (last: {last!r})")
 
 
 def _pod_of(port: int, host: str) -> str:
@@ -75,13 +60,13 @@ def test_initial_sync_then_events_change_what_is_served(cluster, tmp_path):
         # add: a new route and the Service it uses
         api.put_yaml(service("other", pods[1:]))
         api.put_yaml(route("other", "other.test", "- backendRefs: [{name: other, port: 80}]"))
-        eventually(lambda: _pod_of(port, "other.test") == "pod-b", what="the new route serves")
+        wait_until(lambda: _pod_of(port, "other.test") == "pod-b", what="the new route serves")
         # modify: the EndpointSlice now names the other pod
         api.put_yaml(service("app", pods[1:]))
-        eventually(lambda: _pod_of(port, "app.test") == "pod-b", what="the endpoint change is served")
+        wait_until(lambda: _pod_of(port, "app.test") == "pod-b", what="the endpoint change is served")
         # delete: the route goes, its host gets 404
         api.delete("HTTPRoute", "default", "other")
-        eventually(lambda: _pod_of(port, "other.test") == "404", what="the deleted route is gone")
+        wait_until(lambda: _pod_of(port, "other.test") == "404", what="the deleted route is gone")
     # Every event went through its watch: none needed an error, a back-off and a fresh list.
     log_text = (tmp_path / "tidegate-a.log").read_text()
     assert "retrying in" not in log_text and "listing again" not in log_text, log_text[-2000:]
@@ -94,7 +79,7 @@ def test_dropped_watches_and_410_gone_lose_no_event(cluster, tmp_path):
         watches, lists = api.watch_requests, api.list_requests["HTTPRoute"]
         api.drop_watches()
         api.put_yaml(route("second", "second.test", "- backendRefs: [{name: app, port: 80}]"))
-        eventually(lambda: _pod_of(port, "second.test") == "pod-a", what="an event after a dropped watch")
+        wait_until(lambda: _pod_of(port, "second.test") == "pod-a", what="an event after a dropped watch")
         assert api.watch_requests > watches  # it came back through a new watch ...
         assert api.list_requests["HTTPRoute"] == lists  # ... resumed at its resourceVersion, no new list
         # ... from where it stopped. Now watches are cut and held back while one route is deleted and
@@ -108,8 +93,8 @@ def test_dropped_watches_and_410_gone_lose_no_event(cluster, tmp_path):
         time.sleep(0.3)
         assert _pod_of(port, "second.test") == "pod-a"  # nothing seen yet: the last config keeps serving
         api.hold_watches(False)
-        eventually(lambda: _pod_of(port, "third.test") == "pod-a", what="an addition made during the gap")
-        eventually(lambda: _pod_of(port, "second.test") == "404", what="a deletion made during the gap")
+        wait_until(lambda: _pod_of(port, "third.test") == "pod-a", what="an addition made during the gap")
+        wait_until(lambda: _pod_of(port, "second.test") == "404", what="a deletion made during the gap")
         assert api.list_requests["HTTPRoute"] > lists  # the 410 made it list again
 
 
@@ -123,7 +108,7 @@ def test_while_the_api_server_is_away_the_last_config_keeps_serving(cluster, tmp
         assert [_pod_of(port, "app.test") for _ in range(5)] == ["pod-a"] * 5
         api.unavailable = False
         api.put_yaml(route("later", "later.test", "- backendRefs: [{name: app, port: 80}]"))
-        eventually(lambda: _pod_of(port, "later.test") == "pod-a", timeout=15, what="changes after it came back")
+        wait_until(lambda: _pod_of(port, "later.test") == "pod-a", timeout=15, what="changes after it came back")
 
 
 def test_a_status_write_that_conflicts_is_read_again_and_retried(cluster, tmp_path):
@@ -131,7 +116,7 @@ def test_a_status_write_that_conflicts_is_read_again_and_retried(cluster, tmp_pa
     api.conflict_next_status_writes = 1
     with replica(api, tmp_path, "a", (GW, port)):
         for kind, name in (("GatewayClass", "tidegate"), ("Gateway", "gw"), ("HTTPRoute", "app")):
-            eventually(lambda kind=kind, name=name: (api.get(kind, "default" if kind != "GatewayClass" else "",
+            wait_until(lambda kind=kind, name=name: (api.get(kind, "default" if kind != "GatewayClass" else "",
                                                              name) or {}).get("status"), what=f"{kind} status")
         assert api.conflict_next_status_writes == 0
         assert len(api.status_writes()) == 4  # three objects, one of them twice (the conflict, then the retry)
@@ -155,7 +140,7 @@ def test_status_is_written_once_per_real_change(cluster, tmp_path):
     api._call(api._store, obj, True)
     with replica(api, tmp_path, "a", (GW, port)):
         for kind, name in (("GatewayClass", "tidegate"), ("Gateway", "gw"), ("HTTPRoute", "app")):
-            eventually(lambda kind=kind, name=name: api.status_writes(kind, name), what=f"{kind} status")
+            wait_until(lambda kind=kind, name=name: api.status_writes(kind, name), what=f"{kind} status")
         time.sleep(1.0)  # a second write would come now, if any
         assert [len(api.status_writes(k, n)) for k, n in
                 (("GatewayClass", "tidegate"), ("Gateway", "gw"), ("HTTPRoute", "app"))] == [1, 1, 1]
@@ -169,13 +154,13 @@ def test_status_is_written_once_per_real_change(cluster, tmp_path):
 
         # A change that alters no status: no write.
         api.put_yaml(service("app", pods[1:]))
-        eventually(lambda: _pod_of(port, "app.test") == "pod-b", what="the endpoint change")
+        wait_until(lambda: _pod_of(port, "app.test") == "pod-b", what="the endpoint change")
         time.sleep(0.5)
         assert len(api.status_writes()) == 3
 
         # A change to the route's status: one write, for the route, with the new generation.
         api.put_yaml(route("app", "app.test", "- backendRefs: [{name: missing, port: 80}]"))
-        eventually(lambda: len(api.status_writes("HTTPRoute", "app")) == 2, what="the route's new status")
+        wait_until(lambda: len(api.status_writes("HTTPRoute", "app")) == 2, what="the route's new status")
         time.sleep(0.5)
         assert len(api.status_writes()) == 4
         mine = next(p for p in api.get("HTTPRoute", "default", "app")["status"]["parents"]
@@ -188,7 +173,7 @@ def test_status_is_written_once_per_real_change(cluster, tmp_path):
         moved = route("app", "app.test", "- backendRefs: [{name: app, port: 80}]").replace(
             "parentRefs: [{name: gw}]", "parentRefs: [{name: theirs}]")
         api.put_yaml(moved)
-        eventually(lambda: api.get("HTTPRoute", "default", "app")["status"]["parents"] == [other_parent],
+        wait_until(lambda: api.get("HTTPRoute", "default", "app")["status"]["parents"] == [other_parent],
                    what="tidegate's parent entry removed")
         time.sleep(0.5)
         assert len(api.status_writes("HTTPRoute", "app")) == 3
@@ -196,31 +181,31 @@ def test_status_is_written_once_per_real_change(cluster, tmp_path):
 
 def test_ingress_status_gets_the_address(cluster, tmp_path):
     api, port, pods, _ = cluster
-    api.put_yaml(f"""
+    api.put_yaml("""
 apiVersion: networking.k8s.io/v1
 kind: IngressClass
-metadata: {{name: tidegate}}
-spec: {{controller: tidegate.io/ingress-controller}}
+metadata: {name: tidegate}
+spec: {controller: tidegate.io/ingress-controller}
 ---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
-metadata: {{name: web, namespace: default}}
+metadata: {name: web, namespace: default}
 spec:
   ingressClassName: tidegate
-  rules: [{{host: ing.test, http: {{paths: [{{path: /, pathType: Prefix,
-          backend: {{service: {{name: app, port: {{number: 80}}}}}}}}]}}}}]
+  rules: [{host: ing.test, http: {paths: [{path: /, pathType: Prefix,
+          backend: {service: {name: app, port: {number: 80}}}}]}}]
 ---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
-metadata: {{name: theirs, namespace: default}}
+metadata: {name: theirs, namespace: default}
 spec:
   ingressClassName: nginx
-  defaultBackend: {{service: {{name: app, port: {{number: 80}}}}}}
+  defaultBackend: {service: {name: app, port: {number: 80}}}
 """)
     ingress_port = free_port(GW)
     with replica(api, tmp_path, "a", (GW, ingress_port), "--address", "203.0.113.7", "--bind", GW,
                  "--ingress-http-port", str(ingress_port)):
-        eventually(lambda: (api.get("Ingress", "default", "web") or {}).get("status"), what="the Ingress status")
+        wait_until(lambda: (api.get("Ingress", "default", "web") or {}).get("status"), what="the Ingress status")
         assert api.get("Ingress", "default", "web")["status"]["loadBalancer"] == {"ingress": [{"ip": "203.0.113.7"}]}
         status, _, body = request(GW, ingress_port, "/", headers={"Host": "ing.test"})
         assert status == 200 and json.loads(body)["pod"] == "pod-a"
@@ -234,7 +219,7 @@ def test_two_replicas_one_leader_and_failover(cluster, tmp_path):
     api, port, pods, _ = cluster
     api.put_yaml(gateway_without_addresses(port))
     with replica(api, tmp_path, "a", (GW, port), "--bind", GW, token="token-a") as first:
-        eventually(lambda: api.status_writes("Gateway", "gw"), what="the first replica leads and writes")
+        wait_until(lambda: api.status_writes("Gateway", "gw"), what="the first replica leads and writes")
         with replica(api, tmp_path, "b", ("127.0.0.2", port), "--bind", "127.0.0.2", token="token-b"):
             assert _pod_of(port, "app.test") == "pod-a"  # both serve traffic
             status, _, body = request("127.0.0.2", port, "/", headers={"Host": "app.test"})
@@ -242,19 +227,19 @@ def test_two_replicas_one_leader_and_failover(cluster, tmp_path):
             api.put_yaml(route("app", "app.test", """
                 - backendRefs: [{name: app, port: 80}]
                   timeouts: {request: 5s}"""))  # a new generation: observedGeneration changes
-            eventually(lambda: len(api.status_writes("HTTPRoute", "app")) == 2, what="the leader's write")
+            wait_until(lambda: len(api.status_writes("HTTPRoute", "app")) == 2, what="the leader's write")
             time.sleep(1.0)
             assert api.get("Lease", "default", "tidegate-leader")["spec"]["holderIdentity"] == "a"
             assert {w.agent for w in api.status_writes()} == {"token-a"}  # b never wrote
             first.kill()  # no goodbye: the lease must expire
             killed_at = time.monotonic()
-            eventually(lambda: api.get("Lease", "default", "tidegate-leader")["spec"]["holderIdentity"] == "b",
+            wait_until(lambda: api.get("Lease", "default", "tidegate-leader")["spec"]["holderIdentity"] == "b",
                        timeout=5, what="the other replica takes the lease")
             # The lease duration (2 s) from when the other replica last saw a renewal: a retry period or two
             # after the kill, plus scheduling slack on a busy machine.
             assert time.monotonic() - killed_at < 2 + 2
             api.put_yaml(route("app", "app.test", "- backendRefs: [{name: missing, port: 80}]"))
-            eventually(lambda: len(api.status_writes("HTTPRoute", "app")) == 3, what="the new leader writes")
+            wait_until(lambda: len(api.status_writes("HTTPRoute", "app")) == 3, what="the new leader writes")
             assert api.status_writes("HTTPRoute", "app")[-1].agent == "token-b"
 
 

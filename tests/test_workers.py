@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from tests.harness import free_port, request, tidegate_run
+from tests.harness import free_port, request, tidegate_run, wait_until
 from tests.manifests import backend_policy, http_gateway, route, service
 from tests.scripted import scripted_backends
 
@@ -38,16 +38,6 @@ def _metric(text: str, pattern: str) -> float:
     return sum(float(m.group(1)) for m in re.finditer(pattern + r" ([0-9.e+]+)$", text, re.MULTILINE))
 
 
-def _wait(check, timeout: float = 10.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout}s: {what}")
-
-
 def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
     port, pod_port = free_port(GW), free_port("127.0.11.1")
     pods = [("127.0.11.1", pod_port, "pod-a"), ("127.0.11.2", pod_port, "pod-b")]
@@ -61,16 +51,16 @@ def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
                        unhealthyThreshold: 1, healthyThreshold: 1, jitterPercent: 0}"""))
     with scripted_backends(*pods) as (a, b), \
             tidegate_run(config, (GW, port), tmp_path / "tidegate.log", "--workers", "2", "--grace", "2") as proxy:
-        workers = _wait(lambda: len(_children(proxy.pid)) >= 2 and _children(proxy.pid), what="two workers")
+        workers = wait_until(lambda: len(_children(proxy.pid)) >= 2 and _children(proxy.pid), what="two workers")
         assert len(workers) == 2
-        _wait(lambda: request("127.0.0.1", proxy.admin_port, "/readyz")[0] == 200, what="every worker applied")
+        wait_until(lambda: request("127.0.0.1", proxy.admin_port, "/readyz")[0] == 200, what="every worker applied")
         statuses = [request(GW, port, "/", headers={"Host": "app.test"})[0] for _ in range(100)]
         assert statuses == [200] * 100
 
         def scraped() -> str:
             return request("127.0.0.1", proxy.admin_port, "/metrics")[2].decode()
 
-        _wait(lambda: _metric(scraped(), r'tidegate_http_requests_total\{[^}]*route="httproute/default/app/rule/0"\}')
+        wait_until(lambda: _metric(scraped(), r'tidegate_http_requests_total\{[^}]*route="httproute/default/app/rule/0"\}')
               == 100, what="the request counter to reach 100 across workers")
         text = scraped()
         per_worker = [_metric(text, f'tidegate_worker_requests_total{{worker="{i}"}}') for i in (0, 1)]
@@ -87,12 +77,12 @@ def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
         before = b.requests
         pods_seen = {request(GW, port, "/", headers={"Host": "app.test"})[2] for _ in range(40)}
         assert b.requests == before and all(b"pod-a" in body for body in pods_seen)
-        _wait(lambda: 'tidegate_endpoint_healthy{backend="default/app:80",endpoint="127.0.11.2:%d"} 0.0' % pod_port
+        wait_until(lambda: 'tidegate_endpoint_healthy{backend="default/app:80",endpoint="127.0.11.2:%d"} 0.0' % pod_port
               in scraped(), what="the unhealthy endpoint in /metrics")
 
         # A reload reaches both workers.
         (config / "more.yaml").write_text(route("more", "more.test", "- backendRefs: [{name: app, port: 80}]"))
-        _wait(lambda: all(request(GW, port, "/", headers={"Host": "more.test"})[0] == 200 for _ in range(20)),
+        wait_until(lambda: all(request(GW, port, "/", headers={"Host": "more.test"})[0] == 200 for _ in range(20)),
               what="the new route on every worker")
 
         # A worker that dies is replaced and gets the configuration in force. What it had reported stays
@@ -100,11 +90,11 @@ def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
         time.sleep(1.5)
         counted_before = _metric(scraped(), r'tidegate_http_requests_total\{[^}]*\}')
         os.kill(workers[0], signal.SIGKILL)
-        _wait(lambda: len(_children(proxy.pid)) == 2 and workers[0] not in _children(proxy.pid),
+        wait_until(lambda: len(_children(proxy.pid)) == 2 and workers[0] not in _children(proxy.pid),
               what="a new worker")
-        _wait(lambda: all(request(GW, port, "/", headers={"Host": "more.test"})[0] == 200 for _ in range(20)),
+        wait_until(lambda: all(request(GW, port, "/", headers={"Host": "more.test"})[0] == 200 for _ in range(20)),
               what="the new worker serves the configuration in force")
-        _wait(lambda: _metric(scraped(), r'tidegate_http_requests_total\{[^}]*\}') >= counted_before + 20,
+        wait_until(lambda: _metric(scraped(), r'tidegate_http_requests_total\{[^}]*\}') >= counted_before + 20,
               what="counts that never go down")
 
         everyone = [proxy.pid, *_children(proxy.pid, workers_only=False)]
@@ -118,4 +108,4 @@ def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
 
     # Workers are stopped before the control process exits; multiprocessing's resource tracker follows it
     # out a moment later (it leaves when its pipe closes).
-    _wait(lambda: all(gone(pid) for pid in everyone), timeout=10, what="no process left behind")
+    wait_until(lambda: all(gone(pid) for pid in everyone), timeout=10, what="no process left behind")
