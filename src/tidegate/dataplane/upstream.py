@@ -12,6 +12,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import httptools
 
@@ -225,6 +226,22 @@ def backend_tls_context(ca_pem: str, well_known: str, check_hostname: bool,
     return ctx
 
 
+async def connect(factory: Callable[[], asyncio.Protocol], host: str, port: int, timeout: float,
+                  **extra) -> tuple[asyncio.BaseTransport, Any]:
+    """Open a connection to an endpoint. Failures say what went wrong: ConnectError when nothing was sent
+    (refused, unreachable, timed out: any request may go elsewhere), UpstreamError for a failed TLS
+    handshake."""
+    try:
+        return await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(factory, host, port, **extra), timeout)
+    except TimeoutError as exc:
+        raise ConnectError(f"connect to {host}:{port} timed out") from exc
+    except ssl.SSLError as exc:
+        raise UpstreamError(f"TLS to {host}:{port} failed: {exc.reason or exc}") from exc
+    except OSError as exc:
+        raise ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from exc
+
+
 class EndpointPool:
     """Idle keep-alive connections to one endpoint. A request takes an idle one when there is one, and
     opens a new connection otherwise: it never waits on a busy connection."""
@@ -249,18 +266,9 @@ class EndpointPool:
             if not conn.closed and now - conn.idle_since < self.idle_timeout:
                 return conn
             conn.close()
-        loop = asyncio.get_running_loop()
         extra = {"ssl": self.tls, "server_hostname": self.server_hostname} if self.tls is not None else {}
-        try:
-            transport, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self), self.host, self.port, **extra),
-                connect_timeout)
-        except TimeoutError as exc:
-            raise ConnectError(f"connect to {self.host}:{self.port} timed out") from exc
-        except ssl.SSLError as exc:
-            raise UpstreamError(f"TLS to {self.host}:{self.port} failed: {exc.reason or exc}") from exc
-        except OSError as exc:
-            raise ConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
+        transport, protocol = await connect(lambda: UpstreamConnection(self), self.host, self.port, connect_timeout,
+                                            **extra)
         if self.tls is not None and self.subject_alt_names:
             problem = _check_subject_alt_names(transport.get_extra_info("ssl_object"), self.subject_alt_names)
             if problem:

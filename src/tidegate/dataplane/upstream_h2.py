@@ -15,7 +15,7 @@ import h2.connection
 import h2.events
 import h2.exceptions
 
-from tidegate.dataplane.upstream import ConnectError, ResponseHead, UpstreamError
+from tidegate.dataplane.upstream import ResponseHead, UpstreamError, connect
 
 
 class H2UpstreamStream:
@@ -180,14 +180,7 @@ class H2EndpointPool:
     async def acquire(self, connect_timeout: float) -> H2UpstreamConnection:
         if self.conn is not None and not self.conn.closed and self.conn.has_capacity():
             return self.conn
-        loop = asyncio.get_running_loop()
-        try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(lambda: H2UpstreamConnection(self), self.host, self.port), connect_timeout)
-        except TimeoutError as exc:
-            raise ConnectError(f"connect to {self.host}:{self.port} timed out") from exc
-        except OSError as exc:
-            raise ConnectError(f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}") from exc
+        _, protocol = await connect(lambda: H2UpstreamConnection(self), self.host, self.port, connect_timeout)
         self.conn = protocol
         return protocol
 
