@@ -595,7 +595,8 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     """Choose a backend and an endpoint, try, and try again elsewhere while the retry rules allow."""
     balancer = site.balancer
     registry = balancer.registry
-    tried: list[ir.Endpoint] = []
+    tried: list[ir.Endpoint] = []  # endpoints that failed this request: a retry goes elsewhere
+    retries_done = 0
     retry_policy: ir.RetryPolicy | None = None
     attempts = 0
     while True:
@@ -607,7 +608,7 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         policy = backend.policy
         backend_state = registry.backend(backend.name)
         now = time.monotonic()
-        if not tried and retry_policy is None:
+        if retry_policy is None:
             # The first backend chosen decides the retry policy of the whole request.
             retry_policy = policy.retry if policy is not None and policy.retry is not None else DEFAULT_RETRY
             if retry_policy is not DEFAULT_RETRY:
@@ -620,10 +621,9 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         if policy is not None and policy.hash is not None:
             key, cookie = hash_key(policy.hash, upstream_path, headers_lower, conn.peer)
         endpoint = balancer.endpoint_for(backend, key, tuple(tried))
-        retries_done = len(tried)
         if endpoint is None:
             if attempts > retries_done and route.retry is not None and 503 in route.retry.codes:
-                tried.append(ir.Endpoint("", 0))
+                retries_done += 1  # no endpoint is a 503, which this route retries (on another backend, maybe)
                 continue
             conn.send_simple(503, f"no ready endpoint for {backend.name}", close=not can_keep, head_only=head_only)
             return can_keep
@@ -668,20 +668,21 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         if not isinstance(outcome, _Retry):
             return outcome
         tried.append(endpoint)
+        retries_done += 1
         ex.retries += 1
         if route.retry is None and retry_policy is not DEFAULT_RETRY:
             backend_state.budget.withdraw()
         METRICS.retries.labels(route.name).inc()
         mirrors = []  # a mirror gets one copy, not one per attempt
         log.debug("retrying %s %s after %s (%d left)", ex.method, upstream_path, outcome.reason,
-                  attempts - len(tried))
+                  attempts - retries_done)
         if outcome.reason == "connect":
             continue  # nothing reached the endpoint: no need to wait before the next one
         if route.retry is not None:
             if route.retry.backoff:
                 await asyncio.sleep(route.retry.backoff)
         elif retry_policy is not None:
-            await asyncio.sleep(backoff(retry_policy, retries_done))
+            await asyncio.sleep(backoff(retry_policy, retries_done - 1))
 
 
 def _circuit_limit(breaker: ir.CircuitBreaker, state: BackendState, site: Site, backend: ir.Backend,
