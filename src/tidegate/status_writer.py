@@ -145,7 +145,7 @@ class StatusWriter:
         return written
 
     async def _write(self, key: Key, ours: dict[str, Any]) -> int:
-        info = next(i for i in kinds.KINDS.values() if i.kind == key.kind)
+        info = kinds.by_name(key.kind)
         version = self.source.versions.get(key.kind, "v1")
         res = resource_class(info, version)
         current = self.source.statuses.get(key, {})

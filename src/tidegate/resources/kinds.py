@@ -61,11 +61,17 @@ KINDS: dict[tuple[str, str], KindInfo] = {
 }
 
 KIND_NAMES = {k.kind for k in KINDS.values()}
+_BY_NAME = {k.kind: k for k in KINDS.values()}
 
 
 def split_api_version(api_version: str) -> tuple[str, str]:
     group, _, version = api_version.rpartition("/")
     return group, version
+
+
+def by_name(kind: str) -> KindInfo:
+    """The kind tidegate reads under this name (kind names are unique across its groups)."""
+    return _BY_NAME[kind]
 
 
 def lookup(api_version: str, kind: str) -> KindInfo | None:

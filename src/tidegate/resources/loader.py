@@ -153,7 +153,7 @@ def load_object(doc: Any, origin: Origin, default_namespace: str, result: LoadRe
     info = kinds.lookup(api_version, kind)
     if info is None:
         if kind in kinds.KIND_NAMES:
-            known = next(k for k in kinds.KINDS.values() if k.kind == kind)
+            known = kinds.by_name(kind)
             result.problems.append(Problem(
                 "error", origin,
                 f"{kind} is not served as {api_version}; use one of {', '.join(known.api_versions())}"))

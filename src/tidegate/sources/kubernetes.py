@@ -326,7 +326,7 @@ class KubernetesSource:
         self.store.replace_source(self.name, self.objects)
 
     async def _fetch(self, key: Key) -> None:
-        info = next(i for i in kinds.KINDS.values() if i.kind == key.kind)
+        info = kinds.by_name(key.kind)
         version = self.versions.get(key.kind, "v1")
         try:
             obj = await self.client.get(resource_class(info, version), key.name, namespace=key.namespace)
