@@ -88,3 +88,14 @@ def test_a_gateway_chooses_its_own_access_log(tmp_path):
     lines = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert [entry["path"] for entry in lines] == ["/loud"]
     assert lines[0]["listener"] == "default/gw/http"
+
+
+def test_a_bad_access_log_annotation_is_reported_and_the_global_setting_applies():
+    from tidegate.resources.loader import load_text
+    from tidegate.translate import translate
+
+    text = http_gateway(GW, 8080).replace("name: gw, namespace: default}",
+                                          "name: gw, namespace: default, annotations: {tidegate.io/access-log: loud}}")
+    result = translate(load_text(text, "t").resources)
+    assert [listener.access_log for listener in result.ir.listeners] == [""]
+    assert any("tidegate.io/access-log" in n.message and "'loud'" in n.message for n in result.notes)

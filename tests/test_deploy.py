@@ -3,7 +3,6 @@ works against an API server stand-in, and RBAC grants what the Kubernetes source
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -114,4 +113,6 @@ def test_the_deployment_runs_two_probed_replicas_of_the_kubernetes_mode():
     classes = {d["kind"]: d for d in docs if d["kind"] in ("GatewayClass", "IngressClass")}
     assert classes["GatewayClass"]["spec"]["controllerName"] == "tidegate.io/gateway-controller"
     assert classes["IngressClass"]["spec"]["controller"] == "tidegate.io/ingress-controller"
-    assert json.dumps(deployment).count("tidegate-system") >= 1
+    assert deployment["metadata"]["namespace"] == "tidegate-system"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
+    assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}  # lease identity
