@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
+from tests.threaded import ThreadedServer
+
 
 @dataclass(frozen=True)
 class Kind:
@@ -74,10 +76,10 @@ class Write:
     body: dict
 
 
-class FakeAPIServer:
+class FakeAPIServer(ThreadedServer):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, kinds: list[Kind] | None = None,
                  bookmark_interval: float = 0.5):
-        self.host, self.port = host, port
+        super().__init__(host, port)
         self.kinds = {(k.group, k.version, k.plural): k for k in (kinds or KINDS)}
         self.by_kind = {k.kind: k for k in self.kinds.values()}
         self.objects: dict[tuple[str, str, str], dict] = {}  # (kind, namespace, name) → object
@@ -91,37 +93,11 @@ class FakeAPIServer:
         self.fail_next: dict[str, int] = {}  # kind → how many lists/watches to answer 500
         self.unavailable = False  # every request answered 503, as while the API server restarts
         self.conflict_next_status_writes = 0  # answer this many status writes 409 Conflict
-        self._loop = asyncio.new_event_loop()
         self._changed: asyncio.Condition | None = None  # made on the server's own loop
         self._watchers: set[asyncio.StreamWriter] = set()
-        self._clients: set[asyncio.StreamWriter] = set()
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._ready = threading.Event()
-        self._server: asyncio.base_events.Server | None = None
         self.lock = threading.RLock()
 
     # -- the test's side ---------------------------------------------------------------------------
-    def start(self) -> FakeAPIServer:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def stop(self) -> None:
-        async def shut() -> None:
-            assert self._server is not None
-            self._server.close()
-            for writer in list(self._clients):
-                writer.close()
-            current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
@@ -134,12 +110,9 @@ class FakeAPIServer:
             "contexts": [{"name": "test", "context": {"cluster": "fake", "user": "tester", "namespace": "default"}}],
         })
 
-    def _call(self, fn, *args):
-        return asyncio.run_coroutine_threadsafe(fn(*args), self._loop).result(5)
-
     def put(self, obj: dict) -> dict:
         """Create or replace an object as a user would (spec changes bump metadata.generation)."""
-        return self._call(self._store, copy.deepcopy(obj), False)
+        return self.call(self._store, copy.deepcopy(obj), False)
 
     def put_yaml(self, text: str) -> None:
         import yaml
@@ -152,7 +125,7 @@ class FakeAPIServer:
                 self.put(doc)
 
     def delete(self, kind: str, namespace: str, name: str) -> None:
-        self._call(self._remove, kind, namespace, name)
+        self.call(self._remove, kind, namespace, name)
 
     def get(self, kind: str, namespace: str, name: str) -> dict | None:
         with self.lock:
@@ -170,14 +143,14 @@ class FakeAPIServer:
             for writer in list(self._watchers):
                 writer.transport.abort()
 
-        self._call(cut)
+        self.call(cut)
 
     def hold_watches(self, held: bool) -> None:
         """While held, new watch requests wait (lists still answer): changes made meanwhile are a gap."""
         async def gate() -> None:
             (self._watch_gate.clear if held else self._watch_gate.set)()
 
-        self._call(gate)
+        self.call(gate)
 
     def compact(self) -> None:
         """Forget history: a watch resumed from any version seen so far gets 410 Gone."""
@@ -185,7 +158,7 @@ class FakeAPIServer:
             self.compacted = self.rv
             self.history.clear()
 
-        self._call(squash)
+        self.call(squash)
 
     # -- storage -------------------------------------------------------------------------------------
     async def _store(self, obj: dict, status_only: bool) -> dict:
@@ -236,15 +209,10 @@ class FakeAPIServer:
         return obj
 
     # -- HTTP ----------------------------------------------------------------------------------------
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
+    def _on_loop(self) -> None:
         self._changed = asyncio.Condition()
         self._watch_gate = asyncio.Event()
         self._watch_gate.set()
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, self.host, self.port))
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        self._loop.run_forever()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._clients.add(writer)

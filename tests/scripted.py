@@ -6,54 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+from tests.threaded import ThreadedServer
 
-class ScriptedBackend:
+
+class ScriptedBackend(ThreadedServer):
     def __init__(self, address: str, port: int, name: str):
-        self.address, self.port, self.name = address, port, name
+        super().__init__(address, port)
+        self.address, self.name = address, name
         self.mode = "ok"  # ok | 503 | hang | slow | early (a POST gets 401 before its body is read)
         self.slow_seconds = 0.5
         self.healthy = True  # what /healthz answers
         self.requests = 0  # requests seen, health checks excluded
         self.health_checks = 0
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._main, daemon=True)
-        self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    def _main(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve, self.address, self.port))
-        self._ready.set()
-        self._loop.run_forever()
-
-    def start(self) -> ScriptedBackend:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def stop(self) -> None:
-        async def shut() -> None:
-            assert self._server is not None
-            self._server.close()
-            for writer in list(self._writers):
-                writer.close()
-            current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]  # hanging answers among them
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
+        self._clients.add(writer)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -91,7 +61,7 @@ class ScriptedBackend:
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
-            self._writers.discard(writer)
+            self._clients.discard(writer)
             writer.close()
 
 

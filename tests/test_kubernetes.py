@@ -137,7 +137,7 @@ def test_status_is_written_once_per_real_change(cluster, tmp_path):
                                     "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]}
     obj = api.get("HTTPRoute", "default", "app")
     obj["status"] = {"parents": [other_parent]}
-    api._call(api._store, obj, True)
+    api.call(api._store, obj, True)
     with replica(api, tmp_path, "a", (GW, port)):
         for kind, name in (("GatewayClass", "tidegate"), ("Gateway", "gw"), ("HTTPRoute", "app")):
             wait_until(lambda kind=kind, name=name: api.status_writes(kind, name), what=f"{kind} status")
