@@ -285,6 +285,7 @@ def nginx_proxy_config(tmp: Path, ports: Ports, backends: list[int], group: Grou
 
 def tidegate_config(tmp: Path, ports: Ports, backends: list[int], group: Group, cert: bytes, key: bytes) -> Path:
     from tests.certs import tls_secret_pem_yaml
+    from tests.manifests import gateway
 
     folder = tmp / "tidegate"
     folder.mkdir()
@@ -302,24 +303,13 @@ def tidegate_config(tmp: Path, ports: Ports, backends: list[int], group: Group, 
                     "tls: {mode: Terminate, certificateRefs: [{name: bench-cert}]}}")
     else:
         listener = f"{{name: web, port: {ports.http}, protocol: HTTP}}"
-    text = textwrap.dedent(f"""
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: GatewayClass
-        metadata: {{name: tidegate}}
-        spec: {{controllerName: tidegate.io/gateway-controller}}
-        ---
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: Gateway
-        metadata: {{name: bench, namespace: default}}
-        spec:
-          gatewayClassName: tidegate
-          addresses: [{{value: 127.0.0.1}}]
-          listeners: [{listener}, {{name: h2c, port: {ports.h2c}, protocol: HTTP}}]
+    text = gateway("127.0.0.1", f"[{listener}, {{name: h2c, port: {ports.h2c}, protocol: HTTP}}]", "bench")
+    text += textwrap.dedent("""
         ---
         apiVersion: v1
         kind: Service
-        metadata: {{name: pods, namespace: default}}
-        spec: {{ports: [{{name: http, port: 80}}]}}
+        metadata: {name: pods, namespace: default}
+        spec: {ports: [{name: http, port: 80}]}
         """) + slices
     if group.hosts:
         for i in range(1, group.hosts + 1):
