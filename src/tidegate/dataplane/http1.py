@@ -141,6 +141,17 @@ class Exchange:
         self.request_id = ""
         self.upstream_time = 0.0
 
+    def receive(self, data: bytes) -> bool:
+        """Request body bytes (HTTP/1.1 or an HTTP/2 stream): to the endpoint when one is connected (True),
+        else held until it is (False; `buffered` counts them)."""
+        self.bytes_received += len(data)
+        if self.sink is not None:
+            self.sink(data)
+            return True
+        self.buffer.append(data)
+        self.buffered += len(data)
+        return False
+
     @property
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
@@ -302,14 +313,8 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         ex = self.current
         assert ex is not None
-        ex.bytes_received += len(body)
-        if ex.sink is not None:
-            ex.sink(body)
-        else:
-            ex.buffer.append(body)
-            ex.buffered += len(body)
-            if ex.buffered > BODY_BUFFER_LIMIT:
-                self.pause_reading()
+        if not ex.receive(body) and ex.buffered > BODY_BUFFER_LIMIT:
+            self.pause_reading()
 
     def on_message_complete(self) -> None:
         ex = self.current

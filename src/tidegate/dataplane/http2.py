@@ -232,13 +232,8 @@ class H2ServerConnection(asyncio.Protocol):
             self.acknowledge(stream_id, flow_length)
             return
         ex = stream.ex
-        ex.bytes_received += len(data)
-        if ex.sink is not None:
-            ex.sink(data)
-        else:
-            ex.buffer.append(data)
-            ex.buffered += len(data)
-        if stream.paused or (ex.sink is None and ex.buffered > BODY_BUFFER_LIMIT):
+        sent = ex.receive(data)
+        if stream.paused or (not sent and ex.buffered > BODY_BUFFER_LIMIT):
             stream.unacked += flow_length
         else:
             self.acknowledge(stream_id, flow_length)
