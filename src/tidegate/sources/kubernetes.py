@@ -168,15 +168,22 @@ class KubernetesSource:
                 log.info("%s: watch expired (410 Gone): listing again", info.kind)
                 continue
             except Exception as exc:  # the API server is away or answered badly: keep serving, retry later
+                if isinstance(exc, ApiError) and exc.status.code == 404 and info.kind in self.versions:
+                    # The version in use went away (a CRD upgraded or removed): find one again.
+                    log.warning("%s: the cluster no longer serves %s", info.kind, self.versions.pop(info.kind))
+                    continue
                 failures += 1
                 delay = min(MAX_BACKOFF, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)
                 log.warning("%s: %s; retrying in %.1f s", info.kind, _describe(exc), delay)
                 await asyncio.sleep(delay)
 
     async def _choose_version(self, info: kinds.KindInfo) -> str | None:
+        """The version to read a kind at: the one in use (a list that finds it gone asks again), else the
+        first the cluster serves, found by a one-item list per candidate."""
         known = self.versions.get(info.kind)
-        candidates = [known] if known else version_preference(info)
-        for version in candidates:
+        if known:
+            return known
+        for version in version_preference(info):
             try:
                 async for _ in self.client.list(resource_class(info, version), namespace="*" if info.namespaced
                                                 else None, chunk_size=1):
@@ -185,13 +192,9 @@ class KubernetesSource:
                 if exc.status.code == 404:
                     continue
                 raise
-            if info.kind not in self.versions:
-                log.info("reading %s as %s", info.kind, f"{info.group}/{version}" if info.group else version)
+            log.info("reading %s as %s", info.kind, f"{info.group}/{version}" if info.group else version)
             self.versions[info.kind] = version
             return version
-        if known:
-            del self.versions[info.kind]
-            return await self._choose_version(info)
         if info.kind not in self._synced_kinds:
             log.warning("the cluster serves no version of %s that tidegate reads (%s): skipping it for now",
                         info.kind, ", ".join(version_preference(info)))
