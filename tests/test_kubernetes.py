@@ -286,7 +286,8 @@ spec:
         async def main() -> None:
             kubeconfig = tmp_path / "kubeconfig"
             kubeconfig.write_text(api.kubeconfig())
-            source = KubernetesSource(connect(str(kubeconfig)), Store())
+            reported: list = []
+            source = KubernetesSource(connect(str(kubeconfig)), Store(), reported.append)
             source.start()
             await asyncio.wait_for(source.synced.wait(), 10)
             assert source.versions["TCPRoute"] == "v1alpha2" and "TLSRoute" not in source.versions
@@ -312,6 +313,21 @@ spec:
                     break
                 await asyncio.sleep(0.05)
             assert secrets() == {"site"}  # dropped when nothing references it
+
+            # An object the API server took but tidegate's validation refuses: reported, last good kept.
+            good = {"apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                    "metadata": {"name": "r", "namespace": "default"},
+                    "spec": {"parentRefs": [{"name": "gw"}], "hostnames": ["good.test"]}}
+            api.put(good)
+            key = Key("HTTPRoute", "default", "r")
+            for _ in range(100):
+                if key in source.objects:
+                    break
+                await asyncio.sleep(0.05)
+            api.put({**good, "spec": {"parentRefs": [{"name": "gw", "port": 0}], "hostnames": ["bad.test"]}})
+            await asyncio.sleep(0.5)
+            assert source.objects[key].spec["hostnames"] == ["good.test"]
+            assert any("HTTPRoute default/r" in str(p) and "port" in str(p) for p in reported)
             await source.close()
 
         asyncio.run(main())
