@@ -18,10 +18,21 @@ from pathlib import Path
 TIDEGATE = [sys.executable, "-m", "tidegate"]
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, and one this test run has not handed out before: the kernel may give
+    a just-closed port again, and two listeners a test means to keep apart (a Gateway and the admin API,
+    say) would then ask for the same port."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError(f"no fresh free port on {host}")
 
 
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:

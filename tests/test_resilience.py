@@ -180,10 +180,12 @@ def test_a_sticky_cookie_pins_a_client_to_its_pod(tmp_path):
         loadBalancer:
           type: ConsistentHash
           consistentHash: {type: Cookie, cookie: {name: tg-session, ttl: 1h, path: /}}""")
-    with scripted_backends(*pods), tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+    log = tmp_path / "tidegate.log"
+    with scripted_backends(*pods), tidegate_run(config, (GW, port), log):
         pinned = set()
         for _ in range(12):  # twelve new clients
             status, headers, body = request(GW, port, "/")
+            assert status == 200 and "set-cookie" in headers, (status, headers, body, log.read_text()[-2000:])
             cookie = headers["set-cookie"]
             assert cookie.startswith("tg-session=") and "Max-Age=3600" in cookie and "Path=/" in cookie
             value = cookie.split(";")[0]
