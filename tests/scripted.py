@@ -16,7 +16,10 @@ class ScriptedBackend(ThreadedServer):
     def __init__(self, address: str, port: int, name: str):
         super().__init__(address, port)
         self.address, self.name = address, name
-        self.mode = "ok"  # ok | 503 | hang | slow | early (a POST gets 401 before its body is read)
+        # ok | 503 | hang | slow | early (a POST gets 401 before its body is read) | drop-reused (a connection's
+        # second request is read and the connection closed, unanswered: a keep-alive timeout that struck just
+        # as the connection was reused) | trickle (a chunked answer, a chunk every 50 ms for slow_seconds)
+        self.mode = "ok"
         self.slow_seconds = 0.5
         self.healthy = True  # what /healthz answers
         self.requests = 0  # requests seen, health checks excluded
@@ -24,6 +27,7 @@ class ScriptedBackend(ThreadedServer):
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._clients.add(writer)
+        answered = 0  # on this connection
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -44,6 +48,10 @@ class ScriptedBackend(ThreadedServer):
                             break
                         length -= len(chunk)
                     break
+                if self.mode == "drop-reused" and answered:
+                    self.requests += 1
+                    break
+                answered += 1
                 if path == "/healthz":
                     self.health_checks += 1
                     status = 200 if self.healthy else 500
@@ -53,6 +61,15 @@ class ScriptedBackend(ThreadedServer):
                         await asyncio.sleep(3600)
                     if self.mode == "slow":
                         await asyncio.sleep(self.slow_seconds)
+                    if self.mode == "trickle":
+                        writer.write(b"HTTP/1.1 200 X\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        for _ in range(int(self.slow_seconds / 0.05)):
+                            writer.write(b"5\r\nchunk\r\n")
+                            await writer.drain()
+                            await asyncio.sleep(0.05)
+                        writer.write(b"0\r\n\r\n")
+                        await writer.drain()
+                        continue
                     status = 503 if self.mode == "503" else 200
                 body = json.dumps({"pod": self.name, "path": path}).encode()
                 writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"

@@ -47,14 +47,15 @@ def normalize_host(host: str) -> str:
 class Candidate:
     """One match of one rule, with its regexes compiled."""
 
-    __slots__ = ("client_certificate", "header_tests", "listener", "match", "order", "path_regex", "query_tests",
-                 "route")
+    __slots__ = ("client_certificate", "header_tests", "listener", "match", "order", "path_regex", "plan",
+                 "query_tests", "route")
 
     def __init__(self, route: ir.HTTPRoute, match: ir.Match, order: tuple, listener: str = "",
                  client_certificate: ir.Certificate | None = None):
         self.route = route
         self.listener = listener  # name of the listener whose table holds it (for metrics and logs)
         self.client_certificate = client_certificate  # its Gateway's certificate for TLS to backends
+        self.plan: object = None  # what the data plane worked out once for this rule (dataplane/fastlane.py)
         self.match = match
         self.order = order
         self.path_regex = re2.compile(match.path.value) if match.path.type == "RegularExpression" else None

@@ -43,6 +43,7 @@ from tidegate.dataplane.filters import (
     redirect_location,
     replace_path,
 )
+from tidegate.dataplane import fastlane
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import ConnectError, ResponseHead, UpstreamConnection, UpstreamError
 from tidegate.observe import accesslog
@@ -322,8 +323,10 @@ class ClientConnection(asyncio.Protocol):
         ex.body_done = True
         if ex.sink is not None:
             ex.sink(None)
-        # One request at a time: stop reading until this one is answered (bounds pipelining).
-        self.pause_reading()
+        if self.serving is not None or self.queue:
+            # One request at a time: stop reading until this one is answered (bounds pipelining). The fast
+            # lane may have answered it already, from on_headers_complete.
+            self.pause_reading()
 
     # -- flow control ---------------------------------------------------------------------------------
     def pause_reading(self) -> None:
@@ -352,15 +355,18 @@ class ClientConnection(asyncio.Protocol):
 
     # -- serving ------------------------------------------------------------------------------------
     def _serve_next(self) -> None:
-        ex = self.queue.popleft()
-        self.serving = asyncio.get_running_loop().create_task(self._serve(ex))
+        fastlane.serve(self, self.queue.popleft())
 
-    async def _serve(self, ex: Exchange) -> None:
+    def serve_slowly(self, ex: Exchange, routed: Routed | None = None) -> None:
+        """The full path, as a task: everything the fast lane does not take."""
+        self.serving = asyncio.get_running_loop().create_task(self._serve(ex, routed))
+
+    async def _serve(self, ex: Exchange, routed: Routed | None) -> None:
         keep = False
         ClientConnection.busy += 1
         self.last_status = self.bytes_out = 0
         try:
-            keep = await serve_exchange(self, ex)
+            keep = await serve_exchange(self, ex, routed)
         except asyncio.CancelledError:
             return
         except Exception:  # never let one request take the listener down
@@ -374,6 +380,10 @@ class ClientConnection(asyncio.Protocol):
         if keep and ex.has_body and not ex.body_done and not self.closed:
             keep = await self._drain_body(ex)
         self.serving = None
+        self.served(ex, keep)
+
+    def served(self, ex: Exchange, keep: bool) -> None:
+        """An exchange is over: close, or go on with the next request."""
         if self.closed:
             return
         if not keep or not ex.keep_alive:
@@ -517,9 +527,14 @@ def _split_target(target: bytes) -> tuple[str, str, str]:
     return host, path, query
 
 
-async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
-    """Serve one request; returns whether the connection may be kept open."""
-    site = conn.site_getter()
+# What routing found for a request: its site (configuration), the matched rule, host, path, query, the
+# headers by lower-case name, and - when the fast lane chose them already - the backend and endpoint to try first.
+Routed = tuple  # (Site, Candidate, str, str, str, dict[str, str], tuple[ir.Backend, ir.Endpoint] | None)
+
+
+def route_request(conn: ClientConnection, ex: Exchange, site: Site) -> Routed | bool:
+    """Find the rule for a request. When the request is answered here instead (a bad target, 421, 404), the
+    answer is sent and the result says whether the connection may be kept."""
     try:
         abs_host, path, query = _split_target(ex.target)
     except RequestRejected as exc:
@@ -552,6 +567,19 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
     if candidate is None:
         conn.send_simple(404, "no route matches", close=not can_keep, head_only=head_only)
         return can_keep
+    return site, candidate, host, path, query, headers_lower, None
+
+
+async def serve_exchange(conn: ClientConnection, ex: Exchange, routed: Routed | None = None) -> bool:
+    """Serve one request; returns whether the connection may be kept open."""
+    if routed is None:
+        found = route_request(conn, ex, conn.site_getter())
+        if found is True or found is False:
+            return found
+        routed = found
+    site, candidate, host, path, query, headers_lower, first = routed
+    can_keep = not ex.has_body or ex.body_done
+    head_only = ex.method == "HEAD"
     route = candidate.route
     ex.route, ex.listener = route.name, candidate.listener
     matched_prefix = candidate.match.path.value if candidate.match.path.type == "PathPrefix" else None
@@ -589,15 +617,16 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange) -> bool:
         return can_keep
 
     return await _forward(conn, ex, site, route, candidate.client_certificate, headers, headers_lower, response_mods,
-                          mirrors, upstream_host, upstream_path, query, matched_prefix, can_keep, head_only)
+                          mirrors, upstream_host, upstream_path, query, matched_prefix, can_keep, head_only, first)
 
 
 async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute,
                    client_certificate: ir.Certificate | None, headers: list[tuple[str, str]],
                    headers_lower: dict[str, str], response_mods: list[dict], mirrors: list[ir.Filter],
                    upstream_host: str, upstream_path: str, query: str, matched_prefix: str | None, can_keep: bool,
-                   head_only: bool) -> bool:
-    """Choose a backend and an endpoint, try, and try again elsewhere while the retry rules allow."""
+                   head_only: bool, first: tuple[ir.Backend, ir.Endpoint] | None = None) -> bool:
+    """Choose a backend and an endpoint (`first` when the fast lane chose them), try, and try again
+    elsewhere while the retry rules allow."""
     balancer = site.balancer
     registry = balancer.registry
     tried: list[ir.Endpoint] = []  # endpoints that failed this request: a retry goes elsewhere
@@ -605,7 +634,11 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     retry_policy: ir.RetryPolicy | None = None
     attempts = 0
     while True:
-        backend = balancer.backend_for(route)
+        chosen: ir.Endpoint | None = None
+        if first is not None:
+            (backend, chosen), first = first, None
+        else:
+            backend = balancer.backend_for(route)
         if backend is None or backend.invalid:
             conn.send_simple(500, f"invalid backend: {backend.invalid}" if backend else "no backend with weight",
                              close=not can_keep, head_only=head_only)
@@ -625,7 +658,7 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
         key = cookie = None
         if policy is not None and policy.hash is not None:
             key, cookie = hash_key(policy.hash, upstream_path, headers_lower, conn.peer)
-        endpoint = balancer.endpoint_for(backend, key, tuple(tried))
+        endpoint = chosen or balancer.endpoint_for(backend, key, tuple(tried))
         if endpoint is None:
             if attempts > retries_done and route.retry is not None and 503 in route.retry.codes:
                 retries_done += 1  # no endpoint is a 503, which this route retries (on another backend, maybe)
@@ -767,6 +800,7 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     upstream_started = time.monotonic()
     registry = site.balancer.registry
     status: int | None = None
+    client_left = False
     try:
         proxy = _proxy_h2 if backend.protocol == "kubernetes.io/h2c" else _proxy
         proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, rules.codes,
@@ -793,15 +827,19 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     except _RetryStatus as exc:
         status = exc.status
         return _Retry(f"status {exc.status}")
+    except asyncio.CancelledError:
+        client_left = True  # not the endpoint's doing: nothing to record against it
+        raise
     finally:
         now = time.monotonic()
         ex.upstream_time += now - upstream_started
         if state.upstream is not None and not state.released:
             state.upstream.close()
         conn.upstream = None
-        endpoint_state.record(status, now - upstream_started)
-        if policy is not None and policy.outlier is not None:
-            record_outcome(registry, backend, endpoint_state, status, now)
+        if not client_left:
+            endpoint_state.record(status, now - upstream_started)
+            if policy is not None and policy.outlier is not None:
+                record_outcome(registry, backend, endpoint_state, status, now)
 
 
 class _RetryStatus(Exception):
@@ -872,7 +910,7 @@ def _forward_headers(ex: Exchange, headers: list[tuple[str, str]], peer: str, sc
     return out
 
 
-def _request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, target: str, peer: str,
+def request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, target: str, peer: str,
                   scheme: str, original_host: str) -> bytes:
     lines = [f"{ex.method} {target} HTTP/1.1", f"Host: {host}"]
     lines += [f"{n}: {v}" for n, v in _forward_headers(ex, headers, peer, scheme, original_host)]
@@ -943,7 +981,7 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
     state.upstream = upstream
     conn.upstream = upstream
     original_host = get_header(ex.headers, "host") or host
-    upstream.start_exchange(_request_head(ex, headers, host, target, conn.peer, conn.scheme, original_host))
+    upstream.start_exchange(request_head(ex, headers, host, target, conn.peer, conn.scheme, original_host))
     if ex.expect_continue and not ex.body_done:
         conn.send_continue()
 
@@ -1057,7 +1095,7 @@ def _start_mirror(site: Site, mirror: ir.Filter, ex: Exchange, headers: list[tup
         return
     copy = Exchange()
     copy.method, copy.version = ex.method, "1.1"
-    head = _request_head(copy, headers, host, target, peer, "http", host)
+    head = request_head(copy, headers, host, target, peer, "http", host)
 
     async def send() -> None:
         pool = site.pools.pool(endpoint.address, endpoint.port, backend.tls)

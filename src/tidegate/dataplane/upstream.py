@@ -62,6 +62,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.raw_sink: Callable[[bytes], None] | None = None
         self.leftover = b""  # bytes that followed the 101 response head in the same read
         self.on_closed: Callable[[], object] | None = None
+        # The fast lane's exchange (dataplane/fastlane.py) takes the response by callbacks instead of futures.
+        self.handler: Any = None
+        self.reading_paused = False
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -75,6 +78,9 @@ class UpstreamConnection(asyncio.Protocol):
         if self.on_closed is not None:
             self.on_closed()
         error = UpstreamError(f"endpoint closed the connection{': ' + str(exc) if exc else ''}")
+        if self.handler is not None:
+            self.handler.upstream_failed(error)
+            return
         if self.head_future is not None and not self.head_future.done():
             self.head_future.set_exception(error)
         if self.done_future is not None and not self.done_future.done():
@@ -109,7 +115,9 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.reusable = False
             error = UpstreamError(f"invalid response from endpoint: {exc}")
-            if self.head_future is not None and not self.head_future.done():
+            if self.handler is not None:
+                self.handler.upstream_failed(error)
+            elif self.head_future is not None and not self.head_future.done():
                 self.head_future.set_exception(error)
             elif self.done_future is not None and not self.done_future.done():
                 self.done_future.set_exception(error)
@@ -142,7 +150,9 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= head.status < 200 and head.status != 101:
             self.head = None  # an interim response: wait for the real one
             return
-        if self.head_future is not None and not self.head_future.done():
+        if self.handler is not None:
+            self.handler.upstream_head(head)
+        elif self.head_future is not None and not self.head_future.done():
             self.head_future.set_result(head)
 
     def on_body(self, body: bytes) -> None:
@@ -156,10 +166,23 @@ class UpstreamConnection(asyncio.Protocol):
             return  # end of an interim response
         if not self.head.keep_alive:
             self.reusable = False
-        if self.done_future is not None and not self.done_future.done():
+        if self.handler is not None:
+            self.handler.upstream_done()
+        elif self.done_future is not None and not self.done_future.done():
             self.done_future.set_result(None)
 
     # -- used by the proxy ---------------------------------------------------------------------------
+    def start_fast(self, handler: Any, head: bytes, sink: Callable[[bytes], None]) -> None:
+        """An exchange whose response goes to `handler` (upstream_head, upstream_done, upstream_failed) and
+        whose body bytes go to `sink`: no futures."""
+        self.handler = handler
+        self.head = None
+        self.head_future = self.done_future = None
+        self.sink = sink
+        self.on_backpressure = None
+        assert self.transport is not None
+        self.transport.write(head)
+
     def start_exchange(self, head: bytes) -> None:
         loop = asyncio.get_running_loop()
         self.head = None
@@ -194,10 +217,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self.closed:
+            self.reading_paused = False
             self.transport.resume_reading()
 
     def close(self) -> None:
@@ -260,12 +285,9 @@ class EndpointPool:
         self.idle_timeout = idle_timeout
 
     async def acquire(self, connect_timeout: float) -> UpstreamConnection:
-        now = time.monotonic()
-        while self.idle:
-            conn = self.idle.pop()
-            if not conn.closed and now - conn.idle_since < self.idle_timeout:
-                return conn
-            conn.close()
+        conn = self.take_idle()
+        if conn is not None:
+            return conn
         extra = {"ssl": self.tls, "server_hostname": self.server_hostname} if self.tls is not None else {}
         transport, protocol = await connect(lambda: UpstreamConnection(self), self.host, self.port, connect_timeout,
                                             **extra)
@@ -276,12 +298,27 @@ class EndpointPool:
                 raise UpstreamError(f"TLS to {self.host}:{self.port}: {problem}")
         return protocol
 
+    def take_idle(self) -> UpstreamConnection | None:
+        """An idle keep-alive connection, or None when a new one has to be opened."""
+        idle = self.idle
+        if idle:
+            now = time.monotonic()
+            while idle:
+                conn = idle.pop()
+                if not conn.closed and now - conn.idle_since < self.idle_timeout:
+                    return conn
+                conn.close()
+        return None
+
     def release(self, conn: UpstreamConnection) -> None:
+        conn.handler = None
         if conn.closed or not conn.reusable or len(self.idle) >= self.max_idle:
             conn.close()
             return
         conn.sink = None
         conn.on_backpressure = None
+        if conn.reading_paused:  # the last client could not keep up: the next one may
+            conn.resume_reading()
         conn.idle_since = time.monotonic()
         self.idle.append(conn)
 

@@ -1,0 +1,210 @@
+"""The fast lane of HTTP/1.1: callbacks from the client's parser to the endpoint's and back, with no task,
+future or coroutine per request.
+
+It takes a request without a body or an upgrade, on a rule that needs routing and balancing and nothing else
+(no filters, retries, timeouts or circuit breaker: `plain_rule`), to an endpoint with an idle keep-alive
+connection. Everything else goes the full way (`ClientConnection.serve_slowly` → `http1.serve_exchange`),
+which is handed what the fast lane found already, so a request is routed and balanced once. The first request
+to an endpoint goes the full way and leaves its connection in the pool for the fast lane.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from tidegate.balancing.outlier import record_outcome
+from tidegate.balancing.retry import IDEMPOTENT
+from tidegate.dataplane import http1
+from tidegate.dataplane.filters import get_header
+from tidegate.observe.metrics import METRICS
+
+if TYPE_CHECKING:
+    from tidegate import ir
+    from tidegate.dataplane.upstream import UpstreamConnection, UpstreamError
+    from tidegate.router import Candidate
+
+log = logging.getLogger("tidegate.http")
+NO_MODS: list[dict] = []  # response header changes: none on the fast lane
+
+
+def plain_rule(candidate: Candidate) -> bool:
+    """Can the fast lane serve this rule: nothing to do but pick a backend and an endpoint, and pass the
+    exchange through?"""
+    route = candidate.route
+    if route.filters or route.direct_status or route.retry is not None:
+        return False
+    if route.timeouts.request is not None or route.timeouts.backend_request is not None:
+        return False
+    for backend in route.backends:
+        if backend.filters or backend.tls is not None or backend.invalid or backend.protocol == "kubernetes.io/h2c":
+            return False
+        policy = backend.policy
+        if policy is not None and (policy.retry is not None or policy.request_timeout is not None
+                                   or policy.circuit_breaker is not None
+                                   or (policy.hash is not None and policy.hash.cookie_ttl is not None)):
+            return False
+    return True
+
+
+def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
+    """Serve the next request of a connection: on the fast lane when it can, else the full way."""
+    if ex.has_body or ex.upgrade or ex.method == "HEAD":
+        conn.serve_slowly(ex)
+        return
+    conn.last_status = conn.bytes_out = 0
+    routed = http1.route_request(conn, ex, conn.site_getter())
+    if routed is True or routed is False:  # answered here (404, 421, a bad target)
+        ex.bytes_sent = conn.bytes_out
+        http1.finished(conn, ex, conn.last_status)
+        conn.served(ex, routed)
+        return
+    site, candidate, host, path, query, headers_lower, _ = routed
+    plain = candidate.plan
+    if plain is None:
+        plain = candidate.plan = plain_rule(candidate)
+    if not plain:
+        conn.serve_slowly(ex, routed)
+        return
+    balancer = site.balancer
+    backend = balancer.backend_for(candidate.route)
+    if backend is None:
+        conn.serve_slowly(ex, routed)  # it answers
+        return
+    policy = backend.policy
+    key = None
+    if policy is not None and policy.hash is not None:
+        key = http1.hash_key(policy.hash, path, headers_lower, conn.peer)[0]
+    endpoint = balancer.endpoint_for(backend, key)
+    if endpoint is None:
+        conn.serve_slowly(ex, routed)  # it answers 503
+        return
+    upstream = site.pools.pool(endpoint.address, endpoint.port).take_idle()
+    if upstream is None:  # a connection has to be opened: the full way does that, with its retry on refusal
+        conn.serve_slowly(ex, (site, candidate, host, path, query, headers_lower, (backend, endpoint)))
+        return
+    FastExchange(conn, ex, routed, backend, endpoint, upstream).start(host, path, query)
+
+
+class FastExchange:
+    """One request on the fast lane. It stands in the connection's `serving` slot, where the full way keeps
+    its task: `done()` and `cancel()` (the client went away) are what the connection asks of it."""
+
+    __slots__ = ("backend", "backend_state", "conn", "endpoint", "endpoint_state", "ex", "head_sent", "keep",
+                 "over", "routed", "started", "status", "upstream")
+
+    def __init__(self, conn: http1.ClientConnection, ex: http1.Exchange, routed: http1.Routed,
+                 backend: ir.Backend, endpoint: ir.Endpoint, upstream: UpstreamConnection):
+        self.conn = conn
+        self.ex = ex
+        self.routed = routed
+        self.backend = backend
+        self.endpoint = endpoint
+        self.upstream = upstream
+        registry = routed[0].balancer.registry
+        self.endpoint_state = registry.endpoint(endpoint.address, endpoint.port)
+        self.backend_state = registry.backend(backend.name)
+        self.head_sent = False
+        self.keep = False
+        self.over = False
+        self.status = 0
+        self.started = 0.0
+
+    def start(self, host: str, path: str, query: str) -> None:
+        conn, ex, candidate = self.conn, self.ex, self.routed[1]
+        http1.ClientConnection.busy += 1
+        ex.route, ex.listener = candidate.route.name, candidate.listener
+        ex.endpoint = f"{self.endpoint.address}:{self.endpoint.port}"
+        self.endpoint_state.active += 1
+        self.backend_state.active += 1
+        head = http1.request_head(ex, ex.headers, host, f"{path}?{query}" if query else path, conn.peer,
+                                  conn.scheme, get_header(ex.headers, "host") or host)
+        conn.serving = self  # type: ignore[assignment]
+        conn.upstream = self.upstream
+        self.started = time.monotonic()
+        self.upstream.start_fast(self, head, conn.body)
+
+    # -- what the connection asks of its `serving` -----------------------------------------------------
+    def done(self) -> bool:
+        return self.over
+
+    def cancel(self) -> None:
+        """The client went away: the endpoint's answer is of no use, and its connection cannot be reused."""
+        if self.over:
+            return
+        self._drop_upstream()
+        self._end(None, endpoint_outcome=False)
+
+    # -- the endpoint's answer (UpstreamConnection calls these) ------------------------------------------
+    def upstream_head(self, head) -> None:
+        self.status = head.status
+        self.head_sent = True
+        try:
+            self.keep = self.conn.begin_response(self.ex, head.status, http1.response_headers(head, NO_MODS),
+                                                 head.content_length, head.status in (204, 304))
+        except Exception:  # never let a bug take the endpoint connection's reader down
+            log.exception("internal error writing a response head")
+            self.upstream_failed(None)
+
+    def upstream_done(self) -> None:
+        conn, upstream = self.conn, self.upstream
+        conn.end_response()
+        conn.upstream = None
+        if not upstream.closed and upstream.reusable:
+            upstream.pool.release(upstream)
+        else:
+            upstream.handler = None
+            upstream.close()
+        self._end(self.status)
+        conn.serving = None
+        conn.served(self.ex, self.keep)
+
+    def upstream_failed(self, error: UpstreamError | None) -> None:
+        """The endpoint closed, reset or sent something that is not HTTP."""
+        if self.over:
+            return
+        conn, ex = self.conn, self.ex
+        self._drop_upstream()
+        METRICS.upstream_errors.labels(self.backend.name, "error").inc()
+        if not self.head_sent and error is not None and ex.method in IDEMPOTENT:
+            # Nothing reached the client, and the request may be sent again: a keep-alive connection the
+            # endpoint closed just as it was reused is not worth an error. The full way tries once more.
+            self._end(None, endpoint_outcome=False, account=False)
+            ex.retries += 1
+            conn.serve_slowly(ex, self.routed)
+            return
+        if not self.head_sent:
+            conn.send_simple(502, str(error) if error else "internal error", close=True)
+        self._end(None)
+        conn.serving = None
+        conn.served(ex, False)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _drop_upstream(self) -> None:
+        upstream = self.upstream
+        upstream.handler = None
+        upstream.close()
+        self.conn.upstream = None
+
+    def _end(self, status: int | None, endpoint_outcome: bool = True, account: bool = True) -> None:
+        """Count the exchange out: the endpoint's state and what it did (`endpoint_outcome`: not when the
+        client went away), and metrics and the access log (`account`: not when the full way takes over)."""
+        self.over = True
+        ex, conn = self.ex, self.conn
+        now = time.monotonic()
+        seconds = now - self.started
+        ex.upstream_time += seconds
+        state = self.endpoint_state
+        state.active -= 1
+        self.backend_state.active -= 1
+        http1.ClientConnection.busy -= 1
+        if endpoint_outcome:
+            state.record(status, seconds)
+            policy = self.backend.policy
+            if policy is not None and policy.outlier is not None:
+                record_outcome(self.routed[0].balancer.registry, self.backend, state, status, now)
+        if not account:
+            return
+        ex.bytes_sent = conn.bytes_out
+        http1.finished(conn, ex, conn.last_status)

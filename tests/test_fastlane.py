@@ -1,0 +1,117 @@
+"""The fast lane (dataplane/fastlane.py) through real sockets: what it must do as the full path does, and the
+cases only it has (a reused keep-alive connection the endpoint dropped, a client leaving mid-exchange, answers
+made synchronously between pipelined requests)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from pathlib import Path
+
+from tests.harness import free_port, request, tidegate_run, wait_until
+from tests.manifests import http_gateway, route, service
+from tests.scripted import scripted_backends
+
+GW = "127.0.0.1"
+
+
+def _config(tmp: Path, port: int, pods: list[tuple[str, int, str]]) -> Path:
+    """A plain rule (no filters, no policy: the fast lane's kind) on host app.test."""
+    config = tmp / "config"
+    config.mkdir(exist_ok=True)
+    (config / "all.yaml").write_text(http_gateway(GW, port) + service("app", pods)
+                                     + route("app", "app.test", "- backendRefs: [{name: app, port: 80}]"))
+    return config
+
+
+def _responses(data: bytes) -> list[tuple[int, bytes]]:
+    """(status, body) of each response in a byte stream of Content-Length delimited responses."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:"))
+        out.append((int(lines[0].split()[1]), rest[:length]))
+        data = rest[length:]
+    return out
+
+
+def _read_until(sock: socket.socket, count: int, timeout: float = 10.0) -> bytes:
+    """Read until `count` whole responses are in."""
+    sock.settimeout(timeout)
+    data = b""
+    while True:
+        try:
+            if len(_responses(data)) >= count:
+                return data
+        except (StopIteration, ValueError, IndexError):
+            pass  # a response is still partial
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_a_reused_connection_the_endpoint_dropped_is_tried_again_on_a_new_one(tmp_path):
+    """The endpoint closes a kept-alive connection just as tidegate reuses it (it read the request and
+    answered nothing). A GET may be sent again: the client sees 200, not 502."""
+    port, pod_port = free_port(GW), free_port("127.0.9.1")
+    pods = [("127.0.9.1", pod_port, "pod-a")]
+    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp_path, port, pods), (GW, port),
+                                                          tmp_path / "tidegate.log"):
+        pod.mode = "drop-reused"
+        statuses = [request(GW, port, "/", headers={"Host": "app.test"})[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    # 1: a new connection, answered and kept. 2 and 3: the kept one is reused and dropped (seen, unanswered),
+    # then a new connection answers.
+    assert pod.requests == 5
+
+
+def test_pipelined_requests_are_answered_in_order(tmp_path):
+    """Four requests in one write: two go to the pod, one gets a 404 made on the spot, one goes to the pod
+    again. Answers come back in request order."""
+    port, pod_port = free_port(GW), free_port("127.0.9.2")
+    pods = [("127.0.9.2", pod_port, "pod-a")]
+    with scripted_backends(*pods), tidegate_run(_config(tmp_path, port, pods), (GW, port),
+                                                tmp_path / "tidegate.log"):
+        request(GW, port, "/warm", headers={"Host": "app.test"})  # a kept connection: later ones take the fast lane
+        burst = b"".join(f"GET /{name} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+                         for name, host in (("one", "app.test"), ("two", "app.test"), ("none", "other.test"),
+                                            ("three", "app.test")))
+        with socket.create_connection((GW, port), timeout=10) as sock:
+            sock.sendall(burst)
+            answers = _responses(_read_until(sock, 4))
+            # A 404 alone (answered before its parse is over), then more: the connection still reads.
+            sock.sendall(b"GET /none HTTP/1.1\r\nHost: other.test\r\n\r\n")
+            answers += _responses(_read_until(sock, 1))
+            sock.sendall(b"GET /four HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            answers += _responses(_read_until(sock, 1, timeout=3))
+    assert [status for status, _ in answers] == [200, 200, 404, 200, 404, 200]
+    paths = [json.loads(body)["path"] for status, body in answers if status == 200]
+    assert paths == ["/one", "/two", "/three", "/four"]
+
+
+def test_a_client_that_leaves_mid_exchange_costs_the_endpoint_nothing(tmp_path):
+    """The client hangs up (a reset) while the pod is still sending its answer: the pod's requests in flight
+    go back to zero, no failure is counted against it, and the next request is served."""
+    port, pod_port = free_port(GW), free_port("127.0.9.3")
+    pods = [("127.0.9.3", pod_port, "pod-a")]
+    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp_path, port, pods), (GW, port),
+                                                          tmp_path / "tidegate.log") as proxy:
+        assert request(GW, port, "/", headers={"Host": "app.test"})[0] == 200
+        pod.mode, pod.slow_seconds = "trickle", 3.0
+        with socket.create_connection((GW, port), timeout=5) as sock:
+            sock.sendall(b"GET /long HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")  # the answer is under way
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+
+        def endpoint() -> dict:
+            view = json.loads(request("127.0.0.1", proxy.admin_port, "/api/v1/backends")[2])
+            return view["backends"][0]["endpoints"][0]
+
+        settled = wait_until(lambda: (lambda e: e if e["active"] == 0 else None)(endpoint()), timeout=2.0,
+                             what="no request in flight, well before the pod's answer ends")
+        pod.mode = "ok"
+        assert request(GW, port, "/", headers={"Host": "app.test"})[0] == 200
+    assert settled["failures"] == 0, settled
