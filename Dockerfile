@@ -1,10 +1,8 @@
 # tidegate's image: the package and its pinned dependencies on Python 3.11, run as an unprivileged user.
 #   docker build -t ghcr.io/tidegate/tidegate:0.1.0 .
 FROM python:3.11-slim-bookworm AS build
-# A C compiler, for the compiled hot path (setup.py); the final image needs none.
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
-COPY pyproject.toml setup.py README.md ./
+COPY pyproject.toml README.md ./
 COPY src ./src
 RUN python -m venv /opt/tidegate \
  && /opt/tidegate/bin/pip install --no-cache-dir . \

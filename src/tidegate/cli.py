@@ -40,21 +40,12 @@ def dump_yaml(data: Any) -> str:
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=120)
 
 
-class _Version(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        from tidegate import compiled
-
-        print(f"tidegate {__version__} (Python {sys.version.split()[0]}, {compiled.summary()})")
-        parser.exit()
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tidegate",
         description="One program for Kubernetes load balancing: a Gateway API and Ingress controller with its "
                     "own data plane. Reads ordinary Kubernetes YAML from files, or watches a cluster.")
-    parser.add_argument("--version", action=_Version, nargs=0, help="show the version, and whether the hot path "
-                        "runs compiled, and exit")
+    parser.add_argument("--version", action="version", version=f"tidegate {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -537,9 +528,6 @@ async def _serve(args: argparse.Namespace) -> int:
     from tidegate.observe.admin import backends_view
 
     METRICS.endpoints.source = lambda: backends_view(state)
-    from tidegate import compiled
-
-    log.info("tidegate %s, %s", __version__, compiled.summary())
     admin = None
     if args.admin != "off":
         try:
