@@ -17,6 +17,7 @@ benchmarks/RESULTS.md. Loopback only; every run is bounded by --seconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import re
@@ -39,6 +40,8 @@ PROXY_CORE, LOAD_CORE = "0", "1"
 TOOLS = {"haproxy": "haproxy", "nginx": "nginx-light", "wrk": "wrk", "h2load": "nghttp2-client", "taskset": "util-linux"}
 HOSTS = 1000
 NO_LOG = "tidegate, no log"  # run beside the others on each group's first scenario: what the access log costs
+# benchmarks/minimal_proxy.py, on the first scenario: what a Python proxy that does nothing but pass bytes costs
+FLOOR = "minimal uvloop+httptools proxy"
 TWO_WORKERS = "tidegate, 2 workers"  # --workers 2 on both cores (the load generator shares one)
 
 
@@ -74,7 +77,7 @@ ROTATE = textwrap.dedent(f"""
 """)
 
 GROUPS = [
-    Group("plain HTTP", [
+    Group("plain HTTP", proxies=("haproxy", "nginx", "tidegate", NO_LOG, FLOOR), scenarios=[
         Scenario("small GET, keep-alive, 64 conns", "/small", 64),
         Scenario("small GET, keep-alive, 256 conns", "/small", 256),
         Scenario("1 KB response, keep-alive, 64 conns", "/1k", 64),
@@ -462,7 +465,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="runs per scenario and proxy, reporting the median (use 3 or more to compare changes: "
                              "a shared VM varies by tens of %%)")
-    parser.add_argument("--only", choices=["haproxy", "nginx", "tidegate"], action="append",
+    parser.add_argument("--only", choices=["haproxy", "nginx", "tidegate", "minimal"], action="append",
                         help="run only these proxies (repeatable; no report file is written)")
     parser.add_argument("--profile", metavar="FILE", help="record where tidegate spends its time with py-spy "
                                                           "(pip install py-spy) during its first scenario: a "
@@ -477,7 +480,7 @@ def main() -> int:
     if (os.cpu_count() or 1) < 2:
         print("needs 2 cores: one for the proxy, one for the load", file=sys.stderr)
         return 2
-    groups = [Group(GROUPS[0].name, GROUPS[0].scenarios[:1])] if args.quick else GROUPS
+    groups = [dataclasses.replace(GROUPS[0], scenarios=GROUPS[0].scenarios[:1])] if args.quick else GROUPS
     results: list[Result] = []
     control: list[str] = []
     profiled = False
@@ -512,6 +515,8 @@ def main() -> int:
                                             str(tidegate_config(gtmp / "two", p, backends, group, cert, key)),
                                             "--access-log", "json", "--access-log-file", str(gtmp / "access2.log"),
                                             "--admin", f"127.0.0.1:{free_port()}", "--workers", "2"],
+                    FLOOR: lambda p: [sys.executable, str(ROOT / "benchmarks" / "minimal_proxy.py"), str(p.http),
+                                      *map(str, backends)],
                     NO_LOG: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
                                        str(tidegate_config(gtmp / "nolog", p, backends, group, cert, key)),
                                        "--access-log", "off", "--admin", f"127.0.0.1:{free_port()}"],
@@ -519,7 +524,7 @@ def main() -> int:
                 (gtmp / "nolog").mkdir()
                 (gtmp / "two").mkdir()
                 for name in group.proxies:
-                    if args.only and name.split(",")[0] not in args.only:
+                    if args.only and name.split(",")[0].split()[0] not in args.only:
                         continue
                     ports = Ports()
                     core = f"{PROXY_CORE},{LOAD_CORE}" if name == TWO_WORKERS else PROXY_CORE
@@ -529,7 +534,7 @@ def main() -> int:
                         time.sleep(2)  # both workers listening (the port opens with the first)
                 for scenario in group.scenarios:
                     for name, (proc, ports) in started.items():
-                        if name == NO_LOG and scenario is not group.scenarios[0]:
+                        if name in (NO_LOG, FLOOR) and scenario is not group.scenarios[0]:
                             continue
                         port = ports.h2c if scenario.h2 else ports.http
                         load = run_h2load if scenario.h2 or scenario.upload else run_wrk
@@ -619,7 +624,7 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
     ]
     names = [s.name for g in groups for s in g.scenarios]
     for scenario in dict.fromkeys(names):
-        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG, TWO_WORKERS):
+        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG, FLOOR, TWO_WORKERS):
             r = by.get((proxy, scenario))
             if r:
                 lines.append(f"| {scenario} | {proxy} | {r.rps:.0f} | {_ms(r.p50_ms)} | {_ms(r.p99_ms)} | "
@@ -638,6 +643,12 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
         if logged and unlogged and unlogged.per_cpu_second:
             lines.append(f"\nThe JSON access log costs {100 * (1 - logged.per_cpu_second / unlogged.per_cpu_second):.0f} "
                          f"% of tidegate's requests per CPU-second on \"{first}\" (one run each: a few % is noise).")
+    floor, haproxy, tidegate = (by.get((p, names[0])) for p in (FLOOR, "haproxy", "tidegate"))
+    if floor and haproxy and tidegate and haproxy.per_cpu_second and floor.per_cpu_second:
+        lines.append(f"\nA minimal uvloop + httptools proxy (`benchmarks/minimal_proxy.py`: bytes passed through, "
+                     f"nothing else) reaches {floor.per_cpu_second / haproxy.per_cpu_second:.2f}× HAProxy's requests "
+                     f"per CPU-second on \"{names[0]}\": the floor for a Python proxy on this machine. tidegate "
+                     f"reaches {100 * tidegate.per_cpu_second / floor.per_cpu_second:.0f} % of that floor.")
     base = by.get(("tidegate", names[0]))
     if metric_seconds and base and base.per_cpu_second:
         lines.append(f"\nPrometheus metrics cost {metric_seconds * 1e6:.2f} µs of CPU per request (a dict update and a "

@@ -21,6 +21,7 @@ class ScriptedBackend(ThreadedServer):
         # as the connection was reused) | trickle (a chunked answer, a chunk every 50 ms for slow_seconds)
         self.mode = "ok"
         self.slow_seconds = 0.5
+        self.first_chunk_delay = 0.0  # trickle: the head goes out alone, this long before the body
         self.healthy = True  # what /healthz answers
         self.requests = 0  # requests seen, health checks excluded
         self.health_checks = 0
@@ -63,6 +64,8 @@ class ScriptedBackend(ThreadedServer):
                         await asyncio.sleep(self.slow_seconds)
                     if self.mode == "trickle":
                         writer.write(b"HTTP/1.1 200 X\r\nTransfer-Encoding: chunked\r\n\r\n")
+                        await writer.drain()
+                        await asyncio.sleep(self.first_chunk_delay)
                         for _ in range(int(self.slow_seconds / 0.05)):
                             writer.write(b"5\r\nchunk\r\n")
                             await writer.drain()

@@ -142,10 +142,15 @@ class FastExchange:
         self.head_sent = True
         try:
             self.keep = self.conn.begin_response(self.ex, head.status, http1.response_headers(head, NO_MODS),
-                                                 head.content_length, head.status in (204, 304))
+                                                 head.content_length, head.status in (204, 304), hold=True)
         except Exception:  # never let a bug take the endpoint connection's reader down
             log.exception("internal error writing a response head")
             self.upstream_failed(None)
+
+    def upstream_read(self) -> None:
+        """The end of one read from the endpoint: a head held for body bytes that did not come with it goes
+        out now (an answer that streams must not wait for its body to be seen)."""
+        self.conn.flush_held()
 
     def upstream_done(self) -> None:
         conn, upstream = self.conn, self.upstream

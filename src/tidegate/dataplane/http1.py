@@ -59,6 +59,7 @@ MAX_HEADER_COUNT = 100
 MAX_HEADER_BYTES = 64 * 1024
 MAX_URL_BYTES = 8 * 1024
 BODY_BUFFER_LIMIT = 256 * 1024  # bytes of request body held before the client is paused
+MAX_PIPELINED = 8  # requests read ahead of the one being answered
 # An endpoint that answers before the request body is in (a 401 or 413 to an upload) leaves the rest of the
 # body on the wire. Like nginx, read and drop it, up to these limits, to keep the connection: a client
 # still writing its upload when the connection closed might never read the answer.
@@ -69,6 +70,9 @@ CONNECT_TIMEOUT = 5.0
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate", "proxy-authorization"})
 VIA = "1.1 tidegate"
+# Request headers never passed on as they are: hop-by-hop ones, those tidegate writes itself, and the three it
+# extends (X-Forwarded-For, Forwarded, Via).
+NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "forwarded", "via"}
 
 REASONS = {status.value: status.phrase for status in HTTPStatus}  # reason phrases the clients see
 
@@ -105,6 +109,8 @@ class Exchange:
         "headers",
         "keep_alive",
         "listener",
+        "lnames",
+        "lower",
         "method",
         "request_id",
         "retries",
@@ -122,6 +128,10 @@ class Exchange:
         self.target = b""
         self.version = "1.1"
         self.headers: list[tuple[str, str]] = []
+        # Filled as HTTP/1.1 headers are parsed (HTTP/2: on first use, by `lowered`): each header's name in
+        # lower case, and the headers by lower-case name (repeated ones joined by ","). Names are lowered once.
+        self.lnames: list[str] = []
+        self.lower: dict[str, str] = {}
         self.keep_alive = True
         self.chunked = False
         self.content_length: int | None = None
@@ -157,6 +167,21 @@ class Exchange:
     def has_body(self) -> bool:
         return self.chunked or bool(self.content_length)
 
+    def lowered(self) -> dict[str, str]:
+        """The headers by lower-case name."""
+        if len(self.lnames) != len(self.headers):  # set as a whole (HTTP/2, a filter): lower them now
+            self.lnames = [name.lower() for name, _ in self.headers]
+            lower: dict[str, str] = {}
+            for lname, (_, value) in zip(self.lnames, self.headers, strict=True):
+                lower[lname] = f"{lower[lname]},{value}" if lname in lower else value
+            self.lower = lower
+        return self.lower
+
+    def add_header(self, name: str, value: str) -> None:
+        self.headers = [*self.headers, (name, value)]  # a new list: a filter may hold the old one
+        self.lnames = [*self.lnames, name.lower()]
+        self.lower[name.lower()] = value
+
 
 class ClientConnection(asyncio.Protocol):
     busy = 0  # requests being served right now, in this process (for a graceful stop)
@@ -180,6 +205,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_pending = b""  # bytes that followed an upgrade request's head
         self.tunnel_closed: asyncio.Future[None] | None = None
         self._out_chunked = False
+        self._held: bytes | None = None  # a response head held back to go out with the first body bytes
         self.seen_bytes = False
         self.http2 = False
         self.last_status = 0  # of the response being written, for metrics
@@ -288,7 +314,13 @@ class ClientConnection(asyncio.Protocol):
         ex.header_bytes += len(name) + len(value) + 4
         if len(ex.headers) >= MAX_HEADER_COUNT or ex.header_bytes > MAX_HEADER_BYTES:
             raise RequestRejected(431, "request headers too large")
-        ex.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        text = name.decode("latin-1")
+        lname = text.lower()
+        value_text = value.decode("latin-1")
+        ex.headers.append((text, value_text))
+        ex.lnames.append(lname)
+        lower = ex.lower
+        lower[lname] = f"{lower[lname]},{value_text}" if lname in lower else value_text
 
     def on_headers_complete(self) -> None:
         ex = self.current
@@ -297,15 +329,16 @@ class ClientConnection(asyncio.Protocol):
         ex.version = self.parser.get_http_version()
         ex.keep_alive = self.parser.should_keep_alive()
         ex.upgrade = self.parser.should_upgrade()
-        for name, value in ex.headers:
-            lname = name.lower()
-            if lname == "transfer-encoding":
-                ex.chunked = True  # llhttp has already refused anything but a final "chunked"
-            elif lname == "content-length":
-                ex.content_length = int(value)
-            elif lname == "expect" and value.lower() == "100-continue":
-                ex.expect_continue = True
-        if ex.version == "1.1" and get_header(ex.headers, "host") is None:
+        lower = ex.lower
+        if "transfer-encoding" in lower:
+            ex.chunked = True  # llhttp has already refused anything but a final "chunked"
+        length = lower.get("content-length")
+        if length is not None:
+            ex.content_length = int(length)
+        expect = lower.get("expect")
+        if expect is not None and expect.lower() == "100-continue":
+            ex.expect_continue = True
+        if ex.version == "1.1" and "host" not in lower:
             raise RequestRejected(400, "HTTP/1.1 request without a Host header")
         self.queue.append(ex)
         if self.serving is None:
@@ -323,9 +356,10 @@ class ClientConnection(asyncio.Protocol):
         ex.body_done = True
         if ex.sink is not None:
             ex.sink(None)
-        if self.serving is not None or self.queue:
-            # One request at a time: stop reading until this one is answered (bounds pipelining). The fast
-            # lane may have answered it already, from on_headers_complete.
+        if len(self.queue) >= MAX_PIPELINED:
+            # Requests are answered one at a time; those that a client pipelines wait, a few at most: then
+            # reading stops until they are answered. (Pausing after every request would cost two system
+            # calls per request on a keep-alive connection.)
             self.pause_reading()
 
     # -- flow control ---------------------------------------------------------------------------------
@@ -418,8 +452,15 @@ class ClientConnection(asyncio.Protocol):
             return False
 
     def write(self, data: bytes) -> None:
+        if self._held is not None:
+            data, self._held = self._held + data, None
         if not self.closed and self.transport is not None:
             self.transport.write(data)
+
+    def flush_held(self) -> None:
+        """Write a held response head now (no body bytes came with it)."""
+        if self._held is not None:
+            self.write(b"")
 
     async def drain(self) -> None:
         await self._drain.wait()
@@ -429,8 +470,9 @@ class ClientConnection(asyncio.Protocol):
         self.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def begin_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]], content_length: int | None,
-                       head_only: bool) -> bool:
-        """Write the response head; returns whether the connection can be kept open afterwards."""
+                       head_only: bool, hold: bool = False) -> bool:
+        """Write the response head; returns whether the connection can be kept open afterwards. With `hold`,
+        the head waits for the first body bytes, end_response or flush_held: one write instead of two."""
         self.last_status = status
         keep = ex.keep_alive and (ex.body_done or not ex.has_body or _drainable(ex))
         self._out_chunked = not head_only and content_length is None
@@ -444,7 +486,11 @@ class ClientConnection(asyncio.Protocol):
             lines.append("Connection: close")
         elif ex.version == "1.0":
             lines.append("Connection: keep-alive")
-        self.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        if hold:
+            self._held = head
+        else:
+            self.write(head)
         return keep
 
     def body(self, data: bytes) -> None:
@@ -457,6 +503,8 @@ class ClientConnection(asyncio.Protocol):
         if self._out_chunked:
             self.write(b"0\r\n\r\n")
             self._out_chunked = False
+        elif self._held is not None:
+            self.write(b"")
 
     def send_simple(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
                     close: bool = False, head_only: bool = False) -> None:
@@ -501,11 +549,7 @@ def finished(conn: ClientConnection | object, ex: Exchange, status: int) -> None
     log_sink = accesslog.ACCESS_LOG
     fmt = log_sink.wants(status, ex.listener) if log_sink is not None else ""
     if fmt:
-        headers = {}
-        for name, value in ex.headers:  # only the three a log line uses
-            lname = name.lower()
-            if lname in ("host", "referer", "user-agent") and lname not in headers:
-                headers[lname] = value
+        headers = ex.lowered()
         log_sink.record(accesslog.Entry(
             time.time(), getattr(conn, "peer", ""), ex.method, headers.get("host", ""),
             ex.target.decode("latin-1"), f"HTTP/{ex.version}", status, ex.bytes_sent, elapsed, ex.upstream_time,
@@ -540,16 +584,13 @@ def route_request(conn: ClientConnection, ex: Exchange, site: Site) -> Routed | 
     except RequestRejected as exc:
         conn.send_simple(exc.status, str(exc), close=True)
         return False
-    host = abs_host or get_header(ex.headers, "host") or ""
-    headers_lower: dict[str, str] = {}
-    for name, value in ex.headers:
-        key = name.lower()
-        headers_lower[key] = f"{headers_lower[key]},{value}" if key in headers_lower else value
+    headers_lower = ex.lowered()
+    host = abs_host or headers_lower.get("host") or ""
     if accesslog.ACCESS_LOG is not None and accesslog.ACCESS_LOG.is_active:
         # Keep the client's X-Request-Id, or make one; the pod sees it too, so logs can be joined.
         ex.request_id = headers_lower.get("x-request-id") or new_request_id()
         if "x-request-id" not in headers_lower:
-            ex.headers = [*ex.headers, ("X-Request-Id", ex.request_id)]
+            ex.add_header("X-Request-Id", ex.request_id)
     request = Request(host=host, path=path, method=ex.method, headers=headers_lower,
                       query=parse_qs(query, keep_blank_values=True) if query else {})
     # Answering before the body was read: the connection cannot be reused unless the body is done.
@@ -882,26 +923,33 @@ def _forward_headers(ex: Exchange, headers: list[tuple[str, str]], peer: str, sc
                      original_host: str) -> list[tuple[str, str]]:
     """The request headers to send upstream: hop-by-hop ones and Host removed; X-Forwarded-For/-Proto/-Host,
     Forwarded and Via added (existing values extended)."""
-    connection_tokens = {t.strip().lower() for name, value in headers if name.lower() == "connection"
-                         for t in value.split(",")}
+    # The names in lower case: the parser's when no filter changed the headers.
+    lnames = ex.lnames if headers is ex.headers and len(ex.lnames) == len(headers) else [n.lower() for n, _ in headers]
+    skip = NOT_FORWARDED
+    if "connection" in lnames:
+        skip = NOT_FORWARDED | {t.strip().lower() for (_, value), lname in zip(headers, lnames, strict=True)
+                                if lname == "connection" for t in value.split(",")}
     out: list[tuple[str, str]] = []
     forwarded_for = forwarded = via = None
-    for name, value in headers:
-        lname = name.lower()
-        if lname in HOP_BY_HOP or lname in connection_tokens or lname in ("host", "content-length", "expect"):
+    has_proto = has_host = False
+    for (name, value), lname in zip(headers, lnames, strict=True):
+        if lname in skip:
+            if lname == "x-forwarded-for":
+                forwarded_for = value
+            elif lname == "forwarded":
+                forwarded = value
+            elif lname == "via":
+                via = value
             continue
-        if lname == "x-forwarded-for":
-            forwarded_for = value
-        elif lname == "forwarded":
-            forwarded = value
-        elif lname == "via":
-            via = value
-        else:
-            out.append((name, value))
+        if lname == "x-forwarded-proto":
+            has_proto = True
+        elif lname == "x-forwarded-host":
+            has_host = True
+        out.append((name, value))
     out.append(("X-Forwarded-For", f"{forwarded_for}, {peer}" if forwarded_for else peer))
-    if get_header(headers, "x-forwarded-proto") is None:
+    if not has_proto:
         out.append(("X-Forwarded-Proto", scheme))
-    if get_header(headers, "x-forwarded-host") is None:
+    if not has_host:
         out.append(("X-Forwarded-Host", original_host))
     peer_token = f'"[{peer}]"' if ":" in peer else peer
     element = f"for={peer_token};proto={scheme}" + (f";host={original_host}" if original_host else "")
@@ -1069,9 +1117,11 @@ async def _tunnel(conn: ClientConnection, upstream: UpstreamConnection, head: Re
 
 def response_headers(head: ResponseHead, mods: list[dict]) -> list[tuple[str, str]]:
     """The endpoint's response headers without hop-by-hop ones, after ResponseHeaderModifiers."""
-    connection_tokens = {t.strip().lower() for name, value in head.headers if name.lower() == "connection"
-                         for t in value.split(",")}
-    headers = [(n, v) for n, v in head.headers if n.lower() not in HOP_BY_HOP and n.lower() not in connection_tokens]
+    skip = HOP_BY_HOP
+    if "connection" in head.lnames:
+        skip = HOP_BY_HOP | {t.strip().lower() for (_, value), lname in zip(head.headers, head.lnames, strict=True)
+                             if lname == "connection" for t in value.split(",")}
+    headers = [h for h, lname in zip(head.headers, head.lnames, strict=True) if lname not in skip]
     for config in mods:
         headers = modify_headers(headers, config)
     return headers

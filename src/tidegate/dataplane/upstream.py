@@ -29,12 +29,13 @@ class ConnectError(UpstreamError):
 
 
 class ResponseHead:
-    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "reason", "status", "version")
+    __slots__ = ("chunked", "content_length", "headers", "keep_alive", "lnames", "reason", "status", "version")
 
     def __init__(self) -> None:
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[str, str]] = []
+        self.lnames: list[str] = []  # each header's name in lower case
         self.version = "1.1"
         self.keep_alive = True
         self.chunked = False
@@ -109,6 +110,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            if self.handler is not None:
+                self.handler.upstream_read()
         except httptools.HttpParserUpgrade as exc:
             self.leftover += data[exc.args[0]:]
             self.reusable = False
@@ -129,8 +132,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.head = ResponseHead()
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.head is not None
-        self.head.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        head = self.head
+        assert head is not None
+        text = name.decode("latin-1")
+        value_text = value.decode("latin-1")
+        head.headers.append((text, value_text))
+        lname = text.lower()
+        head.lnames.append(lname)
+        if lname == "transfer-encoding":
+            if "chunked" in value_text.lower():
+                head.chunked = True
+        elif lname == "content-length":
+            try:
+                head.content_length = int(value_text)
+            except ValueError:
+                pass
 
     def on_headers_complete(self) -> None:
         head = self.head
@@ -138,15 +154,6 @@ class UpstreamConnection(asyncio.Protocol):
         head.status = self.parser.get_status_code()
         head.version = self.parser.get_http_version()
         head.keep_alive = self.parser.should_keep_alive()
-        for name, value in head.headers:
-            lname = name.lower()
-            if lname == "transfer-encoding" and "chunked" in value.lower():
-                head.chunked = True
-            elif lname == "content-length":
-                try:
-                    head.content_length = int(value)
-                except ValueError:
-                    pass
         if 100 <= head.status < 200 and head.status != 101:
             self.head = None  # an interim response: wait for the real one
             return

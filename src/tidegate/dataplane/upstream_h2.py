@@ -95,6 +95,7 @@ class H2UpstreamConnection(asyncio.Protocol):
                         head.status = int(value)
                     elif not name.startswith(":"):
                         head.headers.append((name, value))
+                        head.lnames.append(name)  # HTTP/2 names are lower case already
                         if name == "content-length" and value.isdigit():
                             head.content_length = int(value)
                 if head.status >= 200 and not stream.head_future.done():

@@ -1,0 +1,130 @@
+"""The Python CPU one request costs on tidegate's fast lane, without sockets or load generator noise.
+
+A client connection and a kept endpoint connection are driven by hand with fake transports: a small GET goes
+in, tidegate routes it, balances it and writes the request for the endpoint; a small answer comes back and
+goes out to the client. Everything but the system calls runs as in `tidegate run`, metrics and (with --log)
+the JSON access log included. Prints µs per request, and with --profile the functions that take the time.
+
+    .venv/bin/python benchmarks/request_path.py [--requests N] [--log] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.manifests import http_gateway, route, service  # noqa: E402
+from tidegate.balancing.balancer import RouteBalancer  # noqa: E402
+from tidegate.balancing.state import Registry  # noqa: E402
+from tidegate.dataplane.http1 import ClientConnection  # noqa: E402
+from tidegate.dataplane.server import PoolSet, Site  # noqa: E402
+from tidegate.dataplane.upstream import UpstreamConnection  # noqa: E402
+from tidegate.observe import accesslog  # noqa: E402
+from tidegate.resources.loader import load_text  # noqa: E402
+from tidegate.router import routers_by_port  # noqa: E402
+from tidegate.translate import translate  # noqa: E402
+
+REQUEST = (b"GET /small HTTP/1.1\r\nHost: app.bench.local\r\nUser-Agent: wrk\r\nAccept: */*\r\n"
+           b"Accept-Encoding: gzip\r\n\r\n")
+ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Wed, 25 Nov 2026 17:00:00 GMT\r\n"
+          b"Content-Type: text/plain\r\nContent-Length: 13\r\nConnection: keep-alive\r\n\r\nhello, world\n")
+
+
+class Transport:
+    """Just enough of an asyncio transport: writes are kept (the last one) and counted."""
+
+    def __init__(self, peer: str):
+        self.peer = peer
+        self.last = b""
+        self.writes = 0
+
+    def write(self, data: bytes) -> None:
+        self.last = data
+        self.writes += 1
+
+    def get_extra_info(self, name: str, default=None):
+        return (self.peer, 40000) if name == "peername" else default
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        raise AssertionError("the connection was closed")
+
+
+def site() -> Site:
+    text = http_gateway("127.0.0.1", 8080) + service("app", [("127.0.0.2", 8081, "p1"), ("127.0.0.3", 8081, "p2")])
+    text += route("app", "app.bench.local", "- backendRefs: [{name: app, port: 80}]")
+    loaded = load_text(text, "bench")
+    assert not loaded.errors, loaded.errors
+    routing = translate(loaded.resources).ir
+    router = next(iter(routers_by_port(routing).values()))
+    return Site(router, RouteBalancer(Registry()), PoolSet())
+
+
+async def run(requests: int, profile: bool) -> float:
+    serving = site()
+    client = ClientConnection(lambda: serving, 8080)
+    client.connection_made(Transport("127.0.0.1"))
+    upstreams = {}
+    for address in ("127.0.0.2", "127.0.0.3"):
+        pool = serving.pools.pool(address, 8081)
+        upstream = UpstreamConnection(pool)
+        upstream.connection_made(Transport(address))
+        pool.release(upstream)
+        upstreams[address] = upstream
+
+    def one() -> None:
+        client.data_received(REQUEST)
+        upstream = client.upstream
+        assert upstream is not None, "the request did not take the fast lane"
+        upstream.data_received(ANSWER)
+
+    for _ in range(1000):  # warm up
+        one()
+    assert client.transport.last.startswith(b"HTTP/1.1 200"), client.transport.last
+    profiler = cProfile.Profile() if profile else None
+    started = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    for _ in range(requests):
+        one()
+    if profiler:
+        profiler.disable()
+    seconds = time.perf_counter() - started
+    if profiler:
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    writes = client.transport.writes / (requests + 1000)
+    print(f"client writes per request: {writes:.2f}")
+    return seconds / requests
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--log", action="store_true", help="with the JSON access log on (to /dev/null)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the loop (slows it down)")
+    args = parser.parse_args()
+    if args.log:
+        accesslog.ACCESS_LOG = accesslog.AccessLog("json", "/dev/null")
+    per_request = asyncio.run(run(args.requests, args.profile))
+    print(f"{per_request * 1e6:.2f} µs of Python per request ({1 / per_request:,.0f} requests per CPU-second "
+          f"before system calls){' with the JSON access log' if args.log else ''}")
+    if accesslog.ACCESS_LOG is not None:
+        accesslog.ACCESS_LOG.close()
+
+
+if __name__ == "__main__":
+    main()
