@@ -74,7 +74,7 @@ def site() -> Site:
     return Site(router, RouteBalancer(Registry()), PoolSet())
 
 
-async def run(requests: int, profile: bool) -> float:
+async def run(requests: int, rounds: int, profile: bool) -> float:
     serving = site()
     client = ClientConnection(lambda: serving, 8080)
     client.connection_made(Transport("127.0.0.1"))
@@ -95,31 +95,34 @@ async def run(requests: int, profile: bool) -> float:
     for _ in range(1000):  # warm up
         one()
     assert client.transport.last.startswith(b"HTTP/1.1 200"), client.transport.last
-    profiler = cProfile.Profile() if profile else None
-    started = time.perf_counter()
-    if profiler:
+    if profile:
+        profiler = cProfile.Profile()
         profiler.enable()
-    for _ in range(requests):
-        one()
-    if profiler:
+        for _ in range(requests):
+            one()
         profiler.disable()
-    seconds = time.perf_counter() - started
-    if profiler:
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
-    writes = client.transport.writes / (requests + 1000)
-    print(f"client writes per request: {writes:.2f}")
-    return seconds / requests
+        return 0.0
+    best = float("inf")
+    for _ in range(rounds):  # the best round: a shared VM only ever adds time
+        started = time.process_time()
+        for _ in range(requests):
+            one()
+        best = min(best, time.process_time() - started)
+    print(f"client writes per request: {client.transport.writes / (rounds * requests + 1000):.2f}")
+    return best / requests
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=100_000)
+    parser.add_argument("--requests", type=int, default=50_000, help="per round")
+    parser.add_argument("--rounds", type=int, default=5, help="the best round is reported")
     parser.add_argument("--log", action="store_true", help="with the JSON access log on (to /dev/null)")
     parser.add_argument("--profile", action="store_true", help="cProfile the loop (slows it down)")
     args = parser.parse_args()
     if args.log:
         accesslog.ACCESS_LOG = accesslog.AccessLog("json", "/dev/null")
-    per_request = asyncio.run(run(args.requests, args.profile))
+    per_request = asyncio.run(run(args.requests, args.rounds, args.profile))
     print(f"{per_request * 1e6:.2f} µs of Python per request ({1 / per_request:,.0f} requests per CPU-second "
           f"before system calls){' with the JSON access log' if args.log else ''}")
     if accesslog.ACCESS_LOG is not None:

@@ -277,3 +277,29 @@ def test_probes_over_real_sockets():
         return results
 
     assert asyncio.run(main()) == (True, False, False, True)
+
+
+def test_kept_candidates_follow_ejections_as_they_start_and_as_they_run_out(monkeypatch):
+    """The balancer keeps each backend's candidate list between requests; an ejection, an active-check
+    verdict and the end of an ejection (a moment in time, with no event) must each show at once."""
+    import tidegate.balancing.balancer as balancer_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(balancer_module.time, "monotonic", lambda: clock[0])
+    backend = _backend(2)
+    balancer = RouteBalancer()
+    a = balancer.registry.endpoint("10.0.0.1", 8080)
+    b = balancer.registry.endpoint("10.0.0.2", 8080)
+    picks = lambda: {balancer.endpoint_for(backend).address for _ in range(10)}  # noqa: E731
+    assert picks() == {"10.0.0.1", "10.0.0.2"}
+    a.ejected_until = 1030.0
+    assert picks() == {"10.0.0.2"}
+    clock[0] = 1029.9
+    assert picks() == {"10.0.0.2"}
+    clock[0] = 1030.0  # the ejection ran out
+    assert picks() == {"10.0.0.1", "10.0.0.2"}
+    check = ir.HealthCheck(type="TCP")
+    b.set_check(check, False)
+    assert picks() == {"10.0.0.1"}
+    b.set_check(check, True)
+    assert picks() == {"10.0.0.1", "10.0.0.2"}

@@ -147,3 +147,21 @@ def test_explain_a_request_that_matches_nothing():
     result = explain(router, Request.from_url("api.example.com/web"))
     assert result.chosen is None
     assert "does not match" in result.passed_over[0][2]
+
+
+def test_request_line_routing_is_remembered_only_when_headers_and_query_do_not_matter():
+    plain = router_for(route("a", "[{path: {type: PathPrefix, value: /a}}]"),
+                       route("b", "[{path: {type: Exact, value: /b}, method: POST}]"))
+    assert plain.request_line_only
+    for host, path, method in [("x.test", "/a/1", "GET"), ("x.test", "/b", "POST"), ("x.test", "/b", "GET"),
+                               ("admin.example.com", "/a", "GET")] * 2:  # the second time from memory
+        found = plain.lookup_line(host, path, method)
+        expected = plain.lookup(Request(host=host, path=path, method=method))
+        assert found is expected
+    assert plain.lookup_line("x.test", "/b", "GET") is None
+    assert plain.lookup_line("x.test", "/b", "POST").route.name.startswith("httproute/default/b/")
+    for i in range(plain.MEMO_SIZE + 10):  # random paths cannot grow it without bound
+        plain.lookup_line("x.test", f"/a/{i}", "GET")
+    assert len(plain._memo) <= plain.MEMO_SIZE + 1
+    by_header = router_for(route("h", "[{headers: [{name: x-canary, value: 'yes'}]}]"))
+    assert not by_header.request_line_only

@@ -225,9 +225,28 @@ class Router:
     """HTTP routing for one bound port: the listener is chosen by hostname first (listener isolation), then its
     route table answers."""
 
+    MEMO_SIZE = 4096  # request lines remembered; forgotten all at once when full (random paths cannot grow it)
+
     def __init__(self, listeners: list[ir.Listener]):
         self.tables = [ListenerTable(listener) for listener in listeners]
         self.tables.sort(key=lambda t: specificity(t.listener.hostname))
+        # When no rule looks at headers or the query, host, path and method decide: the answer can be kept.
+        self.request_line_only = not any(c.header_tests or c.query_tests for t in self.tables
+                                         for table in t._tables() for c in table.all_candidates())
+        self._memo: dict[tuple[str, str, str], Candidate | None] = {}
+
+    def lookup_line(self, host: str, path: str, method: str) -> Candidate | None:
+        """`lookup` for a router whose rules match on the request line only (`request_line_only`), remembered."""
+        key = (host, path, method)
+        memo = self._memo
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        found = memo[key] = self.lookup(Request(host=host, path=path, method=method))
+        if len(memo) > self.MEMO_SIZE:
+            memo.clear()
+        return found
 
     def listener_for(self, host: str) -> ListenerTable | None:
         from tidegate.translate.hostnames import matches

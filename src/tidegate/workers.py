@@ -258,7 +258,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
             conn.send(("applied", version, errors))
         elif kind == "health":
             _, address, port, check, healthy = message
-            dataplane.registry.endpoint(address, port).check_results[check] = healthy
+            dataplane.registry.endpoint(address, port).set_check(check, healthy)
         elif kind == "stop":
             grace = message[1]
             break

@@ -25,6 +25,9 @@ class RouteBalancer:
         self.registry = registry if registry is not None else Registry()
         self._backends: dict[int, WeightedChoice | None] = {}
         self._pickers: dict[int, Picker] = {}
+        # Backend → (EndpointState.changes, valid until, candidates, their states, their weights): kept while
+        # no endpoint's usability changed and no ejection of the backend's has run out.
+        self._kept: dict[int, tuple[int, float, list[ir.Endpoint], list[EndpointState], list | None]] = {}
 
     def backend_for(self, route: ir.HTTPRoute | ir.L4Route) -> ir.Backend | None:
         key = id(route)
@@ -34,6 +37,25 @@ class RouteBalancer:
             choice = WeightedChoice(live, [b.weight for b in live]) if live else None
             self._backends[key] = choice
         return choice.pick() if choice is not None else None
+
+    def _candidates_kept(self, backend: ir.Backend, now: float
+                         ) -> tuple[list[ir.Endpoint], list[EndpointState], list | None]:
+        """`candidates` with nothing excluded, and their weights (None: all equal), as kept from last time
+        when that is still right. Not with zones: those weigh the load of each moment."""
+        kept = self._kept.get(id(backend))
+        if kept is not None and kept[0] == EndpointState.changes and now < kept[1]:
+            return kept[2], kept[3], kept[4]
+        changes = EndpointState.changes
+        candidates, states = self.candidates(backend)
+        weights: list | None = None
+        if any(e.weight != 1 for e in candidates) and any(e.weight for e in candidates):
+            weights = [e.weight for e in candidates]
+        if not self.registry.zone:
+            endpoint_state = self.registry.endpoint
+            returns = [s.ejected_until for s in (endpoint_state(e.address, e.port) for e in backend.endpoints)
+                       if s.ejected_until > now]
+            self._kept[id(backend)] = (changes, min(returns, default=float("inf")), candidates, states, weights)
+        return candidates, states, weights
 
     def candidates(self, backend: ir.Backend, exclude: tuple[ir.Endpoint, ...] = ()
                    ) -> tuple[list[ir.Endpoint], list[EndpointState]]:
@@ -89,7 +111,13 @@ class RouteBalancer:
     def endpoint_for(self, backend: ir.Backend, key: str | None = None,
                      exclude: tuple[ir.Endpoint, ...] = ()) -> ir.Endpoint | None:
         """`key` feeds a consistent hash; `exclude` holds endpoints that already failed this request."""
-        candidates, states = self.candidates(backend, exclude)
+        if exclude:
+            candidates, states = self.candidates(backend, exclude)
+            weights: list | None = None
+            if any(e.weight != 1 for e in candidates) and any(e.weight for e in candidates):
+                weights = [e.weight for e in candidates]
+        else:
+            candidates, states, weights = self._candidates_kept(backend, time.monotonic())
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -97,9 +125,6 @@ class RouteBalancer:
         picker = self._pickers.get(id(backend))
         if picker is None:
             picker = self._pickers[id(backend)] = picker_for(backend.policy)
-        weights: list | None = None
-        if any(e.weight != 1 for e in candidates) and any(e.weight for e in candidates):
-            weights = [e.weight for e in candidates]
         policy = backend.policy
         if policy is not None and policy.slow_start:
             ramp = _slow_start_factors(states, policy.slow_start, time.monotonic())

@@ -98,14 +98,14 @@ class HealthChecker:
             if ok:
                 passes, failures = passes + 1, 0
                 if not healthy and passes >= check.healthy_threshold:
-                    state.check_results[check] = True
+                    state.set_check(check, True)
                     if self.on_change is not None:
                         self.on_change(address, port, check, True)
                     log.warning("endpoint %s:%d of %s is healthy again", address, port, backend_name)
             else:
                 passes, failures = 0, failures + 1
                 if healthy and failures >= check.unhealthy_threshold:
-                    state.check_results[check] = False
+                    state.set_check(check, False)
                     if self.on_change is not None:
                         self.on_change(address, port, check, False)
                     log.warning("endpoint %s:%d of %s failed %d health checks in a row: out of rotation",

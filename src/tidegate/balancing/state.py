@@ -19,7 +19,7 @@ LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 
 
 
 class EndpointState:
-    __slots__ = ("active", "check_results", "consecutive_5xx", "consecutive_gateway_errors", "ejected_until",
+    __slots__ = ("_ejected_until", "active", "check_results", "consecutive_5xx", "consecutive_gateway_errors",
                  "ejections", "failures", "first_seen", "key", "last_ejection", "latency", "requests")
 
     def __init__(self, key: EndpointKey, first_seen: float):
@@ -28,7 +28,7 @@ class EndpointState:
         self.first_seen = first_seen  # for slow start; -inf for endpoints there when tidegate started
         self.consecutive_5xx = 0
         self.consecutive_gateway_errors = 0
-        self.ejected_until = 0.0  # monotonic time; in the past = not ejected
+        self._ejected_until = 0.0  # monotonic time; in the past = not ejected
         self.ejections = 0  # how many times in a row: the next ejection lasts longer
         self.last_ejection = 0.0
         # Active health: one verdict per check that covers this endpoint (several policies may check it).
@@ -38,6 +38,24 @@ class EndpointState:
         self.requests = 0
         self.failures = 0
         self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
+
+    # Bumped whenever some endpoint's usability may have changed (an ejection, an active-check verdict): the
+    # balancer keeps each backend's candidates until it moves.
+    changes = 0
+
+    @property
+    def ejected_until(self) -> float:
+        return self._ejected_until
+
+    @ejected_until.setter
+    def ejected_until(self, value: float) -> None:
+        self._ejected_until = value
+        EndpointState.changes += 1
+
+    def set_check(self, check: ir.HealthCheck, healthy: bool) -> None:
+        """An active check's verdict on this endpoint."""
+        self.check_results[check] = healthy
+        EndpointState.changes += 1
 
     def record(self, status: int | None, seconds: float) -> None:
         self.requests += 1
@@ -50,7 +68,7 @@ class EndpointState:
         return all(self.check_results.values())
 
     def usable(self, now: float) -> bool:
-        return self.ejected_until <= now and (not self.check_results or all(self.check_results.values()))
+        return self._ejected_until <= now and (not self.check_results or all(self.check_results.values()))
 
 
 class RetryBudget:

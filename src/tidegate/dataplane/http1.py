@@ -591,8 +591,6 @@ def route_request(conn: ClientConnection, ex: Exchange, site: Site) -> Routed | 
         ex.request_id = headers_lower.get("x-request-id") or new_request_id()
         if "x-request-id" not in headers_lower:
             ex.add_header("X-Request-Id", ex.request_id)
-    request = Request(host=host, path=path, method=ex.method, headers=headers_lower,
-                      query=parse_qs(query, keep_blank_values=True) if query else {})
     # Answering before the body was read: the connection cannot be reused unless the body is done.
     can_keep = not ex.has_body or ex.body_done
     head_only = ex.method == "HEAD"
@@ -604,7 +602,14 @@ def route_request(conn: ClientConnection, ex: Exchange, site: Site) -> Routed | 
             conn.send_simple(421, "misdirected request: the TLS server name and Host select different listeners",
                              close=not can_keep, head_only=head_only)
             return can_keep
-    candidate = site.router.lookup(request) if site.router else None
+    router = site.router
+    if router is None:
+        candidate = None
+    elif router.request_line_only:
+        candidate = router.lookup_line(host, path, ex.method)
+    else:
+        candidate = router.lookup(Request(host=host, path=path, method=ex.method, headers=headers_lower,
+                                          query=parse_qs(query, keep_blank_values=True) if query else {}))
     if candidate is None:
         conn.send_simple(404, "no route matches", close=not can_keep, head_only=head_only)
         return can_keep
