@@ -18,7 +18,8 @@ class ScriptedBackend(ThreadedServer):
         self.address, self.name = address, name
         # ok | 503 | hang | slow | early (a POST gets 401 before its body is read) | drop-reused (a connection's
         # second request is read and the connection closed, unanswered: a keep-alive timeout that struck just
-        # as the connection was reused) | trickle (a chunked answer, a chunk every 50 ms for slow_seconds)
+        # as the connection was reused) | trickle (a chunked answer, a chunk every 50 ms for slow_seconds) |
+        # close-delimited (a reused connection's answer has no length: its body ends when the connection closes)
         self.mode = "ok"
         self.slow_seconds = 0.5
         self.first_chunk_delay = 0.0  # trickle: the head goes out alone, this long before the body
@@ -75,6 +76,11 @@ class ScriptedBackend(ThreadedServer):
                         continue
                     status = 503 if self.mode == "503" else 200
                 body = json.dumps({"pod": self.name, "path": path}).encode()
+                if self.mode == "close-delimited" and answered > 1:
+                    writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nX-Hop: drop me\r\n"
+                                 b"Connection: close, X-Hop\r\n\r\n%b" % (status, body))
+                    await writer.drain()
+                    break
                 writer.write(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
                              % (status, len(body), body))
                 await writer.drain()

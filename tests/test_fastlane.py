@@ -117,3 +117,32 @@ def test_a_client_that_leaves_mid_exchange_costs_the_endpoint_nothing(tmp_path):
         pod.mode = "ok"
         assert request(GW, port, "/", headers={"Host": "app.test"})[0] == 200
     assert settled["failures"] == 0, settled
+
+
+def test_an_answer_that_ends_with_the_connection_is_passed_on_whole(tmp_path):
+    """On a reused connection the pod answers without a length and closes to end the body (HTTP/1.0 style),
+    naming a header hop-by-hop in Connection: the client gets the whole body, delimited its own way, and
+    not the hop-by-hop header."""
+    port, pod_port = free_port(GW), free_port("127.0.9.4")
+    pods = [("127.0.9.4", pod_port, "pod-a")]
+    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp_path, port, pods), (GW, port),
+                                                          tmp_path / "tidegate.log"):
+        pod.mode = "close-delimited"
+        first = request(GW, port, "/one", headers={"Host": "app.test"})
+        second = request(GW, port, "/two", headers={"Host": "app.test"})
+        third = request(GW, port, "/three", headers={"Host": "app.test"})  # a new connection: the last one closed
+    assert [first[0], second[0], third[0]] == [200, 200, 200]
+    assert json.loads(second[2]) == {"pod": "pod-a", "path": "/two"}
+    assert "x-hop" not in second[1] and "connection" not in second[1]
+    assert json.loads(third[2])["path"] == "/three"
+
+
+def test_split_head_keeps_end_to_end_headers_as_they_came():
+    from tidegate.dataplane.upstream import split_head
+
+    lines, length, chunked = split_head(b"HTTP/1.1 200 OK\r\nServer: x\r\nContent-Length: 5\r\n"
+                                        b"Keep-Alive: timeout=5\r\nConnection: keep-alive, X-Private\r\n"
+                                        b"X-Private: secret\r\nSet-Cookie: a=b;  Path=/")
+    assert lines == [b"Server: x", b"Content-Length: 5", b"Set-Cookie: a=b;  Path=/"]
+    assert (length, chunked) == (5, False)
+    assert split_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked") == ([], None, True)

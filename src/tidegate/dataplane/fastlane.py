@@ -147,6 +147,17 @@ class FastExchange:
             log.exception("internal error writing a response head")
             self.upstream_failed(None)
 
+    def upstream_raw_head(self, status: int, header_lines: list[bytes], content_length: int | None) -> None:
+        """The head as the endpoint sent it (UpstreamConnection.lean_head): passed on without decoding."""
+        self.status = status
+        self.head_sent = True
+        try:
+            self.keep = self.conn.begin_raw_response(self.ex, status, header_lines, content_length,
+                                                     status in (204, 304))
+        except Exception:
+            log.exception("internal error writing a response head")
+            self.upstream_failed(None)
+
     def upstream_read(self) -> None:
         """The end of one read from the endpoint: a head held for body bytes that did not come with it goes
         out now (an answer that streams must not wait for its body to be seen)."""

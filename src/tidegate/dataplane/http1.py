@@ -75,6 +75,7 @@ VIA = "1.1 tidegate"
 NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "forwarded", "via"}
 
 REASONS = {status.value: status.phrase for status in HTTPStatus}  # reason phrases the clients see
+REASON_BYTES = {status: phrase.encode() for status, phrase in REASONS.items()}
 
 
 _ID_PREFIX = os.urandom(8).hex()  # unique per process; a counter makes each id unique within it
@@ -473,25 +474,40 @@ class ClientConnection(asyncio.Protocol):
                        head_only: bool, hold: bool = False) -> bool:
         """Write the response head; returns whether the connection can be kept open afterwards. With `hold`,
         the head waits for the first body bytes, end_response or flush_held: one write instead of two."""
-        self.last_status = status
-        keep = ex.keep_alive and (ex.body_done or not ex.has_body or _drainable(ex))
-        self._out_chunked = not head_only and content_length is None
-        if self._out_chunked and ex.version == "1.0":
-            self._out_chunked, keep = False, False  # an HTTP/1.0 client reads until the connection closes
+        keep, framing = self._framing(ex, status, content_length, head_only)
         lines = [f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}"]
         lines += [f"{n}: {v}" for n, v in headers]
-        if self._out_chunked:
-            lines.append("Transfer-Encoding: chunked")
-        if not keep:
-            lines.append("Connection: close")
-        elif ex.version == "1.0":
-            lines.append("Connection: keep-alive")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        head = ("\r\n".join(lines) + framing).encode("latin-1")
         if hold:
             self._held = head
         else:
             self.write(head)
         return keep
+
+    def begin_raw_response(self, ex: Exchange, status: int, header_lines: list[bytes], content_length: int | None,
+                           head_only: bool) -> bool:
+        """begin_response with the endpoint's header lines as they came (hop-by-hop ones taken out), held
+        for the first body bytes: nothing decoded or formatted again."""
+        keep, framing = self._framing(ex, status, content_length, head_only)
+        self._held = b"HTTP/1.1 %d %b%b%b%b" % (status, REASON_BYTES.get(status, b"Status"),
+                                                b"\r\n" if header_lines else b"", b"\r\n".join(header_lines),
+                                                framing.encode("latin-1"))
+        return keep
+
+    def _framing(self, ex: Exchange, status: int, content_length: int | None, head_only: bool) -> tuple[bool, str]:
+        """Whether the connection stays open after this response, and the end of its head: how the body is
+        delimited, and Connection when it must be said."""
+        self.last_status = status
+        keep = ex.keep_alive and (ex.body_done or not ex.has_body or _drainable(ex))
+        self._out_chunked = not head_only and content_length is None
+        if self._out_chunked and ex.version == "1.0":
+            self._out_chunked, keep = False, False  # an HTTP/1.0 client reads until the connection closes
+        tail = "\r\nTransfer-Encoding: chunked" if self._out_chunked else ""
+        if not keep:
+            tail += "\r\nConnection: close"
+        elif ex.version == "1.0":
+            tail += "\r\nConnection: keep-alive"
+        return keep, tail + "\r\n\r\n"
 
     def body(self, data: bytes) -> None:
         if not data:

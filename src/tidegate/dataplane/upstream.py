@@ -42,6 +42,55 @@ class ResponseHead:
         self.content_length: int | None = None
 
 
+# Response headers never passed on (RFC 9110 §7.6.1), as the bytes split_head compares.
+HOP_BY_HOP_BYTES = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+                              b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
+
+
+def split_head(raw: bytes) -> tuple[list[bytes], int | None, bool]:
+    """A response head as the endpoint sent it (status line first, no final CRLF CRLF; llhttp has checked
+    it): the header lines to pass on as they are, the Content-Length, and whether the body is chunked."""
+    lines = raw.split(b"\r\n")
+    kept: list[bytes] = []
+    content_length: int | None = None
+    chunked = False
+    tokens: set[bytes] = set()
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        lname = name.lower()
+        if lname in HOP_BY_HOP_BYTES:
+            if lname == b"transfer-encoding":
+                chunked = b"chunked" in value.lower()
+            elif lname == b"connection":
+                tokens.update(t.strip().lower() for t in value.split(b","))
+            continue
+        if lname == b"content-length":
+            content_length = int(value)
+        kept.append(line)
+    tokens -= {b"keep-alive", b"close", b""}
+    if tokens:  # headers the endpoint named hop-by-hop in its Connection header
+        kept = [line for line in kept if line.partition(b":")[0].lower() not in tokens]
+    return kept, content_length, chunked
+
+
+class _LeanCallbacks:
+    """The fast lane's response parser calls these: no callback per header (split_head reads the head)."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: UpstreamConnection):
+        self.conn = conn
+
+    def on_headers_complete(self) -> None:
+        self.conn.lean_head()
+
+    def on_body(self, body: bytes) -> None:
+        self.conn.sink(body)  # type: ignore[misc]
+
+    def on_message_complete(self) -> None:
+        self.conn.lean_done()
+
+
 class UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: EndpointPool):
         self.pool = pool
@@ -66,6 +115,12 @@ class UpstreamConnection(asyncio.Protocol):
         # The fast lane's exchange (dataplane/fastlane.py) takes the response by callbacks instead of futures.
         self.handler: Any = None
         self.reading_paused = False
+        # The parser of the response under way (None between responses): the full one, or for the fast lane
+        # when the whole head came in one read, a lean one that reads the head from `_raw_head` at once.
+        self._feeding: Any = None
+        self._lean: Any = None
+        self._raw_head = b""
+        self.close_delimited = False  # the response under way ends when the endpoint closes
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -80,7 +135,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.on_closed()
         error = UpstreamError(f"endpoint closed the connection{': ' + str(exc) if exc else ''}")
         if self.handler is not None:
-            self.handler.upstream_failed(error)
+            self.pool.forget(self)
+            if self.close_delimited:
+                self.handler.upstream_done()  # the close is the end of this body
+            else:
+                self.handler.upstream_failed(error)
             return
         if self.head_future is not None and not self.head_future.done():
             self.head_future.set_exception(error)
@@ -109,7 +168,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.raw_sink(data)
             return
         try:
-            self.parser.feed_data(data)
+            parser = self._feeding
+            if parser is None:  # these bytes begin a response
+                parser = self.parser
+                if self.handler is not None:
+                    end = data.find(b"\r\n\r\n")
+                    if end > 0 and data[9:10] != b"1":  # the whole head, and not an interim 1xx one
+                        self._raw_head = data[:end]
+                        parser = self._lean
+                        if parser is None:
+                            parser = self._lean = httptools.HttpResponseParser(_LeanCallbacks(self))
+                self._feeding = parser
+            parser.feed_data(data)
             if self.handler is not None:
                 self.handler.upstream_read()
         except httptools.HttpParserUpgrade as exc:
@@ -157,6 +227,8 @@ class UpstreamConnection(asyncio.Protocol):
         if 100 <= head.status < 200 and head.status != 101:
             self.head = None  # an interim response: wait for the real one
             return
+        self.close_delimited = (head.content_length is None and not head.chunked and head.status not in (204, 304)
+                                and head.status != 101)
         if self.handler is not None:
             self.handler.upstream_head(head)
         elif self.head_future is not None and not self.head_future.done():
@@ -168,7 +240,24 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._pending_body.append(body)
 
+    def lean_head(self) -> None:
+        parser = self._lean
+        lines, content_length, chunked = split_head(self._raw_head)
+        self._raw_head = b""
+        status = parser.get_status_code()
+        self.close_delimited = content_length is None and not chunked and status not in (204, 304)
+        if not parser.should_keep_alive():
+            self.reusable = False
+        self.handler.upstream_raw_head(status, lines, content_length)
+
+    def lean_done(self) -> None:
+        self._feeding = None
+        self.close_delimited = False
+        self.handler.upstream_done()
+
     def on_message_complete(self) -> None:
+        self._feeding = None
+        self.close_delimited = False
         if self.head is None:
             return  # end of an interim response
         if not self.head.keep_alive:
