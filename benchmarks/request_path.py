@@ -123,6 +123,8 @@ def main() -> None:
     if args.log:
         accesslog.ACCESS_LOG = accesslog.AccessLog("json", "/dev/null")
     per_request = asyncio.run(run(args.requests, args.rounds, args.profile))
+    if args.profile:
+        return
     print(f"{per_request * 1e6:.2f} µs of Python per request ({1 / per_request:,.0f} requests per CPU-second "
           f"before system calls){' with the JSON access log' if args.log else ''}")
     if accesslog.ACCESS_LOG is not None:

@@ -146,3 +146,28 @@ def test_split_head_keeps_end_to_end_headers_as_they_came():
     assert lines == [b"Server: x", b"Content-Length: 5", b"Set-Cookie: a=b;  Path=/"]
     assert (length, chunked) == (5, False)
     assert split_head(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked") == ([], None, True)
+
+
+def test_the_fast_request_head_is_the_full_ones():
+    """plain_request_head (forwarding headers made once per connection and host) writes exactly what
+    http1.request_head writes, whatever forwarding headers the client sent."""
+    from types import SimpleNamespace
+
+    from tidegate.dataplane.fastlane import plain_request_head
+    from tidegate.dataplane.http1 import Exchange, request_head
+
+    cases = [
+        [("Host", "app.test"), ("User-Agent", "curl"), ("Accept", "*/*")],
+        [("Host", "app.test:8080"), ("X-Forwarded-For", "10.1.1.1"), ("Via", "1.0 edge")],
+        [("Host", "app.test"), ("Connection", "keep-alive, X-Private"), ("X-Private", "1"), ("Keep-Alive", "5")],
+        [("Host", "other.test"), ("Forwarded", "for=10.0.0.9"), ("X-Forwarded-Proto", "https")],
+    ]
+    for peer in ("127.0.0.1", "::1"):
+        conn = SimpleNamespace(peer=peer, scheme="http", forwarding=None)
+        for headers in cases * 2:  # the second time with the connection's kept forwarding headers
+            ex = Exchange()
+            ex.method, ex.headers = "GET", list(headers)
+            lower = ex.lowered()
+            host = lower["host"]
+            assert plain_request_head(conn, ex, host, "/p?q=1") == request_head(
+                ex, ex.headers, host, "/p?q=1", peer, "http", host)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING
 from tidegate.balancing.outlier import record_outcome
 from tidegate.balancing.retry import IDEMPOTENT
 from tidegate.dataplane import http1
-from tidegate.dataplane.filters import get_header
 from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
@@ -87,6 +86,36 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     FastExchange(conn, ex, routed, backend, endpoint, upstream).start(host, path, query)
 
 
+# Request headers that make plain_request_head leave the work to http1.request_head: forwarding headers to
+# extend, or a Connection header that may name more hop-by-hop ones.
+_NOT_PLAIN = ("connection", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "via")
+
+
+def plain_request_head(conn: http1.ClientConnection, ex: http1.Exchange, host: str, target: str) -> bytes:
+    """http1.request_head for a body-less request no filter changed. When the client sent no forwarding
+    headers (the usual case), the ones tidegate adds are the same for every request of the connection to a
+    host, so they are made once per connection and host."""
+    lower = ex.lower
+    original_host = lower.get("host") or host
+    for name in _NOT_PLAIN:
+        if name in lower:
+            return http1.request_head(ex, ex.headers, host, target, conn.peer, conn.scheme, original_host)
+    suffix = conn.forwarding
+    if suffix is None or suffix[0] != original_host:
+        element = f'"[{conn.peer}]"' if ":" in conn.peer else conn.peer
+        text = (f"X-Forwarded-For: {conn.peer}\r\nX-Forwarded-Proto: {conn.scheme}\r\n"
+                f"X-Forwarded-Host: {original_host}\r\nForwarded: for={element};proto={conn.scheme}"
+                f"{f';host={original_host}' if original_host else ''}\r\nVia: {http1.VIA}\r\n\r\n")
+        suffix = conn.forwarding = (original_host, text)
+    lines = [f"{ex.method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    skip = http1.NOT_FORWARDED
+    for (name, value), lname in zip(ex.headers, ex.lnames):
+        if lname not in skip:
+            lines.append(f"{name}: {value}\r\n")
+    lines.append(suffix[1])
+    return "".join(lines).encode("latin-1")
+
+
 class FastExchange:
     """One request on the fast lane. It stands in the connection's `serving` slot, where the full way keeps
     its task: `done()` and `cancel()` (the client went away) are what the connection asks of it."""
@@ -118,8 +147,7 @@ class FastExchange:
         ex.endpoint = f"{self.endpoint.address}:{self.endpoint.port}"
         self.endpoint_state.active += 1
         self.backend_state.active += 1
-        head = http1.request_head(ex, ex.headers, host, f"{path}?{query}" if query else path, conn.peer,
-                                  conn.scheme, get_header(ex.headers, "host") or host)
+        head = plain_request_head(conn, ex, host, f"{path}?{query}" if query else path)
         conn.serving = self  # type: ignore[assignment]
         conn.upstream = self.upstream
         self.started = time.monotonic()

@@ -207,6 +207,7 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_closed: asyncio.Future[None] | None = None
         self._out_chunked = False
         self._held: bytes | None = None  # a response head held back to go out with the first body bytes
+        self.forwarding: tuple[str, str] | None = None  # the fast lane's forwarding headers, by Host (fastlane.py)
         self.seen_bytes = False
         self.http2 = False
         self.last_status = 0  # of the response being written, for metrics

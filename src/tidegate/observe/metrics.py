@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_CODE_CLASSES = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -146,7 +147,8 @@ class Metrics:
                         upstream_seconds: float | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
         """Per request: dict updates and bucket increments, no locks (one event loop per process)."""
         collector = self._collector
-        key = (listener, route, method if method in _METHODS else "OTHER", f"{status // 100}xx" if status else "none")
+        key = (listener, route, method if method in _METHODS else "OTHER",
+               _CODE_CLASSES[status // 100] if 0 < status < 600 else "none")
         requests = collector.requests
         requests[key] = requests.get(key, 0) + 1
         hkey = (listener, route)
