@@ -19,7 +19,8 @@ class ScriptedBackend(ThreadedServer):
         # ok | 503 | hang | slow | early (a POST gets 401 before its body is read) | drop-reused (a connection's
         # second request is read and the connection closed, unanswered: a keep-alive timeout that struck just
         # as the connection was reused) | trickle (a chunked answer, a chunk every 50 ms for slow_seconds) |
-        # close-delimited (a reused connection's answer has no length: its body ends when the connection closes)
+        # close-delimited (a reused connection's answer has no length: its body ends when the connection closes) |
+        # garbage-reused (a reused connection's answer is not HTTP)
         self.mode = "ok"
         self.slow_seconds = 0.5
         self.first_chunk_delay = 0.0  # trickle: the head goes out alone, this long before the body
@@ -50,8 +51,11 @@ class ScriptedBackend(ThreadedServer):
                             break
                         length -= len(chunk)
                     break
-                if self.mode == "drop-reused" and answered:
+                if self.mode in ("drop-reused", "garbage-reused") and answered:
                     self.requests += 1
+                    if self.mode == "garbage-reused":
+                        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+                        await writer.drain()
                     break
                 answered += 1
                 if path == "/healthz":

@@ -68,6 +68,19 @@ def test_a_reused_connection_the_endpoint_dropped_is_tried_again_on_a_new_one(tm
     assert pod.requests == 5
 
 
+def test_an_answer_that_is_not_http_is_a_502_and_the_request_is_not_sent_again(tmp_path):
+    """Unlike a connection closed unanswered, a reply that is not HTTP came from an endpoint that got the
+    request: as with nginx's default proxy_next_upstream, it is not sent again."""
+    port, pod_port = free_port(GW), free_port("127.0.9.5")
+    pods = [("127.0.9.5", pod_port, "pod-a")]
+    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp_path, port, pods), (GW, port),
+                                                          tmp_path / "tidegate.log"):
+        pod.mode = "garbage-reused"
+        statuses = [request(GW, port, "/", headers={"Host": "app.test"})[0] for _ in range(2)]
+    assert statuses == [200, 502]
+    assert pod.requests == 2
+
+
 def test_pipelined_requests_are_answered_in_order(tmp_path):
     """Four requests in one write: two go to the pod, one gets a 404 made on the spot, one goes to the pod
     again. Answers come back in request order."""

@@ -204,14 +204,14 @@ class FastExchange:
         conn.serving = None
         conn.served(self.ex, self.keep)
 
-    def upstream_failed(self, error: UpstreamError | None) -> None:
-        """The endpoint closed, reset or sent something that is not HTTP."""
+    def upstream_failed(self, error: UpstreamError | None, closed: bool = False) -> None:
+        """The endpoint closed or reset the connection (`closed`), or sent something that is not HTTP."""
         if self.over:
             return
         conn, ex = self.conn, self.ex
         self._drop_upstream()
         METRICS.upstream_errors.labels(self.backend.name, "error").inc()
-        if not self.head_sent and error is not None and ex.method in IDEMPOTENT:
+        if closed and not self.head_sent and ex.method in IDEMPOTENT:
             # Nothing reached the client, and the request may be sent again: a keep-alive connection the
             # endpoint closed just as it was reused is not worth an error. The full way tries once more.
             self._end(None, endpoint_outcome=False, account=False)
