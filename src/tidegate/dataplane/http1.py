@@ -179,9 +179,12 @@ class Exchange:
         return self.lower
 
     def add_header(self, name: str, value: str) -> None:
-        self.headers = [*self.headers, (name, value)]  # a new list: a filter may hold the old one
-        self.lnames = [*self.lnames, name.lower()]
-        self.lower[name.lower()] = value
+        """Before routing (nothing holds the list yet): one more request header."""
+        self.lowered()
+        lname = name.lower()
+        self.headers.append((name, value))
+        self.lnames.append(lname)
+        self.lower[lname] = value
 
 
 class ClientConnection(asyncio.Protocol):

@@ -15,6 +15,17 @@ import time
 from typing import IO, NamedTuple
 
 _quote = json.encoder.encode_basestring_ascii  # C when available: a JSON string literal, as json.dumps writes
+# JSON string literals of the values that repeat from line to line (methods, hosts, routes, listeners,
+# endpoints, client addresses): a lookup instead of encoding them again. Emptied when it grows past QUOTED_MAX.
+_quoted: dict[str, str] = {}
+QUOTED_MAX = 4096
+
+
+def _quote_repeated(text: str) -> str:
+    if len(_quoted) >= QUOTED_MAX:
+        _quoted.clear()
+    quoted = _quoted[text] = _quote(text)
+    return quoted
 
 FORMATS = ("json", "clf", "combined")
 CHOICES = (*FORMATS, "off")  # per Gateway (annotation tidegate.io/access-log) or globally (--access-log)
@@ -128,14 +139,15 @@ class AccessLog:
         if fmt == "json":
             # The same JSON object json.dumps would write, put together directly: strings through the C
             # string encoder, numbers as they are (a log line costs a few µs, not tens).
-            q = _quote
+            q, r = _quoted.get, _quote_repeated
             return (f'{{"time":"{self._second(e.time, "%Y-%m-%dT%H:%M:%S")}.{int(e.time % 1 * 1000):03d}Z",'
-                    f'"client":{q(e.client)},"method":{q(e.method)},"host":{q(e.host)},"path":{q(e.target)},'
-                    f'"protocol":{q(e.proto)},"status":{e.status},"bytes":{e.bytes_sent},'
-                    f'"duration_ms":{round(e.duration * 1000, 3)!r},'
-                    f'"upstream_ms":{round(e.upstream_duration * 1000, 3)!r},"route":{q(e.route)},'
-                    f'"listener":{q(e.listener)},"endpoint":{q(e.endpoint)},"retries":{e.retries},'
-                    f'"sni":{q(e.sni)},"request_id":{q(e.request_id)}}}\n')
+                    f'"client":{q(e.client) or r(e.client)},"method":{q(e.method) or r(e.method)},'
+                    f'"host":{q(e.host) or r(e.host)},"path":{_quote(e.target)},'
+                    f'"protocol":{q(e.proto) or r(e.proto)},"status":{e.status},"bytes":{e.bytes_sent},'
+                    f'"duration_ms":{e.duration * 1000:.3f},"upstream_ms":{e.upstream_duration * 1000:.3f},'
+                    f'"route":{q(e.route) or r(e.route)},"listener":{q(e.listener) or r(e.listener)},'
+                    f'"endpoint":{q(e.endpoint) or r(e.endpoint)},"retries":{e.retries},'
+                    f'"sni":{q(e.sni) or r(e.sni)},"request_id":{_quote(e.request_id)}}}\n')
         stamp = self._second(e.time, "%d/%b/%Y:%H:%M:%S +0000")
         line = (f'{e.client or "-"} - - [{stamp}] "{e.method} {e.target} {e.proto}" {e.status} '
                 f'{e.bytes_sent or "-"}')
