@@ -16,14 +16,21 @@ class WeightedChoice:
     """Smooth weighted round robin (as nginx does): over any window of sum(weights) picks, each item appears
     weight times, interleaved rather than in runs."""
 
-    __slots__ = ("current", "items", "weights")
+    __slots__ = ("current", "equal", "items", "turn", "weights")
 
     def __init__(self, items: list, weights: list[int]):
         self.items = items
         self.weights = weights
         self.current = [0] * len(items)
+        # Equal weights: the smooth sequence is plain turns (0, 1, 2, ...), kept by a counter.
+        self.equal = len(set(weights)) <= 1
+        self.turn = 0
 
     def pick(self):
+        if self.equal:
+            turn = self.turn
+            self.turn = (turn + 1) % len(self.items)
+            return self.items[turn]
         total = 0
         best = -1
         for i, weight in enumerate(self.weights):
@@ -82,8 +89,13 @@ class RoundRobin(Picker):
 
     def __init__(self) -> None:
         self._choices: dict[tuple, WeightedChoice] = {}
+        # The balancer hands over the same candidate list while nothing changed: its choice, found at once.
+        self._last: tuple[list, list | None, WeightedChoice] | None = None
 
     def pick(self, candidates, states, weights, key):
+        last = self._last
+        if last is not None and last[0] is candidates and last[1] is weights:
+            return last[2].pick()
         if weights is not None and not all(isinstance(w, int) for w in weights):
             # Slow start ramps weights continuously: a weighted random pick follows them.
             return random.choices(candidates, weights)[0]
@@ -93,6 +105,7 @@ class RoundRobin(Picker):
             if len(self._choices) > 64:
                 self._choices.clear()
             choice = self._choices[ident] = WeightedChoice(candidates, weights or [1] * len(candidates))
+        self._last = (candidates, weights, choice)
         return choice.pick()
 
 
