@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -56,6 +57,10 @@ class WorkerPool:
         self._endpoint_stats: dict[int, dict] = {}
         self._stopping = False
         self._watcher: asyncio.Task | None = None
+        # Sends run in threads (a large IR does not fit a pipe buffer), one at a time per worker: two
+        # threads writing to one pipe at once would interleave their messages' bytes.
+        self._senders = ThreadPoolExecutor(max_workers=count + 1, thread_name_prefix="tidegate-send")
+        self._send_locks: dict[int, asyncio.Lock] = {}
 
     def start(self) -> None:
         for index in range(self.count):
@@ -118,10 +123,12 @@ class WorkerPool:
         conn = self._conns.get(index)
         if conn is None:
             return
+        lock = self._send_locks.setdefault(index, asyncio.Lock())
         try:
-            # A large IR does not fit a pipe buffer: send from a thread so the loop keeps serving.
-            await asyncio.get_running_loop().run_in_executor(None, conn.send, message)
-        except (OSError, ValueError) as exc:
+            async with lock:
+                if self._conns.get(index) is conn:  # not replaced by a new worker's while waiting
+                    await asyncio.get_running_loop().run_in_executor(self._senders, conn.send, message)
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the senders are shut down
             log.warning("worker %d: cannot send %s: %s", index, message[0], exc)
 
     async def apply(self, version: int, config: ir.IR) -> dict:
@@ -180,9 +187,10 @@ class WorkerPool:
         self._stopping = True
         if self._watcher is not None:
             self._watcher.cancel()
-        for index in list(self._conns):
-            await self._send(index, ("stop", grace))
         deadline = time.monotonic() + grace + 5
+        sends = [asyncio.ensure_future(self._send(index, ("stop", grace))) for index in list(self._conns)]
+        # A worker that reads nothing (still starting, or stuck) must not hold the stop up: it is killed below.
+        await asyncio.wait(sends, timeout=5)
         for proc in self._procs.values():
             await asyncio.get_running_loop().run_in_executor(None, proc.join, max(0.1, deadline - time.monotonic()))
             if proc.is_alive():
@@ -194,6 +202,7 @@ class WorkerPool:
             except (ValueError, OSError):
                 pass
             conn.close()
+        self._senders.shutdown(wait=False, cancel_futures=True)
 
 
 # -- a worker process ------------------------------------------------------------------------------------
