@@ -32,6 +32,8 @@ def _responses(data: bytes) -> list[tuple[int, bytes]]:
         head, _, rest = data.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         length = next(int(line.split(b":")[1]) for line in lines if line.lower().startswith(b"content-length:"))
+        if len(rest) < length:
+            raise ValueError("the last response is not all in yet")
         out.append((int(lines[0].split()[1]), rest[:length]))
         data = rest[length:]
     return out
