@@ -102,14 +102,14 @@ def plain_request_head(conn: http1.ClientConnection, ex: http1.Exchange, host: s
             return http1.request_head(ex, ex.headers, host, target, conn.peer, conn.scheme, original_host)
     suffix = conn.forwarding
     if suffix is None or suffix[0] != original_host:
-        element = f'"[{conn.peer}]"' if ":" in conn.peer else conn.peer
         text = (f"X-Forwarded-For: {conn.peer}\r\nX-Forwarded-Proto: {conn.scheme}\r\n"
-                f"X-Forwarded-Host: {original_host}\r\nForwarded: for={element};proto={conn.scheme}"
-                f"{f';host={original_host}' if original_host else ''}\r\nVia: {http1.VIA}\r\n\r\n")
+                f"X-Forwarded-Host: {original_host}\r\n"
+                f"Forwarded: {http1.forwarded_element(conn.peer, conn.scheme, original_host)}\r\n"
+                f"Via: {http1.VIA}\r\n\r\n")
         suffix = conn.forwarding = (original_host, text)
     lines = [f"{ex.method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
     skip = http1.NOT_FORWARDED
-    for (name, value), lname in zip(ex.headers, ex.lnames):
+    for (name, value), lname in zip(ex.headers, ex.lnames, strict=True):
         if lname not in skip:
             lines.append(f"{name}: {value}\r\n")
     lines.append(suffix[1])
@@ -120,8 +120,8 @@ class FastExchange:
     """One request on the fast lane. It stands in the connection's `serving` slot, where the full way keeps
     its task: `done()` and `cancel()` (the client went away) are what the connection asks of it."""
 
-    __slots__ = ("backend", "backend_state", "conn", "endpoint", "endpoint_state", "ex", "head_sent", "keep",
-                 "over", "routed", "started", "status", "upstream")
+    __slots__ = ("backend", "backend_state", "conn", "endpoint", "endpoint_state", "ex", "keep", "over", "routed",
+                 "started", "status", "upstream")
 
     def __init__(self, conn: http1.ClientConnection, ex: http1.Exchange, routed: http1.Routed,
                  backend: ir.Backend, endpoint: ir.Endpoint, upstream: UpstreamConnection):
@@ -134,10 +134,9 @@ class FastExchange:
         registry = routed[0].balancer.registry
         self.endpoint_state = registry.endpoint(endpoint.address, endpoint.port)
         self.backend_state = registry.backend(backend.name)
-        self.head_sent = False
         self.keep = False
         self.over = False
-        self.status = 0
+        self.status = 0  # the endpoint's, once its head came (and went on to the client)
         self.started = 0.0
 
     def start(self, host: str, path: str, query: str) -> None:
@@ -167,7 +166,6 @@ class FastExchange:
     # -- the endpoint's answer (UpstreamConnection calls these) ------------------------------------------
     def upstream_head(self, head) -> None:
         self.status = head.status
-        self.head_sent = True
         try:
             self.keep = self.conn.begin_response(self.ex, head.status, http1.response_headers(head, NO_MODS),
                                                  head.content_length, head.status in (204, 304), hold=True)
@@ -178,7 +176,6 @@ class FastExchange:
     def upstream_raw_head(self, status: int, header_lines: list[bytes], content_length: int | None) -> None:
         """The head as the endpoint sent it (UpstreamConnection.lean_head): passed on without decoding."""
         self.status = status
-        self.head_sent = True
         try:
             self.keep = self.conn.begin_raw_response(self.ex, status, header_lines, content_length,
                                                      status in (204, 304))
@@ -211,14 +208,14 @@ class FastExchange:
         conn, ex = self.conn, self.ex
         self._drop_upstream()
         METRICS.upstream_errors.labels(self.backend.name, "error").inc()
-        if closed and not self.head_sent and ex.method in IDEMPOTENT:
+        if closed and not self.status and ex.method in IDEMPOTENT:
             # Nothing reached the client, and the request may be sent again: a keep-alive connection the
             # endpoint closed just as it was reused is not worth an error. The full way tries once more.
             self._end(None, endpoint_outcome=False, account=False)
             ex.retries += 1
             conn.serve_slowly(ex, self.routed)
             return
-        if not self.head_sent:
+        if not self.status:
             conn.send_simple(502, str(error) if error else "internal error", close=True)
         self._end(None)
         conn.serving = None

@@ -976,11 +976,16 @@ def _forward_headers(ex: Exchange, headers: list[tuple[str, str]], peer: str, sc
         out.append(("X-Forwarded-Proto", scheme))
     if not has_host:
         out.append(("X-Forwarded-Host", original_host))
-    peer_token = f'"[{peer}]"' if ":" in peer else peer
-    element = f"for={peer_token};proto={scheme}" + (f";host={original_host}" if original_host else "")
+    element = forwarded_element(peer, scheme, original_host)
     out.append(("Forwarded", f"{forwarded}, {element}" if forwarded else element))
     out.append(("Via", f"{via}, {VIA}" if via else VIA))
     return out
+
+
+def forwarded_element(peer: str, scheme: str, host: str) -> str:
+    """This hop's element of a Forwarded header (RFC 7239): an IPv6 address is quoted and bracketed."""
+    peer_token = f'"[{peer}]"' if ":" in peer else peer
+    return f"for={peer_token};proto={scheme}" + (f";host={host}" if host else "")
 
 
 def request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, target: str, peer: str,
