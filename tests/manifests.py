@@ -72,3 +72,14 @@ def backend_policy(name: str, service_name: str, spec: str) -> str:
     spec:
       targetRefs: [{{group: "", kind: Service, name: {service_name}}}]
     """) + textwrap.indent(textwrap.dedent(spec).strip("\n"), "  ") + "\n"
+
+
+def actively_checked_app(gateway_address: str, port: int, pods: list[tuple[str, int, str]]) -> str:
+    """Gateway, Service "app" on host app.test, and a BackendPolicy checking /healthz every 100 ms, one
+    failure or success being enough to change an endpoint's health."""
+    return (http_gateway(gateway_address, port) + service("app", pods)
+            + route("app", "app.test", "- backendRefs: [{name: app, port: 80}]")
+            + backend_policy("app", "app", """
+                healthCheck:
+                  active: {type: HTTP, http: {path: /healthz}, interval: 100ms, timeout: 500ms,
+                           unhealthyThreshold: 1, healthyThreshold: 1, jitterPercent: 0}"""))

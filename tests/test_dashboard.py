@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import free_port, request, tidegate_run, wait_until
-from tests.manifests import backend_policy, http_gateway, route, service
+from tests.manifests import actively_checked_app
 from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
@@ -45,12 +45,7 @@ def test_the_dashboard_shows_live_numbers_and_an_unhealthy_endpoint(tmp_path):
     pods = [("127.0.10.1", pod_port, "pod-a"), ("127.0.10.2", pod_port, "pod-b")]
     config = tmp_path / "config"
     config.mkdir()
-    (config / "all.yaml").write_text(
-        http_gateway(GW, port) + service("app", pods) + route("app", "app.test", "- backendRefs: [{name: app, port: 80}]")
-        + backend_policy("app", "app", """
-            healthCheck:
-              active: {type: HTTP, http: {path: /healthz}, interval: 100ms, timeout: 500ms,
-                       unhealthyThreshold: 1, healthyThreshold: 1, jitterPercent: 0}"""))
+    (config / "all.yaml").write_text(actively_checked_app(GW, port, pods))
     stop = threading.Event()
     sent = [0]
 

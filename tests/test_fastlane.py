@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.harness import free_port, request, tidegate_run, wait_until
 from tests.manifests import http_gateway, route, service
-from tests.scripted import scripted_backends
+from tests.scripted import ScriptedBackend, scripted_backends
 
 GW = "127.0.0.1"
 
@@ -23,6 +26,16 @@ def _config(tmp: Path, port: int, pods: list[tuple[str, int, str]]) -> Path:
     (config / "all.yaml").write_text(http_gateway(GW, port) + service("app", pods)
                                      + route("app", "app.test", "- backendRefs: [{name: app, port: 80}]"))
     return config
+
+
+@contextmanager
+def _one_pod(tmp: Path, address: str) -> Iterator[tuple[ScriptedBackend, int, subprocess.Popen]]:
+    """A scripted pod on `address` behind tidegate's plain rule: (the pod, tidegate's port, tidegate)."""
+    port, pod_port = free_port(GW), free_port(address)
+    pods = [(address, pod_port, "pod-a")]
+    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp, port, pods), (GW, port),
+                                                          tmp / "tidegate.log") as proxy:
+        yield pod, port, proxy
 
 
 def _responses(data: bytes) -> list[tuple[int, bytes]]:
@@ -58,10 +71,7 @@ def _read_until(sock: socket.socket, count: int, timeout: float = 10.0) -> bytes
 def test_a_reused_connection_the_endpoint_dropped_is_tried_again_on_a_new_one(tmp_path):
     """The endpoint closes a kept-alive connection just as tidegate reuses it (it read the request and
     answered nothing). A GET may be sent again: the client sees 200, not 502."""
-    port, pod_port = free_port(GW), free_port("127.0.9.1")
-    pods = [("127.0.9.1", pod_port, "pod-a")]
-    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp_path, port, pods), (GW, port),
-                                                          tmp_path / "tidegate.log"):
+    with _one_pod(tmp_path, "127.0.9.1") as (pod, port, proxy):
         pod.mode = "drop-reused"
         statuses = [request(GW, port, "/", headers={"Host": "app.test"})[0] for _ in range(3)]
     assert statuses == [200, 200, 200]
@@ -73,10 +83,7 @@ def test_a_reused_connection_the_endpoint_dropped_is_tried_again_on_a_new_one(tm
 def test_an_answer_that_is_not_http_is_a_502_and_the_request_is_not_sent_again(tmp_path):
     """Unlike a connection closed unanswered, a reply that is not HTTP came from an endpoint that got the
     request: as with nginx's default proxy_next_upstream, it is not sent again."""
-    port, pod_port = free_port(GW), free_port("127.0.9.5")
-    pods = [("127.0.9.5", pod_port, "pod-a")]
-    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp_path, port, pods), (GW, port),
-                                                          tmp_path / "tidegate.log"):
+    with _one_pod(tmp_path, "127.0.9.5") as (pod, port, proxy):
         pod.mode = "garbage-reused"
         statuses = [request(GW, port, "/", headers={"Host": "app.test"})[0] for _ in range(2)]
     assert statuses == [200, 502]
@@ -86,10 +93,7 @@ def test_an_answer_that_is_not_http_is_a_502_and_the_request_is_not_sent_again(t
 def test_pipelined_requests_are_answered_in_order(tmp_path):
     """Four requests in one write: two go to the pod, one gets a 404 made on the spot, one goes to the pod
     again. Answers come back in request order."""
-    port, pod_port = free_port(GW), free_port("127.0.9.2")
-    pods = [("127.0.9.2", pod_port, "pod-a")]
-    with scripted_backends(*pods), tidegate_run(_config(tmp_path, port, pods), (GW, port),
-                                                tmp_path / "tidegate.log"):
+    with _one_pod(tmp_path, "127.0.9.2") as (pod, port, proxy):
         request(GW, port, "/warm", headers={"Host": "app.test"})  # a kept connection: later ones take the fast lane
         burst = b"".join(f"GET /{name} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
                          for name, host in (("one", "app.test"), ("two", "app.test"), ("none", "other.test"),
@@ -111,10 +115,7 @@ def test_a_client_that_leaves_mid_exchange_costs_the_endpoint_nothing(tmp_path):
     """The client hangs up (a reset) while the pod is still sending its answer: the pod's requests in flight
     go back to zero, no failure is counted against it, and the next request is served. And before that: the
     answer's head reaches the client before its body exists."""
-    port, pod_port = free_port(GW), free_port("127.0.9.3")
-    pods = [("127.0.9.3", pod_port, "pod-a")]
-    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp_path, port, pods), (GW, port),
-                                                          tmp_path / "tidegate.log") as proxy:
+    with _one_pod(tmp_path, "127.0.9.3") as (pod, port, proxy):
         assert request(GW, port, "/", headers={"Host": "app.test"})[0] == 200
         pod.mode, pod.slow_seconds, pod.first_chunk_delay = "trickle", 3.0, 1.5
         with socket.create_connection((GW, port), timeout=1.0) as sock:
@@ -138,10 +139,7 @@ def test_an_answer_that_ends_with_the_connection_is_passed_on_whole(tmp_path):
     """On a reused connection the pod answers without a length and closes to end the body (HTTP/1.0 style),
     naming a header hop-by-hop in Connection: the client gets the whole body, delimited its own way, and
     not the hop-by-hop header."""
-    port, pod_port = free_port(GW), free_port("127.0.9.4")
-    pods = [("127.0.9.4", pod_port, "pod-a")]
-    with scripted_backends(*pods) as (pod,), tidegate_run(_config(tmp_path, port, pods), (GW, port),
-                                                          tmp_path / "tidegate.log"):
+    with _one_pod(tmp_path, "127.0.9.4") as (pod, port, proxy):
         pod.mode = "close-delimited"
         first = request(GW, port, "/one", headers={"Host": "app.test"})
         second = request(GW, port, "/two", headers={"Host": "app.test"})

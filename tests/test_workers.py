@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tests.harness import free_port, request, tidegate_run, wait_until
-from tests.manifests import backend_policy, http_gateway, route, service
+from tests.manifests import actively_checked_app, route
 from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
@@ -43,12 +43,7 @@ def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
     pods = [("127.0.11.1", pod_port, "pod-a"), ("127.0.11.2", pod_port, "pod-b")]
     config = tmp_path / "config"
     config.mkdir()
-    (config / "all.yaml").write_text(
-        http_gateway(GW, port) + service("app", pods) + route("app", "app.test", "- backendRefs: [{name: app, port: 80}]")
-        + backend_policy("app", "app", """
-            healthCheck:
-              active: {type: HTTP, http: {path: /healthz}, interval: 100ms, timeout: 500ms,
-                       unhealthyThreshold: 1, healthyThreshold: 1, jitterPercent: 0}"""))
+    (config / "all.yaml").write_text(actively_checked_app(GW, port, pods))
     with scripted_backends(*pods) as (a, b), \
             tidegate_run(config, (GW, port), tmp_path / "tidegate.log", "--workers", "2", "--grace", "2") as proxy:
         workers = wait_until(lambda: len(_children(proxy.pid)) >= 2 and _children(proxy.pid), what="two workers")
