@@ -164,10 +164,8 @@ def test_split_head_keeps_end_to_end_headers_as_they_came():
 def test_the_fast_request_head_is_the_full_ones():
     """plain_request_head (forwarding headers made once per connection and host) writes exactly what
     http1.request_head writes, whatever forwarding headers the client sent."""
-    from types import SimpleNamespace
-
     from tidegate.dataplane.fastlane import plain_request_head
-    from tidegate.dataplane.http1 import Exchange, request_head
+    from tidegate.dataplane.http1 import ClientConnection, Exchange, request_head
 
     cases = [
         [("Host", "app.test"), ("User-Agent", "curl"), ("Accept", "*/*")],
@@ -176,7 +174,8 @@ def test_the_fast_request_head_is_the_full_ones():
         [("Host", "other.test"), ("Forwarded", "for=10.0.0.9"), ("X-Forwarded-Proto", "https")],
     ]
     for peer in ("127.0.0.1", "::1"):
-        conn = SimpleNamespace(peer=peer, scheme="http", forwarding=None)
+        conn = ClientConnection(lambda: None, 80)
+        conn.peer = peer
         for headers in cases * 2:  # the second time with the connection's kept forwarding headers
             ex = Exchange()
             ex.method, ex.headers = "GET", list(headers)

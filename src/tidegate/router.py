@@ -139,7 +139,7 @@ class PathTable:
         """Every candidate whose path matches, in precedence order: exact, regex, longest prefix first."""
         yield from self.exact.get(path, ())
         for candidate in self.regex:
-            if candidate.path_regex.fullmatch(path):
+            if candidate.path_regex is not None and candidate.path_regex.fullmatch(path):
                 yield candidate
         trail = [self.prefixes]
         node = self.prefixes

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from tidegate import ir
 from tidegate.balancing.state import EndpointState
@@ -18,20 +19,20 @@ class WeightedChoice:
 
     __slots__ = ("current", "equal", "items", "turn", "weights")
 
-    def __init__(self, items: list, weights: list[int]):
+    def __init__(self, items: list, weights: Sequence[float]):
         self.items = items
-        self.weights = weights
-        self.current = [0] * len(items)
+        self.weights = [float(weight) for weight in weights]
+        self.current = [0.0] * len(items)
         # Equal weights: the smooth sequence is plain turns (0, 1, 2, ...), kept by a counter.
         self.equal = len(set(weights)) <= 1
         self.turn = 0
 
-    def pick(self):
+    def pick(self) -> Any:
         if self.equal:
             turn = self.turn
             self.turn = (turn + 1) % len(self.items)
             return self.items[turn]
-        total = 0
+        total = 0.0
         best = -1
         for i, weight in enumerate(self.weights):
             self.current[i] += weight
@@ -92,7 +93,8 @@ class RoundRobin(Picker):
         # The balancer hands over the same candidate list while nothing changed: its choice, found at once.
         self._last: tuple[list, list | None, WeightedChoice] | None = None
 
-    def pick(self, candidates, states, weights, key):
+    def pick(self, candidates: list[ir.Endpoint], states: list[EndpointState], weights: list[float] | None,
+             key: str | None) -> ir.Endpoint:
         last = self._last
         if last is not None and last[0] is candidates and last[1] is weights:
             return last[2].pick()
@@ -110,7 +112,8 @@ class RoundRobin(Picker):
 
 
 class Random(Picker):
-    def pick(self, candidates, states, weights, key):
+    def pick(self, candidates: list[ir.Endpoint], states: list[EndpointState], weights: list[float] | None,
+             key: str | None) -> ir.Endpoint:
         if weights is not None:
             return random.choices(candidates, weights)[0]
         return candidates[random.randrange(len(candidates))]
@@ -126,7 +129,8 @@ class LeastRequest(Picker):
         self._turn = 0
         self._current: dict[int, float] = {}
 
-    def pick(self, candidates, states, weights, key):
+    def pick(self, candidates: list[ir.Endpoint], states: list[EndpointState], weights: list[float] | None,
+             key: str | None) -> ir.Endpoint:
         if weights is not None:
             current = self._current
             total, best, best_value = 0.0, 0, float("-inf")
@@ -142,10 +146,10 @@ class LeastRequest(Picker):
                 current.clear()
             return candidates[best]
         best_indexes: list[int] = []
-        best_load = float("inf")
+        best_load = -1  # none yet
         for i, state in enumerate(states):
             load = state.active
-            if load < best_load:
+            if best_load < 0 or load < best_load:
                 best_indexes, best_load = [i], load
             elif load == best_load:
                 best_indexes.append(i)
@@ -156,7 +160,8 @@ class LeastRequest(Picker):
 class PowerOfTwoChoices(Picker):
     """Two endpoints at random (by weight); the one with fewer requests in flight wins, a tie at random."""
 
-    def pick(self, candidates, states, weights, key):
+    def pick(self, candidates: list[ir.Endpoint], states: list[EndpointState], weights: list[float] | None,
+             key: str | None) -> ir.Endpoint:
         n = len(candidates)
         if n == 1:
             return candidates[0]
@@ -179,7 +184,8 @@ class ConsistentHash(Picker):
         self.table_size = table_size
         self._tables: dict[tuple[tuple[str, int], ...], list[int]] = {}
 
-    def pick(self, candidates, states, weights, key):
+    def pick(self, candidates: list[ir.Endpoint], states: list[EndpointState], weights: list[float] | None,
+             key: str | None) -> ir.Endpoint:
         if key is None:
             return candidates[random.randrange(len(candidates))]
         ordered = sorted(candidates, key=lambda e: (e.address, e.port))

@@ -31,8 +31,9 @@ class RouteBalancer:
 
     def backend_for(self, route: ir.HTTPRoute | ir.L4Route) -> ir.Backend | None:
         key = id(route)
-        choice = self._backends.get(key, False)
-        if choice is False:
+        if key in self._backends:
+            choice = self._backends[key]
+        else:
             live = [b for b in route.backends if b.weight > 0]
             choice = WeightedChoice(live, [b.weight for b in live]) if live else None
             self._backends[key] = choice

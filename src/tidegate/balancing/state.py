@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
+from typing import ClassVar
 
 from tidegate import ir
 
@@ -41,7 +42,7 @@ class EndpointState:
 
     # Bumped whenever some endpoint's usability may have changed (an ejection, an active-check verdict): the
     # balancer keeps each backend's candidates until it moves.
-    changes = 0
+    changes: ClassVar[int] = 0
 
     @property
     def ejected_until(self) -> float:
@@ -139,7 +140,8 @@ class Registry:
         endpoints: set[EndpointKey] = set()
         backends: set[str] = set()
         for listener in config.listeners:
-            for route in (*listener.http_routes, *listener.l4_routes):
+            routes: list[ir.HTTPRoute | ir.L4Route] = [*listener.http_routes, *listener.l4_routes]
+            for route in routes:
                 for backend in route.backends:
                     backends.add(backend.name)
                     for e in backend.endpoints:

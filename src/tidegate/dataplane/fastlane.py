@@ -147,7 +147,7 @@ class FastExchange:
         self.endpoint_state.active += 1
         self.backend_state.active += 1
         head = plain_request_head(conn, ex, host, f"{path}?{query}" if query else path)
-        conn.serving = self  # type: ignore[assignment]
+        conn.serving = self
         conn.upstream = self.upstream
         self.started = time.monotonic()
         self.upstream.start_fast(self, head, conn.body)

@@ -17,7 +17,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import parse_qs
 
 import httptools
@@ -187,8 +187,14 @@ class Exchange:
         self.lower[lname] = value
 
 
+# The client side of an exchange: a ClientConnection, or an HTTP/2 stream (http2.H2Stream) that offers the same
+# attributes and methods. The two share no base class, and compiled code (setup.py) checks a declared class at
+# run time, so what serves both says Any.
+ClientSide = Any
+
+
 class ClientConnection(asyncio.Protocol):
-    busy = 0  # requests being served right now, in this process (for a graceful stop)
+    busy: ClassVar[int] = 0  # requests being served right now, in this process (for a graceful stop)
 
     def __init__(self, site_getter: Callable[[], Site], listener_port: int, scheme: str = "http"):
         self.site_getter = site_getter
@@ -199,11 +205,14 @@ class ClientConnection(asyncio.Protocol):
         self.peer = ""
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()
-        self.serving: asyncio.Task | None = None
+        # The exchange being served: the full path's task, or a fastlane.FastExchange (done() and cancel() alike).
+        self.serving: Any = None
         self.closed = False
         self.read_paused = False
         self.write_paused = False
-        self.upstream: UpstreamConnection | None = None
+        # The endpoint connection of the exchange being served: an UpstreamConnection, or an HTTP/2 stream to an
+        # h2c endpoint (upstream_h2.H2UpstreamStream).
+        self.upstream: Any = None
         self.server_name = ""  # TLS SNI
         self.tunnel: UpstreamConnection | None = None  # set once an upgrade succeeded
         self.tunnel_pending = b""  # bytes that followed an upgrade request's head
@@ -286,11 +295,11 @@ class ClientConnection(asyncio.Protocol):
         self.last_active = time.monotonic()
         try:
             self.parser.feed_data(data)
-        except RequestRejected as exc:
-            self._reject(exc.status, str(exc))
-        except httptools.HttpParserUpgrade as exc:
+        except RequestRejected as rejected:
+            self._reject(rejected.status, str(rejected))
+        except httptools.HttpParserUpgrade as upgrade:
             # The upgrade request is queued; what follows its head belongs to the upgraded protocol.
-            self.tunnel_pending += data[exc.args[0]:]
+            self.tunnel_pending += data[upgrade.args[0]:]
             self.pause_reading()
         except httptools.HttpParserError as exc:
             cause = exc.__context__
@@ -561,13 +570,15 @@ def _drainable(ex: Exchange) -> bool:
     return ex.content_length is None or ex.content_length - ex.bytes_received <= DRAIN_LIMIT
 
 
-def finished(conn: ClientConnection | object, ex: Exchange, status: int) -> None:
+def finished(conn: ClientSide, ex: Exchange, status: int) -> None:
     """Account for a finished exchange: metrics always, an access log line when logging is on."""
     elapsed = time.monotonic() - ex.started
     METRICS.observe_request(ex.listener, ex.route, ex.method, status, elapsed,
                             ex.upstream_time if ex.endpoint else None, ex.bytes_received, ex.bytes_sent)
     log_sink = accesslog.ACCESS_LOG
-    fmt = log_sink.wants(status, ex.listener) if log_sink is not None else ""
+    if log_sink is None:
+        return
+    fmt = log_sink.wants(status, ex.listener)
     if fmt:
         headers = ex.lowered()
         log_sink.record(accesslog.Entry(
@@ -580,7 +591,7 @@ def finished(conn: ClientConnection | object, ex: Exchange, status: int) -> None
 def _split_target(target: bytes) -> tuple[str, str, str]:
     """(host from an absolute-form target or "", path, query), still percent-encoded."""
     try:
-        url = httptools.parse_url(target)
+        url: Any = httptools.parse_url(target)  # its stubs say bytes where it gives None
     except httptools.HttpParserInvalidURLError as exc:
         raise RequestRejected(400, f"invalid request target: {exc}") from exc
     host = url.host.decode("latin-1") if url.host else ""
@@ -596,7 +607,7 @@ def _split_target(target: bytes) -> tuple[str, str, str]:
 Routed = tuple  # (Site, Candidate, str, str, str, dict[str, str], tuple[ir.Backend, ir.Endpoint] | None)
 
 
-def route_request(conn: ClientConnection, ex: Exchange, site: Site) -> Routed | bool:
+def route_request(conn: ClientSide, ex: Exchange, site: Site) -> Routed | bool:
     """Find the rule for a request. When the request is answered here instead (a bad target, 421, 404), the
     answer is sent and the result says whether the connection may be kept."""
     try:
@@ -636,7 +647,7 @@ def route_request(conn: ClientConnection, ex: Exchange, site: Site) -> Routed | 
     return site, candidate, host, path, query, headers_lower, None
 
 
-async def serve_exchange(conn: ClientConnection, ex: Exchange, routed: Routed | None = None) -> bool:
+async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None = None) -> bool:
     """Serve one request; returns whether the connection may be kept open."""
     if routed is None:
         found = route_request(conn, ex, conn.site_getter())
@@ -686,7 +697,7 @@ async def serve_exchange(conn: ClientConnection, ex: Exchange, routed: Routed | 
                           mirrors, upstream_host, upstream_path, query, matched_prefix, can_keep, head_only, first)
 
 
-async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute,
+async def _forward(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRoute,
                    client_certificate: ir.Certificate | None, headers: list[tuple[str, str]],
                    headers_lower: dict[str, str], response_mods: list[dict], mirrors: list[ir.Filter],
                    upstream_host: str, upstream_path: str, query: str, matched_prefix: str | None, can_keep: bool,
@@ -701,6 +712,7 @@ async def _forward(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
     attempts = 0
     while True:
         chosen: ir.Endpoint | None = None
+        backend: ir.Backend | None
         if first is not None:
             (backend, chosen), first = first, None
         else:
@@ -838,7 +850,7 @@ class _Retry:
         self.reason = reason
 
 
-async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.HTTPRoute, backend: ir.Backend,
+async def _attempt(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRoute, backend: ir.Backend,
                    endpoint: ir.Endpoint, endpoint_state: EndpointState, headers: list[tuple[str, str]],
                    response_mods: list[dict],
                    mirrors: list[ir.Filter], upstream_host: str, upstream_path: str, query: str,
@@ -890,9 +902,9 @@ async def _attempt(conn: ClientConnection, ex: Exchange, site: Site, route: ir.H
                 return _Retry(str(exc))
             conn.send_simple(502, str(exc), close=True, head_only=head_only)
         return False
-    except _RetryStatus as exc:
-        status = exc.status
-        return _Retry(f"status {exc.status}")
+    except _RetryStatus as retry_status:
+        status = retry_status.status
+        return _Retry(f"status {retry_status.status}")
     except asyncio.CancelledError:
         client_left = True  # not the endpoint's doing: nothing to record against it
         raise
@@ -1003,7 +1015,7 @@ def request_head(ex: Exchange, headers: list[tuple[str, str]], host: str, target
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
+async def _proxy_h2(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                     headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
                     state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
                     tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None,
@@ -1034,7 +1046,7 @@ async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: 
     keep = conn.begin_response(ex, head.status, response_headers(head, response_mods), head.content_length,
                                head_only)
     state.head_sent = True
-    conn.upstream = stream  # type: ignore[assignment]
+    conn.upstream = stream
     stream.set_sink(conn.body)
     await stream.done_future
     conn.end_response()
@@ -1042,7 +1054,7 @@ async def _proxy_h2(conn: ClientConnection, ex: Exchange, site: Site, endpoint: 
     return keep
 
 
-async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.Endpoint,
+async def _proxy(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                  headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
                  state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
                  tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None,
@@ -1085,7 +1097,8 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
         else:
             conn.resume_reading()
 
-    head = await upstream.head_future  # type: ignore[arg-type]
+    assert upstream.head_future is not None and upstream.done_future is not None
+    head = await upstream.head_future
     state.status = head.status
     if head.status in retry_codes:
         raise _RetryStatus(head.status)  # nothing was sent to the client yet: another try is possible
@@ -1101,13 +1114,13 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
         if ex.method == "HEAD":
             upstream.close()
         else:
-            await upstream.done_future  # type: ignore[arg-type]
+            await upstream.done_future
         conn.end_response()
     else:
         upstream.set_sink(conn.body)
         if conn.write_paused:
             upstream.pause_reading()
-        await upstream.done_future  # type: ignore[arg-type]
+        await upstream.done_future
         conn.end_response()
     if not upstream.closed and upstream.reusable and ex.body_done:
         state.released = True
@@ -1115,7 +1128,7 @@ async def _proxy(conn: ClientConnection, ex: Exchange, site: Site, endpoint: ir.
     return client_keep
 
 
-async def _tunnel(conn: ClientConnection, upstream: UpstreamConnection, head: ResponseHead,
+async def _tunnel(conn: ClientSide, upstream: UpstreamConnection, head: ResponseHead,
                   response_mods: list[dict], state: _ProxyState) -> None:
     """After a 101: pass bytes both ways until either side closes (WebSocket and other upgrades)."""
     headers = [(n, v) for n, v in head.headers if n.lower() not in HOP_BY_HOP]
@@ -1136,7 +1149,12 @@ async def _tunnel(conn: ClientConnection, upstream: UpstreamConnection, head: Re
     upstream.on_backpressure = lambda paused: conn.pause_reading() if paused else conn.resume_reading()
     conn.resume_reading()
     upstream_closed = loop.create_future()
-    upstream.on_closed = lambda: upstream_closed.done() or upstream_closed.set_result(None)
+
+    def closed() -> None:
+        if not upstream_closed.done():
+            upstream_closed.set_result(None)
+
+    upstream.on_closed = closed
     if upstream.closed:
         upstream_closed.set_result(None)
     await asyncio.wait([conn.tunnel_closed, upstream_closed], return_when=asyncio.FIRST_COMPLETED)

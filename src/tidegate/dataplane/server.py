@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 
 from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
@@ -99,6 +100,10 @@ class DataPlane:
     def _empty_site(self) -> Site:
         return Site(None, RouteBalancer(self.registry), self.pools, self._background)
 
+    def _tls_site(self, key: tuple[str, int]) -> TLSSite | None:
+        """The certificates a listening socket serves now (its SNI callback asks on each handshake)."""
+        return self.tls_sites.get(key)
+
     async def apply(self, config: ir.IR) -> dict[tuple[str, int], tuple[str, str]]:
         """Serve `config` from now on. Returns the listeners that could not be opened, with the reason."""
         routers = {(addr or self.bind, port): router for (addr, port), router in routers_by_port(config).items()}
@@ -133,7 +138,7 @@ class DataPlane:
             if key in self.servers:
                 self.servers.pop(key).close()
             address, port = key
-            ssl_ctx = server_context(lambda key=key: self.tls_sites.get(key), identity[1],
+            ssl_ctx = server_context(partial(self._tls_site, key), identity[1],
                                      identity[2]) if scheme == "https" else None
             try:
                 server = await loop.create_server(

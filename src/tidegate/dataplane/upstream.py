@@ -149,7 +149,8 @@ class UpstreamConnection(asyncio.Protocol):
                 self.done_future.set_result(None)
             else:
                 self.done_future.set_exception(error)
-                if self.head_future is not None and self.head_future.exception() is not None:
+                head_future = self.head_future
+                if head_future is not None and (head_future.cancelled() or head_future.exception() is not None):
                     self.done_future.exception()  # nobody waits for the body of a response that never came
         self.pool.forget(self)
 
@@ -182,8 +183,8 @@ class UpstreamConnection(asyncio.Protocol):
             parser.feed_data(data)
             if self.handler is not None:
                 self.handler.upstream_read()
-        except httptools.HttpParserUpgrade as exc:
-            self.leftover += data[exc.args[0]:]
+        except httptools.HttpParserUpgrade as upgrade:
+            self.leftover += data[upgrade.args[0]:]
             self.reusable = False
         except httptools.HttpParserError as exc:
             self.reusable = False
@@ -329,7 +330,7 @@ class UpstreamConnection(asyncio.Protocol):
 
 def _check_subject_alt_names(ssl_object: ssl.SSLObject | None, wanted: tuple[str, ...]) -> str:
     """BackendTLSPolicy subjectAltNames: the endpoint's certificate must carry one of them (DNS or URI)."""
-    cert = ssl_object.getpeercert() if ssl_object is not None else None
+    cert: Any = ssl_object.getpeercert() if ssl_object is not None else None
     names = {value for kind, value in (cert or {}).get("subjectAltName", ()) if kind in ("DNS", "URI")}
     return "" if names & set(wanted) else f"certificate names {sorted(names)} include none of {list(wanted)}"
 
@@ -355,10 +356,10 @@ async def connect(factory: Callable[[], asyncio.Protocol], host: str, port: int,
     try:
         return await asyncio.wait_for(
             asyncio.get_running_loop().create_connection(factory, host, port, **extra), timeout)
-    except TimeoutError as exc:
-        raise ConnectError(f"connect to {host}:{port} timed out") from exc
-    except ssl.SSLError as exc:
-        raise UpstreamError(f"TLS to {host}:{port} failed: {exc.reason or exc}") from exc
+    except TimeoutError as timeout_error:
+        raise ConnectError(f"connect to {host}:{port} timed out") from timeout_error
+    except ssl.SSLError as tls_error:
+        raise UpstreamError(f"TLS to {host}:{port} failed: {tls_error.reason or tls_error}") from tls_error
     except OSError as exc:
         raise ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from exc
 

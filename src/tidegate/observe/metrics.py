@@ -4,6 +4,7 @@ from the configuration, method from a fixed list, status by class. Never raw pat
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -32,7 +33,7 @@ class _RequestCollector:
         self.upstream: dict[tuple[str, str], list[float]] = {}  # the same, for time spent at the endpoints
         self.transfer: dict[tuple[str, str], list[int]] = {}  # request body bytes, response body bytes
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("tidegate_http_requests", "HTTP requests answered, by listener, route, "
                                        "method and status class", labels=["listener", "route", "method", "code"])
         for key, value in list(self.requests.items()):
@@ -40,21 +41,21 @@ class _RequestCollector:
         yield requests
         duration = HistogramMetricFamily("tidegate_http_request_duration_seconds", "Time from a request's head "
                                          "to the end of its response", labels=["listener", "route"])
-        for key, counts in list(self.buckets.items()):
-            duration.add_metric(list(key), _cumulative(counts), sum_value=counts[-1])
+        for pair, counts in list(self.buckets.items()):
+            duration.add_metric(list(pair), _cumulative(counts), sum_value=counts[-1])
         yield duration
         upstream = HistogramMetricFamily("tidegate_http_upstream_duration_seconds", "Time spent waiting on "
                                          "endpoints (all tries of a request)", labels=["listener", "route"])
-        for key, counts in list(self.upstream.items()):
-            upstream.add_metric(list(key), _cumulative(counts), sum_value=counts[-1])
+        for pair, counts in list(self.upstream.items()):
+            upstream.add_metric(list(pair), _cumulative(counts), sum_value=counts[-1])
         yield upstream
         received = CounterMetricFamily("tidegate_http_request_body_bytes", "Request body bytes received from "
                                        "clients", labels=["listener", "route"])
         sent = CounterMetricFamily("tidegate_http_response_body_bytes", "Response body bytes sent to clients",
                                    labels=["listener", "route"])
-        for key, (bytes_in, bytes_out) in list(self.transfer.items()):
-            received.add_metric(list(key), bytes_in)
-            sent.add_metric(list(key), bytes_out)
+        for pair, (bytes_in, bytes_out) in list(self.transfer.items()):
+            received.add_metric(list(pair), bytes_in)
+            sent.add_metric(list(pair), bytes_out)
         yield received
         yield sent
 
@@ -64,9 +65,9 @@ class _EndpointCollector:
     when scraped. `source` returns the admin API's backends view (set by `tidegate run`)."""
 
     def __init__(self) -> None:
-        self.source = None
+        self.source: Callable[[], list[dict]] | None = None
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         labels = ["backend", "endpoint"]
         healthy = GaugeMetricFamily("tidegate_endpoint_healthy", "1 when the endpoint passes its active health "
                                     "checks (or has none), else 0", labels=labels)
@@ -91,10 +92,10 @@ class _EndpointCollector:
 class _WorkerSums:
     """The workers' data-plane counters and gauges, added up, and each worker's request count."""
 
-    def __init__(self, workers: dict[int, dict]):
+    def __init__(self, workers: dict[int | str, dict]):
         self.workers = workers
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         families: dict[str, Metric] = {}
         totals: dict[tuple[str, str, tuple], float] = {}
         for snap in list(self.workers.values()):
@@ -192,7 +193,7 @@ class Metrics:
         """In the control process of `run --workers N`: data-plane figures are the workers' sums."""
         for metric in self._data_plane_metrics():
             self.registry.unregister(metric)
-        self._workers: dict[int, dict] = {}
+        self._workers: dict[int | str, dict] = {}  # by index; and the last counts of workers gone
         self.registry.register(_WorkerSums(self._workers))
 
     def retire_worker(self, index: int) -> None:
@@ -201,7 +202,7 @@ class Metrics:
         if snap is None:
             return
         snap = {**snap, "samples": [x for x in snap["samples"] if x[1] == "counter"]}
-        self._workers[f"retired-{len(self._workers)}-{index}"] = snap  # type: ignore[index]
+        self._workers[f"retired-{len(self._workers)}-{index}"] = snap
         self.merge_worker(None, None)
 
     def merge_worker(self, index: int | None, snapshot: dict | None) -> None:
