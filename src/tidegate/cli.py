@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from tidegate import __version__
+from tidegate import __version__, compiled
 from tidegate.resources.loader import LoadResult, load_paths
 from tidegate.resources.model import Problem
 from tidegate.router import Request, explain, routers_by_port
@@ -45,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="tidegate",
         description="One program for Kubernetes load balancing: a Gateway API and Ingress controller with its "
                     "own data plane. Reads ordinary Kubernetes YAML from files, or watches a cluster.")
-    parser.add_argument("--version", action="version", version=f"tidegate {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"tidegate {__version__} (request path {compiled.describe()})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -465,6 +466,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from tidegate.translate.gateways import mark_unbindable
 
     log = logging.getLogger("tidegate")
+    log.info("tidegate %s, request path %s", __version__, compiled.describe())
     store = Store()
 
     def report(problem: Problem) -> None:
