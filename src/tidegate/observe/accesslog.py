@@ -12,7 +12,7 @@ import json
 import random
 import sys
 import time
-from typing import IO, NamedTuple
+from typing import IO
 
 _quote = json.encoder.encode_basestring_ascii  # C when available: a JSON string literal, as json.dumps writes
 # JSON string literals of the values that repeat from line to line (methods, hosts, routes, listeners,
@@ -32,25 +32,35 @@ CHOICES = (*FORMATS, "off")  # per Gateway (annotation tidegate.io/access-log) o
 BATCH = 128  # lines written together at most
 
 
-class Entry(NamedTuple):
-    time: float
-    client: str
-    method: str
-    host: str
-    target: str
-    proto: str
-    status: int
-    bytes_sent: int
-    duration: float
-    upstream_duration: float
-    route: str
-    listener: str
-    endpoint: str
-    retries: int
-    sni: str
-    request_id: str
-    referer: str
-    user_agent: str
+class Entry:
+    """One request's line, before it is formatted. A plain class: compiled (setup.py), making one is a C call,
+    where a NamedTuple's constructor runs as Python."""
+
+    __slots__ = ("bytes_sent", "client", "duration", "endpoint", "host", "listener", "method", "proto", "referer",
+                 "request_id", "retries", "route", "sni", "status", "target", "time", "upstream_duration",
+                 "user_agent")
+
+    def __init__(self, time: float, client: str, method: str, host: str, target: str, proto: str, status: int,
+                 bytes_sent: int, duration: float, upstream_duration: float, route: str, listener: str,
+                 endpoint: str, retries: int, sni: str, request_id: str, referer: str, user_agent: str):
+        self.time = time
+        self.client = client
+        self.method = method
+        self.host = host
+        self.target = target
+        self.proto = proto
+        self.status = status
+        self.bytes_sent = bytes_sent
+        self.duration = duration
+        self.upstream_duration = upstream_duration
+        self.route = route
+        self.listener = listener
+        self.endpoint = endpoint
+        self.retries = retries
+        self.sni = sni
+        self.request_id = request_id
+        self.referer = referer
+        self.user_agent = user_agent
 
 
 def parse_status_filter(spec: str) -> tuple[int, int] | None:
