@@ -8,7 +8,6 @@ held in memory. Malformed requests get 400/414/431 and are never forwarded.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import random
@@ -78,13 +77,25 @@ REASONS = {status.value: status.phrase for status in HTTPStatus}  # reason phras
 REASON_BYTES = {status: phrase.encode() for status, phrase in REASONS.items()}
 
 
-_ID_PREFIX = os.urandom(8).hex()  # unique per process; a counter makes each id unique within it
-_id_counter = itertools.count(1)
+class _RequestIds:
+    """32 hex digits, like a UUID's, unique without the cost of uuid4() per request: 16 random ones for the
+    process, then a counter that starts at 2**60, so that it always has 16 digits (no format spec: compiled,
+    one costs a generic call)."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.count = 1 << 60
+
+    def next(self) -> str:
+        self.count += 1
+        return self.prefix + hex(self.count)[2:]
+
+
+_REQUEST_IDS = _RequestIds()
 
 
 def new_request_id() -> str:
-    """32 hex digits, like a UUID's, unique without the cost of uuid4() per request."""
-    return f"{_ID_PREFIX}{next(_id_counter):016x}"
+    return _REQUEST_IDS.next()
 
 
 class RequestRejected(Exception):
@@ -590,6 +601,11 @@ def finished(conn: ClientSide, ex: Exchange, status: int) -> None:
 
 def _split_target(target: bytes) -> tuple[str, str, str]:
     """(host from an absolute-form target or "", path, query), still percent-encoded."""
+    if target[:1] == b"/" and target[1:2] != b"/" and b"#" not in target:
+        # The usual origin form ("/path?query"), which llhttp has checked already: split here, as parse_url
+        # would (tests/test_request_parsing.py compares the two).
+        raw_path, _, raw_query = target.partition(b"?")
+        return "", raw_path.decode("latin-1"), raw_query.decode("latin-1")
     try:
         url: Any = httptools.parse_url(target)  # its stubs say bytes where it gives None
     except httptools.HttpParserInvalidURLError as exc:

@@ -47,6 +47,11 @@ HOP_BY_HOP_BYTES = frozenset({b"connection", b"keep-alive", b"proxy-connection",
                               b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
 
 
+# The lengths of those names and of content-length: a line whose name has another length is passed on as it is,
+# without lowering or hashing its name.
+_LENGTHS_TO_LOOK_AT = frozenset({len(name) for name in HOP_BY_HOP_BYTES} | {len(b"content-length")})
+
+
 def split_head(raw: bytes) -> tuple[list[bytes], int | None, bool]:
     """A response head as the endpoint sent it (status line first, no final CRLF CRLF; llhttp has checked
     it): the header lines to pass on as they are, the Content-Length, and whether the body is chunked."""
@@ -54,21 +59,28 @@ def split_head(raw: bytes) -> tuple[list[bytes], int | None, bool]:
     kept: list[bytes] = []
     content_length: int | None = None
     chunked = False
-    tokens: set[bytes] = set()
-    for line in lines[1:]:
-        name, _, value = line.partition(b":")
-        lname = name.lower()
+    tokens: list[bytes] = []  # header names the Connection header makes hop-by-hop too
+    for i in range(1, len(lines)):
+        line = lines[i]
+        colon = line.find(b":")
+        if colon not in _LENGTHS_TO_LOOK_AT:
+            kept.append(line)
+            continue
+        lname = line[:colon].lower()
         if lname in HOP_BY_HOP_BYTES:
+            value = line[colon + 1:].strip(b" \t").lower()
             if lname == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            elif lname == b"connection":
-                tokens.update(t.strip().lower() for t in value.split(b","))
+                chunked = b"chunked" in value
+            elif lname == b"connection" and value != b"keep-alive" and value != b"close":
+                for token in value.split(b","):
+                    token = token.strip(b" \t")
+                    if token and token != b"keep-alive" and token != b"close":
+                        tokens.append(token)
             continue
         if lname == b"content-length":
-            content_length = int(value)
+            content_length = int(line[colon + 1:])
         kept.append(line)
-    tokens -= {b"keep-alive", b"close", b""}
-    if tokens:  # headers the endpoint named hop-by-hop in its Connection header
+    if tokens:
         kept = [line for line in kept if line.partition(b":")[0].lower() not in tokens]
     return kept, content_length, chunked
 
