@@ -477,6 +477,9 @@ def main() -> int:
         print(f"missing: {', '.join(missing)}. Install them with:\n  sudo apt-get install {packages}",
               file=sys.stderr)
         return 2
+    running = version([str(ROOT / ".venv" / "bin" / "tidegate"), "--version"])
+    if "compiled with mypyc" not in running:  # the figures would be the Python copies' (about half)
+        print(f"warning: {running}. scripts/bootstrap compiles the request path.", file=sys.stderr)
     if (os.cpu_count() or 1) < 2:
         print("needs 2 cores: one for the proxy, one for the load", file=sys.stderr)
         return 2
@@ -610,8 +613,8 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
         f"- {version(['haproxy', '-v'])}",
         f"- {version(['nginx', '-v'])}",
         f"- {version(['wrk', '-v'])}; {version(['h2load', '--version'])}",
-        f"- tidegate {version([str(ROOT / '.venv' / 'bin' / 'tidegate'), '--version']).split()[-1]} "
-        f"(Python {sys.version.split()[0]}, uvloop, httptools), one worker process, with Prometheus metrics and a "
+        f"- {version([str(ROOT / '.venv' / 'bin' / 'tidegate'), '--version'])}, on Python "
+        f"{sys.version.split()[0]} with uvloop and httptools; one worker process, with Prometheus metrics and a "
         "JSON access log to a file on (HAProxy and nginx log nothing); \"tidegate, no log\" is the same without "
         "the access log",
         "",

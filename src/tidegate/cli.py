@@ -45,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="tidegate",
         description="One program for Kubernetes load balancing: a Gateway API and Ingress controller with its "
                     "own data plane. Reads ordinary Kubernetes YAML from files, or watches a cluster.")
-    parser.add_argument("--version", action="version",
-                        version=f"tidegate {__version__} (request path {compiled.describe()})")
+    # Printed by main, on one line (argparse's version action wraps it to the terminal's width).
+    parser.add_argument("--version", action="store_true",
+                        help="print the version, and whether the request path runs compiled, then exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser, positional: bool = True) -> None:
@@ -148,6 +149,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.version:
+        print(f"tidegate {__version__} (request path {compiled.describe()})")
+        return EXIT_OK
     if not args.command:
         parser.print_help()
         return EXIT_USAGE

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from tidegate.balancing.outlier import record_outcome
 from tidegate.balancing.retry import IDEMPOTENT
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from tidegate.router import Candidate
 
 log = logging.getLogger("tidegate.http")
-NO_MODS: list[dict] = []  # response header changes: none on the fast lane
+NO_MODS: Final[list[dict]] = []  # response header changes: none on the fast lane
 
 
 def plain_rule(candidate: Candidate) -> bool:
@@ -88,7 +88,7 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
 
 # Request headers that make plain_request_head leave the work to http1.request_head: forwarding headers to
 # extend, or a Connection header that may name more hop-by-hop ones.
-_NOT_PLAIN = ("connection", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "via")
+_NOT_PLAIN: Final = ("connection", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "via")
 
 
 def plain_request_head(conn: http1.ClientConnection, ex: http1.Exchange, host: str, target: str) -> bytes:
@@ -107,13 +107,14 @@ def plain_request_head(conn: http1.ClientConnection, ex: http1.Exchange, host: s
                 f"Forwarded: {http1.forwarded_element(conn.peer, conn.scheme, original_host)}\r\n"
                 f"Via: {http1.VIA}\r\n\r\n")
         suffix = conn.forwarding = (original_host, text)
-    lines = [f"{ex.method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    skip = http1.NOT_FORWARDED
-    for (name, value), lname in zip(ex.headers, ex.lnames, strict=True):
-        if lname not in skip:
-            lines.append(f"{name}: {value}\r\n")
-    lines.append(suffix[1])
-    return "".join(lines).encode("latin-1")
+    parts = [ex.method, " ", target, " HTTP/1.1\r\nHost: ", host, "\r\n"]
+    headers, lnames, skip = ex.headers, ex.lnames, http1.NOT_FORWARDED
+    for i in range(len(headers)):
+        if lnames[i] not in skip:
+            name, value = headers[i]
+            parts += (name, ": ", value, "\r\n")
+    parts.append(suffix[1])
+    return "".join(parts).encode("latin-1")
 
 
 class FastExchange:

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import parse_qs
 
 import httptools
@@ -54,27 +54,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tidegate.http")
 
-MAX_HEADER_COUNT = 100
-MAX_HEADER_BYTES = 64 * 1024
-MAX_URL_BYTES = 8 * 1024
-BODY_BUFFER_LIMIT = 256 * 1024  # bytes of request body held before the client is paused
-MAX_PIPELINED = 8  # requests read ahead of the one being answered
+MAX_HEADER_COUNT: Final = 100
+MAX_HEADER_BYTES: Final = 64 * 1024
+MAX_URL_BYTES: Final = 8 * 1024
+BODY_BUFFER_LIMIT: Final = 256 * 1024  # bytes of request body held before the client is paused
+MAX_PIPELINED: Final = 8  # requests read ahead of the one being answered
 # An endpoint that answers before the request body is in (a 401 or 413 to an upload) leaves the rest of the
 # body on the wire. Like nginx, read and drop it, up to these limits, to keep the connection: a client
 # still writing its upload when the connection closed might never read the answer.
-DRAIN_LIMIT = 8 * 1024 * 1024
-DRAIN_SECONDS = 5.0
-IDLE_TIMEOUT = 60.0
-CONNECT_TIMEOUT = 5.0
-HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
+DRAIN_LIMIT: Final = 8 * 1024 * 1024
+DRAIN_SECONDS: Final = 5.0
+IDLE_TIMEOUT: Final = 60.0
+CONNECT_TIMEOUT: Final = 5.0
+HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
                         "upgrade", "proxy-authenticate", "proxy-authorization"})
-VIA = "1.1 tidegate"
+VIA: Final = "1.1 tidegate"
 # Request headers never passed on as they are: hop-by-hop ones, those tidegate writes itself, and the three it
 # extends (X-Forwarded-For, Forwarded, Via).
-NOT_FORWARDED = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "forwarded", "via"}
+NOT_FORWARDED: Final = HOP_BY_HOP | {"host", "content-length", "expect", "x-forwarded-for", "forwarded", "via"}
 
-REASONS = {status.value: status.phrase for status in HTTPStatus}  # reason phrases the clients see
-REASON_BYTES = {status: phrase.encode() for status, phrase in REASONS.items()}
+REASONS: Final = {status.value: status.phrase for status in HTTPStatus}  # reason phrases the clients see
+REASON_BYTES: Final = {status: phrase.encode() for status, phrase in REASONS.items()}
+_PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}  # access-log names, made once
 
 
 class _RequestIds:
@@ -594,7 +595,7 @@ def finished(conn: ClientSide, ex: Exchange, status: int) -> None:
         headers = ex.lowered()
         log_sink.record(accesslog.Entry(
             time.time(), getattr(conn, "peer", ""), ex.method, headers.get("host", ""),
-            ex.target.decode("latin-1"), f"HTTP/{ex.version}", status, ex.bytes_sent, elapsed, ex.upstream_time,
+            ex.target.decode("latin-1"), _PROTOCOLS.get(ex.version) or f"HTTP/{ex.version}", status, ex.bytes_sent, elapsed, ex.upstream_time,
             ex.route, ex.listener, ex.endpoint, ex.retries, getattr(conn, "server_name", ""), ex.request_id,
             headers.get("referer", ""), headers.get("user-agent", "")), fmt)
 

@@ -12,7 +12,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 import httptools
 
@@ -43,13 +43,13 @@ class ResponseHead:
 
 
 # Response headers never passed on (RFC 9110 §7.6.1), as the bytes split_head compares.
-HOP_BY_HOP_BYTES = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+HOP_BY_HOP_BYTES: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
                               b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
 
 
 # The lengths of those names and of content-length: a line whose name has another length is passed on as it is,
 # without lowering or hashing its name.
-_LENGTHS_TO_LOOK_AT = frozenset({len(name) for name in HOP_BY_HOP_BYTES} | {len(b"content-length")})
+_LENGTHS_TO_LOOK_AT: Final = frozenset({len(name) for name in HOP_BY_HOP_BYTES} | {len(b"content-length")})
 
 
 def split_head(raw: bytes) -> tuple[list[bytes], int | None, bool]:
