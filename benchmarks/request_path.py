@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.manifests import http_gateway, route, service  # noqa: E402
+from tidegate import compiled  # noqa: E402
 from tidegate.balancing.balancer import RouteBalancer  # noqa: E402
 from tidegate.balancing.state import Registry  # noqa: E402
 from tidegate.dataplane.http1 import ClientConnection  # noqa: E402
@@ -118,13 +119,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50_000, help="per round")
     parser.add_argument("--rounds", type=int, default=5, help="the best round is reported")
     parser.add_argument("--log", action="store_true", help="with the JSON access log on (to /dev/null)")
-    parser.add_argument("--profile", action="store_true", help="cProfile the loop (slows it down)")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the loop (slows it down; it sees into the request path only when that runs "
+                             "as Python: TIDEGATE_PURE_PYTHON=1, or perf record -g for the compiled one)")
     args = parser.parse_args()
     if args.log:
         accesslog.ACCESS_LOG = accesslog.AccessLog("json", "/dev/null")
     per_request = asyncio.run(run(args.requests, args.rounds, args.profile))
     if args.profile:
         return
+    print(f"request path {compiled.describe()}")
     print(f"{per_request * 1e6:.2f} µs of Python per request ({1 / per_request:,.0f} requests per CPU-second "
           f"before system calls){' with the JSON access log' if args.log else ''}")
     if accesslog.ACCESS_LOG is not None:
