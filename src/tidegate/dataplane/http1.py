@@ -213,7 +213,7 @@ class ClientConnection(asyncio.Protocol):
         self.listener_port = listener_port
         self.scheme = scheme
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
+        self.parser: Any = httptools.HttpRequestParser(self)  # None once the connection is gone
         self.peer = ""
         self.current: Exchange | None = None
         self.queue: deque[Exchange] = deque()
@@ -238,8 +238,7 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = 0  # response body bytes of the exchange being served
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_active = time.monotonic()
-        self._drain = asyncio.Event()
-        self._drain.set()
+        self._drain: asyncio.Event | None = None  # made when writing first pauses: most connections never do
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -273,11 +272,16 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         METRICS.connections.dec()
         self.closed = True
-        self._drain.set()
+        if self._drain is not None:
+            self._drain.set()
         if self.tunnel_closed is not None and not self.tunnel_closed.done():
             self.tunnel_closed.set_result(None)
         if self.idle_handle:
             self.idle_handle.cancel()
+            self.idle_handle = None
+        # The parsers hold this connection as their callbacks: without them, what is left of it is freed when
+        # the last reference goes, not by the cyclic garbage collector.
+        self.parser = None
         if self.serving is not None and not self.serving.done():
             self.serving.cancel()
         if self.upstream is not None:
@@ -285,13 +289,16 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self._drain is None:
+            self._drain = asyncio.Event()
         self._drain.clear()
         if self.upstream is not None:
             self.upstream.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self._drain.set()
+        if self._drain is not None:
+            self._drain.set()
         if self.upstream is not None:
             self.upstream.resume_reading()
 
@@ -489,7 +496,8 @@ class ClientConnection(asyncio.Protocol):
             self.write(b"")
 
     async def drain(self) -> None:
-        await self._drain.wait()
+        if self._drain is not None:
+            await self._drain.wait()
 
     # -- the response side, as serve_exchange uses it (HTTP/2 streams offer the same methods) --------------
     def send_continue(self) -> None:
