@@ -470,6 +470,8 @@ def main() -> int:
     parser.add_argument("--profile", metavar="FILE", help="record where tidegate spends its time with py-spy "
                                                           "(pip install py-spy) during its first scenario: a "
                                                           "collapsed-stack file for flame graphs")
+    parser.add_argument("--scenario", metavar="TEXT", help="run only the scenarios whose name contains TEXT (no "
+                                                           "report file is written, no control-plane figures)")
     args = parser.parse_args()
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
@@ -484,6 +486,10 @@ def main() -> int:
         print("needs 2 cores: one for the proxy, one for the load", file=sys.stderr)
         return 2
     groups = [dataclasses.replace(GROUPS[0], scenarios=GROUPS[0].scenarios[:1])] if args.quick else GROUPS
+    if args.scenario:
+        groups = [dataclasses.replace(g, scenarios=[s for s in g.scenarios if args.scenario in s.name])
+                  for g in groups]
+        groups = [g for g in groups if g.scenarios]
     results: list[Result] = []
     control: list[str] = []
     profiled = False
@@ -571,13 +577,13 @@ def main() -> int:
                 stack.stop([proc for proc, _ in started.values()])
         finally:
             stack.stop()
-        if not args.quick and not args.only:
+        if not args.quick and not args.only and not args.scenario:
             with tempfile.TemporaryDirectory(prefix="tidegate-cp-") as cpdir:
                 control = control_plane_figures(Path(cpdir))
             for line in control:
                 print(line)
     report = render(results, groups, args.seconds, control, metrics_cost(), args.repeat)
-    if not args.only:
+    if not args.only and not args.scenario:
         (ROOT / "benchmarks" / "RESULTS.md").write_text(report)
     print("\n" + report)
     return 0

@@ -65,9 +65,11 @@ class Transport:
         raise AssertionError("the connection was closed")
 
 
-def site() -> Site:
+def site(hosts: int) -> Site:
     text = http_gateway("127.0.0.1", 8080) + service("app", [("127.0.0.2", 8081, "p1"), ("127.0.0.3", 8081, "p2")])
     text += route("app", "app.bench.local", "- backendRefs: [{name: app, port: 80}]")
+    for i in range(1, hosts + 1):  # one HTTPRoute per hostname, as benchmarks/proxies.py's 1,000-hostname group
+        text += route(f"h{i}", f"h{i}.bench.local", "- backendRefs: [{name: app, port: 80}]")
     loaded = load_text(text, "bench")
     assert not loaded.errors, loaded.errors
     routing = translate(loaded.resources).ir
@@ -75,8 +77,8 @@ def site() -> Site:
     return Site(router, RouteBalancer(Registry()), PoolSet())
 
 
-async def run(requests: int, rounds: int, profile: bool) -> float:
-    serving = site()
+async def run(requests: int, rounds: int, profile: bool, hosts: int = 0) -> float:
+    serving = site(hosts)
     client = ClientConnection(lambda: serving, 8080)
     client.connection_made(Transport("127.0.0.1"))
     upstreams = {}
@@ -87,8 +89,13 @@ async def run(requests: int, rounds: int, profile: bool) -> float:
         pool.release(upstream)
         upstreams[address] = upstream
 
+    # With --hosts, each request names the next of the hostnames, as wrk's script does in proxies.py.
+    heads = [REQUEST.replace(b"app.bench.local", b"h%d.bench.local" % i) for i in range(1, hosts + 1)] or [REQUEST]
+    turn = [0]
+
     def one() -> None:
-        client.data_received(REQUEST)
+        turn[0] = (turn[0] + 1) % len(heads)
+        client.data_received(heads[turn[0]])
         upstream = client.upstream
         assert upstream is not None, "the request did not take the fast lane"
         upstream.data_received(ANSWER)
@@ -119,18 +126,21 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50_000, help="per round")
     parser.add_argument("--rounds", type=int, default=5, help="the best round is reported")
     parser.add_argument("--log", action="store_true", help="with the JSON access log on (to /dev/null)")
+    parser.add_argument("--hosts", type=int, default=0, metavar="N",
+                        help="N HTTPRoutes with their own hostnames, each request to the next of them")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the loop (slows it down; it sees into the request path only when that runs "
                              "as Python: TIDEGATE_PURE_PYTHON=1, or perf record -g for the compiled one)")
     args = parser.parse_args()
     if args.log:
         accesslog.ACCESS_LOG = accesslog.AccessLog("json", "/dev/null")
-    per_request = asyncio.run(run(args.requests, args.rounds, args.profile))
+    per_request = asyncio.run(run(args.requests, args.rounds, args.profile, args.hosts))
     if args.profile:
         return
     print(f"request path {compiled.describe()}")
     print(f"{per_request * 1e6:.2f} µs of Python per request ({1 / per_request:,.0f} requests per CPU-second "
-          f"before system calls){' with the JSON access log' if args.log else ''}")
+          f"before system calls){' with the JSON access log' if args.log else ''}"
+          f"{f', over {args.hosts} hostnames' if args.hosts else ''}")
     if accesslog.ACCESS_LOG is not None:
         accesslog.ACCESS_LOG.close()
 
