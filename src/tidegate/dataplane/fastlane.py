@@ -142,7 +142,7 @@ class FastExchange:
 
     def start(self, host: str, path: str, query: str) -> None:
         conn, ex, candidate = self.conn, self.ex, self.routed[1]
-        http1.ClientConnection.busy += 1
+        http1.IN_FLIGHT.count += 1
         ex.route, ex.listener = candidate.route.name, candidate.listener
         ex.endpoint = f"{self.endpoint.address}:{self.endpoint.port}"
         self.endpoint_state.active += 1
@@ -240,7 +240,7 @@ class FastExchange:
         state = self.endpoint_state
         state.active -= 1
         self.backend_state.active -= 1
-        http1.ClientConnection.busy -= 1
+        http1.IN_FLIGHT.count -= 1
         if endpoint_outcome:
             state.record(status, seconds)
             policy = self.backend.policy

@@ -16,7 +16,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
 
 import httptools
@@ -76,6 +76,20 @@ NOT_FORWARDED: Final = HOP_BY_HOP | {"host", "content-length", "expect", "x-forw
 REASONS: Final = {status.value: status.phrase for status in HTTPStatus}  # reason phrases the clients see
 REASON_BYTES: Final = {status: phrase.encode() for status, phrase in REASONS.items()}
 _PROTOCOLS: Final = {"1.1": "HTTP/1.1", "1.0": "HTTP/1.0", "2": "HTTP/2"}  # access-log names, made once
+
+
+class InFlight:
+    """Requests being served right now, in this process, on any protocol (a graceful stop waits for them). An
+    instance, not a class attribute: setting a class attribute on each request would invalidate the
+    interpreter's caches of the class."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+IN_FLIGHT: Final = InFlight()
 
 
 class _RequestIds:
@@ -206,7 +220,6 @@ ClientSide = Any
 
 
 class ClientConnection(asyncio.Protocol):
-    busy: ClassVar[int] = 0  # requests being served right now, in this process (for a graceful stop)
 
     def __init__(self, site_getter: Callable[[], Site], listener_port: int, scheme: str = "http"):
         self.site_getter = site_getter
@@ -430,7 +443,7 @@ class ClientConnection(asyncio.Protocol):
 
     async def _serve(self, ex: Exchange, routed: Routed | None) -> None:
         keep = False
-        ClientConnection.busy += 1
+        IN_FLIGHT.count += 1
         self.last_status = self.bytes_out = 0
         try:
             keep = await serve_exchange(self, ex, routed)
@@ -441,7 +454,7 @@ class ClientConnection(asyncio.Protocol):
             if not self.closed:
                 self.send_simple(500, "internal error", close=True)
         finally:
-            ClientConnection.busy -= 1
+            IN_FLIGHT.count -= 1
             ex.bytes_sent = self.bytes_out
             finished(self, ex, self.last_status)
         if keep and ex.has_body and not ex.body_done and not self.closed:

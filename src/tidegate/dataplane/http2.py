@@ -19,7 +19,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from tidegate.dataplane.http1 import BODY_BUFFER_LIMIT, REASONS, Exchange, finished, serve_exchange
+from tidegate.dataplane.http1 import BODY_BUFFER_LIMIT, IN_FLIGHT, REASONS, Exchange, finished, serve_exchange
 from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
@@ -204,9 +204,7 @@ class H2ServerConnection(asyncio.Protocol):
         stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
 
     async def _serve(self, stream: H2Stream) -> None:
-        from tidegate.dataplane.http1 import ClientConnection
-
-        ClientConnection.busy += 1
+        IN_FLIGHT.count += 1
         try:
             await serve_exchange(stream, stream.ex)  # type: ignore[arg-type]
             finished(stream, stream.ex, stream.last_status)
@@ -221,7 +219,7 @@ class H2ServerConnection(asyncio.Protocol):
                 except h2.exceptions.ProtocolError:
                     pass
         finally:
-            ClientConnection.busy -= 1
+            IN_FLIGHT.count -= 1
 
     def _on_data(self, stream_id: int, data: bytes, flow_length: int) -> None:
         """Request body bytes. The client's window is granted back only once they are on their way to the

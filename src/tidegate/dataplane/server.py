@@ -18,7 +18,7 @@ from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.health import HealthChecker
 from tidegate.balancing.state import Registry
-from tidegate.dataplane.http1 import ClientConnection
+from tidegate.dataplane.http1 import IN_FLIGHT, ClientConnection
 from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool, backend_tls_context
 from tidegate.dataplane.upstream_h2 import H2EndpointPool
@@ -179,7 +179,7 @@ class DataPlane:
         for server in self.servers.values():
             server.close()
         deadline = asyncio.get_running_loop().time() + grace
-        while ClientConnection.busy and asyncio.get_running_loop().time() < deadline:
+        while IN_FLIGHT.count and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         self.servers.clear()
         await self.health.close()
