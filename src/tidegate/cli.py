@@ -461,7 +461,7 @@ async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from tidegate.dataplane.server import DataPlane
+    from tidegate.dataplane.server import DataPlane, freeze_startup_heap
     from tidegate.observe import accesslog
     from tidegate.observe.admin import RunState, start_admin
     from tidegate.observe.metrics import METRICS
@@ -573,6 +573,7 @@ async def _serve(args: argparse.Namespace) -> int:
             METRICS.config_version.set(snapshot.version)
             _log_translation(log, snapshot.version, translation)
             log.info("serving config version %d", snapshot.version)
+            freeze_startup_heap()
 
     tasks = [asyncio.create_task(source.watch()), asyncio.create_task(follow())]
     if elector is not None and writer is not None:

@@ -221,7 +221,7 @@ def worker_main(conn: Connection, index: int, options: WorkerOptions) -> None:
 
 
 async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
-    from tidegate.dataplane.server import DataPlane
+    from tidegate.dataplane.server import DataPlane, freeze_startup_heap
     from tidegate.observe import accesslog
     from tidegate.observe.metrics import METRICS
 
@@ -265,6 +265,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
                 logging.getLogger("tidegate.workers").exception("worker %d: config %d not applied", index, version)
                 errors = {}
             conn.send(("applied", version, errors))
+            freeze_startup_heap()
         elif kind == "health":
             _, address, port, check, healthy = message
             dataplane.registry.endpoint(address, port).set_check(check, healthy)

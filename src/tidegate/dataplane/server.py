@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import gc
 import logging
 from dataclasses import dataclass, field
 from functools import partial
@@ -184,3 +185,15 @@ class DataPlane:
         self.servers.clear()
         await self.health.close()
         self.pools.close()
+
+
+def freeze_startup_heap() -> None:
+    """Once, when the first configuration serves: collect what starting up left behind, then move every object
+    that exists now (schemas, modules, the first configuration) out of the cyclic collector's sight. Its full
+    collections then scan only what came later: with a new connection per request, full collections over
+    the startup heap took 25 ms each, the p99 of that benchmark. Objects are still freed as usual when their
+    last reference goes."""
+    if gc.get_freeze_count():
+        return
+    gc.collect()
+    gc.freeze()
