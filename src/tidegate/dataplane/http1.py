@@ -66,8 +66,8 @@ DRAIN_LIMIT: Final = 8 * 1024 * 1024
 DRAIN_SECONDS: Final = 5.0
 IDLE_TIMEOUT: Final = 60.0
 CONNECT_TIMEOUT: Final = 5.0
-HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding",
-                        "upgrade", "proxy-authenticate", "proxy-authorization"})
+HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
+                               "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"})
 VIA: Final = "1.1 tidegate"
 # Request headers never passed on as they are: hop-by-hop ones, those tidegate writes itself, and the three it
 # extends (X-Forwarded-For, Forwarded, Via).
@@ -220,7 +220,6 @@ ClientSide = Any
 
 
 class ClientConnection(asyncio.Protocol):
-
     def __init__(self, site_getter: Callable[[], Site], listener_port: int, scheme: str = "http"):
         self.site_getter = site_getter
         self.listener_port = listener_port
@@ -292,8 +291,8 @@ class ClientConnection(asyncio.Protocol):
         if self.idle_handle:
             self.idle_handle.cancel()
             self.idle_handle = None
-        # The parsers hold this connection as their callbacks: without them, what is left of it is freed when
-        # the last reference goes, not by the cyclic garbage collector.
+        # The parser holds this connection as its callbacks: without it, what is left of the connection is freed
+        # when the last reference goes, not by the cyclic garbage collector.
         self.parser = None
         if self.serving is not None and not self.serving.done():
             self.serving.cancel()
@@ -616,7 +615,8 @@ def finished(conn: ClientSide, ex: Exchange, status: int) -> None:
         headers = ex.lowered()
         log_sink.record(accesslog.Entry(
             time.time(), getattr(conn, "peer", ""), ex.method, headers.get("host", ""),
-            ex.target.decode("latin-1"), _PROTOCOLS.get(ex.version) or f"HTTP/{ex.version}", status, ex.bytes_sent, elapsed, ex.upstream_time,
+            ex.target.decode("latin-1"), _PROTOCOLS.get(ex.version) or f"HTTP/{ex.version}", status,
+            ex.bytes_sent, elapsed, ex.upstream_time,
             ex.route, ex.listener, ex.endpoint, ex.retries, getattr(conn, "server_name", ""), ex.request_id,
             headers.get("referer", ""), headers.get("user-agent", "")), fmt)
 
