@@ -196,3 +196,21 @@ def test_a_sticky_cookie_pins_a_client_to_its_pod(tmp_path):
                 assert _pod(body) == first
             pinned.add(first)
         assert len(pinned) > 1  # clients are spread, each one stays put
+
+
+def test_a_reused_connection_the_pod_dropped_is_tried_again_on_the_full_path(tmp_path):
+    """As on the fast lane (test_fastlane.py), but for a rule the full path serves (it has a filter) and with
+    no retry policy at all: a kept connection the pod closes unanswered as it is reused costs the client
+    nothing for a GET; the request goes again on a new connection to the same pod."""
+    port, pod_port = free_port(GW), free_port("127.0.2.40")
+    pods = [("127.0.2.40", pod_port, "pod-a")]
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(http_gateway(GW, port) + service("app", pods) + route("app", "", """
+        - filters: [{type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-Path, value: full}]}}]
+          backendRefs: [{name: app, port: 80}]"""))
+    with scripted_backends(*pods) as (pod,), tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+        pod.mode = "drop-reused"
+        statuses = [request(GW, port, "/")[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert pod.requests == 5  # 1 answered; then twice: dropped on the kept connection, answered on a new one

@@ -44,7 +44,14 @@ from tidegate.dataplane.filters import (
 )
 from tidegate.dataplane import fastlane
 from tidegate.dataplane.tls import take_server_name
-from tidegate.dataplane.upstream import ConnectError, ResponseHead, UpstreamConnection, UpstreamError
+from tidegate.dataplane.upstream import (
+    ClosedUnanswered,
+    ConnectError,
+    EndpointPool,
+    ResponseHead,
+    UpstreamConnection,
+    UpstreamError,
+)
 from tidegate.observe import accesslog
 from tidegate.observe.metrics import METRICS
 from tidegate.router import Request, normalize_host
@@ -1092,24 +1099,32 @@ async def _proxy_h2(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.End
     return keep
 
 
+async def _acquire(pool: EndpointPool, connect_timeout: float, backend_state: BackendState | None
+                   ) -> UpstreamConnection:
+    """A connection from the pool: an idle kept one, or a new one (counted as pending for the circuit
+    breaker's maxPendingRequests while it opens)."""
+    if pool.idle or backend_state is None:
+        return await pool.acquire(connect_timeout)
+    backend_state.pending += 1
+    try:
+        return await pool.acquire(connect_timeout)
+    finally:
+        backend_state.pending -= 1
+
+
 async def _proxy(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.Endpoint,
                  headers: list[tuple[str, str]], host: str, target: str, response_mods: list[dict],
                  state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
                  tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None,
                  connect_timeout: float = CONNECT_TIMEOUT, backend_state: BackendState | None = None) -> bool:
     pool = site.pools.pool(endpoint.address, endpoint.port, tls, client_certificate)
-    if pool.idle or backend_state is None:
-        upstream = await pool.acquire(connect_timeout)
-    else:
-        backend_state.pending += 1  # waiting for a new connection (the circuit breaker's maxPendingRequests)
-        try:
-            upstream = await pool.acquire(connect_timeout)
-        finally:
-            backend_state.pending -= 1
+    upstream = await _acquire(pool, connect_timeout, backend_state)
+    reused = upstream.idle_since > 0.0  # it served an exchange before, and waited in the pool since
     state.upstream = upstream
     conn.upstream = upstream
     original_host = get_header(ex.headers, "host") or host
-    upstream.start_exchange(request_head(ex, headers, host, target, conn.peer, conn.scheme, original_host))
+    request_bytes = request_head(ex, headers, host, target, conn.peer, conn.scheme, original_host)
+    upstream.start_exchange(request_bytes)
     if ex.expect_continue and not ex.body_done:
         conn.send_continue()
 
@@ -1135,8 +1150,24 @@ async def _proxy(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.Endpoi
         else:
             conn.resume_reading()
 
-    assert upstream.head_future is not None and upstream.done_future is not None
-    head = await upstream.head_future
+    assert upstream.head_future is not None
+    try:
+        head = await upstream.head_future
+    except ClosedUnanswered:
+        # A kept connection the endpoint closed just as it was reused (its idle timeout and ours met): the
+        # request was most likely never read. A body-less idempotent one goes again, once, on another connection
+        # to the same endpoint, as the fast lane does; not a retry of the route's or the backend's policy.
+        if not reused or ex.has_body or ex.method not in IDEMPOTENT:
+            raise
+        upstream.close()
+        ex.retries += 1
+        upstream = await _acquire(pool, connect_timeout, backend_state)
+        state.upstream = upstream
+        conn.upstream = upstream
+        upstream.start_exchange(request_bytes)
+        assert upstream.head_future is not None
+        head = await upstream.head_future
+    assert upstream.done_future is not None
     state.status = head.status
     if head.status in retry_codes:
         raise _RetryStatus(head.status)  # nothing was sent to the client yet: another try is possible

@@ -28,6 +28,11 @@ class ConnectError(UpstreamError):
     """No connection could be made: nothing of the request was sent, so any request may go elsewhere."""
 
 
+class ClosedUnanswered(UpstreamError):
+    """The endpoint closed the connection before a byte of the response came. On a kept connection reused
+    just as the endpoint's idle timeout closed it, the request was most likely never read."""
+
+
 class ResponseHead:
     __slots__ = ("chunked", "content_length", "headers", "keep_alive", "lnames", "reason", "status", "version")
 
@@ -145,7 +150,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._can_write.set()
         if self.on_closed is not None:
             self.on_closed()
-        error = UpstreamError(f"endpoint closed the connection{': ' + str(exc) if exc else ''}")
+        unanswered = self._feeding is None and self.head is None  # not a byte of a response yet
+        error = (ClosedUnanswered if unanswered else UpstreamError)(
+            f"endpoint closed the connection{': ' + str(exc) if exc else ''}")
         if self.handler is not None:
             self.pool.forget(self)
             if self.close_delimited:
