@@ -49,7 +49,8 @@ class ResponseHead:
 
 # Response headers never passed on (RFC 9110 §7.6.1), as the bytes split_head compares.
 HOP_BY_HOP_BYTES: Final = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
-                              b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization"})
+                                     b"transfer-encoding", b"upgrade", b"proxy-authenticate",
+                                     b"proxy-authorization"})
 
 
 # The lengths of those names and of content-length: a line whose name has another length is passed on as it is,
