@@ -15,7 +15,6 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from tidegate.balancing.outlier import record_outcome
-from tidegate.balancing.retry import IDEMPOTENT
 from tidegate.dataplane import http1
 from tidegate.observe.metrics import METRICS
 
@@ -202,16 +201,17 @@ class FastExchange:
         conn.serving = None
         conn.served(self.ex, self.keep)
 
-    def upstream_failed(self, error: UpstreamError | None, closed: bool = False) -> None:
-        """The endpoint closed or reset the connection (`closed`), or sent something that is not HTTP."""
+    def upstream_failed(self, error: UpstreamError | None) -> None:
+        """The endpoint closed or reset the connection, or sent something that is not HTTP (`error`; None for
+        a bug of tidegate's own)."""
         if self.over:
             return
         conn, ex = self.conn, self.ex
         self._drop_upstream()
         METRICS.upstream_errors.labels(self.backend.name, "error").inc()
-        if closed and not self.status and ex.method in IDEMPOTENT:
-            # Nothing reached the client, and the request may be sent again: a keep-alive connection the
-            # endpoint closed just as it was reused is not worth an error. The full way tries once more.
+        if error is not None and http1.may_send_again(ex, error):
+            # A kept connection the endpoint closed unanswered just as it was reused is not worth an error: the
+            # full way sends the request once more.
             self._end(None, endpoint_outcome=False, account=False)
             ex.retries += 1
             conn.serve_slowly(ex, self.routed)

@@ -1099,6 +1099,14 @@ async def _proxy_h2(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.End
     return keep
 
 
+def may_send_again(ex: Exchange, error: BaseException) -> bool:
+    """After a kept connection failed as it was reused: may the request go again on another one? Only when the
+    endpoint closed it before a byte of an answer (its idle timeout and ours met, so the request was most
+    likely never read) and the request has no body and an idempotent method. The fast lane and the full path
+    both ask this."""
+    return isinstance(error, ClosedUnanswered) and not ex.has_body and ex.method in IDEMPOTENT
+
+
 async def _acquire(pool: EndpointPool, connect_timeout: float, backend_state: BackendState | None
                    ) -> UpstreamConnection:
     """A connection from the pool: an idle kept one, or a new one (counted as pending for the circuit
@@ -1153,11 +1161,9 @@ async def _proxy(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.Endpoi
     assert upstream.head_future is not None
     try:
         head = await upstream.head_future
-    except ClosedUnanswered:
-        # A kept connection the endpoint closed just as it was reused (its idle timeout and ours met): the
-        # request was most likely never read. A body-less idempotent one goes again, once, on another connection
-        # to the same endpoint, as the fast lane does; not a retry of the route's or the backend's policy.
-        if not reused or ex.has_body or ex.method not in IDEMPOTENT:
+    except ClosedUnanswered as unanswered:
+        # Once, on another connection to the same endpoint: not a retry of the route's or the backend's policy.
+        if not reused or not may_send_again(ex, unanswered):
             raise
         upstream.close()
         ex.retries += 1

@@ -159,7 +159,7 @@ class UpstreamConnection(asyncio.Protocol):
             if self.close_delimited:
                 self.handler.upstream_done()  # the close is the end of this body
             else:
-                self.handler.upstream_failed(error, closed=True)
+                self.handler.upstream_failed(error)
             return
         if self.head_future is not None and not self.head_future.done():
             self.head_future.set_exception(error)
