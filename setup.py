@@ -5,7 +5,6 @@ When mypyc or a C compiler is missing, or TIDEGATE_PURE_PYTHON=1 is set, the sam
 compiled ones are optional extensions. Everything else (project data, dependencies) is in pyproject.toml.
 """
 
-import os
 import runpy
 import sys
 
@@ -13,12 +12,12 @@ from setuptools import setup
 
 # The request path of HTTP/1.1 (parsing, routing, balancing, writing, metrics and the access log): the list
 # is kept in the package, which also decides at run time whether the compiled copies can be used.
-HOT_MODULES = ["src/" + name.replace(".", "/") + ".py"
-               for name in runpy.run_path("src/tidegate/compiled.py")["HOT_MODULES"]]
+COMPILED = runpy.run_path("src/tidegate/compiled.py")
+HOT_MODULES = ["src/" + name.replace(".", "/") + ".py" for name in COMPILED["HOT_MODULES"]]
 
 
 def compiled_modules() -> list:
-    if os.environ.get("TIDEGATE_PURE_PYTHON"):
+    if COMPILED["pure_python_requested"]():
         return []
     try:
         from mypyc.build import mypycify

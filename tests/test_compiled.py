@@ -15,7 +15,7 @@ import pytest
 from tidegate import compiled
 
 ROOT = Path(__file__).resolve().parent.parent
-PURE = bool(os.environ.get("TIDEGATE_PURE_PYTHON"))
+PURE = compiled.pure_python_requested()
 
 # What a run of the Python copies repeats: everything that sends traffic through the HTTP/1.1 request path.
 DATA_PLANE_TESTS = ["tests/test_fastlane.py", "tests/test_dataplane.py", "tests/test_resilience.py",
@@ -48,6 +48,7 @@ def test_the_request_path_runs_as_built():
     else:
         assert described == "compiled with mypyc"
         assert all(f.endswith(".so") for f in files), files
+        assert _show({"TIDEGATE_PURE_PYTHON": "0"})[0] == "compiled with mypyc"  # "0" asks for nothing
 
 
 @pytest.mark.skipif(PURE, reason="the compiled copies are not in use in this run")

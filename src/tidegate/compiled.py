@@ -45,9 +45,14 @@ def _paths(name: str) -> tuple[Path, Path | None]:
     return source, None
 
 
+def pure_python_requested() -> bool:
+    """TIDEGATE_PURE_PYTHON set to anything but "" or "0": build nothing (setup.py), run the Python copies."""
+    return os.environ.get("TIDEGATE_PURE_PYTHON", "") not in ("", "0")
+
+
 def why_not_compiled() -> str:
     """"" when the compiled copies can run, else why the Python ones run instead."""
-    if os.environ.get("TIDEGATE_PURE_PYTHON"):
+    if pure_python_requested():
         return "TIDEGATE_PURE_PYTHON is set"
     for name in HOT_MODULES:
         source, compiled = _paths(name)
@@ -77,12 +82,6 @@ def choose() -> None:
     REASON = why_not_compiled()
     if REASON and not any(isinstance(finder, _SourceFirst) for finder in sys.meta_path):
         sys.meta_path.insert(0, _SourceFirst())
-
-
-def in_use() -> bool:
-    """Do the compiled copies run in this process?"""
-    module = sys.modules.get("tidegate.dataplane.http1")
-    return module is not None and not str(getattr(module, "__file__", "")).endswith(".py")
 
 
 def describe() -> str:
