@@ -490,6 +490,10 @@ def main() -> int:
         groups = [dataclasses.replace(g, scenarios=[s for s in g.scenarios if args.scenario in s.name])
                   for g in groups]
         groups = [g for g in groups if g.scenarios]
+        if not groups:
+            names = "; ".join(s.name for g in GROUPS for s in g.scenarios)
+            print(f"no scenario's name contains {args.scenario!r}; the scenarios: {names}", file=sys.stderr)
+            return 2
     results: list[Result] = []
     control: list[str] = []
     profiled = False

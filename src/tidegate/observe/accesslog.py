@@ -19,8 +19,6 @@ _quote = json.encoder.encode_basestring_ascii  # C when available: a JSON string
 # endpoints, client addresses): a lookup instead of encoding them again. Emptied when it grows past QUOTED_MAX.
 _quoted: dict[str, str] = {}
 QUOTED_MAX = 4096
-
-
 _MILLIS = [f"{i:03d}" for i in range(1000)]  # "000" to "999": fractions written without a format spec
 
 
@@ -38,6 +36,7 @@ def _milliseconds(seconds: float) -> str:
     costs a generic call, and this line is written for every request."""
     micros = int(seconds * 1_000_000 + 0.5)
     return f"{micros // 1000}.{_MILLIS[micros % 1000]}"
+
 
 FORMATS = ("json", "clf", "combined")
 CHOICES = (*FORMATS, "off")  # per Gateway (annotation tidegate.io/access-log) or globally (--access-log)
