@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import re2
 
@@ -47,8 +48,8 @@ def normalize_host(host: str) -> str:
 class Candidate:
     """One match of one rule, with its regexes compiled."""
 
-    __slots__ = ("client_certificate", "header_tests", "listener", "match", "order", "path_regex", "plan",
-                 "query_tests", "route")
+    __slots__ = ("client_certificate", "counts", "header_tests", "listener", "match", "order", "path_regex",
+                 "plan", "query_tests", "route")
 
     def __init__(self, route: ir.HTTPRoute, match: ir.Match, order: tuple, listener: str = "",
                  client_certificate: ir.Certificate | None = None):
@@ -56,6 +57,7 @@ class Candidate:
         self.listener = listener  # name of the listener whose table holds it (for metrics and logs)
         self.client_certificate = client_certificate  # its Gateway's certificate for TLS to backends
         self.plan: object = None  # what the data plane worked out once for this rule (dataplane/fastlane.py)
+        self.counts: Any = None  # its metrics, once it served a request (http1.counts_for)
         self.match = match
         self.order = order
         self.path_regex = re2.compile(match.path.value) if match.path.type == "RegularExpression" else None

@@ -110,15 +110,16 @@ class RouteBalancer:
         return [candidates[i] for i in keep], [states[i] for i in keep]
 
     def endpoint_for(self, backend: ir.Backend, key: str | None = None,
-                     exclude: tuple[ir.Endpoint, ...] = ()) -> ir.Endpoint | None:
-        """`key` feeds a consistent hash; `exclude` holds endpoints that already failed this request."""
+                     exclude: tuple[ir.Endpoint, ...] = (), now: float = 0.0) -> ir.Endpoint | None:
+        """`key` feeds a consistent hash; `exclude` holds endpoints that already failed this request; `now`,
+        if the caller has read the clock."""
         if exclude:
             candidates, states = self.candidates(backend, exclude)
             weights: list | None = None
             if any(e.weight != 1 for e in candidates) and any(e.weight for e in candidates):
                 weights = [e.weight for e in candidates]
         else:
-            candidates, states, weights = self._candidates_kept(backend, time.monotonic())
+            candidates, states, weights = self._candidates_kept(backend, now or time.monotonic())
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -128,7 +129,7 @@ class RouteBalancer:
             picker = self._pickers[id(backend)] = picker_for(backend.policy)
         policy = backend.policy
         if policy is not None and policy.slow_start:
-            ramp = _slow_start_factors(states, policy.slow_start, time.monotonic())
+            ramp = _slow_start_factors(states, policy.slow_start, now or time.monotonic())
             if ramp is not None:
                 weights = [r * w for r, w in zip(ramp, weights, strict=True)] if weights else ramp
         return picker.pick(candidates, states, weights, key)

@@ -20,6 +20,8 @@ from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
     from tidegate import ir
+    from tidegate.balancing.state import BackendState
+    from tidegate.dataplane.server import Site
     from tidegate.dataplane.upstream import UpstreamConnection, UpstreamError
     from tidegate.router import Candidate
 
@@ -74,15 +76,35 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     key = None
     if policy is not None and policy.hash is not None:
         key = http1.hash_key(policy.hash, path, headers_lower, conn.peer)[0]
-    endpoint = balancer.endpoint_for(backend, key)
+    now = ex.started
+    endpoint = balancer.endpoint_for(backend, key, (), now)
     if endpoint is None:
         conn.serve_slowly(ex, routed)  # it answers 503
         return
-    upstream = site.pools.pool(endpoint.address, endpoint.port).take_idle()
+    slot = site.fast.get(id(endpoint))
+    if slot is None:
+        slot = site.fast[id(endpoint)] = EndpointSlot(site, endpoint)
+    upstream = slot.pool.take_idle(now)
     if upstream is None:  # a connection has to be opened: the full way does that, with its retry on refusal
         conn.serve_slowly(ex, (site, candidate, host, path, query, headers_lower, (backend, endpoint)))
         return
-    FastExchange(conn, ex, routed, backend, endpoint, upstream).start(host, path, query)
+    backend_state = site.fast.get(id(backend))
+    if backend_state is None:
+        backend_state = site.fast[id(backend)] = balancer.registry.backend(backend.name)
+    FastExchange(conn, ex, routed, backend, slot, backend_state, upstream).start(host, path, query)
+
+
+class EndpointSlot:
+    """What the fast lane needs of an endpoint, looked up once per configuration (Site.fast, by the id of the
+    IR's endpoint, which the Site keeps alive): its connection pool, its balancing state and its name."""
+
+    __slots__ = ("endpoint", "name", "pool", "state")
+
+    def __init__(self, site: Site, endpoint: ir.Endpoint):
+        self.endpoint = endpoint
+        self.pool = site.pools.pool(endpoint.address, endpoint.port)
+        self.state = site.balancer.registry.endpoint(endpoint.address, endpoint.port)
+        self.name = f"{endpoint.address}:{endpoint.port}"
 
 
 # Request headers that make plain_request_head leave the work to http1.request_head: forwarding headers to
@@ -120,20 +142,19 @@ class FastExchange:
     """One request on the fast lane. It stands in the connection's `serving` slot, where the full way keeps
     its task: `done()` and `cancel()` (the client went away) are what the connection asks of it."""
 
-    __slots__ = ("backend", "backend_state", "conn", "endpoint", "endpoint_state", "ex", "keep", "over", "routed",
+    __slots__ = ("backend", "backend_state", "conn", "endpoint_state", "ex", "keep", "over", "routed", "slot",
                  "started", "status", "upstream")
 
     def __init__(self, conn: http1.ClientConnection, ex: http1.Exchange, routed: http1.Routed,
-                 backend: ir.Backend, endpoint: ir.Endpoint, upstream: UpstreamConnection):
+                 backend: ir.Backend, slot: EndpointSlot, backend_state: BackendState, upstream: UpstreamConnection):
         self.conn = conn
         self.ex = ex
         self.routed = routed
         self.backend = backend
-        self.endpoint = endpoint
+        self.slot = slot
         self.upstream = upstream
-        registry = routed[0].balancer.registry
-        self.endpoint_state = registry.endpoint(endpoint.address, endpoint.port)
-        self.backend_state = registry.backend(backend.name)
+        self.endpoint_state = slot.state
+        self.backend_state = backend_state
         self.keep = False
         self.over = False
         self.status = 0  # the endpoint's, once its head came (and went on to the client)
@@ -143,7 +164,8 @@ class FastExchange:
         conn, ex, candidate = self.conn, self.ex, self.routed[1]
         http1.IN_FLIGHT.count += 1
         ex.route, ex.listener = candidate.route.name, candidate.listener
-        ex.endpoint = f"{self.endpoint.address}:{self.endpoint.port}"
+        ex.counts = http1.counts_for(candidate)
+        ex.endpoint = self.slot.name
         self.endpoint_state.active += 1
         self.backend_state.active += 1
         head = plain_request_head(conn, ex, host, f"{path}?{query}" if query else path)
@@ -192,14 +214,14 @@ class FastExchange:
         conn, upstream = self.conn, self.upstream
         conn.end_response()
         conn.upstream = None
+        now = self._end(self.status)
         if not upstream.closed and upstream.reusable:
-            upstream.pool.release(upstream)
+            upstream.pool.release(upstream, now)
         else:
             upstream.handler = None
             upstream.close()
-        self._end(self.status)
         conn.serving = None
-        conn.served(self.ex, self.keep)
+        conn.served(self.ex, self.keep, now)
 
     def upstream_failed(self, error: UpstreamError | None) -> None:
         """The endpoint closed or reset the connection, or sent something that is not HTTP (`error`; None for
@@ -229,9 +251,10 @@ class FastExchange:
         upstream.close()
         self.conn.upstream = None
 
-    def _end(self, status: int | None, endpoint_outcome: bool = True, account: bool = True) -> None:
+    def _end(self, status: int | None, endpoint_outcome: bool = True, account: bool = True) -> float:
         """Count the exchange out: the endpoint's state and what it did (`endpoint_outcome`: not when the
-        client went away), and metrics and the access log (`account`: not when the full way takes over)."""
+        client went away), and metrics and the access log (`account`: not when the full way takes over).
+        Returns the time it read."""
         self.over = True
         ex, conn = self.ex, self.conn
         now = time.monotonic()
@@ -246,7 +269,7 @@ class FastExchange:
             policy = self.backend.policy
             if policy is not None and policy.outlier is not None:
                 record_outcome(self.routed[0].balancer.registry, self.backend, state, status, now)
-        if not account:
-            return
-        ex.bytes_sent = conn.bytes_out
-        http1.finished(conn, ex, conn.last_status)
+        if account:
+            ex.bytes_sent = conn.bytes_out
+            http1.finished(conn, ex, conn.last_status, now)
+        return now

@@ -53,8 +53,8 @@ from tidegate.dataplane.upstream import (
     UpstreamError,
 )
 from tidegate.observe import accesslog
-from tidegate.observe.metrics import METRICS
-from tidegate.router import Request, normalize_host
+from tidegate.observe.metrics import METRICS, RouteCounts
+from tidegate.router import Candidate, Request, normalize_host
 
 if TYPE_CHECKING:
     from tidegate.dataplane.server import Site
@@ -137,6 +137,7 @@ class Exchange:
         "bytes_sent",
         "chunked",
         "content_length",
+        "counts",
         "endpoint",
         "expect_continue",
         "header_bytes",
@@ -157,7 +158,8 @@ class Exchange:
         "version",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, started: float = 0.0) -> None:
+        """`started`: when its first bytes came, if the caller has read the clock already."""
         self.method = "GET"
         self.target = b""
         self.version = "1.1"
@@ -178,7 +180,8 @@ class Exchange:
         self.upgrade = False  # an Upgrade request (WebSocket): after a 101 the connection becomes a tunnel
         self.route = ""  # the rule that served it, and its listener (for metrics and access logs)
         self.listener = ""
-        self.started = time.monotonic()
+        self.started = started or time.monotonic()
+        self.counts: RouteCounts | None = None  # its rule's metrics (counts_for), once routed
         self.bytes_sent = 0  # response body bytes, for access logs
         self.bytes_received = 0  # request body bytes, for metrics
         self.endpoint = ""
@@ -351,7 +354,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- parser callbacks --------------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        self.current = Exchange()
+        self.current = Exchange(self.last_active)  # set by data_received, which is feeding the parser
 
     def on_url(self, url: bytes) -> None:
         ex = self.current
@@ -468,14 +471,15 @@ class ClientConnection(asyncio.Protocol):
         self.serving = None
         self.served(ex, keep)
 
-    def served(self, ex: Exchange, keep: bool) -> None:
-        """An exchange is over: close, or go on with the next request."""
+    def served(self, ex: Exchange, keep: bool, now: float = 0.0) -> None:
+        """An exchange is over (`now`, if the caller has read the clock): close, or go on with the next
+        request."""
         if self.closed:
             return
         if not keep or not ex.keep_alive:
             self.transport.close()  # type: ignore[union-attr]
             return
-        self.last_active = time.monotonic()
+        self.last_active = now or time.monotonic()
         if self.queue:
             self._serve_next()
         else:
@@ -609,11 +613,25 @@ def _drainable(ex: Exchange) -> bool:
     return ex.content_length is None or ex.content_length - ex.bytes_received <= DRAIN_LIMIT
 
 
-def finished(conn: ClientSide, ex: Exchange, status: int) -> None:
-    """Account for a finished exchange: metrics always, an access log line when logging is on."""
-    elapsed = time.monotonic() - ex.started
-    METRICS.observe_request(ex.listener, ex.route, ex.method, status, elapsed,
-                            ex.upstream_time if ex.endpoint else None, ex.bytes_received, ex.bytes_sent)
+def counts_for(candidate: Candidate) -> RouteCounts:
+    """The metrics of a rule, kept with it: recording a request then costs no lookup."""
+    counts = candidate.counts
+    if counts is None:
+        counts = candidate.counts = METRICS.route_counts(candidate.listener, candidate.route.name)
+    return counts
+
+
+def finished(conn: ClientSide, ex: Exchange, status: int, now: float = 0.0) -> None:
+    """Account for a finished exchange (`now`, if the caller has read the clock): metrics always, an access
+    log line when logging is on."""
+    if not now:
+        now = time.monotonic()
+    elapsed = now - ex.started
+    counts = ex.counts
+    if counts is None:
+        counts = METRICS.route_counts(ex.listener, ex.route)
+    counts.observe(ex.method, status, elapsed, ex.upstream_time if ex.endpoint else -1.0, ex.bytes_received,
+                   ex.bytes_sent)
     log_sink = accesslog.ACCESS_LOG
     if log_sink is None:
         return
@@ -621,7 +639,7 @@ def finished(conn: ClientSide, ex: Exchange, status: int) -> None:
     if fmt:
         headers = ex.lowered()
         log_sink.record(accesslog.Entry(
-            time.time(), getattr(conn, "peer", ""), ex.method, headers.get("host", ""),
+            log_sink.wall_time(now), getattr(conn, "peer", ""), ex.method, headers.get("host", ""),
             ex.target.decode("latin-1"), _PROTOCOLS.get(ex.version) or f"HTTP/{ex.version}", status,
             ex.bytes_sent, elapsed, ex.upstream_time,
             ex.route, ex.listener, ex.endpoint, ex.retries, getattr(conn, "server_name", ""), ex.request_id,
@@ -704,6 +722,7 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
     head_only = ex.method == "HEAD"
     route = candidate.route
     ex.route, ex.listener = route.name, candidate.listener
+    ex.counts = counts_for(candidate)
     matched_prefix = candidate.match.path.value if candidate.match.path.type == "PathPrefix" else None
 
     headers = ex.headers

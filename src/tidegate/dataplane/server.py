@@ -14,6 +14,7 @@ import gc
 import logging
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
@@ -75,6 +76,9 @@ class Site:
     balancer: RouteBalancer
     pools: PoolSet
     background: set = field(default_factory=set)
+    # The fast lane's lookups of this configuration's endpoints and backends, by the id of their IR object
+    # (fastlane.EndpointSlot, BackendState).
+    fast: dict[int, Any] = field(default_factory=dict)
 
 
 class DataPlane:

@@ -415,11 +415,13 @@ class EndpointPool:
                 raise UpstreamError(f"TLS to {self.host}:{self.port}: {problem}")
         return protocol
 
-    def take_idle(self) -> UpstreamConnection | None:
-        """An idle keep-alive connection, or None when a new one has to be opened."""
+    def take_idle(self, now: float = 0.0) -> UpstreamConnection | None:
+        """An idle keep-alive connection, or None when a new one has to be opened (`now`, if the caller has
+        read the clock)."""
         idle = self.idle
         if idle:
-            now = time.monotonic()
+            if not now:
+                now = time.monotonic()
             while idle:
                 conn = idle.pop()
                 if not conn.closed and now - conn.idle_since < self.idle_timeout:
@@ -427,7 +429,7 @@ class EndpointPool:
                 conn.close()
         return None
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamConnection, now: float = 0.0) -> None:
         conn.handler = None
         if conn.closed or not conn.reusable or len(self.idle) >= self.max_idle:
             conn.close()
@@ -436,7 +438,7 @@ class EndpointPool:
         conn.on_backpressure = None
         if conn.reading_paused:  # the last client could not keep up: the next one may
             conn.resume_reading()
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now or time.monotonic()
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:

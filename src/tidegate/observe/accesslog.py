@@ -102,6 +102,7 @@ class AccessLog:
         self.is_active = fmt != "off"  # cached `active`, read per request
         self._task: asyncio.Task | None = None
         self._stamps: dict[str, tuple[int, str]] = {}
+        self._wall_offset = time.time() - time.monotonic()  # read again with each batch (wall_time)
 
     @property
     def active(self) -> bool:
@@ -121,12 +122,18 @@ class AccessLog:
             return ""
         return fmt if self.sample >= 1.0 or random.random() < self.sample else ""
 
+    def wall_time(self, monotonic: float) -> float:
+        """The wall-clock time of a time.monotonic() reading. The offset between the two clocks is read when
+        a batch starts, so a request reads one clock, not both, and a clock step shows within a batch."""
+        return monotonic + self._wall_offset
+
     def record(self, entry: Entry, fmt: str = "") -> None:
         self._pending.append((entry, fmt or self.format))
         if len(self._pending) >= BATCH:
             self.flush()  # small batches: a big one written at once stalls every request behind it (p99)
         elif self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._flush_later())
+            self._wall_offset = time.time() - time.monotonic()
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self.interval)
@@ -135,6 +142,7 @@ class AccessLog:
 
     def flush(self) -> None:
         batch, self._pending = self._pending, []
+        self._wall_offset = time.time() - time.monotonic()
         if batch:
             self._out.write("".join(self.format_entry(e, fmt) for e, fmt in batch))
             self._out.flush()

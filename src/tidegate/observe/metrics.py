@@ -3,7 +3,6 @@ from the configuration, method from a fixed list, status by class. Never raw pat
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Final
 
@@ -11,12 +10,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 
-_METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"})
+_METHODS_LISTED: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE")
 _CODE_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 _LATENCY_BUCKETS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-def _cumulative(counts: list[float]) -> list[tuple[str, float]]:
+def _cumulative(counts: list) -> list[tuple[str, float]]:
     out, running = [], 0.0
     for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), counts[:-1], strict=True):
         running += count
@@ -24,39 +23,98 @@ def _cumulative(counts: list[float]) -> list[tuple[str, float]]:
     return out
 
 
-class _RequestCollector:
-    """Per-request counts and latency buckets kept in plain dicts and lists, turned into metric families only
-    when scraped: no lock and no metric object per update on the request path."""
+def _bucket(seconds: float) -> int:
+    """The latency bucket of `seconds`: a short scan, as most requests fall in the first buckets."""
+    i = 0
+    for bound in _LATENCY_BUCKETS:
+        if seconds <= bound:
+            return i
+        i += 1
+    return i
+
+
+_METHOD_INDEX: Final = {method: i for i, method in enumerate(_METHODS_LISTED)}
+_OTHER_METHOD: Final = len(_METHODS_LISTED)  # "OTHER"
+_SLOTS: Final = (len(_METHODS_LISTED) + 1) * len(_CODE_CLASSES)  # request counts per method and status class
+
+
+class RouteCounts:
+    """One (listener, route)'s request counts and latency buckets. The data plane keeps a reference with the
+    rule it serves (fastlane), so recording a request costs no dict lookup; counts are ints and sums are
+    unboxed floats when compiled (setup.py)."""
+
+    __slots__ = ("bytes_in", "bytes_out", "latency", "latency_sum", "requests", "upstream", "upstream_sum")
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, str, str, str], int] = {}
-        self.buckets: dict[tuple[str, str], list[float]] = {}  # counts per bucket (+Inf last), then the sum
-        self.upstream: dict[tuple[str, str], list[float]] = {}  # the same, for time spent at the endpoints
-        self.transfer: dict[tuple[str, str], list[int]] = {}  # request body bytes, response body bytes
+        self.requests = [0] * _SLOTS  # by method index * len(_CODE_CLASSES) + status class index
+        self.latency = [0] * (len(_LATENCY_BUCKETS) + 1)  # per bucket, +Inf last
+        self.latency_sum = 0.0
+        self.upstream = [0] * (len(_LATENCY_BUCKETS) + 1)  # time spent at the endpoints, likewise
+        self.upstream_sum = 0.0
+        self.bytes_in = 0  # request body bytes
+        self.bytes_out = 0  # response body bytes
+
+    def observe(self, method: str, status: int, seconds: float, upstream_seconds: float, bytes_in: int,
+                bytes_out: int) -> None:
+        """One request answered; `upstream_seconds` < 0 when no endpoint was tried."""
+        code = status // 100 if 0 < status < 600 else 0
+        self.requests[_METHOD_INDEX.get(method, _OTHER_METHOD) * 6 + code] += 1
+        self.latency[_bucket(seconds)] += 1
+        self.latency_sum += seconds
+        if upstream_seconds >= 0.0:
+            self.upstream[_bucket(upstream_seconds)] += 1
+            self.upstream_sum += upstream_seconds
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+
+    def request_counts(self) -> Iterator[tuple[str, str, int]]:
+        """(method, status class, count) for the counts that are not zero."""
+        for i, count in enumerate(self.requests):
+            if count:
+                method, code = divmod(i, len(_CODE_CLASSES))
+                yield (_METHODS_LISTED[method] if method < _OTHER_METHOD else "OTHER"), _CODE_CLASSES[code], count
+
+
+class _RequestCollector:
+    """Per-request counts and latency buckets kept per (listener, route) in RouteCounts, turned into metric
+    families only when scraped: no lock and no metric object per update on the request path. In the control
+    process of `run --workers N`, the workers' sums in the same shape (Metrics.merge_worker)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], RouteCounts] = {}
+
+    def requests(self) -> dict[tuple[str, str, str, str], int]:
+        """Counts by (listener, route, method, status class)."""
+        out: dict[tuple[str, str, str, str], int] = {}
+        for (listener, route), counts in list(self.routes.items()):
+            for method, code, count in counts.request_counts():
+                out[(listener, route, method, code)] = count
+        return out
 
     def collect(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("tidegate_http_requests", "HTTP requests answered, by listener, route, "
                                        "method and status class", labels=["listener", "route", "method", "code"])
-        for key, value in list(self.requests.items()):
+        for key, value in self.requests().items():
             requests.add_metric(list(key), value)
         yield requests
+        routes = list(self.routes.items())
         duration = HistogramMetricFamily("tidegate_http_request_duration_seconds", "Time from a request's head "
                                          "to the end of its response", labels=["listener", "route"])
-        for pair, counts in list(self.buckets.items()):
-            duration.add_metric(list(pair), _cumulative(counts), sum_value=counts[-1])
+        for pair, counts in routes:
+            duration.add_metric(list(pair), _cumulative([*counts.latency, 0]), sum_value=counts.latency_sum)
         yield duration
         upstream = HistogramMetricFamily("tidegate_http_upstream_duration_seconds", "Time spent waiting on "
                                          "endpoints (all tries of a request)", labels=["listener", "route"])
-        for pair, counts in list(self.upstream.items()):
-            upstream.add_metric(list(pair), _cumulative(counts), sum_value=counts[-1])
+        for pair, counts in routes:
+            upstream.add_metric(list(pair), _cumulative([*counts.upstream, 0]), sum_value=counts.upstream_sum)
         yield upstream
         received = CounterMetricFamily("tidegate_http_request_body_bytes", "Request body bytes received from "
                                        "clients", labels=["listener", "route"])
         sent = CounterMetricFamily("tidegate_http_response_body_bytes", "Response body bytes sent to clients",
                                    labels=["listener", "route"])
-        for pair, (bytes_in, bytes_out) in list(self.transfer.items()):
-            received.add_metric(list(pair), bytes_in)
-            sent.add_metric(list(pair), bytes_out)
+        for pair, counts in routes:
+            received.add_metric(list(pair), counts.bytes_in)
+            sent.add_metric(list(pair), counts.bytes_out)
         yield received
         yield sent
 
@@ -145,29 +203,20 @@ class Metrics:
         self.translation = Histogram("tidegate_translation_duration_seconds", "Time to translate a snapshot",
                                      registry=self.registry)
 
+    def route_counts(self, listener: str, route: str) -> RouteCounts:
+        """The counts of one (listener, route), kept for as long as the process runs."""
+        routes = self._collector.routes
+        counts = routes.get((listener, route))
+        if counts is None:
+            counts = routes[(listener, route)] = RouteCounts()
+        return counts
+
     def observe_request(self, listener: str, route: str, method: str, status: int, seconds: float,
                         upstream_seconds: float | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
-        """Per request: dict updates and bucket increments, no locks (one event loop per process)."""
-        collector = self._collector
-        key = (listener, route, method if method in _METHODS else "OTHER",
-               _CODE_CLASSES[status // 100] if 0 < status < 600 else "none")
-        requests = collector.requests
-        requests[key] = requests.get(key, 0) + 1
-        hkey = (listener, route)
-        counts = collector.buckets.get(hkey)
-        if counts is None:
-            counts = collector.buckets[hkey] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
-            collector.upstream[hkey] = [0.0] * (len(_LATENCY_BUCKETS) + 2)
-            collector.transfer[hkey] = [0, 0]
-        counts[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
-        counts[-1] += seconds
-        if upstream_seconds is not None:
-            upstream = collector.upstream[hkey]
-            upstream[bisect_left(_LATENCY_BUCKETS, upstream_seconds)] += 1
-            upstream[-1] += upstream_seconds
-        transfer = collector.transfer[hkey]
-        transfer[0] += bytes_in
-        transfer[1] += bytes_out
+        """Per request, for callers that hold no RouteCounts of their own."""
+        self.route_counts(listener, route).observe(method, status, seconds,
+                                                   -1.0 if upstream_seconds is None else upstream_seconds,
+                                                   bytes_in, bytes_out)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -185,10 +234,11 @@ class Metrics:
                     if not sample.name.endswith("_created"):
                         samples.append((family.name, family.type, family.documentation, sample.name,
                                         tuple(sorted(sample.labels.items())), sample.value))
-        c = self._collector
-        return {"requests": dict(c.requests), "buckets": {k: list(v) for k, v in c.buckets.items()},
-                "upstream": {k: list(v) for k, v in c.upstream.items()},
-                "transfer": {k: list(v) for k, v in c.transfer.items()}, "samples": samples}
+        routes = list(self._collector.routes.items())
+        return {"requests": self._collector.requests(),
+                "buckets": {k: [*v.latency, v.latency_sum] for k, v in routes},
+                "upstream": {k: [*v.upstream, v.upstream_sum] for k, v in routes},
+                "transfer": {k: [v.bytes_in, v.bytes_out] for k, v in routes}, "samples": samples}
 
     def use_workers(self) -> None:
         """In the control process of `run --workers N`: data-plane figures are the workers' sums."""
@@ -219,21 +269,31 @@ class Metrics:
                     mine = merged.setdefault(key, [0] * len(counts))
                     for i, c in enumerate(counts):
                         mine[i] += c
-        c = self._collector
-        c.requests, c.buckets, c.upstream, c.transfer = (requests, lists["buckets"], lists["upstream"],
-                                                         lists["transfer"])
+        routes: dict[tuple[str, str], RouteCounts] = {}
+        for (listener, route, method, code), count in requests.items():
+            counts = routes.setdefault((listener, route), RouteCounts())
+            method_index = _METHOD_INDEX.get(method, _OTHER_METHOD)
+            counts.requests[method_index * len(_CODE_CLASSES) + _CODE_CLASSES.index(code)] += count
+        for key, latency in lists["buckets"].items():
+            counts = routes.setdefault(key, RouteCounts())
+            counts.latency, counts.latency_sum = [int(c) for c in latency[:-1]], float(latency[-1])
+        for key, upstream in lists["upstream"].items():
+            counts = routes.setdefault(key, RouteCounts())
+            counts.upstream, counts.upstream_sum = [int(c) for c in upstream[:-1]], float(upstream[-1])
+        for key, (bytes_in, bytes_out) in lists["transfer"].items():
+            counts = routes.setdefault(key, RouteCounts())
+            counts.bytes_in, counts.bytes_out = int(bytes_in), int(bytes_out)
+        self._collector.routes = routes
 
     def traffic(self) -> dict:
         """Counts so far, as plain data (the dashboard turns two readings into rates and percentiles)."""
         routes: dict[tuple[str, str], dict] = {}
-        for (listener, route, _method, code), count in list(self._collector.requests.items()):
-            entry = routes.setdefault((listener, route), {"listener": listener, "route": route, "codes": {},
-                                                          "latency": []})
-            entry["codes"][code] = entry["codes"].get(code, 0) + count
-        for (listener, route), counts in list(self._collector.buckets.items()):
-            entry = routes.setdefault((listener, route), {"listener": listener, "route": route, "codes": {},
-                                                          "latency": []})
-            entry["latency"] = [int(c) for c in counts[:-1]]
+        for (listener, route), counts in list(self._collector.routes.items()):
+            codes: dict[str, int] = {}
+            for _method, code, count in counts.request_counts():
+                codes[code] = codes.get(code, 0) + count
+            routes[(listener, route)] = {"listener": listener, "route": route, "codes": codes,
+                                         "latency": list(counts.latency)}
         return {"latencyBounds": list(_LATENCY_BUCKETS), "routes": list(routes.values()),
                 "connections": self.registry.get_sample_value("tidegate_http_connections") or 0,
                 "connectionsAccepted": self.registry.get_sample_value("tidegate_http_connections_accepted_total") or 0,
