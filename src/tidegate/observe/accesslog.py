@@ -12,14 +12,16 @@ import json
 import random
 import sys
 import time
-from typing import IO
+from typing import IO, Final
 
-_quote = json.encoder.encode_basestring_ascii  # C when available: a JSON string literal, as json.dumps writes
+# C when available: a JSON string literal, as json.dumps writes. Module constants are Final: compiled
+# (setup.py), a Final name is read directly, any other through the module's dict.
+_quote: Final = json.encoder.encode_basestring_ascii
 # JSON string literals of the values that repeat from line to line (methods, hosts, routes, listeners,
 # endpoints, client addresses): a lookup instead of encoding them again. Emptied when it grows past QUOTED_MAX.
-_quoted: dict[str, str] = {}
-QUOTED_MAX = 4096
-_MILLIS = [f"{i:03d}" for i in range(1000)]  # "000" to "999": fractions written without a format spec
+_quoted: Final[dict[str, str]] = {}
+QUOTED_MAX: Final = 4096
+_MILLIS: Final = [f"{i:03d}" for i in range(1000)]  # "000" to "999": fractions written without a format spec
 
 
 def _quote_repeated(text: str) -> str:
@@ -102,6 +104,8 @@ class AccessLog:
         self.is_active = fmt != "off"  # cached `active`, read per request
         self._task: asyncio.Task | None = None
         self._stamps: dict[str, tuple[int, str]] = {}
+        self._json_second = -1  # the second of the last JSON line, and its text (format_entry)
+        self._json_stamp = ""
         self._wall_offset = time.time() - time.monotonic()  # read again with each batch (wall_time)
 
     @property
@@ -169,13 +173,18 @@ class AccessLog:
             # The same JSON object json.dumps would write, put together directly: strings through the C
             # string encoder (repeated ones looked up), numbers as they are, no format specs (a log line costs
             # half a µs compiled, not several).
-            r = _quote_repeated
-            return (f'{{"time":"{self._second(e.time, "%Y-%m-%dT%H:%M:%S")}.{_MILLIS[int(e.time * 1000) % 1000]}Z",'
-                    f'"client":{r(e.client)},"method":{r(e.method)},"host":{r(e.host)},"path":{_quote(e.target)},'
-                    f'"protocol":{r(e.proto)},"status":{e.status},"bytes":{e.bytes_sent},'
+            second = int(e.time)
+            if second != self._json_second:
+                self._json_second = second
+                self._json_stamp = self._second(e.time, "%Y-%m-%dT%H:%M:%S")
+            return (f'{{"time":"{self._json_stamp}.{_MILLIS[int(e.time * 1000) % 1000]}Z",'
+                    f'"client":{_quote_repeated(e.client)},"method":{_quote_repeated(e.method)},'
+                    f'"host":{_quote_repeated(e.host)},"path":{_quote(e.target)},'
+                    f'"protocol":{_quote_repeated(e.proto)},"status":{e.status},"bytes":{e.bytes_sent},'
                     f'"duration_ms":{_milliseconds(e.duration)},"upstream_ms":{_milliseconds(e.upstream_duration)},'
-                    f'"route":{r(e.route)},"listener":{r(e.listener)},"endpoint":{r(e.endpoint)},'
-                    f'"retries":{e.retries},"sni":{r(e.sni)},"request_id":{_quote(e.request_id)}}}\n')
+                    f'"route":{_quote_repeated(e.route)},"listener":{_quote_repeated(e.listener)},'
+                    f'"endpoint":{_quote_repeated(e.endpoint)},"retries":{e.retries},"sni":{_quote_repeated(e.sni)},'
+                    f'"request_id":{_quote(e.request_id)}}}\n')
         stamp = self._second(e.time, "%d/%b/%Y:%H:%M:%S +0000")
         line = (f'{e.client or "-"} - - [{stamp}] "{e.method} {e.target} {e.proto}" {e.status} '
                 f'{e.bytes_sent or "-"}')
