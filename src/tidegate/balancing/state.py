@@ -8,15 +8,15 @@ configuration no longer names.
 from __future__ import annotations
 
 import time
-from bisect import bisect_left
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from tidegate import ir
+from tidegate.observe.metrics import bucket_index
 
 EndpointKey = tuple[str, int]
 
 
-LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BOUNDS: Final = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
 class EndpointState:
@@ -62,7 +62,7 @@ class EndpointState:
         self.requests += 1
         if status is None or status >= 500:
             self.failures += 1
-        self.latency[bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self.latency[bucket_index(LATENCY_BOUNDS, seconds)] += 1
 
     @property
     def healthy(self) -> bool:

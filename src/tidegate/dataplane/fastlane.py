@@ -107,9 +107,6 @@ class EndpointSlot:
         self.name = f"{endpoint.address}:{endpoint.port}"
 
 
-# Request headers that make plain_request_head leave the work to http1.request_head: forwarding headers to
-# extend, or a Connection header that may name more hop-by-hop ones.
-_NOT_PLAIN: Final = ("connection", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded", "via")
 
 
 def plain_request_head(conn: http1.ClientConnection, ex: http1.Exchange, host: str, target: str) -> bytes:
@@ -118,9 +115,11 @@ def plain_request_head(conn: http1.ClientConnection, ex: http1.Exchange, host: s
     host, so they are made once per connection and host."""
     lower = ex.lower
     original_host = lower.get("host") or host
-    for name in _NOT_PLAIN:
-        if name in lower:
-            return http1.request_head(ex, ex.headers, host, target, conn.peer, conn.scheme, original_host)
+    # Headers that leave the work to http1.request_head: forwarding headers to extend, or a Connection header
+    # that may name more hop-by-hop ones. Tested one by one: compiled, a loop over a tuple of them costs twice.
+    if ("connection" in lower or "x-forwarded-for" in lower or "x-forwarded-proto" in lower
+            or "x-forwarded-host" in lower or "forwarded" in lower or "via" in lower):
+        return http1.request_head(ex, ex.headers, host, target, conn.peer, conn.scheme, original_host)
     suffix = conn.forwarding
     if suffix is None or suffix[0] != original_host:
         text = (f"X-Forwarded-For: {conn.peer}\r\nX-Forwarded-Proto: {conn.scheme}\r\n"

@@ -113,7 +113,7 @@ class _RequestIds:
         return self.prefix + hex(self.count)[2:]
 
 
-_REQUEST_IDS = _RequestIds()
+_REQUEST_IDS: Final = _RequestIds()
 
 
 def new_request_id() -> str:

@@ -42,7 +42,7 @@ def _milliseconds(seconds: float) -> str:
 
 FORMATS = ("json", "clf", "combined")
 CHOICES = (*FORMATS, "off")  # per Gateway (annotation tidegate.io/access-log) or globally (--access-log)
-BATCH = 128  # lines written together at most
+BATCH: Final = 128  # lines written together at most
 
 
 class Entry:
