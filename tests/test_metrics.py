@@ -69,3 +69,29 @@ def test_worker_snapshots_add_up_in_the_control_process():
                          ("tidegate_http_upstream_duration_seconds_count", {}),
                          ("tidegate_http_response_body_bytes_total", {})]:
         assert _sample(theirs, name, route=ROUTE, **labels) == 2 * _sample(mine, name, route=ROUTE, **labels)
+
+
+def _plain(text: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"no {name} in:\n{text}"
+    return float(match.group(1))
+
+
+def test_client_connections_open_and_accepted_in_a_scrape_and_in_the_workers_sums():
+    worker = Metrics()
+    worker.connections.open += 3
+    worker.connections.accepted += 10
+    text = worker.exposition().decode()
+    assert _plain(text, "tidegate_http_connections") == 3
+    assert _plain(text, "tidegate_http_connections_accepted_total") == 10
+    control = Metrics()
+    control.use_workers()
+    control.merge_worker(0, worker.snapshot())
+    control.merge_worker(1, worker.snapshot())
+    text = control.exposition().decode()
+    assert _plain(text, "tidegate_http_connections") == 6
+    assert _plain(text, "tidegate_http_connections_accepted_total") == 20
+    control.retire_worker(1)  # its connections are gone; what it accepted still counts
+    text = control.exposition().decode()
+    assert _plain(text, "tidegate_http_connections") == 3
+    assert _plain(text, "tidegate_http_connections_accepted_total") == 20

@@ -265,8 +265,9 @@ class ClientConnection(asyncio.Protocol):
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        METRICS.connections.inc()  # decremented by whichever protocol sees the connection close
-        METRICS.connections_total.inc()
+        connections = METRICS.connections
+        connections.open += 1  # decremented by whichever protocol sees the connection close
+        connections.accepted += 1
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
         ssl_object = transport.get_extra_info("ssl_object")
@@ -292,7 +293,7 @@ class ClientConnection(asyncio.Protocol):
             h2conn.data_received(data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        METRICS.connections.dec()
+        METRICS.connections.open -= 1
         self.closed = True
         if self._drain is not None:
             self._drain.set()

@@ -128,7 +128,7 @@ class H2ServerConnection(asyncio.Protocol):
         self._flush()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        METRICS.connections.dec()
+        METRICS.connections.open -= 1
         self.closed = True
         for stream in self.streams.values():
             stream.closed = True

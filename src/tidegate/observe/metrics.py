@@ -119,6 +119,22 @@ class _RequestCollector:
         yield sent
 
 
+class ConnectionCounts:
+    """Client connections open now and accepted so far: plain ints that each connection bumps (a
+    prometheus_client Gauge or Counter takes a lock on every change), read when scraped."""
+
+    __slots__ = ("accepted", "open")
+
+    def __init__(self) -> None:
+        self.open = 0  # decremented by whichever protocol sees the connection close
+        self.accepted = 0
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily("tidegate_http_connections", "Client connections open now", value=self.open)
+        yield CounterMetricFamily("tidegate_http_connections_accepted", "Client connections accepted",
+                                  value=self.accepted)
+
+
 class _EndpointCollector:
     """Endpoint health, ejection, requests in flight and counts, read from the data plane's balancing state
     when scraped. `source` returns the admin API's backends view (set by `tidegate run`)."""
@@ -193,9 +209,8 @@ class Metrics:
                                               "backend's retry budget was spent", ["backend"], registry=self.registry)
         self.health_checks = Counter("tidegate_health_checks", "Active health checks run, by backend and result",
                                      ["backend", "result"], registry=self.registry)
-        self.connections = Gauge("tidegate_http_connections", "Client connections open now", registry=self.registry)
-        self.connections_total = Counter("tidegate_http_connections_accepted", "Client connections accepted",
-                                         registry=self.registry)
+        self.connections = ConnectionCounts()
+        self.registry.register(self.connections)
         self.reloads = Counter("tidegate_config_reloads", "Configurations applied, by result", ["result"],
                                registry=self.registry)
         self.config_version = Gauge("tidegate_config_version", "Version of the configuration in force",
@@ -222,7 +237,7 @@ class Metrics:
         return generate_latest(self.registry)
 
     def _data_plane_metrics(self) -> tuple:
-        return (self.upstream_errors, self.retries, self.connections, self.connections_total, self.ejections,
+        return (self.upstream_errors, self.retries, self.connections, self.ejections,
                 self.circuit_rejections, self.retry_budget_exhausted)
 
     def snapshot(self) -> dict:
