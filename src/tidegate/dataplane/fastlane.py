@@ -107,8 +107,6 @@ class EndpointSlot:
         self.name = f"{endpoint.address}:{endpoint.port}"
 
 
-
-
 def plain_request_head(conn: http1.ClientConnection, ex: http1.Exchange, host: str, target: str) -> bytes:
     """http1.request_head for a body-less request no filter changed. When the client sent no forwarding
     headers (the usual case), the ones tidegate adds are the same for every request of the connection to a

@@ -53,8 +53,6 @@ HOP_BY_HOP_BYTES: Final = frozenset({b"connection", b"keep-alive", b"proxy-conne
                                      b"proxy-authorization"})
 
 
-
-
 def _name_to_look_at(line: bytes) -> int:
     """The length of a header line's name when the name may be hop-by-hop or Content-Length, else 0: read from
     the first letter and where a colon could be (llhttp allows no space before it), so that most lines are
