@@ -77,32 +77,38 @@ def site(hosts: int) -> Site:
     return Site(router, RouteBalancer(Registry()), PoolSet())
 
 
-async def run(requests: int, rounds: int, profile: bool, hosts: int = 0) -> float:
+async def run(requests: int, rounds: int, profile: bool, hosts: int = 0, connections: int = 1) -> float:
     serving = site(hosts)
-    client = ClientConnection(lambda: serving, 8080)
-    client.connection_made(Transport("127.0.0.1"))
-    upstreams = {}
-    for address in ("127.0.0.2", "127.0.0.3"):
+    clients = []
+    for _ in range(connections):
+        client = ClientConnection(lambda: serving, 8080)
+        client.connection_made(Transport("127.0.0.1"))
+        clients.append(client)
+    for address in ("127.0.0.2", "127.0.0.3"):  # an idle kept connection for each request in flight
         pool = serving.pools.pool(address, 8081)
-        upstream = UpstreamConnection(pool)
-        upstream.connection_made(Transport(address))
-        pool.release(upstream)
-        upstreams[address] = upstream
+        for _ in range(connections):
+            upstream = UpstreamConnection(pool)
+            upstream.connection_made(Transport(address))
+            pool.release(upstream)
 
     # With --hosts, each request names the next of the hostnames, as wrk's script does in proxies.py.
     heads = [REQUEST.replace(b"app.bench.local", b"h%d.bench.local" % i) for i in range(1, hosts + 1)] or [REQUEST]
     turn = [0]
 
     def one() -> None:
-        turn[0] = (turn[0] + 1) % len(heads)
-        client.data_received(heads[turn[0]])
-        upstream = client.upstream
-        assert upstream is not None, "the request did not take the fast lane"
-        upstream.data_received(ANSWER)
+        """A request from each client connection, then each one's answer: `connections` in flight at once."""
+        for client in clients:
+            turn[0] = (turn[0] + 1) % len(heads)
+            client.data_received(heads[turn[0]])
+        for client in clients:
+            upstream = client.upstream
+            assert upstream is not None, "the request did not take the fast lane"
+            upstream.data_received(ANSWER)
 
-    for _ in range(1000):  # warm up
+    requests = max(1, requests // connections)  # rounds of one request per connection
+    for _ in range(max(1, 1000 // connections)):  # warm up
         one()
-    assert client.transport.last.startswith(b"HTTP/1.1 200"), client.transport.last
+    assert clients[0].transport.last.startswith(b"HTTP/1.1 200"), clients[0].transport.last
     if profile:
         profiler = cProfile.Profile()
         profiler.enable()
@@ -117,8 +123,9 @@ async def run(requests: int, rounds: int, profile: bool, hosts: int = 0) -> floa
         for _ in range(requests):
             one()
         best = min(best, time.process_time() - started)
-    print(f"client writes per request: {client.transport.writes / (rounds * requests + 1000):.2f}")
-    return best / requests
+    writes = sum(client.transport.writes for client in clients)
+    print(f"client writes per request: {writes / ((rounds * requests + max(1, 1000 // connections)) * connections):.2f}")
+    return best / (requests * connections)
 
 
 def main() -> None:
@@ -131,16 +138,19 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the loop (slows it down; it sees into the request path only when that runs "
                              "as Python: TIDEGATE_PURE_PYTHON=1, or perf record -g for the compiled one)")
+    parser.add_argument("--connections", type=int, default=1, metavar="N",
+                        help="N client connections (and N kept endpoint connections) with a request each in flight")
     args = parser.parse_args()
     if args.log:
         accesslog.ACCESS_LOG = accesslog.AccessLog("json", "/dev/null")
-    per_request = asyncio.run(run(args.requests, args.rounds, args.profile, args.hosts))
+    per_request = asyncio.run(run(args.requests, args.rounds, args.profile, args.hosts, args.connections))
     if args.profile:
         return
     print(f"request path {compiled.describe()}")
     print(f"{per_request * 1e6:.2f} µs of Python per request ({1 / per_request:,.0f} requests per CPU-second "
           f"before system calls){' with the JSON access log' if args.log else ''}"
-          f"{f', over {args.hosts} hostnames' if args.hosts else ''}")
+          f"{f', over {args.hosts} hostnames' if args.hosts else ''}"
+          f"{f', {args.connections} connections' if args.connections > 1 else ''}")
     if accesslog.ACCESS_LOG is not None:
         accesslog.ACCESS_LOG.close()
 
