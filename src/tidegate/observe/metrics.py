@@ -16,9 +16,10 @@ _CODE_CLASSES: Final = ("none", "1xx", "2xx", "3xx", "4xx", "5xx")
 _LATENCY_BUCKETS: Final = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
 
-def _cumulative(counts: list) -> list[tuple[str, float]]:
+def _cumulative(counts: list[int]) -> list[tuple[str, float]]:
+    """Counts per bucket (+Inf last) as a histogram's cumulative buckets."""
     out, running = [], 0.0
-    for bound, count in zip([*_LATENCY_BUCKETS, float("inf")], counts[:-1], strict=True):
+    for bound, count in zip([*_LATENCY_BUCKETS, float("inf")], counts, strict=True):
         running += count
         out.append(("+Inf" if bound == float("inf") else repr(bound), running))
     return out
@@ -35,7 +36,8 @@ def bucket_index(bounds: list[float], seconds: float) -> int:
 
 _METHOD_INDEX: Final = {method: i for i, method in enumerate(_METHODS_LISTED)}
 _OTHER_METHOD: Final = len(_METHODS_LISTED)  # "OTHER"
-_SLOTS: Final = (len(_METHODS_LISTED) + 1) * len(_CODE_CLASSES)  # request counts per method and status class
+_CLASSES: Final = len(_CODE_CLASSES)
+_SLOTS: Final = (len(_METHODS_LISTED) + 1) * _CLASSES  # request counts per method and status class
 
 
 class RouteCounts:
@@ -46,7 +48,7 @@ class RouteCounts:
     __slots__ = ("bytes_in", "bytes_out", "latency", "latency_sum", "requests", "upstream", "upstream_sum")
 
     def __init__(self) -> None:
-        self.requests = [0] * _SLOTS  # by method index * len(_CODE_CLASSES) + status class index
+        self.requests = [0] * _SLOTS  # by method index * _CLASSES + status class index
         self.latency = [0] * (len(_LATENCY_BUCKETS) + 1)  # per bucket, +Inf last
         self.latency_sum = 0.0
         self.upstream = [0] * (len(_LATENCY_BUCKETS) + 1)  # time spent at the endpoints, likewise
@@ -58,7 +60,7 @@ class RouteCounts:
                 bytes_out: int) -> None:
         """One request answered; `upstream_seconds` < 0 when no endpoint was tried."""
         code = status // 100 if 0 < status < 600 else 0
-        self.requests[_METHOD_INDEX.get(method, _OTHER_METHOD) * 6 + code] += 1
+        self.requests[_METHOD_INDEX.get(method, _OTHER_METHOD) * _CLASSES + code] += 1
         self.latency[bucket_index(_LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
         if upstream_seconds >= 0.0:
@@ -71,7 +73,7 @@ class RouteCounts:
         """(method, status class, count) for the counts that are not zero."""
         for i, count in enumerate(self.requests):
             if count:
-                method, code = divmod(i, len(_CODE_CLASSES))
+                method, code = divmod(i, _CLASSES)
                 yield (_METHODS_LISTED[method] if method < _OTHER_METHOD else "OTHER"), _CODE_CLASSES[code], count
 
 
@@ -101,12 +103,12 @@ class _RequestCollector:
         duration = HistogramMetricFamily("tidegate_http_request_duration_seconds", "Time from a request's head "
                                          "to the end of its response", labels=["listener", "route"])
         for pair, counts in routes:
-            duration.add_metric(list(pair), _cumulative([*counts.latency, 0]), sum_value=counts.latency_sum)
+            duration.add_metric(list(pair), _cumulative(counts.latency), sum_value=counts.latency_sum)
         yield duration
         upstream = HistogramMetricFamily("tidegate_http_upstream_duration_seconds", "Time spent waiting on "
                                          "endpoints (all tries of a request)", labels=["listener", "route"])
         for pair, counts in routes:
-            upstream.add_metric(list(pair), _cumulative([*counts.upstream, 0]), sum_value=counts.upstream_sum)
+            upstream.add_metric(list(pair), _cumulative(counts.upstream), sum_value=counts.upstream_sum)
         yield upstream
         received = CounterMetricFamily("tidegate_http_request_body_bytes", "Request body bytes received from "
                                        "clients", labels=["listener", "route"])
@@ -288,7 +290,7 @@ class Metrics:
         for (listener, route, method, code), count in requests.items():
             counts = routes.setdefault((listener, route), RouteCounts())
             method_index = _METHOD_INDEX.get(method, _OTHER_METHOD)
-            counts.requests[method_index * len(_CODE_CLASSES) + _CODE_CLASSES.index(code)] += count
+            counts.requests[method_index * _CLASSES + _CODE_CLASSES.index(code)] += count
         for key, latency in lists["buckets"].items():
             counts = routes.setdefault(key, RouteCounts())
             counts.latency, counts.latency_sum = [int(c) for c in latency[:-1]], float(latency[-1])
