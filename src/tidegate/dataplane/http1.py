@@ -639,17 +639,20 @@ def finished(conn: ClientSide, ex: Exchange, status: int, now: float = 0.0) -> N
     fmt = log_sink.wants(status, ex.listener)
     if fmt:
         headers = ex.lowered()
+        combined = fmt == "combined"  # the only format that writes the referer and the user agent
         log_sink.record(accesslog.Entry(
             log_sink.wall_time(now), conn.peer, ex.method, headers.get("host", ""),
             ex.target.decode("latin-1"), _PROTOCOLS.get(ex.version) or f"HTTP/{ex.version}", status,
             ex.bytes_sent, elapsed, ex.upstream_time,
             ex.route, ex.listener, ex.endpoint, ex.retries, conn.server_name, ex.request_id,
-            headers.get("referer", ""), headers.get("user-agent", "")), fmt)
+            headers.get("referer", "") if combined else "", headers.get("user-agent", "") if combined else ""), fmt)
 
 
 def _split_target(target: bytes) -> tuple[str, str, str]:
     """(host from an absolute-form target or "", path, query), still percent-encoded."""
-    if target[:1] == b"/" and target[1:2] != b"/" and b"#" not in target:
+    # Bytes compared as ints: `b"#" in target` first tries "#" as an int, and that costs a formatted
+    # TypeError per request before the search.
+    if target and target[0] == 0x2F and (len(target) == 1 or target[1] != 0x2F) and 0x23 not in target:
         # The usual origin form ("/path?query"), which llhttp has checked already: split here, as parse_url
         # would (tests/test_request_parsing.py compares the two).
         raw_path, _, raw_query = target.partition(b"?")

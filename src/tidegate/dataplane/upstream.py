@@ -101,7 +101,7 @@ def split_head(raw: bytes) -> tuple[list[bytes], int | None, bool]:
         if lname in HOP_BY_HOP_BYTES:
             value = line[colon + 1:].strip(b" \t").lower()
             if lname == b"transfer-encoding":
-                chunked = b"chunked" in value
+                chunked = value.find(b"chunked") >= 0  # `in` would raise and clear a TypeError first
             elif lname == b"connection" and value != b"keep-alive" and value != b"close":
                 for token in value.split(b","):
                     token = token.strip(b" \t")
