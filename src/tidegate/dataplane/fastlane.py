@@ -76,7 +76,9 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     key = None
     if policy is not None and policy.hash is not None:
         key = http1.hash_key(policy.hash, path, headers_lower, conn.peer)[0]
-    now = ex.started
+    # The clock as last read for this connection: when these bytes came, or when the exchange before a
+    # pipelined request ended (served()): recent either way, and one read fewer.
+    now = conn.last_active
     endpoint = balancer.endpoint_for(backend, key, (), now)
     if endpoint is None:
         conn.serve_slowly(ex, routed)  # it answers 503
