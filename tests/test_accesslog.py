@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import re
 import signal
+import time
 
 from tests.harness import echo_servers, free_port, request, tidegate_run
 from tests.manifests import http_gateway, route, service
@@ -31,9 +33,15 @@ def run_and_log(tmp_path, *flags: str, requests: list[tuple[str, dict]]) -> str:
 
 
 def test_json_lines_carry_the_request_and_where_it_went(tmp_path):
+    before = time.time()
     text = run_and_log(tmp_path, "--access-log", "json",
                        requests=[("/a?x=1", {"X-Request-Id": "abc123"}), ("/b", {}), ("/c", {"Host": "nope.test"})])
+    after = time.time()
     lines = [json.loads(line) for line in text.splitlines()]
+    for entry in lines:  # wall-clock time, in UTC, to the millisecond
+        stamp, millis = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)\.(\d{3})Z", entry["time"]).groups()
+        logged = calendar.timegm(time.strptime(stamp, "%Y-%m-%dT%H:%M:%S")) + int(millis) / 1000
+        assert before - 0.01 <= logged <= after, (before, entry["time"], after)
     assert [entry["path"] for entry in lines] == ["/a?x=1", "/b", "/c"]
     first = lines[0]
     assert first["status"] == 200 and first["method"] == "GET" and first["host"] == "log.test"
