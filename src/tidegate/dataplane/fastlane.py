@@ -83,21 +83,19 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     if endpoint is None:
         conn.serve_slowly(ex, routed)  # it answers 503
         return
-    slot = site.fast.get(id(endpoint))
+    slot = site.endpoint_slots.get(id(endpoint))
     if slot is None:
-        slot = site.fast[id(endpoint)] = EndpointSlot(site, endpoint)
+        slot = site.endpoint_slots[id(endpoint)] = EndpointSlot(site, endpoint)
     upstream = slot.pool.take_idle(now)
     if upstream is None:  # a connection has to be opened: the full way does that, with its retry on refusal
         conn.serve_slowly(ex, (site, candidate, host, path, query, headers_lower, (backend, endpoint)))
         return
-    backend_state = site.fast.get(id(backend))
-    if backend_state is None:
-        backend_state = site.fast[id(backend)] = balancer.registry.backend(backend.name)
-    FastExchange(conn, ex, routed, backend, slot, backend_state, upstream).start(host, path, query)
+    FastExchange(conn, ex, routed, backend, slot, balancer.registry.backend(backend.name), upstream
+                 ).start(host, path, query)
 
 
 class EndpointSlot:
-    """What the fast lane needs of an endpoint, looked up once per configuration (Site.fast, by the id of the
+    """What the fast lane needs of an endpoint, looked up once per configuration (Site.endpoint_slots, by the id of the
     IR's endpoint, which the Site keeps alive): its connection pool, its balancing state and its name."""
 
     __slots__ = ("endpoint", "name", "pool", "state")
@@ -144,8 +142,8 @@ class FastExchange:
     """One request on the fast lane. It stands in the connection's `serving` slot, where the full way keeps
     its task: `done()` and `cancel()` (the client went away) are what the connection asks of it."""
 
-    __slots__ = ("backend", "backend_state", "conn", "endpoint_state", "ex", "keep", "over", "routed", "slot",
-                 "started", "status", "upstream")
+    __slots__ = ("backend", "backend_state", "conn", "ex", "keep", "over", "routed", "slot", "started", "status",
+                 "upstream")
 
     def __init__(self, conn: http1.ClientConnection, ex: http1.Exchange, routed: http1.Routed,
                  backend: ir.Backend, slot: EndpointSlot, backend_state: BackendState, upstream: UpstreamConnection):
@@ -155,7 +153,6 @@ class FastExchange:
         self.backend = backend
         self.slot = slot
         self.upstream = upstream
-        self.endpoint_state = slot.state
         self.backend_state = backend_state
         self.keep = False
         self.over = False
@@ -168,7 +165,7 @@ class FastExchange:
         ex.route, ex.listener = candidate.route.name, candidate.listener
         ex.counts = http1.counts_for(candidate)
         ex.endpoint = self.slot.name
-        self.endpoint_state.active += 1
+        self.slot.state.active += 1
         self.backend_state.active += 1
         head = plain_request_head(conn, ex, host, f"{path}?{query}" if query else path)
         conn.serving = self
@@ -262,7 +259,7 @@ class FastExchange:
         now = time.monotonic()
         seconds = now - self.started
         ex.upstream_time += seconds
-        state = self.endpoint_state
+        state = self.slot.state
         state.active -= 1
         self.backend_state.active -= 1
         http1.IN_FLIGHT.count -= 1

@@ -76,9 +76,9 @@ class Site:
     balancer: RouteBalancer
     pools: PoolSet
     background: set = field(default_factory=set)
-    # The fast lane's lookups of this configuration's endpoints and backends, by the id of their IR object
-    # (fastlane.EndpointSlot, BackendState).
-    fast: dict[int, Any] = field(default_factory=dict)
+    # What the fast lane looked up of this configuration's endpoints, by the id of their IR object
+    # (fastlane.EndpointSlot).
+    endpoint_slots: dict[int, Any] = field(default_factory=dict)
 
 
 class DataPlane:
