@@ -25,7 +25,7 @@ def _record(metrics: Metrics) -> None:
     counts.observe("GET", 204, 0.003, 0.002, 0, 0)
     counts.observe("BREW", 418, 0.02, -1.0, 10, 5)  # no endpoint tried: no upstream time
     counts.observe("POST", 0, 20.0, 19.0, 7, 0)  # no status (the client left); beyond the last bound
-    metrics.observe_request(LISTENER, "", "GET", 404, 0.0001)
+    metrics.route_counts(LISTENER, "").observe("GET", 404, 0.0001, -1.0, 0, 0)  # answered before routing
 
 
 def test_counts_by_method_and_status_class_and_latency_buckets():

@@ -57,7 +57,7 @@ class Candidate:
         self.listener = listener  # name of the listener whose table holds it (for metrics and logs)
         self.client_certificate = client_certificate  # its Gateway's certificate for TLS to backends
         self.plan: object = None  # what the data plane worked out once for this rule (dataplane/fastlane.py)
-        self.counts: Any = None  # its metrics, once it served a request (http1.counts_for)
+        self.counts: Any = None  # its metrics, once it served a request (http1.served_by)
         self.match = match
         self.order = order
         self.path_regex = re2.compile(match.path.value) if match.path.type == "RegularExpression" else None

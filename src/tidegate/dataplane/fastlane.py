@@ -162,8 +162,7 @@ class FastExchange:
     def start(self, host: str, path: str, query: str) -> None:
         conn, ex, candidate = self.conn, self.ex, self.routed[1]
         http1.IN_FLIGHT.count += 1
-        ex.route, ex.listener = candidate.route.name, candidate.listener
-        ex.counts = http1.counts_for(candidate)
+        http1.served_by(ex, candidate)
         ex.endpoint = self.slot.name
         self.slot.state.active += 1
         self.backend_state.active += 1

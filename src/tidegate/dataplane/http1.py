@@ -181,7 +181,7 @@ class Exchange:
         self.route = ""  # the rule that served it, and its listener (for metrics and access logs)
         self.listener = ""
         self.started = started or time.monotonic()
-        self.counts: RouteCounts | None = None  # its rule's metrics (counts_for), once routed
+        self.counts: RouteCounts | None = None  # its rule's metrics (served_by), once routed
         self.bytes_sent = 0  # response body bytes, for access logs
         self.bytes_received = 0  # request body bytes, for metrics
         self.endpoint = ""
@@ -614,12 +614,14 @@ def _drainable(ex: Exchange) -> bool:
     return ex.content_length is None or ex.content_length - ex.bytes_received <= DRAIN_LIMIT
 
 
-def counts_for(candidate: Candidate) -> RouteCounts:
-    """The metrics of a rule, kept with it: recording a request then costs no lookup."""
+def served_by(ex: Exchange, candidate: Candidate) -> None:
+    """The rule that serves the exchange, for metrics and the access log. Its metrics are kept with the rule,
+    so recording the request costs no lookup."""
+    ex.route, ex.listener = candidate.route.name, candidate.listener
     counts = candidate.counts
     if counts is None:
         counts = candidate.counts = METRICS.route_counts(candidate.listener, candidate.route.name)
-    return counts
+    ex.counts = counts
 
 
 def finished(conn: ClientSide, ex: Exchange, status: int, now: float = 0.0) -> None:
@@ -725,8 +727,7 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
     can_keep = not ex.has_body or ex.body_done
     head_only = ex.method == "HEAD"
     route = candidate.route
-    ex.route, ex.listener = route.name, candidate.listener
-    ex.counts = counts_for(candidate)
+    served_by(ex, candidate)
     matched_prefix = candidate.match.path.value if candidate.match.path.type == "PathPrefix" else None
 
     headers = ex.headers

@@ -228,13 +228,6 @@ class Metrics:
             counts = routes[(listener, route)] = RouteCounts()
         return counts
 
-    def observe_request(self, listener: str, route: str, method: str, status: int, seconds: float,
-                        upstream_seconds: float | None = None, bytes_in: int = 0, bytes_out: int = 0) -> None:
-        """Per request, for callers that hold no RouteCounts of their own."""
-        self.route_counts(listener, route).observe(method, status, seconds,
-                                                   -1.0 if upstream_seconds is None else upstream_seconds,
-                                                   bytes_in, bytes_out)
-
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
