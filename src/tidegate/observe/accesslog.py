@@ -86,6 +86,25 @@ def parse_status_filter(spec: str) -> tuple[int, int] | None:
     return int(low), int(high or low)
 
 
+class _Stamp:
+    """A log format's time stamp to the second, made with strftime once per second of log time, not once per
+    line."""
+
+    __slots__ = ("pattern", "second", "text")
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self.second = -1
+        self.text = ""
+
+    def of(self, when: float) -> str:
+        second = int(when)
+        if second != self.second:
+            self.second = second
+            self.text = time.strftime(self.pattern, time.gmtime(second))
+        return self.text
+
+
 class AccessLog:
     def __init__(self, fmt: str = "json", path: str = "-", sample: float = 1.0, statuses: str = "",
                  interval: float = 0.2):
@@ -103,9 +122,8 @@ class AccessLog:
         self.by_listener: dict[str, str] = {}
         self.is_active = fmt != "off"  # cached `active`, read per request
         self._task: asyncio.Task | None = None
-        self._stamps: dict[str, tuple[int, str]] = {}
-        self._json_second = -1  # the second of the last JSON line, and its text (format_entry)
-        self._json_stamp = ""
+        self._json_time = _Stamp("%Y-%m-%dT%H:%M:%S")
+        self._clf_time = _Stamp("%d/%b/%Y:%H:%M:%S +0000")
         self._wall_offset = time.time() - time.monotonic()  # read again with each batch (wall_time)
 
     @property
@@ -161,25 +179,13 @@ class AccessLog:
         if self._out is not sys.stdout:
             self._out.close()
 
-    def _second(self, when: float, pattern: str) -> str:
-        """strftime once per second of log time, not once per line."""
-        second = int(when)
-        cached = self._stamps.get(pattern)
-        if cached is None or cached[0] != second:
-            cached = self._stamps[pattern] = (second, time.strftime(pattern, time.gmtime(second)))
-        return cached[1]
-
     def format_entry(self, e: Entry, fmt: str = "") -> str:
         fmt = fmt or self.format
         if fmt == "json":
             # The same JSON object json.dumps would write, put together directly: strings through the C
             # string encoder (repeated ones looked up), numbers as they are, no format specs (a log line costs
             # half a µs compiled, not several).
-            second = int(e.time)
-            if second != self._json_second:
-                self._json_second = second
-                self._json_stamp = self._second(e.time, "%Y-%m-%dT%H:%M:%S")
-            return (f'{{"time":"{self._json_stamp}.{_MILLIS[int(e.time * 1000) % 1000]}Z",'
+            return (f'{{"time":"{self._json_time.of(e.time)}.{_MILLIS[int(e.time * 1000) % 1000]}Z",'
                     f'"client":{_quote_repeated(e.client)},"method":{_quote_repeated(e.method)},'
                     f'"host":{_quote_repeated(e.host)},"path":{_quote(e.target)},'
                     f'"protocol":{_quote_repeated(e.proto)},"status":{e.status},"bytes":{e.bytes_sent},'
@@ -187,7 +193,7 @@ class AccessLog:
                     f'"route":{_quote_repeated(e.route)},"listener":{_quote_repeated(e.listener)},'
                     f'"endpoint":{_quote_repeated(e.endpoint)},"retries":{e.retries},"sni":{_quote_repeated(e.sni)},'
                     f'"request_id":{_quote(e.request_id)}}}\n')
-        stamp = self._second(e.time, "%d/%b/%Y:%H:%M:%S +0000")
+        stamp = self._clf_time.of(e.time)
         line = (f'{e.client or "-"} - - [{stamp}] "{e.method} {e.target} {e.proto}" {e.status} '
                 f'{e.bytes_sent or "-"}')
         if fmt == "combined":
