@@ -141,6 +141,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=1, metavar="N",
                         help="N client connections (and N kept endpoint connections) with a request each in flight")
     args = parser.parse_args()
+    for name, least in (("requests", 1), ("rounds", 1), ("hosts", 0), ("connections", 1)):
+        if getattr(args, name) < least:
+            parser.error(f"--{name} must be at least {least}")
     if args.log:
         accesslog.ACCESS_LOG = accesslog.AccessLog("json", "/dev/null")
     per_request = asyncio.run(run(args.requests, args.rounds, args.profile, args.hosts, args.connections))
