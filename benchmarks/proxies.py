@@ -666,8 +666,8 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
     if metric_seconds and base and base.per_cpu_second:
         share = 100 * metric_seconds * base.per_cpu_second
         lines.append(f"\nPrometheus metrics cost {metric_seconds * 1e6:.2f} µs of CPU per request (counts kept with "
-                     f"the rule: a count, two latency buckets and their sums), {share:.1f} % of tidegate's CPU per request "
-                     f"on \"{names[0]}\".")
+                     f"the rule: a count, two latency buckets and their sums), {share:.1f} % of tidegate's CPU per "
+                     f"request on \"{names[0]}\".")
     one = next((r for r in results if r.proxy == "tidegate" and "workers" in r.scenario), None)
     two = next((r for r in results if r.proxy == TWO_WORKERS), None)
     if one and two and one.rps:

@@ -124,7 +124,8 @@ async def run(requests: int, rounds: int, profile: bool, hosts: int = 0, connect
             one()
         best = min(best, time.process_time() - started)
     writes = sum(client.transport.writes for client in clients)
-    print(f"client writes per request: {writes / ((rounds * requests + max(1, 1000 // connections)) * connections):.2f}")
+    sent = (rounds * requests + max(1, 1000 // connections)) * connections  # measured and warm-up requests
+    print(f"client writes per request: {writes / sent:.2f}")
     return best / (requests * connections)
 
 

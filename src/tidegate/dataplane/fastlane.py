@@ -95,13 +95,13 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
 
 
 class EndpointSlot:
-    """What the fast lane needs of an endpoint, looked up once per configuration (Site.endpoint_slots, by the id of the
-    IR's endpoint, which the Site keeps alive): its connection pool, its balancing state and its name."""
+    """What the fast lane needs of an endpoint, looked up once per configuration (Site.endpoint_slots, by the
+    id of the IR's endpoint): its connection pool, its balancing state and its name."""
 
     __slots__ = ("endpoint", "name", "pool", "state")
 
     def __init__(self, site: Site, endpoint: ir.Endpoint):
-        self.endpoint = endpoint
+        self.endpoint = endpoint  # held, so that the id it is kept by cannot be reused while the slot exists
         self.pool = site.pools.pool(endpoint.address, endpoint.port)
         self.state = site.balancer.registry.endpoint(endpoint.address, endpoint.port)
         self.name = f"{endpoint.address}:{endpoint.port}"
