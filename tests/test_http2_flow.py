@@ -56,6 +56,7 @@ def test_window_updates_wait_while_the_endpoint_is_slow(monkeypatch):
         push(60_000)
         window_while_paused = client.local_flow_control_window(1)
         stream.resume_reading()  # the endpoint drained
+        await asyncio.sleep(0)  # frames leave at the end of the event loop's turn
         client.receive_data(bytes(transport.out))
         window_after_resume = client.local_flow_control_window(1)
         for task in asyncio.all_tasks() - {asyncio.current_task()}:

@@ -54,6 +54,7 @@ class H2Stream:
         self.last_status = 0
         self.paused = False  # request body: window updates held back while the endpoint is slow
         self.unacked = 0  # flow-controlled bytes received but not yet granted back
+        self.queued = False  # in the connection's list of streams with body bytes or an end to send
 
     # -- what serve_exchange calls -------------------------------------------------------------------
     @property
@@ -86,14 +87,14 @@ class H2Stream:
         if data:
             self.ex.bytes_sent += len(data)
             self.pending += data
-            self.conn.flush_stream(self)
+            self.conn.queue(self)
             if self.write_paused and self.upstream is not None:
                 self.upstream.pause_reading()
 
     def end_response(self) -> None:
         if not self.ending:
             self.ending = True
-            self.conn.flush_stream(self)
+            self.conn.queue(self)
 
     def send_simple(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
                     close: bool = False, head_only: bool = False) -> None:
@@ -121,11 +122,16 @@ class H2ServerConnection(asyncio.Protocol):
         self.h2 = h2.connection.H2Connection(config=config)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
+        # Frames are written once per turn of the event loop, not once per call: a stream's head, body and
+        # end, and the responses of all streams that finish in the same turn, leave in one write.
+        self.queued: list[H2Stream] = []  # streams with body bytes or an end not yet framed
+        self.write_scheduled = False
+        self.receiving = False  # inside data_received, which writes once at its end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.h2.initiate_connection()
-        self._flush()
+        self._write_now()
 
     def connection_lost(self, exc: Exception | None) -> None:
         METRICS.connections.open -= 1
@@ -136,11 +142,19 @@ class H2ServerConnection(asyncio.Protocol):
                 stream.task.cancel()
 
     def data_received(self, data: bytes) -> None:
+        self.receiving = True
+        try:
+            self._receive(data)
+        finally:
+            self.receiving = False
+        self._write_now()
+
+    def _receive(self, data: bytes) -> None:
         try:
             events = self.h2.receive_data(data)
         except h2.exceptions.ProtocolError as exc:
             log.info("HTTP/2 protocol error from %s: %s", self.peer, exc)
-            self._flush()
+            self._write_now()
             if self.transport is not None:
                 self.transport.close()
             return
@@ -165,7 +179,6 @@ class H2ServerConnection(asyncio.Protocol):
             elif isinstance(event, h2.events.ConnectionTerminated):
                 if self.transport is not None:
                     self.transport.close()
-        self._flush()
 
     # -- requests ---------------------------------------------------------------------------------------
     def _on_request(self, stream_id: int, headers: list[tuple[str, str]], ended: bool) -> None:
@@ -263,8 +276,16 @@ class H2ServerConnection(asyncio.Protocol):
             self.streams.pop(stream_id, None)
         self._flush()
 
+    def queue(self, stream: H2Stream) -> None:
+        """The stream has body bytes or its end to send: framed with the others at this turn's write."""
+        if not stream.queued:
+            stream.queued = True
+            self.queued.append(stream)
+        self._flush()
+
     def flush_stream(self, stream: H2Stream) -> None:
-        """Send as much of the stream's pending body as the flow-control windows allow."""
+        """Frame as much of the stream's pending body as the flow-control windows allow; the last frame
+        carries END_STREAM when the response has ended."""
         if self.closed or stream.stream_id not in self.streams:
             return
         try:
@@ -273,19 +294,44 @@ class H2ServerConnection(asyncio.Protocol):
                              self.h2.max_outbound_frame_size)
                 if window <= 0:
                     break
-                chunk = bytes(stream.pending[:window])
-                del stream.pending[:window]
-                self.h2.send_data(stream.stream_id, chunk)
+                if window >= len(stream.pending):
+                    chunk = bytes(stream.pending)
+                    stream.pending.clear()
+                else:
+                    chunk = bytes(stream.pending[:window])
+                    del stream.pending[:window]
+                last = stream.ending and not stream.pending
+                self.h2.send_data(stream.stream_id, chunk, end_stream=last)
+                if last:
+                    self.streams.pop(stream.stream_id, None)
+                    return
             if stream.ending and not stream.pending:
                 self.h2.end_stream(stream.stream_id)
                 self.streams.pop(stream.stream_id, None)
         except h2.exceptions.ProtocolError as exc:
             log.debug("cannot send data on stream %d: %s", stream.stream_id, exc)
-        self._flush()
-        if not stream.write_paused and stream.upstream is not None:
-            stream.upstream.resume_reading()
+        finally:
+            self._flush()
+            if not stream.write_paused and stream.upstream is not None:
+                stream.upstream.resume_reading()
 
     def _flush(self) -> None:
+        """Write what h2 has framed at the end of this turn of the event loop (at once inside data_received,
+        which writes when it returns)."""
+        if self.receiving or self.write_scheduled or self.closed:
+            return
+        self.write_scheduled = True
+        asyncio.get_running_loop().call_soon(self._write_now)
+
+    def _write_now(self) -> None:
+        self.write_scheduled = True  # what flush_stream frames now leaves in this write
+        queued = self.queued
+        if queued:
+            self.queued = []
+            for stream in queued:
+                stream.queued = False
+                self.flush_stream(stream)
+        self.write_scheduled = False
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
