@@ -392,6 +392,88 @@ def test_http2_with_prior_knowledge_is_served(stack):
     assert status == 301 and headers["location"] == "https://redirect.test/new/old/x"
 
 
+def _h2_streams(port: int, blocks: list[list[tuple[bytes, bytes]]]) -> list[tuple[int, dict[bytes, bytes], bytes,
+                                                                                 int | None]]:
+    """Each header block as a request on its own stream of one h2c connection, one after another, with the
+    client's own header checks off: (status, response headers, body, RST_STREAM error code or None) for each.
+    Once the connection is closed, the blocks left get (0, {}, b"", None)."""
+    import socket as socketlib
+
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    config = h2.config.H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False,
+                                       normalize_outbound_headers=False, validate_inbound_headers=False)
+    conn = h2.connection.H2Connection(config)
+    conn.initiate_connection()
+    results: list[tuple[int, dict[bytes, bytes], bytes, int | None]] = []
+    with socketlib.create_connection((GW_ADDR, port), timeout=5) as sock:
+        sock.sendall(conn.data_to_send())
+        open_ = True
+        for block in blocks:
+            stream_id = conn.get_next_available_stream_id()
+            status, headers, body, reset = 0, {}, bytearray(), None
+            if open_:
+                conn.send_headers(stream_id, block, end_stream=True)
+                sock.sendall(conn.data_to_send())
+            done = not open_
+            while not done:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    open_ = False
+                    break
+                for event in conn.receive_data(chunk):
+                    if getattr(event, "stream_id", None) != stream_id:
+                        continue
+                    if isinstance(event, h2.events.ResponseReceived):
+                        headers = dict(event.headers)
+                        status = int(headers[b":status"])
+                    elif isinstance(event, h2.events.DataReceived):
+                        body += event.data
+                        conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                    elif isinstance(event, h2.events.StreamReset):
+                        reset, done = int(event.error_code), True
+                    elif isinstance(event, h2.events.StreamEnded):
+                        done = True
+                sock.sendall(conn.data_to_send())
+            results.append((status, headers, bytes(body), reset))
+    return results
+
+
+def test_http2_header_bytes_reach_the_pod_and_the_client_unchanged(stack):
+    """Field values are bytes: a UTF-8 request header reaches the pod as the client sent it, and a response
+    header set by the pod reaches the client as the pod sent it."""
+    block = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/bytes"), (b":authority", b"echo.test"),
+             (b"x-word", b"caf\xc3\xa9 \xe6\x97\xa5"), (b"x-echo-set-header", b"x-back:caf\xc3\xa9")]
+    [(status, headers, body, reset)] = _h2_streams(stack["port"], [block])
+    assert status == 200 and reset is None
+    echoed = json.loads(body)["headers"]  # the pod reads header bytes as Latin-1
+    assert echoed["X-Word"] == ["caf\xc3\xa9 \xe6\x97\xa5"]
+    assert headers[b"x-back"] == b"caf\xc3\xa9"
+
+
+def test_a_malformed_http2_request_resets_its_stream_and_the_connection_serves_on(stack):
+    """RFC 9113 8.1.1: a malformed request is a stream error (RST_STREAM, PROTOCOL_ERROR); the requests after
+    it on the same connection are served."""
+    good = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/after"), (b":authority", b"echo.test")]
+    malformed = [
+        good + [(b"X-Upper", b"1")],
+        good + [(b"connection", b"close")],
+        good + [(b"x-split", b"a\r\nx-injected: 1")],
+        good + [(b"te", b"gzip")],
+        good + [(b"host", b"elsewhere.test")],
+        [(b":method", b"GET"), (b"x-early", b"1"), (b":scheme", b"http"), (b":path", b"/"),
+         (b":authority", b"echo.test")],
+        [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"echo.test")],
+    ]
+    results = _h2_streams(stack["port"], malformed + [good])
+    protocol_error = 1
+    assert [reset for _, _, _, reset in results[:-1]] == [protocol_error] * len(malformed)
+    status, _, body, reset = results[-1]
+    assert status == 200 and reset is None and json.loads(body)["path"] == "/after"
+
+
 def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
     echo_port, gw_port = free_port(POD_A), free_port(GW_ADDR)
     config = tmp_path / "config"

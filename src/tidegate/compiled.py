@@ -20,6 +20,7 @@ from pathlib import Path
 
 HOT_MODULES = (
     "tidegate.dataplane.fastlane",
+    "tidegate.dataplane.h2request",
     "tidegate.dataplane.http1",
     "tidegate.dataplane.upstream",
     "tidegate.dataplane.server",

@@ -19,6 +19,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from tidegate.dataplane.h2request import read_request
 from tidegate.dataplane.http1 import BODY_BUFFER_LIMIT, IN_FLIGHT, REASONS, Exchange, finished, serve_exchange
 from tidegate.observe.metrics import METRICS
 
@@ -30,8 +31,9 @@ log = logging.getLogger("tidegate.http2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PENDING_LIMIT = 256 * 1024  # response bytes held for a stream before its endpoint is paused
-# Connection-specific headers are forbidden in HTTP/2 (RFC 9113 8.2.2).
-_CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"})
+# Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2), and TE is a request field.
+_CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
+                                  "te"})
 
 
 class H2Stream:
@@ -72,13 +74,16 @@ class H2Stream:
             self.unacked = 0
 
     def send_continue(self) -> None:
-        self.conn.send_headers(self.stream_id, [(":status", "100")], end_stream=False)
+        self.conn.send_headers(self.stream_id, [(b":status", b"100")], end_stream=False)
 
     def begin_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]], content_length: int | None,
                        head_only: bool) -> bool:
         self.last_status = status
-        out = [(":status", str(status))]
-        out += [(n.lower(), v) for n, v in headers if n.lower() not in _CONNECTION_SPECIFIC]
+        out = [(b":status", str(status).encode())]
+        for name, value in headers:
+            lname = name.lower()
+            if lname not in _CONNECTION_SPECIFIC:
+                out.append((lname.encode("latin-1"), value.strip(" \t").encode("latin-1")))
         self.conn.send_headers(self.stream_id, out, end_stream=head_only)
         self.ending = head_only
         return True
@@ -118,7 +123,11 @@ class H2ServerConnection(asyncio.Protocol):
         self.peer = peer
         self.server_name = server_name
         self.transport: asyncio.Transport | None = None
-        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        # Request header blocks are checked by h2request.read_request, in one pass, instead of by h2's chain of
+        # generators; response header blocks are built ready to send by H2Stream.begin_response.
+        config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
+                                           normalize_inbound_headers=False, validate_outbound_headers=False,
+                                           normalize_outbound_headers=False)
         self.h2 = h2.connection.H2Connection(config=config)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
@@ -181,37 +190,16 @@ class H2ServerConnection(asyncio.Protocol):
                     self.transport.close()
 
     # -- requests ---------------------------------------------------------------------------------------
-    def _on_request(self, stream_id: int, headers: list[tuple[str, str]], ended: bool) -> None:
+    def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
         ex = Exchange()
-        regular: list[tuple[str, str]] = []
-        authority = ""
-        cookies: list[str] = []
-        for name, value in headers:
-            if name == ":method":
-                ex.method = value
-            elif name == ":path":
-                ex.target = value.encode("latin-1")
-            elif name == ":authority":
-                authority = value
-            elif name.startswith(":"):
-                continue
-            elif name == "cookie":
-                cookies.append(value)  # HTTP/2 may split cookies; HTTP/1.1 wants one header
-            else:
-                regular.append((name, value))
-                if name == "content-length" and value.isdigit():
-                    ex.content_length = int(value)
-        if authority and not any(n == "host" for n, _ in regular):
-            regular.insert(0, ("host", authority))
-        if cookies:
-            regular.append(("cookie", "; ".join(cookies)))
-        ex.headers = regular
-        ex.version = "2"
-        ex.keep_alive = True
-        ex.expect_continue = any(n == "expect" and v.lower() == "100-continue" for n, v in regular)
-        if not ended and ex.content_length is None:
-            ex.chunked = True  # a body of unknown length: sent upstream with chunked encoding
-        ex.body_done = ended
+        malformed = read_request(ex, headers, ended)
+        if malformed:
+            log.info("malformed HTTP/2 request from %s on stream %d: %s", self.peer, stream_id, malformed)
+            try:
+                self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            except h2.exceptions.ProtocolError:
+                pass
+            return
         stream = H2Stream(self, stream_id, ex)
         self.streams[stream_id] = stream
         stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
@@ -225,7 +213,7 @@ class H2ServerConnection(asyncio.Protocol):
             return
         except Exception:
             log.exception("internal error serving an HTTP/2 stream")
-            if not stream.closed:
+            if not stream.closed and self.streams.pop(stream.stream_id, None) is not None:
                 try:
                     self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
                     self._flush()
@@ -265,7 +253,7 @@ class H2ServerConnection(asyncio.Protocol):
             stream.ex.sink(None)
 
     # -- responses --------------------------------------------------------------------------------------
-    def send_headers(self, stream_id: int, headers: list[tuple[str, str]], end_stream: bool) -> None:
+    def send_headers(self, stream_id: int, headers: list[tuple[bytes, bytes]], end_stream: bool) -> None:
         if self.closed or stream_id not in self.streams:
             return
         try:
