@@ -8,10 +8,17 @@ the load generators (wrk, h2load) run on core 1. For each scenario and proxy it 
 latency, the proxy's own CPU seconds (from /proc) and requests per CPU-second, then the ratio tidegate ÷
 HAProxy and ÷ nginx. Scenarios come in groups that share one configuration: plain HTTP (small, 1 KB and
 1 MB responses, a new connection per request, a 10 MB upload, HTTP/2 with h2load), 1,000 routes with
-distinct hostnames, and TLS termination (keep-alive, and a handshake per request). A second tidegate
-without its access log runs each group's first scenario, to show what logging costs. Control-plane figures follow: loading and translating
-10,000 HTTPRoutes, and the time from a file change to the new route serving. The report goes to
-benchmarks/RESULTS.md. Loopback only; every run is bounded by --seconds.
+distinct hostnames, 1 worker against 2, and TLS termination (keep-alive, and a handshake per request). A
+second tidegate without its access log runs each group's first scenario, to show what logging costs.
+
+1 worker against 2 is run twice. As is, the second worker shares core 1 with the load. Then with each
+serving process held to 40 % of core 0 by a CPU quota (a cgroup each; needs root, else it is skipped and
+the report says why): two workers fit on core 0, and the report gives core 1's use, to show that the load
+generator was not the limit.
+
+Control-plane figures follow: loading and translating 10,000 HTTPRoutes, and the time from a file change to
+the new route serving. The report goes to benchmarks/RESULTS.md. Loopback only; every run is bounded by
+--seconds.
 """
 
 from __future__ import annotations
@@ -43,6 +50,11 @@ NO_LOG = "tidegate, no log"  # run beside the others on each group's first scena
 # benchmarks/minimal_proxy.py, on the first scenario: what a Python proxy that does nothing but pass bytes costs
 FLOOR = "minimal uvloop+httptools proxy"
 TWO_WORKERS = "tidegate, 2 workers"  # --workers 2 on both cores (the load generator shares one)
+# The same comparison with every serving process held to CAP_SHARE of core 0 by a CPU quota (cgroups): two
+# workers then fit on the proxies' core, and the load generator's core is shared with neither of them.
+CAPPED_ONE = "tidegate, capped"
+CAPPED_TWO = "tidegate, 2 workers, capped"
+CAP_SHARE = 0.4
 
 
 @dataclass
@@ -90,6 +102,9 @@ GROUPS = [
           hosts=HOSTS),
     Group("workers", [Scenario("small GET, keep-alive, 64 conns, 1 vs 2 workers", "/small", 64)],
           proxies=("tidegate", TWO_WORKERS)),
+    Group("workers, capped", [Scenario(f"small GET, keep-alive, 64 conns, 1 vs 2 workers at "
+                                       f"{100 * CAP_SHARE:.0f} % of a core each", "/small", 64)],
+          proxies=(CAPPED_ONE, CAPPED_TWO)),
     Group("TLS termination", [
         Scenario("TLS small GET, keep-alive, 64 conns", "/small", 64, tls=True),
         Scenario("TLS handshake per request, 64 conns", "/small", 64, close=True, tls=True),
@@ -107,6 +122,7 @@ class Result:
     cpu_s: float
     errors: int
     seconds: float = 0.0
+    load_core_busy: float = 0.0  # the share of the load generator's core in use during the run
 
     @property
     def per_cpu_second(self) -> float:
@@ -149,6 +165,64 @@ def cpu_seconds(pids: list[int]) -> float:
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
     return total / ticks
+
+
+def core_jiffies(core: str) -> tuple[int, int]:
+    """(busy, total) clock ticks of one core so far, from /proc/stat."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith(f"cpu{core} "):
+            ticks = [int(n) for n in line.split()[1:]]
+            idle = ticks[3] + ticks[4]  # idle and iowait
+            return sum(ticks) - idle, sum(ticks)
+    return 0, 0
+
+
+def serving_pids(pid: int) -> list[int]:
+    """The processes of a tidegate that serve traffic: its workers (multiprocessing children) if it has any,
+    else itself."""
+    workers = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(int(child))
+        except FileNotFoundError:
+            continue
+    return workers or [pid]
+
+
+def cap_cpu(pids: list[int], share: float, tag: str) -> list[Path]:
+    """Put each process in a cgroup of its own whose CPU quota is `share` of one core (cgroup v2's cpu.max, or
+    v1's cpu controller); returns the cgroups, to be removed once the processes are gone. Raises OSError when
+    this machine does not let it (not root, no cpu controller)."""
+    root = Path("/sys/fs/cgroup")
+    v2 = (root / "cgroup.controllers").exists()
+    if v2 and "cpu" not in (root / "cgroup.subtree_control").read_text().split():
+        (root / "cgroup.subtree_control").write_text("+cpu")
+    made = []
+    for i, pid in enumerate(pids):
+        group = (root if v2 else root / "cpu") / f"tidegate-bench-{tag}-{i}"
+        group.mkdir(exist_ok=True)
+        made.append(group)
+        period = 100_000
+        if v2:
+            (group / "cpu.max").write_text(f"{int(share * period)} {period}")
+        else:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(int(share * period)))
+        (group / "cgroup.procs").write_text(str(pid))
+    return made
+
+
+def remove_cgroups(groups: list[Path]) -> None:
+    for group in groups:
+        for _ in range(50):  # a process leaves its cgroup a moment after it exits
+            try:
+                group.rmdir()
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
 
 
 def version(command: list[str]) -> str:
@@ -497,6 +571,8 @@ def main() -> int:
     results: list[Result] = []
     control: list[str] = []
     profiled = False
+    cgroups: list[Path] = []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="tidegate-bench-") as tmpdir:
         tmp = Path(tmpdir)
         stack = Stack(tmp)
@@ -530,12 +606,20 @@ def main() -> int:
                                             "--admin", f"127.0.0.1:{free_port()}", "--workers", "2"],
                     FLOOR: lambda p: [sys.executable, str(ROOT / "benchmarks" / "minimal_proxy.py"), str(p.http),
                                       *map(str, backends)],
+                    CAPPED_ONE: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
+                                           str(tidegate_config(gtmp / "capped1", p, backends, group, cert, key)),
+                                           "--access-log", "json", "--access-log-file", str(gtmp / "access3.log"),
+                                           "--admin", f"127.0.0.1:{free_port()}"],
+                    CAPPED_TWO: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
+                                           str(tidegate_config(gtmp / "capped2", p, backends, group, cert, key)),
+                                           "--access-log", "json", "--access-log-file", str(gtmp / "access4.log"),
+                                           "--admin", f"127.0.0.1:{free_port()}", "--workers", "2"],
                     NO_LOG: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
                                        str(tidegate_config(gtmp / "nolog", p, backends, group, cert, key)),
                                        "--access-log", "off", "--admin", f"127.0.0.1:{free_port()}"],
                 }
-                (gtmp / "nolog").mkdir()
-                (gtmp / "two").mkdir()
+                for sub in ("nolog", "two", "capped1", "capped2"):
+                    (gtmp / sub).mkdir()
                 for name in group.proxies:
                     if args.only and name.split(",")[0].split()[0] not in args.only:
                         continue
@@ -543,8 +627,16 @@ def main() -> int:
                     core = f"{PROXY_CORE},{LOAD_CORE}" if name == TWO_WORKERS else PROXY_CORE
                     started[name] = (stack.start(launch[name](ports), f"{name.replace(', ', '-')}-{g}".replace(
                         " ", "-"), ports.http, core), ports)
-                    if name == TWO_WORKERS:
+                    if name in (TWO_WORKERS, CAPPED_TWO):
                         time.sleep(2)  # both workers listening (the port opens with the first)
+                    if name in (CAPPED_ONE, CAPPED_TWO):
+                        proc = started[name][0]
+                        try:
+                            cgroups += cap_cpu(serving_pids(proc.pid), CAP_SHARE, f"{g}-{len(cgroups)}")
+                        except OSError as exc:
+                            notes.append(f"{name} was not run: no CPU quota could be set ({exc}).")
+                            stack.stop([proc])
+                            del started[name]
                 for scenario in group.scenarios:
                     for name, (proc, ports) in started.items():
                         if name in (NO_LOG, FLOOR) and scenario is not group.scenarios[0]:
@@ -563,10 +655,14 @@ def main() -> int:
                         runs = []
                         for _ in range(args.repeat):
                             before = cpu_seconds([proc.pid])
+                            load_before = core_jiffies(LOAD_CORE)
                             rps, p50, p99, errors = load(port, scenario, args.seconds, gtmp)
                             cpu = cpu_seconds([proc.pid]) - before
+                            load_after = core_jiffies(LOAD_CORE)
+                            ticks = load_after[1] - load_before[1]
+                            busy = (load_after[0] - load_before[0]) / ticks if ticks else 0.0
                             runs.append(Result(name, scenario.name, rps, p50, p99, cpu, errors,
-                                               seconds=args.seconds))
+                                               seconds=args.seconds, load_core_busy=busy))
                             if profiler is not None:
                                 profiler.wait(30)
                                 profiler = None
@@ -581,12 +677,13 @@ def main() -> int:
                 stack.stop([proc for proc, _ in started.values()])
         finally:
             stack.stop()
+            remove_cgroups(cgroups)
         if not args.quick and not args.only and not args.scenario:
             with tempfile.TemporaryDirectory(prefix="tidegate-cp-") as cpdir:
                 control = control_plane_figures(Path(cpdir))
             for line in control:
                 print(line)
-    report = render(results, groups, args.seconds, control, metrics_cost(), args.repeat)
+    report = render(results, groups, args.seconds, control, metrics_cost(), args.repeat, notes)
     if not args.only and not args.scenario:
         (ROOT / "benchmarks" / "RESULTS.md").write_text(report)
     print("\n" + report)
@@ -610,7 +707,7 @@ def _ms(value: float | None) -> str:
 
 
 def render(results: list[Result], groups: list[Group], seconds: float, control: list[str],
-           metric_seconds: float = 0.0, repeat: int = 1) -> str:
+           metric_seconds: float = 0.0, repeat: int = 1, notes: list[str] | None = None) -> str:
     by = {(r.proxy, r.scenario): r for r in results}
     lines = [
         "# tidegate next to HAProxy and nginx",
@@ -637,7 +734,7 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
     ]
     names = [s.name for g in groups for s in g.scenarios]
     for scenario in dict.fromkeys(names):
-        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG, FLOOR, TWO_WORKERS):
+        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG, FLOOR, TWO_WORKERS, CAPPED_ONE, CAPPED_TWO):
             r = by.get((proxy, scenario))
             if r:
                 lines.append(f"| {scenario} | {proxy} | {r.rps:.0f} | {_ms(r.p50_ms)} | {_ms(r.p99_ms)} | "
@@ -678,6 +775,16 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
                      "The workers share nothing on the request path (each has its own event loop, endpoint "
                      "connections and caches; SO_REUSEPORT spreads the connections), so each added core adds "
                      "about one worker's requests per second.")
+    one = next((r for r in results if r.proxy == CAPPED_ONE), None)
+    two = next((r for r in results if r.proxy == CAPPED_TWO), None)
+    if one and two and one.rps:
+        lines.append(f"\nWith each serving process held to {100 * CAP_SHARE:.0f} % of core {PROXY_CORE} by a CPU "
+                     f"quota, two workers fit on the proxies' core and neither shares the load generator's: there, "
+                     f"2 workers serve {two.rps / one.rps:.2f}× the requests per second of 1 (target 1.7×). Core "
+                     f"{LOAD_CORE} (wrk and the backends) was {100 * two.load_core_busy:.0f} % busy during the "
+                     f"2-worker run{' (so the load generator was not the limit)' if two.load_core_busy < 0.9 else ''}.")
+    for note in notes or []:
+        lines.append(f"\n{note}")
     if control:
         lines += ["", "## Control plane", "", *control]
     return "\n".join(lines) + "\n"
