@@ -63,6 +63,16 @@ def process(args: list[str], log_path: Path, ready: tuple[str, int] | None = Non
         if ready:
             wait_for_port(*ready, proc)
         yield proc
+    except BaseException:
+        # What the process said is the first thing to read when a test around it fails (pytest shows it).
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+        text = Path(log_path).read_text(errors="replace")
+        print(f"--- the last of {log_path} ({' '.join(args[:4])} ...) ---\n{text[-6000:]}")
+        raise
     finally:
         proc.terminate()
         try:

@@ -233,6 +233,13 @@ def _grpc_match(m: dict) -> ir.Match:
     return ir.Match(path=path, headers=headers)
 
 
+def _printable(text: str) -> bool:
+    """Visible ASCII only: what a path that tidegate writes into a request line or a Location header may hold
+    (the schema puts no pattern on path modifiers, and a CR LF there would start a header, or a request, of
+    the route author's choosing)."""
+    return all("!" <= c <= "~" for c in text)
+
+
 def _filter(index: Index, route: Resource, spec: dict, backend_tls: dict, compiled: CompiledRoute,
             where: str) -> ir.Filter:
     ftype = spec["type"]
@@ -245,6 +252,13 @@ def _filter(index: Index, route: Resource, spec: dict, backend_tls: dict, compil
     elif ftype == "CORS":
         key = "cors"
     config = dict(spec.get(key) or {})
+    if ftype in ("URLRewrite", "RequestRedirect"):
+        modifier = config.get("path") or {}
+        for field in ("replaceFullPath", "replacePrefixMatch"):
+            value = modifier.get(field)
+            if isinstance(value, str) and not _printable(value):
+                raise InvalidRoute(f"{where}: {ftype} {field} {value!r} has a space, a control character or a "
+                                   "non-ASCII character: it would break the request line or the Location header")
     mirror = None
     if ftype == "RequestMirror":
         mirror, problem = resolve_backend(index, config["backendRef"], route.kind, route.namespace, backend_tls)
