@@ -1,5 +1,6 @@
-"""HTTP/2 request bodies are paced by flow control: the client's window is granted back only as the body
-moves on to the endpoint (no sockets: an H2ServerConnection fed by an h2 client in memory)."""
+"""HTTP/2 connections without sockets: an H2ServerConnection fed by an h2 client in memory. Request bodies
+are paced by flow control (the client's window is granted back only as the body moves on to the endpoint),
+and a client that resets its streams as fast as it opens them is sent away."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 
 from tidegate.dataplane.http2 import H2ServerConnection
@@ -15,6 +17,7 @@ from tidegate.dataplane.http2 import H2ServerConnection
 class _Transport:
     def __init__(self) -> None:
         self.out = bytearray()
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.out += data
@@ -23,7 +26,7 @@ class _Transport:
         return None
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def test_window_updates_wait_while_the_endpoint_is_slow(monkeypatch):
@@ -67,3 +70,53 @@ def test_window_updates_wait_while_the_endpoint_is_slow(monkeypatch):
     paused, resumed = asyncio.run(scenario())
     assert paused < 10_000  # nothing granted back while the endpoint was slow
     assert resumed > 60_000  # granted once it drained
+
+
+def _resets(monkeypatch, requests: int, reset_every: int) -> tuple[list, bool]:
+    """`requests` GET streams, each reset by the client right after it was sent when its number is a multiple
+    of `reset_every`; the others are answered at once (204). Returns the client's events and whether the
+    server closed the connection."""
+
+    async def scenario() -> tuple[list, bool]:
+        async def answered(stream, ex):
+            stream.begin_response(ex, 204, [], 0, True)
+
+        monkeypatch.setattr("tidegate.dataplane.http2.serve_exchange", answered)
+        server = H2ServerConnection(lambda: None, 80, "http", "127.0.0.1")
+        transport = _Transport()
+        server.connection_made(transport)
+        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        client.initiate_connection()
+        events = []
+        for n in range(requests):
+            stream_id = client.get_next_available_stream_id()
+            client.send_headers(stream_id, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                                            (":authority", "a")], end_stream=True)
+            if n % reset_every == 0:
+                client.reset_stream(stream_id)
+            server.data_received(client.data_to_send())
+            for _ in range(3):  # the answer, and the turn that writes it
+                await asyncio.sleep(0)
+            events += client.receive_data(bytes(transport.out))
+            transport.out.clear()
+            if transport.closed:
+                break
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+        return events, transport.closed
+
+    return asyncio.run(scenario())
+
+
+def test_a_client_that_resets_what_it_opens_is_sent_away(monkeypatch):
+    events, closed = _resets(monkeypatch, requests=300, reset_every=1)
+    goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert closed and len(goaway) == 1
+    assert goaway[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+
+
+def test_a_client_that_gives_up_on_some_requests_is_not(monkeypatch):
+    events, closed = _resets(monkeypatch, requests=330, reset_every=3)  # 110 resets: a third of the requests
+    assert not closed and not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    answered = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert len(answered) == 220

@@ -31,6 +31,11 @@ log = logging.getLogger("tidegate.http2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PENDING_LIMIT = 256 * 1024  # response bytes held for a stream before its endpoint is paused
+# "Rapid reset" (CVE-2023-44487): a client that opens streams and resets them at once has requests started
+# that nobody waits for, with no limit from SETTINGS_MAX_CONCURRENT_STREAMS. Once EARLY_RESET_FLOOR streams of
+# a connection were reset before their answer ended, and they are at least half of its requests, the
+# connection is closed with GOAWAY ENHANCE_YOUR_CALM. A client that gives up on some requests is not.
+EARLY_RESET_FLOOR = 100
 # Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2), and TE is a request field.
 _CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
                                   "te"})
@@ -136,6 +141,8 @@ class H2ServerConnection(asyncio.Protocol):
         self.queued: list[H2Stream] = []  # streams with body bytes or an end not yet framed
         self.write_scheduled = False
         self.receiving = False  # inside data_received, which writes once at its end
+        self.requests = 0
+        self.early_resets = 0  # streams the client reset before their answer ended
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -178,8 +185,13 @@ class H2ServerConnection(asyncio.Protocol):
                 self._on_end(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
                 stream = self.streams.pop(event.stream_id, None)
-                if stream is not None and stream.task is not None:
-                    stream.task.cancel()
+                if stream is not None:
+                    if stream.task is not None:
+                        stream.task.cancel()
+                    self.early_resets += 1
+                    if self.early_resets >= EARLY_RESET_FLOOR and 2 * self.early_resets >= self.requests:
+                        self._calm_down()
+                        return
             elif isinstance(event, h2.events.WindowUpdated):
                 targets = list(self.streams.values()) if event.stream_id == 0 else \
                     [s for s in [self.streams.get(event.stream_id)] if s is not None]
@@ -190,7 +202,20 @@ class H2ServerConnection(asyncio.Protocol):
                     self.transport.close()
 
     # -- requests ---------------------------------------------------------------------------------------
+    def _calm_down(self) -> None:
+        log.warning("HTTP/2 client %s reset %d of its %d requests before their answers: closing the connection "
+                    "(rapid reset)", self.peer, self.early_resets, self.requests)
+        try:
+            self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        except h2.exceptions.ProtocolError:
+            pass
+        self._write_now()
+        if self.transport is not None:
+            self.transport.close()  # after what is written: the GOAWAY goes first
+        self.closed = True  # nothing more is written; streams under way end with the connection
+
     def _on_request(self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        self.requests += 1
         ex = Exchange()
         malformed = read_request(ex, headers, ended)
         if malformed:
