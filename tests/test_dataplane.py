@@ -504,6 +504,10 @@ def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
             status, _, body = request(GW_ADDR, gw_port, "/post", method="POST", body=b"p" * 200_000,
                                       headers={"Host": "h2c.test"})
             assert status == 200 and json.loads(body)["bodySize"] == 200_000
+            from tests.harness import h2_request
+
+            status, _, body = h2_request(GW_ADDR, gw_port, "h2c.test", "/h2-both-ways")  # HTTP/2 on both sides
+            assert status == 200 and json.loads(body)["path"] == "/h2-both-ways"
 
 
 def test_an_early_answer_to_an_upload_keeps_the_client_connection(tmp_path):

@@ -29,13 +29,13 @@ class _Transport:
         self.closed = True
 
 
-def test_window_updates_wait_while_the_endpoint_is_slow(monkeypatch):
+def test_window_updates_wait_while_the_endpoint_is_slow():
     async def scenario() -> tuple[int, int]:
         async def never_served(stream, ex):  # keep the stream open; the test plays the endpoint's part
             await asyncio.sleep(10)
 
-        monkeypatch.setattr("tidegate.dataplane.http2.serve_exchange", never_served)
         server = H2ServerConnection(lambda: None, 80, "http", "127.0.0.1")
+        server.serve = never_served
         transport = _Transport()
         server.connection_made(transport)
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -72,7 +72,7 @@ def test_window_updates_wait_while_the_endpoint_is_slow(monkeypatch):
     assert resumed > 60_000  # granted once it drained
 
 
-def _resets(monkeypatch, requests: int, reset_every: int) -> tuple[list, bool]:
+def _resets(requests: int, reset_every: int) -> tuple[list, bool]:
     """`requests` GET streams, each reset by the client right after it was sent when its number is a multiple
     of `reset_every`; the others are answered at once (204). Returns the client's events and whether the
     server closed the connection."""
@@ -81,8 +81,8 @@ def _resets(monkeypatch, requests: int, reset_every: int) -> tuple[list, bool]:
         async def answered(stream, ex):
             stream.begin_response(ex, 204, [], 0, True)
 
-        monkeypatch.setattr("tidegate.dataplane.http2.serve_exchange", answered)
         server = H2ServerConnection(lambda: None, 80, "http", "127.0.0.1")
+        server.serve = answered
         transport = _Transport()
         server.connection_made(transport)
         client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
@@ -108,15 +108,15 @@ def _resets(monkeypatch, requests: int, reset_every: int) -> tuple[list, bool]:
     return asyncio.run(scenario())
 
 
-def test_a_client_that_resets_what_it_opens_is_sent_away(monkeypatch):
-    events, closed = _resets(monkeypatch, requests=300, reset_every=1)
+def test_a_client_that_resets_what_it_opens_is_sent_away():
+    events, closed = _resets(requests=300, reset_every=1)
     goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     assert closed and len(goaway) == 1
     assert goaway[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
 
 
-def test_a_client_that_gives_up_on_some_requests_is_not(monkeypatch):
-    events, closed = _resets(monkeypatch, requests=330, reset_every=3)  # 110 resets: a third of the requests
+def test_a_client_that_gives_up_on_some_requests_is_not():
+    events, closed = _resets(requests=330, reset_every=3)  # 110 resets: a third of the requests
     assert not closed and not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     answered = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
     assert len(answered) == 220

@@ -22,6 +22,7 @@ HOT_MODULES = (
     "tidegate.dataplane.fastlane",
     "tidegate.dataplane.h2request",
     "tidegate.dataplane.http1",
+    "tidegate.dataplane.http2",
     "tidegate.dataplane.upstream",
     "tidegate.dataplane.server",
     "tidegate.observe.accesslog",

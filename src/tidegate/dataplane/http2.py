@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import h2.config
 import h2.connection
@@ -25,7 +25,6 @@ from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
     from tidegate.dataplane.server import Site
-    from tidegate.dataplane.upstream import UpstreamConnection
 
 log = logging.getLogger("tidegate.http2")
 
@@ -53,7 +52,9 @@ class H2Stream:
         self.listener_port = conn.listener_port
         self.peer = conn.peer
         self.server_name = conn.server_name
-        self.upstream: UpstreamConnection | None = None
+        # The endpoint side: an UpstreamConnection, or an upstream_h2.H2UpstreamStream for an h2c endpoint. Any:
+        # this class is compiled, and compiled code checks a declared class on every assignment.
+        self.upstream: Any = None
         self.pending = bytearray()
         self.ending = False
         self.closed = False
@@ -143,6 +144,9 @@ class H2ServerConnection(asyncio.Protocol):
         self.receiving = False  # inside data_received, which writes once at its end
         self.requests = 0
         self.early_resets = 0  # streams the client reset before their answer ended
+        # What serves a stream's exchange. An attribute, so that tests can stand in for it: this module is
+        # compiled, and compiled code calls a function of another module directly, not through its name.
+        self.serve: Callable[[Any, Exchange], Awaitable[object]] = serve_exchange
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -232,7 +236,7 @@ class H2ServerConnection(asyncio.Protocol):
     async def _serve(self, stream: H2Stream) -> None:
         IN_FLIGHT.count += 1
         try:
-            await serve_exchange(stream, stream.ex)  # type: ignore[arg-type]
+            await self.serve(stream, stream.ex)
             finished(stream, stream.ex, stream.last_status)
         except asyncio.CancelledError:
             return
