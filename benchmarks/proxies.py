@@ -167,6 +167,17 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / ticks
 
 
+def tidegate_args(folder: Path, ports: Ports, backends: list[int], group: Group, cert: bytes, key: bytes,
+                  workers: int = 1, log: bool = True) -> list[str]:
+    """`tidegate run` on its configuration in `folder`, with the JSON access log to a file there (unless `log`
+    is False), metrics and an admin listener."""
+    args = [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
+            str(tidegate_config(folder, ports, backends, group, cert, key)), "--admin", f"127.0.0.1:{free_port()}"]
+    args += ["--access-log", "json", "--access-log-file", str(folder / "access.log")] if log else \
+        ["--access-log", "off"]
+    return args + (["--workers", str(workers)] if workers > 1 else [])
+
+
 def core_jiffies(core: str) -> tuple[int, int]:
     """(busy, total) clock ticks of one core so far, from /proc/stat."""
     for line in Path("/proc/stat").read_text().splitlines():
@@ -596,27 +607,13 @@ def main() -> int:
                     "nginx": lambda p: ["nginx", "-c", str(nginx_proxy_config(gtmp, p, backends, group,
                                                                               tmp / "cert.pem", tmp / "key.pem"))],
                     # tidegate runs as users would run it: metrics on, JSON access log to a file, admin open.
-                    "tidegate": lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
-                                           str(tidegate_config(gtmp, p, backends, group, cert, key)),
-                                           "--access-log", "json", "--access-log-file", str(gtmp / "access.log"),
-                                           "--admin", f"127.0.0.1:{free_port()}"],
-                    TWO_WORKERS: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
-                                            str(tidegate_config(gtmp / "two", p, backends, group, cert, key)),
-                                            "--access-log", "json", "--access-log-file", str(gtmp / "access2.log"),
-                                            "--admin", f"127.0.0.1:{free_port()}", "--workers", "2"],
+                    "tidegate": lambda p: tidegate_args(gtmp, p, backends, group, cert, key),
+                    TWO_WORKERS: lambda p: tidegate_args(gtmp / "two", p, backends, group, cert, key, workers=2),
                     FLOOR: lambda p: [sys.executable, str(ROOT / "benchmarks" / "minimal_proxy.py"), str(p.http),
                                       *map(str, backends)],
-                    CAPPED_ONE: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
-                                           str(tidegate_config(gtmp / "capped1", p, backends, group, cert, key)),
-                                           "--access-log", "json", "--access-log-file", str(gtmp / "access3.log"),
-                                           "--admin", f"127.0.0.1:{free_port()}"],
-                    CAPPED_TWO: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
-                                           str(tidegate_config(gtmp / "capped2", p, backends, group, cert, key)),
-                                           "--access-log", "json", "--access-log-file", str(gtmp / "access4.log"),
-                                           "--admin", f"127.0.0.1:{free_port()}", "--workers", "2"],
-                    NO_LOG: lambda p: [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
-                                       str(tidegate_config(gtmp / "nolog", p, backends, group, cert, key)),
-                                       "--access-log", "off", "--admin", f"127.0.0.1:{free_port()}"],
+                    CAPPED_ONE: lambda p: tidegate_args(gtmp / "capped1", p, backends, group, cert, key),
+                    CAPPED_TWO: lambda p: tidegate_args(gtmp / "capped2", p, backends, group, cert, key, workers=2),
+                    NO_LOG: lambda p: tidegate_args(gtmp / "nolog", p, backends, group, cert, key, log=False),
                 }
                 for sub in ("nolog", "two", "capped1", "capped2"):
                     (gtmp / sub).mkdir()

@@ -29,17 +29,23 @@ class _Transport:
         self.closed = True
 
 
+def _connected(serve) -> tuple[H2ServerConnection, _Transport, h2.connection.H2Connection]:
+    """A server whose streams `serve` answers, and an h2 client that has sent its preface."""
+    server = H2ServerConnection(lambda: None, 80, "http", "127.0.0.1")
+    server.serve = serve
+    transport = _Transport()
+    server.connection_made(transport)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    return server, transport, client
+
+
 def test_window_updates_wait_while_the_endpoint_is_slow():
     async def scenario() -> tuple[int, int]:
         async def never_served(stream, ex):  # keep the stream open; the test plays the endpoint's part
             await asyncio.sleep(10)
 
-        server = H2ServerConnection(lambda: None, 80, "http", "127.0.0.1")
-        server.serve = never_served
-        transport = _Transport()
-        server.connection_made(transport)
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        client.initiate_connection()
+        server, transport, client = _connected(never_served)
         client.send_headers(1, [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "a")])
         server.data_received(client.data_to_send())
         client.receive_data(bytes(transport.out))
@@ -81,12 +87,7 @@ def _resets(requests: int, reset_every: int) -> tuple[list, bool]:
         async def answered(stream, ex):
             stream.begin_response(ex, 204, [], 0, True)
 
-        server = H2ServerConnection(lambda: None, 80, "http", "127.0.0.1")
-        server.serve = answered
-        transport = _Transport()
-        server.connection_made(transport)
-        client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-        client.initiate_connection()
+        server, transport, client = _connected(answered)
         events = []
         for n in range(requests):
             stream_id = client.get_next_available_stream_id()
