@@ -6,6 +6,7 @@ import json
 import textwrap
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -407,11 +408,19 @@ def test_once_serving_the_startup_heap_is_frozen_and_young_collections_are_rarer
     assert after == [10_000, before[1], before[2]] and before[0] < 10_000
 
 
-def _h2_streams(port: int, blocks: list[list[tuple[bytes, bytes]]]) -> list[tuple[int, dict[bytes, bytes], bytes,
-                                                                                 int | None]]:
+@dataclass
+class H2Answer:
+    status: int = 0  # 0: no answer (the connection was closed)
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    body: bytes = b""
+    reset: int | None = None  # RST_STREAM's error code
+    trailers: dict[bytes, bytes] = field(default_factory=dict)
+    head_ended: bool = False  # the response's HEADERS frame ended the stream
+
+
+def _h2_streams(port: int, blocks: list[list[tuple[bytes, bytes]]]) -> list[H2Answer]:
     """Each header block as a request on its own stream of one h2c connection, one after another, with the
-    client's own header checks off: (status, response headers, body, RST_STREAM error code or None) for each.
-    Once the connection is closed, the blocks left get (0, {}, b"", None)."""
+    client's own header checks off. Once the connection is closed, the blocks left get an empty answer."""
     import socket as socketlib
 
     import h2.config
@@ -422,13 +431,13 @@ def _h2_streams(port: int, blocks: list[list[tuple[bytes, bytes]]]) -> list[tupl
                                        normalize_outbound_headers=False, validate_inbound_headers=False)
     conn = h2.connection.H2Connection(config)
     conn.initiate_connection()
-    results: list[tuple[int, dict[bytes, bytes], bytes, int | None]] = []
+    results: list[H2Answer] = []
     with socketlib.create_connection((GW_ADDR, port), timeout=5) as sock:
         sock.sendall(conn.data_to_send())
         open_ = True
         for block in blocks:
             stream_id = conn.get_next_available_stream_id()
-            status, headers, body, reset = 0, {}, bytearray(), None
+            answer, body = H2Answer(), bytearray()
             if open_:
                 conn.send_headers(stream_id, block, end_stream=True)
                 sock.sendall(conn.data_to_send())
@@ -442,17 +451,21 @@ def _h2_streams(port: int, blocks: list[list[tuple[bytes, bytes]]]) -> list[tupl
                     if getattr(event, "stream_id", None) != stream_id:
                         continue
                     if isinstance(event, h2.events.ResponseReceived):
-                        headers = dict(event.headers)
-                        status = int(headers[b":status"])
+                        answer.headers = dict(event.headers)
+                        answer.status = int(answer.headers[b":status"])
+                        answer.head_ended = event.stream_ended is not None
                     elif isinstance(event, h2.events.DataReceived):
                         body += event.data
                         conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        answer.trailers = dict(event.headers)
                     elif isinstance(event, h2.events.StreamReset):
-                        reset, done = int(event.error_code), True
+                        answer.reset, done = int(event.error_code), True
                     elif isinstance(event, h2.events.StreamEnded):
                         done = True
                 sock.sendall(conn.data_to_send())
-            results.append((status, headers, bytes(body), reset))
+            answer.body = bytes(body)
+            results.append(answer)
     return results
 
 
@@ -461,11 +474,11 @@ def test_http2_header_bytes_reach_the_pod_and_the_client_unchanged(stack):
     header set by the pod reaches the client as the pod sent it."""
     block = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/bytes"), (b":authority", b"echo.test"),
              (b"x-word", b"caf\xc3\xa9 \xe6\x97\xa5"), (b"x-echo-set-header", b"x-back:caf\xc3\xa9")]
-    [(status, headers, body, reset)] = _h2_streams(stack["port"], [block])
-    assert status == 200 and reset is None
-    echoed = json.loads(body)["headers"]  # the pod reads header bytes as Latin-1
+    [answer] = _h2_streams(stack["port"], [block])
+    assert answer.status == 200 and answer.reset is None
+    echoed = json.loads(answer.body)["headers"]  # the pod reads header bytes as Latin-1
     assert echoed["X-Word"] == ["caf\xc3\xa9 \xe6\x97\xa5"]
-    assert headers[b"x-back"] == b"caf\xc3\xa9"
+    assert answer.headers[b"x-back"] == b"caf\xc3\xa9"
 
 
 def test_a_malformed_http2_request_resets_its_stream_and_the_connection_serves_on(stack):
@@ -484,9 +497,9 @@ def test_a_malformed_http2_request_resets_its_stream_and_the_connection_serves_o
     ]
     results = _h2_streams(stack["port"], malformed + [good])
     protocol_error = 1
-    assert [reset for _, _, _, reset in results[:-1]] == [protocol_error] * len(malformed)
-    status, _, body, reset = results[-1]
-    assert status == 200 and reset is None and json.loads(body)["path"] == "/after"
+    assert [answer.reset for answer in results[:-1]] == [protocol_error] * len(malformed)
+    last = results[-1]
+    assert last.status == 200 and last.reset is None and json.loads(last.body)["path"] == "/after"
 
 
 def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
@@ -508,6 +521,18 @@ def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
 
             status, _, body = h2_request(GW_ADDR, gw_port, "h2c.test", "/h2-both-ways")  # HTTP/2 on both sides
             assert status == 200 and json.loads(body)["path"] == "/h2-both-ways"
+            # What gRPC lives on: trailers after the body, and an answer that is its head alone.
+            request_block = [(b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/pkg.Svc/Call"),
+                             (b":authority", b"h2c.test"), (b"content-type", b"application/grpc")]
+            with_trailers, trailers_only = _h2_streams(gw_port, [
+                request_block + [(b"x-echo-trailer", b"grpc-status:0,grpc-message:fine")],
+                request_block + [(b"x-echo-trailers-only", b"grpc-status:5,grpc-message:not found")]])
+            assert with_trailers.status == 200 and with_trailers.reset is None
+            assert json.loads(with_trailers.body)["path"] == "/pkg.Svc/Call"
+            assert with_trailers.trailers == {b"grpc-status": b"0", b"grpc-message": b"fine"}
+            assert trailers_only.status == 200 and trailers_only.reset is None and trailers_only.head_ended
+            assert trailers_only.headers[b"grpc-status"] == b"5"
+            assert trailers_only.headers[b"grpc-message"] == b"not found"
 
 
 def test_an_early_answer_to_an_upload_keeps_the_client_connection(tmp_path):

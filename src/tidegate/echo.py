@@ -6,7 +6,9 @@ name:value,...` sets response headers; `/status/NNN` answers with that status; `
 `?delay=1s` waits first; `/retry/...?uuid=U&succeedAfter=N[&responseCode=C]` fails the first N requests
 for U (with C, or by resetting the connection), as echo-basic's retry simulation does. For tidegate's own tests it also has `/stream/N` (N bytes of zeros, streamed with
 backpressure) and reports `bodySize` when a request had a body. One process can serve many "pods", each on
-its own address. `/ws` is a WebSocket echo, as echo-basic's. A port can serve TLS (with echo-basic's "tls"
+its own address. `/ws` is a WebSocket echo, as echo-basic's. Over h2c, `X-Echo-Trailer: name:value,...` sends
+trailers after the body, and `X-Echo-Trailers-Only: name:value,...` answers with those fields in a single
+HEADERS frame that ends the stream (gRPC's Trailers-Only). A port can serve TLS (with echo-basic's "tls"
 fields: version, serverName, negotiatedProtocol, cipherSuite).
 """
 
@@ -36,6 +38,17 @@ class PodIdentity:
     pod: str = ""
     service: str = ""
     ingress: str = ""
+
+
+def _fields(specs: list[str]) -> list[tuple[str, str]]:
+    """"name:value,name:value" (X-Echo-Set-Header's form) as lower-case HTTP/2 fields."""
+    out = []
+    for spec in specs:
+        for item in spec.split(","):
+            name, _, value = item.strip().partition(":")
+            if name:
+                out.append((name.lower(), value.strip()))
+    return out
 
 
 def canonical_header(name: str) -> str:
@@ -193,10 +206,18 @@ class EchoProtocol(asyncio.Protocol):
         if self.log_requests:
             print(f"request {self.identity.namespace}/{self.identity.pod} {payload['method']} {payload['path']}",
                   flush=True)
+        only = _fields(grouped.get("X-Echo-Trailers-Only", []))
+        if only:  # gRPC's Trailers-Only: one HEADERS frame that ends the stream
+            self.h2.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc"), *only],
+                                 end_stream=True)
+            return
         body = json.dumps(payload, indent=1).encode()
+        trailers = _fields(grouped.get("X-Echo-Trailer", []))
         self.h2.send_headers(stream_id, [(":status", "200"), ("content-type", "application/json"),
                                          ("content-length", str(len(body)))])
-        self.h2.send_data(stream_id, body, end_stream=True)  # small: within the default window
+        self.h2.send_data(stream_id, body, end_stream=not trailers)  # small: within the default window
+        if trailers:
+            self.h2.send_headers(stream_id, trailers, end_stream=True)
 
     def _ws_upgrade(self, rest: bytes) -> None:
         headers = {k.lower(): v for k, v in self.headers}

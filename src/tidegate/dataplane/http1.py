@@ -572,6 +572,9 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out += len(data)
         self.write(b"%x\r\n%b\r\n" % (len(data), data) if self._out_chunked else data)
 
+    def send_trailers(self, trailers: list[tuple[str, str]]) -> None:
+        """Trailers from an HTTP/2 endpoint: not passed on to HTTP/1.1 clients (few read chunked trailers)."""
+
     def end_response(self) -> None:
         if self._out_chunked:
             self.write(b"0\r\n\r\n")
@@ -1111,13 +1114,16 @@ async def _proxy_h2(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.End
     state.status = head.status
     if head.status in retry_codes:
         raise _RetryStatus(head.status)
-    head_only = ex.method == "HEAD" or head.status in (204, 304)
+    # An HTTP/2 client gets a response that ended with its head the same way (gRPC's Trailers-Only).
+    head_only = ex.method == "HEAD" or head.status in (204, 304) or (stream.ended_with_head and ex.version == "2")
     keep = conn.begin_response(ex, head.status, response_headers(head, response_mods), head.content_length,
                                head_only)
     state.head_sent = True
     conn.upstream = stream
     stream.set_sink(conn.body)
     await stream.done_future
+    if stream.trailers:
+        conn.send_trailers(stream.trailers)  # before the end: HTTP/2 ends the stream with them
     conn.end_response()
     state.released = True  # the connection is shared by streams: never closed for one of them
     return keep

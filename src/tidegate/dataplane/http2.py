@@ -63,6 +63,7 @@ class H2Stream:
         self.paused = False  # request body: window updates held back while the endpoint is slow
         self.unacked = 0  # flow-controlled bytes received but not yet granted back
         self.queued = False  # in the connection's list of streams with body bytes or an end to send
+        self.trailers: list[tuple[bytes, bytes]] = []  # sent after the body, ending the stream (gRPC's status)
 
     # -- what serve_exchange calls -------------------------------------------------------------------
     @property
@@ -101,6 +102,11 @@ class H2Stream:
             self.conn.queue(self)
             if self.write_paused and self.upstream is not None:
                 self.upstream.pause_reading()
+
+    def send_trailers(self, trailers: list[tuple[str, str]]) -> None:
+        """Fields to send after the body, in a HEADERS frame that ends the stream (end_response follows)."""
+        self.trailers = [(name.lower().encode("latin-1"), value.strip(" \t").encode("latin-1"))
+                         for name, value in trailers if name.lower() not in _CONNECTION_SPECIFIC]
 
     def end_response(self) -> None:
         if not self.ending:
@@ -301,8 +307,8 @@ class H2ServerConnection(asyncio.Protocol):
         self._flush()
 
     def flush_stream(self, stream: H2Stream) -> None:
-        """Frame as much of the stream's pending body as the flow-control windows allow; the last frame
-        carries END_STREAM when the response has ended."""
+        """Frame as much of the stream's pending body as the flow-control windows allow; once the response
+        has ended, the last frame carries END_STREAM: the last DATA frame, or the trailers after it."""
         if self.closed or stream.stream_id not in self.streams:
             return
         try:
@@ -317,13 +323,16 @@ class H2ServerConnection(asyncio.Protocol):
                 else:
                     chunk = bytes(stream.pending[:window])
                     del stream.pending[:window]
-                last = stream.ending and not stream.pending
+                last = stream.ending and not stream.pending and not stream.trailers
                 self.h2.send_data(stream.stream_id, chunk, end_stream=last)
                 if last:
                     self.streams.pop(stream.stream_id, None)
                     return
             if stream.ending and not stream.pending:
-                self.h2.end_stream(stream.stream_id)
+                if stream.trailers:
+                    self.h2.send_headers(stream.stream_id, stream.trailers, end_stream=True)
+                else:
+                    self.h2.end_stream(stream.stream_id)
                 self.streams.pop(stream.stream_id, None)
         except h2.exceptions.ProtocolError as exc:
             log.debug("cannot send data on stream %d: %s", stream.stream_id, exc)

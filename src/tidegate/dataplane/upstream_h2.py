@@ -2,7 +2,8 @@
 
 One connection per endpoint carries many streams; a new one is opened when it closes or runs out of stream
 ids or concurrency. Streams present the same surface as `UpstreamConnection` to the proxy: a head future, a
-done future and a body sink.
+done future and a body sink; and what only HTTP/2 has, which gRPC lives on: trailers, and a response that
+ends with its head (gRPC's "Trailers-Only").
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class H2UpstreamStream:
         self.received: list[bytes] = []
         self.outbound = bytearray()
         self.outbound_end = False
+        self.trailers: list[tuple[str, str]] = []  # the fields of a HEADERS frame after the body
+        self.ended_with_head = False  # the response's HEADERS frame ended the stream: no body, no trailers
 
     def set_sink(self, sink: Callable[[bytes], None]) -> None:
         self.sink = sink
@@ -99,7 +102,10 @@ class H2UpstreamConnection(asyncio.Protocol):
                         if name == "content-length" and value.isdigit():
                             head.content_length = int(value)
                 if head.status >= 200 and not stream.head_future.done():
+                    stream.ended_with_head = event.stream_ended is not None
                     stream.head_future.set_result(head)
+            elif isinstance(event, h2.events.TrailersReceived) and stream is not None:
+                stream.trailers = [(name, value) for name, value in event.headers if not name.startswith(":")]
             elif isinstance(event, h2.events.DataReceived) and stream is not None:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if stream.sink is not None:
