@@ -506,8 +506,13 @@ def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
     echo_port, gw_port = free_port(POD_A), free_port(GW_ADDR)
     config = tmp_path / "config"
     config.mkdir()
+    # A GRPCRoute's Service needs no appProtocol: gRPC is HTTP/2 only, so its pods are reached with h2c.
+    grpc_route = route("g", "grpc.test", "- backendRefs: [{name: plain, port: 80}]").replace("kind: HTTPRoute",
+                                                                                          "kind: GRPCRoute")
     (config / "c.yaml").write_text(http_gateway(GW_ADDR, gw_port)
-                                   + service("grpcish", [(POD_A, echo_port, "pod-a")], "kubernetes.io/h2c") + route("r", "h2c.test", "- backendRefs: [{name: grpcish, port: 80}]"))
+                                   + service("grpcish", [(POD_A, echo_port, "pod-a")], "kubernetes.io/h2c")
+                                   + route("r", "h2c.test", "- backendRefs: [{name: grpcish, port: 80}]")
+                                   + service("plain", [(POD_A, echo_port, "pod-a")]) + grpc_route)
     with echo_servers({(POD_A, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
         with tidegate_run(config, (GW_ADDR, gw_port), tmp_path / "tidegate.log"):
             for _ in range(3):  # several requests share one HTTP/2 connection to the pod
@@ -533,6 +538,11 @@ def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
             assert trailers_only.status == 200 and trailers_only.reset is None and trailers_only.head_ended
             assert trailers_only.headers[b"grpc-status"] == b"5"
             assert trailers_only.headers[b"grpc-message"] == b"not found"
+            [grpc] = _h2_streams(gw_port, [[(name, b"grpc.test" if name == b":authority" else value)
+                                            for name, value in request_block]
+                                           + [(b"x-echo-trailer", b"grpc-status:0")]])
+            assert grpc.status == 200 and json.loads(grpc.body)["proto"] == "HTTP/2.0"
+            assert grpc.trailers == {b"grpc-status": b"0"}
 
 
 def test_an_early_answer_to_an_upload_keeps_the_client_connection(tmp_path):

@@ -58,11 +58,16 @@ def resolve_backend(
         tls = None  # the gateway originates no TLS for these: passthrough and plain streams
     if tls is not None and tls.problem:
         return ir.Backend(name=label, weight=weight, filters=filters, invalid=tls.problem), None
+    protocol = (service_port or {}).get("appProtocol", "")
+    if from_kind == "GRPCRoute" and not protocol and tls is None:
+        # gRPC servers speak HTTP/2 only: a GRPCRoute's Service port that names no protocol is reached with
+        # h2c, as Envoy Gateway does. (With a BackendTLSPolicy the pod is reached over TLS with HTTP/1.1.)
+        protocol = "kubernetes.io/h2c"
     return ir.Backend(
         name=label,
         weight=weight,
         endpoints=service_endpoints(index, namespace, name, service.spec, service_port, int(port)),
-        protocol=(service_port or {}).get("appProtocol", ""),
+        protocol=protocol,
         filters=filters,
         tls=tls,
     ), None
