@@ -538,6 +538,12 @@ def test_h2c_backends_are_spoken_to_over_http2(tmp_path):
             assert trailers_only.status == 200 and trailers_only.reset is None and trailers_only.head_ended
             assert trailers_only.headers[b"grpc-status"] == b"5"
             assert trailers_only.headers[b"grpc-message"] == b"not found"
+            # Field bytes pass through the h2c leg unchanged, both ways (the echo pod reads them as UTF-8).
+            status, _, body = request(GW_ADDR, gw_port, "/bytes", headers={"Host": "h2c.test",
+                                                                          "X-Word": "caf\xc3\xa9"})  # Latin-1 text
+            assert status == 200 and json.loads(body)["headers"]["X-Word"] == ["café"]
+            [utf8] = _h2_streams(gw_port, [request_block + [(b"x-echo-trailer", "word:café".encode())]])
+            assert utf8.trailers == {b"word": "café".encode()}
             [grpc] = _h2_streams(gw_port, [[(name, b"grpc.test" if name == b":authority" else value)
                                             for name, value in request_block]
                                            + [(b"x-echo-trailer", b"grpc-status:0")]])

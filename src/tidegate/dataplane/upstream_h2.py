@@ -63,7 +63,9 @@ class H2UpstreamStream:
 class H2UpstreamConnection(asyncio.Protocol):
     def __init__(self, pool: H2EndpointPool):
         self.pool = pool
-        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+        # Field bytes are read and written as Latin-1, as in HTTP/1.1 and at the edge (http2.py): whatever
+        # bytes the client or the pod sent pass through unchanged.
+        self.h2 = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, H2UpstreamStream] = {}
         self.closed = False
@@ -93,7 +95,8 @@ class H2UpstreamConnection(asyncio.Protocol):
             stream = self.streams.get(getattr(event, "stream_id", 0) or 0)
             if isinstance(event, h2.events.ResponseReceived) and stream is not None:
                 head = ResponseHead()
-                for name, value in event.headers:
+                for raw_name, raw_value in event.headers:
+                    name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
                     if name == ":status":
                         head.status = int(value)
                     elif not name.startswith(":"):
@@ -105,7 +108,8 @@ class H2UpstreamConnection(asyncio.Protocol):
                     stream.ended_with_head = event.stream_ended is not None
                     stream.head_future.set_result(head)
             elif isinstance(event, h2.events.TrailersReceived) and stream is not None:
-                stream.trailers = [(name, value) for name, value in event.headers if not name.startswith(":")]
+                stream.trailers = [(name.decode("latin-1"), value.decode("latin-1")) for name, value in event.headers
+                                   if not name.startswith(b":")]
             elif isinstance(event, h2.events.DataReceived) and stream is not None:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 if stream.sink is not None:
@@ -132,7 +136,8 @@ class H2UpstreamConnection(asyncio.Protocol):
         stream_id = self.h2.get_next_available_stream_id()
         stream = H2UpstreamStream(self, stream_id)
         self.streams[stream_id] = stream
-        self.h2.send_headers(stream_id, headers, end_stream=end_stream)
+        fields = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+        self.h2.send_headers(stream_id, fields, end_stream=end_stream)
         self._flush()
         return stream
 
