@@ -40,14 +40,15 @@ class PodIdentity:
     ingress: str = ""
 
 
-def _fields(specs: list[str]) -> list[tuple[str, str]]:
-    """"name:value,name:value" (X-Echo-Set-Header's form) as lower-case HTTP/2 fields."""
+def _fields(specs: list[str], lower: bool = False) -> list[tuple[str, str]]:
+    """The fields of "name:value,name:value" headers (X-Echo-Set-Header's form); `lower`: names in lower case,
+    as HTTP/2 sends them."""
     out = []
     for spec in specs:
         for item in spec.split(","):
             name, _, value = item.strip().partition(":")
             if name:
-                out.append((name.lower(), value.strip()))
+                out.append((name.lower() if lower else name, value.strip()))
     return out
 
 
@@ -206,13 +207,13 @@ class EchoProtocol(asyncio.Protocol):
         if self.log_requests:
             print(f"request {self.identity.namespace}/{self.identity.pod} {payload['method']} {payload['path']}",
                   flush=True)
-        only = _fields(grouped.get("X-Echo-Trailers-Only", []))
+        only = _fields(grouped.get("X-Echo-Trailers-Only", []), lower=True)
         if only:  # gRPC's Trailers-Only: one HEADERS frame that ends the stream
             self.h2.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc"), *only],
                                  end_stream=True)
             return
         body = json.dumps(payload, indent=1).encode()
-        trailers = _fields(grouped.get("X-Echo-Trailer", []))
+        trailers = _fields(grouped.get("X-Echo-Trailer", []), lower=True)
         self.h2.send_headers(stream_id, [(":status", "200"), ("content-type", "application/json"),
                                          ("content-length", str(len(body)))])
         self.h2.send_data(stream_id, body, end_stream=not trailers)  # small: within the default window
@@ -313,12 +314,7 @@ class EchoProtocol(asyncio.Protocol):
                 host = value
                 continue
             grouped.setdefault(canonical_header(name), []).append(value)
-        extra: list[tuple[str, str]] = []
-        for spec in grouped.get("X-Echo-Set-Header", []):
-            for item in spec.split(","):
-                name, _, value = item.strip().partition(":")
-                if name:
-                    extra.append((name, value.strip()))
+        extra = _fields(grouped.get("X-Echo-Set-Header", []))
         status_match = _STATUS.match(path)
         if path.startswith("/retry/"):
             uuid, after = query.get("uuid", [""])[0], query.get("succeedAfter", [""])[0]
