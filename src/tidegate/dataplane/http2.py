@@ -40,6 +40,17 @@ _CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection"
                                   "te"})
 
 
+def _fields_to_send(headers: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Response fields (or trailers) as HTTP/2 sends them: names in lower case, connection-specific ones left
+    out, values without surrounding white space, bytes as Latin-1. h2's own normalisation is off."""
+    out = []
+    for name, value in headers:
+        lname = name.lower()
+        if lname not in _CONNECTION_SPECIFIC:
+            out.append((lname.encode("latin-1"), value.strip(" \t").encode("latin-1")))
+    return out
+
+
 class H2Stream:
     """One request/response on an HTTP/2 connection, seen by serve_exchange as its client connection."""
 
@@ -86,11 +97,7 @@ class H2Stream:
     def begin_response(self, ex: Exchange, status: int, headers: list[tuple[str, str]], content_length: int | None,
                        head_only: bool) -> bool:
         self.last_status = status
-        out = [(b":status", str(status).encode())]
-        for name, value in headers:
-            lname = name.lower()
-            if lname not in _CONNECTION_SPECIFIC:
-                out.append((lname.encode("latin-1"), value.strip(" \t").encode("latin-1")))
+        out = [(b":status", str(status).encode()), *_fields_to_send(headers)]
         self.conn.send_headers(self.stream_id, out, end_stream=head_only)
         self.ending = head_only
         return True
@@ -105,8 +112,7 @@ class H2Stream:
 
     def send_trailers(self, trailers: list[tuple[str, str]]) -> None:
         """Fields to send after the body, in a HEADERS frame that ends the stream (end_response follows)."""
-        self.trailers = [(name.lower().encode("latin-1"), value.strip(" \t").encode("latin-1"))
-                         for name, value in trailers if name.lower() not in _CONNECTION_SPECIFIC]
+        self.trailers = _fields_to_send(trailers)
 
     def end_response(self) -> None:
         if not self.ending:
