@@ -201,15 +201,15 @@ def serving_pids(pid: int) -> list[int]:
     return workers or [pid]
 
 
-def cap_cpu(pids: list[int], share: float, tag: str) -> list[Path]:
+def cap_cpu(pids: list[int], share: float, tag: str, made: list[Path]) -> None:
     """Put each process in a cgroup of its own whose CPU quota is `share` of one core (cgroup v2's cpu.max, or
-    v1's cpu controller); returns the cgroups, to be removed once the processes are gone. Raises OSError when
-    this machine does not let it (not root, no cpu controller)."""
+    v1's cpu controller). Each cgroup goes into `made` as soon as it exists, to be removed once the processes
+    are gone, also when a later step fails. Raises OSError when this machine does not let it (not root, no
+    cpu controller)."""
     root = Path("/sys/fs/cgroup")
     v2 = (root / "cgroup.controllers").exists()
     if v2 and "cpu" not in (root / "cgroup.subtree_control").read_text().split():
         (root / "cgroup.subtree_control").write_text("+cpu")
-    made = []
     for i, pid in enumerate(pids):
         group = (root if v2 else root / "cpu") / f"tidegate-bench-{tag}-{i}"
         group.mkdir(exist_ok=True)
@@ -221,7 +221,6 @@ def cap_cpu(pids: list[int], share: float, tag: str) -> list[Path]:
             (group / "cpu.cfs_period_us").write_text(str(period))
             (group / "cpu.cfs_quota_us").write_text(str(int(share * period)))
         (group / "cgroup.procs").write_text(str(pid))
-    return made
 
 
 def remove_cgroups(groups: list[Path]) -> None:
@@ -629,7 +628,7 @@ def main() -> int:
                     if name in (CAPPED_ONE, CAPPED_TWO):
                         proc = started[name][0]
                         try:
-                            cgroups += cap_cpu(serving_pids(proc.pid), CAP_SHARE, f"{g}-{len(cgroups)}")
+                            cap_cpu(serving_pids(proc.pid), CAP_SHARE, f"{g}-{len(cgroups)}", cgroups)
                         except OSError as exc:
                             notes.append(f"{name} was not run: no CPU quota could be set ({exc}).")
                             stack.stop([proc])
