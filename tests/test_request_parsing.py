@@ -1,15 +1,17 @@
 """The request path's own shortcuts around httptools, checked against what they stand in for: the split of an
-origin-form target against httptools.parse_url, and the response-head split of the fast lane against a plain
-reading of RFC 9110's hop-by-hop rule. Random inputs from a fixed seed, a few thousand each."""
+origin-form target against httptools.parse_url, the request's HTTP version against the parser's, and the
+response-head split of the fast lane against a plain reading of RFC 9110's hop-by-hop rule. Random inputs from
+a fixed seed, a few thousand each."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import httptools
 import pytest
 
-from tidegate.dataplane.http1 import RequestRejected, _split_target
+from tidegate.dataplane.http1 import ClientConnection, RequestRejected, _split_target
 from tidegate.dataplane.upstream import split_head
 
 TARGET_CHARS = "abcXYZ019/?#%:@!$&'()*+,;=-._~"
@@ -57,6 +59,64 @@ def test_an_origin_form_target_splits_as_parse_url_splits_it():
         assert got == expected, target
         compared += 1
     assert compared > 2000
+
+
+class _Transport:
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def write(self, data: bytes) -> None:
+        raise AssertionError(f"nothing is answered here: {data!r}")
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class _Busy:
+    """A connection's `serving` slot taken: what comes next waits."""
+
+    def done(self) -> bool:
+        return False
+
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("version", [b"0.9", b"1.0", b"1.1", b"2.0"])
+@pytest.mark.parametrize("connection", [None, b"close", b"keep-alive", b"Keep-Alive", b"upgrade", b"te, close",
+                                        b"keep-alive, Upgrade", b""])
+def test_the_request_version_is_the_parsers(version: bytes, connection: bytes | None):
+    """The connection names the version itself when the parser keeps a request alive with no Connection
+    header (it reads get_http_version otherwise): what the parser would say, for every version llhttp takes."""
+    head = b"GET / HTTP/" + version + b"\r\nHost: a\r\n"
+    if connection is not None:
+        head += b"Connection: " + connection + b"\r\n"
+    head += b"\r\n"
+    said: list[tuple[str, bool]] = []
+
+    class Reference:
+        def on_headers_complete(self) -> None:  # where the connection reads them too
+            said.append((parser.get_http_version(), parser.should_keep_alive()))
+
+    parser = httptools.HttpRequestParser(Reference())
+    parser.feed_data(head)
+
+    async def received() -> tuple[str, bool]:
+        conn = ClientConnection(lambda: None, 8080)
+        conn.connection_made(_Transport())
+        conn.serving = _Busy()  # the request waits in the queue, where it is looked at
+        try:
+            conn.data_received(head)
+            assert len(conn.queue) == 1
+            return conn.queue[0].version, conn.queue[0].keep_alive
+        finally:
+            conn.connection_lost(None)
+
+    assert said[0][0] == version.decode()
+    assert asyncio.run(received()) == said[0]
 
 
 def _reference_split(raw: bytes) -> tuple[list[bytes], int | None, bool]:

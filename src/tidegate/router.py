@@ -49,11 +49,12 @@ class Candidate:
     """One match of one rule, with its regexes compiled."""
 
     __slots__ = ("client_certificate", "counts", "header_tests", "listener", "match", "order", "path_regex",
-                 "plan", "query_tests", "route")
+                 "plan", "query_tests", "route", "route_name")
 
     def __init__(self, route: ir.HTTPRoute, match: ir.Match, order: tuple, listener: str = "",
                  client_certificate: ir.Certificate | None = None):
         self.route = route
+        self.route_name = route.name  # read per request: compiled, a native attribute, not an IR object's
         self.listener = listener  # name of the listener whose table holds it (for metrics and logs)
         self.client_certificate = client_certificate  # its Gateway's certificate for TLS to backends
         self.plan: object = None  # what the data plane worked out once for this rule (dataplane/fastlane.py)

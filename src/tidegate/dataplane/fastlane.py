@@ -60,6 +60,11 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
         http1.finished(conn, ex, conn.last_status)
         conn.served(ex, routed)
         return
+    # Declared, because a tuple's items are untyped: compiled, each attribute read and method call on them
+    # would otherwise go through Python's generic lookup (about 0.3 µs per request in all).
+    site: Site
+    candidate: Candidate
+    headers_lower: dict[str, str]
     site, candidate, host, path, query, headers_lower, _ = routed
     plain = candidate.plan
     if plain is None:
