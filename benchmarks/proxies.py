@@ -547,8 +547,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each load run (default: 5)")
     parser.add_argument("--quick", action="store_true", help="only the first scenario, no control-plane figures")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
-                        help="runs per scenario and proxy, reporting the median (use 3 or more to compare changes: "
-                             "a shared VM varies by tens of %%)")
+                        help="runs per scenario and proxy, in rounds that run each proxy once, reporting the "
+                             "median (use 3 or more to compare changes: a shared VM varies by tens of %%)")
     parser.add_argument("--only", choices=["haproxy", "nginx", "tidegate", "minimal"], action="append",
                         help="run only these proxies (repeatable; no report file is written)")
     parser.add_argument("--profile", metavar="FILE", help="record where tidegate spends its time with py-spy "
@@ -634,42 +634,43 @@ def main() -> int:
                             stack.stop([proc])
                             del started[name]
                 for scenario in group.scenarios:
-                    for name, (proc, ports) in started.items():
-                        if name in (NO_LOG, FLOOR) and scenario is not group.scenarios[0]:
-                            continue
-                        port = ports.h2c if scenario.h2 else ports.http
-                        load = run_h2load if scenario.h2 or scenario.upload else run_wrk
-                        load(port, scenario, 1.0, gtmp)  # warm up: pools, caches
-                        profiler = None
-                        if args.profile and name == "tidegate" and not profiled:
-                            profiled = True
-                            profiler = subprocess.Popen(
-                                [shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record",
-                                 "--pid", str(proc.pid), "--duration", str(max(1, round(args.seconds))),
-                                 "--format", "raw", "--output", args.profile, "--nonblocking", "--rate", "400"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-                        runs = []
-                        for _ in range(args.repeat):
+                    running = [(name, proc, ports) for name, (proc, ports) in started.items()
+                               if name not in (NO_LOG, FLOOR) or scenario is group.scenarios[0]]
+                    load = run_h2load if scenario.h2 or scenario.upload else run_wrk
+                    for name, proc, ports in running:
+                        load(ports.h2c if scenario.h2 else ports.http, scenario, 1.0, gtmp)  # warm up: pools, caches
+                    runs: dict[str, list[Result]] = {name: [] for name, _, _ in running}
+                    # In rounds: each round runs every proxy once, so that a neighbour of this VM who comes or
+                    # goes weighs on all of them alike, not on whichever proxy ran its repeats at that time.
+                    for _ in range(args.repeat):
+                        for name, proc, ports in running:
+                            profiler = None
+                            if args.profile and name == "tidegate" and not profiled:
+                                profiled = True
+                                profiler = subprocess.Popen(
+                                    [shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy"), "record",
+                                     "--pid", str(proc.pid), "--duration", str(max(1, round(args.seconds))),
+                                     "--format", "raw", "--output", args.profile, "--nonblocking", "--rate",
+                                     "400"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
                             before = cpu_seconds([proc.pid])
                             load_before = core_jiffies(LOAD_CORE)
-                            rps, p50, p99, errors = load(port, scenario, args.seconds, gtmp)
+                            rps, p50, p99, errors = load(ports.h2c if scenario.h2 else ports.http, scenario,
+                                                         args.seconds, gtmp)
                             cpu = cpu_seconds([proc.pid]) - before
                             load_after = core_jiffies(LOAD_CORE)
                             ticks = load_after[1] - load_before[1]
                             busy = (load_after[0] - load_before[0]) / ticks if ticks else 0.0
-                            runs.append(Result(name, scenario.name, rps, p50, p99, cpu, errors,
-                                               seconds=args.seconds, load_core_busy=busy))
+                            runs[name].append(Result(name, scenario.name, rps, p50, p99, cpu, errors,
+                                                     seconds=args.seconds, load_core_busy=busy))
                             if profiler is not None:
                                 profiler.wait(30)
-                                profiler = None
+                    for name, _, _ in running:
                         # The median run by requests per CPU-second: this machine's neighbours come and go.
-                        result = sorted(runs, key=lambda r: r.per_cpu_second)[len(runs) // 2]
-                        rps, p50, p99, cpu, errors, label = (result.rps, result.p50_ms, result.p99_ms, result.cpu_s,
-                                                             result.errors, name)
+                        result = sorted(runs[name], key=lambda r: r.per_cpu_second)[len(runs[name]) // 2]
                         results.append(result)
-                        print(f"{scenario.name:46s} {label:17s} {rps:9.0f} req/s  p50 {_ms(p50):>8s}  "
-                              f"p99 {_ms(p99):>8s}  cpu {cpu:5.2f} s  {result.per_cpu_second:8.0f} req/cpu-s  "
-                              f"errors {errors}", flush=True)
+                        print(f"{scenario.name:46s} {name:17s} {result.rps:9.0f} req/s  p50 {_ms(result.p50_ms):>8s}  "
+                              f"p99 {_ms(result.p99_ms):>8s}  cpu {result.cpu_s:5.2f} s  "
+                              f"{result.per_cpu_second:8.0f} req/cpu-s  errors {result.errors}", flush=True)
                 stack.stop([proc for proc, _ in started.values()])
         finally:
             stack.stop()
@@ -723,7 +724,10 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
         "",
         "Requests per CPU-second is requests served divided by the proxy's own CPU time (user + system, from "
         "/proc): steadier than req/s when the load generator shares the machine. h2load (HTTP/2, and the "
-        "upload: wrk stalls on 10 MB bodies) reports no percentiles (–).",
+        "upload: wrk stalls on 10 MB bodies) reports no percentiles (–)."
+        + (f" Each scenario ran in {repeat} rounds, every proxy once per round (a neighbour on a shared VM weighs "
+           "on all of them alike); a row is the proxy's median run by requests per CPU-second." if repeat > 1
+           else ""),
         "",
         "| scenario | proxy | req/s | p50 ms | p99 ms | proxy CPU s | req per CPU-s | errors |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
