@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import textwrap
 
 from tidegate.resources.loader import load_text
@@ -165,3 +166,39 @@ def test_request_line_routing_is_remembered_only_when_headers_and_query_do_not_m
     assert len(plain._memo) <= plain.MEMO_SIZE + 1
     by_header = router_for(route("h", "[{headers: [{name: x-canary, value: 'yes'}]}]"))
     assert not by_header.request_line_only
+
+
+def test_the_request_line_lookup_picks_what_the_full_lookup_picks():
+    """lookup_line walks the tables without generators or a Request (its own code, for routers whose rules
+    look at the request line only): over random rule sets and requests, it picks what lookup picks, memo or
+    not."""
+    rng = random.Random(5)
+    route_hosts = ["a.example.com", "*.example.com", "*.a.example.com", "admin.example.com", "c.test"]
+    paths = [("Exact", "/a"), ("Exact", "/a/b"), ("PathPrefix", "/"), ("PathPrefix", "/a"), ("PathPrefix", "/a/b"),
+             ("PathPrefix", "/c"), ("RegularExpression", "/a/[0-9]+"), ("RegularExpression", "/c.*")]
+    hosts = ["a.example.com", "A.Example.com:8080", "b.example.com", "x.a.example.com", "y.x.a.example.com",
+             "example.com", "c.test.", "admin.example.com", "[::1]:80", "other.org"]
+    request_paths = ["/", "/a", "/a/", "/a/b", "/a/b/c", "/a/12", "/a/1x", "/c", "/cd", "/c/d", "//a", "/b"]
+    compared = 0
+    for _ in range(30):
+        routes = []
+        for r in range(rng.randint(1, 6)):
+            matches = []
+            for _ in range(rng.randint(1, 3)):
+                kind, value = rng.choice(paths)
+                method = rng.choice(["", ", method: GET", ", method: POST"])
+                matches.append(f"{{path: {{type: {kind}, value: '{value}'}}{method}}}")
+            chosen = rng.sample(route_hosts, rng.randint(0, 2))
+            section = "admin" if "admin.example.com" in chosen and rng.random() < 0.5 else "http"
+            routes.append(route(f"r{r}", "[" + ", ".join(matches) + "]",
+                                hostnames="[" + ", ".join(f"'{h}'" for h in chosen) + "]" if chosen else "",
+                                section=section))
+        router = router_for(*routes)
+        assert router.request_line_only
+        for _ in range(60):
+            host, path, method = rng.choice(hosts), rng.choice(request_paths), rng.choice(["GET", "POST", "PUT"])
+            expected = router.lookup(Request(host=host, path=path, method=method))
+            assert router.lookup_line(host, path, method) is expected, (routes, host, path, method)
+            assert router.lookup_line(host, path, method) is expected  # remembered
+            compared += expected is not None
+    assert compared > 500
