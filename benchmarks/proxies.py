@@ -63,7 +63,7 @@ class Scenario:
     path: str
     connections: int
     close: bool = False
-    script: str = ""  # a wrk Lua script (rotating Host headers)
+    script: str = ""  # a wrk Lua script (rotating Host headers or paths)
     h2: bool = False  # h2load over h2c instead of wrk
     tls: bool = False
     upload: int = 0  # bytes POSTed per request, with h2load --h1 (wrk stalls on bodies this big)
@@ -88,10 +88,21 @@ ROTATE = textwrap.dedent(f"""
     end
 """)
 
+PATHS = 10_000
+# Real traffic has ids in its paths: more distinct request lines than a router could remember.
+ROTATE_PATHS = textwrap.dedent(f"""
+    local i = 0
+    request = function()
+      i = (i % {PATHS}) + 1
+      return wrk.format("GET", "/p/" .. i)
+    end
+""")
+
 GROUPS = [
     Group("plain HTTP", proxies=("haproxy", "nginx", "tidegate", NO_LOG, FLOOR), scenarios=[
         Scenario("small GET, keep-alive, 64 conns", "/small", 64),
         Scenario("small GET, keep-alive, 256 conns", "/small", 256),
+        Scenario(f"small GET over {PATHS:,} paths, 64 conns", "/p/1", 64, script=ROTATE_PATHS),
         Scenario("1 KB response, keep-alive, 64 conns", "/1k", 64),
         Scenario("new connection per request, 64 conns", "/small", 64, close=True),
         Scenario("1 MB response, keep-alive, 16 conns", "/1m", 16),
@@ -295,6 +306,7 @@ def backend_config(tmp: Path, port: int, name: str) -> Path:
             server {{
                 listen 127.0.0.1:{port}; root {root};
                 location / {{ }}
+                location /p/ {{ return 200 "hello\\n"; }}
                 # Reads the whole body first (request buffering, in memory), then answers: a backend that
                 # answered before the body was in would test how proxies handle early answers instead.
                 location = /upload {{

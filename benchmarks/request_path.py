@@ -77,7 +77,8 @@ def site(hosts: int) -> Site:
     return Site(router, RouteBalancer(Registry()), PoolSet())
 
 
-async def run(requests: int, rounds: int, profile: bool, hosts: int = 0, connections: int = 1) -> float:
+async def run(requests: int, rounds: int, profile: bool, hosts: int = 0, connections: int = 1,
+              paths: int = 0) -> float:
     serving = site(hosts)
     clients = []
     for _ in range(connections):
@@ -93,6 +94,10 @@ async def run(requests: int, rounds: int, profile: bool, hosts: int = 0, connect
 
     # With --hosts, each request names the next of the hostnames, as wrk's script does in proxies.py.
     heads = [REQUEST.replace(b"app.bench.local", b"h%d.bench.local" % i) for i in range(1, hosts + 1)] or [REQUEST]
+    # With --paths, each request asks for the next of N paths (/small/1, /small/2, ...), as real traffic does
+    # (ids in paths): more request lines than the router remembers.
+    if paths:
+        heads = [head.replace(b"/small ", b"/small/%d " % i) for i in range(1, paths + 1) for head in heads]
     turn = [0]
 
     def one() -> None:
@@ -136,24 +141,28 @@ def main() -> None:
     parser.add_argument("--log", action="store_true", help="with the JSON access log on (to /dev/null)")
     parser.add_argument("--hosts", type=int, default=0, metavar="N",
                         help="N HTTPRoutes with their own hostnames, each request to the next of them")
+    parser.add_argument("--paths", type=int, default=0, metavar="N",
+                        help="each request to the next of N paths (more than the router remembers: 4,096)")
     parser.add_argument("--profile", action="store_true",
                         help="cProfile the loop (slows it down; it sees into the request path only when that runs "
                              "as Python: TIDEGATE_PURE_PYTHON=1, or perf record -g for the compiled one)")
     parser.add_argument("--connections", type=int, default=1, metavar="N",
                         help="N client connections (and N kept endpoint connections) with a request each in flight")
     args = parser.parse_args()
-    for name, least in (("requests", 1), ("rounds", 1), ("hosts", 0), ("connections", 1)):
+    for name, least in (("requests", 1), ("rounds", 1), ("hosts", 0), ("connections", 1), ("paths", 0)):
         if getattr(args, name) < least:
             parser.error(f"--{name} must be at least {least}")
     if args.log:
         accesslog.ACCESS_LOG = accesslog.AccessLog("json", "/dev/null")
-    per_request = asyncio.run(run(args.requests, args.rounds, args.profile, args.hosts, args.connections))
+    per_request = asyncio.run(run(args.requests, args.rounds, args.profile, args.hosts, args.connections,
+                                 args.paths))
     if args.profile:
         return
     print(f"request path {compiled.describe()}")
     print(f"{per_request * 1e6:.2f} µs of Python per request ({1 / per_request:,.0f} requests per CPU-second "
           f"before system calls){' with the JSON access log' if args.log else ''}"
           f"{f', over {args.hosts} hostnames' if args.hosts else ''}"
+          f"{f', over {args.paths} paths' if args.paths else ''}"
           f"{f', {args.connections} connections' if args.connections > 1 else ''}")
     if accesslog.ACCESS_LOG is not None:
         accesslog.ACCESS_LOG.close()
