@@ -88,7 +88,7 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     if endpoint is None:
         conn.serve_slowly(ex, routed)  # it answers 503
         return
-    slot = site.endpoint_slots.get(id(endpoint))
+    slot: EndpointSlot | None = site.endpoint_slots.get(id(endpoint))  # declared: the dict holds Any
     if slot is None:
         slot = site.endpoint_slots[id(endpoint)] = EndpointSlot(site, endpoint)
     upstream = slot.pool.take_idle(now)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -421,7 +420,7 @@ class EndpointPool:
         self.tls = tls  # TLS to the endpoint (BackendTLSPolicy), verified against server_hostname or the SANs
         self.server_hostname = server_hostname
         self.subject_alt_names = subject_alt_names
-        self.idle: deque[UpstreamConnection] = deque()
+        self.idle: list[UpstreamConnection] = []  # the last released is taken first; a list: see http1's queue
         self.open = 0  # connections open now, idle or busy (for the circuit breaker's maxConnections)
         self.max_idle = max_idle
         self.idle_timeout = idle_timeout
