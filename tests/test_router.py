@@ -150,28 +150,28 @@ def test_explain_a_request_that_matches_nothing():
     assert "does not match" in result.passed_over[0][2]
 
 
-def test_request_line_routing_is_remembered_only_when_headers_and_query_do_not_matter():
+def test_request_line_routing_is_used_only_when_headers_and_query_do_not_matter():
     plain = router_for(route("a", "[{path: {type: PathPrefix, value: /a}}]"),
                        route("b", "[{path: {type: Exact, value: /b}, method: POST}]"))
     assert plain.request_line_only
     for host, path, method in [("x.test", "/a/1", "GET"), ("x.test", "/b", "POST"), ("x.test", "/b", "GET"),
-                               ("admin.example.com", "/a", "GET")] * 2:  # the second time from memory
+                               ("admin.example.com", "/a", "GET")] * 2:  # the second time with the host known
         found = plain.lookup_line(host, path, method)
         expected = plain.lookup(Request(host=host, path=path, method=method))
         assert found is expected
     assert plain.lookup_line("x.test", "/b", "GET") is None
     assert plain.lookup_line("x.test", "/b", "POST").route.name.startswith("httproute/default/b/")
-    for i in range(plain.MEMO_SIZE + 10):  # random paths cannot grow it without bound
-        plain.lookup_line("x.test", f"/a/{i}", "GET")
-    assert len(plain._memo) <= plain.MEMO_SIZE + 1
+    for i in range(plain.HOSTS_KEPT + 10):  # random Host headers cannot grow what is kept without bound
+        plain.lookup_line(f"h{i}.test", "/a", "GET")
+    assert len(plain._hosts) <= plain.HOSTS_KEPT
     by_header = router_for(route("h", "[{headers: [{name: x-canary, value: 'yes'}]}]"))
     assert not by_header.request_line_only
 
 
 def test_the_request_line_lookup_picks_what_the_full_lookup_picks():
     """lookup_line walks the tables without generators or a Request (its own code, for routers whose rules
-    look at the request line only): over random rule sets and requests, it picks what lookup picks, memo or
-    not."""
+    look at the request line only): over random rule sets and requests, it picks what lookup picks, with the
+    Host header new or known."""
     rng = random.Random(5)
     route_hosts = ["a.example.com", "*.example.com", "*.a.example.com", "admin.example.com", "c.test"]
     paths = [("Exact", "/a"), ("Exact", "/a/b"), ("PathPrefix", "/"), ("PathPrefix", "/a"), ("PathPrefix", "/a/b"),
@@ -199,6 +199,6 @@ def test_the_request_line_lookup_picks_what_the_full_lookup_picks():
             host, path, method = rng.choice(hosts), rng.choice(request_paths), rng.choice(["GET", "POST", "PUT"])
             expected = router.lookup(Request(host=host, path=path, method=method))
             assert router.lookup_line(host, path, method) is expected, (routes, host, path, method)
-            assert router.lookup_line(host, path, method) is expected  # remembered
+            assert router.lookup_line(host, path, method) is expected  # the host known
             compared += expected is not None
     assert compared > 500

@@ -199,6 +199,7 @@ class ListenerTable:
 
     def __init__(self, listener: ir.Listener):
         self.listener = listener
+        self.hostname = listener.hostname or ""  # read per lookup: a native attribute, not an IR object's
         self.exact: dict[str, PathTable] = {}
         self.wildcard: dict[str, tuple[PathTable, bool]] = {}  # ".a.com" → (table, single-label only)
         self.any: PathTable | None = None
@@ -273,9 +274,10 @@ class Router:
     """HTTP routing for one bound port: the listener is chosen by hostname first (listener isolation), then its
     route table answers."""
 
-    # Request lines remembered; forgotten all at once when full (random paths cannot grow it). What is not
-    # remembered is looked up by `first_for_line`, which costs about as much as a few dict lookups more.
-    MEMO_SIZE: Final = 4096
+    # Host headers remembered with their listener; forgotten all at once when full (random hosts cannot grow
+    # it). Request lines are not remembered: real paths carry ids, and the walk of `first_for_line` costs
+    # no more than remembering did (a lookup, and on a miss an insertion and a periodic clear).
+    HOSTS_KEPT: Final = 4096
 
     def __init__(self, listeners: list[ir.Listener]):
         self.tables = [ListenerTable(listener) for listener in listeners]
@@ -283,25 +285,25 @@ class Router:
         # When no rule looks at headers or the query, host, path and method decide: the answer can be kept.
         self.request_line_only = not any(c.header_tests or c.query_tests for t in self.tables
                                          for table in t._tables() for c in table.all_candidates())
-        self._memo: dict[tuple[str, str, str], Candidate | None] = {}
+        # A Host header as it came → (normalised, the table of its listener).
+        self._hosts: dict[str, tuple[str, ListenerTable | None]] = {}
 
     def lookup_line(self, host: str, path: str, method: str) -> Candidate | None:
-        """`lookup` for a router whose rules match on the request line only (`request_line_only`), remembered."""
-        key = (host, path, method)
-        memo = self._memo
-        found = memo.get(key)
-        if found is not None or key in memo:  # no try/except: compiled, a caught KeyError costs 0.5 µs
-            return found
-        if len(memo) >= self.MEMO_SIZE:
-            memo.clear()
-        host = normalize_host(host)
-        table = self.listener_for(host)
-        found = memo[key] = table.first_for_line(host, path, method) if table is not None else None
-        return found
+        """`lookup` for a router whose rules match on the request line only (`request_line_only`)."""
+        hosts = self._hosts
+        known = hosts.get(host)
+        if known is None:
+            if len(hosts) >= self.HOSTS_KEPT:
+                hosts.clear()
+            name = normalize_host(host)
+            known = hosts[host] = (name, self.listener_for(name))
+        name, table = known
+        return table.first_for_line(name, path, method) if table is not None else None
 
     def listener_for(self, host: str) -> ListenerTable | None:
         for table in self.tables:
-            if matches(table.listener.hostname, host):
+            pattern = table.hostname
+            if not pattern or pattern == host or matches(pattern, host):  # the usual cases without a call
                 return table
         return None
 
