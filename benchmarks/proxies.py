@@ -763,8 +763,9 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
         first = group.scenarios[0].name
         logged, unlogged = by.get(("tidegate", first)), by.get((NO_LOG, first))
         if logged and unlogged and unlogged.per_cpu_second:
+            runs = f"the median of {repeat} runs each" if repeat > 1 else "one run each"
             lines.append(f"\nThe JSON access log costs {100 * (1 - logged.per_cpu_second / unlogged.per_cpu_second):.0f} "
-                         f"% of tidegate's requests per CPU-second on \"{first}\" (one run each: a few % is noise).")
+                         f"% of tidegate's requests per CPU-second on \"{first}\" ({runs}: a few % is noise).")
     floor, haproxy, tidegate = (by.get((p, names[0])) for p in (FLOOR, "haproxy", "tidegate"))
     if floor and haproxy and tidegate and haproxy.per_cpu_second and floor.per_cpu_second:
         lines.append(f"\nA minimal uvloop + httptools proxy (`benchmarks/minimal_proxy.py`: bytes passed through, "
