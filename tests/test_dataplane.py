@@ -469,6 +469,114 @@ def _h2_streams(port: int, blocks: list[list[tuple[bytes, bytes]]]) -> list[H2An
     return results
 
 
+def _h2_connection(port: int):
+    """An h2c client connection to the gateway: (socket, h2 connection), the preface sent."""
+    import socket as socketlib
+
+    import h2.config
+    import h2.connection
+
+    sock = socketlib.create_connection((GW_ADDR, port), timeout=5)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    sock.sendall(conn.data_to_send())
+    return sock, conn
+
+
+def _h2_answers(sock, conn, wanted: set[int]) -> dict[int, H2Answer]:
+    """Read until every stream in `wanted` has ended or been reset."""
+    import h2.events
+
+    answers = {stream_id: H2Answer() for stream_id in wanted}
+    bodies = {stream_id: bytearray() for stream_id in wanted}
+    left = set(wanted)
+    while left:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed with streams {sorted(left)} unanswered"
+        for event in conn.receive_data(chunk):
+            stream_id = getattr(event, "stream_id", None)
+            if stream_id not in answers:
+                continue
+            answer = answers[stream_id]
+            if isinstance(event, h2.events.ResponseReceived):
+                answer.headers = dict(event.headers)
+                answer.status = int(answer.headers[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                bodies[stream_id] += event.data
+                conn.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            elif isinstance(event, h2.events.StreamReset):
+                answer.reset = int(event.error_code)
+                left.discard(stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                left.discard(stream_id)
+        sock.sendall(conn.data_to_send())
+    for stream_id, answer in answers.items():
+        answer.body = bytes(bodies[stream_id])
+    return answers
+
+
+def test_http2_streams_in_flight_together_each_get_their_own_answer(stack):
+    """Streams that HTTP/1.1's fast lane would take (no body, a plain rule, an idle kept connection to the
+    pod) are served by callbacks with no task (http2.H2FastExchange); many at once on one connection, each
+    gets its own answer, with the pod's headers, and the next round reuses the pods' kept connections."""
+    sock, conn = _h2_connection(stack["port"])
+    with sock:
+        for round_ in range(3):
+            wanted = set()
+            for i in range(20):
+                stream_id = conn.get_next_available_stream_id()
+                conn.send_headers(stream_id, [(b":method", b"GET"), (b":scheme", b"http"),
+                                              (b":path", b"/r%d/s%d" % (round_, i)), (b":authority", b"echo.test"),
+                                              (b"x-echo-set-header", b"x-stream:%d" % stream_id)],
+                                  end_stream=True)
+                wanted.add(stream_id)
+            sock.sendall(conn.data_to_send())
+            answers = _h2_answers(sock, conn, wanted)
+            for stream_id, answer in answers.items():
+                assert answer.status == 200 and answer.reset is None, (stream_id, answer)
+                assert answer.headers[b"x-stream"] == str(stream_id).encode()
+                assert answer.headers[b"content-type"].startswith(b"application/json")
+                assert b"connection" not in answer.headers and b"keep-alive" not in answer.headers
+                echoed = json.loads(answer.body)
+                assert echoed["path"].startswith(f"/r{round_}/s")
+                assert answer.headers[b"content-length"] == str(len(answer.body)).encode()
+            assert len({json.loads(a.body)["path"] for a in answers.values()}) == 20
+
+
+def test_an_http2_stream_reset_while_its_pod_answers_leaves_no_answer_behind(stack):
+    """The client resets a stream while the pod is still answering: the pod's connection is closed, not put
+    back for reuse (the late answer would come first on it), and the requests after it get their own
+    answers. (It fails when the connection is put back.)"""
+    import h2.errors
+
+    sock, conn = _h2_connection(stack["port"])
+    with sock:
+        for _ in range(3):  # the first request of a connection to an endpoint may go the full way
+            stream_id = conn.get_next_available_stream_id()
+            conn.send_headers(stream_id, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/warm"),
+                                          (b":authority", b"echo.test")], end_stream=True)
+            sock.sendall(conn.data_to_send())
+            assert _h2_answers(sock, conn, {stream_id})[stream_id].status == 200
+        slow = conn.get_next_available_stream_id()
+        conn.send_headers(slow, [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/slow?delay=300ms"),
+                                 (b":authority", b"echo.test")], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        time.sleep(0.1)  # the request is with the pod
+        conn.reset_stream(slow, h2.errors.ErrorCodes.CANCEL)
+        # At once, one to each pod (round robin), answered after the reset stream's late answer would come
+        # (the echo pod answers requests on one connection as each is done).
+        after = {}
+        for i in range(2):
+            stream_id = conn.get_next_available_stream_id()
+            conn.send_headers(stream_id, [(b":method", b"GET"), (b":scheme", b"http"),
+                                          (b":path", b"/after/%d?delay=400ms" % i), (b":authority", b"echo.test")],
+                              end_stream=True)
+            after[stream_id] = f"/after/{i}"
+        sock.sendall(conn.data_to_send())
+        answers = _h2_answers(sock, conn, set(after))
+        assert {stream_id: json.loads(a.body)["path"].split("?")[0] for stream_id, a in answers.items()} == after
+
+
 def test_http2_header_bytes_reach_the_pod_and_the_client_unchanged(stack):
     """Field values are bytes: a UTF-8 request header reaches the pod as the client sent it, and a response
     header set by the pod reaches the client as the pod sent it."""

@@ -66,10 +66,7 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     candidate: Candidate
     headers_lower: dict[str, str]
     site, candidate, host, path, query, headers_lower, _ = routed
-    plain = candidate.plan
-    if plain is None:
-        plain = candidate.plan = plain_rule(candidate)
-    if not plain:
+    if not is_plain(candidate):
         conn.serve_slowly(ex, routed)
         return
     balancer = site.balancer
@@ -77,10 +74,7 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     if backend is None:
         conn.serve_slowly(ex, routed)  # it answers
         return
-    policy = backend.policy
-    key = None
-    if policy is not None and policy.hash is not None:
-        key = http1.hash_key(policy.hash, path, headers_lower, conn.peer)[0]
+    key = hash_key_of(backend, path, headers_lower, conn.peer)
     # The clock as last read for this connection: when these bytes came, or when the exchange before a
     # pipelined request ended (served()): recent either way, and one read fewer.
     now = conn.last_active
@@ -88,15 +82,37 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     if endpoint is None:
         conn.serve_slowly(ex, routed)  # it answers 503
         return
-    slot: EndpointSlot | None = site.endpoint_slots.get(id(endpoint))  # declared: the dict holds Any
-    if slot is None:
-        slot = site.endpoint_slots[id(endpoint)] = EndpointSlot(site, endpoint)
+    slot = slot_for(site, endpoint)
     upstream = slot.pool.take_idle(now)
     if upstream is None:  # a connection has to be opened: the full way does that, with its retry on refusal
         conn.serve_slowly(ex, (site, candidate, host, path, query, headers_lower, (backend, endpoint)))
         return
     FastExchange(conn, ex, routed, backend, slot, balancer.registry.backend(backend.name), upstream
                  ).start(host, path, query)
+
+
+def hash_key_of(backend: ir.Backend, path: str, headers_lower: dict[str, str], peer: str) -> str | None:
+    """The consistent-hash key of a request to this backend (None: its balancing uses none)."""
+    policy = backend.policy
+    if policy is None or policy.hash is None:
+        return None
+    return http1.hash_key(policy.hash, path, headers_lower, peer)[0]
+
+
+def is_plain(candidate: Candidate) -> bool:
+    """plain_rule, worked out once per rule and kept with it."""
+    plain = candidate.plan
+    if plain is None:
+        plain = candidate.plan = plain_rule(candidate)
+    return bool(plain)
+
+
+def slot_for(site: Site, endpoint: ir.Endpoint) -> EndpointSlot:
+    """What the fast lane needs of an endpoint, made once per configuration."""
+    slot: EndpointSlot | None = site.endpoint_slots.get(id(endpoint))  # declared: the dict holds Any
+    if slot is None:
+        slot = site.endpoint_slots[id(endpoint)] = EndpointSlot(site, endpoint)
+    return slot
 
 
 class EndpointSlot:
@@ -218,11 +234,7 @@ class FastExchange:
         conn.end_response()
         conn.upstream = None
         now = self._end(self.status)
-        if not upstream.closed and upstream.reusable:
-            upstream.pool.release(upstream, now)
-        else:
-            upstream.handler = None
-            upstream.close()
+        put_back(upstream, now)
         conn.serving = None
         conn.served(self.ex, self.keep, now)
 
@@ -260,19 +272,38 @@ class FastExchange:
         Returns the time it read."""
         self.over = True
         ex, conn = self.ex, self.conn
-        now = time.monotonic()
-        seconds = now - self.started
-        ex.upstream_time += seconds
-        state = self.slot.state
-        state.active -= 1
-        self.backend_state.active -= 1
-        http1.IN_FLIGHT.count -= 1
-        if endpoint_outcome:
-            state.record(status, seconds)
-            policy = self.backend.policy
-            if policy is not None and policy.outlier is not None:
-                record_outcome(self.routed[0].balancer.registry, self.backend, state, status, now)
+        now = count_out(ex, self.routed, self.backend, self.backend_state, self.slot, self.started, status,
+                        endpoint_outcome)
         if account:
             ex.bytes_sent = conn.bytes_out
             http1.finished(conn, ex, conn.last_status, now)
         return now
+
+
+def count_out(ex: http1.Exchange, routed: http1.Routed, backend: ir.Backend, backend_state: BackendState,
+              slot: EndpointSlot, started: float, status: int | None, endpoint_outcome: bool) -> float:
+    """An exchange of a fast lane (HTTP/1.1's or HTTP/2's) is over: its endpoint and backend count it out, and
+    the endpoint's state records what it did (`endpoint_outcome`: not when the client went away). Returns
+    the time it read."""
+    now = time.monotonic()
+    seconds = now - started
+    ex.upstream_time += seconds
+    state = slot.state
+    state.active -= 1
+    backend_state.active -= 1
+    http1.IN_FLIGHT.count -= 1
+    if endpoint_outcome:
+        state.record(status, seconds)
+        policy = backend.policy
+        if policy is not None and policy.outlier is not None:
+            record_outcome(routed[0].balancer.registry, backend, state, status, now)
+    return now
+
+
+def put_back(upstream: UpstreamConnection, now: float) -> None:
+    """An endpoint connection whose answer has ended: back to its pool while it can serve again."""
+    if not upstream.closed and upstream.reusable:
+        upstream.pool.release(upstream, now)
+    else:
+        upstream.handler = None
+        upstream.close()

@@ -1,17 +1,20 @@
 """HTTP/2 at the edge (h2c with prior knowledge, and h2 chosen by ALPN on TLS), with the `h2` library.
 
 Each stream becomes an `Exchange` served by the same `serve_exchange` as HTTP/1.1 (routing, filters,
-retries, upstream pools); `H2Stream` offers the response methods it calls. Response bodies respect HTTP/2
-flow control: what the peer's window cannot take yet waits in the stream, and the endpoint's connection stops
-being read while too much waits.
+retries, upstream pools); `H2Stream` offers the response methods it calls. A stream that HTTP/1.1's fast lane
+would take (a request without a body on a plain rule, to an endpoint with an idle kept connection) is served
+by `H2FastExchange` instead: callbacks from the endpoint's connection, with no task. Response bodies respect
+HTTP/2 flow control: what the peer's window cannot take yet waits in the stream, and the endpoint's
+connection stops being read while too much waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
 import h2.connection
@@ -19,12 +22,30 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
+from tidegate.dataplane import fastlane
 from tidegate.dataplane.h2request import read_request
-from tidegate.dataplane.http1 import BODY_BUFFER_LIMIT, IN_FLIGHT, REASONS, Exchange, finished, serve_exchange
+from tidegate.dataplane.http1 import (
+    BODY_BUFFER_LIMIT,
+    IN_FLIGHT,
+    REASONS,
+    Exchange,
+    Routed,
+    finished,
+    may_send_again,
+    request_head,
+    response_headers,
+    route_request,
+    serve_exchange,
+    served_by,
+)
 from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
+    from tidegate import ir
+    from tidegate.balancing.state import BackendState
     from tidegate.dataplane.server import Site
+    from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
+    from tidegate.router import Candidate
 
 log = logging.getLogger("tidegate.http2")
 
@@ -69,7 +90,8 @@ class H2Stream:
         self.pending = bytearray()
         self.ending = False
         self.closed = False
-        self.task: asyncio.Task | None = None
+        # What serves it: the full path's task, or an H2FastExchange (done() and cancel() alike).
+        self.task: Any = None
         self.last_status = 0
         self.paused = False  # request body: window updates held back while the endpoint is slow
         self.unacked = 0  # flow-controlled bytes received but not yet granted back
@@ -109,6 +131,18 @@ class H2Stream:
             self.conn.queue(self)
             if self.write_paused and self.upstream is not None:
                 self.upstream.pause_reading()
+
+    def begin_raw_response(self, status: int, header_lines: list[bytes], head_only: bool) -> None:
+        """begin_response with the endpoint's header lines as they came (UpstreamConnection.lean_head has
+        taken the hop-by-hop ones out, and llhttp has checked them): names lowered, nothing decoded."""
+        self.last_status = status
+        out = [(b":status", str(status).encode())]
+        for line in header_lines:
+            colon = line.find(b":")
+            if colon > 0:
+                out.append((line[:colon].lower(), line[colon + 1:].strip(b" \t")))
+        self.conn.send_headers(self.stream_id, out, end_stream=head_only)
+        self.ending = head_only
 
     def send_trailers(self, trailers: list[tuple[str, str]]) -> None:
         """Fields to send after the body, in a HEADERS frame that ends the stream (end_response follows)."""
@@ -243,25 +277,44 @@ class H2ServerConnection(asyncio.Protocol):
             return
         stream = H2Stream(self, stream_id, ex)
         self.streams[stream_id] = stream
-        stream.task = asyncio.get_running_loop().create_task(self._serve(stream))
+        if ended and ex.method != "HEAD" and self.serve is serve_exchange:  # tests stand in for serve_exchange
+            try:
+                serve_fast(stream)
+            except Exception:  # a bug of tidegate's own: this stream fails, the connection's others go on
+                log.exception("internal error serving an HTTP/2 stream")
+                self.reset(stream)
+        else:
+            self.serve_slowly(stream)
 
-    async def _serve(self, stream: H2Stream) -> None:
+    def serve_slowly(self, stream: H2Stream, routed: Routed | None = None) -> None:
+        """The full path, as a task: what the fast lane does not take (`routed`: what it found already)."""
+        stream.task = asyncio.get_running_loop().create_task(self._serve(stream, routed))
+
+    async def _serve(self, stream: H2Stream, routed: Routed | None = None) -> None:
         IN_FLIGHT.count += 1
         try:
-            await self.serve(stream, stream.ex)
+            if routed is None:
+                await self.serve(stream, stream.ex)
+            else:
+                await serve_exchange(stream, stream.ex, routed)
             finished(stream, stream.ex, stream.last_status)
         except asyncio.CancelledError:
             return
         except Exception:
             log.exception("internal error serving an HTTP/2 stream")
-            if not stream.closed and self.streams.pop(stream.stream_id, None) is not None:
-                try:
-                    self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
-                    self._flush()
-                except h2.exceptions.ProtocolError:
-                    pass
+            self.reset(stream)
         finally:
             IN_FLIGHT.count -= 1
+
+    def reset(self, stream: H2Stream) -> None:
+        """End a stream with RST_STREAM INTERNAL_ERROR: an answer tidegate began cannot be finished."""
+        if stream.closed or self.streams.pop(stream.stream_id, None) is None:
+            return
+        try:
+            self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        except h2.exceptions.ProtocolError:
+            return
+        self._flush()
 
     def _on_data(self, stream_id: int, data: bytes, flow_length: int) -> None:
         """Request body bytes. The client's window is granted back only once they are on their way to the
@@ -367,6 +420,157 @@ class H2ServerConnection(asyncio.Protocol):
         data = self.h2.data_to_send()
         if data and self.transport is not None and not self.closed:
             self.transport.write(data)
+
+
+# -- the fast lane --------------------------------------------------------------------------------------------
+
+NO_MODS: Final[list[dict]] = []  # response header changes: none on the fast lane
+
+
+def serve_fast(stream: H2Stream) -> None:
+    """A request without a body: on the fast lane when its rule and endpoint allow, else the full way (which
+    is handed what was found here, so a request is routed and balanced once). As fastlane.serve for HTTP/1.1."""
+    conn, ex = stream.conn, stream.ex
+    routed = route_request(stream, ex, conn.site_getter())
+    if routed is True or routed is False:  # answered here (404, 421, a bad target)
+        finished(stream, ex, stream.last_status)
+        return
+    site: Site
+    candidate: Candidate
+    headers_lower: dict[str, str]
+    site, candidate, host, path, query, headers_lower, _ = routed
+    if not fastlane.is_plain(candidate):
+        conn.serve_slowly(stream, routed)
+        return
+    balancer = site.balancer
+    backend = balancer.backend_for(candidate.route)
+    if backend is None:
+        conn.serve_slowly(stream, routed)  # it answers
+        return
+    now = time.monotonic()
+    endpoint = balancer.endpoint_for(backend, fastlane.hash_key_of(backend, path, headers_lower, stream.peer), (), now)
+    if endpoint is None:
+        conn.serve_slowly(stream, routed)  # it answers 503
+        return
+    slot = fastlane.slot_for(site, endpoint)
+    upstream = slot.pool.take_idle(now)
+    if upstream is None:  # a connection has to be opened: the full way does that, with its retry on refusal
+        conn.serve_slowly(stream, (site, candidate, host, path, query, headers_lower, (backend, endpoint)))
+        return
+    H2FastExchange(stream, routed, backend, slot, balancer.registry.backend(backend.name), upstream
+                   ).start(host, path, query, now)
+
+
+class H2FastExchange:
+    """One HTTP/2 stream on the fast lane. It stands in the stream's `task` slot: `done()` and `cancel()`
+    (the client reset the stream, or the connection went away) are what the connection asks of it."""
+
+    __slots__ = ("backend", "backend_state", "ex", "over", "routed", "slot", "started", "status", "stream",
+                 "upstream")
+
+    def __init__(self, stream: H2Stream, routed: Routed, backend: ir.Backend, slot: fastlane.EndpointSlot,
+                 backend_state: BackendState, upstream: UpstreamConnection):
+        self.stream = stream
+        self.ex = stream.ex
+        self.routed = routed
+        self.backend = backend
+        self.slot = slot
+        self.backend_state = backend_state
+        self.upstream = upstream
+        self.over = False
+        self.status = 0  # the endpoint's, once its head came (and went on to the client)
+        self.started = 0.0
+
+    def start(self, host: str, path: str, query: str, now: float) -> None:
+        stream, ex = self.stream, self.ex
+        IN_FLIGHT.count += 1
+        served_by(ex, self.routed[1])
+        ex.endpoint = self.slot.name
+        self.slot.state.active += 1
+        self.backend_state.active += 1
+        head = request_head(ex, ex.headers, host, f"{path}?{query}" if query else path, stream.peer, stream.scheme,
+                            ex.lower.get("host") or host)
+        stream.task = self
+        stream.upstream = self.upstream
+        self.started = now
+        self.upstream.start_fast(self, head, stream.body)
+
+    # -- what the connection asks of its stream's `task` -------------------------------------------------
+    def done(self) -> bool:
+        return self.over
+
+    def cancel(self) -> None:
+        """The client reset the stream or left: the endpoint's answer is of no use, and its connection
+        cannot be reused (the rest of the answer would come first on it)."""
+        if self.over:
+            return
+        self._drop_upstream()
+        self._end(None, endpoint_outcome=False)
+
+    # -- the endpoint's answer (UpstreamConnection calls these) ------------------------------------------
+    def upstream_head(self, head: ResponseHead) -> None:
+        self.status = head.status
+        try:
+            self.stream.begin_response(self.ex, head.status, response_headers(head, NO_MODS), head.content_length,
+                                       head.status in (204, 304))
+        except Exception:  # never let a bug take the endpoint connection's reader down
+            log.exception("internal error writing an HTTP/2 response head")
+            self.upstream_failed(None)
+
+    def upstream_raw_head(self, status: int, header_lines: list[bytes], content_length: int | None) -> None:
+        self.status = status
+        try:
+            self.stream.begin_raw_response(status, header_lines, status in (204, 304))
+        except Exception:
+            log.exception("internal error writing an HTTP/2 response head")
+            self.upstream_failed(None)
+
+    def upstream_read(self) -> None:
+        """The end of one read from the endpoint: the stream's frames go out at this turn's write anyway."""
+
+    def upstream_done(self) -> None:
+        stream, upstream = self.stream, self.upstream
+        stream.end_response()
+        stream.upstream = None
+        fastlane.put_back(upstream, self._end(self.status))
+
+    def upstream_failed(self, error: UpstreamError | None) -> None:
+        """The endpoint closed or reset the connection, or sent something that is not HTTP (`error`; None for
+        a bug of tidegate's own)."""
+        if self.over:
+            return
+        stream, ex = self.stream, self.ex
+        self._drop_upstream()
+        METRICS.upstream_errors.labels(self.backend.name, "error").inc()
+        if error is not None and may_send_again(ex, error):
+            # A kept connection the endpoint closed unanswered just as it was reused: the full way sends the
+            # request once more.
+            self._end(None, endpoint_outcome=False, account=False)
+            ex.retries += 1
+            stream.conn.serve_slowly(stream, self.routed)
+            return
+        if not self.status:
+            stream.send_simple(502, str(error) if error else "internal error")
+        else:  # the head went out already: the stream cannot end well
+            stream.conn.reset(stream)
+        self._end(None)
+
+    # -- helpers -----------------------------------------------------------------------------------------
+    def _drop_upstream(self) -> None:
+        upstream = self.upstream
+        upstream.handler = None
+        upstream.close()
+        self.stream.upstream = None
+
+    def _end(self, status: int | None, endpoint_outcome: bool = True, account: bool = True) -> float:
+        """Count the exchange out, as fastlane.FastExchange._end does. Returns the time it read."""
+        self.over = True
+        ex = self.ex
+        now = fastlane.count_out(ex, self.routed, self.backend, self.backend_state, self.slot, self.started, status,
+                                 endpoint_outcome)
+        if account:
+            finished(self.stream, ex, self.stream.last_status, now)
+        return now
 
 
 __all__ = ["PREFACE", "REASONS", "H2ServerConnection"]
