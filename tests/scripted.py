@@ -20,7 +20,8 @@ class ScriptedBackend(ThreadedServer):
         # second request is read and the connection closed, unanswered: a keep-alive timeout that struck just
         # as the connection was reused) | trickle (a chunked answer, a chunk every 50 ms for slow_seconds) |
         # close-delimited (a reused connection's answer has no length: its body ends when the connection closes) |
-        # garbage-reused (a reused connection's answer is not HTTP)
+        # garbage-reused (a reused connection's answer is not HTTP) | early-hints (a 103 first, in a write of
+        # its own, then the answer)
         self.mode = "ok"
         self.slow_seconds = 0.5
         self.first_chunk_delay = 0.0  # trickle: the head goes out alone, this long before the body
@@ -78,6 +79,10 @@ class ScriptedBackend(ThreadedServer):
                         writer.write(b"0\r\n\r\n")
                         await writer.drain()
                         continue
+                    if self.mode == "early-hints":
+                        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+                        await writer.drain()
+                        await asyncio.sleep(0.02)
                     status = 503 if self.mode == "503" else 200
                 body = json.dumps({"pod": self.name, "path": path}).encode()
                 if self.mode == "close-delimited" and answered > 1:

@@ -150,6 +150,24 @@ def test_an_answer_that_ends_with_the_connection_is_passed_on_whole(tmp_path):
     assert json.loads(third[2])["path"] == "/three"
 
 
+def test_an_interim_103_from_the_pod_is_not_taken_for_its_answer(tmp_path):
+    """The pod sends 103 Early Hints, then its answer: over HTTP/1.1 and HTTP/2, on fresh and reused
+    endpoint connections, each client gets its own 200 (the 103 is not passed on), and the endpoint
+    connection is not put back before the real answer has ended."""
+    from tests.harness import h2_request
+
+    with _one_pod(tmp_path, "127.0.9.5") as (pod, port, proxy):
+        pod.mode = "early-hints"
+        with socket.create_connection((GW, port), timeout=10) as sock:
+            for i in range(4):
+                sock.sendall(b"GET /h1/%d HTTP/1.1\r\nHost: app.test\r\n\r\n" % i)
+                [(status, body)] = _responses(_read_until(sock, 1))
+                assert status == 200 and json.loads(body)["path"] == f"/h1/{i}"
+        for i in range(4):
+            status, _, body = h2_request(GW, port, "app.test", f"/h2/{i}")
+            assert status == 200 and json.loads(body)["path"] == f"/h2/{i}"
+
+
 def test_split_head_keeps_end_to_end_headers_as_they_came():
     from tidegate.dataplane.upstream import split_head
 
