@@ -80,12 +80,33 @@ def test_a_reused_connection_the_endpoint_dropped_is_tried_again_on_a_new_one(tm
     assert pod.requests == 5
 
 
+def test_over_http2_a_reused_connection_the_endpoint_dropped_is_tried_again_on_a_new_one(tmp_path):
+    """HTTP/2's fast lane (http2.H2FastExchange) hands the stream to the full way, which sends it again."""
+    from tests.harness import h2_request
+
+    with _one_pod(tmp_path, "127.0.9.7") as (pod, port, proxy):
+        pod.mode = "drop-reused"
+        statuses = [h2_request(GW, port, "app.test", "/")[0] for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    assert pod.requests == 5  # as over HTTP/1.1
+
+
 def test_an_answer_that_is_not_http_is_a_502_and_the_request_is_not_sent_again(tmp_path):
     """Unlike a connection closed unanswered, a reply that is not HTTP came from an endpoint that got the
     request: as with nginx's default proxy_next_upstream, it is not sent again."""
     with _one_pod(tmp_path, "127.0.9.5") as (pod, port, proxy):
         pod.mode = "garbage-reused"
         statuses = [request(GW, port, "/", headers={"Host": "app.test"})[0] for _ in range(2)]
+    assert statuses == [200, 502]
+    assert pod.requests == 2
+
+
+def test_over_http2_an_answer_that_is_not_http_is_a_502(tmp_path):
+    from tests.harness import h2_request
+
+    with _one_pod(tmp_path, "127.0.9.8") as (pod, port, proxy):
+        pod.mode = "garbage-reused"
+        statuses = [h2_request(GW, port, "app.test", "/")[0] for _ in range(2)]
     assert statuses == [200, 502]
     assert pod.requests == 2
 
@@ -156,7 +177,7 @@ def test_an_interim_103_from_the_pod_is_not_taken_for_its_answer(tmp_path):
     connection is not put back before the real answer has ended."""
     from tests.harness import h2_request
 
-    with _one_pod(tmp_path, "127.0.9.5") as (pod, port, proxy):
+    with _one_pod(tmp_path, "127.0.9.6") as (pod, port, proxy):
         pod.mode = "early-hints"
         with socket.create_connection((GW, port), timeout=10) as sock:
             for i in range(4):
