@@ -465,13 +465,11 @@ class H2FastExchange:
     """One HTTP/2 stream on the fast lane. It stands in the stream's `task` slot: `done()` and `cancel()`
     (the client reset the stream, or the connection went away) are what the connection asks of it."""
 
-    __slots__ = ("backend", "backend_state", "ex", "over", "routed", "slot", "started", "status", "stream",
-                 "upstream")
+    __slots__ = ("backend", "backend_state", "over", "routed", "slot", "started", "status", "stream", "upstream")
 
     def __init__(self, stream: H2Stream, routed: Routed, backend: ir.Backend, slot: fastlane.EndpointSlot,
                  backend_state: BackendState, upstream: UpstreamConnection):
         self.stream = stream
-        self.ex = stream.ex
         self.routed = routed
         self.backend = backend
         self.slot = slot
@@ -482,7 +480,8 @@ class H2FastExchange:
         self.started = 0.0
 
     def start(self, host: str, path: str, query: str, now: float) -> None:
-        stream, ex = self.stream, self.ex
+        stream = self.stream
+        ex = stream.ex
         IN_FLIGHT.count += 1
         served_by(ex, self.routed[1])
         ex.endpoint = self.slot.name
@@ -510,9 +509,10 @@ class H2FastExchange:
     # -- the endpoint's answer (UpstreamConnection calls these) ------------------------------------------
     def upstream_head(self, head: ResponseHead) -> None:
         self.status = head.status
+        stream = self.stream
         try:
-            self.stream.begin_response(self.ex, head.status, response_headers(head, NO_MODS), head.content_length,
-                                       head.status in (204, 304))
+            stream.begin_response(stream.ex, head.status, response_headers(head, NO_MODS), head.content_length,
+                                  head.status in (204, 304))
         except Exception:  # never let a bug take the endpoint connection's reader down
             log.exception("internal error writing an HTTP/2 response head")
             self.upstream_failed(None)
@@ -539,7 +539,8 @@ class H2FastExchange:
         a bug of tidegate's own)."""
         if self.over:
             return
-        stream, ex = self.stream, self.ex
+        stream = self.stream
+        ex = stream.ex
         self._drop_upstream()
         METRICS.upstream_errors.labels(self.backend.name, "error").inc()
         if error is not None and may_send_again(ex, error):
@@ -565,7 +566,7 @@ class H2FastExchange:
     def _end(self, status: int | None, endpoint_outcome: bool = True, account: bool = True) -> float:
         """Count the exchange out, as fastlane.FastExchange._end does. Returns the time it read."""
         self.over = True
-        ex = self.ex
+        ex = self.stream.ex
         now = fastlane.count_out(ex, self.routed, self.backend, self.backend_state, self.slot, self.started, status,
                                  endpoint_outcome)
         if account:
