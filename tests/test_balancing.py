@@ -279,6 +279,48 @@ def test_probes_over_real_sockets():
     assert asyncio.run(main()) == (True, False, False, True)
 
 
+def test_a_probe_cancelled_at_any_point_stops():
+    """Stopping cancels every check. A probe that swallowed the cancellation (asyncio.wait_for does so in
+    Python 3.11 when its inner wait ends in the same loop turn) would keep its checker's loop running, and the
+    stop would wait for it forever. The probe is cancelled after each number of loop turns in turn, so one
+    of them lands between the answer arriving and the probe going on."""
+    import asyncio
+
+    from tidegate.balancing.health import probe
+
+    async def main() -> tuple[int, int]:
+        async def answer(reader, writer):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        check = ir.HealthCheck(type="HTTP", path="/healthz", timeout=5.0)
+        cancelled = carried_on = 0
+        for turns in range(40):
+            for _ in range(3):
+                task = asyncio.ensure_future(probe(check, "127.0.0.1", port))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                if task.done():
+                    assert task.result() is True
+                    continue
+                task.cancel()
+                try:
+                    await task
+                    carried_on += 1
+                except asyncio.CancelledError:
+                    cancelled += 1
+        server.close()
+        await server.wait_closed()
+        return cancelled, carried_on
+
+    cancelled, carried_on = asyncio.run(main())
+    assert cancelled > 0 and carried_on == 0, (cancelled, carried_on)
+
+
 def test_kept_candidates_follow_ejections_as_they_start_and_as_they_run_out(monkeypatch):
     """The balancer keeps each backend's candidate list between requests; an ejection, an active-check
     verdict and the end of an ejection (a moment in time, with no event) must each show at once."""

@@ -149,7 +149,8 @@ class WorkerPool:
                 if not healthy:
                     await self._send(index, ("health", key[0], key[1], check, healthy))
         try:
-            return await asyncio.wait_for(waiter, APPLY_TIMEOUT)
+            async with asyncio.timeout(APPLY_TIMEOUT):
+                return await waiter
         except TimeoutError:
             log.error("worker %d did not apply config version %d within %.0f s", index, version, APPLY_TIMEOUT)
             return {}

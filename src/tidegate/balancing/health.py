@@ -19,6 +19,7 @@ from tidegate.observe.metrics import METRICS
 log = logging.getLogger("tidegate.health")
 
 USER_AGENT = "tidegate-health-check"
+CLOSE_TIMEOUT = 5.0
 
 
 def parse_status_line(line: bytes) -> int | None:
@@ -41,13 +42,15 @@ async def probe(check: ir.HealthCheck, address: str, port: int) -> bool:
     """One check: a TCP connect, or an HTTP/1.1 request whose status must be an expected one."""
     writer = None
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), check.timeout)
+        async with asyncio.timeout(check.timeout):
+            reader, writer = await asyncio.open_connection(address, port)
         if check.type == "TCP":
             return True
         host = check.host or (f"[{address}]" if ":" in address else address)
         writer.write(f"{check.method} {check.path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: {USER_AGENT}\r\n"
                      "Connection: close\r\n\r\n".encode("latin-1"))
-        line = await asyncio.wait_for(reader.readline(), check.timeout)
+        async with asyncio.timeout(check.timeout):
+            line = await reader.readline()
         return status_is_healthy(check, parse_status_line(line.rstrip(b"\r\n")))
     except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
         return False
@@ -117,4 +120,8 @@ class HealthChecker:
         self._tasks.clear()
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            # A check that ignored its cancellation must not hold the stop up: it is left behind, and said so.
+            _, left = await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+            if left:
+                log.warning("%d health check(s) did not stop within %.0f s", len(left), CLOSE_TIMEOUT)

@@ -509,7 +509,8 @@ class ClientConnection(asyncio.Protocol):
         ex.buffer.clear()
         self.resume_reading()
         try:
-            return await asyncio.wait_for(done, DRAIN_SECONDS)
+            async with asyncio.timeout(DRAIN_SECONDS):
+                return await done
         except TimeoutError:
             return False
 
@@ -960,7 +961,11 @@ async def _attempt(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
         proxy = _proxy_h2 if backend.protocol == "kubernetes.io/h2c" else _proxy
         proxied = proxy(conn, ex, site, endpoint, headers, upstream_host, target, response_mods, state, rules.codes,
                         backend.tls, client_certificate, connect_timeout, registry.backend(backend.name))
-        keep = await (asyncio.wait_for(proxied, timeout) if timeout else proxied)
+        if timeout:
+            async with asyncio.timeout(timeout):
+                keep = await proxied
+        else:
+            keep = await proxied
         status = state.status or 200
         return keep
     except TimeoutError:
@@ -1313,12 +1318,14 @@ def _start_mirror(site: Site, mirror: ir.Filter, ex: Exchange, headers: list[tup
             return
         try:
             upstream.start_exchange(head)
-            await asyncio.wait_for(upstream.head_future, 10)  # type: ignore[arg-type]
+            async with asyncio.timeout(10):
+                await upstream.head_future  # type: ignore[misc]
             if copy.method == "HEAD":
                 upstream.close()
                 return
             upstream.set_sink(lambda _data: None)
-            await asyncio.wait_for(upstream.done_future, 10)  # type: ignore[arg-type]
+            async with asyncio.timeout(10):
+                await upstream.done_future  # type: ignore[misc]
             pool.release(upstream)
         except (TimeoutError, UpstreamError):
             upstream.close()

@@ -398,8 +398,8 @@ async def connect(factory: Callable[[], asyncio.Protocol], host: str, port: int,
     (refused, unreachable, timed out: any request may go elsewhere), UpstreamError for a failed TLS
     handshake."""
     try:
-        return await asyncio.wait_for(
-            asyncio.get_running_loop().create_connection(factory, host, port, **extra), timeout)
+        async with asyncio.timeout(timeout):
+            return await asyncio.get_running_loop().create_connection(factory, host, port, **extra)
     except TimeoutError as timeout_error:
         raise ConnectError(f"connect to {host}:{port} timed out") from timeout_error
     except ssl.SSLError as tls_error:
