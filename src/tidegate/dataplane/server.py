@@ -21,6 +21,7 @@ from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.health import HealthChecker
 from tidegate.balancing.state import Registry
 from tidegate.dataplane.http1 import IN_FLIGHT, ClientConnection
+from tidegate.dataplane.l4 import L4DataPlane, l4_kind
 from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool, backend_tls_context
 from tidegate.dataplane.upstream_h2 import H2EndpointPool
@@ -101,6 +102,7 @@ class DataPlane:
         # Endpoint health, ejections, active requests, circuit counts: they outlive configurations.
         self.registry = Registry()
         self.health = HealthChecker(self.registry)
+        self.l4 = L4DataPlane(reuse_port)  # TCP, UDP and TLS passthrough listeners
 
     def _empty_site(self) -> Site:
         return Site(None, RouteBalancer(self.registry), self.pools, self._background)
@@ -116,7 +118,7 @@ class DataPlane:
         for listener in config.listeners:
             if listener.protocol == "HTTPS":
                 https.setdefault((listener.address or self.bind, listener.port), []).append(listener)
-            elif listener.protocol != "HTTP":
+            elif listener.protocol != "HTTP" and not l4_kind(listener):
                 log.warning("listener %s: %s is not served yet", listener.name, listener.protocol)
         used = {(c.cert_pem, c.key_pem) for group in https.values() for listener in group
                 for c in (listener.tls.certificates if listener.tls else ())}
@@ -162,6 +164,7 @@ class DataPlane:
         for key in [k for k in self.servers if k not in routers]:
             self.servers.pop(key).close()
             log.info("stopped listening on %s:%d", *key)
+        errors.update(await self.l4.apply(config, self.bind, balancer, set(routers)))
         self.errors = errors
         self.pools.retain({(e.address, e.port) for listener in config.listeners for route in listener.http_routes
                            for backend in route.backends for e in backend.endpoints}
@@ -183,10 +186,12 @@ class DataPlane:
         """Stop accepting; give requests in flight up to `grace` seconds; then close everything."""
         for server in self.servers.values():
             server.close()
+        self.l4.stop_accepting()
         deadline = asyncio.get_running_loop().time() + grace
-        while IN_FLIGHT.count and asyncio.get_running_loop().time() < deadline:
+        while (IN_FLIGHT.count or self.l4.connections()) and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
         self.servers.clear()
+        self.l4.close()
         await self.health.close()
         self.pools.close()
 

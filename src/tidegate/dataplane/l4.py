@@ -1,0 +1,696 @@
+"""TCP, UDP and TLS passthrough listeners: TCPRoute, UDPRoute and TLSRoute relay bytes to pod endpoints.
+
+- A TCP listener serves its oldest attached TCPRoute (the one the Gateway API attaches when several ask).
+- A TLS listener in Passthrough mode reads the client's ClientHello, picks the TLSRoute whose hostname
+  matches the SNI (exact, then the longest wildcard, then a route with no hostname), and relays the
+  encrypted bytes untouched: the pod holds the certificate.
+- A UDP listener keeps a session per client address. Each session has its own socket connected to one
+  endpoint, so the replies find their way back, and it closes when it has been idle.
+
+Endpoints are chosen as for HTTP: the route's backends by weight, then the backend's algorithm, with health
+checks, outlier ejection and `SourceIP` hashing. A connect failure is tried on another endpoint. Connections
+in flight keep the configuration they started with; a reload swaps the table a new connection reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tidegate import ir
+from tidegate.balancing.balancer import RouteBalancer
+from tidegate.balancing.outlier import record_outcome
+from tidegate.dataplane.upstream import UpstreamError, connect
+
+log = logging.getLogger("tidegate.l4")
+
+CONNECT_TIMEOUT = 5.0  # without a policy's timeouts.connect
+CONNECT_ATTEMPTS = 3  # endpoints tried before the client's connection is closed
+TCP_IDLE_TIMEOUT = 3600.0  # without a policy's timeouts.idle: no byte either way for this long closes both
+UDP_IDLE_TIMEOUT = 60.0  # likewise for a UDP session
+HELLO_TIMEOUT = 10.0  # for a TLS passthrough client to send its ClientHello
+HELLO_LIMIT = 64 * 1024  # ClientHello bytes read before giving up on finding the SNI
+BUFFER_LIMIT = 256 * 1024  # bytes held for a side that cannot take them yet, before reading pauses
+UDP_SESSIONS_MAX = 10_000  # per listener; datagrams from further clients are dropped
+UDP_QUEUE_MAX = 64  # datagrams held for a session while its socket opens
+SWEEP_INTERVAL = 1.0  # how often idle TCP connections and UDP sessions are looked for
+
+
+# -- TLS ClientHello --------------------------------------------------------------------------------------
+
+class NotTLS(ValueError):
+    """The first bytes are not a TLS ClientHello (or a malformed one)."""
+
+
+def client_hello_server_name(data: bytes) -> tuple[bool, str]:
+    """(complete, server name) from the first bytes a TLS client sends. `complete` is False while more bytes
+    are needed; the name is "" when the ClientHello has none. Raises NotTLS when the bytes are not a TLS
+    handshake that starts with a ClientHello. The ClientHello may span several records."""
+    handshake = bytearray()
+    offset = 0
+    while offset + 5 <= len(data):
+        if data[offset] != 22:
+            raise NotTLS("not a TLS handshake record")
+        if data[offset + 1] != 3:
+            raise NotTLS("not a TLS record version")
+        length = int.from_bytes(data[offset + 3:offset + 5], "big")
+        if length == 0 or length > 16384:
+            raise NotTLS("a TLS record of a length TLS does not allow")
+        if offset + 5 + length > len(data):
+            break
+        handshake += data[offset + 5:offset + 5 + length]
+        offset += 5 + length
+        if len(handshake) >= 4:
+            if handshake[0] != 1:
+                raise NotTLS("the first handshake message is not a ClientHello")
+            body_length = int.from_bytes(handshake[1:4], "big")
+            if len(handshake) >= 4 + body_length:
+                return True, _server_name(bytes(handshake[4:4 + body_length]))
+    if offset == 0 and data[:1] not in (b"", b"\x16"):
+        raise NotTLS("not a TLS handshake record")
+    return False, ""
+
+
+def _server_name(hello: bytes) -> str:
+    """The host_name of a ClientHello body's server_name extension (RFC 6066), or ""."""
+    reader = _Reader(hello)
+    reader.take(2 + 32)  # legacy version, random
+    reader.take(reader.number(1))  # session id
+    reader.take(reader.number(2))  # cipher suites
+    reader.take(reader.number(1))  # compression methods
+    if reader.left() == 0:
+        return ""  # no extensions
+    extensions = _Reader(reader.take(reader.number(2)))
+    while extensions.left():
+        kind, body = extensions.number(2), extensions.take(extensions.number(2))
+        if kind != 0:
+            continue
+        names = _Reader(body)
+        names = _Reader(names.take(names.number(2)))
+        while names.left():
+            name_type, name = names.number(1), names.take(names.number(2))
+            if name_type == 0:
+                try:
+                    return name.decode("ascii").lower().rstrip(".")
+                except UnicodeDecodeError as exc:
+                    raise NotTLS("a server name that is not ASCII") from exc
+    return ""
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data, self.at = data, 0
+
+    def left(self) -> int:
+        return len(self.data) - self.at
+
+    def take(self, count: int) -> bytes:
+        if count > self.left():
+            raise NotTLS("a ClientHello cut short")
+        self.at += count
+        return self.data[self.at - count:self.at]
+
+    def number(self, size: int) -> int:
+        return int.from_bytes(self.take(size), "big")
+
+
+# -- routes of a listening socket -------------------------------------------------------------------------
+
+class L4Table:
+    """The routes of the listeners on one socket, ready to choose from."""
+
+    def __init__(self, routes: list[ir.L4Route]):
+        ordered = sorted(routes, key=lambda r: (r.created or "~", r.name))  # oldest first; undated last
+        self.first = ordered[0] if ordered else None
+        self._exact: dict[str, ir.L4Route] = {}
+        self._wildcards: dict[str, ir.L4Route] = {}  # ".example.com" for "*.example.com"
+        self._any: ir.L4Route | None = None
+        for route in ordered:
+            if not route.hostnames and self._any is None:
+                self._any = route
+            for name in route.hostnames:
+                if name.startswith("*."):
+                    self._wildcards.setdefault(name[1:], route)
+                else:
+                    self._exact.setdefault(name, route)
+
+    def for_server_name(self, name: str) -> ir.L4Route | None:
+        """Exact hostname, then the longest wildcard that covers it, then a route for any name."""
+        if name:
+            found = self._exact.get(name)
+            if found is not None:
+                return found
+            dot = name.find(".")
+            while dot != -1:
+                found = self._wildcards.get(name[dot:])
+                if found is not None:
+                    return found
+                dot = name.find(".", dot + 1)
+        return self._any
+
+
+@dataclass
+class L4Site:
+    kind: str  # tcp | tls | udp
+    table: L4Table
+    balancer: RouteBalancer
+
+
+def _hash_key(backend: ir.Backend, client: str) -> str | None:
+    policy = backend.policy
+    return client if policy is not None and policy.hash is not None and policy.hash.type == "SourceIP" else None
+
+
+def _pick(site: L4Site, route: ir.L4Route, client: str, tried: tuple[ir.Endpoint, ...]
+          ) -> tuple[ir.Backend, ir.Endpoint] | None:
+    backend = site.balancer.backend_for(route)
+    if backend is None or backend.invalid:
+        return None
+    endpoint = site.balancer.endpoint_for(backend, _hash_key(backend, client), exclude=tried)
+    if endpoint is None or endpoint in tried:
+        return None
+    return backend, endpoint
+
+
+def _over_connection_limit(site: L4Site, backend: ir.Backend) -> bool:
+    breaker = backend.policy.circuit_breaker if backend.policy is not None else None
+    if breaker is None or breaker.max_connections is None:
+        return False
+    return site.balancer.registry.backend(backend.name).active >= breaker.max_connections
+
+
+# -- TCP and TLS passthrough ------------------------------------------------------------------------------
+
+class _Side(asyncio.Protocol):
+    """One socket of a relayed pair: what it reads goes to the other one; when the other cannot take more,
+    this one stops reading."""
+
+    def __init__(self, relay: TCPRelay):
+        self.relay = relay
+        self.transport: asyncio.Transport | None = None
+        self.other: _Side | None = None
+        self.eof = False  # the peer will send no more
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self.relay.last_active = time.monotonic()
+        if self.other is not None:
+            self.other.write(data)
+            self.relay.bytes[self is self.relay.client] += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        other = self.other
+        if other is not None and other.transport is not None and other.transport.can_write_eof():
+            other.transport.write_eof()
+        if other is None or other.eof:
+            self.relay.close()
+            return False
+        return True  # half-closed: the other way may still carry bytes
+
+    def pause_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other is not None and self.other.transport is not None:
+            self.other.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.relay.close(abort=exc is not None)
+
+
+class _ClientSide(_Side):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.relay.started(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self.other is None:
+            self.relay.early(data)
+        else:
+            super().data_received(data)
+
+    def eof_received(self) -> bool:
+        if self.other is None:
+            self.eof = True
+            self.relay.early_eof()
+            return True
+        return super().eof_received()
+
+
+class _EndpointSide(_Side):
+    def __init__(self, relay: TCPRelay):
+        super().__init__(relay)
+        # From the start: a server that speaks first (SMTP, MySQL) may send before the relay is joined.
+        self.other = relay.client
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+
+class TCPRelay:
+    """A client connection and, once a route and an endpoint are found, the connection to the endpoint."""
+
+    def __init__(self, listener: L4Listener):
+        self.listener = listener
+        self.site = listener.site()  # the configuration this connection keeps
+        self.client = _ClientSide(self)
+        self.endpoint_side: _EndpointSide | None = None
+        self.peer = ""
+        self.held: list[bytes] = []  # client bytes read before the endpoint connection is made
+        self.held_size = 0
+        self.closed = False
+        self.last_active = time.monotonic()
+        self.idle_timeout = TCP_IDLE_TIMEOUT
+        self.bytes = [0, 0]  # from the endpoint, from the client
+        self.route: ir.L4Route | None = None
+        self.counted: tuple | None = None  # (endpoint state, backend state) while this counts as active
+        self._task: asyncio.Task | None = None
+        self._hello_timer: asyncio.TimerHandle | None = None
+
+    def started(self, client: _ClientSide) -> None:
+        assert client.transport is not None
+        peer = client.transport.get_extra_info("peername")
+        self.peer = peer[0] if peer else ""
+        self.listener.relays.add(self)
+        if self.site is None:
+            self.close()
+        elif self.site.kind == "tls":
+            self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._no_hello)
+        else:
+            self._route(self.site.table.first)
+
+    def _no_hello(self) -> None:
+        log.debug("%s: no ClientHello from %s within %.0f s", self.listener.name, self.peer, HELLO_TIMEOUT)
+        self.close(abort=True)
+
+    def early(self, data: bytes) -> None:
+        """Client bytes before the endpoint connection is there: held; for TLS, searched for the SNI."""
+        self.last_active = time.monotonic()
+        self.held.append(data)
+        self.held_size += len(data)
+        if self.held_size > BUFFER_LIMIT and self.client.transport is not None:
+            self.client.transport.pause_reading()
+        if self.route is not None or self.site is None or self.site.kind != "tls":
+            return
+        try:
+            complete, name = client_hello_server_name(b"".join(self.held))
+        except NotTLS as exc:
+            log.info("%s: closing a connection from %s: %s", self.listener.name, self.peer, exc)
+            self.close()
+            return
+        if not complete:
+            if self.held_size > HELLO_LIMIT:
+                log.info("%s: closing a connection from %s: its ClientHello is over %d bytes",
+                         self.listener.name, self.peer, HELLO_LIMIT)
+                self.close(abort=True)
+            return
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        route = self.site.table.for_server_name(name)
+        if route is None:
+            log.info("%s: no TLSRoute for server name %r (from %s)", self.listener.name, name, self.peer)
+        self._route(route)
+
+    def early_eof(self) -> None:
+        if self.route is None and (self.site is None or self.site.kind == "tls"):
+            self.close()  # the client left before saying where to
+
+    def _route(self, route: ir.L4Route | None) -> None:
+        if route is None:
+            self.close(abort=True)
+            return
+        self.route = route
+        self._task = asyncio.get_running_loop().create_task(self._connect(route))
+
+    async def _connect(self, route: ir.L4Route) -> None:
+        assert self.site is not None
+        tried: tuple[ir.Endpoint, ...] = ()
+        registry = self.site.balancer.registry
+        for _ in range(CONNECT_ATTEMPTS):
+            picked = _pick(self.site, route, self.peer, tried)
+            if picked is None:
+                break
+            backend, endpoint = picked
+            if _over_connection_limit(self.site, backend):
+                log.info("%s: %s is at its maxConnections: closing a connection from %s", self.listener.name,
+                         backend.name, self.peer)
+                break
+            tried += (endpoint,)
+            policy = backend.policy
+            timeout = policy.connect_timeout if policy is not None and policy.connect_timeout else CONNECT_TIMEOUT
+            state = registry.endpoint(endpoint.address, endpoint.port)
+            side = _EndpointSide(self)
+            try:
+                await connect(lambda side=side: side, endpoint.address, endpoint.port, timeout)  # type: ignore[misc]
+            except asyncio.CancelledError:
+                if side.transport is not None:  # made just as the client left
+                    side.transport.close()
+                raise
+            except UpstreamError as exc:
+                state.requests += 1
+                state.failures += 1
+                record_outcome(registry, backend, state, None, time.monotonic())
+                log.warning("%s: %s", route.name, exc)
+                continue
+            if self.closed:  # the client left while connecting
+                if side.transport is not None:
+                    side.transport.close()
+                return
+            # A connection made counts as an answer for outlier detection.
+            record_outcome(registry, backend, state, 200, time.monotonic())
+            state.requests += 1
+            state.active += 1
+            backend_state = registry.backend(backend.name)
+            backend_state.active += 1
+            self.counted = (state, backend_state)
+            if policy is not None and policy.idle_timeout:
+                self.idle_timeout = policy.idle_timeout
+            self._joined(side)
+            return
+        log.info("%s: no endpoint could be reached for a connection from %s", route.name, self.peer)
+        self.close(abort=True)
+
+    def _joined(self, side: _EndpointSide) -> None:
+        self.endpoint_side = side
+        side.other, self.client.other = self.client, side
+        for chunk in self.held:
+            side.write(chunk)
+            self.bytes[1] += len(chunk)
+        self.held, self.held_size = [], 0
+        if self.client.transport is not None:
+            self.client.transport.resume_reading()
+        if self.client.eof and side.transport is not None and side.transport.can_write_eof():
+            side.transport.write_eof()
+        if self.client.transport is None:
+            self.close()
+
+    def close(self, abort: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.listener.relays.discard(self)
+        if self._hello_timer is not None:
+            self._hello_timer.cancel()
+        if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
+            self._task.cancel()
+        if self.counted is not None:
+            state, backend_state = self.counted
+            state.active -= 1
+            backend_state.active -= 1
+            self.counted = None
+        for side in (self.client, self.endpoint_side):
+            if side is not None and side.transport is not None:
+                if abort:
+                    side.transport.abort()
+                else:
+                    side.transport.close()  # what is buffered is written first
+
+
+# -- UDP --------------------------------------------------------------------------------------------------
+
+class _UDPSession(asyncio.DatagramProtocol):
+    """One client address and its own socket to an endpoint."""
+
+    def __init__(self, listener: UDPListener, client: tuple, endpoint: ir.Endpoint, idle_timeout: float,
+                 counted: tuple):
+        self.listener = listener
+        self.client = client
+        self.endpoint = endpoint
+        self.idle_timeout = idle_timeout
+        self.counted = counted  # (endpoint state, backend state)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.queue: list[bytes] = []
+        self.last_active = time.monotonic()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.closed:
+            transport.close()
+            return
+        for data in self.queue:
+            self.transport.sendto(data)  # type: ignore[union-attr]
+        self.queue = []
+
+    def send(self, data: bytes) -> None:
+        self.last_active = time.monotonic()
+        if self.transport is not None:
+            self.transport.sendto(data)
+        elif len(self.queue) < UDP_QUEUE_MAX:
+            self.queue.append(data)
+
+    def datagram_received(self, data: bytes, _addr: tuple) -> None:
+        self.last_active = time.monotonic()
+        self.listener.reply(data, self.client)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP port unreachable and the like: the endpoint is not listening. The session ends; the
+        # client's next datagram opens a new one, which may go to another endpoint.
+        log.debug("UDP session %s → %s:%d: %s", self.client, self.endpoint.address, self.endpoint.port, exc)
+        self.counted[0].failures += 1
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.listener.sessions.pop(self.client, None)
+        state, backend_state = self.counted
+        state.active -= 1
+        backend_state.active -= 1
+        if self.transport is not None:
+            self.transport.close()
+
+
+class UDPListener(asyncio.DatagramProtocol):
+    def __init__(self, name: str, site: Callable[[], L4Site | None]):
+        self.name = name
+        self.site = site
+        self.sessions: dict[tuple, _UDPSession] = {}
+        self.transport: asyncio.DatagramTransport | None = None
+        self.dropped = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple) -> None:
+        session = self.sessions.get(addr)
+        if session is None or session.closed:
+            session = self._open(addr)
+            if session is None:
+                self.dropped += 1
+                return
+        session.send(data)
+
+    def _open(self, client: tuple) -> _UDPSession | None:
+        site = self.site()
+        if site is None or site.table.first is None or len(self.sessions) >= UDP_SESSIONS_MAX:
+            return None
+        picked = _pick(site, site.table.first, client[0], ())
+        if picked is None:
+            return None
+        backend, endpoint = picked
+        if _over_connection_limit(site, backend):
+            return None
+        registry = site.balancer.registry
+        state, backend_state = registry.endpoint(endpoint.address, endpoint.port), registry.backend(backend.name)
+        state.requests += 1
+        state.active += 1
+        backend_state.active += 1
+        policy = backend.policy
+        idle = policy.idle_timeout if policy is not None and policy.idle_timeout else UDP_IDLE_TIMEOUT
+        session = self.sessions[client] = _UDPSession(self, client, endpoint, idle, (state, backend_state))
+        task = asyncio.get_running_loop().create_task(self._connect(session))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return session
+
+    async def _connect(self, session: _UDPSession) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.create_datagram_endpoint(lambda: session,
+                                                remote_addr=(session.endpoint.address, session.endpoint.port))
+        except OSError as exc:
+            log.warning("%s: UDP to %s:%d: %s", self.name, session.endpoint.address, session.endpoint.port, exc)
+            session.counted[0].failures += 1
+            session.close()
+
+    def reply(self, data: bytes, client: tuple) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, client)
+
+    def error_received(self, exc: Exception) -> None:
+        log.debug("%s: %s", self.name, exc)
+
+    def sweep(self, now: float) -> None:
+        for session in [s for s in self.sessions.values() if now - s.last_active > s.idle_timeout]:
+            session.close()
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for session in list(self.sessions.values()):
+            session.close()
+        if self.transport is not None:
+            self.transport.close()
+
+
+# -- the listeners ----------------------------------------------------------------------------------------
+
+class L4Listener:
+    """A listening TCP socket (TCP or TLS passthrough) and its relays."""
+
+    def __init__(self, name: str, site: Callable[[], L4Site | None]):
+        self.name = name
+        self.site = site
+        self.relays: set[TCPRelay] = set()
+        self.server: asyncio.base_events.Server | None = None
+
+    def protocol(self) -> _ClientSide:
+        return TCPRelay(self).client
+
+    def sweep(self, now: float) -> None:
+        for relay in [r for r in self.relays if r.endpoint_side is not None and now - r.last_active > r.idle_timeout]:
+            relay.close()
+
+
+def l4_kind(listener: ir.Listener) -> str:
+    """tcp, tls (passthrough) or udp; "" for a listener this module does not serve."""
+    if listener.protocol == "TCP":
+        return "tcp"
+    if listener.protocol == "UDP":
+        return "udp"
+    if listener.protocol == "TLS" and listener.tls is not None and listener.tls.mode == "Passthrough":
+        return "tls"
+    return ""
+
+
+class L4DataPlane:
+    """Every TCP, UDP and TLS passthrough socket of the configuration in force."""
+
+    def __init__(self, reuse_port: bool = False):
+        self.reuse_port = reuse_port
+        self.sites: dict[tuple[str, int, str], L4Site] = {}
+        self.tcp: dict[tuple[str, int, str], L4Listener] = {}
+        self.udp: dict[tuple[str, int, str], tuple[UDPListener, asyncio.DatagramTransport]] = {}
+        self._sweeper: asyncio.Task | None = None
+
+    async def apply(self, config: ir.IR, bind: str, balancer: RouteBalancer, taken: set[tuple[str, int]]
+                    ) -> dict[tuple[str, int], tuple[str, str]]:
+        """Serve the L4 listeners of `config`; `taken` holds the HTTP sockets' addresses. Returns the sockets
+        that could not be opened, with the reason and a message."""
+        groups: dict[tuple[str, int, str], list[ir.Listener]] = {}
+        for listener in config.listeners:
+            kind = l4_kind(listener)
+            if kind:
+                groups.setdefault((listener.address or bind, listener.port, kind), []).append(listener)
+        errors: dict[tuple[str, int], tuple[str, str]] = {}
+        sites = {key: L4Site(key[2], L4Table([r for l in group for r in l.l4_routes]), balancer)
+                 for key, group in groups.items()}
+        self.sites = sites  # the swap: new connections and sessions see the new routes
+        stream_keys = {key[:2]: key for key in groups if key[2] != "udp"}
+        for key, group in groups.items():
+            address, port, kind = key
+            name = ", ".join(l.name for l in group)
+            if kind != "udp" and ((address, port) in taken or stream_keys[(address, port)] != key):
+                errors[(address, port)] = ("PortUnavailable",
+                                           f"{address}:{port} is used by another listener of another protocol")
+                log.error("%s: %s", name, errors[(address, port)][1])
+                continue
+            if key in self.tcp or key in self.udp:
+                continue
+            try:
+                await self._open(key, name)
+            except OSError as exc:
+                reason = "AddressNotUsable" if exc.errno == errno.EADDRNOTAVAIL else "PortUnavailable"
+                errors[(address, port)] = (reason, f"cannot listen on {address}:{port}: {exc.strerror or exc}")
+                log.error("%s", errors[(address, port)][1])
+        for key in [k for k in self.tcp if k not in sites or k[:2] in errors]:
+            self._close_tcp(key)
+        for key in [k for k in self.udp if k not in sites or k[:2] in errors]:
+            self._close_udp(key)
+        if (self.tcp or self.udp) and self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        return errors
+
+    async def _open(self, key: tuple[str, int, str], name: str) -> None:
+        address, port, kind = key
+        loop = asyncio.get_running_loop()
+
+        def site(key: tuple[str, int, str] = key) -> L4Site | None:
+            return self.sites.get(key)
+
+        if kind == "udp":
+            udp = UDPListener(name, site)
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: udp, local_addr=(address, port), reuse_port=self.reuse_port or None)
+            self.udp[key] = (udp, transport)  # type: ignore[assignment]
+        else:
+            tcp = L4Listener(name, site)
+            tcp.server = await loop.create_server(tcp.protocol, host=address, port=port, reuse_address=True,
+                                                  reuse_port=self.reuse_port or None, backlog=1024)
+            self.tcp[key] = tcp
+        log.info("listening on %s:%d (%s)", address, port, {"tcp": "TCP", "tls": "TLS passthrough",
+                                                              "udp": "UDP"}[kind])
+
+    def bound_port(self, key: tuple[str, int, str]) -> int:
+        if key in self.udp:
+            return self.udp[key][1].get_extra_info("sockname")[1]
+        server = self.tcp[key].server
+        assert server is not None
+        return server.sockets[0].getsockname()[1]
+
+    def _close_tcp(self, key: tuple[str, int, str]) -> None:
+        listener = self.tcp.pop(key)
+        if listener.server is not None:
+            listener.server.close()
+        log.info("stopped listening on %s:%d (%s)", *key)
+
+    def _close_udp(self, key: tuple[str, int, str]) -> None:
+        listener, _ = self.udp.pop(key)
+        listener.close()
+        log.info("stopped listening on %s:%d (%s)", *key)
+
+    def connections(self) -> int:
+        return sum(len(l.relays) for l in self.tcp.values())
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            now = time.monotonic()
+            for tcp in self.tcp.values():
+                tcp.sweep(now)
+            for udp, _ in self.udp.values():
+                udp.sweep(now)
+
+    def stop_accepting(self) -> None:
+        for listener in self.tcp.values():
+            if listener.server is not None:
+                listener.server.close()
+
+    def close(self) -> None:
+        """Close every socket and connection now (after the grace period)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for key in list(self.tcp):
+            relays = list(self.tcp[key].relays)
+            self._close_tcp(key)
+            for relay in relays:
+                relay.close(abort=True)
+        for key in list(self.udp):
+            self._close_udp(key)

@@ -1,0 +1,435 @@
+"""TCP, UDP and TLS passthrough: TCPRoute, UDPRoute and TLSRoute end to end, with `tidegate run` as a real
+process and pods that are sockets of the test's own on loopback; and the ClientHello reader on its own."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.certs import ca_and_leaves
+from tests.harness import free_port, tidegate_run, wait_until
+from tests.manifests import backend_policy, gateway
+from tidegate import ir
+from tidegate.dataplane.l4 import L4Table, NotTLS, client_hello_server_name
+
+GW = "127.0.0.1"
+POD_A, POD_B, POD_C = "127.0.13.1", "127.0.13.2", "127.0.13.3"
+
+
+# -- the ClientHello reader -------------------------------------------------------------------------------
+
+def client_hello(server_name: str | None) -> bytes:
+    """The first bytes Python's TLS client sends (OpenSSL's ClientHello)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def in_records(hello: bytes, size: int) -> bytes:
+    """The same handshake message cut into records of at most `size` bytes (TLS allows it)."""
+    body = hello[5:]
+    out = b""
+    for at in range(0, len(body), size):
+        piece = body[at:at + size]
+        out += b"\x16\x03\x01" + len(piece).to_bytes(2, "big") + piece
+    return out
+
+
+def test_the_server_name_is_read_from_a_client_hello():
+    assert client_hello_server_name(client_hello("DB.Example.com")) == (True, "db.example.com")
+    assert client_hello_server_name(client_hello(None)) == (True, "")
+    hello = client_hello("db.example.com")
+    assert client_hello_server_name(in_records(hello, 50)) == (True, "db.example.com")
+    for cut in (0, 3, 5, 40, len(hello) - 1):
+        assert client_hello_server_name(hello[:cut]) == (False, "")
+    for cut in (5, 60, len(in_records(hello, 50)) - 1):
+        assert client_hello_server_name(in_records(hello, 50)[:cut]) == (False, "")
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n\r\n", b"SSH-2.0-OpenSSH_9.6\r\n",
+                                  b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",  # a ServerHello
+                                  b"\x16\x03\x01\x00\x00"])  # an empty record
+def test_what_is_not_a_client_hello_is_refused(data):
+    with pytest.raises(NotTLS):
+        client_hello_server_name(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(min_value=0, max_value=400))
+def test_the_client_hello_reader_takes_any_bytes(noise, at):
+    """Garbage, or a real ClientHello with bytes overwritten: an answer or NotTLS, never another error."""
+    hello = bytearray(client_hello("db.example.com"))
+    at = min(at, len(hello))
+    hello[at:at + len(noise)] = noise
+    for data in (noise, bytes(hello)):
+        try:
+            complete, name = client_hello_server_name(data)
+        except NotTLS:
+            continue
+        assert isinstance(complete, bool) and isinstance(name, str)
+
+
+def test_a_server_name_picks_the_exact_then_the_longest_wildcard_then_the_catch_all():
+    def r(name: str, *hosts: str, created: str = "") -> ir.L4Route:
+        return ir.L4Route(name=name, source=name, hostnames=hosts, created=created)
+
+    table = L4Table([r("wide", "*.example.com"), r("narrow", "*.db.example.com"), r("exact", "db.example.com"),
+                     r("any-new", created="2026-02-01T00:00:00Z"), r("any-old", created="2026-01-01T00:00:00Z")])
+    assert table.for_server_name("db.example.com").name == "exact"
+    assert table.for_server_name("a.db.example.com").name == "narrow"
+    assert table.for_server_name("x.y.example.com").name == "wide"
+    assert table.for_server_name("example.com").name == "any-old"
+    assert table.for_server_name("").name == "any-old"
+    assert table.first.name == "any-old"
+    assert L4Table([r("only", "a.test")]).for_server_name("b.test") is None
+
+
+# -- pods ------------------------------------------------------------------------------------------------
+
+class TCPPod:
+    """A TCP server on its own thread. It greets each connection with its name, then answers each line
+    with `name: line`; when the client half-closes, it says how many bytes it read and closes."""
+
+    def __init__(self, address: str, name: str, tls: ssl.SSLContext | None = None):
+        self.name, self.tls = name, tls
+        self.sock = socket.create_server((address, 0))
+        self.address, self.port = address, self.sock.getsockname()[1]
+        self.connections = 0
+        self.stopping = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stopping:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            conn.settimeout(10)
+            conn.sendall(f"hello from {self.name}\n".encode())
+            read, pending = 0, b""
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                read += len(data)
+                pending += data
+                while b"\n" in pending:
+                    line, pending = pending.split(b"\n", 1)
+                    conn.sendall(self.name.encode() + b": " + line + b"\n")
+            conn.sendall(f"{self.name} read {read} bytes\n".encode())
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.sock.close()
+
+
+class UDPPod:
+    """Answers each datagram with `name: datagram`."""
+
+    def __init__(self, address: str, name: str):
+        self.name = name
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind((address, 0))
+        self.address, self.port = address, self.sock.getsockname()[1]
+        self.peers: set[tuple] = set()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(65536)
+            except OSError:
+                return
+            self.peers.add(peer)
+            self.sock.sendto(self.name.encode() + b": " + data, peer)
+
+    def stop(self) -> None:
+        self.sock.close()
+
+
+@contextmanager
+def pods(*made) -> Iterator[tuple]:
+    try:
+        yield made
+    finally:
+        for pod in made:
+            pod.stop()
+
+
+def l4_service(name: str, pods: list, protocol: str = "TCP", port: int = 9000) -> str:
+    """A Service of one port and its EndpointSlice. Every pod listens on its own port, so each gets a slice."""
+    out = textwrap.dedent(f"""
+    ---
+    apiVersion: v1
+    kind: Service
+    metadata: {{name: {name}, namespace: default}}
+    spec: {{ports: [{{name: main, port: {port}, protocol: {protocol}}}]}}
+    """)
+    for i, pod in enumerate(pods):
+        out += textwrap.dedent(f"""
+        ---
+        apiVersion: discovery.k8s.io/v1
+        kind: EndpointSlice
+        metadata: {{name: {name}-{i}, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+        addressType: IPv4
+        ports: [{{name: main, port: {pod.port}, protocol: {protocol}}}]
+        endpoints: [{{addresses: [{pod.address}], targetRef: {{kind: Pod, name: {pod.name}}}}}]
+        """)
+    return out
+
+
+def l4_route(kind: str, name: str, section: str, backends: str, hostnames: str = "",
+             created: str = "") -> str:
+    version = "v1alpha2" if kind in ("TCPRoute", "UDPRoute") else "v1"
+    stamp = f", creationTimestamp: '{created}'" if created else ""
+    return textwrap.dedent(f"""
+    ---
+    apiVersion: gateway.networking.k8s.io/{version}
+    kind: {kind}
+    metadata: {{name: {name}, namespace: default{stamp}}}
+    spec:
+      parentRefs: [{{name: gw, sectionName: {section}}}]
+      {f"hostnames: {hostnames}" if hostnames else ""}
+      rules:
+        - backendRefs: {backends}
+    """)
+
+
+class Client:
+    """A TCP client of the gateway that reads line by line."""
+
+    def __init__(self, port: int):
+        self.sock = socket.create_connection((GW, port), timeout=5)
+        self.file = self.sock.makefile("rb")
+
+    def line(self) -> str:
+        return self.file.readline().decode().rstrip("\n")
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode())
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+# -- TCP -------------------------------------------------------------------------------------------------
+
+def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
+    port = free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    with pods(TCPPod(POD_A, "pod-a"), TCPPod(POD_B, "pod-b"), TCPPod(POD_C, "pod-c")) as (a, b, c):
+        dead = free_port(POD_C)  # nothing listens there: each connection sent to it goes to another pod
+        (config / "all.yaml").write_text(
+            gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]")
+            + l4_service("db", [a, b]) + l4_service("other", [c])
+            + textwrap.dedent(f"""
+            ---
+            apiVersion: discovery.k8s.io/v1
+            kind: EndpointSlice
+            metadata: {{name: db-dead, namespace: default, labels: {{kubernetes.io/service-name: db}}}}
+            addressType: IPv4
+            ports: [{{name: main, port: {dead}, protocol: TCP}}]
+            endpoints: [{{addresses: [{POD_C}]}}]
+            """)
+            + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]", created="2026-01-01T00:00:00Z")
+            # Attached to the same listener but newer: the Gateway API gives the listener to the oldest.
+            + l4_route("TCPRoute", "newer", "db", "[{name: other, port: 9000}]", created="2026-02-01T00:00:00Z"))
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+            greetings = []
+            for _ in range(6):
+                client = Client(port)
+                greetings.append(client.line())  # the pod speaks first: nothing was sent yet
+                client.send("one\ntwo\n")
+                assert [client.line(), client.line()] == [greetings[-1][11:] + ": one", greetings[-1][11:] + ": two"]
+                client.send("three")
+                client.sock.shutdown(socket.SHUT_WR)  # half-closed: the answer still comes back
+                assert client.line() == greetings[-1][11:] + " read 13 bytes"
+                assert client.line() == ""  # and then the pod's close reaches the client
+                client.close()
+            assert sorted(set(greetings)) == ["hello from pod-a", "hello from pod-b"]
+            assert c.connections == 0
+
+            # A large transfer both ways (flow control on both sides).
+            client = Client(port)
+            client.line()
+            payload = ("x" * 1000 + "\n") * 3000
+            sender = threading.Thread(target=client.send, args=(payload,))
+            sender.start()
+            answers = [client.line() for _ in range(3000)]
+            sender.join(10)
+            assert len(answers) == 3000 and all(line.endswith("x" * 1000) for line in answers)
+            client.close()
+
+
+def test_a_tcp_route_change_applies_to_new_connections_and_spares_open_ones(tmp_path):
+    port = free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    with pods(TCPPod(POD_A, "pod-a"), TCPPod(POD_B, "pod-b")) as (a, b):
+        base = (gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]") + l4_service("a", [a])
+                + l4_service("b", [b]))
+        (config / "all.yaml").write_text(base + l4_route("TCPRoute", "db", "db", "[{name: a, port: 9000}]"))
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+            before = Client(port)
+            assert before.line() == "hello from pod-a"
+            (config / "all.yaml").write_text(base + l4_route("TCPRoute", "db", "db", "[{name: b, port: 9000}]"))
+
+            def new_pod() -> bool:
+                client = Client(port)
+                try:
+                    return client.line() == "hello from pod-b"
+                finally:
+                    client.close()
+
+            wait_until(new_pod, what="new connections to go to pod-b")
+            before.send("still here\n")
+            assert before.line() == "pod-a: still here"
+            before.close()
+
+
+def test_tcp_connections_over_a_services_max_connections_are_closed(tmp_path):
+    port = free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    with pods(TCPPod(POD_A, "pod-a")) as (a,):
+        (config / "all.yaml").write_text(
+            gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]") + l4_service("db", [a])
+            + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]")
+            + backend_policy("cap", "db", "circuitBreaker: {maxConnections: 2}"))
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+            first, second = Client(port), Client(port)
+            assert first.line() == second.line() == "hello from pod-a"
+            third = Client(port)
+            assert third.line() == ""  # closed without a byte from the pod
+            third.close()
+            first.close()
+
+            def a_place_again() -> bool:
+                client = Client(port)
+                try:
+                    return client.line() == "hello from pod-a"
+                finally:
+                    client.close()
+
+            wait_until(a_place_again, what="a connection to be let in once one has closed")
+            second.close()
+
+
+# -- TLS passthrough --------------------------------------------------------------------------------------
+
+def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
+    port = free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    ca, ((cert_a, key_a), (cert_b, key_b)) = ca_and_leaves([["db.example.com"], ["*.example.com", "a.b.example.com"]])
+
+    def server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
+        (tmp_path / "pem").write_bytes(cert + key)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(tmp_path / "pem")
+        return ctx
+
+    with pods(TCPPod(POD_A, "pod-a", server_context(cert_a, key_a)),
+              TCPPod(POD_B, "pod-b", server_context(cert_b, key_b))) as (a, b):
+        (config / "all.yaml").write_text(
+            gateway(GW, f"[{{name: tls, port: {port}, protocol: TLS, tls: {{mode: Passthrough}}}}]")
+            + l4_service("a", [a]) + l4_service("b", [b])
+            + l4_route("TLSRoute", "exact", "tls", "[{name: a, port: 9000}]", "[db.example.com]")
+            + l4_route("TLSRoute", "wild", "tls", "[{name: b, port: 9000}]", "['*.example.com']"))
+        client_ctx = ssl.create_default_context(cadata=ca.decode())
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
+            for name, pod in (("db.example.com", "pod-a"), ("www.example.com", "pod-b"),
+                              ("a.b.example.com", "pod-b")):
+                with socket.create_connection((GW, port), timeout=5) as raw, \
+                        client_ctx.wrap_socket(raw, server_hostname=name) as tls:
+                    # The certificate checked is the pod's: tidegate holds none and decrypts nothing.
+                    tls_file = tls.makefile("rb")
+                    assert tls_file.readline() == f"hello from {pod}\n".encode()
+                    tls.sendall(b"ping\n")
+                    assert tls_file.readline() == f"{pod}: ping\n".encode()
+                    tls_file.close()
+            # No route for the name, no name at all, or no TLS: the connection is closed.
+            for name in ("other.org", None):
+                with socket.create_connection((GW, port), timeout=5) as raw:
+                    ctx = ssl.create_default_context()
+                    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+                    with pytest.raises((ssl.SSLError, OSError)):
+                        ctx.wrap_socket(raw, server_hostname=name)
+            with socket.create_connection((GW, port), timeout=5) as raw:
+                raw.sendall(b"GET / HTTP/1.1\r\nHost: db.example.com\r\n\r\n")
+                assert raw.recv(100) == b""
+            assert proxy.poll() is None
+            log = (tmp_path / "tidegate.log").read_text()
+            assert "no TLSRoute for server name 'other.org'" in log and "not a TLS handshake" in log
+
+
+# -- UDP -------------------------------------------------------------------------------------------------
+
+def test_udp_sessions_keep_to_one_pod_and_end_when_idle(tmp_path):
+    port, http_port = free_port(GW), free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    with pods(UDPPod(POD_A, "pod-a"), UDPPod(POD_B, "pod-b")) as (a, b):
+        (config / "all.yaml").write_text(
+            gateway(GW, f"[{{name: dns, port: {port}, protocol: UDP}}, {{name: http, port: {http_port}, "
+                        f"protocol: HTTP}}]")
+            + l4_service("dns", [a, b], protocol="UDP")
+            + l4_route("UDPRoute", "dns", "dns", "[{name: dns, port: 9000}]")
+            + backend_policy("idle", "dns", "timeouts: {idle: 1s}"))
+        with tidegate_run(config, (GW, http_port), tmp_path / "tidegate.log") as proxy:
+            wait_until(lambda: f"listening on {GW}:{port} (UDP)" in (tmp_path / "tidegate.log").read_text(),
+                       what="the UDP listener")
+            clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
+            try:
+                answered_by = []
+                for i, client in enumerate(clients):
+                    client.settimeout(5)
+                    replies = set()
+                    for n in range(3):
+                        client.sendto(f"q{i}.{n}".encode(), (GW, port))
+                        data, source = client.recvfrom(1000)
+                        assert source == (GW, port)  # from the listener's address, as a client expects
+                        who, _, text = data.decode().partition(": ")
+                        assert text == f"q{i}.{n}"
+                        replies.add(who)
+                    assert len(replies) == 1  # one client, one session, one pod
+                    answered_by.append(replies.pop())
+                assert set(answered_by) == {"pod-a", "pod-b"}
+                # A session has its own socket: a pod sees one peer per client, none of them the client.
+                assert len(a.peers) + len(b.peers) == 4
+                # After the idle timeout the session is gone; the next datagram opens a new one.
+                time.sleep(3)
+                clients[0].sendto(b"again", (GW, port))
+                assert clients[0].recvfrom(1000)[0].endswith(b": again")
+                assert len(a.peers) + len(b.peers) == 5
+            finally:
+                for client in clients:
+                    client.close()
+            assert proxy.poll() is None
