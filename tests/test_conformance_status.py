@@ -30,7 +30,8 @@ spec: {controllerName: tidegate.io/gateway-controller}
 """
 
 
-def load_case(manifest: str) -> dict[Key, dict[str, Any]]:
+def load_case(manifest: str, extra: str = "") -> dict[Key, dict[str, Any]]:
+    """`extra`: objects a case's Go code applies after its manifests."""
     # The Secrets the suite creates before any case runs (suite.go).
     secrets = [tls_secret_yaml(WEB, "certificate", ["*"]),
                tls_secret_yaml(INFRA, "tls-validity-checks-certificate", ["*", "*.org", "*.wildcard.org"]),
@@ -39,7 +40,7 @@ def load_case(manifest: str) -> dict[Key, dict[str, Any]]:
                tls_secret_yaml(APP, "tls-passthrough-checks-certificate", ["abc.example.com"]),
                tls_secret_yaml(INFRA, "tls-terminate-checks-certificate", ["tls.example.com"])]
     texts = [GATEWAY_CLASS, (SUITE / "base" / "manifests.yaml").read_text(),
-             (SUITE / "tests" / manifest).read_text(), *secrets]
+             (SUITE / "tests" / manifest).read_text(), *secrets, *([extra] if extra else [])]
     resources, errors = [], []
     for i, text in enumerate(texts):
         loaded = load_text(text.replace("{GATEWAY_CLASS_NAME}", "tidegate-conformance"), f"part{i}")
@@ -226,3 +227,105 @@ def test_gateway_static_addresses_with_an_unsupported_type_is_not_accepted() -> 
     assert not loaded.errors, [str(e) for e in loaded.errors]
     status = translate(loaded.resources).statuses[Key("Gateway", INFRA, "gateway-static-addresses")]
     assert has_condition(status["conditions"], "Accepted", "False", "UnsupportedAddress")
+
+
+# TCPRoute, UDPRoute and TLSRoute: (case file, route kind, route name, gateway name, condition). Every route
+# and Gateway of these cases is in the infra namespace.
+L4_ROUTE_CASES = [
+    ("tcproute-invalid-backendref-nonexistent.yaml", "TCPRoute", "tcp-route-invalid-backend-ref-nonexistent",
+     "tcp-gateway-invalid-backend", ("ResolvedRefs", "False", "BackendNotFound")),
+    ("tcproute-invalid-cross-namespace-backend-ref.yaml", "TCPRoute", "tcp-invalid-cross-namespace-backend-ref",
+     "tcp-invalid-cross-namespace-backend-ref-gateway", ("ResolvedRefs", "False", "RefNotPermitted")),
+    ("tcproute-invalid-cross-namespace-backend-ref.yaml", "TCPRoute", "tcp-invalid-cross-namespace-backend-ref",
+     "tcp-invalid-cross-namespace-backend-ref-gateway", ("Accepted", "True", "Accepted")),
+    ("tcproute-invalid-non-tcp-listener.yaml", "TCPRoute", "tcp-route", "tcp-mixed-protocol-gateway",
+     ("Accepted", "False", "NotAllowedByListeners")),
+    ("tcproute-parentref-attach-all.yaml", "TCPRoute", "tcp-route-attach-all", "tcp-attach-all-gateway",
+     ("Accepted", "True", "Accepted")),
+    ("tcproute-reference-grant.yaml", "TCPRoute", "tcp-reference-grant", "tcp-reference-grant-gateway",
+     ("ResolvedRefs", "True", "ResolvedRefs")),
+    ("tcproute-weighted-routing.yaml", "TCPRoute", "tcp-weighted-route", "tcp-weighted-gateway",
+     ("Accepted", "True", "Accepted")),
+    ("udproute-invalid-backendref-nonexistent.yaml", "UDPRoute", "udp-route-invalid-backend-ref-nonexistent",
+     "udp-gateway-invalid-backend", ("ResolvedRefs", "False", "BackendNotFound")),
+    ("udproute-invalid-cross-namespace-backend-ref.yaml", "UDPRoute", "udp-route-invalid-cross-namespace-backend-ref",
+     "udp-gateway-invalid-cross-namespace-backend-ref", ("ResolvedRefs", "False", "RefNotPermitted")),
+    ("udproute-not-allowed-by-listeners.yaml", "UDPRoute", "udproute-not-allowed-by-listeners",
+     "udproute-tls-only-gateway", ("Accepted", "False", "NotAllowedByListeners")),
+    ("udproute-reference-grant.yaml", "UDPRoute", "udp-route-reference-grant", "udp-gateway-reference-grant",
+     ("ResolvedRefs", "True", "ResolvedRefs")),
+    ("udproute-simple.yaml", "UDPRoute", "udp-coredns", "udp-gateway", ("Accepted", "True", "Accepted")),
+    ("tlsroute-invalid-backendref-nonexistent.yaml", "TLSRoute", "invalid-backend-ref-nonexistent",
+     "gateway-tlsroute-invalid-backend-ref-nonexistent", ("ResolvedRefs", "False", "BackendNotFound")),
+    ("tlsroute-invalid-backendref-unknown-kind.yaml", "TLSRoute", "invalid-backend-ref-unknown-kind",
+     "gateway-tlsroute-invalid-backend-ref-unknown-kind", ("ResolvedRefs", "False", "InvalidKind")),
+    ("tlsroute-invalid-no-matching-listener-hostname.yaml", "TLSRoute", "tlsroute-hostname-mismatch-1",
+     "gateway-tls-exact-hostname", ("Accepted", "False", "NoMatchingListenerHostname")),
+    ("tlsroute-invalid-no-matching-listener-hostname.yaml", "TLSRoute", "tlsroute-hostname-mismatch-2",
+     "gateway-tls-wildcard-hostname", ("Accepted", "False", "NoMatchingListenerHostname")),
+    ("tlsroute-invalid-no-matching-listener.yaml", "TLSRoute", "tlsroute-not-allowed-protocol-http",
+     "gateway-tlsroute-http-only", ("Accepted", "False", "NotAllowedByListeners")),
+    ("tlsroute-invalid-no-matching-listener.yaml", "TLSRoute", "tlsroute-not-allowed-protocol-https",
+     "gateway-tlsroute-https-only", ("Accepted", "False", "NotAllowedByListeners")),
+    ("tlsroute-invalid-no-matching-listener.yaml", "TLSRoute", "tlsroute-no-matching-section-name",
+     "gateway-tlsroute-tls-passthrough-only", ("Accepted", "False", "NoMatchingParent")),
+    ("tlsroute-invalid-reference-grant.yaml", "TLSRoute", "gateway-conformance-infra-test",
+     "gateway-tlsroute-referencegrant", ("ResolvedRefs", "False", "RefNotPermitted")),
+    ("tlsroute-simple-same-namespace.yaml", "TLSRoute", "gateway-conformance-infra-test", "gateway-tlsroute",
+     ("Accepted", "True", "Accepted")),
+    ("tlsroute-terminate-simple-same-namespace.yaml", "TLSRoute", "tlsroute-terminated-test",
+     "gateway-tlsroute-terminate", ("Accepted", "True", "Accepted")),
+]
+
+
+@pytest.mark.parametrize("case,kind,route,gw,cond", L4_ROUTE_CASES,
+                         ids=[f"{c[0][:-5]}-{c[4][0]}" for c in L4_ROUTE_CASES])
+def test_l4_route_condition(case: str, kind: str, route: str, gw: str, cond: tuple) -> None:
+    statuses = load_case(case)
+    assert has_condition(route_parent(statuses, kind, INFRA, route, INFRA, gw), *cond)
+
+
+def newer_route(kind: str, name: str, gw: str, backend: str, port: int) -> str:
+    """The route the multiple-routes-attachment cases apply after their manifests (a second later)."""
+    version = "v1alpha2" if kind in ("TCPRoute", "UDPRoute") else "v1"
+    return (f"apiVersion: gateway.networking.k8s.io/{version}\nkind: {kind}\n"
+            f"metadata: {{name: {name}, namespace: {INFRA}, creationTimestamp: '2099-01-01T00:00:00Z'}}\n"
+            f"spec:\n  parentRefs: [{{name: {gw}, sectionName: {kind[:3].lower()}}}]\n"
+            f"  rules: [{{backendRefs: [{{name: {backend}, port: {port}}}]}}]\n")
+
+
+@pytest.mark.parametrize("kind", ["TCPRoute", "UDPRoute"])
+def test_two_routes_on_one_l4_listener_are_both_accepted_and_both_counted(kind: str) -> None:
+    """Both routes are Accepted and the listener counts 2; only the oldest gets traffic (the data plane's
+    part: tests/test_l4.py)."""
+    prefix = kind[:3].lower()
+    gw = f"{prefix}-multi-route-attach-gateway"
+    statuses = load_case(f"{prefix}route-multiple-routes-attachment.yaml",
+                         newer_route(kind, f"{prefix}route-attach-newer", gw, f"{prefix}-attach-backend-2", 3000))
+    for route in (f"{prefix}route-attach-older", f"{prefix}route-attach-newer"):
+        assert has_condition(route_parent(statuses, kind, INFRA, route, INFRA, gw), "Accepted", "True", "Accepted")
+    listeners_match(gateway(statuses, gw)["listeners"], [
+        {"name": prefix, "kinds": [kind], "attached": 2, "conditions": [("Accepted", "True", "Accepted")]}])
+
+
+def test_udproute_attaches_to_every_listener() -> None:
+    statuses = load_case("udproute-parentref-attach-all-listeners.yaml")
+    ok = [("Accepted", "True"), ("ResolvedRefs", "True")]
+    listeners_match(gateway(statuses, "udp-attach-all-listeners-gateway")["listeners"], [
+        {"name": name, "kinds": ["UDPRoute"], "attached": 1, "conditions": ok} for name in ("udp-1", "udp-2", "udp-3")])
+
+
+def test_tls_listeners_terminate_or_pass_through_but_not_both_on_one_port() -> None:
+    statuses = load_case("tlsroute-listener-mixed-termination-not-supported.yaml")
+    conflict = [("Accepted", "False", "ProtocolConflict")]
+    listeners_match(gateway(statuses, "gateway-tlsroute-mixed-termination-not-supported")["listeners"], [
+        {"name": "tls-terminate", "kinds": ["TLSRoute"], "attached": 0, "conditions": conflict},
+        {"name": "tls-passthrough", "kinds": ["TLSRoute"], "attached": 0, "conditions": conflict}])
+    # TLS Terminate is served (TLSRouteModeTerminate): accepted, with TLSRoute its kind.
+    statuses = load_case("tlsroute-listener-terminate-supported-kinds.yaml")
+    listeners_match(gateway(statuses, "gateway-tlsroute-terminate-supported")["listeners"], [
+        {"name": "tls-terminate", "kinds": ["TLSRoute"], "attached": 0, "conditions": [("Accepted", "True", "Accepted")]}])
+    statuses = load_case("tlsroute-listener-passthrough-supported-kinds.yaml")
+    listeners_match(gateway(statuses, "gateway-tlsroute-passthrough-supported-kind")["listeners"], [
+        {"name": "tls-passthrough", "kinds": ["TLSRoute"], "attached": 0,
+         "conditions": [("ResolvedRefs", "False", "InvalidRouteKinds")]}])

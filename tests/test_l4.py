@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.certs import ca_and_leaves
+from tests.certs import ca_and_leaves, tls_secret_pem_yaml
 from tests.harness import free_port, tidegate_run, wait_until
 from tests.manifests import backend_policy, gateway
 from tidegate import ir
@@ -388,6 +388,41 @@ def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
             assert proxy.poll() is None
             log = (tmp_path / "tidegate.log").read_text()
             assert "no TLSRoute for server name 'other.org'" in log and "not a TLS handshake" in log
+
+
+def test_tls_terminate_routes_by_sni_and_relays_in_clear(tmp_path):
+    port = free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    ca, ((cert, key),) = ca_and_leaves([["term.example.com", "other.example.com"]])
+    with pods(TCPPod(POD_A, "pod-a"), TCPPod(POD_B, "pod-b")) as (a, b):
+        (config / "all.yaml").write_text(
+            gateway(GW, f"[{{name: tls, port: {port}, protocol: TLS, "
+                        f"tls: {{mode: Terminate, certificateRefs: [{{name: cert}}]}}}}]")
+            + "---\n" + tls_secret_pem_yaml("default", "cert", cert, key)
+            + l4_service("a", [a]) + l4_service("b", [b])
+            + l4_route("TLSRoute", "term", "tls", "[{name: a, port: 9000}]", "[term.example.com]")
+            + l4_route("TLSRoute", "other", "tls", "[{name: b, port: 9000}]", "[other.example.com]"))
+        client_ctx = ssl.create_default_context(cadata=ca.decode())
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
+            for name, pod in (("term.example.com", "pod-a"), ("other.example.com", "pod-b")):
+                with socket.create_connection((GW, port), timeout=5) as raw, \
+                        client_ctx.wrap_socket(raw, server_hostname=name) as tls:
+                    assert tls.selected_alpn_protocol() is None  # bytes, not HTTP: no h2 offered
+                    tls_file = tls.makefile("rb")
+                    # The pod speaks plain TCP: tidegate holds the certificate and decrypts.
+                    assert tls_file.readline() == f"hello from {pod}\n".encode()
+                    tls.sendall(b"ping\n")
+                    assert tls_file.readline() == f"{pod}: ping\n".encode()
+                    tls_file.close()
+            # A name the certificate covers but no route does: the handshake completes, then the close.
+            ctx = ssl.create_default_context(cadata=ca.decode())
+            ctx.check_hostname = False
+            with socket.create_connection((GW, port), timeout=5) as raw, \
+                    ctx.wrap_socket(raw, server_hostname="nothing.example.com") as tls:
+                assert tls.recv(100) == b""
+            assert proxy.poll() is None
+            assert "no TLSRoute for server name 'nothing.example.com'" in (tmp_path / "tidegate.log").read_text()
 
 
 # -- UDP -------------------------------------------------------------------------------------------------

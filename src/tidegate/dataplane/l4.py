@@ -1,6 +1,9 @@
 """TCP, UDP and TLS passthrough listeners: TCPRoute, UDPRoute and TLSRoute relay bytes to pod endpoints.
 
 - A TCP listener serves its oldest attached TCPRoute (the one the Gateway API attaches when several ask).
+- A TLS listener in Terminate mode completes the handshake with the listener's certificate (chosen by SNI,
+  as for HTTPS), picks the TLSRoute by the server name the same way as below, and relays the decrypted
+  bytes to the pod in clear.
 - A TLS listener in Passthrough mode reads the client's ClientHello, picks the TLSRoute whose hostname
   matches the SNI (exact, then the longest wildcard, then a route with no hostname), and relays the
   encrypted bytes untouched: the pod holds the certificate.
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.outlier import record_outcome
+from tidegate.dataplane.tls import TLSSite, server_context, take_server_name
 from tidegate.dataplane.upstream import UpstreamError, connect
 
 log = logging.getLogger("tidegate.l4")
@@ -155,7 +159,7 @@ class L4Table:
 
 @dataclass
 class L4Site:
-    kind: str  # tcp | tls | udp
+    kind: str  # tcp | tls (passthrough) | terminate (TLS) | udp
     table: L4Table
     balancer: RouteBalancer
 
@@ -213,7 +217,9 @@ class _Side(asyncio.Protocol):
         if other is None or other.eof:
             self.relay.close()
             return False
-        return True  # half-closed: the other way may still carry bytes
+        # Half-closed: the other way may still carry bytes. A TLS connection cannot stay half-open in
+        # asyncio: it closes, and the relay with it.
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def pause_writing(self) -> None:
         if self.other is not None and self.other.transport is not None:
@@ -243,7 +249,7 @@ class _ClientSide(_Side):
         if self.other is None:
             self.eof = True
             self.relay.early_eof()
-            return True
+            return self.transport is None or self.transport.get_extra_info("sslcontext") is None
         return super().eof_received()
 
 
@@ -284,6 +290,13 @@ class TCPRelay:
         self.listener.relays.add(self)
         if self.site is None:
             self.close()
+        elif self.site.kind == "terminate":
+            # The handshake is done (asyncio calls connection_made after it): route by its server name.
+            name = take_server_name(client.transport.get_extra_info("ssl_object"))
+            route = self.site.table.for_server_name(name)
+            if route is None:
+                log.info("%s: no TLSRoute for server name %r (from %s)", self.listener.name, name, self.peer)
+            self._route(route)
         elif self.site.kind == "tls":
             self._hello_timer = asyncio.get_running_loop().call_later(HELLO_TIMEOUT, self._no_hello)
         else:
@@ -327,7 +340,7 @@ class TCPRelay:
 
     def _route(self, route: ir.L4Route | None) -> None:
         if route is None:
-            self.close(abort=True)
+            self.close()
             return
         self.route = route
         self._task = asyncio.get_running_loop().create_task(self._connect(route))
@@ -568,14 +581,17 @@ class L4Listener:
             relay.close()
 
 
+_KIND_NAMES = {"tcp": "TCP", "tls": "TLS passthrough", "terminate": "TLS", "udp": "UDP"}
+
+
 def l4_kind(listener: ir.Listener) -> str:
-    """tcp, tls (passthrough) or udp; "" for a listener this module does not serve."""
+    """tcp, tls (passthrough), terminate (TLS) or udp; "" for a listener this module does not serve."""
     if listener.protocol == "TCP":
         return "tcp"
     if listener.protocol == "UDP":
         return "udp"
-    if listener.protocol == "TLS" and listener.tls is not None and listener.tls.mode == "Passthrough":
-        return "tls"
+    if listener.protocol == "TLS" and listener.tls is not None:
+        return "tls" if listener.tls.mode == "Passthrough" else "terminate"
     return ""
 
 
@@ -588,6 +604,12 @@ class L4DataPlane:
         self.tcp: dict[tuple[str, int, str], L4Listener] = {}
         self.udp: dict[tuple[str, int, str], tuple[UDPListener, asyncio.DatagramTransport]] = {}
         self._sweeper: asyncio.Task | None = None
+        # TLS Terminate: the certificates each socket serves now (its SNI callback reads them on each
+        # handshake, so a renewed certificate needs no new socket), contexts reused across reloads, and the
+        # client-certificate settings each socket was opened with (a change of them opens it again).
+        self.tls_sites: dict[tuple[str, int, str], TLSSite] = {}
+        self._contexts: dict[tuple[str, str, str, str], object] = {}
+        self._client_checks: dict[tuple[str, int, str], tuple[str, str]] = {}
 
     async def apply(self, config: ir.IR, bind: str, balancer: RouteBalancer, taken: set[tuple[str, int]]
                     ) -> dict[tuple[str, int], tuple[str, str]]:
@@ -601,6 +623,11 @@ class L4DataPlane:
         errors: dict[tuple[str, int], tuple[str, str]] = {}
         sites = {key: L4Site(key[2], L4Table([r for l in group for r in l.l4_routes]), balancer)
                  for key, group in groups.items()}
+        used = {(c.cert_pem, c.key_pem) for key, group in groups.items() if key[2] == "terminate"
+                for listener in group for c in (listener.tls.certificates if listener.tls else ())}
+        self._contexts = {k: v for k, v in self._contexts.items() if k[:2] in used}
+        self.tls_sites = {key: TLSSite(group, self._contexts, alpn=())  # type: ignore[arg-type]
+                          for key, group in groups.items() if key[2] == "terminate"}
         self.sites = sites  # the swap: new connections and sessions see the new routes
         stream_keys = {key[:2]: key for key in groups if key[2] != "udp"}
         for key, group in groups.items():
@@ -611,6 +638,9 @@ class L4DataPlane:
                                            f"{address}:{port} is used by another listener of another protocol")
                 log.error("%s: %s", name, errors[(address, port)][1])
                 continue
+            if key in self.tls_sites and key in self.tcp \
+                    and self._client_checks.get(key) != self.tls_sites[key].client_validation:
+                self._close_tcp(key)
             if key in self.tcp or key in self.udp:
                 continue
             try:
@@ -640,12 +670,16 @@ class L4DataPlane:
                 lambda: udp, local_addr=(address, port), reuse_port=self.reuse_port or None)
             self.udp[key] = (udp, transport)  # type: ignore[assignment]
         else:
+            ssl_ctx = None
+            if kind == "terminate":
+                checks = self.tls_sites[key].client_validation
+                ssl_ctx = server_context(lambda: self.tls_sites.get(key), *checks, alpn=())
+                self._client_checks[key] = checks
             tcp = L4Listener(name, site)
             tcp.server = await loop.create_server(tcp.protocol, host=address, port=port, reuse_address=True,
-                                                  reuse_port=self.reuse_port or None, backlog=1024)
+                                                  reuse_port=self.reuse_port or None, backlog=1024, ssl=ssl_ctx)
             self.tcp[key] = tcp
-        log.info("listening on %s:%d (%s)", address, port, {"tcp": "TCP", "tls": "TLS passthrough",
-                                                              "udp": "UDP"}[kind])
+        log.info("listening on %s:%d (%s)", address, port, _KIND_NAMES[kind])
 
     def bound_port(self, key: tuple[str, int, str]) -> int:
         if key in self.udp:
@@ -658,12 +692,12 @@ class L4DataPlane:
         listener = self.tcp.pop(key)
         if listener.server is not None:
             listener.server.close()
-        log.info("stopped listening on %s:%d (%s)", *key)
+        log.info("stopped listening on %s:%d (%s)", key[0], key[1], _KIND_NAMES[key[2]])
 
     def _close_udp(self, key: tuple[str, int, str]) -> None:
         listener, _ = self.udp.pop(key)
         listener.close()
-        log.info("stopped listening on %s:%d (%s)", *key)
+        log.info("stopped listening on %s:%d (%s)", key[0], key[1], _KIND_NAMES[key[2]])
 
     def connections(self) -> int:
         return sum(len(l.relays) for l in self.tcp.values())

@@ -24,10 +24,16 @@ def _require_client_certificates(ctx: ssl.SSLContext, client_ca_pem: str, mode: 
         ctx.verify_mode = ssl.CERT_REQUIRED
 
 
-def context_for(cert: ir.Certificate, client_ca_pem: str = "", client_mode: str = "") -> ssl.SSLContext:
+HTTP_ALPN = ("h2", "http/1.1")
+
+
+def context_for(cert: ir.Certificate, client_ca_pem: str = "", client_mode: str = "",
+                alpn: tuple[str, ...] = HTTP_ALPN) -> ssl.SSLContext:
+    """`alpn`: the protocols offered; none for a TLS listener that relays bytes (a TLSRoute)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
     _require_client_certificates(ctx, client_ca_pem, client_mode)
     load_certificate(ctx, cert)
     return ctx
@@ -45,9 +51,10 @@ def load_certificate(ctx: ssl.SSLContext, cert: ir.Certificate) -> None:
 
 
 class TLSSite:
-    """The certificates of the HTTPS listeners on one bound port."""
+    """The certificates of the HTTPS (or TLS Terminate) listeners on one bound port."""
 
-    def __init__(self, listeners: list[ir.Listener], cache: dict[tuple[str, str, str, str], ssl.SSLContext]):
+    def __init__(self, listeners: list[ir.Listener], cache: dict[tuple[str, str, str, str], ssl.SSLContext],
+                 alpn: tuple[str, ...] = HTTP_ALPN):
         self.entries: list[tuple[str, list[tuple[ir.Certificate, ssl.SSLContext]]]] = []
         self.client_validation = ("", "")  # (CA PEM, mode) of the port: the same for all its listeners
         for listener in sorted(listeners, key=lambda l: specificity(l.hostname)):
@@ -60,7 +67,7 @@ class TLSSite:
             for cert in listener.tls.certificates:
                 key = (cert.cert_pem, cert.key_pem, *client)
                 if key not in cache:
-                    cache[key] = context_for(cert, *client)
+                    cache[key] = context_for(cert, *client, alpn=alpn)
                 contexts.append((cert, cache[key]))
             self.entries.append((listener.hostname, contexts))
 
@@ -86,13 +93,14 @@ def take_server_name(ssl_object: object) -> str:
 
 
 def server_context(current: Callable[[], TLSSite | None], client_ca_pem: str = "",
-                   client_mode: str = "") -> ssl.SSLContext:
+                   client_mode: str = "", alpn: tuple[str, ...] = HTTP_ALPN) -> ssl.SSLContext:
     """The context a listening socket is created with; its SNI callback swaps in the chosen certificate. Client
     certificate checks are set here too (the handshake keeps the first context's verification settings), so a
     change of them reopens the socket."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    if alpn:
+        ctx.set_alpn_protocols(list(alpn))
     _require_client_certificates(ctx, client_ca_pem, client_mode)
 
     def on_sni(sock: ssl.SSLObject, server_name: str | None, _ctx: ssl.SSLContext) -> int | None:

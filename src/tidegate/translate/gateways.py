@@ -303,6 +303,29 @@ def _mark_conflicts(listeners: list[ListenerState]) -> None:
             if listener.conflicted[0]:
                 listener.accepted = (False, listener.conflicted[1], listener.conflicted[2])
                 listener.programmable = False
+        if family == "tls":
+            _mark_mixed_tls(group)
+
+
+def _tls_handling(listener: ListenerState) -> str:
+    if listener.protocol == "HTTPS":
+        return "HTTPS"
+    return "TLS " + (listener.spec.get("tls") or {}).get("mode", "Terminate")
+
+
+def _mark_mixed_tls(group: list[ListenerState]) -> None:
+    """One port serves HTTPS, TLS Terminate or TLS Passthrough listeners, not a mix: the data plane would
+    have to choose by SNI before deciding whether to terminate. Every listener of a mixed port is
+    Conflicted (as the conformance suite expects of an implementation without mixed termination)."""
+    live = [listener for listener in group if not listener.conflicted[0]]
+    kinds = sorted({_tls_handling(listener) for listener in live})
+    if len(kinds) < 2:
+        return
+    message = f"port {group[0].port} mixes {' and '.join(kinds)} listeners; tidegate serves one of them per port"
+    for listener in live:
+        listener.conflicted = (True, "ProtocolConflict", message)
+        listener.accepted = (False, "ProtocolConflict", message)
+        listener.programmable = False
 
 
 def listener_status(listener: ListenerState) -> dict[str, Any]:
