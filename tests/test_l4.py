@@ -14,9 +14,10 @@ from contextlib import contextmanager
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.certs import ca_and_leaves, tls_secret_pem_yaml
-from tests.harness import free_port, tidegate_run, wait_until
+from tests.harness import free_port, request, tidegate_run, wait_until
 from tests.manifests import backend_policy, gateway
 from tidegate import ir
 from tidegate.dataplane.l4 import L4Table, NotTLS, client_hello_server_name
@@ -238,6 +239,18 @@ class Client:
         self.sock.close()
 
 
+def scraped(proxy) -> dict[tuple[str, frozenset], float]:
+    """The L4 samples of /metrics: (sample name, its labels) → value."""
+    text = request("127.0.0.1", proxy.admin_port, "/metrics")[2].decode()
+    return {(sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text) if family.name.startswith("tidegate_l4")
+            for sample in family.samples}
+
+
+def l4_metric(samples: dict, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
 # -- TCP -------------------------------------------------------------------------------------------------
 
 def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
@@ -261,7 +274,7 @@ def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
             + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]", created="2026-01-01T00:00:00Z")
             # Attached to the same listener but newer: the Gateway API gives the listener to the oldest.
             + l4_route("TCPRoute", "newer", "db", "[{name: other, port: 9000}]", created="2026-02-01T00:00:00Z"))
-        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
             greetings = []
             for _ in range(6):
                 client = Client(port)
@@ -286,6 +299,16 @@ def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
             sender.join(10)
             assert len(answers) == 3000 and all(line.endswith("x" * 1000) for line in answers)
             client.close()
+
+            route = {"listener": "default/gw/db", "route": "tcproute/default/db/rule/0", "protocol": "tcp"}
+            wait_until(lambda: l4_metric(scraped(proxy), "tidegate_l4_open_connections", **route) == 0,
+                       what="every connection closed in the metrics")
+            samples = scraped(proxy)
+            # 7, and the harness's check that the port is open
+            assert l4_metric(samples, "tidegate_l4_connections_total", **route) == 8
+            assert l4_metric(samples, "tidegate_l4_bytes_total", **route, direction="in") == 6 * 13 + 3000 * 1001
+            assert l4_metric(samples, "tidegate_l4_bytes_total", **route, direction="out") > 3000 * 1008
+            assert not [k for k in samples if k[0] == "tidegate_l4_refused_total"]
 
 
 def test_a_tcp_route_change_applies_to_new_connections_and_spares_open_ones(tmp_path):
@@ -323,7 +346,7 @@ def test_tcp_connections_over_a_services_max_connections_are_closed(tmp_path):
             gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]") + l4_service("db", [a])
             + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]")
             + backend_policy("cap", "db", "circuitBreaker: {maxConnections: 2}"))
-        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
             first, second = Client(port), Client(port)
             assert first.line() == second.line() == "hello from pod-a"
             third = Client(port)
@@ -340,6 +363,9 @@ def test_tcp_connections_over_a_services_max_connections_are_closed(tmp_path):
 
             wait_until(a_place_again, what="a connection to be let in once one has closed")
             second.close()
+            # The third, and any the wait above made before the first close was seen
+            assert l4_metric(scraped(proxy), "tidegate_l4_refused_total", listener="default/gw/db",
+                             reason="max-connections") >= 1
 
 
 # -- TLS passthrough --------------------------------------------------------------------------------------
@@ -388,6 +414,11 @@ def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
             assert proxy.poll() is None
             log = (tmp_path / "tidegate.log").read_text()
             assert "no TLSRoute for server name 'other.org'" in log and "not a TLS handshake" in log
+            samples = scraped(proxy)
+            for reason, count in (("no-route", 2), ("not-tls", 1)):
+                assert l4_metric(samples, "tidegate_l4_refused_total", listener="default/gw/tls", reason=reason) == count
+            assert l4_metric(samples, "tidegate_l4_connections_total", listener="default/gw/tls",
+                             route="tlsroute/default/wild/rule/0", protocol="tls-passthrough") == 2
 
 
 def test_tls_terminate_routes_by_sni_and_relays_in_clear(tmp_path):
@@ -464,7 +495,42 @@ def test_udp_sessions_keep_to_one_pod_and_end_when_idle(tmp_path):
                 clients[0].sendto(b"again", (GW, port))
                 assert clients[0].recvfrom(1000)[0].endswith(b": again")
                 assert len(a.peers) + len(b.peers) == 5
+                route = {"listener": "default/gw/dns", "route": "udproute/default/dns/rule/0", "protocol": "udp"}
+                samples = scraped(proxy)
+                assert l4_metric(samples, "tidegate_l4_connections_total", **route) == 5
+                assert l4_metric(samples, "tidegate_l4_open_connections", **route) == 1
+                for direction in ("in", "out"):
+                    assert l4_metric(samples, "tidegate_l4_datagrams_total", **route, direction=direction) == 13
             finally:
                 for client in clients:
                     client.close()
             assert proxy.poll() is None
+
+
+def test_tcp_and_udp_with_two_workers(tmp_path):
+    """Each worker opens the L4 sockets too (SO_REUSEPORT), and /metrics adds their counts up."""
+    port, http_port = free_port(GW), free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    with pods(TCPPod(POD_A, "pod-a"), UDPPod(POD_B, "pod-b")) as (a, b):
+        (config / "all.yaml").write_text(
+            gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}, {{name: dns, port: {port}, protocol: UDP}}, "
+                        f"{{name: http, port: {http_port}, protocol: HTTP}}]")
+            + l4_service("db", [a]) + l4_service("dns", [b], protocol="UDP")
+            + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]")
+            + l4_route("UDPRoute", "dns", "dns", "[{name: dns, port: 9000}]"))
+        with tidegate_run(config, (GW, http_port), tmp_path / "tidegate.log", "--workers", "2") as proxy:
+            wait_until(lambda: request("127.0.0.1", proxy.admin_port, "/readyz")[0] == 200, what="both workers")
+            for _ in range(10):
+                client = Client(port)
+                assert client.line() == "hello from pod-a"
+                client.close()
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                udp.settimeout(5)
+                udp.sendto(b"q", (GW, port))  # the same port number as the TCP listener: UDP is apart
+                assert udp.recvfrom(100)[0] == b"pod-b: q"
+            tcp = {"listener": "default/gw/db", "route": "tcproute/default/db/rule/0", "protocol": "tcp"}
+            wait_until(lambda: l4_metric(scraped(proxy), "tidegate_l4_connections_total", **tcp) == 10,
+                       what="both workers' connections counted")
+            assert l4_metric(scraped(proxy), "tidegate_l4_connections_total", listener="default/gw/dns",
+                             route="udproute/default/dns/rule/0", protocol="udp") == 1

@@ -22,13 +22,22 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.outlier import record_outcome
 from tidegate.dataplane.tls import TLSSite, server_context, take_server_name
 from tidegate.dataplane.upstream import UpstreamError, connect
+from tidegate.observe.metrics import (
+    L4_BYTES_IN,
+    L4_BYTES_OUT,
+    L4_DATAGRAMS_IN,
+    L4_DATAGRAMS_OUT,
+    L4_OPEN,
+    L4_OPENED,
+    METRICS,
+)
 
 log = logging.getLogger("tidegate.l4")
 
@@ -162,6 +171,18 @@ class L4Site:
     kind: str  # tcp | tls (passthrough) | terminate (TLS) | udp
     table: L4Table
     balancer: RouteBalancer
+    listener: str = ""  # the socket's first listener: what refusals are counted under
+    listener_of: dict[int, str] = field(default_factory=dict)  # id(route) → its listener's name
+
+    def counts(self, route: ir.L4Route) -> list[int]:
+        """The metrics of connections or sessions of `route` on this socket."""
+        return METRICS.l4.route(self.listener_of.get(id(route), self.listener), route.name, _PROTOCOLS[self.kind])
+
+    def refuse(self, reason: str) -> None:
+        METRICS.l4.refuse(self.listener, reason)
+
+
+_PROTOCOLS = {"tcp": "tcp", "tls": "tls-passthrough", "terminate": "tls", "udp": "udp"}
 
 
 def _hash_key(backend: ir.Backend, client: str) -> str | None:
@@ -207,7 +228,9 @@ class _Side(asyncio.Protocol):
         self.relay.last_active = time.monotonic()
         if self.other is not None:
             self.other.write(data)
-            self.relay.bytes[self is self.relay.client] += len(data)
+            counts = self.relay.counts
+            if counts is not None:
+                counts[L4_BYTES_IN if self is self.relay.client else L4_BYTES_OUT] += len(data)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -277,7 +300,7 @@ class TCPRelay:
         self.closed = False
         self.last_active = time.monotonic()
         self.idle_timeout = TCP_IDLE_TIMEOUT
-        self.bytes = [0, 0]  # from the endpoint, from the client
+        self.counts: list[int] | None = None  # the route's metrics, once an endpoint is reached
         self.route: ir.L4Route | None = None
         self.counted: tuple | None = None  # (endpoint state, backend state) while this counts as active
         self._task: asyncio.Task | None = None
@@ -304,7 +327,12 @@ class TCPRelay:
 
     def _no_hello(self) -> None:
         log.debug("%s: no ClientHello from %s within %.0f s", self.listener.name, self.peer, HELLO_TIMEOUT)
+        self._refuse("no-client-hello")
         self.close(abort=True)
+
+    def _refuse(self, reason: str) -> None:
+        if self.site is not None:
+            self.site.refuse(reason)
 
     def early(self, data: bytes) -> None:
         """Client bytes before the endpoint connection is there: held; for TLS, searched for the SNI."""
@@ -319,12 +347,14 @@ class TCPRelay:
             complete, name = client_hello_server_name(b"".join(self.held))
         except NotTLS as exc:
             log.info("%s: closing a connection from %s: %s", self.listener.name, self.peer, exc)
+            self._refuse("not-tls")
             self.close()
             return
         if not complete:
             if self.held_size > HELLO_LIMIT:
                 log.info("%s: closing a connection from %s: its ClientHello is over %d bytes",
                          self.listener.name, self.peer, HELLO_LIMIT)
+                self._refuse("client-hello-too-large")
                 self.close(abort=True)
             return
         if self._hello_timer is not None:
@@ -340,6 +370,7 @@ class TCPRelay:
 
     def _route(self, route: ir.L4Route | None) -> None:
         if route is None:
+            self._refuse("no-route")
             self.close()
             return
         self.route = route
@@ -357,7 +388,9 @@ class TCPRelay:
             if _over_connection_limit(self.site, backend):
                 log.info("%s: %s is at its maxConnections: closing a connection from %s", self.listener.name,
                          backend.name, self.peer)
-                break
+                self._refuse("max-connections")
+                self.close(abort=True)
+                return
             tried += (endpoint,)
             policy = backend.policy
             timeout = policy.connect_timeout if policy is not None and policy.connect_timeout else CONNECT_TIMEOUT
@@ -386,11 +419,15 @@ class TCPRelay:
             backend_state = registry.backend(backend.name)
             backend_state.active += 1
             self.counted = (state, backend_state)
+            self.counts = self.site.counts(route)
+            self.counts[L4_OPENED] += 1
+            self.counts[L4_OPEN] += 1
             if policy is not None and policy.idle_timeout:
                 self.idle_timeout = policy.idle_timeout
             self._joined(side)
             return
         log.info("%s: no endpoint could be reached for a connection from %s", route.name, self.peer)
+        self._refuse("no-endpoint")
         self.close(abort=True)
 
     def _joined(self, side: _EndpointSide) -> None:
@@ -398,7 +435,8 @@ class TCPRelay:
         side.other, self.client.other = self.client, side
         for chunk in self.held:
             side.write(chunk)
-            self.bytes[1] += len(chunk)
+            if self.counts is not None:
+                self.counts[L4_BYTES_IN] += len(chunk)
         self.held, self.held_size = [], 0
         if self.client.transport is not None:
             self.client.transport.resume_reading()
@@ -421,6 +459,8 @@ class TCPRelay:
             state.active -= 1
             backend_state.active -= 1
             self.counted = None
+        if self.counts is not None:
+            self.counts[L4_OPEN] -= 1
         for side in (self.client, self.endpoint_side):
             if side is not None and side.transport is not None:
                 if abort:
@@ -435,12 +475,15 @@ class _UDPSession(asyncio.DatagramProtocol):
     """One client address and its own socket to an endpoint."""
 
     def __init__(self, listener: UDPListener, client: tuple, endpoint: ir.Endpoint, idle_timeout: float,
-                 counted: tuple):
+                 counted: tuple, counts: list[int]):
         self.listener = listener
         self.client = client
         self.endpoint = endpoint
         self.idle_timeout = idle_timeout
         self.counted = counted  # (endpoint state, backend state)
+        self.counts = counts  # the route's metrics
+        counts[L4_OPENED] += 1
+        counts[L4_OPEN] += 1
         self.transport: asyncio.DatagramTransport | None = None
         self.queue: list[bytes] = []
         self.last_active = time.monotonic()
@@ -457,6 +500,8 @@ class _UDPSession(asyncio.DatagramProtocol):
 
     def send(self, data: bytes) -> None:
         self.last_active = time.monotonic()
+        self.counts[L4_DATAGRAMS_IN] += 1
+        self.counts[L4_BYTES_IN] += len(data)
         if self.transport is not None:
             self.transport.sendto(data)
         elif len(self.queue) < UDP_QUEUE_MAX:
@@ -464,6 +509,8 @@ class _UDPSession(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, _addr: tuple) -> None:
         self.last_active = time.monotonic()
+        self.counts[L4_DATAGRAMS_OUT] += 1
+        self.counts[L4_BYTES_OUT] += len(data)
         self.listener.reply(data, self.client)
 
     def error_received(self, exc: Exception) -> None:
@@ -484,6 +531,7 @@ class _UDPSession(asyncio.DatagramProtocol):
         state, backend_state = self.counted
         state.active -= 1
         backend_state.active -= 1
+        self.counts[L4_OPEN] -= 1
         if self.transport is not None:
             self.transport.close()
 
@@ -494,7 +542,6 @@ class UDPListener(asyncio.DatagramProtocol):
         self.site = site
         self.sessions: dict[tuple, _UDPSession] = {}
         self.transport: asyncio.DatagramTransport | None = None
-        self.dropped = 0
         self._tasks: set[asyncio.Task] = set()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -505,19 +552,28 @@ class UDPListener(asyncio.DatagramProtocol):
         if session is None or session.closed:
             session = self._open(addr)
             if session is None:
-                self.dropped += 1
                 return
         session.send(data)
 
     def _open(self, client: tuple) -> _UDPSession | None:
+        """A new session for a client's first datagram; None when the datagram is dropped (counted)."""
         site = self.site()
-        if site is None or site.table.first is None or len(self.sessions) >= UDP_SESSIONS_MAX:
+        if site is None:
             return None
-        picked = _pick(site, site.table.first, client[0], ())
+        route = site.table.first
+        if route is None:
+            site.refuse("no-route")
+            return None
+        if len(self.sessions) >= UDP_SESSIONS_MAX:
+            site.refuse("sessions-full")
+            return None
+        picked = _pick(site, route, client[0], ())
         if picked is None:
+            site.refuse("no-endpoint")
             return None
         backend, endpoint = picked
         if _over_connection_limit(site, backend):
+            site.refuse("max-connections")
             return None
         registry = site.balancer.registry
         state, backend_state = registry.endpoint(endpoint.address, endpoint.port), registry.backend(backend.name)
@@ -526,7 +582,8 @@ class UDPListener(asyncio.DatagramProtocol):
         backend_state.active += 1
         policy = backend.policy
         idle = policy.idle_timeout if policy is not None and policy.idle_timeout else UDP_IDLE_TIMEOUT
-        session = self.sessions[client] = _UDPSession(self, client, endpoint, idle, (state, backend_state))
+        session = self.sessions[client] = _UDPSession(self, client, endpoint, idle, (state, backend_state),
+                                                      site.counts(route))
         task = asyncio.get_running_loop().create_task(self._connect(session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -621,7 +678,8 @@ class L4DataPlane:
             if kind:
                 groups.setdefault((listener.address or bind, listener.port, kind), []).append(listener)
         errors: dict[tuple[str, int], tuple[str, str]] = {}
-        sites = {key: L4Site(key[2], L4Table([r for l in group for r in l.l4_routes]), balancer)
+        sites = {key: L4Site(key[2], L4Table([r for l in group for r in l.l4_routes]), balancer, group[0].name,
+                             {id(r): l.name for l in group for r in l.l4_routes})
                  for key, group in groups.items()}
         used = {(c.cert_pem, c.key_pem) for key, group in groups.items() if key[2] == "terminate"
                 for listener in group for c in (listener.tls.certificates if listener.tls else ())}

@@ -137,6 +137,58 @@ class ConnectionCounts:
                                   value=self.accepted)
 
 
+# The places of an L4Counts route's list (module constants: compiled, a class's attributes are per instance).
+L4_OPENED: Final = 0
+L4_OPEN: Final = 1
+L4_BYTES_IN: Final = 2
+L4_BYTES_OUT: Final = 3
+L4_DATAGRAMS_IN: Final = 4
+L4_DATAGRAMS_OUT: Final = 5
+
+
+class L4Counts:
+    """TCP connections and UDP sessions (dataplane/l4.py) by listener, route and protocol, and what was
+    refused by listener and reason: plain ints that each connection bumps, read when scraped."""
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str, str], list[int]] = {}
+        self.refused: dict[tuple[str, str], int] = {}
+
+    def route(self, listener: str, route: str, protocol: str) -> list[int]:
+        counts = self.routes.get((listener, route, protocol))
+        if counts is None:
+            counts = self.routes[(listener, route, protocol)] = [0] * 6
+        return counts
+
+    def refuse(self, listener: str, reason: str) -> None:
+        self.refused[(listener, reason)] = self.refused.get((listener, reason), 0) + 1
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["listener", "route", "protocol"]
+        opened = CounterMetricFamily("tidegate_l4_connections", "TCP connections (TLS ones included) relayed to an "
+                                     "endpoint, and UDP sessions opened", labels=labels)
+        open_now = GaugeMetricFamily("tidegate_l4_open_connections", "TCP connections and UDP sessions open now",
+                                     labels=labels)
+        transferred = CounterMetricFamily("tidegate_l4_bytes", "Bytes relayed: in from clients, out to them",
+                                          labels=[*labels, "direction"])
+        datagrams = CounterMetricFamily("tidegate_l4_datagrams", "UDP datagrams relayed: in from clients, out to "
+                                        "them", labels=[*labels, "direction"])
+        for (listener, route, protocol), counts in list(self.routes.items()):
+            key = [listener, route, protocol]
+            opened.add_metric(key, counts[L4_OPENED])
+            open_now.add_metric(key, counts[L4_OPEN])
+            transferred.add_metric([*key, "in"], counts[L4_BYTES_IN])
+            transferred.add_metric([*key, "out"], counts[L4_BYTES_OUT])
+            if protocol == "udp":
+                datagrams.add_metric([*key, "in"], counts[L4_DATAGRAMS_IN])
+                datagrams.add_metric([*key, "out"], counts[L4_DATAGRAMS_OUT])
+        refused = CounterMetricFamily("tidegate_l4_refused", "TCP connections closed and UDP datagrams dropped "
+                                      "before reaching an endpoint, by reason", labels=["listener", "reason"])
+        for (listener, reason), count in list(self.refused.items()):
+            refused.add_metric([listener, reason], count)
+        yield from (opened, open_now, transferred, datagrams, refused)
+
+
 class _EndpointCollector:
     """Endpoint health, ejection, requests in flight and counts, read from the data plane's balancing state
     when scraped. `source` returns the admin API's backends view (set by `tidegate run`)."""
@@ -213,6 +265,8 @@ class Metrics:
                                      ["backend", "result"], registry=self.registry)
         self.connections = ConnectionCounts()
         self.registry.register(self.connections)
+        self.l4 = L4Counts()
+        self.registry.register(self.l4)
         self.reloads = Counter("tidegate_config_reloads", "Configurations applied, by result", ["result"],
                                registry=self.registry)
         self.config_version = Gauge("tidegate_config_version", "Version of the configuration in force",
@@ -233,7 +287,7 @@ class Metrics:
 
     def _data_plane_metrics(self) -> tuple:
         return (self.upstream_errors, self.retries, self.connections, self.ejections,
-                self.circuit_rejections, self.retry_budget_exhausted)
+                self.circuit_rejections, self.retry_budget_exhausted, self.l4)
 
     def snapshot(self) -> dict:
         """What a worker process counted, as plain data for the control process to add up."""
