@@ -77,6 +77,7 @@ class Group:
     scenarios: list[Scenario]
     hosts: int = 0  # >0: that many routes with distinct hostnames
     tls: bool = False
+    tcp: bool = False  # the proxies relay TCP (HAProxy mode tcp, nginx stream, a TCPRoute); wrk speaks HTTP through
     proxies: tuple[str, ...] = ("haproxy", "nginx", "tidegate", NO_LOG)
 
 
@@ -120,7 +121,15 @@ GROUPS = [
         Scenario("TLS small GET, keep-alive, 64 conns", "/small", 64, tls=True),
         Scenario("TLS handshake per request, 64 conns", "/small", 64, close=True, tls=True),
     ], tls=True),
+    Group("TCP relay", [
+        Scenario("TCP relay: small GET, keep-alive, 64 conns", "/small", 64),
+        Scenario("TCP relay: 1 MB response, keep-alive, 16 conns", "/1m", 16),
+        Scenario("TCP relay: new connection per request, 64 conns", "/small", 64, close=True),
+    ], tcp=True, proxies=("haproxy", "nginx", "tidegate")),
 ]
+
+# nginx relays TCP with its stream module: Debian's libnginx-mod-stream.
+NGINX_STREAM = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 
 
 @dataclass
@@ -328,6 +337,23 @@ class Ports:
 def haproxy_config(tmp: Path, ports: Ports, backends: list[int], group: Group, cert: Path | None) -> Path:
     conf = tmp / "haproxy.cfg"
     servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
+    if group.tcp:
+        conf.write_text(textwrap.dedent(f"""
+            global
+                nbthread 1
+                maxconn 4000
+            defaults
+                mode tcp
+                timeout connect 5s
+                timeout client 30s
+                timeout server 30s
+            frontend relay
+                bind 127.0.0.1:{ports.http}
+                default_backend pods
+            backend pods
+                balance roundrobin
+        """) + servers + "\n")
+        return conf
     bind = f"bind 127.0.0.1:{ports.http}" + (f" ssl crt {cert}" if group.tls else "")
     routing = "default_backend pods"
     if group.hosts:
@@ -360,6 +386,18 @@ def nginx_proxy_config(tmp: Path, ports: Ports, backends: list[int], group: Grou
                        key: Path | None) -> Path:
     conf = tmp / "nginx-proxy.conf"
     servers = " ".join(f"server 127.0.0.1:{p};" for p in backends)
+    if group.tcp:
+        conf.write_text(textwrap.dedent(f"""
+            load_module {NGINX_STREAM};
+            daemon off; master_process off; worker_processes 1; pid {tmp}/proxy.pid;
+            error_log {tmp}/proxy.err warn;
+            events {{ worker_connections 8192; }}
+            stream {{
+                upstream pods {{ {servers} }}
+                server {{ listen 127.0.0.1:{ports.http}; proxy_pass pods; }}
+            }}
+        """))
+        return conf
     names = " ".join(f"h{i}.bench.local" for i in range(1, group.hosts + 1)) if group.hosts else "_"
     listen = f"listen 127.0.0.1:{ports.http}" + (" ssl" if group.tls else "") + ";"
     tls = f"ssl_certificate {cert}; ssl_certificate_key {key};" if group.tls else ""
@@ -397,7 +435,9 @@ def tidegate_config(tmp: Path, ports: Ports, backends: list[int], group: Group, 
         ports: [{{name: http, port: {p}}}]
         endpoints: [{{addresses: [127.0.0.1]}}]
         """) for i, p in enumerate(backends))
-    if group.tls:
+    if group.tcp:
+        listener = f"{{name: web, port: {ports.http}, protocol: TCP}}"
+    elif group.tls:
         listener = (f"{{name: web, port: {ports.http}, protocol: HTTPS, "
                     "tls: {mode: Terminate, certificateRefs: [{name: bench-cert}]}}")
     else:
@@ -422,6 +462,16 @@ def tidegate_config(tmp: Path, ports: Ports, backends: list[int], group: Group, 
                   hostnames: [h{i}.bench.local]
                   rules: [{{backendRefs: [{{name: pods, port: 80}}]}}]
                 """)
+    if group.tcp:
+        text += textwrap.dedent("""
+            ---
+            apiVersion: gateway.networking.k8s.io/v1alpha2
+            kind: TCPRoute
+            metadata: {name: bench, namespace: default}
+            spec:
+              parentRefs: [{name: bench, sectionName: web}]
+              rules: [{backendRefs: [{name: pods, port: 80}]}]
+            """)
     text += textwrap.dedent("""
         ---
         apiVersion: gateway.networking.k8s.io/v1
@@ -631,6 +681,10 @@ def main() -> int:
                 for name in group.proxies:
                     if args.only and name.split(",")[0].split()[0] not in args.only:
                         continue
+                    if name == "nginx" and group.tcp and not NGINX_STREAM.exists():
+                        notes.append(f"nginx was not run on \"{group.name}\": its stream module is missing "
+                                     "(sudo apt-get install libnginx-mod-stream).")
+                        continue
                     ports = Ports()
                     core = f"{PROXY_CORE},{LOAD_CORE}" if name == TWO_WORKERS else PROXY_CORE
                     started[name] = (stack.start(launch[name](ports), f"{name.replace(', ', '-')}-{g}".replace(
@@ -755,10 +809,10 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
               "|---|---:|---:|---:|"]
     for scenario in dict.fromkeys(names):
         t, h, n = (by.get((p, scenario)) for p in ("tidegate", "haproxy", "nginx"))
-        if t and h and n and h.per_cpu_second and n.per_cpu_second:
+        if t and h and h.per_cpu_second:
             p99 = f"{t.p99_ms / h.p99_ms:.2f}" if t.p99_ms and h.p99_ms else "–"
-            lines.append(f"| {scenario} | {t.per_cpu_second / h.per_cpu_second:.2f} | "
-                         f"{t.per_cpu_second / n.per_cpu_second:.2f} | {p99} |")
+            to_nginx = f"{t.per_cpu_second / n.per_cpu_second:.2f}" if n and n.per_cpu_second else "–"
+            lines.append(f"| {scenario} | {t.per_cpu_second / h.per_cpu_second:.2f} | {to_nginx} | {p99} |")
     for group in groups:
         first = group.scenarios[0].name
         logged, unlogged = by.get(("tidegate", first)), by.get((NO_LOG, first))
