@@ -249,6 +249,20 @@ def test_zone_aware_balancing_stays_local_until_the_zone_is_overloaded():
     assert {balancer.endpoint_for(backend).zone for _ in range(50)} == {"a", "b"}
 
 
+async def _answering(status: bytes):
+    """A loopback server that answers each request with `status` and an empty body, then closes; and its port."""
+    import asyncio
+
+    async def answer(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 " + status + b"\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
 def test_probes_over_real_sockets():
     import asyncio
     import socket
@@ -256,14 +270,7 @@ def test_probes_over_real_sockets():
     from tidegate.balancing.health import probe
 
     async def main() -> tuple[bool, bool, bool, bool]:
-        async def answer(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(answer, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await _answering(b"503 Service Unavailable")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             closed = s.getsockname()[1]  # bound, not listening: connections are refused
@@ -289,14 +296,7 @@ def test_a_probe_cancelled_at_any_point_stops():
     from tidegate.balancing.health import probe
 
     async def main() -> tuple[int, int]:
-        async def answer(reader, writer):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-            await writer.drain()
-            writer.close()
-
-        server = await asyncio.start_server(answer, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await _answering(b"200 OK")
         check = ir.HealthCheck(type="HTTP", path="/healthz", timeout=5.0)
         cancelled = carried_on = 0
         for turns in range(40):

@@ -251,6 +251,15 @@ def l4_metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def greeted_by(port: int, pod: str) -> bool:
+    """Does a new connection through the gateway get `pod`'s greeting?"""
+    client = Client(port)
+    try:
+        return client.line() == f"hello from {pod}"
+    finally:
+        client.close()
+
+
 # -- TCP -------------------------------------------------------------------------------------------------
 
 def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
@@ -323,15 +332,7 @@ def test_a_tcp_route_change_applies_to_new_connections_and_spares_open_ones(tmp_
             before = Client(port)
             assert before.line() == "hello from pod-a"
             (config / "all.yaml").write_text(base + l4_route("TCPRoute", "db", "db", "[{name: b, port: 9000}]"))
-
-            def new_pod() -> bool:
-                client = Client(port)
-                try:
-                    return client.line() == "hello from pod-b"
-                finally:
-                    client.close()
-
-            wait_until(new_pod, what="new connections to go to pod-b")
+            wait_until(lambda: greeted_by(port, "pod-b"), what="new connections to go to pod-b")
             before.send("still here\n")
             assert before.line() == "pod-a: still here"
             before.close()
@@ -353,15 +354,7 @@ def test_tcp_connections_over_a_services_max_connections_are_closed(tmp_path):
             assert third.line() == ""  # closed without a byte from the pod
             third.close()
             first.close()
-
-            def a_place_again() -> bool:
-                client = Client(port)
-                try:
-                    return client.line() == "hello from pod-a"
-                finally:
-                    client.close()
-
-            wait_until(a_place_again, what="a connection to be let in once one has closed")
+            wait_until(lambda: greeted_by(port, "pod-a"), what="a connection to be let in once one has closed")
             second.close()
             # The third, and any the wait above made before the first close was seen
             assert l4_metric(scraped(proxy), "tidegate_l4_refused_total", listener="default/gw/db",

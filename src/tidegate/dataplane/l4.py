@@ -1,4 +1,4 @@
-"""TCP, UDP and TLS passthrough listeners: TCPRoute, UDPRoute and TLSRoute relay bytes to pod endpoints.
+"""TCP, UDP and TLS listeners: TCPRoute, UDPRoute and TLSRoute relay bytes to pod endpoints.
 
 - A TCP listener serves its oldest attached TCPRoute (the one the Gateway API attaches when several ask).
 - A TLS listener in Terminate mode completes the handshake with the listener's certificate (chosen by SNI,
