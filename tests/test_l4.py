@@ -3,6 +3,7 @@ process and pods that are sockets of the test's own on loopback; and the ClientH
 
 from __future__ import annotations
 
+import json
 import socket
 import ssl
 import textwrap
@@ -251,6 +252,15 @@ def l4_metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def json_log(tmp_path) -> tuple[str, ...]:
+    """`tidegate run` arguments for a JSON access log in the test's folder."""
+    return ("--access-log", "json", "--access-log-file", str(tmp_path / "access.log"))
+
+
+def access_lines(tmp_path) -> list[dict]:
+    return [json.loads(line) for line in (tmp_path / "access.log").read_text().splitlines()]
+
+
 def greeted_by(port: int, pod: str) -> bool:
     """Does a new connection through the gateway get `pod`'s greeting?"""
     client = Client(port)
@@ -283,7 +293,7 @@ def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
             + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]", created="2026-01-01T00:00:00Z")
             # Attached to the same listener but newer: the Gateway API gives the listener to the oldest.
             + l4_route("TCPRoute", "newer", "db", "[{name: other, port: 9000}]", created="2026-02-01T00:00:00Z"))
-        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log", *json_log(tmp_path)) as proxy:
             greetings = []
             for _ in range(6):
                 client = Client(port)
@@ -318,6 +328,16 @@ def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
             assert l4_metric(samples, "tidegate_l4_bytes_total", **route, direction="in") == 6 * 13 + 3000 * 1001
             assert l4_metric(samples, "tidegate_l4_bytes_total", **route, direction="out") > 3000 * 1008
             assert not [k for k in samples if k[0] == "tidegate_l4_refused_total"]
+        # One access log line per connection, when it ends.
+        lines = access_lines(tmp_path)
+        assert len(lines) == 8
+        small = [line for line in lines if line["bytes_in"] == 13]
+        # (the 3 MB client closes with the pod's last line unread: its kernel answers that with a reset)
+        assert len(small) == 6 and all(line["outcome"] == "closed" and line["bytes_out"] > 30 and line["protocol"] == "tcp"
+                                       and line["route"] == "tcproute/default/db/rule/0"
+                                       and line["listener"] == "default/gw/db" and line["client"] == "127.0.0.1"
+                                       and line["endpoint"] in (f"{POD_A}:{a.port}", f"{POD_B}:{b.port}")
+                                       for line in small)
 
 
 def test_a_tcp_route_change_applies_to_new_connections_and_spares_open_ones(tmp_path):
@@ -383,7 +403,7 @@ def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
             + l4_route("TLSRoute", "exact", "tls", "[{name: a, port: 9000}]", "[db.example.com]")
             + l4_route("TLSRoute", "wild", "tls", "[{name: b, port: 9000}]", "['*.example.com']"))
         client_ctx = ssl.create_default_context(cadata=ca.decode())
-        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log", *json_log(tmp_path)) as proxy:
             for name, pod in (("db.example.com", "pod-a"), ("www.example.com", "pod-b"),
                               ("a.b.example.com", "pod-b")):
                 with socket.create_connection((GW, port), timeout=5) as raw, \
@@ -412,6 +432,15 @@ def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
                 assert l4_metric(samples, "tidegate_l4_refused_total", listener="default/gw/tls", reason=reason) == count
             assert l4_metric(samples, "tidegate_l4_connections_total", listener="default/gw/tls",
                              route="tlsroute/default/wild/rule/0", protocol="tls-passthrough") == 2
+        outcomes = sorted((line["sni"], line["route"], line["outcome"]) for line in access_lines(tmp_path))
+        assert outcomes == [
+            ("", "", "closed"),  # the harness's check that the port is open: gone before a ClientHello
+            ("", "", "no-route"),  # no server name, and no route for any name
+            ("", "", "not-tls"),
+            ("a.b.example.com", "tlsroute/default/wild/rule/0", "closed"),
+            ("db.example.com", "tlsroute/default/exact/rule/0", "closed"),
+            ("other.org", "", "no-route"),
+            ("www.example.com", "tlsroute/default/wild/rule/0", "closed")], outcomes
 
 
 def test_tls_terminate_routes_by_sni_and_relays_in_clear(tmp_path):
@@ -462,7 +491,7 @@ def test_udp_sessions_keep_to_one_pod_and_end_when_idle(tmp_path):
             + l4_service("dns", [a, b], protocol="UDP")
             + l4_route("UDPRoute", "dns", "dns", "[{name: dns, port: 9000}]")
             + backend_policy("idle", "dns", "timeouts: {idle: 1s}"))
-        with tidegate_run(config, (GW, http_port), tmp_path / "tidegate.log") as proxy:
+        with tidegate_run(config, (GW, http_port), tmp_path / "tidegate.log", *json_log(tmp_path)) as proxy:
             wait_until(lambda: f"listening on {GW}:{port} (UDP)" in (tmp_path / "tidegate.log").read_text(),
                        what="the UDP listener")
             clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(4)]
@@ -498,6 +527,11 @@ def test_udp_sessions_keep_to_one_pod_and_end_when_idle(tmp_path):
                 for client in clients:
                     client.close()
             assert proxy.poll() is None
+        # Four sessions ended idle, the fifth with the stop; each line counts its datagrams both ways.
+        lines = access_lines(tmp_path)
+        assert sorted(line["outcome"] for line in lines) == ["idle-timeout"] * 4 + ["shutdown"]
+        assert sum(line["datagrams_in"] for line in lines) == sum(line["datagrams_out"] for line in lines) == 13
+        assert all(line["protocol"] == "udp" and line["route"] == "udproute/default/dns/rule/0" for line in lines)
 
 
 def test_tcp_and_udp_with_two_workers(tmp_path):

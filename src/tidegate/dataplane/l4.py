@@ -29,6 +29,7 @@ from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.outlier import record_outcome
 from tidegate.dataplane.tls import TLSSite, server_context, take_server_name
 from tidegate.dataplane.upstream import UpstreamError, connect
+from tidegate.observe import accesslog
 from tidegate.observe.metrics import (
     L4_BYTES_IN,
     L4_BYTES_OUT,
@@ -228,9 +229,13 @@ class _Side(asyncio.Protocol):
         self.relay.last_active = time.monotonic()
         if self.other is not None:
             self.other.write(data)
-            counts = self.relay.counts
-            if counts is not None:
-                counts[L4_BYTES_IN if self is self.relay.client else L4_BYTES_OUT] += len(data)
+            relay = self.relay
+            if self is relay.client:
+                relay.bytes_in += len(data)
+            else:
+                relay.bytes_out += len(data)
+            if relay.counts is not None:
+                relay.counts[L4_BYTES_IN if self is relay.client else L4_BYTES_OUT] += len(data)
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -301,6 +306,11 @@ class TCPRelay:
         self.last_active = time.monotonic()
         self.idle_timeout = TCP_IDLE_TIMEOUT
         self.counts: list[int] | None = None  # the route's metrics, once an endpoint is reached
+        self.started_at = self.last_active
+        self.bytes_in = self.bytes_out = 0  # from the client, to it (for the access log)
+        self.server_name = ""  # TLS: the SNI
+        self.endpoint = ""  # "address:port" once connected
+        self.outcome = ""  # why it ended, for the access log: set by a refusal, else by close()
         self.route: ir.L4Route | None = None
         self.counted: tuple | None = None  # (endpoint state, backend state) while this counts as active
         self._task: asyncio.Task | None = None
@@ -315,7 +325,7 @@ class TCPRelay:
             self.close()
         elif self.site.kind == "terminate":
             # The handshake is done (asyncio calls connection_made after it): route by its server name.
-            name = take_server_name(client.transport.get_extra_info("ssl_object"))
+            name = self.server_name = take_server_name(client.transport.get_extra_info("ssl_object"))
             route = self.site.table.for_server_name(name)
             if route is None:
                 log.info("%s: no TLSRoute for server name %r (from %s)", self.listener.name, name, self.peer)
@@ -331,6 +341,7 @@ class TCPRelay:
         self.close(abort=True)
 
     def _refuse(self, reason: str) -> None:
+        self.outcome = reason
         if self.site is not None:
             self.site.refuse(reason)
 
@@ -359,6 +370,7 @@ class TCPRelay:
             return
         if self._hello_timer is not None:
             self._hello_timer.cancel()
+        self.server_name = name
         route = self.site.table.for_server_name(name)
         if route is None:
             log.info("%s: no TLSRoute for server name %r (from %s)", self.listener.name, name, self.peer)
@@ -424,6 +436,7 @@ class TCPRelay:
             self.counts[L4_OPEN] += 1
             if policy is not None and policy.idle_timeout:
                 self.idle_timeout = policy.idle_timeout
+            self.endpoint = f"{endpoint.address}:{endpoint.port}"
             self._joined(side)
             return
         log.info("%s: no endpoint could be reached for a connection from %s", route.name, self.peer)
@@ -435,6 +448,7 @@ class TCPRelay:
         side.other, self.client.other = self.client, side
         for chunk in self.held:
             side.write(chunk)
+            self.bytes_in += len(chunk)
             if self.counts is not None:
                 self.counts[L4_BYTES_IN] += len(chunk)
         self.held, self.held_size = [], 0
@@ -445,11 +459,15 @@ class TCPRelay:
         if self.client.transport is None:
             self.close()
 
-    def close(self, abort: bool = False) -> None:
+    def close(self, abort: bool = False, outcome: str = "") -> None:
+        """`outcome`: why, for the access log, when no refusal said so (default: reset when aborting, else
+        closed)."""
         if self.closed:
             return
         self.closed = True
+        self.outcome = self.outcome or outcome or ("reset" if abort else "closed")
         self.listener.relays.discard(self)
+        self._log()
         if self._hello_timer is not None:
             self._hello_timer.cancel()
         if self._task is not None and not self._task.done() and self._task is not asyncio.current_task():
@@ -469,24 +487,40 @@ class TCPRelay:
                     side.transport.close()  # what is buffered is written first
 
 
+    def _log(self) -> None:
+        log_to = accesslog.ACCESS_LOG
+        site = self.site
+        if log_to is None or not log_to.is_active or site is None:
+            return
+        route = self.route
+        listener = site.listener_of.get(id(route), site.listener) if route is not None else site.listener
+        log_to.record_connection(self.started_at, self.peer, _PROTOCOLS[site.kind], listener,
+                                 route.name if route is not None else "", self.endpoint, self.server_name,
+                                 self.bytes_in, self.bytes_out, time.monotonic() - self.started_at, self.outcome)
+
+
 # -- UDP --------------------------------------------------------------------------------------------------
 
 class _UDPSession(asyncio.DatagramProtocol):
     """One client address and its own socket to an endpoint."""
 
-    def __init__(self, listener: UDPListener, client: tuple, endpoint: ir.Endpoint, idle_timeout: float,
-                 counted: tuple, counts: list[int]):
+    def __init__(self, listener: UDPListener, client: tuple, site: L4Site, route: ir.L4Route,
+                 endpoint: ir.Endpoint, idle_timeout: float, counted: tuple):
         self.listener = listener
         self.client = client
+        self.site = site
+        self.route = route
         self.endpoint = endpoint
         self.idle_timeout = idle_timeout
         self.counted = counted  # (endpoint state, backend state)
-        self.counts = counts  # the route's metrics
+        self.counts = counts = site.counts(route)  # the route's metrics
         counts[L4_OPENED] += 1
         counts[L4_OPEN] += 1
+        # For the access log: bytes and datagrams from the client and to it
+        self.bytes_in = self.bytes_out = self.datagrams_in = self.datagrams_out = 0
         self.transport: asyncio.DatagramTransport | None = None
         self.queue: list[bytes] = []
-        self.last_active = time.monotonic()
+        self.last_active = self.started_at = time.monotonic()
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -502,6 +536,8 @@ class _UDPSession(asyncio.DatagramProtocol):
         self.last_active = time.monotonic()
         self.counts[L4_DATAGRAMS_IN] += 1
         self.counts[L4_BYTES_IN] += len(data)
+        self.datagrams_in += 1
+        self.bytes_in += len(data)
         if self.transport is not None:
             self.transport.sendto(data)
         elif len(self.queue) < UDP_QUEUE_MAX:
@@ -511,6 +547,8 @@ class _UDPSession(asyncio.DatagramProtocol):
         self.last_active = time.monotonic()
         self.counts[L4_DATAGRAMS_OUT] += 1
         self.counts[L4_BYTES_OUT] += len(data)
+        self.datagrams_out += 1
+        self.bytes_out += len(data)
         self.listener.reply(data, self.client)
 
     def error_received(self, exc: Exception) -> None:
@@ -518,15 +556,23 @@ class _UDPSession(asyncio.DatagramProtocol):
         # client's next datagram opens a new one, which may go to another endpoint.
         log.debug("UDP session %s → %s:%d: %s", self.client, self.endpoint.address, self.endpoint.port, exc)
         self.counted[0].failures += 1
-        self.close()
+        self.close("unreachable")
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.close()
+        self.close("reset" if exc is not None else "closed")
 
-    def close(self) -> None:
+    def close(self, outcome: str = "closed") -> None:
+        """`outcome`: why, for the access log."""
         if self.closed:
             return
         self.closed = True
+        log_to = accesslog.ACCESS_LOG
+        if log_to is not None and log_to.is_active:
+            log_to.record_connection(self.started_at, self.client[0], "udp",
+                                     self.site.listener_of.get(id(self.route), self.site.listener), self.route.name,
+                                     f"{self.endpoint.address}:{self.endpoint.port}", "", self.bytes_in,
+                                     self.bytes_out, time.monotonic() - self.started_at, outcome,
+                                     self.datagrams_in, self.datagrams_out)
         self.listener.sessions.pop(self.client, None)
         state, backend_state = self.counted
         state.active -= 1
@@ -582,8 +628,8 @@ class UDPListener(asyncio.DatagramProtocol):
         backend_state.active += 1
         policy = backend.policy
         idle = policy.idle_timeout if policy is not None and policy.idle_timeout else UDP_IDLE_TIMEOUT
-        session = self.sessions[client] = _UDPSession(self, client, endpoint, idle, (state, backend_state),
-                                                      site.counts(route))
+        session = self.sessions[client] = _UDPSession(self, client, site, route, endpoint, idle,
+                                                      (state, backend_state))
         task = asyncio.get_running_loop().create_task(self._connect(session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -597,7 +643,7 @@ class UDPListener(asyncio.DatagramProtocol):
         except OSError as exc:
             log.warning("%s: UDP to %s:%d: %s", self.name, session.endpoint.address, session.endpoint.port, exc)
             session.counted[0].failures += 1
-            session.close()
+            session.close("unreachable")
 
     def reply(self, data: bytes, client: tuple) -> None:
         if self.transport is not None:
@@ -608,13 +654,13 @@ class UDPListener(asyncio.DatagramProtocol):
 
     def sweep(self, now: float) -> None:
         for session in [s for s in self.sessions.values() if now - s.last_active > s.idle_timeout]:
-            session.close()
+            session.close("idle-timeout")
 
     def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         for session in list(self.sessions.values()):
-            session.close()
+            session.close("shutdown")
         if self.transport is not None:
             self.transport.close()
 
@@ -635,7 +681,7 @@ class L4Listener:
 
     def sweep(self, now: float) -> None:
         for relay in [r for r in self.relays if r.endpoint_side is not None and now - r.last_active > r.idle_timeout]:
-            relay.close()
+            relay.close(outcome="idle-timeout")
 
 
 _KIND_NAMES = {"tcp": "TCP", "tls": "TLS passthrough", "terminate": "TLS", "udp": "UDP"}
@@ -783,6 +829,6 @@ class L4DataPlane:
             relays = list(self.tcp[key].relays)
             self._close_tcp(key)
             for relay in relays:
-                relay.close(abort=True)
+                relay.close(abort=True, outcome="shutdown")
         for key in list(self.udp):
             self._close_udp(key)

@@ -152,7 +152,33 @@ class AccessLog:
     def record(self, entry: Entry, fmt: str = "") -> None:
         """Keep the entry's line for the next batch. It is formatted now, while what it reads is fresh in the
         CPU's caches, and the entry is freed at once."""
-        self._pending.append(self.format_entry(entry, fmt))
+        self._keep(self.format_entry(entry, fmt))
+
+    def record_connection(self, started: float, client: str, protocol: str, listener: str, route: str,
+                          endpoint: str, sni: str, bytes_in: int, bytes_out: int, duration: float, outcome: str,
+                          datagrams_in: int = -1, datagrams_out: int = -1) -> None:
+        """One TCP connection or UDP session of an L4 listener, when it ends: a JSON line (the Common Log
+        Format has no fields for it, so clf and combined log none). `started` is a time.monotonic() reading;
+        `outcome` is "closed", "idle-timeout", "reset", "shutdown", or why it was refused ("no-route", ...).
+        With a status filter, only refused connections are logged (they are the errors)."""
+        fmt = self.by_listener.get(listener, self.format) if self.by_listener else self.format
+        if fmt != "json":
+            return
+        if self.statuses is not None and outcome in ("closed", "idle-timeout", "shutdown"):
+            return
+        if self.sample < 1.0 and random.random() >= self.sample:
+            return
+        when = self.wall_time(started)
+        udp = (f',"datagrams_in":{datagrams_in},"datagrams_out":{datagrams_out}' if datagrams_in >= 0 else "")
+        self._keep(f'{{"time":"{self._json_time.of(when)}.{_MILLIS[int(when * 1000) % 1000]}Z",'
+                   f'"client":{_quote_repeated(client)},"protocol":{_quote_repeated(protocol)},'
+                   f'"listener":{_quote_repeated(listener)},"route":{_quote_repeated(route)},'
+                   f'"endpoint":{_quote_repeated(endpoint)},"sni":{_quote_repeated(sni)},'
+                   f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}{udp},'
+                   f'"duration_ms":{_milliseconds(duration)},"outcome":{_quote_repeated(outcome)}}}\n')
+
+    def _keep(self, line: str) -> None:
+        self._pending.append(line)
         if len(self._pending) >= BATCH:
             self.flush()  # small batches: a big one written at once stalls every request behind it (p99)
         elif self._task is None:
