@@ -17,10 +17,11 @@ from tidegate import compiled
 ROOT = Path(__file__).resolve().parent.parent
 PURE = compiled.pure_python_requested()
 
-# What a run of the Python copies repeats: everything that sends traffic through the HTTP/1.1 request path.
+# What a run of the Python copies repeats: everything that sends traffic through the HTTP/1.1 request path,
+# and through the TCP, TLS and UDP relays.
 DATA_PLANE_TESTS = ["tests/test_fastlane.py", "tests/test_dataplane.py", "tests/test_resilience.py",
                     "tests/test_balancing.py", "tests/test_accesslog.py", "tests/test_router.py",
-                    "tests/test_compiled.py::test_the_request_path_runs_as_built"]
+                    "tests/test_l4.py", "tests/test_compiled.py::test_the_request_path_runs_as_built"]
 
 SHOW = ("import sys, tidegate.compiled as c\n"
         "for name in c.HOT_MODULES: __import__(name)\n"

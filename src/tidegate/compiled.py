@@ -25,6 +25,7 @@ HOT_MODULES = (
     "tidegate.dataplane.http2",
     "tidegate.dataplane.upstream",
     "tidegate.dataplane.server",
+    "tidegate.dataplane.l4",
     "tidegate.observe.accesslog",
     "tidegate.observe.metrics",
     "tidegate.balancing.balancer",

@@ -22,6 +22,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 from tidegate import ir
@@ -314,7 +315,7 @@ class TCPRelay:
         self.route: ir.L4Route | None = None
         self.counted: tuple | None = None  # (endpoint state, backend state) while this counts as active
         self._task: asyncio.Task | None = None
-        self._hello_timer: asyncio.TimerHandle | None = None
+        self._hello_timer: Any = None  # a TimerHandle (uvloop has its own class)
 
     def started(self, client: _ClientSide) -> None:
         assert client.transport is not None
@@ -674,7 +675,7 @@ class L4Listener:
         self.name = name
         self.site = site
         self.relays: set[TCPRelay] = set()
-        self.server: asyncio.base_events.Server | None = None
+        self.server: Any = None  # an asyncio.Server (uvloop has its own class)
 
     def protocol(self) -> _ClientSide:
         return TCPRelay(self).client
