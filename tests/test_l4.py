@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import struct
 import textwrap
 import threading
 import time
@@ -104,7 +105,8 @@ def test_a_server_name_picks_the_exact_then_the_longest_wildcard_then_the_catch_
 
 class TCPPod:
     """A TCP server on its own thread. It greets each connection with its name, then answers each line
-    with `name: line`; when the client half-closes, it says how many bytes it read and closes."""
+    with `name: line` (but resets the connection on "RESET"); when the client half-closes, it says how many
+    bytes it read and closes."""
 
     def __init__(self, address: str, name: str, tls: ssl.SSLContext | None = None):
         self.name, self.tls = name, tls
@@ -138,6 +140,9 @@ class TCPPod:
                 pending += data
                 while b"\n" in pending:
                     line, pending = pending.split(b"\n", 1)
+                    if line == b"RESET":  # go away with a reset, not a close
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        return
                     conn.sendall(self.name.encode() + b": " + line + b"\n")
             conn.sendall(f"{self.name} read {read} bytes\n".encode())
         except (OSError, ssl.SSLError):
@@ -338,6 +343,38 @@ def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
                                        and line["listener"] == "default/gw/db" and line["client"] == "127.0.0.1"
                                        and line["endpoint"] in (f"{POD_A}:{a.port}", f"{POD_B}:{b.port}")
                                        for line in small)
+
+
+def test_resets_on_either_side_are_passed_on_and_cleaned_up(tmp_path):
+    port = free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    with pods(TCPPod(POD_A, "pod-a")) as (a,):
+        (config / "all.yaml").write_text(
+            gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]") + l4_service("db", [a])
+            + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]"))
+        with tidegate_run(config, (GW, port), tmp_path / "tidegate.log", *json_log(tmp_path)) as proxy:
+            # The pod resets: so does tidegate, to the client.
+            client = Client(port)
+            assert client.line() == "hello from pod-a"
+            client.send("RESET\n")
+            with pytest.raises(ConnectionResetError):
+                while client.sock.recv(100):
+                    pass
+            client.close()
+            # The client resets in the middle: the pod's side is let go too.
+            for _ in range(3):
+                client = Client(port)
+                assert client.line() == "hello from pod-a"
+                client.send("half a line")
+                client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client.close()
+            route = {"listener": "default/gw/db", "route": "tcproute/default/db/rule/0", "protocol": "tcp"}
+            wait_until(lambda: l4_metric(scraped(proxy), "tidegate_l4_open_connections", **route) == 0,
+                       what="every relay let go")
+            assert greeted_by(port, "pod-a") and proxy.poll() is None
+        outcomes = [line["outcome"] for line in access_lines(tmp_path)]
+        assert outcomes.count("reset") == 4, outcomes
 
 
 def test_a_tcp_route_change_applies_to_new_connections_and_spares_open_ones(tmp_path):

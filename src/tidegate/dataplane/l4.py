@@ -20,10 +20,12 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import socket
+import struct
 import time
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
@@ -402,7 +404,7 @@ class TCPRelay:
                 log.info("%s: %s is at its maxConnections: closing a connection from %s", self.listener.name,
                          backend.name, self.peer)
                 self._refuse("max-connections")
-                self.close(abort=True)
+                self.close()
                 return
             tried += (endpoint,)
             policy = backend.policy
@@ -442,7 +444,7 @@ class TCPRelay:
             return
         log.info("%s: no endpoint could be reached for a connection from %s", route.name, self.peer)
         self._refuse("no-endpoint")
-        self.close(abort=True)
+        self.close()
 
     def _joined(self, side: _EndpointSide) -> None:
         self.endpoint_side = side
@@ -483,7 +485,7 @@ class TCPRelay:
         for side in (self.client, self.endpoint_side):
             if side is not None and side.transport is not None:
                 if abort:
-                    side.transport.abort()
+                    _reset(side.transport)
                 else:
                     side.transport.close()  # what is buffered is written first
 
@@ -498,6 +500,21 @@ class TCPRelay:
         log_to.record_connection(self.started_at, self.peer, _PROTOCOLS[site.kind], listener,
                                  route.name if route is not None else "", self.endpoint, self.server_name,
                                  self.bytes_in, self.bytes_out, time.monotonic() - self.started_at, self.outcome)
+
+
+def _reset(transport: Any) -> None:
+    """Close with a TCP reset, not a FIN (a transport's abort() sends a FIN): a peer that reset, or a
+    refusal, is passed on as a reset."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+        except OSError:
+            pass
+    transport.abort()
+
+
+_NO_LINGER = struct.pack("ii", 1, 0)
 
 
 # -- UDP --------------------------------------------------------------------------------------------------
