@@ -395,6 +395,53 @@ def test_a_tcp_route_change_applies_to_new_connections_and_spares_open_ones(tmp_
             before.close()
 
 
+def test_idle_connections_close_source_ip_sticks_and_a_removed_listener_drains(tmp_path):
+    port, http_port = free_port(GW), free_port(GW)
+    config = tmp_path / "config"
+    config.mkdir()
+    with pods(TCPPod(POD_A, "pod-a"), TCPPod(POD_B, "pod-b")) as (a, b):
+        rest = (l4_service("db", [a, b]) + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]")
+                + backend_policy("db", "db", """
+                    loadBalancer: {type: ConsistentHash, consistentHash: {type: SourceIP}}
+                    timeouts: {idle: 1s}"""))
+        http = f"{{name: http, port: {http_port}, protocol: HTTP}}"
+        (config / "all.yaml").write_text(gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}, {http}]") + rest)
+        with tidegate_run(config, (GW, http_port), tmp_path / "tidegate.log", *json_log(tmp_path)):
+            wait_until(lambda: greeted_by(port, "pod-a") or greeted_by(port, "pod-b"), what="the TCP listener")
+            # SourceIP: every connection from this address reaches the same pod.
+            greetings = set()
+            for _ in range(8):
+                client = Client(port)
+                greetings.add(client.line())
+                client.close()
+            assert len(greetings) == 1, greetings
+            # No byte either way for longer than timeouts.idle: both sides are closed.
+            idle = Client(port)
+            assert idle.line() in greetings
+            assert idle.line() == ""  # within the client's 5 s read timeout
+            idle.close()
+            # A reload removes the listener: new connections are refused, an open one goes on, on its old
+            # configuration, idle timeout included.
+            kept = Client(port)
+            assert kept.line() in greetings
+            (config / "all.yaml").write_text(gateway(GW, f"[{http}]") + rest)
+
+            def refused() -> bool:
+                try:
+                    socket.create_connection((GW, port), timeout=1).close()
+                except ConnectionRefusedError:
+                    return True
+                return False
+
+            wait_until(refused, what="the removed listener to close")
+            kept.send("still\n")
+            assert kept.line().endswith(": still")
+            assert kept.line() == ""  # idle again: closed, though its listener is gone
+            kept.close()
+        idle_closed = [line for line in access_lines(tmp_path) if line["outcome"] == "idle-timeout"]
+        assert len(idle_closed) == 2, idle_closed
+
+
 def test_tcp_connections_over_a_services_max_connections_are_closed(tmp_path):
     port = free_port(GW)
     config = tmp_path / "config"

@@ -686,7 +686,7 @@ class UDPListener(asyncio.DatagramProtocol):
 # -- the listeners ----------------------------------------------------------------------------------------
 
 class L4Listener:
-    """A listening TCP socket (TCP or TLS passthrough) and its relays."""
+    """A listening TCP socket (TCP, or TLS either way) and its relays."""
 
     def __init__(self, name: str, site: Callable[[], L4Site | None]):
         self.name = name
@@ -717,7 +717,8 @@ def l4_kind(listener: ir.Listener) -> str:
 
 
 class L4DataPlane:
-    """Every TCP, UDP and TLS passthrough socket of the configuration in force."""
+    """Every TCP, UDP and TLS socket of the configuration in force, and the connections still open on
+    sockets that a reload closed."""
 
     def __init__(self, reuse_port: bool = False):
         self.reuse_port = reuse_port
@@ -731,6 +732,9 @@ class L4DataPlane:
         self.tls_sites: dict[tuple[str, int, str], TLSSite] = {}
         self._contexts: dict[tuple[str, str, str, str], object] = {}
         self._client_checks: dict[tuple[str, int, str], tuple[str, str]] = {}
+        # Listeners a reload removed, while connections they accepted are still open: those keep their
+        # configuration, idle timeout, and place in a graceful stop.
+        self._draining: list[L4Listener] = []
 
     async def apply(self, config: ir.IR, bind: str, balancer: RouteBalancer, taken: set[tuple[str, int]]
                     ) -> dict[tuple[str, int], tuple[str, str]]:
@@ -803,17 +807,12 @@ class L4DataPlane:
             self.tcp[key] = tcp
         log.info("listening on %s:%d (%s)", address, port, _KIND_NAMES[kind])
 
-    def bound_port(self, key: tuple[str, int, str]) -> int:
-        if key in self.udp:
-            return self.udp[key][1].get_extra_info("sockname")[1]
-        server = self.tcp[key].server
-        assert server is not None
-        return server.sockets[0].getsockname()[1]
-
     def _close_tcp(self, key: tuple[str, int, str]) -> None:
         listener = self.tcp.pop(key)
         if listener.server is not None:
             listener.server.close()
+        if listener.relays:
+            self._draining.append(listener)
         log.info("stopped listening on %s:%d (%s)", key[0], key[1], _KIND_NAMES[key[2]])
 
     def _close_udp(self, key: tuple[str, int, str]) -> None:
@@ -822,14 +821,15 @@ class L4DataPlane:
         log.info("stopped listening on %s:%d (%s)", key[0], key[1], _KIND_NAMES[key[2]])
 
     def connections(self) -> int:
-        return sum(len(l.relays) for l in self.tcp.values())
+        return sum(len(l.relays) for l in (*self.tcp.values(), *self._draining))
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
-            for tcp in self.tcp.values():
+            for tcp in (*self.tcp.values(), *self._draining):
                 tcp.sweep(now)
+            self._draining = [listener for listener in self._draining if listener.relays]
             for udp, _ in self.udp.values():
                 udp.sweep(now)
 
@@ -844,9 +844,10 @@ class L4DataPlane:
             self._sweeper.cancel()
             self._sweeper = None
         for key in list(self.tcp):
-            relays = list(self.tcp[key].relays)
             self._close_tcp(key)
-            for relay in relays:
+        for listener in self._draining:
+            for relay in list(listener.relays):
                 relay.close(abort=True, outcome="shutdown")
+        self._draining = []
         for key in list(self.udp):
             self._close_udp(key)
