@@ -257,6 +257,14 @@ def l4_metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def write_config(tmp_path, text: str):
+    """The test's config folder for `tidegate run -f`, holding `text` as all.yaml."""
+    config = tmp_path / "config"
+    config.mkdir(exist_ok=True)
+    (config / "all.yaml").write_text(text)
+    return config
+
+
 def json_log(tmp_path) -> tuple[str, ...]:
     """`tidegate run` arguments for a JSON access log in the test's folder."""
     return ("--access-log", "json", "--access-log-file", str(tmp_path / "access.log"))
@@ -279,11 +287,9 @@ def greeted_by(port: int, pod: str) -> bool:
 
 def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
     port = free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     with pods(TCPPod(POD_A, "pod-a"), TCPPod(POD_B, "pod-b"), TCPPod(POD_C, "pod-c")) as (a, b, c):
         dead = free_port(POD_C)  # nothing listens there: each connection sent to it goes to another pod
-        (config / "all.yaml").write_text(
+        config = write_config(tmp_path,
             gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]")
             + l4_service("db", [a, b]) + l4_service("other", [c])
             + textwrap.dedent(f"""
@@ -347,10 +353,8 @@ def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
 
 def test_resets_on_either_side_are_passed_on_and_cleaned_up(tmp_path):
     port = free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     with pods(TCPPod(POD_A, "pod-a")) as (a,):
-        (config / "all.yaml").write_text(
+        config = write_config(tmp_path,
             gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]") + l4_service("db", [a])
             + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]"))
         with tidegate_run(config, (GW, port), tmp_path / "tidegate.log", *json_log(tmp_path)) as proxy:
@@ -379,12 +383,10 @@ def test_resets_on_either_side_are_passed_on_and_cleaned_up(tmp_path):
 
 def test_a_tcp_route_change_applies_to_new_connections_and_spares_open_ones(tmp_path):
     port = free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     with pods(TCPPod(POD_A, "pod-a"), TCPPod(POD_B, "pod-b")) as (a, b):
         base = (gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]") + l4_service("a", [a])
                 + l4_service("b", [b]))
-        (config / "all.yaml").write_text(base + l4_route("TCPRoute", "db", "db", "[{name: a, port: 9000}]"))
+        config = write_config(tmp_path, base + l4_route("TCPRoute", "db", "db", "[{name: a, port: 9000}]"))
         with tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
             before = Client(port)
             assert before.line() == "hello from pod-a"
@@ -397,15 +399,13 @@ def test_a_tcp_route_change_applies_to_new_connections_and_spares_open_ones(tmp_
 
 def test_idle_connections_close_source_ip_sticks_and_a_removed_listener_drains(tmp_path):
     port, http_port = free_port(GW), free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     with pods(TCPPod(POD_A, "pod-a"), TCPPod(POD_B, "pod-b")) as (a, b):
         rest = (l4_service("db", [a, b]) + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]")
                 + backend_policy("db", "db", """
                     loadBalancer: {type: ConsistentHash, consistentHash: {type: SourceIP}}
                     timeouts: {idle: 1s}"""))
         http = f"{{name: http, port: {http_port}, protocol: HTTP}}"
-        (config / "all.yaml").write_text(gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}, {http}]") + rest)
+        config = write_config(tmp_path, gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}, {http}]") + rest)
         with tidegate_run(config, (GW, http_port), tmp_path / "tidegate.log", *json_log(tmp_path)):
             wait_until(lambda: greeted_by(port, "pod-a") or greeted_by(port, "pod-b"), what="the TCP listener")
             # SourceIP: every connection from this address reaches the same pod.
@@ -444,10 +444,8 @@ def test_idle_connections_close_source_ip_sticks_and_a_removed_listener_drains(t
 
 def test_tcp_connections_over_a_services_max_connections_are_closed(tmp_path):
     port = free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     with pods(TCPPod(POD_A, "pod-a")) as (a,):
-        (config / "all.yaml").write_text(
+        config = write_config(tmp_path,
             gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}]") + l4_service("db", [a])
             + l4_route("TCPRoute", "db", "db", "[{name: db, port: 9000}]")
             + backend_policy("cap", "db", "circuitBreaker: {maxConnections: 2}"))
@@ -469,8 +467,6 @@ def test_tcp_connections_over_a_services_max_connections_are_closed(tmp_path):
 
 def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
     port = free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     ca, ((cert_a, key_a), (cert_b, key_b)) = ca_and_leaves([["db.example.com"], ["*.example.com", "a.b.example.com"]])
 
     def server_context(cert: bytes, key: bytes) -> ssl.SSLContext:
@@ -481,7 +477,7 @@ def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
 
     with pods(TCPPod(POD_A, "pod-a", server_context(cert_a, key_a)),
               TCPPod(POD_B, "pod-b", server_context(cert_b, key_b))) as (a, b):
-        (config / "all.yaml").write_text(
+        config = write_config(tmp_path,
             gateway(GW, f"[{{name: tls, port: {port}, protocol: TLS, tls: {{mode: Passthrough}}}}]")
             + l4_service("a", [a]) + l4_service("b", [b])
             + l4_route("TLSRoute", "exact", "tls", "[{name: a, port: 9000}]", "[db.example.com]")
@@ -529,11 +525,9 @@ def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
 
 def test_tls_terminate_routes_by_sni_and_relays_in_clear(tmp_path):
     port = free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     ca, ((cert, key),) = ca_and_leaves([["term.example.com", "other.example.com"]])
     with pods(TCPPod(POD_A, "pod-a"), TCPPod(POD_B, "pod-b")) as (a, b):
-        (config / "all.yaml").write_text(
+        config = write_config(tmp_path,
             gateway(GW, f"[{{name: tls, port: {port}, protocol: TLS, "
                         f"tls: {{mode: Terminate, certificateRefs: [{{name: cert}}]}}}}]")
             + "---\n" + tls_secret_pem_yaml("default", "cert", cert, key)
@@ -566,10 +560,8 @@ def test_tls_terminate_routes_by_sni_and_relays_in_clear(tmp_path):
 
 def test_udp_sessions_keep_to_one_pod_and_end_when_idle(tmp_path):
     port, http_port = free_port(GW), free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     with pods(UDPPod(POD_A, "pod-a"), UDPPod(POD_B, "pod-b")) as (a, b):
-        (config / "all.yaml").write_text(
+        config = write_config(tmp_path,
             gateway(GW, f"[{{name: dns, port: {port}, protocol: UDP}}, {{name: http, port: {http_port}, "
                         f"protocol: HTTP}}]")
             + l4_service("dns", [a, b], protocol="UDP")
@@ -621,10 +613,8 @@ def test_udp_sessions_keep_to_one_pod_and_end_when_idle(tmp_path):
 def test_tcp_and_udp_with_two_workers(tmp_path):
     """Each worker opens the L4 sockets too (SO_REUSEPORT), and /metrics adds their counts up."""
     port, http_port = free_port(GW), free_port(GW)
-    config = tmp_path / "config"
-    config.mkdir()
     with pods(TCPPod(POD_A, "pod-a"), UDPPod(POD_B, "pod-b")) as (a, b):
-        (config / "all.yaml").write_text(
+        config = write_config(tmp_path,
             gateway(GW, f"[{{name: db, port: {port}, protocol: TCP}}, {{name: dns, port: {port}, protocol: UDP}}, "
                         f"{{name: http, port: {http_port}, protocol: HTTP}}]")
             + l4_service("db", [a]) + l4_service("dns", [b], protocol="UDP")
