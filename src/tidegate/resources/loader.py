@@ -16,10 +16,9 @@ from typing import Any
 import yaml
 
 from tidegate.resources import kinds
+from tidegate.resources.bounded_yaml import LIMITS, YAMLLimitError, load_document, read_text
 from tidegate.resources.cel import CelCompileError
 from tidegate.resources.model import Key, Origin, Problem, Resource
-
-_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 _DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -66,10 +65,15 @@ def split_documents(text: str) -> list[tuple[int, str]]:
 
 def load_text(text: str, source: str, default_namespace: str = "default") -> LoadResult:
     result = LoadResult()
+    objects = 0
     for index, (line, doc_text) in enumerate(split_documents(text), start=1):
         origin = Origin(source, index, line)
         try:
-            doc = yaml.load(doc_text, Loader=_Loader)
+            doc = load_document(doc_text)
+        except YAMLLimitError as exc:
+            result.problems.append(Problem("error", origin, f"refused: {exc}"))
+            result.unidentified_failure = True
+            continue
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             first = next(i for i, s in enumerate(doc_text.splitlines()) if s.strip() and not s.lstrip().startswith("#"))
@@ -80,11 +84,16 @@ def load_text(text: str, source: str, default_namespace: str = "default") -> Loa
             continue
         if doc is None:
             continue
-        if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list):
-            for item in doc["items"]:
-                load_object(item, origin, default_namespace, result)
-        else:
-            load_object(doc, origin, default_namespace, result)
+        items = doc["items"] if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(
+            doc.get("items"), list) else [doc]
+        objects += len(items)
+        if objects > LIMITS.objects:
+            result.problems.append(Problem("error", origin, f"refused: more than {LIMITS.objects:,} objects in "
+                                                            f"one file; split it into several files"))
+            result.unidentified_failure = True
+            break
+        for item in items:
+            load_object(item, origin, default_namespace, result)
     return result
 
 
@@ -93,7 +102,11 @@ def load_paths(paths: Iterable[str | Path], default_namespace: str = "default") 
     result = LoadResult()
     for file in expand_paths(paths, result):
         try:
-            text = file.read_text()
+            text = read_text(file)
+        except YAMLLimitError as exc:
+            result.problems.append(Problem("error", Origin(str(file)), f"refused: {exc}"))
+            result.unidentified_failure = True
+            continue
         except (OSError, UnicodeDecodeError) as exc:
             result.problems.append(Problem("error", Origin(str(file)), f"cannot read file: {exc}"))
             result.unidentified_failure = True

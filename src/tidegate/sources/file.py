@@ -13,6 +13,7 @@ from pathlib import Path
 
 import watchfiles
 
+from tidegate.resources.bounded_yaml import YAMLLimitError, read_text
 from tidegate.resources.loader import YAML_SUFFIXES, expand_paths, load_text
 from tidegate.resources.model import Key, Origin, Problem, Resource
 from tidegate.store import Store
@@ -79,7 +80,9 @@ class FileSource:
     def _read(self, file: Path) -> list[Problem]:
         previous = self._by_file.get(file, {})
         try:
-            text = file.read_text()
+            text = read_text(file)
+        except YAMLLimitError as exc:
+            return [Problem("error", Origin(str(file)), f"refused: {exc}; keeping what it had")]
         except (OSError, UnicodeDecodeError) as exc:
             return [Problem("error", Origin(str(file)), f"cannot read file: {exc}; keeping what it had")]
         result = load_text(text, str(file), self.default_namespace)
@@ -119,9 +122,19 @@ class FileSource:
         roots = [p for p in self.paths if p.exists()]
         if not roots:
             return
+        # Only YAML files wake the watcher: `tidegate run -f DIR > DIR/tidegate.log` must not feed itself.
         async for changes in watchfiles.awatch(*roots, debounce=50, step=20, stop_event=stop_event,
-                                               recursive=True):
-            files = {Path(path) for _, path in changes if Path(path).suffix in YAML_SUFFIXES}
-            if files:
-                for problem in self.reload(files):
-                    self.report(problem)
+                                               recursive=True, watch_filter=_is_yaml):
+            files = {Path(path) for _, path in changes}
+            try:
+                problems = self.reload(files)
+            except Exception as exc:  # a bug must not end the watch: later edits still apply
+                log.exception("reloading %s failed; the last good configuration keeps serving",
+                              ", ".join(sorted(map(str, files))))
+                problems = [Problem("error", Origin(str(min(files))), f"reload failed: {exc!r}")]
+            for problem in problems:
+                self.report(problem)
+
+
+def _is_yaml(change: watchfiles.Change, path: str) -> bool:
+    return Path(path).suffix in YAML_SUFFIXES
