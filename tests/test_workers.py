@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tests.harness import free_port, request, tidegate_run, wait_until
-from tests.manifests import actively_checked_app, route
+from tests.manifests import actively_checked_app, http_gateway, route, service
 from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
@@ -109,3 +109,37 @@ def test_two_workers_share_the_traffic_and_the_metrics_add_up(tmp_path):
     # Workers are stopped before the control process exits; multiprocessing's resource tracker follows it
     # out a moment later (it leaves when its pipe closes).
     wait_until(lambda: all(gone(pid) for pid in everyone), timeout=10, what="no process left behind")
+
+
+def _routes(first: int, count: int) -> str:
+    return "".join(route(f"r{i}", f"r{i}.test", "- backendRefs: [{name: app, port: 80}]")
+                   for i in range(first, first + count))
+
+
+def test_workers_serve_thousands_of_routes_and_take_more_without_a_restart(tmp_path):
+    """A configuration of thousands of routes reaches both workers whole (it once failed half-read and the
+    workers restarted in a loop), and adding thousands more while requests flow loses none of them."""
+    port, pod_port = free_port(GW), free_port("127.0.11.3")
+    pods = [("127.0.11.3", pod_port, "pod-c")]
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "app.yaml").write_text(http_gateway(GW, port) + service("app", pods) + _routes(0, 2000))
+    log = tmp_path / "tidegate.log"
+    with scripted_backends(*pods), tidegate_run(config, (GW, port), log, "--workers", "2") as proxy:
+        wait_until(lambda: request("127.0.0.1", proxy.admin_port, "/readyz")[0] == 200, timeout=60,
+                   what="both workers serve 2,000 routes")
+        workers = sorted(_children(proxy.pid))
+        assert len(workers) == 2
+        assert [request(GW, port, "/", headers={"Host": f"r{i}.test"})[0] for i in (0, 999, 1999)] == [200] * 3
+
+        (config / "more.yaml").write_text(_routes(2000, 2000))
+        statuses: list[int] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(statuses) < 20_000:  # bounded in count and time
+            statuses.append(request(GW, port, "/", headers={"Host": "r1.test"}, timeout=5)[0])
+            if len(statuses) % 20 == 0 and request(GW, port, "/", headers={"Host": "r3999.test"})[0] == 200:
+                break
+        assert request(GW, port, "/", headers={"Host": "r3999.test"})[0] == 200, "the new routes are served"
+        assert set(statuses) == {200}, statuses
+        assert sorted(_children(proxy.pid)) == workers, "no worker was restarted"
+        assert "exited with" not in log.read_text()

@@ -519,7 +519,7 @@ async def _serve(args: argparse.Namespace) -> int:
         pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
                                                       args.access_log_sample, args.access_log_status), registry)
         health = HealthChecker(registry, on_change=pool.health_changed)
-        pool.start()
+        await pool.start()
     else:
         dataplane = DataPlane(bind=args.bind)
         dataplane.registry.zone = args.zone

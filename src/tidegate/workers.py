@@ -3,7 +3,8 @@
 The control process keeps everything that must happen once: sources, store, translation, status writes,
 leader election, the admin listener, and active health checks. Each worker process serves traffic: it opens
 every listener with SO_REUSEPORT (the kernel spreads connections over the workers), receives each new IR
-over a pipe and answers with the sockets it could not open, learns health verdicts from the control
+over a channel (channel.py: framed and flow-controlled, whatever the IR's size) and answers with the sockets it
+could not open, learns health verdicts from the control
 process, and reports its counters every second; the control process adds them up for /metrics, the admin
 API and the dashboard. A worker that dies is started again with the configuration in force. Workers never
 act on signals themselves: the control process tells them to stop, with the grace period.
@@ -16,14 +17,15 @@ import logging
 import multiprocessing
 import os
 import signal
+import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
 from tidegate import ir
 from tidegate.balancing.state import Registry
+from tidegate.channel import Channel
 
 log = logging.getLogger("tidegate.workers")
 
@@ -51,40 +53,30 @@ class WorkerPool:
         self.registry = registry  # the control process's: health verdicts, and the workers' counts added up
         self._context = multiprocessing.get_context("spawn")
         self._procs: dict[int, Any] = {}
-        self._conns: dict[int, Connection] = {}
+        self._channels: dict[int, Channel] = {}
         self._waiting: dict[int, asyncio.Future] = {}
         self._config: tuple[int, ir.IR] | None = None
         self._endpoint_stats: dict[int, dict] = {}
         self._stopping = False
         self._watcher: asyncio.Task | None = None
-        # Sends run in threads (a large IR does not fit a pipe buffer), one at a time per worker: two
-        # threads writing to one pipe at once would interleave their messages' bytes.
-        self._senders = ThreadPoolExecutor(max_workers=count + 1, thread_name_prefix="tidegate-send")
-        self._send_locks: dict[int, asyncio.Lock] = {}
 
-    def start(self) -> None:
+    async def start(self) -> None:
         for index in range(self.count):
-            self._spawn(index)
+            await self._spawn(index)
         self._watcher = asyncio.get_running_loop().create_task(self._supervise())
 
-    def _spawn(self, index: int) -> None:
-        parent, child = self._context.Pipe()
-        proc = self._context.Process(target=worker_main, args=(child, index, self.options), name=f"tidegate-worker-{index}")
+    async def _spawn(self, index: int) -> None:
+        parent, child = self._context.Pipe()  # a socket pair: the child's end travels to the new process
+        proc = self._context.Process(target=worker_main, args=(child, index, self.options),
+                                     name=f"tidegate-worker-{index}")
         proc.start()
         child.close()
-        self._procs[index], self._conns[index] = proc, parent
-        asyncio.get_running_loop().add_reader(parent.fileno(), self._receive, index)
+        self._procs[index] = proc
+        self._channels[index] = await Channel.open(_socket_of(parent), lambda m: self._receive(index, m),
+                                                   lambda: None)  # a worker's end: _supervise notices
         log.info("worker %d started (pid %d)", index, proc.pid)
 
-    def _receive(self, index: int) -> None:
-        conn = self._conns.get(index)
-        if conn is None:
-            return
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            asyncio.get_running_loop().remove_reader(conn.fileno())
-            return
+    async def _receive(self, index: int, message: tuple) -> None:
         kind = message[0]
         if kind == "applied":
             waiter = self._waiting.get(index)
@@ -120,22 +112,19 @@ class WorkerPool:
             state.ejections = ejections
 
     async def _send(self, index: int, message: tuple) -> None:
-        conn = self._conns.get(index)
-        if conn is None:
+        channel = self._channels.get(index)
+        if channel is None:
             return
-        lock = self._send_locks.setdefault(index, asyncio.Lock())
         try:
-            async with lock:
-                if self._conns.get(index) is conn:  # not replaced by a new worker's while waiting
-                    await asyncio.get_running_loop().run_in_executor(self._senders, conn.send, message)
-        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the senders are shut down
+            await channel.send(message, large=message[0] == "config")
+        except ConnectionError as exc:
             log.warning("worker %d: cannot send %s: %s", index, message[0], exc)
 
     async def apply(self, version: int, config: ir.IR) -> dict:
         """Send a configuration to every worker; the listeners any of them could not open (with why)."""
         self._config = (version, config)
         errors: dict = {}
-        results = await asyncio.gather(*(self._apply_one(i, version, config) for i in list(self._conns)))
+        results = await asyncio.gather(*(self._apply_one(i, version, config) for i in list(self._channels)))
         for found in results:
             errors.update(found)
         return errors
@@ -156,7 +145,7 @@ class WorkerPool:
             return {}
 
     def health_changed(self, address: str, port: int, check: ir.HealthCheck, healthy: bool) -> None:
-        for index in list(self._conns):
+        for index in list(self._channels):
             asyncio.get_running_loop().create_task(self._send(index, ("health", address, port, check, healthy)))
 
     async def _supervise(self) -> None:
@@ -171,13 +160,8 @@ class WorkerPool:
 
                 METRICS.retire_worker(index)
                 self._endpoint_stats.pop(index, None)
-                conn = self._conns.pop(index)
-                try:
-                    asyncio.get_running_loop().remove_reader(conn.fileno())
-                except (ValueError, OSError):
-                    pass
-                conn.close()
-                self._spawn(index)
+                self._channels.pop(index).close()
+                await self._spawn(index)
                 if self._config is not None:
                     asyncio.get_running_loop().create_task(self._apply_one(index, *self._config))
 
@@ -189,7 +173,7 @@ class WorkerPool:
         if self._watcher is not None:
             self._watcher.cancel()
         deadline = time.monotonic() + grace + 5
-        sends = [asyncio.ensure_future(self._send(index, ("stop", grace))) for index in list(self._conns)]
+        sends = [asyncio.ensure_future(self._send(index, ("stop", grace))) for index in list(self._channels)]
         # A worker that reads nothing (still starting, or stuck) must not hold the stop up: it is killed below.
         await asyncio.wait(sends, timeout=5)
         for proc in self._procs.values():
@@ -197,13 +181,15 @@ class WorkerPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
-        for conn in self._conns.values():
-            try:
-                asyncio.get_running_loop().remove_reader(conn.fileno())
-            except (ValueError, OSError):
-                pass
-            conn.close()
-        self._senders.shutdown(wait=False, cancel_futures=True)
+        for channel in self._channels.values():
+            channel.close()
+
+
+def _socket_of(conn: Connection) -> socket.socket:
+    """The socket under a multiprocessing Pipe end (a socket pair on Linux), for the event loop to drive."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    conn.close()
+    return sock
 
 
 # -- a worker process ------------------------------------------------------------------------------------
@@ -233,14 +219,11 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
 
-    def readable() -> None:
-        try:
-            inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):
-            loop.remove_reader(conn.fileno())
-            inbox.put_nowait(("stop", 0.0))  # the control process is gone: so are we
+    async def received(message: tuple) -> None:
+        inbox.put_nowait(message)
 
-    loop.add_reader(conn.fileno(), readable)
+    # When the control process is gone, so are we.
+    channel = await Channel.open(_socket_of(conn), received, lambda: inbox.put_nowait(("stop", 0.0)))
 
     async def report() -> None:
         while True:
@@ -249,8 +232,8 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
             endpoints = {key: (s.active, s.requests, s.failures, list(s.latency), max(0.0, s.ejected_until - now),
                                s.ejections) for key, s in dataplane.registry.endpoints.items()}
             try:
-                conn.send(("stats", METRICS.snapshot(), endpoints))
-            except (OSError, ValueError):
+                await channel.send(("stats", METRICS.snapshot(), endpoints))
+            except ConnectionError:
                 return
 
     reporter = loop.create_task(report())
@@ -265,7 +248,10 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
             except Exception:  # keep serving the last good configuration
                 logging.getLogger("tidegate.workers").exception("worker %d: config %d not applied", index, version)
                 errors = {}
-            conn.send(("applied", version, errors))
+            try:
+                await channel.send(("applied", version, errors))
+            except ConnectionError:
+                break
             freeze_startup_heap()
         elif kind == "health":
             _, address, port, check, healthy = message
@@ -278,7 +264,8 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
     if accesslog.ACCESS_LOG is not None:
         accesslog.ACCESS_LOG.close()
     try:
-        conn.send(("stats", METRICS.snapshot(), {}))
-    except (OSError, ValueError):
+        await channel.send(("stats", METRICS.snapshot(), {}))
+        await channel.flush(timeout=2.0)
+    except ConnectionError:
         pass
     os._exit(0)
