@@ -102,6 +102,9 @@ def tidegate_run(config_dir: Path, ready: tuple[str, int], log_path: Path, *extr
     args = [*TIDEGATE, "run", "-f", str(config_dir), "--admin", f"127.0.0.1:{admin_port}", *extra]
     with process(args, log_path, ready=ready) as proc:
         proc.admin_port = admin_port  # type: ignore[attr-defined]
+        # A worker opens the port a moment before the control process hears that it applied the config.
+        wait_until(lambda: "serving config version" in Path(log_path).read_text(errors="replace"), timeout=30,
+                   what="the first configuration applied")
         yield proc
 
 

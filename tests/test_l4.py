@@ -257,6 +257,15 @@ def l4_metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+def scraped_at(proxy, name: str, value: float, **labels: str) -> dict[tuple[str, frozenset], float]:
+    """The L4 samples once `name{labels}` reads `value`: workers report their counts every second."""
+    def reached() -> dict | None:
+        samples = scraped(proxy)
+        return samples if l4_metric(samples, name, **labels) == value else None
+
+    return wait_until(reached, what=f"{name} {labels} at {value}")
+
+
 def write_config(tmp_path, text: str):
     """The test's config folder for `tidegate run -f`, holding `text` as all.yaml."""
     config = tmp_path / "config"
@@ -331,9 +340,8 @@ def test_tcp_relays_both_ways_spreads_connections_and_half_closes(tmp_path):
             client.close()
 
             route = {"listener": "default/gw/db", "route": "tcproute/default/db/rule/0", "protocol": "tcp"}
-            wait_until(lambda: l4_metric(scraped(proxy), "tidegate_l4_open_connections", **route) == 0,
-                       what="every connection closed in the metrics")
-            samples = scraped(proxy)
+            scraped_at(proxy, "tidegate_l4_connections_total", 8, **route)
+            samples = scraped_at(proxy, "tidegate_l4_open_connections", 0, **route)
             # 7, and the harness's check that the port is open
             assert l4_metric(samples, "tidegate_l4_connections_total", **route) == 8
             assert l4_metric(samples, "tidegate_l4_bytes_total", **route, direction="in") == 6 * 13 + 3000 * 1001
@@ -463,8 +471,8 @@ def test_tcp_connections_over_a_services_max_connections_are_closed(tmp_path):
             wait_until(lambda: greeted_by(port, "pod-a"), what="a connection to be let in once one has closed")
             second.close()
             # The third, and any the wait above made before the first close was seen
-            assert l4_metric(scraped(proxy), "tidegate_l4_refused_total", listener="default/gw/db",
-                             reason="max-connections") >= 1
+            wait_until(lambda: l4_metric(scraped(proxy), "tidegate_l4_refused_total", listener="default/gw/db",
+                                         reason="max-connections") >= 1, what="the refusal counted")
 
 
 # -- TLS passthrough --------------------------------------------------------------------------------------
@@ -511,7 +519,7 @@ def test_tls_passthrough_routes_by_sni_and_the_pod_terminates(tmp_path):
             assert proxy.poll() is None
             log = (tmp_path / "tidegate.log").read_text()
             assert "no TLSRoute for server name 'other.org'" in log and "not a TLS handshake" in log
-            samples = scraped(proxy)
+            samples = scraped_at(proxy, "tidegate_l4_refused_total", 1, listener="default/gw/tls", reason="not-tls")
             for reason, count in (("no-route", 2), ("not-tls", 1)):
                 assert l4_metric(samples, "tidegate_l4_refused_total", listener="default/gw/tls", reason=reason) == count
             assert l4_metric(samples, "tidegate_l4_connections_total", listener="default/gw/tls",
@@ -598,8 +606,7 @@ def test_udp_sessions_keep_to_one_pod_and_end_when_idle(tmp_path):
                 assert clients[0].recvfrom(1000)[0].endswith(b": again")
                 assert len(a.peers) + len(b.peers) == 5
                 route = {"listener": "default/gw/dns", "route": "udproute/default/dns/rule/0", "protocol": "udp"}
-                samples = scraped(proxy)
-                assert l4_metric(samples, "tidegate_l4_connections_total", **route) == 5
+                samples = scraped_at(proxy, "tidegate_l4_connections_total", 5, **route)
                 assert l4_metric(samples, "tidegate_l4_open_connections", **route) == 1
                 for direction in ("in", "out"):
                     assert l4_metric(samples, "tidegate_l4_datagrams_total", **route, direction=direction) == 13

@@ -9,7 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.harness import echo_servers, free_port, request, tidegate_run
+from tests.harness import echo_servers, free_port, request, tidegate_run, wait_until
 from tests.manifests import backend_policy, http_gateway, route, service
 from tests.scripted import scripted_backends
 
@@ -137,18 +137,21 @@ def test_active_health_checks_take_a_failing_pod_out_and_bring_it_back(tmp_path)
         deadline = time.monotonic() + 5
         while b.health_checks < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.15)
-        before = b.requests
-        assert {_pod(request(GW, port, "/")[2]) for _ in range(20)} == {"pod-a"}
-        assert b.requests == before
+
+        def only_pod_a() -> bool:
+            """20 requests, none to pod-b (once the verdict has gone from the control process to the worker)."""
+            before = b.requests
+            return {_pod(request(GW, port, "/")[2]) for _ in range(20)} == {"pod-a"} and b.requests == before
+
+        assert wait_until(only_pod_a, timeout=2, what="the failing pod out of rotation")
         metrics = request("127.0.0.1", proxy.admin_port, "/metrics")[2].decode()
         assert f'tidegate_endpoint_healthy{{backend="default/app:80",endpoint="127.0.6.2:{pod_port}"}} 0.0' in metrics
         assert f'tidegate_endpoint_healthy{{backend="default/app:80",endpoint="127.0.6.1:{pod_port}"}} 1.0' in metrics
         assert (f'tidegate_endpoint_requests_total{{backend="default/app:80",endpoint="127.0.6.1:{pod_port}"}} '
-                "20.0") in metrics
+                f"{float(a.requests)}") in metrics
         b.healthy = True
-        time.sleep(0.5)  # two passing checks
-        assert {_pod(request(GW, port, "/")[2]) for _ in range(20)} == {"pod-a", "pod-b"}
+        wait_until(lambda: {_pod(request(GW, port, "/")[2]) for _ in range(20)} == {"pod-a", "pod-b"}, timeout=3,
+                   what="two passing checks bring pod-b back")
     assert a.health_checks >= 3  # the healthy pod is checked too
 
 

@@ -461,13 +461,15 @@ async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from tidegate.dataplane.server import DataPlane, freeze_startup_heap
-    from tidegate.observe import accesslog
+    from tidegate.balancing.health import HealthChecker
+    from tidegate.balancing.state import Registry
+    from tidegate.dataplane.server import freeze_startup_heap
     from tidegate.observe.admin import RunState, start_admin
     from tidegate.observe.metrics import METRICS
     from tidegate.sources.file import FileSource
     from tidegate.store import Store
     from tidegate.translate.gateways import mark_unbindable
+    from tidegate.workers import WorkerOptions, WorkerPool
 
     log = logging.getLogger("tidegate")
     log.info("tidegate %s, request path %s", __version__, compiled.describe())
@@ -503,27 +505,15 @@ async def _serve(args: argparse.Namespace) -> int:
         if cluster is not None:
             await cluster.close()
         return EXIT_OK
-    # Always there, "off" included: a Gateway may turn its own access log on (tidegate.io/access-log).
-    accesslog.ACCESS_LOG = accesslog.AccessLog(args.access_log, args.access_log_file, args.access_log_sample,
-                                               args.access_log_status)
-    pool = None
-    if args.workers > 1:
-        from tidegate.balancing.health import HealthChecker
-        from tidegate.balancing.state import Registry
-        from tidegate.workers import WorkerOptions, WorkerPool
-
-        # Traffic goes to the workers; this process keeps sources, translation, status, health checks, admin.
-        accesslog.ACCESS_LOG = None
-        METRICS.use_workers()
-        registry = Registry()
-        pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
-                                                      args.access_log_sample, args.access_log_status), registry)
-        health = HealthChecker(registry, on_change=pool.health_changed)
-        await pool.start()
-    else:
-        dataplane = DataPlane(bind=args.bind)
-        dataplane.registry.zone = args.zone
-        registry, health = dataplane.registry, dataplane.health
+    # Traffic goes to worker processes, one or more: this process keeps sources, loading, translation, status,
+    # health checks and the admin listener, so that nothing a config file does holds up serving. (Each worker
+    # writes its own access log lines.)
+    METRICS.use_workers()
+    registry = Registry()
+    pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
+                                                  args.access_log_sample, args.access_log_status), registry)
+    health = HealthChecker(registry, on_change=pool.health_changed)
+    await pool.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -531,6 +521,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
     state = RunState(sources=[str(p) for p in args.paths] + (["kubernetes"] if args.kubernetes else []))
     state.registry = registry
+    state.refresh = pool.refresh_stats
     from tidegate.observe.admin import backends_view
 
     METRICS.endpoints.source = lambda: backends_view(state)
@@ -548,15 +539,13 @@ async def _serve(args: argparse.Namespace) -> int:
     async def follow() -> None:
         async for snapshot in store.updates():
             started = time.perf_counter()
-            translation = translate(snapshot.resources, _options(args))
+            # In a thread: the admin listener (probes, scrapes) keeps answering while a large config translates.
+            translation = await asyncio.to_thread(translate, snapshot.resources, _options(args))
             METRICS.translation.observe(time.perf_counter() - started)
             try:
-                if pool is not None:
-                    registry.retain(translation.ir)
-                    health.apply(translation.ir)
-                    errors = await pool.apply(snapshot.version, translation.ir)
-                else:
-                    errors = await dataplane.apply(translation.ir)
+                registry.retain(translation.ir)
+                health.apply(translation.ir)
+                errors = await pool.apply(snapshot.version, translation.ir)
             except Exception:  # a bug here must not take down what is serving: keep the last good config
                 log.exception("config version %d could not be applied; the previous one keeps serving",
                               snapshot.version)
@@ -587,15 +576,10 @@ async def _serve(args: argparse.Namespace) -> int:
         await elector.release()
     if cluster is not None:
         await cluster.close()
-    if pool is not None:
-        await pool.stop(args.grace)
-        await health.close()
-    else:
-        await dataplane.close(grace=args.grace)
+    await pool.stop(args.grace)
+    await health.close()
     if admin is not None:
         admin.close()
-    if accesslog.ACCESS_LOG is not None:
-        accesslog.ACCESS_LOG.close()  # the last batch: no line is lost on a graceful stop
     return EXIT_OK
 
 

@@ -57,6 +57,7 @@ class WorkerPool:
         self._waiting: dict[int, asyncio.Future] = {}
         self._config: tuple[int, ir.IR] | None = None
         self._endpoint_stats: dict[int, dict] = {}
+        self._reports: dict[int, list[asyncio.Future]] = {}  # refresh_stats waiting for a worker's counts
         self._stopping = False
         self._watcher: asyncio.Task | None = None
 
@@ -88,6 +89,23 @@ class WorkerPool:
             METRICS.merge_worker(index, message[1])
             self._endpoint_stats[index] = message[2]
             self._merge_endpoints()
+            for waiter in self._reports.pop(index, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def refresh_stats(self, timeout: float = 0.5) -> None:
+        """Ask every worker for its counts now, and wait (at most `timeout` seconds) until they are in: a
+        scrape then counts every request answered before it. A worker that does not answer in time (busy, or
+        starting) is counted as of its last report."""
+        loop = asyncio.get_running_loop()
+        waiters = []
+        for index in list(self._channels):
+            waiter = loop.create_future()
+            self._reports.setdefault(index, []).append(waiter)
+            waiters.append(waiter)
+            loop.create_task(self._send(index, ("report",)))
+        if waiters:
+            await asyncio.wait(waiters, timeout=timeout)
 
     def _merge_endpoints(self) -> None:
         """The workers' per-endpoint counts, added up into the control process's registry (what the admin
@@ -219,22 +237,31 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
 
+    def stats() -> tuple:
+        now = time.monotonic()
+        endpoints = {key: (s.active, s.requests, s.failures, list(s.latency), max(0.0, s.ejected_until - now),
+                           s.ejections) for key, s in dataplane.registry.endpoints.items()}
+        return ("stats", METRICS.snapshot(), endpoints)
+
     async def received(message: tuple) -> None:
-        inbox.put_nowait(message)
+        if message[0] == "report":  # answered at once, even while a configuration is being applied
+            loop.create_task(send_stats())
+        else:
+            inbox.put_nowait(message)
+
+    async def send_stats() -> bool:
+        try:
+            await channel.send(stats())
+            return True
+        except ConnectionError:
+            return False
 
     # When the control process is gone, so are we.
     channel = await Channel.open(_socket_of(conn), received, lambda: inbox.put_nowait(("stop", 0.0)))
 
     async def report() -> None:
-        while True:
+        while await send_stats():
             await asyncio.sleep(STATS_INTERVAL)
-            now = time.monotonic()
-            endpoints = {key: (s.active, s.requests, s.failures, list(s.latency), max(0.0, s.ejected_until - now),
-                               s.ejections) for key, s in dataplane.registry.endpoints.items()}
-            try:
-                await channel.send(("stats", METRICS.snapshot(), endpoints))
-            except ConnectionError:
-                return
 
     reporter = loop.create_task(report())
     grace = 0.0
@@ -263,9 +290,6 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
     await dataplane.close(grace=grace)
     if accesslog.ACCESS_LOG is not None:
         accesslog.ACCESS_LOG.close()
-    try:
-        await channel.send(("stats", METRICS.snapshot(), {}))
+    if await send_stats():
         await channel.flush(timeout=2.0)
-    except ConnectionError:
-        pass
     os._exit(0)

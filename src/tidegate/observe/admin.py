@@ -26,7 +26,7 @@ import ipaddress
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources as importlib_resources
 from typing import Any
@@ -53,6 +53,12 @@ class RunState:
     started: float = field(default_factory=time.time)
     applied_at: float = 0.0
     registry: Any = None  # tidegate.balancing.state.Registry of the data plane: endpoint health and counts
+    # Brings the workers' counts up to date before an answer that shows them (WorkerPool.refresh_stats).
+    refresh: Callable[[], Awaitable[None]] | None = None
+
+
+# Answers that show the workers' counts: they are brought up to date first.
+_COUNTED = frozenset((b"/metrics", b"/api/v1/traffic", b"/api/v1/backends"))
 
 
 def peer_allowed(peer: str, authorization: str | None, token: str) -> bool:
@@ -109,8 +115,24 @@ class AdminProtocol(asyncio.Protocol):
         if method not in ("GET", "HEAD"):
             self._send(405, {"error": "the admin API is read-only"}, close=not keep)
             return
+        if self.state.refresh is not None and self.url.split(b"?")[0].rstrip(b"/") in _COUNTED:
+            assert self.transport is not None
+            self.transport.pause_reading()  # the next request waits for this answer
+            asyncio.get_running_loop().create_task(self._answer_refreshed(self.url, method, keep))
+            return
+        self._answer(self.url, method, keep)
+
+    async def _answer_refreshed(self, url: bytes, method: str, keep: bool) -> None:
         try:
-            status, body, ctype = self._route(self.url.decode("latin-1"))
+            await self.state.refresh()  # type: ignore[misc]
+        finally:
+            self._answer(url, method, keep)
+            if self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def _answer(self, url: bytes, method: str, keep: bool) -> None:
+        try:
+            status, body, ctype = self._route(url.decode("latin-1"))
         except Exception as exc:  # an admin bug must not take the process down
             log.exception("admin request failed")
             status, body, ctype = 500, json.dumps({"error": str(exc)}).encode(), "application/json"

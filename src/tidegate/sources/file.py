@@ -7,6 +7,7 @@ Deleting a file, or a document from a file that still parses, removes its resour
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -66,6 +67,9 @@ class FileSource:
 
     def reload(self, changed: Iterable[Path]) -> list[Problem]:
         """Re-read changed files (paths as the watcher reports them, usually absolute)."""
+        return self._reread(changed) + self._publish()
+
+    def _reread(self, changed: Iterable[Path]) -> list[Problem]:
         problems: list[Problem] = []
         current = {f.resolve(): f for f in expand_paths(self.paths)}
         known = {f.resolve(): f for f in self._by_file}
@@ -74,7 +78,6 @@ class FileSource:
                 problems += self._read(current[path])
             elif path in known:
                 del self._by_file[known[path]]
-        problems += self._publish()
         return problems
 
     def _read(self, file: Path) -> list[Problem]:
@@ -127,7 +130,10 @@ class FileSource:
                                                recursive=True, watch_filter=_is_yaml):
             files = {Path(path) for _, path in changes}
             try:
-                problems = self.reload(files)
+                # Reading and validating in a thread: a 50 MB file takes a minute, and the admin listener on
+                # this loop must keep answering probes meanwhile. The store is written here, on the loop.
+                problems = await asyncio.to_thread(self._reread, files)
+                problems += self._publish()
             except Exception as exc:  # a bug must not end the watch: later edits still apply
                 log.exception("reloading %s failed; the last good configuration keeps serving",
                               ", ".join(sorted(map(str, files))))
