@@ -54,14 +54,15 @@ def _output(proc: subprocess.Popen) -> str:
 
 
 @contextmanager
-def process(args: list[str], log_path: Path, ready: tuple[str, int] | None = None) -> Iterator[subprocess.Popen]:
+def process(args: list[str], log_path: Path, ready: tuple[str, int] | None = None,
+            timeout: float = 15.0) -> Iterator[subprocess.Popen]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
     proc.log_path = str(log_path)  # type: ignore[attr-defined]
     try:
         if ready:
-            wait_for_port(*ready, proc)
+            wait_for_port(*ready, proc, timeout=timeout)
         yield proc
     except BaseException:
         # What the process said is the first thing to read when a test around it fails (pytest shows it).
@@ -96,11 +97,13 @@ def echo_servers(pods: dict[tuple[str, int], str], log_path: Path, *extra: str) 
 
 
 @contextmanager
-def tidegate_run(config_dir: Path, ready: tuple[str, int], log_path: Path, *extra: str) -> Iterator[subprocess.Popen]:
-    """`tidegate run` on a config folder; its admin listener is on a free loopback port (proc.admin_port)."""
+def tidegate_run(config_dir: Path, ready: tuple[str, int], log_path: Path, *extra: str,
+                 timeout: float = 15.0) -> Iterator[subprocess.Popen]:
+    """`tidegate run` on a config folder; its admin listener is on a free loopback port (proc.admin_port).
+    `timeout`: seconds to wait for the port to open (a large configuration takes a while to load)."""
     admin_port = free_port()
     args = [*TIDEGATE, "run", "-f", str(config_dir), "--admin", f"127.0.0.1:{admin_port}", *extra]
-    with process(args, log_path, ready=ready) as proc:
+    with process(args, log_path, ready=ready, timeout=timeout) as proc:
         proc.admin_port = admin_port  # type: ignore[attr-defined]
         # A worker opens the port a moment before the control process hears that it applied the config.
         wait_until(lambda: "serving config version" in Path(log_path).read_text(errors="replace"), timeout=30,

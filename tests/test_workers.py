@@ -143,3 +143,30 @@ def test_workers_serve_thousands_of_routes_and_take_more_without_a_restart(tmp_p
         assert set(statuses) == {200}, statuses
         assert sorted(_children(proxy.pid)) == workers, "no worker was restarted"
         assert "exited with" not in log.read_text()
+
+
+def test_workers_serve_a_hundred_thousand_routes_and_keep_serving_while_more_arrive(tmp_path):
+    port, pod_port = free_port(GW), free_port("127.0.11.4")
+    pods = [("127.0.11.4", pod_port, "pod-d")]
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "app.yaml").write_text(http_gateway(GW, port) + service("app", pods))
+    for first in range(0, 100_000, 10_000):
+        (config / f"routes-{first}.yaml").write_text(_routes(first, 10_000))
+    log = tmp_path / "tidegate.log"
+    with scripted_backends(*pods), tidegate_run(config, (GW, port), log, "--workers", "2", timeout=240) as proxy:
+        wait_until(lambda: request("127.0.0.1", proxy.admin_port, "/readyz")[0] == 200, timeout=60,
+                   what="both workers serve 100,000 routes")
+        workers = sorted(_children(proxy.pid))
+        assert [request(GW, port, "/", headers={"Host": f"r{i}.test"})[0] for i in (0, 54_321, 99_999)] == [200] * 3
+
+        (config / "more.yaml").write_text(_routes(100_000, 1000))
+        statuses: list[int] = []
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(statuses) < 100_000:  # bounded in count and time
+            statuses.append(request(GW, port, "/", headers={"Host": "r7.test"}, timeout=5)[0])
+            if len(statuses) % 50 == 0 and "serving config version 2\n" in log.read_text():
+                break
+        assert request(GW, port, "/", headers={"Host": "r100999.test"})[0] == 200, "the new routes are served"
+        assert set(statuses) == {200}, statuses
+        assert sorted(_children(proxy.pid)) == workers, "no worker was restarted"

@@ -461,6 +461,7 @@ async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from tidegate import background
     from tidegate.balancing.health import HealthChecker
     from tidegate.balancing.state import Registry
     from tidegate.dataplane.server import freeze_startup_heap
@@ -540,7 +541,7 @@ async def _serve(args: argparse.Namespace) -> int:
         async for snapshot in store.updates():
             started = time.perf_counter()
             # In a thread: the admin listener (probes, scrapes) keeps answering while a large config translates.
-            translation = await asyncio.to_thread(translate, snapshot.resources, _options(args))
+            translation = await background.run(translate, snapshot.resources, _options(args))
             METRICS.translation.observe(time.perf_counter() - started)
             try:
                 registry.retain(translation.ir)

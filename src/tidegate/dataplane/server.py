@@ -113,7 +113,10 @@ class DataPlane:
 
     async def apply(self, config: ir.IR) -> dict[tuple[str, int], tuple[str, str]]:
         """Serve `config` from now on. Returns the listeners that could not be opened, with the reason."""
-        routers = {(addr or self.bind, port): router for (addr, port), router in routers_by_port(config).items()}
+        # The route tables are compiled in a thread: that work grows with the number of routes, and the
+        # event loop meanwhile serves on the tables in force, held up at most a switch interval at a time.
+        compiled = await asyncio.get_running_loop().run_in_executor(None, routers_by_port, config)
+        routers = {(addr or self.bind, port): router for (addr, port), router in compiled.items()}
         https: dict[tuple[str, int], list[ir.Listener]] = {}
         for listener in config.listeners:
             if listener.protocol == "HTTPS":

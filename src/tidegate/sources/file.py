@@ -7,13 +7,13 @@ Deleting a file, or a document from a file that still parses, removes its resour
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import watchfiles
 
+from tidegate import background
 from tidegate.resources.bounded_yaml import YAMLLimitError, read_text
 from tidegate.resources.loader import YAML_SUFFIXES, expand_paths, load_text
 from tidegate.resources.model import Key, Origin, Problem, Resource
@@ -132,7 +132,7 @@ class FileSource:
             try:
                 # Reading and validating in a thread: a 50 MB file takes a minute, and the admin listener on
                 # this loop must keep answering probes meanwhile. The store is written here, on the loop.
-                problems = await asyncio.to_thread(self._reread, files)
+                problems = await background.run(self._reread, files)
                 problems += self._publish()
             except Exception as exc:  # a bug must not end the watch: later edits still apply
                 log.exception("reloading %s failed; the last good configuration keeps serving",
