@@ -51,6 +51,7 @@ from tidegate.dataplane.upstream import (
     UpstreamConnection,
     UpstreamError,
 )
+from tidegate.dataplane.upstream_h2 import H2UpstreamStream
 from tidegate.observe import accesslog
 from tidegate.observe.metrics import METRICS, RouteCounts
 from tidegate.router import Candidate, Request, normalize_host
@@ -1108,9 +1109,22 @@ async def _proxy_h2(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.End
     fields = [(":method", ex.method), (":scheme", "http"), (":authority", host), (":path", target)]
     fields += [(n.lower(), v) for n, v in _forward_headers(ex, headers, conn.peer, conn.scheme, original_host)
                if n.lower() not in ("te", "connection")]
+    # The one TE value HTTP/2 allows (RFC 9113 8.2.2), and one gRPC servers require: without it grpcio
+    # refuses every call.
+    if "trailers" in (get_header(ex.headers, "te") or "").lower():
+        fields.append(("te", "trailers"))
     if ex.content_length is not None:
         fields.append(("content-length", str(ex.content_length)))
     stream = h2conn.open_stream(fields, end_stream=not ex.has_body)
+    try:
+        return await _exchange_h2(conn, ex, stream, response_mods, state, retry_codes)
+    except BaseException:
+        stream.cancel()  # the client left, or the exchange failed: the pod stops working on it (RST_STREAM)
+        raise
+
+
+async def _exchange_h2(conn: ClientSide, ex: Exchange, stream: H2UpstreamStream, response_mods: list[dict],
+                       state: _ProxyState, retry_codes: frozenset[int]) -> bool:
     if ex.has_body:
         for chunk in ex.buffer:
             stream.send(chunk)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from urllib.parse import quote
 from typing import TYPE_CHECKING, Any, Final
 
 import h2.config
@@ -23,6 +24,7 @@ import h2.events
 import h2.exceptions
 
 from tidegate.dataplane import fastlane
+from tidegate.dataplane.filters import get_header
 from tidegate.dataplane.h2request import read_request
 from tidegate.dataplane.http1 import (
     BODY_BUFFER_LIMIT,
@@ -155,6 +157,9 @@ class H2Stream:
 
     def send_simple(self, status: int, message: str, headers: list[tuple[str, str]] | None = None,
                     close: bool = False, head_only: bool = False) -> None:
+        if is_grpc(self.ex):
+            self._send_grpc_status(status, message, headers)
+            return
         body = (message + "\n").encode() if message else b""
         out = [(n, v) for n, v in headers or []]
         if body:
@@ -164,6 +169,29 @@ class H2Stream:
         if body and not head_only:
             self.body(body)
             self.end_response()
+
+
+    def _send_grpc_status(self, status: int, message: str, headers: list[tuple[str, str]] | None) -> None:
+        """What tidegate answers itself to a gRPC call, as gRPC clients read it: HTTP 200 and a gRPC status
+        with its message, in one HEADERS frame (a Trailers-Only response), as Envoy-based gateways answer."""
+        out = [(n, v) for n, v in headers or [] if n.lower() not in ("content-type", "content-length")]
+        out += [("content-type", "application/grpc"), ("grpc-status", str(GRPC_STATUS.get(status, GRPC_UNKNOWN))),
+                ("grpc-message", quote(message or REASONS.get(status, ""), safe=GRPC_MESSAGE_SAFE))]
+        self.begin_response(self.ex, status, out, 0, True)
+        self.last_status = status  # the access log and metrics keep the HTTP status tidegate meant
+
+
+# gRPC status codes for the answers tidegate makes itself (gRPC's HTTP-to-gRPC mapping; a timeout of
+# tidegate's, its only 504, is DEADLINE_EXCEEDED, and limits it enforces are RESOURCE_EXHAUSTED).
+GRPC_UNKNOWN: Final = 2
+GRPC_STATUS: Final = {400: 13, 401: 16, 403: 7, 404: 12, 413: 8, 429: 14, 431: 8, 500: 13, 502: 14, 503: 14,
+                      504: 4}
+# grpc-message is percent-encoded: printable ASCII but "%" stays as it is.
+GRPC_MESSAGE_SAFE: Final = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def is_grpc(ex: Exchange) -> bool:
+    return (get_header(ex.headers, "content-type") or "").startswith("application/grpc")
 
 
 class H2ServerConnection(asyncio.Protocol):

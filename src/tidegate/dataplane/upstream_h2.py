@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 
@@ -52,6 +53,11 @@ class H2UpstreamStream:
 
     def resume_reading(self) -> None:
         self.conn.resume_reading()
+
+    def cancel(self) -> None:
+        """The exchange ended early (the client reset its stream or went away, a timeout struck): reset the
+        stream at the endpoint with CANCEL, so that the pod stops working on it. Nothing when it has ended."""
+        self.conn.reset_stream(self)
 
     def fail(self, error: Exception) -> None:
         for future in (self.head_future, self.done_future):
@@ -157,6 +163,15 @@ class H2UpstreamConnection(asyncio.Protocol):
                 self.h2.end_stream(stream.stream_id)
         except h2.exceptions.ProtocolError as exc:
             stream.fail(UpstreamError(f"cannot send to endpoint: {exc}"))
+        self._flush()
+
+    def reset_stream(self, stream: H2UpstreamStream) -> None:
+        if self.closed or self.streams.pop(stream.stream_id, None) is None:
+            return
+        try:
+            self.h2.reset_stream(stream.stream_id, h2.errors.ErrorCodes.CANCEL)
+        except h2.exceptions.ProtocolError:  # it closed in the meantime
+            return
         self._flush()
 
     def has_capacity(self) -> bool:

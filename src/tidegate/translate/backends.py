@@ -59,9 +59,10 @@ def resolve_backend(
     if tls is not None and tls.problem:
         return ir.Backend(name=label, weight=weight, filters=filters, invalid=tls.problem), None
     protocol = (service_port or {}).get("appProtocol", "")
-    if from_kind == "GRPCRoute" and not protocol and tls is None:
+    if tls is None and (protocol.lower() in H2C_APP_PROTOCOLS or (from_kind == "GRPCRoute" and not protocol)):
         # gRPC servers speak HTTP/2 only: a GRPCRoute's Service port that names no protocol is reached with
-        # h2c, as Envoy Gateway does. (With a BackendTLSPolicy the pod is reached over TLS with HTTP/1.1.)
+        # h2c, as Envoy Gateway does, and so is a port whose appProtocol says gRPC or HTTP/2 in the words
+        # Helm charts and meshes use. (With a BackendTLSPolicy the pod is reached over TLS with HTTP/1.1.)
         protocol = "kubernetes.io/h2c"
     return ir.Backend(
         name=label,
@@ -71,6 +72,10 @@ def resolve_backend(
         filters=filters,
         tls=tls,
     ), None
+
+
+# appProtocol values that mean cleartext HTTP/2: the Kubernetes standard one, and gRPC's and Istio's names.
+H2C_APP_PROTOCOLS = frozenset({"kubernetes.io/h2c", "h2c", "grpc", "http2"})
 
 
 def service_port_by_number(spec: dict, number: int) -> dict | None:
