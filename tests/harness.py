@@ -111,6 +111,31 @@ def tidegate_run(config_dir: Path, ready: tuple[str, int], log_path: Path, *extr
         yield proc
 
 
+def children(pid: int, workers_only: bool = True) -> list[int]:
+    """A tidegate process's workers (multiprocessing's spawn_main), or every child (its resource tracker too)."""
+    try:
+        found = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+    if not workers_only:
+        return found
+    workers = []
+    for child in found:
+        try:
+            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.append(child)
+        except FileNotFoundError:
+            continue
+    return workers
+
+
+def worker_pid(proc: subprocess.Popen) -> int:
+    """The process that serves traffic for `tidegate run` with one worker (the run process is the control
+    process: it loads and translates, and serves the admin API)."""
+    [pid] = wait_until(lambda: children(proc.pid), what="the worker process")
+    return pid
+
+
 def wait_until(check, timeout: float = 10.0, what: str = ""):
     """Poll `check` until it returns something true (its value is returned). Connection errors and failed
     assertions inside it count as "not yet"; after `timeout` seconds, fail saying `what` was awaited."""

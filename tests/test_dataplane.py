@@ -20,6 +20,7 @@ from tests.harness import (
     rss_high_water_kb,
     rss_kb,
     tidegate_run,
+    worker_pid,
 )
 from tests.manifests import gateway, http_gateway, route, service
 
@@ -205,7 +206,7 @@ def test_malformed_requests_are_refused_and_never_forwarded(stack, probe, status
 
 
 def test_large_bodies_stream_without_growing_memory(stack):
-    pid = stack["proxy"].pid
+    pid = worker_pid(stack["proxy"])
     get(stack, "echo.test", "/warm")
     before = rss_kb(pid)
     reset_rss_high_water(pid)

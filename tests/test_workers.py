@@ -9,29 +9,12 @@ import signal
 import time
 from pathlib import Path
 
+from tests.harness import children as _children
 from tests.harness import free_port, request, tidegate_run, wait_until
 from tests.manifests import actively_checked_app, http_gateway, route, service
 from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
-
-
-def _children(pid: int, workers_only: bool = True) -> list[int]:
-    """Worker processes (multiprocessing's spawn_main), or every child (its resource tracker too)."""
-    try:
-        found = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
-    if not workers_only:
-        return found
-    workers = []
-    for child in found:
-        try:
-            if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes():
-                workers.append(child)
-        except FileNotFoundError:
-            continue
-    return workers
 
 
 def _metric(text: str, pattern: str) -> float:

@@ -64,6 +64,10 @@ log = logging.getLogger("tidegate.http")
 MAX_HEADER_COUNT: Final = 100
 MAX_HEADER_BYTES: Final = 64 * 1024
 MAX_URL_BYTES: Final = 8 * 1024
+# A request head (request line and fields) is refused once this many of its bytes have arrived, before the
+# parser holds more of it: the limits above are checked only when a field is complete, and a 64 MiB field
+# value would otherwise be read whole (4 s of CPU, +120 MiB) before its 431.
+MAX_HEAD_BYTES: Final = MAX_HEADER_BYTES + MAX_URL_BYTES + 1024
 BODY_BUFFER_LIMIT: Final = 256 * 1024  # bytes of request body held before the client is paused
 MAX_PIPELINED: Final = 8  # requests read ahead of the one being answered
 # An endpoint that answers before the request body is in (a 401 or 413 to an upload) leaves the rest of the
@@ -252,11 +256,14 @@ class ClientConnection(asyncio.Protocol):
         self.server_name = ""  # TLS SNI
         self.tunnel: UpstreamConnection | None = None  # set once an upgrade succeeded
         self.tunnel_pending = b""  # bytes that followed an upgrade request's head
+        self.upgrading = False  # the parser has read an upgrade request's head: what follows is not HTTP
         self.tunnel_closed: asyncio.Future[None] | None = None
         self._out_chunked = False
         self._held: bytes | None = None  # a response head held back to go out with the first body bytes
         self.forwarding: tuple[str, str] | None = None  # the fast lane's forwarding headers, by Host (fastlane.py)
         self.seen_bytes = False
+        self.in_head = True  # between requests, or reading one's head: its bytes count towards MAX_HEAD_BYTES
+        self.head_bytes = 0
         self.http2 = False
         self.last_status = 0  # of the response being written, for metrics
         self.bytes_out = 0  # response body bytes of the exchange being served
@@ -337,12 +344,37 @@ class ClientConnection(asyncio.Protocol):
                 self._switch_to_http2(data)
                 return
         self.last_active = time.monotonic()
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._feed_head_within_limit(data)
+                return
+        self._feed(data)
+
+    def _feed_head_within_limit(self, data: bytes) -> None:
+        """Feed no more of a request head than the limit allows; what follows a head that ends in time (its body,
+        the next request) is fed as usual."""
+        room = MAX_HEAD_BYTES - (self.head_bytes - len(data))
+        if room > 0:
+            self._feed(data[:room])
+        if self.closed:
+            return
+        if self.in_head:
+            self._reject(431, "request head too large")
+            return
+        self._feed(data[room:])
+
+    def _feed(self, data: bytes) -> None:
+        if self.upgrading:  # an upgrade request's head ended in an earlier piece: the rest is the tunnel's
+            self.tunnel_pending += data
+            return
         try:
             self.parser.feed_data(data)
         except RequestRejected as rejected:
             self._reject(rejected.status, str(rejected))
         except httptools.HttpParserUpgrade as upgrade:
             # The upgrade request is queued; what follows its head belongs to the upgraded protocol.
+            self.upgrading = True
             self.tunnel_pending += data[upgrade.args[0]:]
             self.pause_reading()
         except httptools.HttpParserError as exc:
@@ -383,6 +415,7 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         ex = self.current
         assert ex is not None
+        self.in_head = False
         parser = self.parser
         ex.method = parser.get_method().decode("ascii")
         ex.keep_alive = keep_alive = parser.should_keep_alive()
@@ -415,6 +448,8 @@ class ClientConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.current
         assert ex is not None
+        self.in_head = True
+        self.head_bytes = 0
         ex.body_done = True
         if ex.sink is not None:
             ex.sink(None)
