@@ -8,6 +8,9 @@ import threading
 import time
 from collections.abc import Iterator
 
+import h2.config
+import h2.connection
+import h2.settings
 import pytest
 
 from tests.harness import (
@@ -84,3 +87,56 @@ def test_a_huge_request_head_is_refused_as_it_arrives(stack, what: str):
     growth_kb = rss_high_water_kb(worker) - before
     assert growth_kb < 1024, f"the worker grew by {growth_kb} KiB"
     assert answers == [True] * 20  # another client was answered meanwhile
+
+
+def _h2_client(port: int, window: int = 65535) -> tuple[socket.socket, h2.connection.H2Connection]:
+    sock = socket.create_connection((GW, port), timeout=5)
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    if window > 65535:
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+        client.increment_flow_control_window(window - 65535)
+    sock.sendall(client.data_to_send())
+    return sock, client
+
+
+def test_an_http2_client_that_opens_its_window_and_never_reads_costs_a_few_mib(stack):
+    worker = stack["worker"]
+    assert _ok(stack)
+    before = rss_kb(worker)
+    reset_rss_high_water(worker)
+    sock, client = _h2_client(stack["port"], window=2**31 - 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        for _ in range(10):  # ten streams, each asking the pod for 200 MB
+            stream_id = client.get_next_available_stream_id()
+            client.send_headers(stream_id, [(":method", "GET"), (":path", f"/stream/{200 * MIB}"),
+                                            (":scheme", "http"), (":authority", "echo.test")], end_stream=True)
+        sock.sendall(client.data_to_send())
+        time.sleep(3)  # and read nothing
+        assert all(_ok(stack) for _ in range(10))  # others are served meanwhile
+        growth_kb = rss_high_water_kb(worker) - before
+    finally:
+        sock.close()
+    assert growth_kb < 8 * 1024, f"the worker grew by {growth_kb} KiB for one client that reads nothing"
+
+
+def test_an_http2_ping_flood_from_a_client_that_does_not_read_is_cut_off(stack):
+    worker = stack["worker"]
+    before = rss_kb(worker)
+    reset_rss_high_water(worker)
+    sock, client = _h2_client(stack["port"])
+    closed = False
+    try:
+        for n in range(200_000):  # bounded: the connection is closed long before
+            client.ping(n.to_bytes(8, "big"))
+            try:
+                sock.sendall(client.data_to_send())
+            except OSError:
+                closed = True
+                break
+    finally:
+        sock.close()
+    assert closed, "tidegate kept reading a flood of PINGs"
+    assert rss_high_water_kb(worker) - before < 4 * 1024
+    assert _ok(stack)

@@ -5,11 +5,13 @@ and a client that resets its streams as fast as it opens them is sent away."""
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 
 import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 
 from tidegate.dataplane.http2 import H2ServerConnection
 
@@ -25,7 +27,13 @@ class _Transport:
     def get_extra_info(self, name: str) -> None:
         return None
 
+    def get_write_buffer_size(self) -> int:
+        return 0  # what is written is taken at once (`out`); tests of a full socket call pause_writing
+
     def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
         self.closed = True
 
 
@@ -121,3 +129,113 @@ def test_a_client_that_gives_up_on_some_requests_is_not():
     assert not closed and not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
     answered = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
     assert len(answered) == 220
+
+
+def _request(client: h2.connection.H2Connection, end_stream: bool = True) -> int:
+    stream_id = client.get_next_available_stream_id()
+    client.send_headers(stream_id, [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", "a")],
+                        end_stream=end_stream)
+    return stream_id
+
+
+def test_streams_over_the_advertised_concurrency_are_refused_one_by_one():
+    """RFC 9113 5.1.2: the client is told 128; the extra streams are refused alone (REFUSED_STREAM, which a
+    client may send again), and the first 128 are answered on the same connection."""
+    async def scenario() -> tuple[list, int]:
+        release = asyncio.Event()
+
+        async def held_then_answered(stream, ex):
+            await release.wait()
+            stream.begin_response(ex, 204, [], 0, True)
+
+        server, transport, client = _connected(held_then_answered)
+        server.data_received(client.data_to_send())
+        events = client.receive_data(bytes(transport.out))
+        transport.out.clear()
+        advertised = client.remote_settings.max_concurrent_streams
+        # A client that pays no heed to it (h2's own client would refuse to open the 129th stream).
+        client.remote_settings._settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = deque([1000])
+        for _ in range(150):
+            _request(client)
+        server.data_received(client.data_to_send())
+        release.set()
+        for _ in range(5):
+            await asyncio.sleep(0)
+        events += client.receive_data(bytes(transport.out))
+        return events, advertised
+
+    events, advertised = asyncio.run(scenario())
+    assert advertised == 128
+    refused = [e for e in events if isinstance(e, h2.events.StreamReset)]
+    answered = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert len(answered) == 128 and len(refused) == 22
+    assert {e.error_code for e in refused} == {h2.errors.ErrorCodes.REFUSED_STREAM}
+    assert not [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+
+
+def test_a_ping_flood_is_sent_away_and_a_few_pings_are_not():
+    def pings(count: int) -> tuple[list, bool]:
+        server, transport, client = _connected(None)
+        for n in range(count):
+            client.ping(n.to_bytes(8, "big"))
+            server.data_received(client.data_to_send())
+            if transport.closed:
+                break
+        return client.receive_data(bytes(transport.out)), transport.closed
+
+    events, closed = pings(5000)
+    goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert closed and goaway and goaway[0].error_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    events, closed = pings(50)
+    assert not closed and len([e for e in events if isinstance(e, h2.events.PingAckReceived)]) == 50
+
+
+def test_a_client_that_does_not_read_holds_a_bounded_number_of_bytes():
+    """A client opens its windows to the maximum and stops reading: once the socket is full, DATA waits in
+    the streams, and the endpoints are paused at the per-connection limit, whatever the windows allow."""
+    from tidegate.dataplane.http2 import CONNECTION_PENDING_LIMIT, PENDING_LIMIT
+
+    class Endpoint:
+        paused = False
+
+        def pause_reading(self) -> None:
+            self.paused = True
+
+        def resume_reading(self) -> None:
+            self.paused = False
+
+    async def scenario() -> tuple[list[Endpoint], int, int]:
+        endpoints: list[Endpoint] = []
+
+        async def streams_forever(stream, ex):
+            endpoint = Endpoint()
+            endpoints.append(endpoint)
+            stream.upstream = endpoint
+            stream.begin_response(ex, 200, [], None, False)
+            while not endpoint.paused:  # an endpoint with an endless answer, as fast as it is let
+                stream.body(b"y" * 65536)
+                await asyncio.sleep(0)
+            await asyncio.sleep(10)
+
+        server, transport, client = _connected(streams_forever)
+        client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 2**31 - 1})
+        client.increment_flow_control_window(2**31 - 1 - 65535)
+        for _ in range(8):
+            _request(client)
+        server.data_received(client.data_to_send())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        server.pause_writing()  # the client reads no more: the socket's buffer is full
+        written_before = len(transport.out)
+        for _ in range(200):
+            await asyncio.sleep(0)
+        held = server.pending_bytes()
+        written_after = len(transport.out)
+        for task in asyncio.all_tasks() - {asyncio.current_task()}:
+            task.cancel()
+        return endpoints, held, written_after - written_before
+
+    endpoints, held, written = asyncio.run(scenario())
+    assert len(endpoints) == 8 and all(e.paused for e in endpoints)
+    assert held <= CONNECTION_PENDING_LIMIT + 8 * 65536 + PENDING_LIMIT
+    assert written < 64 * 1024  # no DATA went to the full socket

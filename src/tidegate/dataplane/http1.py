@@ -360,6 +360,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             return
         if self.in_head:
+            METRICS.limits.labels("request-head").inc()
             self._reject(431, "request head too large")
             return
         self._feed(data[room:])

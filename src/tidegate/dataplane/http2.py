@@ -25,6 +25,12 @@ import h2.exceptions
 
 from tidegate.dataplane import fastlane
 from tidegate.dataplane.filters import get_header
+from tidegate.dataplane.h2limits import (
+    CONTROL_FRAME_BURST,
+    CONTROL_FRAMES_PER_SECOND,
+    ControlFrameBudget,
+    ServerConnection,
+)
 from tidegate.dataplane.h2request import read_request
 from tidegate.dataplane.http1 import (
     BODY_BUFFER_LIMIT,
@@ -53,12 +59,25 @@ log = logging.getLogger("tidegate.http2")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 PENDING_LIMIT = 256 * 1024  # response bytes held for a stream before its endpoint is paused
+# Response bytes held for all of a connection's streams before each of them pauses its endpoint: what a client
+# that reads nothing (or opens every stream with a window of 0) can make tidegate hold.
+CONNECTION_PENDING_LIMIT = 1024 * 1024
+# Body bytes framed in one turn of the event loop for one connection; the rest goes in the next turns, so that
+# a client with wide-open windows does not get its streams' whole buffers in one write.
+TURN_BYTES = 512 * 1024
+# Output queued for a client that does not read it, past which the connection is closed: with DATA framed only
+# while the socket takes it, what piles up is answers to the client's own frames (PING, SETTINGS, HEADERS).
+MAX_QUEUED_OUTPUT = 4 * 1024 * 1024
 # "Rapid reset" (CVE-2023-44487): a client that opens streams and resets them at once has requests started
 # that nobody waits for, with no limit from SETTINGS_MAX_CONCURRENT_STREAMS. Once EARLY_RESET_FLOOR streams of
 # a connection were reset before their answer ended, and they are at least half of its requests, the
 # connection is closed with GOAWAY ENHANCE_YOUR_CALM. A client that gives up on some requests is not.
 EARLY_RESET_FLOOR = 100
 # Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2), and TE is a request field.
+# Frames that carry no request and cost work (ControlFrameBudget); empty DATA frames are counted where they
+# arrive. Window updates are not: a large download brings them by the thousand.
+CONTROL_EVENTS: Final = (h2.events.PingReceived, h2.events.PingAckReceived, h2.events.RemoteSettingsChanged,
+                         h2.events.PriorityUpdated)
 _CONNECTION_SPECIFIC = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade",
                                   "te"})
 
@@ -103,7 +122,10 @@ class H2Stream:
     # -- what serve_exchange calls -------------------------------------------------------------------
     @property
     def write_paused(self) -> bool:
-        return len(self.pending) > PENDING_LIMIT
+        held = len(self.pending)
+        # The connection's total is added up only for a stream that holds a frame's worth: the usual small
+        # answer, framed within its turn, costs no sum over the connection's streams.
+        return held > PENDING_LIMIT or (held >= 16384 and self.conn.pending_bytes() > CONNECTION_PENDING_LIMIT)
 
     def pause_reading(self) -> None:
         """The endpoint is not keeping up: stop granting the client window for this stream's body."""
@@ -208,9 +230,13 @@ class H2ServerConnection(asyncio.Protocol):
         config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
                                            normalize_inbound_headers=False, validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
-        self.h2 = h2.connection.H2Connection(config=config)
+        self.h2 = ServerConnection(config)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
+        self.control_frames = ControlFrameBudget()
+        self.write_blocked = False  # the socket's buffer is full (pause_writing): DATA waits
+        self.turn_bytes = 0  # body bytes framed in this turn (TURN_BYTES)
+        self.held: list[H2Stream] = []  # streams whose endpoint is paused for the connection's total alone
         # Frames are written once per turn of the event loop, not once per call: a stream's head, body and
         # end, and the responses of all streams that finish in the same turn, leave in one write.
         self.queued: list[H2Stream] = []  # streams with body bytes or an end not yet framed
@@ -235,6 +261,18 @@ class H2ServerConnection(asyncio.Protocol):
             if stream.task is not None and not stream.task.done():
                 stream.task.cancel()
 
+    def pause_writing(self) -> None:
+        self.write_blocked = True
+
+    def resume_writing(self) -> None:
+        self.write_blocked = False
+        for stream in self.streams.values():
+            if stream.pending or stream.ending:
+                self.queue(stream)
+
+    def pending_bytes(self) -> int:
+        return sum(len(stream.pending) for stream in self.streams.values())
+
     def data_received(self, data: bytes) -> None:
         self.receiving = True
         try:
@@ -252,13 +290,21 @@ class H2ServerConnection(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
+        control = 0
         for event in events:
             if isinstance(event, h2.events.RequestReceived):
-                self._on_request(event.stream_id, event.headers, event.stream_ended is not None)
+                if event.stream_id in self.h2.refused:
+                    self._refuse(event.stream_id)
+                else:
+                    self._on_request(event.stream_id, event.headers, event.stream_ended is not None)
             elif isinstance(event, h2.events.DataReceived):
+                if not event.data and event.stream_ended is None:
+                    control += 1  # an empty DATA frame carries nothing but work
                 self._on_data(event.stream_id, event.data, event.flow_controlled_length)
                 if event.stream_ended is not None:
                     self._on_end(event.stream_id)
+            elif isinstance(event, CONTROL_EVENTS):
+                control += 1
             elif isinstance(event, h2.events.StreamEnded):
                 self._on_end(event.stream_id)
             elif isinstance(event, h2.events.StreamReset):
@@ -278,11 +324,25 @@ class H2ServerConnection(asyncio.Protocol):
             elif isinstance(event, h2.events.ConnectionTerminated):
                 if self.transport is not None:
                     self.transport.close()
+        if control and not self.control_frames.spend(control):
+            METRICS.limits.labels("http2-control-frames").inc()
+            self._calm_down(f"sent over {CONTROL_FRAME_BURST} control frames (PING, SETTINGS, PRIORITY, empty DATA) "
+                            f"at over {CONTROL_FRAMES_PER_SECOND:g} a second")
 
     # -- requests ---------------------------------------------------------------------------------------
-    def _calm_down(self) -> None:
-        log.warning("HTTP/2 client %s reset %d of its %d requests before their answers: closing the connection "
-                    "(rapid reset)", self.peer, self.early_resets, self.requests)
+    def _refuse(self, stream_id: int) -> None:
+        """A stream over SETTINGS_MAX_CONCURRENT_STREAMS: refused alone, and the client may send it again."""
+        self.h2.refused.discard(stream_id)
+        METRICS.limits.labels("http2-concurrent-streams").inc()
+        try:
+            self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+        except h2.exceptions.ProtocolError:
+            pass
+
+    def _calm_down(self, why: str = "") -> None:
+        if not why:
+            why = f"reset {self.early_resets} of its {self.requests} requests before their answers (rapid reset)"
+        log.warning("HTTP/2 client %s %s: closing the connection", self.peer, why)
         try:
             self.h2.close_connection(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
         except h2.exceptions.ProtocolError:
@@ -394,12 +454,18 @@ class H2ServerConnection(asyncio.Protocol):
         self._flush()
 
     def flush_stream(self, stream: H2Stream) -> None:
-        """Frame as much of the stream's pending body as the flow-control windows allow; once the response
-        has ended, the last frame carries END_STREAM: the last DATA frame, or the trailers after it."""
+        """Frame as much of the stream's pending body as the flow-control windows allow (and the socket takes,
+        TURN_BYTES a turn at most); once the response has ended, the last frame carries END_STREAM: the last
+        DATA frame, or the trailers after it."""
         if self.closed or stream.stream_id not in self.streams:
             return
         try:
             while stream.pending:
+                if self.write_blocked:
+                    break  # resume_writing queues it again
+                if self.turn_bytes >= TURN_BYTES:
+                    self.queue(stream)  # the next turn's write
+                    break
                 window = min(self.h2.local_flow_control_window(stream.stream_id),
                              self.h2.max_outbound_frame_size)
                 if window <= 0:
@@ -410,6 +476,7 @@ class H2ServerConnection(asyncio.Protocol):
                 else:
                     chunk = bytes(stream.pending[:window])
                     del stream.pending[:window]
+                self.turn_bytes += len(chunk)
                 last = stream.ending and not stream.pending and not stream.trailers
                 self.h2.send_data(stream.stream_id, chunk, end_stream=last)
                 if last:
@@ -425,8 +492,11 @@ class H2ServerConnection(asyncio.Protocol):
             log.debug("cannot send data on stream %d: %s", stream.stream_id, exc)
         finally:
             self._flush()
-            if not stream.write_paused and stream.upstream is not None:
-                stream.upstream.resume_reading()
+            if stream.upstream is not None:
+                if not stream.write_paused:
+                    stream.upstream.resume_reading()
+                elif len(stream.pending) <= PENDING_LIMIT:
+                    self.held.append(stream)  # paused for the others' bytes: resumed when they are sent
 
     def _flush(self) -> None:
         """Write what h2 has framed at the end of this turn of the event loop (at once inside data_received,
@@ -438,6 +508,7 @@ class H2ServerConnection(asyncio.Protocol):
 
     def _write_now(self) -> None:
         self.write_scheduled = True  # what flush_stream frames now leaves in this write
+        self.turn_bytes = 0
         queued = self.queued
         if queued:
             self.queued = []
@@ -446,8 +517,21 @@ class H2ServerConnection(asyncio.Protocol):
                 self.flush_stream(stream)
         self.write_scheduled = False
         data = self.h2.data_to_send()
-        if data and self.transport is not None and not self.closed:
-            self.transport.write(data)
+        transport = self.transport
+        if data and transport is not None and not self.closed:
+            transport.write(data)
+            if transport.get_write_buffer_size() > MAX_QUEUED_OUTPUT:
+                METRICS.limits.labels("http2-unread-output").inc()
+                self._calm_down(f"does not read what it asks for ({MAX_QUEUED_OUTPUT // 1048576} MiB queued)")
+                transport.abort()
+                return
+        if self.queued and not self.write_blocked and not self.closed:
+            self._flush()  # streams over this turn's TURN_BYTES: the next turn
+        if self.held and self.pending_bytes() <= CONNECTION_PENDING_LIMIT:
+            held, self.held = self.held, []
+            for stream in held:
+                if stream.upstream is not None and not stream.closed:
+                    stream.upstream.resume_reading()
 
 
 # -- the fast lane --------------------------------------------------------------------------------------------

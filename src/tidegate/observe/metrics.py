@@ -263,6 +263,8 @@ class Metrics:
                                               "backend's retry budget was spent", ["backend"], registry=self.registry)
         self.health_checks = Counter("tidegate_health_checks", "Active health checks run, by backend and result",
                                      ["backend", "result"], registry=self.registry)
+        self.limits = Counter("tidegate_limit_hits", "Connections, streams and requests cut off at one of tidegate's "
+                              "limits, by limit (README: Limits and defaults)", ["limit"], registry=self.registry)
         self.connections = ConnectionCounts()
         self.registry.register(self.connections)
         self.l4 = L4Counts()
@@ -287,7 +289,7 @@ class Metrics:
 
     def _data_plane_metrics(self) -> tuple:
         return (self.upstream_errors, self.retries, self.connections, self.ejections,
-                self.circuit_rejections, self.retry_budget_exhausted, self.l4)
+                self.circuit_rejections, self.retry_budget_exhausted, self.l4, self.limits)
 
     def snapshot(self) -> dict:
         """What a worker process counted, as plain data for the control process to add up."""
