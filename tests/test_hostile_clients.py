@@ -10,12 +10,14 @@ from collections.abc import Iterator
 
 import h2.config
 import h2.connection
+import h2.events
 import h2.settings
 import pytest
 
 from tests.harness import (
     echo_servers,
     free_port,
+    h2_request,
     request,
     reset_rss_high_water,
     rss_high_water_kb,
@@ -24,6 +26,7 @@ from tests.harness import (
     worker_pid,
 )
 from tests.manifests import http_gateway, route, service
+from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
 POD = "127.0.15.1"
@@ -140,3 +143,107 @@ def test_an_http2_ping_flood_from_a_client_that_does_not_read_is_cut_off(stack):
     assert closed, "tidegate kept reading a flood of PINGs"
     assert rss_high_water_kb(worker) - before < 4 * 1024
     assert _ok(stack)
+
+
+# -- deadlines ------------------------------------------------------------------------------------------
+# A tidegate of its own with short deadlines, so that each runs out within the test.
+SHORT = ["--request-head-timeout", "1", "--request-body-timeout", "1", "--idle-timeout", "2", "--send-timeout", "1",
+         "--upstream-read-timeout", "1"]
+
+
+@pytest.fixture(scope="module")
+def short(tmp_path_factory) -> Iterator[dict]:
+    tmp = tmp_path_factory.mktemp("deadlines")
+    port, pod_port, hang_port = free_port(GW), free_port(POD), free_port("127.0.15.2")
+    config = tmp / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        http_gateway(GW, port) + service("echo", [(POD, pod_port, "pod")])
+        + service("hang", [("127.0.15.2", hang_port, "hang")])
+        + route("echo", "echo.test", "- backendRefs: [{name: echo, port: 80}]")
+        + route("hang", "hang.test", "- backendRefs: [{name: hang, port: 80}]"))
+    with echo_servers({(POD, pod_port): "default/pod"}, tmp / "echo.log"), \
+            scripted_backends(("127.0.15.2", hang_port, "hang")) as (hang,), \
+            tidegate_run(config, (GW, port), tmp / "tidegate.log", *SHORT):
+        hang.mode = "hang"
+        yield {"port": port}
+
+
+def _drip(port: int, head: bytes, drip: bytes, seconds: float) -> tuple[bytes, float]:
+    """Send `head`, then one byte of `drip` every 0.2 s: what comes back, and after how long it closed."""
+    started = time.monotonic()
+    with socket.create_connection((GW, port), timeout=seconds) as sock:
+        sock.sendall(head)
+        answer = b""
+        for byte in drip * 100:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                break
+            sock.settimeout(0.2)
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            answer += chunk
+            if not chunk:
+                break
+            if time.monotonic() - started > seconds:
+                break
+    return answer, time.monotonic() - started
+
+
+def test_a_request_head_sent_a_byte_at_a_time_gets_408(short):
+    answer, took = _drip(short["port"], b"GET / HTTP/1.1\r\nHost: echo.test\r\n", b"X-Slow: lorisss\r\n", 10)
+    assert answer.startswith(b"HTTP/1.1 408 ") and took < 4, (answer[:80], took)
+
+
+def test_a_request_body_sent_a_byte_at_a_time_gets_408(short):
+    head = b"POST / HTTP/1.1\r\nHost: echo.test\r\nContent-Length: 100000\r\n\r\n"
+    answer, took = _drip(short["port"], head, b"abcdefgh", 10)
+    assert answer.startswith(b"HTTP/1.1 408 ") and took < 5, (answer[:80], took)
+
+
+def test_an_idle_kept_alive_connection_is_closed(short):
+    with socket.create_connection((GW, short["port"]), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: echo.test\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        assert sock.recv(65536) == b""  # closed by tidegate
+        assert 1.5 < time.monotonic() - started < 6
+
+
+def test_a_pod_that_never_answers_gets_the_request_a_504(short):
+    started = time.monotonic()
+    status, _, body = request(GW, short["port"], "/", headers={"Host": "hang.test"}, timeout=10)
+    assert status == 504 and time.monotonic() - started < 4, body
+    h2_status = h2_request(GW, short["port"], "hang.test", "/", timeout=10)[0]
+    assert h2_status == 504
+
+
+def test_a_client_that_stops_reading_its_answer_is_cut_off(short):
+    with socket.create_connection((GW, short["port"]), timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.sendall(b"GET /stream/%d HTTP/1.1\r\nHost: echo.test\r\n\r\n" % (500 * MIB))
+        time.sleep(4)  # read nothing: tidegate's socket fills, then the send deadline runs out
+        received, started = 0, time.monotonic()
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += len(chunk)
+        except OSError:  # reset
+            pass
+    assert received < 100 * MIB and time.monotonic() - started < 5
+
+
+def test_an_http2_connection_that_opens_no_stream_is_closed(short):
+    sock, client = _h2_client(short["port"])
+    with sock:
+        sock.settimeout(10)
+        started = time.monotonic()
+        events = []
+        while chunk := sock.recv(65536):
+            events += client.receive_data(chunk)
+        assert 1.5 < time.monotonic() - started < 6
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)

@@ -102,6 +102,21 @@ def _parser() -> argparse.ArgumentParser:
                      help="data-plane processes sharing the listening ports (SO_REUSEPORT; default: %(default)s)")
     run.add_argument("--bind", default="0.0.0.0",
                      help="address for listeners whose Gateway has no spec.addresses (default: %(default)s)")
+    limits = run.add_argument_group("deadlines", "defaults for every listener (README: Limits and defaults)")
+    limits.add_argument("--request-head-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a request head must be complete within this; else 408 (default: %(default)s)")
+    limits.add_argument("--request-body-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="a request body must bring 1 KiB in every this many seconds; else 408 (default: "
+                             "%(default)s)")
+    limits.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="a keep-alive or HTTP/2 connection with nothing to do is closed after this (default: "
+                             "%(default)s)")
+    limits.add_argument("--send-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="a client that reads nothing of its answer for this long is cut off (default: "
+                             "%(default)s)")
+    limits.add_argument("--upstream-read-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="a pod that sends nothing for this long while its answer is awaited: 504 (default: "
+                             "%(default)s)")
     run.add_argument("--zone", default=os.environ.get("TIDEGATE_ZONE", ""),
                      help="the zone tidegate runs in, for EndpointSlice topology hints and zone-aware balancing "
                           "(default: $TIDEGATE_ZONE)")
@@ -409,6 +424,10 @@ def _run_args_problem(args: argparse.Namespace) -> str:
             return f"--admin {args.admin!r} is not ADDR:PORT (or off)"
     if args.grace < 0:
         return "--grace must not be negative"
+    for flag in ("request_head_timeout", "request_body_timeout", "idle_timeout", "send_timeout",
+                 "upstream_read_timeout"):
+        if not getattr(args, flag) > 0:
+            return f"--{flag.replace('_', '-')} must be positive"
     if not 1 <= args.workers <= 256:
         return "--workers must be between 1 and 256"
     if not args.paths and not args.kubernetes:
@@ -464,6 +483,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from tidegate import background
     from tidegate.balancing.health import HealthChecker
     from tidegate.balancing.state import Registry
+    from tidegate.dataplane.deadlines import Deadlines
     from tidegate.dataplane.server import freeze_startup_heap
     from tidegate.observe.admin import RunState, start_admin
     from tidegate.observe.metrics import METRICS
@@ -511,8 +531,11 @@ async def _serve(args: argparse.Namespace) -> int:
     # writes its own access log lines.)
     METRICS.use_workers()
     registry = Registry()
+    deadlines = Deadlines(request_head=args.request_head_timeout, request_body_window=args.request_body_timeout,
+                          idle=args.idle_timeout, send=args.send_timeout, upstream_read=args.upstream_read_timeout)
     pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
-                                                  args.access_log_sample, args.access_log_status), registry)
+                                                  args.access_log_sample, args.access_log_status, deadlines),
+                      registry)
     health = HealthChecker(registry, on_change=pool.health_changed)
     await pool.start()
     stop = asyncio.Event()

@@ -19,13 +19,14 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
 from typing import Any
 
 from tidegate import ir
 from tidegate.balancing.state import Registry
 from tidegate.channel import Channel
+from tidegate.dataplane.deadlines import DEADLINES, Deadlines
 
 log = logging.getLogger("tidegate.workers")
 
@@ -41,6 +42,7 @@ class WorkerOptions:
     access_log_file: str
     access_log_sample: float
     access_log_status: str
+    deadlines: Deadlines = field(default_factory=Deadlines)
     log_level: int = logging.INFO
 
 
@@ -232,6 +234,8 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
 
     accesslog.ACCESS_LOG = accesslog.AccessLog(options.access_log, options.access_log_file,
                                                options.access_log_sample, options.access_log_status)
+    for deadline in fields(Deadlines):  # in place: the data plane's modules hold this object
+        setattr(DEADLINES, deadline.name, getattr(options.deadlines, deadline.name))
     dataplane = DataPlane(bind=options.bind, reuse_port=True, health_checks=False)
     dataplane.registry.zone = options.zone
     loop = asyncio.get_running_loop()

@@ -254,7 +254,9 @@ class FastExchange:
             conn.serve_slowly(ex, self.routed)
             return
         if not self.status:
-            conn.send_simple(502, str(error) if error else "internal error", close=True)
+            # The endpoint's silence past the deadline (UpstreamTimeout) is a 504, as a timeout of the full way.
+            conn.send_simple(504 if isinstance(error, TimeoutError) else 502, str(error) if error else
+                             "internal error", close=True)
         self._end(None)
         conn.serving = None
         conn.served(ex, False)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import struct
 import os
 import random
 import secrets
@@ -42,6 +44,7 @@ from tidegate.dataplane.filters import (
     replace_path,
 )
 from tidegate.dataplane import fastlane
+from tidegate.dataplane.deadlines import DEADLINES
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import (
     ClosedUnanswered,
@@ -75,7 +78,6 @@ MAX_PIPELINED: Final = 8  # requests read ahead of the one being answered
 # still writing its upload when the connection closed might never read the answer.
 DRAIN_LIMIT: Final = 8 * 1024 * 1024
 DRAIN_SECONDS: Final = 5.0
-IDLE_TIMEOUT: Final = 60.0
 CONNECT_TIMEOUT: Final = 5.0
 HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                                "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"})
@@ -269,6 +271,14 @@ class ClientConnection(asyncio.Protocol):
         self.bytes_out = 0  # response body bytes of the exchange being served
         self.idle_handle: asyncio.TimerHandle | None = None
         self.last_active = time.monotonic()
+        # What the deadline check (deadlines.py) compares with at its next look.
+        self.head_started = 0.0  # when the first byte of the request head being read came
+        self.write_paused_at = 0.0
+        self.body_window = 0.0  # when the body's current window began (0: not reading a body)
+        self.body_mark = 0  # the body's bytes_received then
+        self.upstream_seen: Any = None  # the endpoint connection last looked at, its reads then, and since when
+        self.upstream_reads = 0
+        self.upstream_since = 0.0
         self._drain: asyncio.Event | None = None  # made when writing first pauses: most connections never do
 
     # -- transport events --------------------------------------------------------------------------
@@ -321,6 +331,7 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.write_paused_at = time.monotonic()
         if self._drain is None:
             self._drain = asyncio.Event()
         self._drain.clear()
@@ -345,6 +356,8 @@ class ClientConnection(asyncio.Protocol):
                 return
         self.last_active = time.monotonic()
         if self.in_head:
+            if not self.head_bytes:
+                self.head_started = self.last_active
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._feed_head_within_limit(data)
@@ -473,17 +486,71 @@ class ClientConnection(asyncio.Protocol):
 
     def _arm_idle(self) -> None:
         """One timer per connection, re-armed when it fires: cheaper than a timer per request."""
-        self.idle_handle = asyncio.get_running_loop().call_later(IDLE_TIMEOUT, self._idle_check)
+        self.idle_handle = asyncio.get_running_loop().call_later(DEADLINES.check_interval, self._check_deadlines)
 
-    def _idle_check(self) -> None:
-        if self.closed or self.transport is None:
+    def _check_deadlines(self) -> None:
+        """What the client or the pod has left hanging for too long (deadlines.py) is ended."""
+        transport = self.transport
+        if self.closed or transport is None or self.tunnel is not None:
             return
-        idle_for = time.monotonic() - self.last_active
-        if self.serving is None and idle_for >= IDLE_TIMEOUT:
-            self.transport.close()
+        now = time.monotonic()
+        limits = DEADLINES
+        if self.write_paused:
+            if now - self.write_paused_at >= limits.send:
+                self._cut_off("send", f"the client read nothing of its answer for {limits.send:g} s")
+                return
+        if self.in_head:
+            if self.head_bytes:
+                if now - self.head_started >= limits.request_head:
+                    METRICS.limits.labels("request-head-timeout").inc()
+                    self._reject(408, f"request head not complete within {limits.request_head:g} s")
+                    return
+            elif self.serving is None and now - self.last_active >= limits.idle:
+                transport.close()
+                return
+            self.body_window = 0.0
+            upstream = self.upstream
+            if upstream is not None and type(upstream) is UpstreamConnection:
+                # The request is in: the pod owes its answer, and must send something now and then.
+                if upstream is not self.upstream_seen or upstream.reads != self.upstream_reads:
+                    self.upstream_seen, self.upstream_reads, self.upstream_since = upstream, upstream.reads, now
+                elif now - self.upstream_since >= limits.upstream_read:
+                    METRICS.limits.labels("upstream-read-timeout").inc()
+                    upstream.time_out(limits.upstream_read)
         else:
-            self.idle_handle = asyncio.get_running_loop().call_later(max(IDLE_TIMEOUT - idle_for, 1.0),
-                                                                      self._idle_check)
+            self._check_body_rate(now)
+        self._arm_idle()
+
+    def _check_body_rate(self, now: float) -> None:
+        """A request body must bring request_body_min_bytes in every request_body_window while tidegate reads
+        it (a window in which tidegate held the body back does not count)."""
+        ex = self.current
+        if ex is None or ex.body_done or self.read_paused or not self.body_window:
+            self.body_window = now
+            self.body_mark = ex.bytes_received if ex is not None else 0
+            return
+        if now - self.body_window < DEADLINES.request_body_window:
+            return
+        if ex.bytes_received - self.body_mark < DEADLINES.request_body_min_bytes:
+            METRICS.limits.labels("request-body-rate").inc()
+            message = (f"request body slower than {DEADLINES.request_body_min_bytes} bytes in "
+                       f"{DEADLINES.request_body_window:g} s")
+            if self.last_status:  # an answer is under way: it cannot become a 408
+                self._cut_off("request-body-rate", message)
+            else:
+                self._reject(408, message)
+            return
+        self.body_window, self.body_mark = now, ex.bytes_received
+
+    def _cut_off(self, limit: str, why: str) -> None:
+        METRICS.limits.labels(f"{limit}-timeout" if limit == "send" else limit).inc()
+        log.info("closing the connection from %s: %s", self.peer, why)
+        self.closed = True
+        if self.serving is not None and not self.serving.done():
+            self.serving.cancel()
+        assert self.transport is not None
+        reset(self.transport)
+
 
     # -- serving ------------------------------------------------------------------------------------
     def _serve_next(self) -> None:
@@ -649,6 +716,18 @@ class ClientConnection(asyncio.Protocol):
         self.send_simple(status, message, close=True)
         self.transport.close()  # type: ignore[union-attr]
         self.closed = True
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close with a TCP reset: what the kernel still holds for a client that does not read is dropped, not
+    trickled out for minutes after the connection is given up."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 # -- one exchange ----------------------------------------------------------------------------------------

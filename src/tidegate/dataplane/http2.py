@@ -31,7 +31,9 @@ from tidegate.dataplane.h2limits import (
     ControlFrameBudget,
     ServerConnection,
 )
+from tidegate.dataplane.deadlines import DEADLINES
 from tidegate.dataplane.h2request import read_request
+from tidegate.dataplane.upstream import UpstreamConnection
 from tidegate.dataplane.http1 import (
     BODY_BUFFER_LIMIT,
     IN_FLIGHT,
@@ -41,6 +43,7 @@ from tidegate.dataplane.http1 import (
     finished,
     may_send_again,
     request_head,
+    reset,
     response_headers,
     route_request,
     serve_exchange,
@@ -52,7 +55,7 @@ if TYPE_CHECKING:
     from tidegate import ir
     from tidegate.balancing.state import BackendState
     from tidegate.dataplane.server import Site
-    from tidegate.dataplane.upstream import ResponseHead, UpstreamConnection, UpstreamError
+    from tidegate.dataplane.upstream import ResponseHead, UpstreamError
     from tidegate.router import Candidate
 
 log = logging.getLogger("tidegate.http2")
@@ -118,6 +121,10 @@ class H2Stream:
         self.unacked = 0  # flow-controlled bytes received but not yet granted back
         self.queued = False  # in the connection's list of streams with body bytes or an end to send
         self.trailers: list[tuple[bytes, bytes]] = []  # sent after the body, ending the stream (gRPC's status)
+        # The endpoint connection the deadline check last looked at, its reads then, and since when.
+        self.upstream_seen: Any = None
+        self.upstream_reads = 0
+        self.upstream_since = 0.0
 
     # -- what serve_exchange calls -------------------------------------------------------------------
     @property
@@ -237,6 +244,9 @@ class H2ServerConnection(asyncio.Protocol):
         self.write_blocked = False  # the socket's buffer is full (pause_writing): DATA waits
         self.turn_bytes = 0  # body bytes framed in this turn (TURN_BYTES)
         self.held: list[H2Stream] = []  # streams whose endpoint is paused for the connection's total alone
+        self.write_blocked_at = 0.0
+        self.idle_since = 0.0  # when the connection was last seen with no stream (0: it has some)
+        self.deadline_check: asyncio.TimerHandle | None = None
         # Frames are written once per turn of the event loop, not once per call: a stream's head, body and
         # end, and the responses of all streams that finish in the same turn, leave in one write.
         self.queued: list[H2Stream] = []  # streams with body bytes or an end not yet framed
@@ -252,10 +262,57 @@ class H2ServerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         self.h2.initiate_connection()
         self._write_now()
+        self._arm_deadlines()
+
+    def _arm_deadlines(self) -> None:
+        self.deadline_check = asyncio.get_running_loop().call_later(DEADLINES.check_interval,
+                                                                    self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        """An idle connection (no stream: a bare h2c preface too) is closed after DEADLINES.idle, a client that
+        reads nothing is cut off after DEADLINES.send, and a pod silent for DEADLINES.upstream_read while its
+        answer is awaited gets its stream a 504 (deadlines.py)."""
+        transport = self.transport
+        if self.closed or transport is None:
+            return
+        now = time.monotonic()
+        limits = DEADLINES
+        if self.write_blocked and now - self.write_blocked_at >= limits.send:
+            METRICS.limits.labels("send-timeout").inc()
+            log.info("closing the HTTP/2 connection from %s: it read nothing for %g s", self.peer, limits.send)
+            self.closed = True
+            reset(transport)
+            return
+        if not self.streams:
+            if not self.idle_since:
+                self.idle_since = now
+            elif now - self.idle_since >= limits.idle:
+                try:
+                    self.h2.close_connection()
+                except h2.exceptions.ProtocolError:
+                    pass
+                self._write_now()
+                self.closed = True
+                transport.close()
+                return
+        else:
+            self.idle_since = 0.0
+            for stream in list(self.streams.values()):
+                upstream = stream.upstream
+                if upstream is None or type(upstream) is not UpstreamConnection or not stream.ex.body_done:
+                    continue
+                if upstream is not stream.upstream_seen or upstream.reads != stream.upstream_reads:
+                    stream.upstream_seen, stream.upstream_reads, stream.upstream_since = upstream, upstream.reads, now
+                elif now - stream.upstream_since >= limits.upstream_read:
+                    METRICS.limits.labels("upstream-read-timeout").inc()
+                    upstream.time_out(limits.upstream_read)
+        self._arm_deadlines()
 
     def connection_lost(self, exc: Exception | None) -> None:
         METRICS.connections.open -= 1
         self.closed = True
+        if self.deadline_check is not None:
+            self.deadline_check.cancel()
         for stream in self.streams.values():
             stream.closed = True
             if stream.task is not None and not stream.task.done():
@@ -263,6 +320,7 @@ class H2ServerConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_blocked = True
+        self.write_blocked_at = time.monotonic()
 
     def resume_writing(self) -> None:
         self.write_blocked = False
@@ -523,7 +581,7 @@ class H2ServerConnection(asyncio.Protocol):
             if transport.get_write_buffer_size() > MAX_QUEUED_OUTPUT:
                 METRICS.limits.labels("http2-unread-output").inc()
                 self._calm_down(f"does not read what it asks for ({MAX_QUEUED_OUTPUT // 1048576} MiB queued)")
-                transport.abort()
+                reset(transport)
                 return
         if self.queued and not self.write_blocked and not self.closed:
             self._flush()  # streams over this turn's TURN_BYTES: the next turn
@@ -663,7 +721,9 @@ class H2FastExchange:
             stream.conn.serve_slowly(stream, self.routed)
             return
         if not self.status:
-            stream.send_simple(502, str(error) if error else "internal error")
+            # The endpoint's silence past the deadline (UpstreamTimeout) is a 504, as a timeout of the full way.
+            stream.send_simple(504 if isinstance(error, TimeoutError) else 502, str(error) if error else
+                               "internal error")
         else:  # the head went out already: the stream cannot end well
             stream.conn.reset(stream)
         self._end(None)

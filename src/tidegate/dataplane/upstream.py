@@ -23,6 +23,10 @@ class UpstreamError(Exception):
     """The endpoint refused, reset or broke the exchange (the client sees 502)."""
 
 
+class UpstreamTimeout(UpstreamError, TimeoutError):
+    """The endpoint sent nothing for too long while its answer was awaited (the client sees 504)."""
+
+
 class ConnectError(UpstreamError):
     """No connection could be made: nothing of the request was sent, so any request may go elsewhere."""
 
@@ -163,6 +167,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._lean: Any = None
         self._raw_head = b""
         self.close_delimited = False  # the response under way ends when the endpoint closes
+        self.reads = 0
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -198,6 +203,21 @@ class UpstreamConnection(asyncio.Protocol):
                     self.done_future.exception()  # nobody waits for the body of a response that never came
         self.pool.forget(self)
 
+    def time_out(self, seconds: float) -> None:
+        """The endpoint sent nothing for `seconds` while its answer was awaited: the exchange fails with
+        UpstreamTimeout (a 504 when nothing of the answer has reached the client), and the connection closes."""
+        error = UpstreamTimeout(f"the endpoint sent nothing for {seconds:g} s")
+        self.reusable = False
+        handler = self.handler
+        if handler is not None:
+            handler.upstream_failed(error)  # the fast lane closes the connection
+            return
+        for future in (self.head_future, self.done_future):
+            if future is not None and not future.done():
+                future.set_exception(error)
+                future.exception()  # whichever the proxy awaits carries it
+        self.close()
+
     def pause_writing(self) -> None:
         self._can_write.clear()
         if self.on_backpressure is not None:
@@ -209,6 +229,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.on_backpressure(False)
 
     def data_received(self, data: bytes) -> None:
+        self.reads += 1  # the deadline check's sign of life (deadlines.py)
         if self.raw_sink is not None:
             self.raw_sink(data)
             return
