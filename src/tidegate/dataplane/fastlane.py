@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Final
 
 from tidegate.balancing.outlier import record_outcome
 from tidegate.dataplane import http1
+from tidegate.dataplane.upstream import UpstreamTimeout
 from tidegate.observe.metrics import METRICS
 
 if TYPE_CHECKING:
@@ -255,7 +256,7 @@ class FastExchange:
             return
         if not self.status:
             # The endpoint's silence past the deadline (UpstreamTimeout) is a 504, as a timeout of the full way.
-            conn.send_simple(504 if isinstance(error, TimeoutError) else 502, str(error) if error else
+            conn.send_simple(504 if isinstance(error, UpstreamTimeout) else 502, str(error) if error else
                              "internal error", close=True)
         self._end(None)
         conn.serving = None

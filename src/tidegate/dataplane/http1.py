@@ -53,6 +53,7 @@ from tidegate.dataplane.upstream import (
     ResponseHead,
     UpstreamConnection,
     UpstreamError,
+    UpstreamTimeout,
 )
 from tidegate.dataplane.upstream_h2 import H2UpstreamStream
 from tidegate.observe import accesslog
@@ -718,7 +719,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
 
 
-def reset(transport: asyncio.BaseTransport) -> None:
+def reset(transport: asyncio.WriteTransport) -> None:
     """Close with a TCP reset: what the kernel still holds for a client that does not read is dropped, not
     trickled out for minutes after the connection is given up."""
     sock = transport.get_extra_info("socket")
@@ -1084,7 +1085,7 @@ async def _attempt(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
             keep = await proxied
         status = state.status or 200
         return keep
-    except TimeoutError:
+    except (TimeoutError, UpstreamTimeout):
         METRICS.upstream_errors.labels(backend.name, "timeout").inc()
         if not state.head_sent:
             if rules.timeout:

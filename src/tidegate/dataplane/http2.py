@@ -33,7 +33,7 @@ from tidegate.dataplane.h2limits import (
 )
 from tidegate.dataplane.deadlines import DEADLINES
 from tidegate.dataplane.h2request import read_request
-from tidegate.dataplane.upstream import UpstreamConnection
+from tidegate.dataplane.upstream import UpstreamConnection, UpstreamTimeout
 from tidegate.dataplane.http1 import (
     BODY_BUFFER_LIMIT,
     IN_FLIGHT,
@@ -722,7 +722,7 @@ class H2FastExchange:
             return
         if not self.status:
             # The endpoint's silence past the deadline (UpstreamTimeout) is a 504, as a timeout of the full way.
-            stream.send_simple(504 if isinstance(error, TimeoutError) else 502, str(error) if error else
+            stream.send_simple(504 if isinstance(error, UpstreamTimeout) else 502, str(error) if error else
                                "internal error")
         else:  # the head went out already: the stream cannot end well
             stream.conn.reset(stream)

@@ -23,8 +23,9 @@ class UpstreamError(Exception):
     """The endpoint refused, reset or broke the exchange (the client sees 502)."""
 
 
-class UpstreamTimeout(UpstreamError, TimeoutError):
-    """The endpoint sent nothing for too long while its answer was awaited (the client sees 504)."""
+class UpstreamTimeout(UpstreamError):
+    """The endpoint sent nothing for too long while its answer was awaited (the client sees 504, as for any
+    timeout of tidegate's)."""
 
 
 class ConnectError(UpstreamError):
