@@ -175,13 +175,17 @@ def test_streams_over_the_advertised_concurrency_are_refused_one_by_one():
 
 def test_a_ping_flood_is_sent_away_and_a_few_pings_are_not():
     def pings(count: int) -> tuple[list, bool]:
-        server, transport, client = _connected(None)
-        for n in range(count):
-            client.ping(n.to_bytes(8, "big"))
-            server.data_received(client.data_to_send())
-            if transport.closed:
-                break
-        return client.receive_data(bytes(transport.out)), transport.closed
+        async def scenario() -> tuple[list, bool]:
+            server, transport, client = _connected(None)
+            for n in range(count):
+                client.ping(n.to_bytes(8, "big"))
+                server.data_received(client.data_to_send())
+                if transport.closed:
+                    break
+            server.connection_lost(None)
+            return client.receive_data(bytes(transport.out)), transport.closed
+
+        return asyncio.run(scenario())
 
     events, closed = pings(5000)
     goaway = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
