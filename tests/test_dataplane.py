@@ -20,6 +20,7 @@ from tests.harness import (
     rss_high_water_kb,
     rss_kb,
     tidegate_run,
+    wait_until,
     worker_pid,
 )
 from tests.manifests import gateway, http_gateway, route, service
@@ -311,11 +312,31 @@ def test_a_taken_port_is_reported_and_the_other_listeners_serve(tmp_path):
     config.mkdir()
     listeners = f"[{{name: free, port: {free}, protocol: HTTP}}, {{name: taken, port: {taken}, protocol: HTTP}}]"
     (config / "c.yaml").write_text(gateway(GW_ADDR, listeners) + service("a", [(POD_A, echo_port, "pod-a")]) + route("r", "any.test", "- backendRefs: [{name: a, port: 80}]"))
+    def taken_listener(proxy) -> dict:
+        statuses = json.loads(request("127.0.0.1", proxy.admin_port, "/api/v1/status")[2])
+        [gw] = [s for s in statuses if s["kind"] == "Gateway"]
+        [entry] = [entry for entry in gw["status"]["listeners"] if entry["name"] == "taken"]
+        return {c["type"]: c["reason"] for c in entry["conditions"]}
+
+    def listener_open(proxy) -> str:
+        metrics = request("127.0.0.1", proxy.admin_port, "/metrics")[2].decode()
+        return next(line.rsplit(" ", 1)[1] for line in metrics.splitlines()
+                    if line.startswith('tidegate_listener_open{listener="default/gw/taken"}'))
+
     try:
         with echo_servers({(POD_A, echo_port): "default/pod-a"}, tmp_path / "echo.log"):
-            with tidegate_run(config, (GW_ADDR, free), tmp_path / "tidegate.log"):
+            with tidegate_run(config, (GW_ADDR, free), tmp_path / "tidegate.log") as proxy:
                 assert request(GW_ADDR, free, "/", headers={"Host": "any.test"})[0] == 200
                 log = (tmp_path / "tidegate.log").read_text()
+                # Readiness is per Gateway listener, not per process: the replica serves what it can.
+                assert request("127.0.0.1", proxy.admin_port, "/readyz")[0] == 200
+                assert taken_listener(proxy)["Accepted"] == "PortUnavailable" and listener_open(proxy) == "0.0"
+                # Once the port is free, a retry opens it, and status and metrics follow.
+                blocker.close()
+                wait_until(lambda: request(GW_ADDR, taken, "/", headers={"Host": "any.test"})[0] == 200,
+                           timeout=10, what="the freed port served")
+                wait_until(lambda: taken_listener(proxy)["Accepted"] == "Accepted", what="the status mended")
+                assert listener_open(proxy) == "1.0"
     finally:
         blocker.close()
     assert f"cannot listen on {GW_ADDR}:{taken}" in log

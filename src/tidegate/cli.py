@@ -560,6 +560,31 @@ async def _serve(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             log.error("cannot open the admin listener %s: %s", args.admin, exc)
 
+    unmarked: dict = {}  # the statuses of the translation in force, before what the data plane found
+
+    def publish(errors: dict) -> None:
+        """Status, readiness and the listener gauges from the translation in force and the sockets the workers
+        could not open: after each configuration, and whenever a socket opens at last."""
+        translation = state.translation
+        if translation is None:
+            return
+        listeners = list(translation.ir.listeners)
+        translation.statuses = mark_unbindable(unmarked, listeners, errors, args.bind)
+        state.statuses = statuses_as_data(translation)
+        state.unbound = {f"{address}:{port}": message for (address, port), (_, message) in errors.items()}
+        ready = serves_something(listeners, errors, args.bind)
+        if state.ready and not ready:
+            log.error("not ready: none of the %d listener(s) could be opened", len(listeners))
+        state.ready = ready
+        METRICS.listener_open.clear()
+        for listener in listeners:
+            METRICS.listener_open.labels(listener.name).set((listener.address or args.bind, listener.port)
+                                                            not in errors)
+        if writer is not None:
+            writer.submit(translation.statuses)
+
+    pool.on_listeners = publish
+
     async def follow() -> None:
         async for snapshot in store.updates():
             started = time.perf_counter()
@@ -575,13 +600,10 @@ async def _serve(args: argparse.Namespace) -> int:
                               snapshot.version)
                 METRICS.reloads.labels("failed").inc()
                 continue
-            translation.statuses = mark_unbindable(translation.statuses, list(translation.ir.listeners), errors,
-                                                   args.bind)
-            state.version, state.translation = snapshot.version, translation
-            state.statuses = statuses_as_data(translation)
-            state.ready, state.applied_at = not errors, time.time()
-            if writer is not None:
-                writer.submit(translation.statuses)
+            state.version, state.translation, state.applied_at = snapshot.version, translation, time.time()
+            unmarked.clear()
+            unmarked.update(translation.statuses)
+            publish(errors)
             METRICS.reloads.labels("ok").inc()
             METRICS.config_version.set(snapshot.version)
             _log_translation(log, snapshot.version, translation)
@@ -605,6 +627,15 @@ async def _serve(args: argparse.Namespace) -> int:
     if admin is not None:
         admin.close()
     return EXIT_OK
+
+
+def serves_something(listeners: list[Any], errors: dict, bind: str) -> bool:
+    """Readiness, per Gateway and not per process: this replica is ready once its configuration is applied and
+    it serves at least one of its listeners (or has none to serve). A listener whose port is taken shows in its
+    Gateway's status and in tidegate_listener_open, and does not take the replica, with every other
+    Gateway it serves, out of its Service."""
+    wanted = {(listener.address or bind, listener.port) for listener in listeners}
+    return not wanted or bool(wanted - errors.keys())
 
 
 def _bound(server: asyncio.base_events.Server) -> str:

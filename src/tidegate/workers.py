@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
 from typing import Any
@@ -60,6 +61,9 @@ class WorkerPool:
         self._config: tuple[int, ir.IR] | None = None
         self._endpoint_stats: dict[int, dict] = {}
         self._reports: dict[int, list[asyncio.Future]] = {}  # refresh_stats waiting for a worker's counts
+        # The sockets each worker could not open; and who hears when that changes between configurations.
+        self._worker_errors: dict[int, dict] = {}
+        self.on_listeners: Callable[[dict], None] | None = None
         self._stopping = False
         self._watcher: asyncio.Task | None = None
 
@@ -82,9 +86,14 @@ class WorkerPool:
     async def _receive(self, index: int, message: tuple) -> None:
         kind = message[0]
         if kind == "applied":
+            self._worker_errors[index] = message[2]
             waiter = self._waiting.get(index)
             if waiter is not None and not waiter.done():
                 waiter.set_result(message[2])
+        elif kind == "listeners":
+            self._worker_errors[index] = message[1]
+            if self.on_listeners is not None:
+                self.on_listeners(self.listener_errors())
         elif kind == "stats":
             from tidegate.observe.metrics import METRICS
 
@@ -163,6 +172,13 @@ class WorkerPool:
         except TimeoutError:
             log.error("worker %d did not apply config version %d within %.0f s", index, version, APPLY_TIMEOUT)
             return {}
+
+    def listener_errors(self) -> dict:
+        """The sockets some worker could not open, with the reason."""
+        errors: dict = {}
+        for found in self._worker_errors.values():
+            errors.update(found)
+        return errors
 
     def health_changed(self, address: str, port: int, check: ir.HealthCheck, healthy: bool) -> None:
         for index in list(self._channels):
@@ -262,6 +278,15 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
 
     # When the control process is gone, so are we.
     channel = await Channel.open(_socket_of(conn), received, lambda: inbox.put_nowait(("stop", 0.0)))
+
+    async def send_quietly(message: tuple) -> None:
+        try:
+            await channel.send(message)
+        except ConnectionError:
+            pass
+
+    # A socket that opened at last (DataPlane._retry_binds): the control process updates status and readiness.
+    dataplane.on_errors = lambda errors: loop.create_task(send_quietly(("listeners", errors)))
 
     async def report() -> None:
         while await send_stats():

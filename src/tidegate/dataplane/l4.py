@@ -735,6 +735,8 @@ class L4DataPlane:
         # Listeners a reload removed, while connections they accepted are still open: those keep their
         # configuration, idle timeout, and place in a graceful stop.
         self._draining: list[L4Listener] = []
+        # Sockets that could not be opened (a port taken, say), by address: DataPlane tries them again.
+        self.unbound: dict[tuple[str, int], tuple[tuple[str, int, str], str]] = {}
 
     async def apply(self, config: ir.IR, bind: str, balancer: RouteBalancer, taken: set[tuple[str, int]]
                     ) -> dict[tuple[str, int], tuple[str, str]]:
@@ -746,6 +748,7 @@ class L4DataPlane:
             if kind:
                 groups.setdefault((listener.address or bind, listener.port, kind), []).append(listener)
         errors: dict[tuple[str, int], tuple[str, str]] = {}
+        self.unbound = {}
         sites = {key: L4Site(key[2], L4Table([r for l in group for r in l.l4_routes]), balancer, group[0].name,
                              {id(r): l.name for l in group for r in l.l4_routes})
                  for key, group in groups.items()}
@@ -775,6 +778,7 @@ class L4DataPlane:
                 reason = "AddressNotUsable" if exc.errno == errno.EADDRNOTAVAIL else "PortUnavailable"
                 errors[(address, port)] = (reason, f"cannot listen on {address}:{port}: {exc.strerror or exc}")
                 log.error("%s", errors[(address, port)][1])
+                self.unbound[(address, port)] = (key, name)
         for key in [k for k in self.tcp if k not in sites or k[:2] in errors]:
             self._close_tcp(key)
         for key in [k for k in self.udp if k not in sites or k[:2] in errors]:
@@ -782,6 +786,12 @@ class L4DataPlane:
         if (self.tcp or self.udp) and self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return errors
+
+    async def retry(self, address: tuple[str, int]) -> None:
+        """Try again to open a socket that could not be opened; raises OSError while it still cannot."""
+        key, name = self.unbound[address]
+        await self._open(key, name)
+        del self.unbound[address]
 
     async def _open(self, key: tuple[str, int, str], name: str) -> None:
         address, port, kind = key

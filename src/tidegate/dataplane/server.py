@@ -12,6 +12,7 @@ import asyncio
 import errno
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
@@ -29,6 +30,15 @@ from tidegate.observe import accesslog
 from tidegate.router import Router, routers_by_port
 
 log = logging.getLogger("tidegate.dataplane")
+
+BIND_RETRY_FIRST = 1.0  # seconds before a failed bind is tried again; doubled each time
+BIND_RETRY_MAX = 30.0
+
+
+def _bind_error(key: tuple[str, int], exc: OSError) -> tuple[str, str]:
+    """The status reason and message for a socket that could not be opened."""
+    reason = "AddressNotUsable" if exc.errno == errno.EADDRNOTAVAIL else "PortUnavailable"
+    return reason, f"cannot listen on {key[0]}:{key[1]}: {exc.strerror or exc}"
 
 
 class PoolSet:
@@ -103,6 +113,11 @@ class DataPlane:
         self.registry = Registry()
         self.health = HealthChecker(self.registry)
         self.l4 = L4DataPlane(reuse_port)  # TCP, UDP and TLS passthrough listeners
+        # Failed binds are tried again (_retry_binds); HTTP(S) ones by the identity they were to have.
+        self._unbound_http: dict[tuple[str, int], tuple[str, str, str]] = {}
+        self._retrier: asyncio.Task | None = None
+        # Told the listeners that still cannot be opened whenever one of them opens at last.
+        self.on_errors: Callable[[dict[tuple[str, int], tuple[str, str]]], None] | None = None
 
     def _empty_site(self) -> Site:
         return Site(None, RouteBalancer(self.registry), self.pools, self._background)
@@ -137,8 +152,8 @@ class DataPlane:
         self.sites = sites  # the atomic swap: new requests see the new configuration
         self.tls_sites = tls_sites
 
-        loop = asyncio.get_running_loop()
         errors: dict[tuple[str, int], tuple[str, str]] = {}
+        self._unbound_http = {}
         for key in routers:
             scheme = "https" if key in https else "http"
             # The socket's identity: its scheme and, for HTTPS, its client-certificate checks.
@@ -147,28 +162,19 @@ class DataPlane:
                 continue
             if key in self.servers:
                 self.servers.pop(key).close()
-            address, port = key
-            ssl_ctx = server_context(partial(self._tls_site, key), identity[1],
-                                     identity[2]) if scheme == "https" else None
             try:
-                server = await loop.create_server(
-                    lambda key=key, port=port, scheme=scheme: ClientConnection(
-                        lambda: self.sites.get(key) or self._empty_site(), port, scheme),
-                    host=address, port=port, reuse_address=True, reuse_port=self.reuse_port or None,
-                    backlog=1024, ssl=ssl_ctx)
+                await self._open_http(key, identity)
             except OSError as exc:
-                reason = "AddressNotUsable" if exc.errno == errno.EADDRNOTAVAIL else "PortUnavailable"
-                errors[key] = (reason, f"cannot listen on {address}:{port}: {exc.strerror or exc}")
+                errors[key] = _bind_error(key, exc)
                 log.error("%s", errors[key][1])
-                continue
-            self.schemes[key] = identity
-            self.servers[key] = server
-            log.info("listening on %s:%d (%s)", address, port, scheme.upper())
+                self._unbound_http[key] = identity
         for key in [k for k in self.servers if k not in routers]:
             self.servers.pop(key).close()
             log.info("stopped listening on %s:%d", *key)
         errors.update(await self.l4.apply(config, self.bind, balancer, set(routers)))
         self.errors = errors
+        if errors and (self._retrier is None or self._retrier.done()):
+            self._retrier = asyncio.get_running_loop().create_task(self._retry_binds())
         self.pools.retain({(e.address, e.port) for listener in config.listeners for route in listener.http_routes
                            for backend in route.backends for e in backend.endpoints}
                           | {(e.address, e.port) for listener in config.listeners for route in listener.http_routes
@@ -181,12 +187,55 @@ class DataPlane:
                             self.pools.pool(e.address, e.port, backend.tls).idle_timeout = backend.policy.idle_timeout
         return errors
 
+    async def _open_http(self, key: tuple[str, int], identity: tuple[str, str, str]) -> None:
+        address, port = key
+        scheme = identity[0]
+        ssl_ctx = server_context(partial(self._tls_site, key), identity[1],
+                                 identity[2]) if scheme == "https" else None
+        server = await asyncio.get_running_loop().create_server(
+            lambda: ClientConnection(lambda: self.sites.get(key) or self._empty_site(), port, scheme),
+            host=address, port=port, reuse_address=True, reuse_port=self.reuse_port or None,
+            backlog=1024, ssl=ssl_ctx)
+        self.schemes[key] = identity
+        self.servers[key] = server
+        log.info("listening on %s:%d (%s)", address, port, scheme.upper())
+
+    async def _retry_binds(self) -> None:
+        """Sockets that could not be opened (a port another process held, an address not yet on this host)
+        are tried again, every BIND_RETRY_FIRST seconds at first, then less often (BIND_RETRY_MAX at most),
+        until they open or a new configuration no longer has them; each one that opens is reported
+        (`on_errors`), and status and readiness follow."""
+        delay = BIND_RETRY_FIRST
+        while self._unbound_http or self.l4.unbound:  # not the other errors (two protocols on one port):
+            await asyncio.sleep(delay)                 # only a new configuration mends those
+            delay = min(delay * 2, BIND_RETRY_MAX)
+            opened = []
+            for key in list(self.errors):
+                try:
+                    if key in self._unbound_http:
+                        await self._open_http(key, self._unbound_http[key])
+                        del self._unbound_http[key]
+                    elif key in self.l4.unbound:
+                        await self.l4.retry(key)
+                    else:
+                        continue
+                except OSError:
+                    continue
+                opened.append(key)
+            if opened:
+                self.errors = {k: v for k, v in self.errors.items() if k not in opened}
+                log.info("opened at last: %s", ", ".join(f"{a}:{p}" for a, p in opened))
+                if self.on_errors is not None:
+                    self.on_errors(dict(self.errors))
+
     def bound_port(self, key: tuple[str, int]) -> int:
         server = self.servers[key]
         return server.sockets[0].getsockname()[1]
 
     async def close(self, grace: float = 0.0) -> None:
         """Stop accepting; give requests in flight up to `grace` seconds; then close everything."""
+        if self._retrier is not None:
+            self._retrier.cancel()
         for server in self.servers.values():
             server.close()
         self.l4.stop_accepting()

@@ -1,7 +1,7 @@
 """The admin listener: health, readiness, Prometheus metrics and a read-only JSON API.
 
     GET /healthz            the process is up
-    GET /readyz             a configuration is loaded and its listeners are open (503 before that)
+    GET /readyz             a configuration is applied and serves at least one of its listeners (503 before)
     GET /metrics            Prometheus exposition
     GET /api/v1/openapi.json  this API, described in OpenAPI 3
     GET /api/v1/config      version of the configuration in force, its sources, readiness
@@ -53,6 +53,7 @@ class RunState:
     started: float = field(default_factory=time.time)
     applied_at: float = 0.0
     registry: Any = None  # tidegate.balancing.state.Registry of the data plane: endpoint health and counts
+    unbound: dict[str, str] = field(default_factory=dict)  # sockets the workers could not open: address → why
     # Brings the workers' counts up to date before an answer that shows them (WorkerPool.refresh_stats).
     refresh: Callable[[], Awaitable[None]] | None = None
 
@@ -158,6 +159,7 @@ class AdminProtocol(asyncio.Protocol):
             return 200, OPENAPI, "application/json"
         if path == "/api/v1/config":
             return 200, _json({"version": state.version, "sources": state.sources, "ready": state.ready,
+                               "unopenedListeners": state.unbound,
                                "started": state.started, "appliedAt": state.applied_at,
                                "listeners": [listener.name for listener in _listeners(state)]}), "application/json"
         if path == "/api/v1/status":

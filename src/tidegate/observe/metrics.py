@@ -269,6 +269,9 @@ class Metrics:
         self.registry.register(self.connections)
         self.l4 = L4Counts()
         self.registry.register(self.l4)
+        self.listener_open = Gauge("tidegate_listener_open", "1 when the listener's socket is open, 0 when it "
+                                   "could not be opened (a port taken: tried again on a timer)", ["listener"],
+                                   registry=self.registry)
         self.reloads = Counter("tidegate_config_reloads", "Configurations applied, by result", ["result"],
                                registry=self.registry)
         self.config_version = Gauge("tidegate_config_version", "Version of the configuration in force",
