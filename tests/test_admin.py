@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 
 import pytest
@@ -77,13 +78,50 @@ def test_json_api_shows_status_routes_and_explain(stack):  # noqa: F811
     assert admin(stack, "/api/v1/nope")[0] == 404
 
 
-def test_only_loopback_or_the_token_gets_in():
+def test_without_a_token_loopback_alone_and_with_one_whoever_has_it():
     assert peer_allowed("127.0.0.1", None, "")
     assert peer_allowed("::1", None, "")
     assert not peer_allowed("10.1.2.3", None, "")  # no token configured: outside is refused
     assert not peer_allowed("10.1.2.3", None, "s3cret")
     assert not peer_allowed("10.1.2.3", "Bearer wrong", "s3cret")
     assert peer_allowed("10.1.2.3", "Bearer s3cret", "s3cret")
+    # With a token, loopback needs it too: a mesh sidecar relays remote clients from 127.0.0.6.
+    assert not peer_allowed("127.0.0.6", None, "s3cret")
+    assert peer_allowed("127.0.0.6", "Bearer s3cret", "s3cret")
+    assert peer_allowed("127.0.0.6", None, "s3cret", trust_loopback=True)
+
+
+def test_the_token_comes_from_a_file_never_the_command_line(tmp_path):
+    import socket
+
+    from tests.harness import free_port, tidegate_run
+
+    config = tmp_path / "config"
+    config.mkdir()
+    port, metrics = free_port(), free_port()
+    (config / "c.yaml").write_text(http_gateway("127.0.0.1", port))
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    refused = subprocess.run([sys.executable, "-m", "tidegate", "run", "-f", str(config), "--admin-token", "s3cret"],
+                             capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2 and "--admin-token-file" in refused.stderr
+    with tidegate_run(config, ("127.0.0.1", port), tmp_path / "tidegate.log", "--admin-token-file", str(token),
+                      "--metrics", f"127.0.0.1:{metrics}") as proxy:
+        def get(path: str, token: str = "", at: int = proxy.admin_port) -> int:
+            headers = {"Authorization": f"Bearer {token}"} if token else {}
+            return request("127.0.0.1", at, path, headers=headers)[0]
+
+        assert get("/api/v1/config") == 401  # loopback too
+        assert get("/api/v1/config", "s3cret") == 200
+        assert get("/readyz") == 200 and get("/healthz") == 200  # kubelet probes need none
+        assert "s3cret" not in " ".join(open(f"/proc/{proxy.pid}/cmdline").read().split("\0"))
+        # The metrics listener: /metrics for anyone (Prometheus's scrape annotations carry no token), nothing else.
+        assert get("/metrics", at=metrics) == 200 and get("/healthz", at=metrics) == 200
+        assert get("/api/v1/config", at=metrics) == 404 and get("/api/v1/config", "s3cret", at=metrics) == 404
+        # A request head over 8 KiB is refused before it is read further.
+        with socket.create_connection(("127.0.0.1", proxy.admin_port), timeout=5) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20_000)
+            assert sock.recv(100).startswith(b"HTTP/1.1 431 ")
 
 
 def test_every_path_of_the_openapi_description_answers(stack):  # noqa: F811
@@ -143,8 +181,10 @@ def test_a_client_from_another_host_needs_the_token(tmp_path):
         port = free_port()
         (config / "c.yaml").write_text(http_gateway("127.0.0.1", port))
         admin = free_port()
+        token = tmp_path / "token"
+        token.write_text("s3cret")
         with tidegate_run(config, ("127.0.0.1", port), tmp_path / "tidegate.log", "--admin",
-                          f"198.18.213.1:{admin}", "--admin-token", "s3cret"):
+                          f"198.18.213.1:{admin}", "--admin-token-file", str(token)):
             assert get("/api/v1/config") == 401  # no token
             assert get("/api/v1/config", "wrong") == 401
             assert get("/api/v1/config", "s3cret") == 200

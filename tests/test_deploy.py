@@ -116,3 +116,18 @@ def test_the_deployment_runs_two_probed_replicas_of_the_kubernetes_mode():
     assert deployment["metadata"]["namespace"] == "tidegate-system"
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}
     assert env == {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace"}  # lease identity
+
+
+def test_the_deployed_admin_api_needs_its_token_and_prometheus_scrapes_a_port_of_its_own():
+    deployment = next(d for d in _built() if d["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    args = dict(arg.split("=", 1) for arg in container["args"] if "=" in arg)
+    assert not any(arg.startswith("--admin-token=") for arg in container["args"])  # `ps` would show it
+    [mount] = [m for m in container["volumeMounts"] if m["name"] == "admin-token"]
+    assert args["--admin-token-file"].startswith(mount["mountPath"] + "/")
+    [volume] = [v for v in pod["volumes"] if v["name"] == "admin-token"]
+    assert volume["secret"]["secretName"] == "tidegate-admin-token"
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    scrape_port = int(deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
+    assert scrape_port == ports["metrics"] == int(args["--metrics"].rsplit(":", 1)[1])

@@ -86,8 +86,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--admin", default="127.0.0.1:9900", metavar="ADDR:PORT",
                      help="admin listener: /healthz, /readyz, /metrics, /api/v1 (default: %(default)s; 'off' "
                           "for none)")
-    run.add_argument("--admin-token", default=os.environ.get("TIDEGATE_ADMIN_TOKEN", ""),
-                     help="bearer token required from non-loopback admin clients (or TIDEGATE_ADMIN_TOKEN)")
+    run.add_argument("--admin-token-file", default="", metavar="PATH",
+                     help="file holding the bearer token every admin client must send (kubelet probes excepted); "
+                          "or set TIDEGATE_ADMIN_TOKEN. Without one, only loopback clients are answered")
+    run.add_argument("--admin-trust-loopback", action="store_true",
+                     help="with a token, let loopback clients in without it (not behind a mesh sidecar, which "
+                          "relays remote clients from a loopback address)")
+    run.add_argument("--admin-token", dest="admin_token_on_command_line", default=None, help=argparse.SUPPRESS)
+    run.add_argument("--metrics", default="off", metavar="ADDR:PORT",
+                     help="a listener for /metrics (and /healthz) alone, open to anyone: for Prometheus scrapes "
+                          "that carry no token (default: off; /metrics is on the admin listener too)")
     run.add_argument("--access-log", default="off", choices=["off", "json", "clf", "combined"],
                      help="access log format: JSON lines, Common or Combined Log Format (default: %(default)s)")
     run.add_argument("--access-log-file", default="-", metavar="PATH", help="where access log lines go (default: "
@@ -418,10 +426,16 @@ def _run_args_problem(args: argparse.Namespace) -> str:
         folder = os.path.dirname(os.path.abspath(args.access_log_file))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             return f"--access-log-file {args.access_log_file!r}: {folder} is not a writable directory"
-    if args.admin != "off":
-        host, sep, port = args.admin.rpartition(":")
-        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-            return f"--admin {args.admin!r} is not ADDR:PORT (or off)"
+    for flag, value in (("--admin", args.admin), ("--metrics", args.metrics)):
+        if value != "off":
+            host, sep, port = value.rpartition(":")
+            if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+                return f"{flag} {value!r} is not ADDR:PORT (or off)"
+    if args.admin_token_on_command_line is not None:
+        return ("--admin-token would show the token to anyone who can list processes: put it in a file "
+                "(--admin-token-file) or in the TIDEGATE_ADMIN_TOKEN environment variable")
+    if args.admin_token_file and os.path.isdir(args.admin_token_file):
+        return f"--admin-token-file {args.admin_token_file!r} is a directory"
     if args.grace < 0:
         return "--grace must not be negative"
     for flag in ("request_head_timeout", "request_body_timeout", "idle_timeout", "send_timeout",
@@ -549,16 +563,25 @@ async def _serve(args: argparse.Namespace) -> int:
     from tidegate.observe.admin import backends_view
 
     METRICS.endpoints.source = lambda: backends_view(state)
-    admin = None
+    admin = metrics = None
+    token = _admin_token(args, log)
     if args.admin != "off":
         try:
-            admin = await start_admin(args.admin, state, args.admin_token,
+            admin = await start_admin(args.admin, state, token,
                                       lambda url, method, headers: explain_as_data(state.translation, url, method,
-                                                                                   headers))
-            log.info("admin API on http://%s (/healthz /readyz /metrics /api/v1/...)",
-                     _bound(admin) if admin.sockets else args.admin)
+                                                                                   headers),
+                                      trust_loopback=args.admin_trust_loopback)
+            log.info("admin API on http://%s (/healthz /readyz /metrics /api/v1/...)%s",
+                     _bound(admin) if admin.sockets else args.admin,
+                     ", every client with the token" if token else ", loopback clients only (no token)")
         except (OSError, ValueError) as exc:
             log.error("cannot open the admin listener %s: %s", args.admin, exc)
+    if args.metrics != "off":
+        try:
+            metrics = await start_admin(args.metrics, state, "", lambda *_: {}, metrics_only=True)
+            log.info("metrics on http://%s/metrics", _bound(metrics) if metrics.sockets else args.metrics)
+        except (OSError, ValueError) as exc:
+            log.error("cannot open the metrics listener %s: %s", args.metrics, exc)
 
     unmarked: dict = {}  # the statuses of the translation in force, before what the data plane found
 
@@ -624,8 +647,9 @@ async def _serve(args: argparse.Namespace) -> int:
         await cluster.close()
     await pool.stop(args.grace)
     await health.close()
-    if admin is not None:
-        admin.close()
+    for listener in (admin, metrics):
+        if listener is not None:
+            listener.close()
     return EXIT_OK
 
 
@@ -636,6 +660,20 @@ def serves_something(listeners: list[Any], errors: dict, bind: str) -> bool:
     Gateway it serves, out of its Service."""
     wanted = {(listener.address or bind, listener.port) for listener in listeners}
     return not wanted or bool(wanted - errors.keys())
+
+
+def _admin_token(args: argparse.Namespace, log: logging.Logger) -> str:
+    """The admin token: from --admin-token-file (a mounted Secret; a file not there yet means none), else from
+    TIDEGATE_ADMIN_TOKEN. Never from the command line, where `ps` shows it."""
+    if args.admin_token_file:
+        try:
+            with open(args.admin_token_file) as f:
+                return f.read().strip()
+        except FileNotFoundError:
+            log.warning("no admin token: %s does not exist; only loopback clients reach the admin API",
+                        args.admin_token_file)
+            return ""
+    return os.environ.get("TIDEGATE_ADMIN_TOKEN", "").strip()
 
 
 def _bound(server: asyncio.base_events.Server) -> str:

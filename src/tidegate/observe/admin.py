@@ -14,8 +14,12 @@
     GET /api/v1/traffic     request counts by route and status class, latency buckets, connections
     GET /dashboard/         the web dashboard (static files from the package; nothing from outside)
 
-Requests from anything but a loopback address need `Authorization: Bearer TOKEN` (--admin-token); without a
-token configured they are refused. /healthz and /readyz answer anyone (kubelet probes; they tell nothing).
+Who may ask: with a token configured (--admin-token-file or TIDEGATE_ADMIN_TOKEN), every client must send
+`Authorization: Bearer TOKEN`, loopback ones too (a mesh sidecar relays remote clients from 127.0.0.6), unless
+--admin-trust-loopback; without a token, loopback clients alone. /healthz and /readyz answer anyone (kubelet
+probes; they tell nothing). A request head over ADMIN_REQUEST_LIMIT is refused before it is parsed further,
+so that no client can hold the control process up. The metrics listener (--metrics) answers /metrics and
+/healthz alone, to anyone: what Prometheus's scrape annotations can reach without a token.
 """
 
 from __future__ import annotations
@@ -62,28 +66,37 @@ class RunState:
 _COUNTED = frozenset((b"/metrics", b"/api/v1/traffic", b"/api/v1/backends"))
 
 
-def peer_allowed(peer: str, authorization: str | None, token: str) -> bool:
-    """Loopback peers are trusted; others need the bearer token (and there must be one)."""
+ADMIN_REQUEST_LIMIT = 8 * 1024  # bytes of a request (head and any body) the admin listener reads
+
+
+def peer_allowed(peer: str, authorization: str | None, token: str, trust_loopback: bool = False) -> bool:
+    """With a token, whoever presents it (and loopback peers too when `trust_loopback`); without one, loopback
+    peers alone."""
     try:
-        if ipaddress.ip_address(peer.split("%")[0]).is_loopback:
-            return True
+        loopback = ipaddress.ip_address(peer.split("%")[0]).is_loopback
     except ValueError:
-        return False
+        loopback = False
+    if loopback and (trust_loopback or not token):
+        return True
     if not token or not authorization or not authorization.startswith("Bearer "):
         return False
     return hmac.compare_digest(authorization[len("Bearer "):].strip(), token)
 
 
 class AdminProtocol(asyncio.Protocol):
-    def __init__(self, state: RunState, token: str, explain: Callable[[str, str, dict[str, str]], dict]):
+    def __init__(self, state: RunState, token: str, explain: Callable[[str, str, dict[str, str]], dict],
+                 trust_loopback: bool = False, metrics_only: bool = False):
         self.state = state
         self.token = token
+        self.trust_loopback = trust_loopback
+        self.metrics_only = metrics_only
         self.explain = explain
         self.parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.url = b""
         self.headers: dict[str, str] = {}
+        self.received = 0  # bytes of the request being read
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -91,6 +104,13 @@ class AdminProtocol(asyncio.Protocol):
         self.peer = peer[0] if peer else ""
 
     def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > ADMIN_REQUEST_LIMIT:
+            self.parser = None
+            self._send(431, {"error": f"an admin request is {ADMIN_REQUEST_LIMIT} bytes at most"}, close=True)
+            return
+        if self.parser is None:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError:
@@ -108,10 +128,17 @@ class AdminProtocol(asyncio.Protocol):
     def on_message_complete(self) -> None:
         method = self.parser.get_method().decode()
         keep = self.parser.should_keep_alive()
-        probe = self.url.split(b"?")[0].rstrip(b"/") in (b"/healthz", b"/readyz")  # kubelet probes: no token
-        if not probe and not peer_allowed(self.peer, self.headers.get("authorization"), self.token):
-            self._send(403 if not self.token else 401, {"error": "the admin API needs a bearer token from "
-                                                                 "outside this host"}, close=not keep)
+        self.received = 0
+        path = self.url.split(b"?")[0].rstrip(b"/")
+        if self.metrics_only:
+            if path not in (b"/metrics", b"/healthz"):
+                self._send(404, {"error": "this listener serves /metrics and /healthz only"}, close=not keep)
+                return
+        elif path not in (b"/healthz", b"/readyz") and not peer_allowed(  # kubelet probes: no token
+                self.peer, self.headers.get("authorization"), self.token, self.trust_loopback):
+            self._send(403 if not self.token else 401, {"error": "the admin API needs a bearer token" if self.token
+                                                        else "no admin token is configured: loopback clients only"},
+                       close=not keep)
             return
         if method not in ("GET", "HEAD"):
             self._send(405, {"error": "the admin API is read-only"}, close=not keep)
@@ -198,7 +225,8 @@ class AdminProtocol(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             return
         reason = {200: "OK", 302: "Found", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden",
-                  404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error",
+                  404: "Not Found", 405: "Method Not Allowed", 431: "Request Header Fields Too Large",
+                  500: "Internal Server Error",
                   503: "Service Unavailable"}.get(status, "")
         head_bytes = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
                       + (f"Location: {location}\r\n" if location else "")
@@ -272,8 +300,9 @@ def _json(data: Any) -> bytes:
 
 
 async def start_admin(address: str, state: RunState, token: str,
-                      explain: Callable[[str, str, dict[str, str]], dict]) -> asyncio.base_events.Server:
+                      explain: Callable[[str, str, dict[str, str]], dict], trust_loopback: bool = False,
+                      metrics_only: bool = False) -> asyncio.base_events.Server:
     host, _, port = address.rpartition(":")
     loop = asyncio.get_running_loop()
-    return await loop.create_server(lambda: AdminProtocol(state, token, explain), host=host.strip("[]") or "127.0.0.1",
-                                    port=int(port), reuse_address=True)
+    return await loop.create_server(lambda: AdminProtocol(state, token, explain, trust_loopback, metrics_only),
+                                    host=host.strip("[]") or "127.0.0.1", port=int(port), reuse_address=True)
