@@ -114,3 +114,33 @@ def test_a_running_tidegate_reports_hostile_files_and_keeps_serving(tmp_path: Pa
         # The process is alive and takes a good edit after all of them.
         (config / "hostile.yaml").write_text(route("b", "b.example.com", "[{matches: [{path: {value: /}}]}]"))
         wait_until(lambda: answer("b.example.com") == 500, 5, "the good edit served")
+
+
+def test_a_rejected_edit_shows_in_the_admin_api_and_failures_are_logged_once_and_briefly(tmp_path: Path):
+    import json
+
+    port = free_port()
+    config = tmp_path / "config"
+    config.mkdir()
+    # 100 routes to a Service that does not exist: 100 failing conditions.
+    (config / "gw.yaml").write_text(http_gateway("127.0.0.1", port) + "".join(
+        route(f"r{i}", f"r{i}.example.com", "[{backendRefs: [{name: missing, port: 80}]}]") for i in range(100)))
+    log = tmp_path / "tidegate.log"
+    with tidegate_run(config, ("127.0.0.1", port), log) as proxy:
+        def status() -> list[dict]:
+            return json.loads(request("127.0.0.1", proxy.admin_port, "/api/v1/status")[2])
+
+        first = log.read_text()
+        assert first.count("ResolvedRefs=False BackendNotFound") == 20
+        assert "and 80 more new failing condition(s)" in first
+        (config / "bad.yaml").write_text(ROUTE.replace("hostnames: [a.example.com]", "hostnames: [NOT VALID]"))
+        wait_until(lambda: any(s["kind"] == "ConfigFile" for s in status()), 5, "the rejected file in the API")
+        [entry] = [s for s in status() if s["kind"] == "ConfigFile"]
+        assert entry["name"].endswith("bad.yaml")
+        [condition] = entry["status"]["conditions"]
+        assert condition["status"] == "False" and "spec.hostnames[0]" in condition["message"]
+        (config / "bad.yaml").write_text(ROUTE)
+        wait_until(lambda: not any(s["kind"] == "ConfigFile" for s in status()), 5, "the mended file gone")
+        wait_until(lambda: "serving config version 2" in log.read_text(), 5, "the mended file applied")
+        # The same failing conditions are not logged again.
+        assert log.read_text().count("ResolvedRefs=False BackendNotFound") == 20

@@ -560,6 +560,7 @@ async def _serve(args: argparse.Namespace) -> int:
     state = RunState(sources=[str(p) for p in args.paths] + (["kubernetes"] if args.kubernetes else []))
     state.registry = registry
     state.refresh = pool.refresh_stats
+    state.file_problems = lambda: source.problems_by_file
     from tidegate.observe.admin import backends_view
 
     METRICS.endpoints.source = lambda: backends_view(state)
@@ -608,6 +609,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
     pool.on_listeners = publish
 
+    logged = [frozenset[str]()]  # the failing conditions the last configuration logged
+
     async def follow() -> None:
         async for snapshot in store.updates():
             started = time.perf_counter()
@@ -629,7 +632,7 @@ async def _serve(args: argparse.Namespace) -> int:
             publish(errors)
             METRICS.reloads.labels("ok").inc()
             METRICS.config_version.set(snapshot.version)
-            _log_translation(log, snapshot.version, translation)
+            logged[0] = _log_translation(log, snapshot.version, translation, logged[0])
             log.info("serving config version %d", snapshot.version)
             freeze_startup_heap()
 
@@ -708,16 +711,36 @@ def explain_as_data(translation: Translation | None, url: str, method: str, head
     }
 
 
-def _log_translation(log: logging.Logger, version: int, translation: Translation) -> None:
-    routes = sum(len(listener.http_routes) + len(listener.l4_routes) for listener in translation.ir.listeners)
-    log.info("config version %d: %d listener(s), %d route rule(s)", version, len(translation.ir.listeners), routes)
-    for listener in translation.ir.listeners:
+LOG_LINES_PER_LOAD = 20  # of each kind: listeners, notes, failing conditions
+
+
+def _log_translation(log: logging.Logger, version: int, translation: Translation,
+                     logged_before: frozenset[str] = frozenset()) -> frozenset[str]:
+    """A configuration's summary in the log. Failing conditions are logged when they are new since the last
+    configuration (`logged_before`, what this returned then), and no kind of line more than LOG_LINES_PER_LOAD
+    times: 10,000 failing listeners once wrote 40,000 lines per load. The rest is in `tidegate status` and
+    /api/v1/status."""
+    listeners = translation.ir.listeners
+    routes = sum(len(listener.http_routes) + len(listener.l4_routes) for listener in listeners)
+    log.info("config version %d: %d listener(s), %d route rule(s)", version, len(listeners), routes)
+    for listener in listeners[:LOG_LINES_PER_LOAD]:
         log.info("  %s %s %s:%d", listener.name, listener.protocol, listener.address or "*", listener.port)
-    for note in translation.notes:
+    _log_rest(log, logging.INFO, len(listeners), "listener(s): tidegate routes, or /api/v1/routes")
+    for note in translation.notes[:LOG_LINES_PER_LOAD]:
         log.warning("%s", note)
-    for key, status in translation.statuses.items():
-        for cond in _failing_conditions(status):
-            log.warning("%s: %s=%s %s: %s", key, cond["type"], cond["status"], cond["reason"], cond["message"])
+    _log_rest(log, logging.WARNING, len(translation.notes), "note(s): tidegate status")
+    failing = [f"{key}: {cond['type']}={cond['status']} {cond['reason']}: {cond['message']}"
+               for key, status in translation.statuses.items() for cond in _failing_conditions(status)]
+    new = [line for line in failing if line not in logged_before]
+    for line in new[:LOG_LINES_PER_LOAD]:
+        log.warning("%s", line)
+    _log_rest(log, logging.WARNING, len(new), "new failing condition(s): tidegate status, or /api/v1/status")
+    return frozenset(failing)
+
+
+def _log_rest(log: logging.Logger, level: int, count: int, what: str) -> None:
+    if count > LOG_LINES_PER_LOAD:
+        log.log(level, "  and %d more %s", count - LOG_LINES_PER_LOAD, what)
 
 
 def _failing_conditions(status: dict[str, Any]) -> list[dict[str, Any]]:

@@ -58,6 +58,8 @@ class RunState:
     applied_at: float = 0.0
     registry: Any = None  # tidegate.balancing.state.Registry of the data plane: endpoint health and counts
     unbound: dict[str, str] = field(default_factory=dict)  # sockets the workers could not open: address → why
+    # Config files whose last reading was refused or partly rejected: file → its problems (FileSource).
+    file_problems: Callable[[], dict[str, list[Any]]] = dict
     # Brings the workers' counts up to date before an answer that shows them (WorkerPool.refresh_stats).
     refresh: Callable[[], Awaitable[None]] | None = None
 
@@ -190,7 +192,7 @@ class AdminProtocol(asyncio.Protocol):
                                "started": state.started, "appliedAt": state.applied_at,
                                "listeners": [listener.name for listener in _listeners(state)]}), "application/json"
         if path == "/api/v1/status":
-            return 200, _json(state.statuses), "application/json"
+            return 200, _json(state.statuses + file_statuses(state.file_problems())), "application/json"
         if path == "/api/v1/routes":
             return 200, _json(state.translation.ir.to_data() if state.translation else {}), "application/json"
         if path == "/api/v1/backends":
@@ -289,6 +291,20 @@ def _endpoint_view(endpoint: Any, registry: Any, now: float) -> dict[str, Any]:
     return {**view, "health": health, "ejectedFor": round(max(0.0, state.ejected_until - now), 1),
             "ejections": state.ejections, "active": state.active, "requests": state.requests,
             "failures": state.failures, "latency": list(state.latency)}
+
+
+def file_statuses(problems: dict[str, list[Any]], most: int = 20) -> list[dict]:
+    """Config files with problems, as status entries of kind ConfigFile (the dashboard's problems table shows
+    any entry with a False condition): an edit that was rejected shows here until an edit mends it."""
+    entries = []
+    for name, listed in sorted(problems.items()):
+        errors = [p for p in listed if p.severity == "error"] or listed
+        message = "; ".join(str(p) for p in errors[:most])
+        if len(errors) > most:
+            message += f"; and {len(errors) - most} more"
+        entries.append({"kind": "ConfigFile", "name": name, "status": {"conditions": [
+            {"type": "Accepted", "status": "False", "reason": "Invalid", "message": message}]}})
+    return entries
 
 
 def _listeners(state: RunState) -> list:

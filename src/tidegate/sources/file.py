@@ -53,6 +53,9 @@ class FileSource:
         self.default_namespace = default_namespace
         self.report = report or (lambda p: log.warning("%s", p))
         self._by_file: dict[Path, dict[Key, Resource]] = {}
+        # What each file's last reading found wrong: the admin API and the dashboard show it until an edit
+        # mends it. Replaced whole on each reading (the admin listener reads it from another thread).
+        self.problems_by_file: dict[str, list[Problem]] = {}
 
     def load(self) -> list[Problem]:
         """Read every file once and publish the result."""
@@ -60,8 +63,11 @@ class FileSource:
         for path in self.paths:
             if not path.exists():
                 problems.append(Problem("error", Origin(str(path)), "no such file or directory"))
+        found: dict[str, list[Problem]] = {}
         for file in expand_paths(self.paths):
-            problems += self._read(file)
+            found[str(file)] = self._read(file)
+            problems += found[str(file)]
+        self.problems_by_file = {name: listed for name, listed in found.items() if listed}
         problems += self._publish()
         return problems
 
@@ -73,11 +79,16 @@ class FileSource:
         problems: list[Problem] = []
         current = {f.resolve(): f for f in expand_paths(self.paths)}
         known = {f.resolve(): f for f in self._by_file}
+        by_file = dict(self.problems_by_file)
         for path in sorted({Path(p).resolve() for p in changed}):
             if path in current:
-                problems += self._read(current[path])
+                found = self._read(current[path])
+                problems += found
+                by_file[str(current[path])] = found
             elif path in known:
                 del self._by_file[known[path]]
+                by_file.pop(str(known[path]), None)
+        self.problems_by_file = {name: listed for name, listed in by_file.items() if listed}
         return problems
 
     def _read(self, file: Path) -> list[Problem]:
