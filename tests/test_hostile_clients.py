@@ -3,6 +3,8 @@ stays flat, and other clients are answered meanwhile."""
 
 from __future__ import annotations
 
+import os
+import resource
 import socket
 import threading
 import time
@@ -23,6 +25,7 @@ from tests.harness import (
     rss_high_water_kb,
     rss_kb,
     tidegate_run,
+    wait_until,
     worker_pid,
 )
 from tests.manifests import http_gateway, route, service
@@ -43,7 +46,7 @@ def stack(tmp_path_factory) -> Iterator[dict]:
                                      + route("echo", "echo.test", "- backendRefs: [{name: echo, port: 80}]"))
     with echo_servers({(POD, pod_port): "default/pod"}, tmp / "echo.log"), \
             tidegate_run(config, (GW, port), tmp / "tidegate.log") as proxy:
-        yield {"port": port, "worker": worker_pid(proxy), "log": tmp / "tidegate.log"}
+        yield {"port": port, "worker": worker_pid(proxy), "log": tmp / "tidegate.log", "admin": proxy.admin_port}
 
 
 def _ok(stack: dict) -> bool:
@@ -247,3 +250,29 @@ def test_an_http2_connection_that_opens_no_stream_is_closed(short):
             events += client.receive_data(chunk)
         assert 1.5 < time.monotonic() - started < 6
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+
+def test_at_the_file_descriptor_limit_tidegate_says_so_and_accepts_again_when_they_free_up(stack):
+    import subprocess
+
+    worker = stack["worker"]
+    assert _ok(stack)
+    in_use = len(os.listdir(f"/proc/{worker}/fd"))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={in_use + 40}:{hard}"], check=True, timeout=10)
+    clients = []
+    try:
+        for _ in range(80):  # bounded: twice what the worker has left
+            sock = socket.create_connection((GW, stack["port"]), timeout=5)
+            clients.append(sock)
+        wait_until(lambda: "file descriptors nearly exhausted" in stack["log"].read_text(), timeout=5,
+                   what=f"a warning in the log ({len(os.listdir(f'/proc/{worker}/fd'))} open of {in_use + 40})")
+        metrics = request("127.0.0.1", stack["admin"], "/metrics")[2].decode()
+        assert 'tidegate_limit_hits_total{limit="file-descriptors"}' in metrics
+    finally:
+        for sock in clients:
+            sock.close()
+        try:
+            wait_until(lambda: _ok(stack), timeout=10, what="accepting again once descriptors freed up")
+        finally:
+            subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={hard}:{hard}"], check=False, timeout=10)

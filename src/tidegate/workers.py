@@ -27,6 +27,7 @@ from typing import Any
 from tidegate import ir
 from tidegate.balancing.state import Registry
 from tidegate.channel import Channel
+from tidegate.dataplane import descriptors
 from tidegate.dataplane.deadlines import DEADLINES, Deadlines
 
 log = logging.getLogger("tidegate.workers")
@@ -252,6 +253,8 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
                                                options.access_log_sample, options.access_log_status)
     for deadline in fields(Deadlines):  # in place: the data plane's modules hold this object
         setattr(DEADLINES, deadline.name, getattr(options.deadlines, deadline.name))
+    descriptors.raise_limit()
+    fd_watch = asyncio.get_running_loop().create_task(descriptors.watch())
     dataplane = DataPlane(bind=options.bind, reuse_port=True, health_checks=False)
     dataplane.registry.zone = options.zone
     loop = asyncio.get_running_loop()
@@ -316,6 +319,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
             grace = message[1]
             break
     reporter.cancel()
+    fd_watch.cancel()
     await dataplane.close(grace=grace)
     if accesslog.ACCESS_LOG is not None:
         accesslog.ACCESS_LOG.close()

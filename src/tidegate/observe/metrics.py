@@ -265,6 +265,10 @@ class Metrics:
                                      ["backend", "result"], registry=self.registry)
         self.limits = Counter("tidegate_limit_hits", "Connections, streams and requests cut off at one of tidegate's "
                               "limits, by limit (README: Limits and defaults)", ["limit"], registry=self.registry)
+        self.open_fds = Gauge("tidegate_open_fds", "File descriptors a data-plane process has open",
+                              registry=self.registry)
+        self.max_fds = Gauge("tidegate_max_fds", "The limit of open file descriptors of a data-plane process",
+                             registry=self.registry)
         self.connections = ConnectionCounts()
         self.registry.register(self.connections)
         self.l4 = L4Counts()
@@ -292,7 +296,8 @@ class Metrics:
 
     def _data_plane_metrics(self) -> tuple:
         return (self.upstream_errors, self.retries, self.connections, self.ejections,
-                self.circuit_rejections, self.retry_budget_exhausted, self.l4, self.limits)
+                self.circuit_rejections, self.retry_budget_exhausted, self.l4, self.limits, self.open_fds,
+                self.max_fds)
 
     def snapshot(self) -> dict:
         """What a worker process counted, as plain data for the control process to add up."""
