@@ -261,6 +261,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
     inbox: asyncio.Queue = asyncio.Queue()
 
     def stats() -> tuple:
+        METRICS.tasks.set(len(asyncio.all_tasks()))
         now = time.monotonic()
         endpoints = {key: (s.active, s.requests, s.failures, list(s.latency), max(0.0, s.ejected_until - now),
                            s.ejections) for key, s in dataplane.registry.endpoints.items()}

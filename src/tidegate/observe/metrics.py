@@ -267,6 +267,8 @@ class Metrics:
                               "limits, by limit (README: Limits and defaults)", ["limit"], registry=self.registry)
         self.open_fds = Gauge("tidegate_open_fds", "File descriptors a data-plane process has open",
                               registry=self.registry)
+        self.tasks = Gauge("tidegate_event_loop_tasks", "Tasks alive on a data-plane process's event loop",
+                           registry=self.registry)
         self.max_fds = Gauge("tidegate_max_fds", "The limit of open file descriptors of a data-plane process",
                              registry=self.registry)
         self.connections = ConnectionCounts()
@@ -297,7 +299,7 @@ class Metrics:
     def _data_plane_metrics(self) -> tuple:
         return (self.upstream_errors, self.retries, self.connections, self.ejections,
                 self.circuit_rejections, self.retry_budget_exhausted, self.l4, self.limits, self.open_fds,
-                self.max_fds)
+                self.max_fds, self.tasks)
 
     def snapshot(self) -> dict:
         """What a worker process counted, as plain data for the control process to add up."""
