@@ -276,3 +276,24 @@ def test_at_the_file_descriptor_limit_tidegate_says_so_and_accepts_again_when_th
             wait_until(lambda: _ok(stack), timeout=10, what="accepting again once descriptors freed up")
         finally:
             subprocess.run(["prlimit", f"--pid={worker}", f"--nofile={hard}:{hard}"], check=False, timeout=10)
+
+
+def test_http2_streams_with_a_window_of_zero_cost_a_few_mib(stack):
+    worker = stack["worker"]
+    assert _ok(stack)
+    before = rss_kb(worker)
+    reset_rss_high_water(worker)
+    sock, client = _h2_client(stack["port"])
+    client.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    try:
+        for _ in range(100):  # each asks the pod for 50 MB, and may receive none of it
+            stream_id = client.get_next_available_stream_id()
+            client.send_headers(stream_id, [(":method", "GET"), (":path", f"/stream/{50 * MIB}"),
+                                            (":scheme", "http"), (":authority", "echo.test")], end_stream=True)
+        sock.sendall(client.data_to_send())
+        time.sleep(3)
+        assert all(_ok(stack) for _ in range(10))
+        growth_kb = rss_high_water_kb(worker) - before
+    finally:
+        sock.close()
+    assert growth_kb < 8 * 1024, f"the worker grew by {growth_kb} KiB for 100 streams with a window of 0"
