@@ -35,67 +35,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.harness import children, free_port, h2_request, rss_kb, wait_for_port  # noqa: E402
+from tests.manifests import backend_policy, gateway, service  # noqa: E402
 
 GW = "127.0.0.1"
 PODS = [("127.0.3.1", "pod-a"), ("127.0.3.2", "pod-b"), ("127.0.3.3", "pod-c")]
 TCP_POD = "127.0.3.4"
 
-BASE = """apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {{name: tidegate}}
-spec: {{controllerName: tidegate.io/gateway-controller}}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {{name: gw, namespace: default}}
-spec:
-  gatewayClassName: tidegate
-  addresses: [{{value: {gw}}}]
-  listeners:
-    - {{name: http, port: {port}, protocol: HTTP}}
-    - {{name: tcp, port: {tcp_port}, protocol: TCP}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: echo, namespace: default}}
-spec: {{ports: [{{name: http, port: 80, targetPort: {pod_port}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: echo-1, namespace: default, labels: {{kubernetes.io/service-name: echo}}}}
-addressType: IPv4
-ports: [{{name: http, port: {pod_port}}}]
-endpoints: [{endpoints}]
----
-apiVersion: tidegate.io/v1alpha1
-kind: BackendPolicy
-metadata: {{name: echo, namespace: default}}
-spec:
-  targetRefs: [{{group: "", kind: Service, name: echo}}]
-  retry: {{attempts: 3, retryOn: [connect-failure, reset, gateway-error], backoff: {{base: 10ms, max: 100ms}},
-          budget: {{percent: 100, minRetriesPerSecond: 100}}}}
-  healthCheck:
-    passive: {{consecutiveGatewayErrors: 2, baseEjectionTime: 2s, maxEjectionPercent: 50}}
----
-apiVersion: v1
-kind: Service
-metadata: {{name: tcp, namespace: default}}
-spec: {{ports: [{{name: tcp, port: 7, targetPort: {tcp_pod_port}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: tcp-1, namespace: default, labels: {{kubernetes.io/service-name: tcp}}}}
-addressType: IPv4
-ports: [{{name: tcp, port: {tcp_pod_port}}}]
-endpoints: [{{addresses: [{tcp_pod}]}}]
----
+def base_config(port: int, tcp_port: int, pod_port: int, tcp_pod_port: int) -> str:
+    """The Gateway (an HTTP and a TCP listener), the Services of the pods, the retry policy and the TCPRoute."""
+    listeners = f"[{{name: http, port: {port}, protocol: HTTP}}, {{name: tcp, port: {tcp_port}, protocol: TCP}}]"
+    return (gateway(GW, listeners) + service("echo", [(ip, pod_port, name) for ip, name in PODS])
+            + backend_policy("echo", "echo", """
+                retry: {attempts: 3, retryOn: [connect-failure, reset, gateway-error], backoff: {base: 10ms, max: 100ms},
+                        budget: {percent: 100, minRetriesPerSecond: 100}}
+                healthCheck:
+                  passive: {consecutiveGatewayErrors: 2, baseEjectionTime: 2s, maxEjectionPercent: 50}""")
+            + service("tcp", [(TCP_POD, tcp_pod_port, "tcp-pod")]) + """---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
-metadata: {{name: tcp, namespace: default}}
+metadata: {name: tcp, namespace: default}
 spec:
-  parentRefs: [{{name: gw, sectionName: tcp}}]
-  rules: [{{backendRefs: [{{name: tcp, port: 7}}]}}]
-"""
+  parentRefs: [{name: gw, sectionName: tcp}]
+  rules: [{backendRefs: [{name: tcp, port: 80}]}]
+""")
+
 
 ROUTE = """apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -163,10 +126,7 @@ def main() -> int:
     tcp_server = socketserver.ThreadingTCPServer((TCP_POD, 0), _TCPEcho)
     tcp_server.daemon_threads = True
     threading.Thread(target=tcp_server.serve_forever, daemon=True).start()
-    endpoints = ", ".join(f"{{addresses: [{ip}], targetRef: {{kind: Pod, name: {name}}}}}" for ip, name in PODS)
-    (config / "base.yaml").write_text(BASE.format(gw=GW, port=port, tcp_port=tcp_port, pod_port=pod_port,
-                                                  endpoints=endpoints, tcp_pod=TCP_POD,
-                                                  tcp_pod_port=tcp_server.server_address[1]))
+    (config / "base.yaml").write_text(base_config(port, tcp_port, pod_port, tcp_server.server_address[1]))
     (config / "route.yaml").write_text(ROUTE.format(round=0, extra=""))
 
     def start_pod(ip: str, name: str) -> subprocess.Popen:
