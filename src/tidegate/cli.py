@@ -584,7 +584,7 @@ async def _serve(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             log.error("cannot open the metrics listener %s: %s", args.metrics, exc)
 
-    unmarked: dict = {}  # the statuses of the translation in force, before what the data plane found
+    unmarked = [dict[Any, Any]()]  # the statuses of the translation in force, before what the data plane found
 
     def publish(errors: dict) -> None:
         """Status, readiness and the listener gauges from the translation in force and the sockets the workers
@@ -593,7 +593,8 @@ async def _serve(args: argparse.Namespace) -> int:
         if translation is None:
             return
         listeners = list(translation.ir.listeners)
-        translation.statuses = mark_unbindable(unmarked, listeners, errors, args.bind)
+        # A copy each time: the status writer may still hold the statuses it was given last.
+        translation.statuses = mark_unbindable(dict(unmarked[0]), listeners, errors, args.bind)
         state.statuses = statuses_as_data(translation)
         state.unbound = {f"{address}:{port}": message for (address, port), (_, message) in errors.items()}
         ready = serves_something(listeners, errors, args.bind)
@@ -627,8 +628,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 METRICS.reloads.labels("failed").inc()
                 continue
             state.version, state.translation, state.applied_at = snapshot.version, translation, time.time()
-            unmarked.clear()
-            unmarked.update(translation.statuses)
+            unmarked[0] = dict(translation.statuses)
             publish(errors)
             METRICS.reloads.labels("ok").inc()
             METRICS.config_version.set(snapshot.version)

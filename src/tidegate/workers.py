@@ -1,13 +1,15 @@
 """`tidegate run --workers N`: N data-plane processes beside one control process.
 
-The control process keeps everything that must happen once: sources, store, translation, status writes,
-leader election, the admin listener, and active health checks. Each worker process serves traffic: it opens
-every listener with SO_REUSEPORT (the kernel spreads connections over the workers), receives each new IR
-over a channel (channel.py: framed and flow-controlled, whatever the IR's size) and answers with the sockets it
-could not open, learns health verdicts from the control
-process, and reports its counters every second; the control process adds them up for /metrics, the admin
-API and the dashboard. A worker that dies is started again with the configuration in force. Workers never
-act on signals themselves: the control process tells them to stop, with the grace period.
+`tidegate run` always serves from worker processes, one by default: nothing that loading or translating a
+configuration does can hold up a request. The control process keeps everything that must happen once:
+sources, store, translation, status writes, leader election, the admin listener, and active health checks.
+Each worker process serves traffic: it opens every listener with SO_REUSEPORT (the kernel spreads
+connections over the workers), receives each new IR over a channel (channel.py: framed and flow-controlled,
+whatever the IR's size) and answers with the sockets it could not open (and later, with those that opened at
+last), learns health verdicts from the control process, and reports its counters every second and when
+asked; the control process adds them up for /metrics, the admin API and the dashboard. A worker that dies is
+started again with the configuration in force. Workers never act on signals themselves: the control process
+tells them to stop, with the grace period.
 """
 
 from __future__ import annotations
