@@ -498,7 +498,7 @@ class ClientConnection(asyncio.Protocol):
         limits = DEADLINES
         if self.write_paused:
             if now - self.write_paused_at >= limits.send:
-                self._cut_off("send", f"the client read nothing of its answer for {limits.send:g} s")
+                self._cut_off("send-timeout", f"the client read nothing of its answer for {limits.send:g} s")
                 return
         if self.in_head:
             if self.head_bytes:
@@ -533,18 +533,19 @@ class ClientConnection(asyncio.Protocol):
         if now - self.body_window < DEADLINES.request_body_window:
             return
         if ex.bytes_received - self.body_mark < DEADLINES.request_body_min_bytes:
-            METRICS.limits.labels("request-body-rate").inc()
             message = (f"request body slower than {DEADLINES.request_body_min_bytes} bytes in "
                        f"{DEADLINES.request_body_window:g} s")
             if self.last_status:  # an answer is under way: it cannot become a 408
                 self._cut_off("request-body-rate", message)
             else:
+                METRICS.limits.labels("request-body-rate").inc()
                 self._reject(408, message)
             return
         self.body_window, self.body_mark = now, ex.bytes_received
 
     def _cut_off(self, limit: str, why: str) -> None:
-        METRICS.limits.labels(f"{limit}-timeout" if limit == "send" else limit).inc()
+        """Reset the connection: a deadline ran out where no answer can say so (`limit`: its metric label)."""
+        METRICS.limits.labels(limit).inc()
         log.info("closing the connection from %s: %s", self.peer, why)
         self.closed = True
         if self.serving is not None and not self.serving.done():
