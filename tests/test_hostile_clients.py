@@ -297,3 +297,25 @@ def test_http2_streams_with_a_window_of_zero_cost_a_few_mib(stack):
     finally:
         sock.close()
     assert growth_kb < 8 * 1024, f"the worker grew by {growth_kb} KiB for 100 streams with a window of 0"
+
+
+def test_an_http2_request_body_sent_a_byte_at_a_time_gets_408(short):
+    sock, client = _h2_client(short["port"])
+    started = time.monotonic()
+    events: list = []
+    with sock:
+        client.send_headers(1, [(":method", "POST"), (":path", "/"), (":scheme", "http"), (":authority", "echo.test"),
+                                ("content-length", "100000")])
+        sock.sendall(client.data_to_send())
+        sock.settimeout(0.3)
+        while time.monotonic() - started < 10 and not any(isinstance(e, h2.events.ResponseReceived) for e in events):
+            try:
+                client.send_data(1, b"x")
+                sock.sendall(client.data_to_send())
+                events += client.receive_data(sock.recv(65536))
+            except TimeoutError:
+                continue
+            except Exception:  # the stream was reset or closed
+                break
+    [response] = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+    assert dict(response.headers)[b":status"] == b"408" and time.monotonic() - started < 5

@@ -125,6 +125,8 @@ class H2Stream:
         self.upstream_seen: Any = None
         self.upstream_reads = 0
         self.upstream_since = 0.0
+        self.body_window = 0.0  # when its request body's current window began (deadlines.py), and its bytes then
+        self.body_mark = 0
 
     # -- what serve_exchange calls -------------------------------------------------------------------
     @property
@@ -162,6 +164,8 @@ class H2Stream:
             self.conn.queue(self)
             if self.write_paused and self.upstream is not None:
                 self.upstream.pause_reading()
+                if len(self.pending) <= PENDING_LIMIT and not self.conn.holding:
+                    self.conn.hold_all()  # paused for the connection's total: so are the others, at once
 
     def begin_raw_response(self, status: int, header_lines: list[bytes], head_only: bool) -> None:
         """begin_response with the endpoint's header lines as they came (UpstreamConnection.lean_head has
@@ -244,6 +248,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.write_blocked = False  # the socket's buffer is full (pause_writing): DATA waits
         self.turn_bytes = 0  # body bytes framed in this turn (TURN_BYTES)
         self.held: list[H2Stream] = []  # streams whose endpoint is paused for the connection's total alone
+        self.holding = False  # every stream's endpoint is paused until the connection's bytes are sent
         self.write_blocked_at = 0.0
         self.idle_since = 0.0  # when the connection was last seen with no stream (0: it has some)
         self.deadline_check: asyncio.TimerHandle | None = None
@@ -298,6 +303,9 @@ class H2ServerConnection(asyncio.Protocol):
         else:
             self.idle_since = 0.0
             for stream in list(self.streams.values()):
+                if not stream.ex.body_done:
+                    self._check_body_rate(stream, now)
+                    continue
                 upstream = stream.upstream
                 if upstream is None or type(upstream) is not UpstreamConnection or not stream.ex.body_done:
                     continue
@@ -318,6 +326,28 @@ class H2ServerConnection(asyncio.Protocol):
             if stream.task is not None and not stream.task.done():
                 stream.task.cancel()
 
+    def _check_body_rate(self, stream: H2Stream, now: float) -> None:
+        """A request body must bring DEADLINES.request_body_min_bytes in every request_body_window while the
+        stream is not held back by tidegate (its window kept closed for a slow pod): else 408, or a reset when
+        the answer has begun."""
+        ex = stream.ex
+        if stream.paused or not stream.body_window:
+            stream.body_window, stream.body_mark = now, ex.bytes_received
+            return
+        if now - stream.body_window < DEADLINES.request_body_window:
+            return
+        if ex.bytes_received - stream.body_mark >= DEADLINES.request_body_min_bytes:
+            stream.body_window, stream.body_mark = now, ex.bytes_received
+            return
+        METRICS.limits.labels("request-body-rate").inc()
+        if stream.task is not None:
+            stream.task.cancel()
+        if stream.last_status:
+            self.reset(stream)
+        else:
+            stream.send_simple(408, f"request body slower than {DEADLINES.request_body_min_bytes} bytes in "
+                                    f"{DEADLINES.request_body_window:g} s")
+
     def pause_writing(self) -> None:
         self.write_blocked = True
         self.write_blocked_at = time.monotonic()
@@ -327,6 +357,15 @@ class H2ServerConnection(asyncio.Protocol):
         for stream in self.streams.values():
             if stream.pending or stream.ending:
                 self.queue(stream)
+
+    def hold_all(self) -> None:
+        """The connection holds CONNECTION_PENDING_LIMIT for its client: every stream's endpoint pauses now,
+        before each sends one more read's worth, and all resume once the bytes held are sent (_write_now)."""
+        self.holding = True
+        for stream in self.streams.values():
+            if stream.upstream is not None:
+                stream.upstream.pause_reading()
+                self.held.append(stream)
 
     def pending_bytes(self) -> int:
         return sum(len(stream.pending) for stream in self.streams.values())
@@ -586,6 +625,7 @@ class H2ServerConnection(asyncio.Protocol):
         if self.queued and not self.write_blocked and not self.closed:
             self._flush()  # streams over this turn's TURN_BYTES: the next turn
         if self.held and self.pending_bytes() <= CONNECTION_PENDING_LIMIT:
+            self.holding = False
             held, self.held = self.held, []
             for stream in held:
                 if stream.upstream is not None and not stream.closed:
