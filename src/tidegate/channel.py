@@ -13,11 +13,14 @@ for at most the interpreter's switch interval at a time, not for the whole messa
 from __future__ import annotations
 
 import asyncio
+import logging
 import pickle
 import socket
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+log = logging.getLogger("tidegate.channel")
 
 _HEADER = struct.Struct("!Q")
 # Messages larger than this are (un)pickled off the event loop's thread; smaller ones cost less than a hop.
@@ -108,11 +111,14 @@ class Channel(asyncio.Protocol):
             if payload is None:
                 self._on_close()
                 return
-            if len(payload) > IN_THREAD_BYTES:
-                message = await loop.run_in_executor(None, _unpickle_in_frames, payload)
-            else:
-                message = pickle.loads(payload)
-            await self._on_message(message)
+            try:
+                if len(payload) > IN_THREAD_BYTES:
+                    message = await loop.run_in_executor(None, _unpickle_in_frames, payload)
+                else:
+                    message = pickle.loads(payload)
+                await self._on_message(message)
+            except Exception:  # one bad message must not end the channel: the next ones still count
+                log.exception("a message from the other process could not be handled")
 
     async def send(self, message: Any, large: bool = False) -> None:
         """Send a message, after those sent before it; wait while the other side is behind (flow control).
