@@ -15,6 +15,6 @@ FROM python:3.11-slim-bookworm
 COPY --from=build /opt/tidegate /opt/tidegate
 ENV PATH=/opt/tidegate/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 65532:65532
-EXPOSE 80 443 9900
+EXPOSE 80 443 9900 9901
 ENTRYPOINT ["tidegate"]
 CMD ["run", "--kubernetes", "--admin=0.0.0.0:9900"]
