@@ -14,6 +14,7 @@ quiet). The README's "Limits and defaults" table sets these next to nginx's and 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -33,3 +34,44 @@ class Deadlines:
 
 
 DEADLINES = Deadlines()
+
+
+class Watch:
+    """What the deadline check of one connection (HTTP/1.1) or stream (HTTP/2) measures from one look to the
+    next: how long its pod has sent nothing, and how fast its request body comes. Made at the first check that
+    needs it, so that a request costs nothing for it."""
+
+    __slots__ = ("body_mark", "body_since", "pod", "pod_reads", "pod_since")
+
+    def __init__(self) -> None:
+        self.pod: object = None  # the endpoint connection last looked at, its reads then, and since when
+        self.pod_reads = 0
+        self.pod_since = 0.0
+        self.body_since = 0.0  # when the body's current window began (0: none under way), and its bytes then
+        self.body_mark = 0
+
+    def pod_silent(self, upstream: Any, now: float) -> bool:
+        """True once `upstream` (an UpstreamConnection: its `reads` count) has read nothing for
+        DEADLINES.upstream_read."""
+        if upstream is not self.pod or upstream.reads != self.pod_reads:
+            self.pod, self.pod_reads, self.pod_since = upstream, upstream.reads, now
+            return False
+        return now - self.pod_since >= DEADLINES.upstream_read
+
+    def body_too_slow(self, received: int, held_back: bool, now: float) -> bool:
+        """True when a request body brought less than request_body_min_bytes in a whole request_body_window;
+        a window in which tidegate held the body back (a slow pod) starts over."""
+        if held_back or not self.body_since:
+            self.body_since, self.body_mark = now, received
+            return False
+        if now - self.body_since < DEADLINES.request_body_window:
+            return False
+        if received - self.body_mark < DEADLINES.request_body_min_bytes:
+            return True
+        self.body_since, self.body_mark = now, received
+        return False
+
+
+def slow_body_message() -> str:
+    return (f"request body slower than {DEADLINES.request_body_min_bytes} bytes in "
+            f"{DEADLINES.request_body_window:g} s")

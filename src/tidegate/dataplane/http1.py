@@ -44,7 +44,7 @@ from tidegate.dataplane.filters import (
     replace_path,
 )
 from tidegate.dataplane import fastlane
-from tidegate.dataplane.deadlines import DEADLINES
+from tidegate.dataplane.deadlines import DEADLINES, Watch, slow_body_message
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import (
     ClosedUnanswered,
@@ -275,11 +275,7 @@ class ClientConnection(asyncio.Protocol):
         # What the deadline check (deadlines.py) compares with at its next look.
         self.head_started = 0.0  # when the first byte of the request head being read came
         self.write_paused_at = 0.0
-        self.body_window = 0.0  # when the body's current window began (0: not reading a body)
-        self.body_mark = 0  # the body's bytes_received then
-        self.upstream_seen: Any = None  # the endpoint connection last looked at, its reads then, and since when
-        self.upstream_reads = 0
-        self.upstream_since = 0.0
+        self.watch: Watch | None = None  # the pod's silence and the body's pace, from one look to the next
         self._drain: asyncio.Event | None = None  # made when writing first pauses: most connections never do
 
     # -- transport events --------------------------------------------------------------------------
@@ -496,6 +492,9 @@ class ClientConnection(asyncio.Protocol):
             return
         now = time.monotonic()
         limits = DEADLINES
+        watch = self.watch
+        if watch is None:
+            watch = self.watch = Watch()
         if self.write_paused:
             if now - self.write_paused_at >= limits.send:
                 self._cut_off("send-timeout", f"the client read nothing of its answer for {limits.send:g} s")
@@ -509,39 +508,23 @@ class ClientConnection(asyncio.Protocol):
             elif self.serving is None and now - self.last_active >= limits.idle:
                 transport.close()
                 return
-            self.body_window = 0.0
+            watch.body_since = 0.0
             upstream = self.upstream
-            if upstream is not None and type(upstream) is UpstreamConnection:
-                # The request is in: the pod owes its answer, and must send something now and then.
-                if upstream is not self.upstream_seen or upstream.reads != self.upstream_reads:
-                    self.upstream_seen, self.upstream_reads, self.upstream_since = upstream, upstream.reads, now
-                elif now - self.upstream_since >= limits.upstream_read:
-                    METRICS.limits.labels("upstream-read-timeout").inc()
-                    upstream.time_out(limits.upstream_read)
+            # The request is in: the pod owes its answer, and must send something now and then.
+            if upstream is not None and type(upstream) is UpstreamConnection and watch.pod_silent(upstream, now):
+                METRICS.limits.labels("upstream-read-timeout").inc()
+                upstream.time_out(limits.upstream_read)
         else:
-            self._check_body_rate(now)
+            ex = self.current
+            if ex is not None and not ex.body_done and watch.body_too_slow(ex.bytes_received, self.read_paused,
+                                                                           now):
+                if self.last_status:  # an answer is under way: it cannot become a 408
+                    self._cut_off("request-body-rate", slow_body_message())
+                else:
+                    METRICS.limits.labels("request-body-rate").inc()
+                    self._reject(408, slow_body_message())
+                return
         self._arm_idle()
-
-    def _check_body_rate(self, now: float) -> None:
-        """A request body must bring request_body_min_bytes in every request_body_window while tidegate reads
-        it (a window in which tidegate held the body back does not count)."""
-        ex = self.current
-        if ex is None or ex.body_done or self.read_paused or not self.body_window:
-            self.body_window = now
-            self.body_mark = ex.bytes_received if ex is not None else 0
-            return
-        if now - self.body_window < DEADLINES.request_body_window:
-            return
-        if ex.bytes_received - self.body_mark < DEADLINES.request_body_min_bytes:
-            message = (f"request body slower than {DEADLINES.request_body_min_bytes} bytes in "
-                       f"{DEADLINES.request_body_window:g} s")
-            if self.last_status:  # an answer is under way: it cannot become a 408
-                self._cut_off("request-body-rate", message)
-            else:
-                METRICS.limits.labels("request-body-rate").inc()
-                self._reject(408, message)
-            return
-        self.body_window, self.body_mark = now, ex.bytes_received
 
     def _cut_off(self, limit: str, why: str) -> None:
         """Reset the connection: a deadline ran out where no answer can say so (`limit`: its metric label)."""

@@ -31,7 +31,7 @@ from tidegate.dataplane.h2limits import (
     ControlFrameBudget,
     ServerConnection,
 )
-from tidegate.dataplane.deadlines import DEADLINES
+from tidegate.dataplane.deadlines import DEADLINES, Watch, slow_body_message
 from tidegate.dataplane.h2request import read_request
 from tidegate.dataplane.upstream import UpstreamConnection, UpstreamTimeout
 from tidegate.dataplane.http1 import (
@@ -121,12 +121,7 @@ class H2Stream:
         self.unacked = 0  # flow-controlled bytes received but not yet granted back
         self.queued = False  # in the connection's list of streams with body bytes or an end to send
         self.trailers: list[tuple[bytes, bytes]] = []  # sent after the body, ending the stream (gRPC's status)
-        # The endpoint connection the deadline check last looked at, its reads then, and since when.
-        self.upstream_seen: Any = None
-        self.upstream_reads = 0
-        self.upstream_since = 0.0
-        self.body_window = 0.0  # when its request body's current window began (deadlines.py), and its bytes then
-        self.body_mark = 0
+        self.watch: Watch | None = None  # the pod's silence and the body's pace (deadlines.py)
 
     # -- what serve_exchange calls -------------------------------------------------------------------
     @property
@@ -247,7 +242,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.control_frames = ControlFrameBudget()
         self.write_blocked = False  # the socket's buffer is full (pause_writing): DATA waits
         self.turn_bytes = 0  # body bytes framed in this turn (TURN_BYTES)
-        self.held: list[H2Stream] = []  # streams whose endpoint is paused for the connection's total alone
+        self.held: set[H2Stream] = set()  # streams whose endpoint is paused for the connection's total alone
         self.holding = False  # every stream's endpoint is paused until the connection's bytes are sent
         self.write_blocked_at = 0.0
         self.idle_since = 0.0  # when the connection was last seen with no stream (0: it has some)
@@ -303,15 +298,15 @@ class H2ServerConnection(asyncio.Protocol):
         else:
             self.idle_since = 0.0
             for stream in list(self.streams.values()):
+                watch = stream.watch
+                if watch is None:
+                    watch = stream.watch = Watch()
                 if not stream.ex.body_done:
-                    self._check_body_rate(stream, now)
+                    if watch.body_too_slow(stream.ex.bytes_received, stream.paused, now):
+                        self._cut_off_slow_body(stream)
                     continue
                 upstream = stream.upstream
-                if upstream is None or type(upstream) is not UpstreamConnection or not stream.ex.body_done:
-                    continue
-                if upstream is not stream.upstream_seen or upstream.reads != stream.upstream_reads:
-                    stream.upstream_seen, stream.upstream_reads, stream.upstream_since = upstream, upstream.reads, now
-                elif now - stream.upstream_since >= limits.upstream_read:
+                if upstream is not None and type(upstream) is UpstreamConnection and watch.pod_silent(upstream, now):
                     METRICS.limits.labels("upstream-read-timeout").inc()
                     upstream.time_out(limits.upstream_read)
         self._arm_deadlines()
@@ -326,27 +321,16 @@ class H2ServerConnection(asyncio.Protocol):
             if stream.task is not None and not stream.task.done():
                 stream.task.cancel()
 
-    def _check_body_rate(self, stream: H2Stream, now: float) -> None:
-        """A request body must bring DEADLINES.request_body_min_bytes in every request_body_window while the
-        stream is not held back by tidegate (its window kept closed for a slow pod): else 408, or a reset when
-        the answer has begun."""
-        ex = stream.ex
-        if stream.paused or not stream.body_window:
-            stream.body_window, stream.body_mark = now, ex.bytes_received
-            return
-        if now - stream.body_window < DEADLINES.request_body_window:
-            return
-        if ex.bytes_received - stream.body_mark >= DEADLINES.request_body_min_bytes:
-            stream.body_window, stream.body_mark = now, ex.bytes_received
-            return
+    def _cut_off_slow_body(self, stream: H2Stream) -> None:
+        """A request body slower than the minimum pace (its window was open: tidegate did not hold it back):
+        408, or a reset when the answer has begun."""
         METRICS.limits.labels("request-body-rate").inc()
         if stream.task is not None:
             stream.task.cancel()
         if stream.last_status:
             self.reset(stream)
         else:
-            stream.send_simple(408, f"request body slower than {DEADLINES.request_body_min_bytes} bytes in "
-                                    f"{DEADLINES.request_body_window:g} s")
+            stream.send_simple(408, slow_body_message())
 
     def pause_writing(self) -> None:
         self.write_blocked = True
@@ -365,7 +349,7 @@ class H2ServerConnection(asyncio.Protocol):
         for stream in self.streams.values():
             if stream.upstream is not None:
                 stream.upstream.pause_reading()
-                self.held.append(stream)
+                self.held.add(stream)
 
     def pending_bytes(self) -> int:
         return sum(len(stream.pending) for stream in self.streams.values())
@@ -593,7 +577,7 @@ class H2ServerConnection(asyncio.Protocol):
                 if not stream.write_paused:
                     stream.upstream.resume_reading()
                 elif len(stream.pending) <= PENDING_LIMIT:
-                    self.held.append(stream)  # paused for the others' bytes: resumed when they are sent
+                    self.held.add(stream)  # paused for the others' bytes: resumed when they are sent
 
     def _flush(self) -> None:
         """Write what h2 has framed at the end of this turn of the event loop (at once inside data_received,
@@ -626,7 +610,7 @@ class H2ServerConnection(asyncio.Protocol):
             self._flush()  # streams over this turn's TURN_BYTES: the next turn
         if self.held and self.pending_bytes() <= CONNECTION_PENDING_LIMIT:
             self.holding = False
-            held, self.held = self.held, []
+            held, self.held = self.held, set()
             for stream in held:
                 if stream.upstream is not None and not stream.closed:
                     stream.upstream.resume_reading()
