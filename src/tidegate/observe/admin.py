@@ -145,7 +145,7 @@ class AdminProtocol(asyncio.Protocol):
         if method not in ("GET", "HEAD"):
             self._send(405, {"error": "the admin API is read-only"}, close=not keep)
             return
-        if self.state.refresh is not None and self.url.split(b"?")[0].rstrip(b"/") in _COUNTED:
+        if self.state.refresh is not None and path in _COUNTED:
             assert self.transport is not None
             self.transport.pause_reading()  # the next request waits for this answer
             asyncio.get_running_loop().create_task(self._answer_refreshed(self.url, method, keep))
