@@ -60,6 +60,13 @@ KINDS = [
     Kind("networking.k8s.io", "v1", "Ingress", "ingresses"),
     Kind("networking.k8s.io", "v1", "IngressClass", "ingressclasses", namespaced=False),
     Kind("coordination.k8s.io", "v1", "Lease", "leases"),
+    Kind("", "v1", "Node", "nodes", namespaced=False),
+    Kind("metallb.io", "v1beta1", "IPAddressPool", "ipaddresspools"),
+    Kind("metallb.io", "v1beta1", "L2Advertisement", "l2advertisements"),
+    Kind("metallb.io", "v1beta1", "BGPAdvertisement", "bgpadvertisements"),
+    Kind("metallb.io", "v1beta2", "BGPPeer", "bgppeers"),
+    Kind("metallb.io", "v1beta1", "Community", "communities"),
+    Kind("metallb.io", "v1beta1", "BFDProfile", "bfdprofiles"),
 ]
 
 

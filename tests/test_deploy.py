@@ -51,6 +51,18 @@ def test_the_deployable_backendpolicy_crd_is_the_one_tidegate_validates_with():
     assert shipped.read_text() == bundled.read_text()
 
 
+def test_metallbs_crds_ship_unchanged_with_their_license_and_the_validator_uses_them():
+    shipped = sorted((DEPLOY / "crds" / "metallb").glob("metallb.io_*.yaml"))
+    assert [p.name for p in shipped] == [f"metallb.io_{k}.yaml" for k in (
+        "bfdprofiles", "bgpadvertisements", "bgppeers", "communities", "ipaddresspools", "l2advertisements")]
+    for path in shipped:
+        assert path.read_text() == (ROOT / "src" / "tidegate" / "resources" / "crds" / path.name).read_text()
+    assert "Apache License" in (DEPLOY / "crds" / "metallb" / "LICENSE").read_text()
+    assert "MetalLB" in (DEPLOY / "crds" / "metallb" / "NOTICE").read_text()
+    kustomization = (DEPLOY / "kustomization.yaml").read_text()
+    assert all(f"crds/metallb/{p.name}" in kustomization for p in shipped)
+
+
 DEPLOY_KINDS = [
     Kind("", "v1", "ServiceAccount", "serviceaccounts"),
     Kind("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", namespaced=False),

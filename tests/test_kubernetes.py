@@ -213,6 +213,65 @@ spec:
         assert not api.status_writes("Ingress", "theirs")  # another controller's Ingress is not touched
 
 
+def test_loadbalancer_services_get_pool_addresses_keep_metallbs_and_are_served(cluster, tmp_path):
+    api, _, pods, _ = cluster
+    lb_port = free_port("127.0.8.1")
+    api.put_yaml(f"""
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: lab, namespace: metallb-system}}
+spec: {{addresses: [127.0.8.1-127.0.8.4]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: fresh, namespace: default}}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: tidegate.io/lb
+  ports: [{{name: http, port: {lb_port}, targetPort: {pods[0][1]}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: fresh-1, namespace: default, labels: {{kubernetes.io/service-name: fresh}}}}
+addressType: IPv4
+ports: [{{name: http, port: {pods[0][1]}}}]
+endpoints: [{{addresses: [{pods[0][0]}], targetRef: {{name: {pods[0][2]}}}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: from-metallb, namespace: default}}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: tidegate.io/lb
+  ports: [{{name: http, port: {lb_port}, targetPort: {pods[0][1]}}}]
+status:
+  loadBalancer: {{ingress: [{{ip: 127.0.8.3, ipMode: VIP}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: metallbs, namespace: default}}
+spec: {{type: LoadBalancer, ports: [{{port: 80}}]}}
+""")
+    with replica(api, tmp_path, "a", None):
+        wait_until(lambda: ((api.get("Service", "default", "fresh") or {}).get("status") or {}).get("loadBalancer"),
+                   what="the Service's address")
+        fresh = api.get("Service", "default", "fresh")["status"]
+        assert fresh["loadBalancer"] == {"ingress": [{"ip": "127.0.8.1", "ipMode": "Proxy"}]}
+        assert fresh["conditions"][0]["type"] == "tidegate.io/AddressAssigned"
+        wait_until(lambda: api.get("Service", "default", "from-metallb")["status"]["loadBalancer"]["ingress"][0]
+                   .get("ipMode") == "Proxy", what="the kept address's status")
+        assert api.get("Service", "default", "from-metallb")["status"]["loadBalancer"]["ingress"] == [
+            {"ip": "127.0.8.3", "ipMode": "Proxy"}]  # the address MetalLB gave is kept
+        wait_until(lambda: (api.get("IPAddressPool", "metallb-system", "lab") or {}).get("status"),
+                   what="the pool's counts")
+        assert api.get("IPAddressPool", "metallb-system", "lab")["status"] == {
+            "assignedIPv4": 2, "assignedIPv6": 0, "availableIPv4": 2, "availableIPv6": 0}
+        wait_until(lambda: request("127.0.8.1", lb_port, "/", timeout=2)[0] == 200, what="the address to serve")
+        assert json.loads(request("127.0.8.1", lb_port, "/")[2])["pod"] == "pod-a"
+        time.sleep(0.5)
+        assert not api.status_writes("Service", "metallbs")  # MetalLB's Service (no class) is not touched
+
+
 def test_two_replicas_one_leader_and_failover(cluster, tmp_path):
     """Two replicas, each on its own address (as pods would be); one Lease. Only the holder writes status;
     when it dies without a word (SIGKILL), the other takes over within the lease duration and writes."""

@@ -58,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default="", help="address to report in Gateway and Ingress status")
         p.add_argument("--ingress-http-port", type=int, default=80, help="port serving Ingress over HTTP")
         p.add_argument("--ingress-https-port", type=int, default=443, help="port serving Ingress over HTTPS")
+        lb = p.add_argument_group("LoadBalancer Services", "addresses from MetalLB's IPAddressPools (README: Bare metal)")
+        lb.add_argument("--lb-class", default="tidegate.io/lb", metavar="CLASS",
+                        help="take LoadBalancer Services whose spec.loadBalancerClass is CLASS (default: %(default)s)")
+        lb.add_argument("--lb-classless", action="store_true",
+                        help="also take LoadBalancer Services with no loadBalancerClass (as MetalLB does: once "
+                             "MetalLB is gone)")
+        lb.add_argument("--node", default=os.environ.get("NODE_NAME", ""), metavar="NAME",
+                        help="the node this runs on: its pods are the local ones for externalTrafficPolicy: Local, "
+                             "and it announces the addresses given to it (default: $NODE_NAME)")
 
     run = sub.add_parser("run", help="load resources, keep them translated, and watch for changes",
                          description="Load Kubernetes YAML, translate it and keep watching the files: each change "
@@ -191,12 +200,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 70
 
 
-def _options(args: argparse.Namespace) -> TranslateOptions:
+def _options(args: argparse.Namespace, last: Translation | None = None) -> TranslateOptions:
+    """The translator's options; `last` (the translation in force) gives the LoadBalancer addresses to keep."""
     # Without --address, a specific --bind address is the one clients reach.
     bind = getattr(args, "bind", "")
     address = args.address or (bind if bind not in ("", "0.0.0.0", "::") else "")
+    held = tuple(sorted((key, a.addresses) for key, a in last.load_balancers.allocation.assignments.items())
+                 ) if last is not None else ()
     return TranslateOptions(address=address, ingress_http_port=args.ingress_http_port,
-                            ingress_https_port=args.ingress_https_port)
+                            ingress_https_port=args.ingress_https_port, node=args.node, lb_class=args.lb_class,
+                            lb_classless=args.lb_classless, lb_held=held)
 
 
 def _load(args: argparse.Namespace) -> LoadResult:
@@ -616,7 +629,7 @@ async def _serve(args: argparse.Namespace) -> int:
         async for snapshot in store.updates():
             started = time.perf_counter()
             # In a thread: the admin listener (probes, scrapes) keeps answering while a large config translates.
-            translation = await background.run(translate, snapshot.resources, _options(args))
+            translation = await background.run(translate, snapshot.resources, _options(args, state.translation))
             METRICS.translation.observe(time.perf_counter() - started)
             try:
                 registry.retain(translation.ir)

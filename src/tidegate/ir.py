@@ -242,6 +242,9 @@ class Listener:
     http_routes: tuple[HTTPRoute, ...] = ()
     l4_routes: tuple[L4Route, ...] = ()
     access_log: str = ""  # json | clf | combined | off from the Gateway's tidegate.io/access-log; "" = global
+    # Bind even when the address is not (yet) this host's (IP_FREEBIND): a LoadBalancer address that another
+    # node announces now and this one may take over.
+    freebind: bool = False
 
 
 @dataclass(frozen=True)

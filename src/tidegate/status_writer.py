@@ -37,6 +37,11 @@ def merged_status(current: dict[str, Any], ours: dict[str, Any], now: str) -> di
     """The status to write: `ours`, with other controllers' shared-list entries kept, and lastTransitionTime
     carried over from `current` for conditions whose status did not change."""
     desired = copy.deepcopy(ours)
+    if "loadBalancer" in desired and "conditions" in desired:
+        # A Service's conditions are shared with other controllers: keep the types tidegate does not set.
+        mine = {c.get("type") for c in desired["conditions"]}
+        desired["conditions"] = [c for c in current.get("conditions") or [] if isinstance(c, dict)
+                                 and c.get("type") not in mine] + desired["conditions"]
     for field in SHARED_LISTS:
         if field in desired:
             others = [e for e in current.get(field) or [] if e.get("controllerName") != CONTROLLER_NAME]

@@ -705,6 +705,32 @@ class L4Listener:
 _KIND_NAMES = {"tcp": "TCP", "tls": "TLS passthrough", "terminate": "TLS", "udp": "UDP"}
 
 
+IP_FREEBIND = 15  # Linux, <linux/in.h>
+IPV6_FREEBIND = 78  # Linux 4.15+, <linux/in6.h>
+
+
+def free_socket(address: str, port: int, datagram: bool, reuse_port: bool) -> socket.socket:
+    """A socket bound to `address` whether or not the address is this host's now (IP_FREEBIND): packets reach
+    it once the address is local (a route, an announcement taken over)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
+        sock.bind((address, port))
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def l4_kind(listener: ir.Listener) -> str:
     """tcp, tls (passthrough), terminate (TLS) or udp; "" for a listener this module does not serve."""
     if listener.protocol == "TCP":
@@ -737,6 +763,7 @@ class L4DataPlane:
         self._draining: list[L4Listener] = []
         # Sockets that could not be opened (a port taken, say), by address: DataPlane tries them again.
         self.unbound: dict[tuple[str, int], tuple[tuple[str, int, str], str]] = {}
+        self.freebind: set[tuple[str, int, str]] = set()  # sockets bound with IP_FREEBIND (LoadBalancer addresses)
 
     async def apply(self, config: ir.IR, bind: str, balancer: RouteBalancer, taken: set[tuple[str, int]]
                     ) -> dict[tuple[str, int], tuple[str, str]]:
@@ -749,6 +776,7 @@ class L4DataPlane:
                 groups.setdefault((listener.address or bind, listener.port, kind), []).append(listener)
         errors: dict[tuple[str, int], tuple[str, str]] = {}
         self.unbound = {}
+        self.freebind = {key for key, group in groups.items() if any(listener.freebind for listener in group)}
         sites = {key: L4Site(key[2], L4Table([r for l in group for r in l.l4_routes]), balancer, group[0].name,
                              {id(r): l.name for l in group for r in l.l4_routes})
                  for key, group in groups.items()}
@@ -800,10 +828,14 @@ class L4DataPlane:
         def site(key: tuple[str, int, str] = key) -> L4Site | None:
             return self.sites.get(key)
 
+        sock = free_socket(address, port, kind == "udp", self.reuse_port) if key in self.freebind else None
         if kind == "udp":
             udp = UDPListener(name, site)
-            transport, _ = await loop.create_datagram_endpoint(
-                lambda: udp, local_addr=(address, port), reuse_port=self.reuse_port or None)
+            if sock is not None:
+                transport, _ = await loop.create_datagram_endpoint(lambda: udp, sock=sock)
+            else:
+                transport, _ = await loop.create_datagram_endpoint(
+                    lambda: udp, local_addr=(address, port), reuse_port=self.reuse_port or None)
             self.udp[key] = (udp, transport)  # type: ignore[assignment]
         else:
             ssl_ctx = None
@@ -812,8 +844,11 @@ class L4DataPlane:
                 ssl_ctx = server_context(lambda: self.tls_sites.get(key), *checks, alpn=())
                 self._client_checks[key] = checks
             tcp = L4Listener(name, site)
-            tcp.server = await loop.create_server(tcp.protocol, host=address, port=port, reuse_address=True,
-                                                  reuse_port=self.reuse_port or None, backlog=1024, ssl=ssl_ctx)
+            if sock is not None:
+                tcp.server = await loop.create_server(tcp.protocol, sock=sock, backlog=1024, ssl=ssl_ctx)
+            else:
+                tcp.server = await loop.create_server(tcp.protocol, host=address, port=port, reuse_address=True,
+                                                      reuse_port=self.reuse_port or None, backlog=1024, ssl=ssl_ctx)
             self.tcp[key] = tcp
         log.info("listening on %s:%d (%s)", address, port, _KIND_NAMES[kind])
 

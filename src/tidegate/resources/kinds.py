@@ -1,7 +1,7 @@
 """The kinds tidegate reads: their API groups, served versions, scope and schema.
 
-Gateway API schemas come from the official CRDs bundled in `crds/` (tidegate's own CRDs sit beside them) (the experimental channel, a superset of
-standard that also serves the alpha versions); built-in kinds from `builtin_schemas.yaml`. Schemas load
+Gateway API schemas come from the official CRDs bundled in `crds/` (the experimental channel, a superset of
+standard that also serves the alpha versions); tidegate's own CRDs and MetalLB's sit beside them; built-in kinds from `builtin_schemas.yaml`. Schemas load
 lazily, once per kind, because the CRD files are large and most inputs use a few kinds.
 """
 
@@ -18,6 +18,7 @@ from tidegate.resources.schema import Schema
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 TIDEGATE_GROUP = "tidegate.io"
+METALLB_GROUP = "metallb.io"
 
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -37,6 +38,10 @@ def _gw(kind: str, plural: str, namespaced: bool = True) -> KindInfo:
     return KindInfo(GATEWAY_GROUP, kind, namespaced, f"{GATEWAY_GROUP}_{plural}.yaml")
 
 
+def _metallb(kind: str, plural: str) -> KindInfo:
+    return KindInfo(METALLB_GROUP, kind, True, f"{METALLB_GROUP}_{plural}.yaml")
+
+
 KINDS: dict[tuple[str, str], KindInfo] = {
     (k.group, k.kind): k
     for k in [
@@ -50,6 +55,14 @@ KINDS: dict[tuple[str, str], KindInfo] = {
         _gw("ReferenceGrant", "referencegrants"),
         _gw("BackendTLSPolicy", "backendtlspolicies"),
         KindInfo(TIDEGATE_GROUP, "BackendPolicy", True, f"{TIDEGATE_GROUP}_backendpolicies.yaml"),
+        # MetalLB's objects, read as MetalLB defines them (its CRDs, Apache-2.0, bundled with their notice)
+        _metallb("IPAddressPool", "ipaddresspools"),
+        _metallb("L2Advertisement", "l2advertisements"),
+        _metallb("BGPAdvertisement", "bgpadvertisements"),
+        _metallb("BGPPeer", "bgppeers"),
+        _metallb("Community", "communities"),
+        _metallb("BFDProfile", "bfdprofiles"),
+        KindInfo("", "Node", namespaced=False),
         KindInfo("", "Namespace", namespaced=False),
         KindInfo("", "Service", namespaced=True),
         KindInfo("", "Secret", namespaced=True),
@@ -94,7 +107,7 @@ def _builtin_schemas() -> dict[str, Any]:
     return yaml.load(text, Loader=_Loader)
 
 
-_BUILTIN_PLURALS = {"Namespace": "namespaces", "Service": "services", "Secret": "secrets",
+_BUILTIN_PLURALS = {"Namespace": "namespaces", "Node": "nodes", "Service": "services", "Secret": "secrets",
                     "ConfigMap": "configmaps", "EndpointSlice": "endpointslices", "Ingress": "ingresses",
                     "IngressClass": "ingressclasses"}
 
@@ -116,6 +129,13 @@ def served_versions(info: KindInfo) -> tuple[str, ...]:
         for key in _builtin_schemas()
         if key.startswith(prefix) and key.endswith("/" + info.kind) and key.count("/") == prefix.count("/") + 1
     )
+
+
+def storage_version(info: KindInfo) -> str:
+    """The version a CRD stores (the newest it knows); "" for built-in kinds."""
+    if info.crd_file:
+        return next((v["name"] for v in _crd(info.crd_file)["spec"]["versions"] if v.get("storage")), "")
+    return ""
 
 
 @functools.cache

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from tidegate.resources import kinds
+from tidegate.resources import checks, kinds
 from tidegate.resources.bounded_yaml import LIMITS, YAMLLimitError, load_document, read_text
 from tidegate.resources.cel import CelCompileError
 from tidegate.resources.model import Key, Origin, Problem, Resource
@@ -204,6 +204,8 @@ def load_object(doc: Any, origin: Origin, default_namespace: str, result: LoadRe
             problems = [(e.path, e.message) for e in schema.validate(obj)]
         except CelCompileError as exc:
             problems = [("", str(exc))]
+        if not problems:
+            problems = checks.check(kind, obj)
     if problems:
         for path, message in problems:
             result.problems.append(Problem("error", origin, message, key, path))

@@ -63,7 +63,8 @@ def resource_class(info: kinds.KindInfo, version: str) -> Any:
 
 def version_preference(info: kinds.KindInfo) -> list[str]:
     served = list(kinds.served_versions(info))
-    return sorted(served, key=lambda v: (v != "v1", served.index(v)))
+    stored = kinds.storage_version(info)
+    return sorted(served, key=lambda v: (v != "v1", v != stored, served.index(v)))
 
 
 def referenced(resources: dict[Key, Resource]) -> set[Key]:
@@ -267,6 +268,10 @@ class KubernetesSource:
         self.resource_versions[key] = meta.get("resourceVersion", "")
         self.statuses[key] = obj.get("status") or {}
         doc = {k: v for k, v in obj.items() if k != "status"}
+        held = ((obj.get("status") or {}).get("loadBalancer") or {}).get("ingress") if info.kind == "Service" else None
+        if held:
+            # The addresses a LoadBalancer Service holds (MetalLB's or tidegate's): kept while still valid.
+            doc["status"] = {"loadBalancer": {"ingress": held}}
         doc["apiVersion"] = f"{info.group}/{version}" if info.group else version
         doc["kind"] = info.kind
         # Server-set bookkeeping is kept aside: a status-only change must not look like a new configuration.

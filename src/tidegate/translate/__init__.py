@@ -1,7 +1,7 @@
 """translate(snapshot) -> Translation(IR, statuses, notes): a pure function.
 
 Stages run in a fixed order over an index built once: GatewayClasses → Gateways and listeners → policies →
-routes (attachment, rules, backends) → Ingress → BackendPolicies → IR. Statuses are returned as values; the snapshot is never
+routes (attachment, rules, backends) → Ingress → LoadBalancer Services → BackendPolicies → IR. Statuses are returned as values; the snapshot is never
 mutated.
 """
 
@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate import ir
+from tidegate.announce.ipam import AllocationOptions
 from tidegate.resources.model import Key, Problem, Resource
 from tidegate.translate.backend_policies import apply_backend_policies
 from tidegate.translate.gateways import gateway_status, translate_gateway_classes, translate_gateways
 from tidegate.translate.index import Index
 from tidegate.translate.ingress import translate_ingresses
+from tidegate.translate.loadbalancers import LoadBalancers, translate_load_balancers
 from tidegate.translate.policies import policy_statuses, resolve_backend_tls_policies
 from tidegate.translate.routes import translate_routes
 
@@ -30,6 +32,11 @@ class TranslateOptions:
     address: str = ""  # the address shown in Gateway and Ingress status (a LoadBalancer IP, say)
     ingress_http_port: int = 80
     ingress_https_port: int = 443
+    node: str = ""  # the node this process runs on (--node): its pods are the local ones
+    lb_class: str = AllocationOptions.lb_class  # the spec.loadBalancerClass that is tidegate's (--lb-class)
+    lb_classless: bool = False  # also take LoadBalancer Services with no class (--lb-classless)
+    # The addresses the last translation gave ((namespace, name), addresses): kept while valid (file mode).
+    lb_held: tuple[tuple[tuple[str, str], tuple[str, ...]], ...] = ()
 
 
 @dataclass
@@ -37,6 +44,7 @@ class Translation:
     ir: ir.IR
     statuses: dict[Key, dict[str, Any]] = field(default_factory=dict)
     notes: list[Problem] = field(default_factory=list)  # warnings about resources that have no status field
+    load_balancers: LoadBalancers = field(default_factory=LoadBalancers)
 
 
 def translate(resources: Iterable[Resource], options: TranslateOptions = TranslateOptions()) -> Translation:
@@ -74,6 +82,11 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
                     l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
                                      policies.by_target, statuses, notes)
+    load_balancers = translate_load_balancers(
+        index, AllocationOptions(options.lb_class, options.lb_classless, options.lb_held), options.node, statuses,
+        notes)
+    listeners += load_balancers.listeners
     listeners = apply_backend_policies(index, listeners, statuses, notes)
     statuses.update(policy_statuses(index, policies, listeners))
-    return Translation(ir=ir.IR(listeners=tuple(listeners)), statuses=dict(sorted(statuses.items())), notes=notes)
+    return Translation(ir=ir.IR(listeners=tuple(listeners)), statuses=dict(sorted(statuses.items())), notes=notes,
+                       load_balancers=load_balancers)

@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 
 from tidegate.resources.model import Resource
+from tidegate.resources.selectors import selector_matches  # noqa: F401 (translators import it from here)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 
@@ -55,21 +56,3 @@ class Index:
                 if to.get("group", "") == to_group and to.get("kind") == to_kind and to.get("name") in (None, "", to_name):
                     return True
         return False
-
-
-def selector_matches(selector: dict, labels: dict[str, str]) -> bool:
-    """A metav1.LabelSelector against a label set."""
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
-        if op == "In" and labels.get(key) not in values:
-            return False
-        if op == "NotIn" and key in labels and labels[key] in values:
-            return False
-        if op == "Exists" and key not in labels:
-            return False
-        if op == "DoesNotExist" and key in labels:
-            return False
-    return True
