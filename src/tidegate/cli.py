@@ -17,10 +17,12 @@ from urllib.parse import urlsplit
 import yaml
 
 from tidegate import __version__, compiled
+from tidegate.announce.election import assign
 from tidegate.resources.loader import LoadResult, load_paths
 from tidegate.resources.model import Problem
 from tidegate.router import Request, explain, routers_by_port
 from tidegate.translate import TranslateOptions, Translation, translate
+from tidegate.translate.loadbalancers import with_announcements
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -134,6 +136,17 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--upstream-read-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="a pod that sends nothing for this long while its answer is awaited: 504 (default: "
                              "%(default)s)")
+    l2 = run.add_argument_group("Layer 2 announcement", "with --node: answer ARP and neighbour solicitations for "
+                                "the LoadBalancer addresses this node announces (README: Bare metal)")
+    l2.add_argument("--heartbeat-port", type=int, default=7473, metavar="PORT",
+                    help="UDP port where each node's workers answer the other nodes' heartbeats (default: "
+                         "%(default)s)")
+    l2.add_argument("--node-timeout", type=float, default=2.0, metavar="SECONDS",
+                    help="a node whose workers have not answered for this long is down, and its addresses move "
+                         "(default: %(default)s)")
+    l2.add_argument("--l2-refresh", type=float, default=10.0, metavar="SECONDS",
+                    help="send gratuitous ARP / unsolicited neighbour advertisements this often while announcing, "
+                         "not only at takeover (default: %(default)s)")
     run.add_argument("--zone", default=os.environ.get("TIDEGATE_ZONE", ""),
                      help="the zone tidegate runs in, for EndpointSlice topology hints and zone-aware balancing "
                           "(default: $TIDEGATE_ZONE)")
@@ -237,7 +250,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     translation = translate(result.resources, _options(args))
     _report_notes(translation)
     if args.command == "status":
-        print(dump_yaml(statuses_as_data(translation)), end="")
+        # Offline: who would announce each Layer 2 address with every node up (a running node's admin API
+        # says who does).
+        chosen = assign(translation.load_balancers.l2, None)
+        announcements = [{"address": c.address, "services": c.services, "node": chosen.get(c.address)}
+                         for c in translation.load_balancers.l2]
+        print(dump_yaml(with_announcements(statuses_as_data(translation), announcements)), end="")
     elif args.command == "routes":
         print(format_routes(translation), end="")
     elif args.command == "explain":
@@ -561,7 +579,8 @@ async def _serve(args: argparse.Namespace) -> int:
     deadlines = Deadlines(request_head=args.request_head_timeout, request_body_window=args.request_body_timeout,
                           idle=args.idle_timeout, send=args.send_timeout, upstream_read=args.upstream_read_timeout)
     pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
-                                                  args.access_log_sample, args.access_log_status, deadlines),
+                                                  args.access_log_sample, args.access_log_status, deadlines,
+                                                  node=args.node, heartbeat_port=args.heartbeat_port),
                       registry)
     health = HealthChecker(registry, on_change=pool.health_changed)
     await pool.start()
@@ -625,6 +644,28 @@ async def _serve(args: argparse.Namespace) -> int:
 
     logged = [frozenset[str]()]  # the failing conditions the last configuration logged
 
+    async def announce(translation: Translation) -> None:
+        """With --node: hand the Layer 2 addresses to the agent, started when the first one appears."""
+        lbs = translation.load_balancers
+        METRICS.set_pools(lbs.allocation.pools)
+        if not args.node or (state.announcer is None and not lbs.l2):
+            return
+        if state.announcer is None:
+            from tidegate.announce.node import Layer2Agent
+
+            agent = Layer2Agent(args.node, args.heartbeat_port, args.node_timeout, refresh=args.l2_refresh)
+            try:
+                await agent.start()
+            except Exception as exc:  # not root, no netlink: serve anyway, say why nothing is announced
+                log.error("cannot announce LoadBalancer addresses from node %s: %s", args.node, exc)
+                args.node = ""
+                return
+            state.announcer = agent
+            METRICS.announcer.source = agent
+            log.info("node %s: announcing LoadBalancer addresses in Layer 2 (heartbeat on UDP port %d, a node "
+                     "silent for %.1f s is down)", args.node, args.heartbeat_port, args.node_timeout)
+        state.announcer.update(lbs.l2, lbs.nodes)
+
     async def follow() -> None:
         async for snapshot in store.updates():
             started = time.perf_counter()
@@ -643,6 +684,7 @@ async def _serve(args: argparse.Namespace) -> int:
             state.version, state.translation, state.applied_at = snapshot.version, translation, time.time()
             unmarked[0] = dict(translation.statuses)
             publish(errors)
+            await announce(translation)
             METRICS.reloads.labels("ok").inc()
             METRICS.config_version.set(snapshot.version)
             logged[0] = _log_translation(log, snapshot.version, translation, logged[0])
@@ -662,6 +704,8 @@ async def _serve(args: argparse.Namespace) -> int:
     if cluster is not None:
         await cluster.close()
     await pool.stop(args.grace)
+    if state.announcer is not None:
+        await state.announcer.close()
     await health.close()
     for listener in (admin, metrics):
         if listener is not None:

@@ -48,6 +48,8 @@ class WorkerOptions:
     access_log_status: str
     deadlines: Deadlines = field(default_factory=Deadlines)
     log_level: int = logging.INFO
+    node: str = ""  # --node: workers answer the heartbeat that tells other nodes this one serves
+    heartbeat_port: int = 0
 
 
 # -- the control process's side ---------------------------------------------------------------------------
@@ -260,6 +262,15 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
     dataplane = DataPlane(bind=options.bind, reuse_port=True, health_checks=False)
     dataplane.registry.zone = options.zone
     loop = asyncio.get_running_loop()
+    heartbeat = None
+    if options.node and options.heartbeat_port:
+        from tidegate.announce.members import start_responder
+
+        try:
+            heartbeat = await start_responder(options.node, options.heartbeat_port)
+        except OSError as exc:
+            logging.getLogger("tidegate.workers").error("worker %d: cannot answer heartbeats on port %d: %s", index,
+                                                        options.heartbeat_port, exc)
     inbox: asyncio.Queue = asyncio.Queue()
 
     def stats() -> tuple:
@@ -323,6 +334,8 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
             break
     reporter.cancel()
     fd_watch.cancel()
+    if heartbeat is not None:
+        heartbeat.close()  # other nodes take over this node's addresses while its connections drain
     await dataplane.close(grace=grace)
     if accesslog.ACCESS_LOG is not None:
         accesslog.ACCESS_LOG.close()

@@ -16,7 +16,8 @@ has none) and each pool's counts. The rules are MetalLB's (its controller and `i
   and, under `externalTrafficPolicy: Local`, select the same pods.
 
 Where MetalLB leaves an order to chance (Go map order, the order events arrive), tidegate fixes one: pools by
-creation time then name, Services holding addresses before new ones, each group by creation time then name.
+creation time then name; Services holding addresses first, then those asking for given addresses, then the
+rest, each group by creation time then name.
 Where MetalLB refuses its whole configuration (two pools overlap), tidegate refuses the later pool only and
 says why, so that one wrong object does not take addresses away from the others.
 """
@@ -326,8 +327,11 @@ def allocate(index: Index, options: AllocationOptions = AllocationOptions()) -> 
             continue
         requests.append(_request(service, held))
     ledger = _Ledger()
-    # Services that hold addresses first: no Service takes an address another one already had.
-    for request in [r for r in requests if r.held] + [r for r in requests if not r.held]:
+    # Services that hold addresses first: no Service takes an address another one already had; then those that
+    # ask for given addresses, before automatic allocation can hand those out.
+    order = ([r for r in requests if r.held] + [r for r in requests if not r.held and r.wanted]
+             + [r for r in requests if not r.held and not r.wanted])
+    for request in order:
         if request.problem is not None:
             result.refusals[request.key] = request.problem
             continue

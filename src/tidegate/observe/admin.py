@@ -12,6 +12,8 @@
                             which listener, route and rule serve a request, and why others do not
     GET /api/v1/backends    backends and their endpoints: health, ejection, weight, in flight, counts, latency
     GET /api/v1/traffic     request counts by route and status class, latency buckets, connections
+    GET /api/v1/loadbalancers  LoadBalancer Services: addresses, pools and their counts, Services refused an
+                            address and why, which node announces each address and since when, nodes up
     GET /dashboard/         the web dashboard (static files from the package; nothing from outside)
 
 Who may ask: with a token configured (--admin-token-file or TIDEGATE_ADMIN_TOKEN), every client must send
@@ -62,6 +64,7 @@ class RunState:
     file_problems: Callable[[], dict[str, list[Any]]] = dict
     # Brings the workers' counts up to date before an answer that shows them (WorkerPool.refresh_stats).
     refresh: Callable[[], Awaitable[None]] | None = None
+    announcer: Any = None  # tidegate.announce.node.Layer2Agent, with --node
 
 
 # Answers that show the workers' counts: they are brought up to date first.
@@ -192,7 +195,10 @@ class AdminProtocol(asyncio.Protocol):
                                "started": state.started, "appliedAt": state.applied_at,
                                "listeners": [listener.name for listener in _listeners(state)]}), "application/json"
         if path == "/api/v1/status":
-            return 200, _json(state.statuses + file_statuses(state.file_problems())), "application/json"
+            from tidegate.translate.loadbalancers import with_announcements
+
+            entries = with_announcements(state.statuses, loadbalancers_view(state)["announcements"])
+            return 200, _json(entries + file_statuses(state.file_problems())), "application/json"
         if path == "/api/v1/routes":
             return 200, _json(state.translation.ir.to_data() if state.translation else {}), "application/json"
         if path == "/api/v1/backends":
@@ -201,6 +207,8 @@ class AdminProtocol(asyncio.Protocol):
         if path == "/api/v1/traffic":
             return 200, _json({**METRICS.traffic(), "version": state.version, "now": time.time()}), \
                 "application/json"
+        if path == "/api/v1/loadbalancers":
+            return 200, _json(loadbalancers_view(state)), "application/json"
         if parts.path.startswith("/dashboard/"):
             name = parts.path[len("/dashboard/"):] or "index.html"
             asset = DASHBOARD.get(name)
@@ -322,3 +330,37 @@ async def start_admin(address: str, state: RunState, token: str,
     loop = asyncio.get_running_loop()
     return await loop.create_server(lambda: AdminProtocol(state, token, explain, trust_loopback, metrics_only),
                                     host=host.strip("[]") or "127.0.0.1", port=int(port), reuse_address=True)
+
+
+def loadbalancers_view(state: RunState) -> dict[str, Any]:
+    """LoadBalancer Services, pools, and the Layer 2 announcements as this node sees them."""
+    from tidegate.announce.election import assign
+    from tidegate.announce.ipam import pool_status
+
+    translation = state.translation
+    if translation is None:
+        return {"services": [], "refused": [], "pools": {}, "announcements": [], "nodes": []}
+    lbs = translation.load_balancers
+    agent = state.announcer
+    if agent is not None:
+        announcements, nodes = agent.status(), agent.nodes()
+    else:  # no --node: who would announce with every node up
+        chosen = assign(lbs.l2, None)
+        announcements = [{"address": c.address, "services": list(c.services), "node": chosen.get(c.address),
+                          "candidates": list(c.nodes), "since": None} for c in lbs.l2]
+        nodes = [{"node": n.name, "address": n.address, "up": None} for n in lbs.nodes]
+    return {
+        "node": agent.node if agent is not None else None,
+        "services": [{"namespace": s.namespace, "name": s.name, "pool": s.pool, "addresses": list(s.addresses),
+                      "ports": [f"{port}/{protocol}" for protocol, port in s.ports],
+                      "externalTrafficPolicy": "Local" if s.local else "Cluster",
+                      "nodesWithPods": list(s.nodes_with_pods)} for s in lbs.services],
+        "refused": [{"namespace": ns, "name": name, "reason": r.reason, "message": r.message}
+                    for (ns, name), r in sorted(lbs.allocation.refusals.items())],
+        "pools": {name: {**pool_status(usage), "services": usage.services}
+                  for name, usage in lbs.allocation.pools.items()},
+        "refusedPools": {str(key): message for key, message in lbs.allocation.pool_problems.items()},
+        "announcements": announcements,
+        "nodes": nodes + [{"node": n.name, "address": n.address, "up": False, "excluded": n.reason}
+                          for n in lbs.nodes if not n.usable],
+    }

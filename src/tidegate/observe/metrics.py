@@ -4,7 +4,7 @@ from the configuration, method from a fixed list, status by class. Never raw pat
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -243,6 +243,47 @@ class _WorkerSums:
         yield per_worker
 
 
+class AnnouncerMetrics:
+    """Address pools and the Layer 2 agent (control process): read when scraped."""
+
+    def __init__(self) -> None:
+        self.source: Any = None  # tidegate.announce.node.Layer2Agent
+        self.pools: dict[str, Any] = {}  # pool name -> announce.ipam.PoolUsage
+
+    def collect(self) -> Iterator[Metric]:
+        assigned = GaugeMetricFamily("tidegate_address_pool_assigned", "Addresses of an IPAddressPool given to "
+                                     "LoadBalancer Services, by pool and family", labels=["pool", "family"])
+        available = GaugeMetricFamily("tidegate_address_pool_available", "Addresses of an IPAddressPool still "
+                                      "free, by pool and family", labels=["pool", "family"])
+        for name, usage in sorted(self.pools.items()):
+            for family, used, free in (("ipv4", usage.assigned_v4, usage.available_v4),
+                                       ("ipv6", usage.assigned_v6, usage.available_v6)):
+                assigned.add_metric([name, family], used)
+                available.add_metric([name, family], float(free))
+        yield assigned
+        yield available
+        agent = self.source
+        if agent is None:
+            return
+        counts = agent.speaker.counts
+        announced = GaugeMetricFamily("tidegate_l2_announced", "1 for each address this node announces now",
+                                      labels=["address"])
+        for address in agent.speaker.held:
+            announced.add_metric([address], 1)
+        yield announced
+        yield CounterMetricFamily("tidegate_l2_gratuitous_packets", "Gratuitous ARP and unsolicited neighbour "
+                                  "advertisements sent (takeovers and refreshes)", value=counts.gratuitous)
+        yield CounterMetricFamily("tidegate_l2_replies", "ARP replies and solicited neighbour advertisements sent",
+                                  value=counts.replies)
+        yield CounterMetricFamily("tidegate_l2_takeovers", "Addresses this node started announcing",
+                                  value=counts.takeovers)
+        up = GaugeMetricFamily("tidegate_node_up", "1 when the node's workers answer heartbeats", labels=["node"])
+        live = agent.members.live()
+        for node in sorted(agent.members.peers):
+            up.add_metric([node], node in live)
+        yield up
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -284,6 +325,11 @@ class Metrics:
                                     registry=self.registry)
         self.translation = Histogram("tidegate_translation_duration_seconds", "Time to translate a snapshot",
                                      registry=self.registry)
+        self.announcer = AnnouncerMetrics()
+        self.registry.register(self.announcer)
+
+    def set_pools(self, pools: dict[str, Any]) -> None:
+        self.announcer.pools = dict(pools)
 
     def route_counts(self, listener: str, route: str) -> RouteCounts:
         """The counts of one (listener, route), kept for as long as the process runs."""

@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tidegate import ir
+from tidegate.announce.election import Candidacy
 from tidegate.announce.ipam import Allocation, AllocationOptions, allocate, pool_status
 from tidegate.resources.model import Key, Origin, Problem
 from tidegate.translate.backends import service_endpoints
 from tidegate.translate.conditions import condition
-from tidegate.translate.index import Index
+from tidegate.translate.index import Index, selector_matches
 
 ADDRESS_CONDITION = "tidegate.io/AddressAssigned"
 SERVED_PROTOCOLS = ("TCP", "UDP")
@@ -35,11 +36,27 @@ class LoadBalancerService:
     sharing: str = ""
 
 
+EXCLUDE_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """A node that may announce addresses: its name, the address its heartbeat is sent to, and whether it may
+    announce at all (and why not)."""
+
+    name: str
+    address: str = ""  # InternalIP (IPv4 first); "" = none known
+    usable: bool = True
+    reason: str = ""
+
+
 @dataclass
 class LoadBalancers:
     services: list[LoadBalancerService] = field(default_factory=list)
     listeners: list[ir.Listener] = field(default_factory=list)
     allocation: Allocation = field(default_factory=Allocation)
+    nodes: list[NodeInfo] = field(default_factory=list)
+    l2: list[Candidacy] = field(default_factory=list)  # addresses announced in Layer 2, with their candidates
 
 
 def translate_load_balancers(index: Index, options: AllocationOptions, node: str, statuses: dict[Key, Any],
@@ -94,6 +111,8 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
             sharing=next((service.annotations[k] for k in ("metallb.io/allow-shared-ip",
                                                             "metallb.universe.tf/allow-shared-ip")
                           if k in service.annotations), "")))
+    result.nodes = _nodes(index, node)
+    result.l2 = _l2_candidacies(index, result.services, result.nodes)
     for key in allocation.not_ours if index.all("IPAddressPool") else ():
         service = index.get("Service", key.namespace, key.name)
         if service is not None and not service.spec.get("loadBalancerClass"):
@@ -102,3 +121,91 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                  key))
     return result
 
+
+
+def _nodes(index: Index, this_node: str) -> list[NodeInfo]:
+    """The Node objects (a cluster's, or written in files); with none, this node alone (--node)."""
+    out = []
+    for res in index.all("Node"):
+        status = res.obj.get("status") or {}
+        addresses = [a.get("address", "") for a in status.get("addresses") or [] if a.get("type") == "InternalIP"]
+        address = next((a for a in addresses if ":" not in a), addresses[0] if addresses else "")
+        conditions = {c.get("type"): c.get("status") for c in status.get("conditions") or []}
+        reason = ""
+        if EXCLUDE_LABEL in res.labels:
+            reason = f"labelled {EXCLUDE_LABEL}"
+        elif conditions.get("Ready", "True") != "True":
+            reason = f"condition Ready is {conditions['Ready']}"
+        elif conditions.get("NetworkUnavailable") == "True":
+            reason = "condition NetworkUnavailable is True"
+        out.append(NodeInfo(res.name, address, not reason, reason))
+    if not out and this_node:
+        out.append(NodeInfo(this_node))
+    return out
+
+
+def _l2_candidacies(index: Index, services: list[LoadBalancerService], nodes: list[NodeInfo]) -> list[Candidacy]:
+    """For each address of a pool that an L2Advertisement covers: the nodes that may announce it."""
+    ads = index.all("L2Advertisement")
+    if not ads:
+        return []
+    node_labels = {n.name: (index.get("Node", "", n.name).labels if index.get("Node", "", n.name) else {})
+                   for n in nodes}
+    usable = [n.name for n in nodes if n.usable]
+    by_address: dict[str, list[LoadBalancerService]] = {}
+    for svc in services:
+        for address in svc.addresses:
+            by_address.setdefault(address, []).append(svc)
+    out = []
+    for address, users in sorted(by_address.items()):
+        pool = next((p for p in index.all("IPAddressPool") if p.name == users[0].pool), None)
+        chosen: dict[str, tuple[list[str], int]] = {}  # node -> (interfaces, or ["*"] for any; score)
+        for ad in ads:
+            spec = ad.spec
+            names, selectors = spec.get("ipAddressPools") or [], spec.get("ipAddressPoolSelectors") or []
+            if (names or selectors) and not (pool is not None and (pool.name in names or any(
+                    selector_matches(s, pool.labels) for s in selectors))):
+                continue
+            service_selectors = spec.get("serviceSelectors") or []
+            if service_selectors and not all(
+                    not u.sharing and any(selector_matches(s, _labels(index, u)) for s in service_selectors)
+                    for u in users):
+                continue
+            node_selectors = spec.get("nodeSelectors") or []
+            for name in usable:
+                if node_selectors and not any(selector_matches(s, node_labels[name]) for s in node_selectors):
+                    continue
+                score = sum(int(p.get("weight") or 0) for p in spec.get("preferredNodeSelectors") or []
+                            if selector_matches(p.get("preference") or {}, node_labels[name]))
+                interfaces, best = chosen.get(name, ([], 0))
+                chosen[name] = (interfaces + (spec.get("interfaces") or ["*"]), max(best, score))
+        if any(u.local for u in users):
+            with_pods = {n for u in users for n in u.nodes_with_pods}
+            chosen = {n: v for n, v in chosen.items() if n in with_pods}
+        if not chosen:
+            continue
+        out.append(Candidacy(
+            address=address, nodes=tuple(sorted(chosen)),
+            scores=tuple((n, v[1]) for n, v in sorted(chosen.items()) if v[1]),
+            interfaces=tuple((n, tuple(sorted(set(v[0])))) for n, v in sorted(chosen.items()) if "*" not in v[0]),
+            services=tuple(f"{u.namespace}/{u.name}" for u in users)))
+    return out
+
+
+def _labels(index: Index, svc: LoadBalancerService) -> dict[str, str]:
+    res = index.get("Service", svc.namespace, svc.name)
+    return res.labels if res is not None else {}
+
+
+def with_announcements(entries: list[dict[str, Any]], announcements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Status entries (`tidegate status`, /api/v1/status) with, on each LoadBalancer Service, the node that
+    announces each of its addresses (and since when, when a running node knows)."""
+    by_service: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for a in announcements:
+        for service in a["services"]:
+            namespace, _, name = service.partition("/")
+            by_service.setdefault((namespace, name), []).append(
+                {"address": a["address"], "node": a["node"], **({"since": a["since"]} if a.get("since") else {})})
+    return [{**e, "announcedBy": by_service[(e.get("namespace") or "", e["name"])]}
+            if e["kind"] == "Service" and (e.get("namespace") or "", e["name"]) in by_service else e
+            for e in entries]

@@ -1,0 +1,176 @@
+"""A small bare-metal lab in network namespaces, made and removed by the tests that use it: a bridge in a
+"lan" namespace, node namespaces and a client namespace each joined to it by a veth pair, with addresses from
+198.18.0.0/24 and 2001:db8::/64 that exist only inside them. Needs root (tests skip with a reason otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SUBNET4, SUBNET6 = "198.18.0.", "2001:db8::"
+
+
+def can_make_namespaces() -> str:
+    """"" when namespaces can be made here, else why not."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    name = f"tgprobe{os.getpid()}"
+    made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True)
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return ""
+
+
+def sh(*args: str, check: bool = True) -> str:
+    out = subprocess.run(list(args), capture_output=True, text=True, timeout=30)
+    if check and out.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)}: {out.stderr.strip()}")
+    return out.stdout
+
+
+@dataclass
+class Lab:
+    prefix: str
+    hosts: dict[str, int] = field(default_factory=dict)  # namespace role -> host number (198.18.0.N)
+
+    def ns(self, role: str) -> str:
+        return f"{self.prefix}-{role}"
+
+    def v4(self, role: str) -> str:
+        return f"{SUBNET4}{self.hosts[role]}"
+
+    def v6(self, role: str) -> str:
+        return f"{SUBNET6}{self.hosts[role]}"
+
+    def run(self, role: str, *args: str, check: bool = True) -> str:
+        return sh("ip", "netns", "exec", self.ns(role), *args, check=check)
+
+    def exec_args(self, role: str, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(role), *args]
+
+    def python(self, role: str, code: str) -> str:
+        return self.run(role, sys.executable, "-c", code)
+
+    def get_json(self, role: str, url: str) -> dict:
+        return json.loads(self.python(role, f"import urllib.request;print(urllib.request.urlopen({url!r}, "
+                                                "timeout=5).read().decode())"))
+
+    def link(self, role: str, up: bool) -> None:
+        """Cut (or mend) a namespace's link at the bridge."""
+        sh("ip", "netns", "exec", self.ns("lan"), "ip", "link", "set", f"v{role}", "up" if up else "down")
+
+    def pids(self, role: str) -> list[int]:
+        return [int(p) for p in sh("ip", "netns", "pids", self.ns(role)).split()]
+
+
+@contextmanager
+def lab(roles: dict[str, int]) -> Iterator[Lab]:
+    """Namespaces `{prefix}-{role}` for each role (host number in the subnets), joined by a bridge."""
+    world = Lab(f"tg{os.getpid() % 100000}", dict(roles))
+    made: list[str] = []
+    try:
+        for role in ["lan", *roles]:
+            sh("ip", "netns", "add", world.ns(role))
+            made.append(world.ns(role))
+            world.run(role, "ip", "link", "set", "lo", "up")
+            for key in ("all", "default"):
+                world.run(role, "sysctl", "-qw", f"net.ipv6.conf.{key}.accept_dad=0")
+        world.run("lan", "ip", "link", "add", "br0", "type", "bridge")
+        world.run("lan", "ip", "link", "set", "br0", "up")
+        for role, host in roles.items():
+            outside = f"v{role}"
+            world.run("lan", "ip", "link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns",
+                      world.ns(role))
+            world.run("lan", "ip", "link", "set", outside, "master", "br0", "up")
+            world.run(role, "ip", "addr", "add", f"{SUBNET4}{host}/24", "dev", "eth0")
+            world.run(role, "ip", "-6", "addr", "add", f"{SUBNET6}{host}/64", "dev", "eth0", "nodad")
+            world.run(role, "ip", "link", "set", "eth0", "up")
+        yield world
+    finally:
+        for name in made:
+            for pid in sh("ip", "netns", "pids", name, check=False).split():
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
+        time.sleep(0.1)
+        for name in reversed(made):
+            sh("ip", "netns", "del", name, check=False)
+
+
+# A probe run in the client namespace: every `interval` seconds, an HTTP GET over TCP and a UDP datagram to
+# each target; one JSON line per attempt: time, target, protocol, and the pod that answered or "".
+PROBE = r"""
+import json, socket, sys, time
+targets = json.loads(sys.argv[1]); interval = float(sys.argv[2]); stop = sys.argv[3]
+import os
+while not os.path.exists(stop):
+    started = time.time()
+    for host, tcp_port, udp_port in targets:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        answer = ""
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.settimeout(0.3)
+                s.connect((host, tcp_port))
+                s.sendall(b"GET /pod HTTP/1.0\r\nHost: probe\r\n\r\n")
+                data = b""
+                while True:
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+                if data.startswith(b"HTTP/1.0 200"):
+                    answer = data.split(b"\r\n\r\n", 1)[1].decode().strip()
+        except OSError:
+            pass
+        print(json.dumps({"t": started, "host": host, "proto": "tcp", "pod": answer}), flush=True)
+        answer = ""
+        if udp_port:
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as s:
+                    s.settimeout(0.3)
+                    s.sendto(b"who", (host, udp_port))
+                    answer = s.recv(512).decode()
+            except OSError:
+                pass
+            print(json.dumps({"t": started, "host": host, "proto": "udp", "pod": answer}), flush=True)
+    time.sleep(max(0.0, interval - (time.time() - started)))
+"""
+
+# A pod: a stock HTTP server (the standard library's) serving /pod, and a UDP echo that answers its name.
+POD = r"""
+import http.server, os, socket, sys, threading
+name, address, tcp_port, udp_port, root = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+os.makedirs(root, exist_ok=True)
+open(os.path.join(root, "pod"), "w").write(name)
+family = socket.AF_INET6 if ":" in address else socket.AF_INET
+udp = socket.socket(family, socket.SOCK_DGRAM)
+udp.bind((address, udp_port))
+def echo():
+    while True:
+        _, peer = udp.recvfrom(512)
+        udp.sendto(name.encode(), peer)
+threading.Thread(target=echo, daemon=True).start()
+class Server(http.server.ThreadingHTTPServer):
+    address_family = family
+handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=root)
+http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
+Server((address, tcp_port), handler).serve_forever()
+"""
+
+
+def read_probes(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
