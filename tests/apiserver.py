@@ -61,6 +61,7 @@ KINDS = [
     Kind("networking.k8s.io", "v1", "IngressClass", "ingressclasses", namespaced=False),
     Kind("coordination.k8s.io", "v1", "Lease", "leases"),
     Kind("", "v1", "Node", "nodes", namespaced=False),
+    Kind("", "v1", "Event", "events"),
     Kind("metallb.io", "v1beta1", "IPAddressPool", "ipaddresspools"),
     Kind("metallb.io", "v1beta1", "L2Advertisement", "l2advertisements"),
     Kind("metallb.io", "v1beta1", "BGPAdvertisement", "bgpadvertisements"),
@@ -302,6 +303,10 @@ class FakeAPIServer(ThreadedServer):
                     "name", ""), subresource == "status", agent, data))
         if method == "POST":
             data.setdefault("metadata", {})
+            if not data["metadata"].get("name") and data["metadata"].get("generateName"):
+                with self.lock:
+                    self.rv += 1
+                    data["metadata"]["name"] = f"{data['metadata']['generateName']}{self.rv:x}"
             if kind.namespaced:
                 data["metadata"]["namespace"] = namespace
             data["kind"] = kind.kind

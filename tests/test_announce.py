@@ -198,3 +198,17 @@ def test_no_node_objects_means_this_node_alone():
     lbs = translate(load_text(text, "lab.yaml").resources, TranslateOptions(node="solo")).load_balancers
     assert [n.name for n in lbs.nodes] == ["solo"]
     assert [c.nodes for c in lbs.l2] == [("solo",)]  # Local's pods run on named nodes, none of them "solo"
+
+
+def test_a_services_status_keeps_other_controllers_conditions():
+    from tidegate.status_writer import merged_status
+
+    current = {"loadBalancer": {"ingress": [{"ip": "192.0.2.1"}]},
+               "conditions": [{"type": "example.com/Probed", "status": "True", "reason": "Ok", "message": "",
+                               "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+    ours = {"loadBalancer": {"ingress": [{"ip": "192.0.2.1", "ipMode": "Proxy"}]},
+            "conditions": [{"type": "tidegate.io/AddressAssigned", "status": "True", "reason": "Assigned",
+                            "message": "192.0.2.1 from IPAddressPool lab", "observedGeneration": 1}]}
+    merged = merged_status(current, ours, "2026-12-07T00:00:00Z")
+    assert [c["type"] for c in merged["conditions"]] == ["example.com/Probed", "tidegate.io/AddressAssigned"]
+    assert merged["loadBalancer"] == ours["loadBalancer"]

@@ -28,6 +28,21 @@ def test_validate_passes_on_the_example_and_fails_with_a_clear_message(tmp_path:
     assert "Traceback" not in result.stderr
 
 
+def test_validate_reports_what_only_shows_across_objects_pools_and_loadbalancer_requests(tmp_path: Path):
+    result = tidegate("validate", str(ROOT / "testdata" / "ipam" / "bad-input.in.yaml"))
+    assert result.returncode == 1 and "2 error(s)" in result.stderr
+    assert "IPAddressPool metallb-system/overlapping '192.0.2.4-192.0.2.20' overlaps '192.0.2.0/29'" in result.stderr
+    assert "warning: Service default/in-no-pool: no address (AddressNotInPool): 172.16.0.1: in no IPAddressPool" \
+        in result.stderr
+    malformed = tmp_path / "pools.yaml"
+    malformed.write_text((ROOT / "testdata" / "ipam" / "bad-input.in.yaml").read_text().replace(
+        "[192.0.2.0/29]", "[192.0.2.0/33]"))
+    result = tidegate("validate", str(malformed))
+    assert result.returncode == 1
+    assert f"{malformed}:2 (document 1): IPAddressPool metallb-system/main spec.addresses[0]: invalid CIDR " \
+           "'192.0.2.0/33'" in result.stderr
+
+
 def test_missing_path_is_an_error_not_a_traceback(tmp_path: Path):
     result = tidegate("status", str(tmp_path / "nope"))
     assert result.returncode == 1 and "no such file or directory" in result.stderr
@@ -96,8 +111,14 @@ def test_simulate_shows_the_node_level_imbalance_and_its_fixes():
         assert abs(shares[pod]["node_balancer_weighted"] - 0.25) <= 0.03  # node weights by local endpoints
     assert abs(shares["shop-b1"]["node_balancer"] - 0.5) <= 0.03  # the lone pod takes half
     assert all(abs(shares[p]["node_balancer"] - 1 / 6) <= 0.03 for p in ("shop-a1", "shop-a2", "shop-a3"))
+    # tidegate's own Layer 2 mode: Cluster relays to every pod; Local keeps to the announcing node's pods.
+    node = shares["shop-a1"]["l2_node"]
+    assert node in ("node-a", "node-b") and all(abs(s["l2_cluster"] - 0.25) <= 0.03 for s in shares.values())
+    for pod, share in shares.items():
+        expected = (1 / 3 if node == "node-a" else 0.0) if pod != "shop-b1" else (1.0 if node == "node-b" else 0.0)
+        assert abs(share["l2_local"] - expected) <= 0.03, (pod, share)
     table = tidegate("simulate", str(ROOT / "examples" / "uneven"))
-    assert "shop-b1" in table.stdout and "50.0%" in table.stdout
+    assert "shop-b1" in table.stdout and "50.0%" in table.stdout and "L2 Local" in table.stdout
     missing = tidegate("simulate", str(ROOT / "examples" / "uneven"), "--service", "default/nope")
     assert missing.returncode == 1 and "no Service with ready endpoints named default/nope" in missing.stderr
 

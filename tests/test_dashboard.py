@@ -45,7 +45,27 @@ def test_the_dashboard_shows_live_numbers_and_an_unhealthy_endpoint(tmp_path):
     pods = [("127.0.10.1", pod_port, "pod-a"), ("127.0.10.2", pod_port, "pod-b")]
     config = tmp_path / "config"
     config.mkdir()
-    (config / "all.yaml").write_text(actively_checked_app(GW, port, pods))
+    lb_port = free_port("127.0.10.200")
+    (config / "all.yaml").write_text(actively_checked_app(GW, port, pods) + f"""
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: lab, namespace: metallb-system}}
+spec: {{addresses: [127.0.10.200/32]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: shop, namespace: default}}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: tidegate.io/lb
+  ports: [{{port: {lb_port}, targetPort: {pod_port}}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: too-many, namespace: default}}
+spec: {{type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{{port: {lb_port}}}]}}
+""")
     stop = threading.Event()
     sent = [0]
 
@@ -82,6 +102,11 @@ def test_the_dashboard_shows_live_numbers_and_an_unhealthy_endpoint(tmp_path):
             assert any("Accepted=True" in r.text for r in route_rows)
             wait_until(lambda: any(_cell_rate(r) > 0 for r in driver.find_elements("css selector", "#routes tbody tr")),
                   what="the route's own request rate")
+            lb = wait_until(lambda: driver.find_elements("css selector", 'tr[data-address="127.0.10.200"]'),
+                            what="the LoadBalancer Service's row")[0].text
+            assert "default/shop" in lb and "lab" in lb and f"{lb_port}/TCP" in lb and "Cluster" in lb
+            refused = driver.find_element("id", "lb-refused").text
+            assert "default/too-many" in refused and "PoolExhausted" in refused
             ARTIFACTS.mkdir(exist_ok=True)
             driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
         finally:

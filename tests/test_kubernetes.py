@@ -268,6 +268,19 @@ spec: {{type: LoadBalancer, ports: [{{port: 80}}]}}
             "assignedIPv4": 2, "assignedIPv6": 0, "availableIPv4": 2, "availableIPv6": 0}
         wait_until(lambda: request("127.0.8.1", lb_port, "/", timeout=2)[0] == 200, what="the address to serve")
         assert json.loads(request("127.0.8.1", lb_port, "/")[2])["pod"] == "pod-a"
+        # A Service refused an address says why in its status, and in an Event as MetalLB's users expect.
+        api.put_yaml("""
+apiVersion: v1
+kind: Service
+metadata: {name: nowhere, namespace: default, annotations: {metallb.io/loadBalancerIPs: 10.255.0.1}}
+spec: {type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{port: 80}]}
+""")
+        event = wait_until(lambda: next((e for (kind, _, _), e in list(api.objects.items()) if kind == "Event"
+                                         and e["involvedObject"]["name"] == "nowhere"), None), what="an Event")
+        assert event["type"] == "Warning" and event["reason"] == "AddressNotInPool"
+        assert event["message"] == "10.255.0.1: in no IPAddressPool"
+        assert any(e["reason"] == "IPAllocated" and e["involvedObject"]["name"] == "fresh"
+                   for (kind, _, _), e in list(api.objects.items()) if kind == "Event")
         time.sleep(0.5)
         assert not api.status_writes("Service", "metallbs")  # MetalLB's Service (no class) is not touched
 

@@ -84,6 +84,7 @@ spec:
 apiVersion: metallb.io/v1beta1
 kind: L2Advertisement
 metadata: {{name: lab, namespace: metallb-system}}
+spec: {{ipAddressPools: [lab]}}
 {services}{extras}""")
     return config
 
@@ -100,7 +101,7 @@ def _view(world, role: str) -> dict:
     return world.get_json(role, f"{ADMIN}/api/v1/loadbalancers")
 
 
-def _settled(world, roles=("a", "b")) -> dict[str, str] | None:
+def _settled(world, roles=("a", "b"), count: int = 10) -> dict[str, str] | None:
     """address -> node when every node agrees and every address is announced; else None."""
     views = []
     for role in roles:
@@ -108,7 +109,7 @@ def _settled(world, roles=("a", "b")) -> dict[str, str] | None:
             view = _view(world, role)
         except Exception:
             return None
-        if len(view["announcements"]) != 10 or not all(n["up"] for n in view["nodes"]):
+        if len(view["announcements"]) != count or not all(n["up"] for n in view["nodes"]):
             return None
         views.append({a["address"]: a["node"] for a in view["announcements"]})
     if any(v != views[0] for v in views) or None in views[0].values():
@@ -137,17 +138,20 @@ def _resumed_at(probes: list[dict], host: str, proto: str, after: float) -> floa
 
 
 @contextmanager
-def _running_lab(tmp: Path):
+def _running_lab(tmp: Path, extra: str = "", count: int = 10):
     with ExitStack() as stack:
         world = stack.enter_context(lab({**NODES, "client": 10}))
         config = _config(tmp)
+        if extra:
+            (config / "extra.yaml").write_text(extra)
         for role, host in NODES.items():
             for address in (f"198.18.0.{host}", f"2001:db8::{host}"):
                 stack.enter_context(process(world.exec_args(role, sys.executable, "-c", POD, f"pod-{role}",
                                                             address, "8080", "5353", str(tmp / f"www-{role}")),
                                             tmp / f"pod-{role}-{address}.log"))
         nodes = {role: stack.enter_context(_node(world, role, config, tmp)) for role in NODES}
-        placed = wait_until(lambda: _settled(world), timeout=30, what="both nodes to agree on the announcements")
+        placed = wait_until(lambda: _settled(world, count=count), timeout=30,
+                            what="both nodes to agree on the announcements")
         stop = tmp / "stop-probing"
         probes = tmp / "probes.jsonl"
         targets = f'[["{VIP4}", 80, 53], ["{VIP6}", 80, 53]]'
@@ -225,8 +229,32 @@ def test_sigkill_of_the_announcing_node_moves_its_addresses_within_a_second_of_d
             assert recent and all(p["pod"] for p in recent), recent[-4:]
 
 
+WIRED = """
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: wired, namespace: metallb-system}
+spec: {addresses: [198.18.0.200/32]}
+---
+apiVersion: metallb.io/v1beta1
+kind: L2Advertisement
+metadata: {name: wired, namespace: metallb-system}
+spec: {ipAddressPools: [wired], interfaces: [eth9]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wired, namespace: default, annotations: {metallb.io/address-pool: wired}}
+spec: {type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{port: 80}]}
+"""
+
+
 def test_a_cut_link_moves_the_address_and_mending_it_brings_the_node_back(tmp_path):
-    with _running_lab(tmp_path) as (world, config, nodes, placed, probes):
+    # One more address, announced only from an interface no node has: its node says so, the rest works.
+    with _running_lab(tmp_path, WIRED, count=11) as (world, config, nodes, placed, probes):
+        wired = placed["198.18.0.200"].removeprefix("node-")
+        assert "198.18.0.200" not in _held(world, wired)
+        assert any("eth9" in p and "198.18.0.200" in p for p in _view(world, wired)["problems"])
+        assert "interface(s) eth9 named by the L2Advertisement are not on this node" in \
+            (tmp_path / f"tidegate-{wired}.log").read_text()
         _first_answers(probes)
         victim = placed[VIP6].removeprefix("node-")
         survivor = next(r for r in NODES if r != victim)
@@ -249,7 +277,7 @@ def test_a_cut_link_moves_the_address_and_mending_it_brings_the_node_back(tmp_pa
             assert when - detected <= 1.0, (proto, when - detected)
         # The cut-off node thinks itself alone and announces everything, to no one; mended, both agree again.
         world.link(victim, up=True)
-        wait_until(lambda: _settled(world) == placed, timeout=30, what="the announcements before the cut")
+        wait_until(lambda: _settled(world, count=11) == placed, timeout=30, what="the announcements before the cut")
         mended = time.time()
         time.sleep(3.0)
         recent = [p for p in read_probes(probes) if p["t"] > mended + 1.5]

@@ -244,7 +244,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_echo(args.listen, args.log_requests, args.tls_cert, args.tls_key, args.tls_client_ca))
     result = _load(args)
     if args.command == "validate":
-        errors = len(result.errors)
+        # What only shows across objects (overlapping pools, a Service refused an address) comes from
+        # translating what loaded.
+        translation = translate(result.resources, _options(args))
+        _report_notes(translation)
+        for (namespace, name), refusal in sorted(translation.load_balancers.allocation.refusals.items()):
+            print(f"warning: Service {namespace}/{name}: no address ({refusal.reason}): {refusal.message}",
+                  file=sys.stderr)
+        errors = len(result.errors) + sum(1 for n in translation.notes if n.severity == "error")
         print(f"{len(result.resources)} resources valid, {errors} error(s)", file=sys.stderr if errors else sys.stdout)
         return EXIT_INVALID if errors else EXIT_OK
     translation = translate(result.resources, _options(args))
@@ -384,11 +391,16 @@ def _simulate(args: argparse.Namespace, loaded: LoadResult) -> int:
         print(json.dumps({name: [vars(share) for share in shares] for name, shares in results.items()}, indent=1))
         return EXIT_OK
     for name, shares in results.items():
+        l2 = shares[0].l2_node
         print(f"Service {name}: {args.requests} requests")
-        print(f"  {'pod':24s} {'node':16s} {'tidegate':>9s} {'node LB':>9s} {'node LB, weighted':>18s}")
+        print(f"  {'pod':24s} {'node':16s} {'tidegate':>9s} {'node LB':>9s} {'node LB, weighted':>18s}"
+              + (f" {'L2 Cluster':>11s} {'L2 Local':>9s}" if l2 else ""))
         for s in shares:
             print(f"  {s.pod:24s} {s.node:16s} {s.tidegate:9.1%} {s.node_balancer:9.1%} "
-                  f"{s.node_balancer_weighted:18.1%}")
+                  f"{s.node_balancer_weighted:18.1%}" + (f" {s.l2_cluster:11.1%} {s.l2_local:9.1%}" if l2 else ""))
+        if l2:
+            print(f"  L2: one node announces the address and relays to the pods; under Local only its own pods "
+                  f"serve ({l2} announces here), the others wait for a failover")
     return EXIT_OK
 
 

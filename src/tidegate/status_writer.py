@@ -19,12 +19,14 @@ from typing import Any
 
 from lightkube import AsyncClient
 from lightkube.core.exceptions import ApiError
+from lightkube.resources.core_v1 import Event
 
 from tidegate.leader import LeaderElector
 from tidegate.resources import kinds
 from tidegate.resources.model import Key
 from tidegate.sources.kubernetes import KubernetesSource, resource_class
 from tidegate.translate.conditions import CONTROLLER_NAME
+from tidegate.translate.loadbalancers import ADDRESS_CONDITION
 
 log = logging.getLogger("tidegate.status")
 
@@ -149,6 +151,29 @@ class StatusWriter:
                 log.warning("cannot write the status of %s: %s", key, exc)
         return written
 
+    async def _address_event(self, key: Key, before: dict[str, Any], after: dict[str, Any], now: str) -> None:
+        """An Event on a LoadBalancer Service when its address changes or it is refused one (`kubectl describe
+        service` shows it, as MetalLB's users expect)."""
+        def condition(status: dict[str, Any]) -> dict[str, Any]:
+            return next((c for c in status.get("conditions") or [] if c.get("type") == ADDRESS_CONDITION), {})
+
+        old, new = condition(before), condition(after)
+        if not new or (old.get("status"), old.get("reason"), old.get("message")) == (
+                new.get("status"), new.get("reason"), new.get("message")):
+            return
+        body = {"apiVersion": "v1", "kind": "Event",
+                "metadata": {"generateName": f"{key.name}.", "namespace": key.namespace},
+                "involvedObject": {"apiVersion": "v1", "kind": "Service", "namespace": key.namespace,
+                                   "name": key.name},
+                "reason": "IPAllocated" if new.get("status") == "True" else new.get("reason", "AllocationFailed"),
+                "message": new.get("message", ""), "type": "Normal" if new.get("status") == "True" else "Warning",
+                "source": {"component": "tidegate"}, "reportingComponent": "tidegate.io/lb-controller",
+                "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+        try:
+            await self.client.create(Event.from_dict(body), namespace=key.namespace)
+        except Exception as exc:  # an Event is a courtesy: the status is written already
+            log.info("no Event for %s: %s", key, exc)
+
     async def _write(self, key: Key, ours: dict[str, Any]) -> int:
         info = kinds.by_name(key.kind)
         version = self.source.versions.get(key.kind, "v1")
@@ -180,6 +205,8 @@ class StatusWriter:
                 resource_version = obj["metadata"]["resourceVersion"]
                 continue
             obj = answer.to_dict() if hasattr(answer, "to_dict") else dict(answer)
+            if key.kind == "Service":
+                await self._address_event(key, current, desired, now)
             # Remember what was written at once: the watch event follows, but a translation may come first.
             self.source.statuses[key] = obj.get("status") or desired
             self.source.resource_versions[key] = (obj.get("metadata") or {}).get("resourceVersion", resource_version)

@@ -269,6 +269,10 @@ class L2Speaker:
             self._problems.add(message)
             self.on_problem(message)
 
+    def problems(self) -> list[str]:
+        """What kept or keeps an address from being announced as asked (each said once in the log)."""
+        return sorted(self._problems)
+
     # -- sockets ---------------------------------------------------------------------------------------------
     def _rebuild_answers(self) -> None:
         v4: dict[str, dict[bytes, str]] = {}

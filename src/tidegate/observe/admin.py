@@ -361,6 +361,7 @@ def loadbalancers_view(state: RunState) -> dict[str, Any]:
                   for name, usage in lbs.allocation.pools.items()},
         "refusedPools": {str(key): message for key, message in lbs.allocation.pool_problems.items()},
         "announcements": announcements,
+        "problems": agent.speaker.problems() if agent is not None else [],
         "nodes": nodes + [{"node": n.name, "address": n.address, "up": False, "excluded": n.reason}
                           for n in lbs.nodes if not n.usable],
     }

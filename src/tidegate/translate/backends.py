@@ -49,7 +49,7 @@ def resolve_backend(
         return invalid(RefProblem("BackendNotFound", f"Service {namespace}/{name} not found"))
     if port is None:
         return invalid(RefProblem("BackendNotFound", f"backendRef to Service {namespace}/{name} needs a port"))
-    service_port = service_port_by_number(service.spec, int(port))
+    service_port = service_port_by_number(service.spec, int(port), "UDP" if from_kind == "UDPRoute" else "TCP")
     if service_port is None and service.spec.get("type") != "ExternalName":
         return invalid(RefProblem("BackendNotFound", f"Service {namespace}/{name} has no port {port}"))
     tls = backend_tls.get((namespace, name, (service_port or {}).get("name", ""))) or backend_tls.get(
@@ -78,8 +78,11 @@ def resolve_backend(
 H2C_APP_PROTOCOLS = frozenset({"kubernetes.io/h2c", "h2c", "grpc", "http2"})
 
 
-def service_port_by_number(spec: dict, number: int) -> dict | None:
-    return next((p for p in spec.get("ports", []) if p.get("port") == number), None)
+def service_port_by_number(spec: dict, number: int, protocol: str = "") -> dict | None:
+    """The Service port with this number, of this protocol when there is one (DNS Services have TCP and UDP
+    53), else the first."""
+    ports = [p for p in spec.get("ports", []) if p.get("port") == number]
+    return next((p for p in ports if p.get("protocol", "TCP") == protocol), ports[0] if ports else None)
 
 
 def service_port_by_name(spec: dict, name: str) -> dict | None:
@@ -90,7 +93,7 @@ def service_endpoints(index: Index, namespace: str, name: str, spec: dict, servi
                       port: int) -> tuple[ir.Endpoint, ...]:
     """Ready (or serving) endpoints of one Service port, from its EndpointSlices, deduplicated. Computed once
     per snapshot and Service port, however many routes point at it."""
-    key = (namespace, name, port)
+    key = (namespace, name, port, (service_port or {}).get("protocol", "TCP"))
     found = index.endpoints_cache.get(key)
     if found is None:
         found = index.endpoints_cache[key] = _service_endpoints(index, namespace, name, spec, service_port, port)

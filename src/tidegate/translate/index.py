@@ -16,7 +16,7 @@ class Index:
         self.by_kind: dict[str, dict[tuple[str, str], Resource]] = defaultdict(dict)
         self.slices_by_service: dict[tuple[str, str], list[Resource]] = defaultdict(list)
         self.grants_by_namespace: dict[str, list[Resource]] = defaultdict(list)
-        self.endpoints_cache: dict[tuple[str, str, int], tuple] = {}  # translate/backends.py fills it
+        self.endpoints_cache: dict[tuple[str, str, int, str], tuple] = {}  # translate/backends.py fills it
         for res in resources:
             self.by_kind[res.kind][(res.namespace, res.name)] = res
             if res.kind == "EndpointSlice":

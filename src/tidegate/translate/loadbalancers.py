@@ -96,11 +96,11 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
             nodes.update(e.node for e in endpoints if e.ready and e.node)
             if local and node:
                 endpoints = tuple(e for e in endpoints if e.node == node)
-            label = f"{namespace}/{name}:{port['port']}"
+            label = f"{namespace}/{name}:{port['port']}" + ("/UDP" if protocol == "UDP" else "")
             backend = ir.Backend(name=label, weight=1, endpoints=endpoints, protocol=port.get("appProtocol", ""))
             served.append((protocol, int(port["port"])))
             for address in assignment.addresses:
-                listener_name = f"service:{label}/{protocol}@{address}"
+                listener_name = f"service:{namespace}/{name}:{port['port']}/{protocol}@{address}"
                 result.listeners.append(ir.Listener(
                     name=listener_name, gateway=f"service:{namespace}/{name}", address=address,
                     port=int(port["port"]), protocol=protocol, freebind=True,

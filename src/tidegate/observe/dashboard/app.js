@@ -189,6 +189,27 @@ function renderConfig(routes, statuses, config) {
   problems.replaceChildren(...prows);
 }
 
+function renderLoadBalancers(data) {
+  const byAddress = new Map(data.announcements.map((a) => [a.address, a]));
+  const body = document.querySelector("#loadbalancers tbody");
+  const rows = [];
+  for (const s of data.services) {
+    for (const address of s.addresses) {
+      const a = byAddress.get(address);
+      const tr = row([`${s.namespace}/${s.name}`, address, s.pool, s.ports.join(", "), s.externalTrafficPolicy,
+        el("td", a ? a.node || "nobody (no node can)" : "not announced (no L2Advertisement)", a && a.node ? "" : "muted"),
+        a && a.since ? a.since : "–"]);
+      tr.dataset.address = address;
+      rows.push(tr);
+    }
+  }
+  if (!rows.length) rows.push(row([el("td", "none", "muted")]));
+  body.replaceChildren(...rows);
+  const refused = data.refused.map((r) => row([`${r.namespace}/${r.name}`, el("td", r.reason, "bad"), r.message]));
+  document.querySelector("#lb-refused tbody").replaceChildren(...refused);
+  document.getElementById("lb-refused").hidden = !refused.length;
+}
+
 let lastConfig = null; // [routes, statuses, config] from the slow poll: the route table's rates move faster
 
 async function fast() {
@@ -204,10 +225,11 @@ async function fast() {
 
 async function slow() {
   try {
-    const [routes, statuses, config] = await Promise.all([getJSON("/api/v1/routes"), getJSON("/api/v1/status"),
-      getJSON("/api/v1/config")]);
+    const [routes, statuses, config, loadbalancers] = await Promise.all([getJSON("/api/v1/routes"),
+      getJSON("/api/v1/status"), getJSON("/api/v1/config"), getJSON("/api/v1/loadbalancers")]);
     lastConfig = [routes, statuses, config];
     renderConfig(routes, statuses, config);
+    renderLoadBalancers(loadbalancers);
   } catch (err) {
     document.getElementById("ready").textContent = "unreachable";
   }

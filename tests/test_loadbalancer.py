@@ -1,0 +1,164 @@
+"""LoadBalancer Services served by `tidegate run` from files, on loopback (no announcement needed: every
+127.0.0.0/8 address is this host's): an address from the pool serves the Service's TCP and UDP ports
+straight to the pods; a Service added later does not renumber the others; wrong objects added beside them
+(an overlapping pool, a malformed one, an impossible request) are reported and take nothing away."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+from tests.harness import free_port, tidegate_run, wait_until
+from tests.test_l4 import TCPPod, UDPPod, pods
+
+POOL = "127.0.11.100-127.0.11.103"
+
+
+def _objects(tcp: TCPPod, udp: UDPPod, port: int, extra: str = "") -> str:
+    return f"""
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: lab, namespace: metallb-system}}
+spec: {{addresses: [{POOL}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: mmm-shop, namespace: default}}
+spec:
+  type: LoadBalancer
+  selector: {{app: shop}}
+  ports: [{{name: tcp, port: {port}, targetPort: {tcp.port}}}, {{name: udp, port: {port}, protocol: UDP,
+           targetPort: {udp.port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: shop-1, namespace: default, labels: {{kubernetes.io/service-name: mmm-shop}}}}
+addressType: IPv4
+ports: [{{name: tcp, port: {tcp.port}}}, {{name: udp, port: {udp.port}, protocol: UDP}}]
+endpoints: [{{addresses: [127.0.0.1], targetRef: {{kind: Pod, name: shop-pod}}}}]
+{extra}"""
+
+
+def _tcp(address: str, port: int) -> str:
+    with socket.create_connection((address, port), timeout=3) as s:
+        return s.recv(100).decode()
+
+
+def _udp(address: str, port: int) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.sendto(b"ping", (address, port))
+        return s.recv(100).decode()
+
+
+def _view(admin_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/api/v1/loadbalancers", timeout=5) as answer:
+        return json.load(answer)
+
+
+def test_a_loadbalancer_service_is_served_keeps_its_address_and_survives_wrong_neighbours(tmp_path):
+    port = free_port("127.0.11.100")
+    with pods(TCPPod("127.0.0.1", "shop-pod"), UDPPod("127.0.0.1", "shop-pod")) as (tcp, udp):
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "shop.yaml").write_text(_objects(tcp, udp, port))
+        with tidegate_run(config, ("127.0.11.100", port), tmp_path / "tidegate.log", "--lb-classless") as proxy:
+            assert _tcp("127.0.11.100", port) == "hello from shop-pod\n"
+            assert _udp("127.0.11.100", port) == "shop-pod: ping"
+            view = _view(proxy.admin_port)
+            assert view["services"][0]["addresses"] == ["127.0.11.100"]
+            assert view["pools"]["lab"]["assignedIPv4"] == 1 and view["pools"]["lab"]["availableIPv4"] == 3
+
+            # A Service whose name sorts first arrives later, with wrong objects beside it.
+            (config / "later.yaml").write_text(f"""
+apiVersion: v1
+kind: Service
+metadata: {{name: aaa-first-by-name, namespace: default}}
+spec: {{type: LoadBalancer, ports: [{{port: {port}}}]}}
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: overlapping, namespace: metallb-system}}
+spec: {{addresses: [127.0.11.96/28]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: nowhere, namespace: default, annotations: {{metallb.io/loadBalancerIPs: 10.255.0.1}}}}
+spec: {{type: LoadBalancer, ports: [{{port: 80}}]}}
+""")
+            (config / "broken.yaml").write_text("""
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: broken, namespace: metallb-system}
+spec: {addresses: [127.0.11.200-127.0.11.199]}
+""")
+            view = wait_until(lambda: (v := _view(proxy.admin_port)) and len(v["services"]) == 2 and v,
+                              what="the second Service")
+            addresses = {s["name"]: s["addresses"] for s in view["services"]}
+            assert addresses == {"mmm-shop": ["127.0.11.100"], "aaa-first-by-name": ["127.0.11.101"]}
+            assert view["refused"] == [{"namespace": "default", "name": "nowhere", "reason": "AddressNotInPool",
+                                        "message": "10.255.0.1: in no IPAddressPool"}]
+            assert "overlaps" in view["refusedPools"]["IPAddressPool metallb-system/overlapping"]
+            log = (tmp_path / "tidegate.log").read_text()
+            assert "IPAddressPool metallb-system/broken spec.addresses[0]: invalid address range" in log
+            assert _tcp("127.0.11.100", port) == "hello from shop-pod\n"  # still served, same address
+            assert _udp("127.0.11.100", port) == "shop-pod: ping"
+
+
+def test_tcp_and_udp_ports_of_one_number_reach_their_own_target_ports():
+    """A DNS Service has TCP 53 and UDP 53 with different pod ports: TCPRoute and UDPRoute, and a LoadBalancer
+    address, each reach the port of their own protocol."""
+    from tidegate.resources.loader import load_text
+    from tidegate.translate import TranslateOptions, translate
+
+    text = """
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: tidegate}
+spec: {controllerName: tidegate.io/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  gatewayClassName: tidegate
+  listeners: [{name: tcp, port: 5300, protocol: TCP}, {name: udp, port: 5300, protocol: UDP}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: dns-tcp, namespace: default}
+spec: {parentRefs: [{name: gw, sectionName: tcp}], rules: [{backendRefs: [{name: dns, port: 53}]}]}
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: UDPRoute
+metadata: {name: dns-udp, namespace: default}
+spec: {parentRefs: [{name: gw, sectionName: udp}], rules: [{backendRefs: [{name: dns, port: 53}]}]}
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: lab, namespace: metallb-system}
+spec: {addresses: [192.0.2.10/32]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: dns, namespace: default}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: tidegate.io/lb
+  ports: [{name: dns-udp, port: 53, protocol: UDP, targetPort: 5353}, {name: dns-tcp, port: 53, targetPort: 5354}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: dns-1, namespace: default, labels: {kubernetes.io/service-name: dns}}
+addressType: IPv4
+ports: [{name: dns-udp, port: 5353, protocol: UDP}, {name: dns-tcp, port: 5354}]
+endpoints: [{addresses: [10.0.0.1]}]
+"""
+    loaded = load_text(text, "dns.yaml")
+    assert not loaded.errors, [str(e) for e in loaded.errors]
+    listeners = translate(loaded.resources, TranslateOptions()).ir.listeners
+    ports = {(l.protocol, l.address or "*"): [e.port for r in l.l4_routes for b in r.backends for e in b.endpoints]
+             for l in listeners}
+    assert ports == {("TCP", "*"): [5354], ("UDP", "*"): [5353], ("TCP", "192.0.2.10"): [5354],
+                     ("UDP", "192.0.2.10"): [5353]}
