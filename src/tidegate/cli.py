@@ -1,4 +1,4 @@
-"""The `tidegate` command: run, validate, status, routes, explain."""
+"""The `tidegate` command and its subcommands (run, validate, status, routes, explain, simulate, echo): the\ncommand line and what each command prints. `tidegate run` itself is app.py."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import socket
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,7 +17,6 @@ import yaml
 from tidegate import __version__, compiled
 from tidegate.announce.election import assign
 from tidegate.resources.loader import LoadResult, load_paths
-from tidegate.resources.model import Problem
 from tidegate.router import Request, explain, routers_by_port
 from tidegate.translate import TranslateOptions, Translation, translate
 from tidegate.translate.loadbalancers import with_announcements
@@ -213,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 70
 
 
-def _options(args: argparse.Namespace, last: Translation | None = None) -> TranslateOptions:
+def options_for(args: argparse.Namespace, last: Translation | None = None) -> TranslateOptions:
     """The translator's options; `last` (the translation in force) gives the LoadBalancer addresses to keep."""
     # Without --address, a specific --bind address is the one clients reach.
     bind = getattr(args, "bind", "")
@@ -246,7 +243,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         # What only shows across objects (overlapping pools, a Service refused an address) comes from
         # translating what loaded.
-        translation = translate(result.resources, _options(args))
+        translation = translate(result.resources, options_for(args))
         _report_notes(translation)
         for (namespace, name), refusal in sorted(translation.load_balancers.allocation.refusals.items()):
             print(f"warning: Service {namespace}/{name}: no address ({refusal.reason}): {refusal.message}",
@@ -254,7 +251,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         errors = len(result.errors) + sum(1 for n in translation.notes if n.severity == "error")
         print(f"{len(result.resources)} resources valid, {errors} error(s)", file=sys.stderr if errors else sys.stdout)
         return EXIT_INVALID if errors else EXIT_OK
-    translation = translate(result.resources, _options(args))
+    translation = translate(result.resources, options_for(args))
     _report_notes(translation)
     if args.command == "status":
         # Offline: who would announce each Layer 2 address with every node up (a running node's admin API
@@ -497,6 +494,8 @@ def _run_args_problem(args: argparse.Namespace) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from tidegate.app import serve
+
     problem = _run_args_problem(args)
     if problem:
         print(f"tidegate: error: {problem}", file=sys.stderr)
@@ -507,9 +506,9 @@ def _run(args: argparse.Namespace) -> int:
     try:
         import uvloop
 
-        return uvloop.run(_serve(args))
+        return uvloop.run(serve(args))
     except ImportError:
-        return asyncio.run(_serve(args))
+        return asyncio.run(serve(args))
 
 
 async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str | None,
@@ -534,223 +533,6 @@ async def _echo(specs: list[str], log_requests: bool, cert: str | None, key: str
         print(f"echo on {host}:{port} as {namespace}/{pod}", flush=True)
     await asyncio.Event().wait()
     return EXIT_OK
-
-
-async def _serve(args: argparse.Namespace) -> int:
-    from tidegate import background
-    from tidegate.balancing.health import HealthChecker
-    from tidegate.balancing.state import Registry
-    from tidegate.dataplane.deadlines import Deadlines
-    from tidegate.dataplane.server import freeze_startup_heap
-    from tidegate.observe.admin import RunState, start_admin
-    from tidegate.observe.metrics import METRICS
-    from tidegate.sources.file import FileSource
-    from tidegate.store import Store
-    from tidegate.translate.gateways import mark_unbindable
-    from tidegate.workers import WorkerOptions, WorkerPool
-
-    log = logging.getLogger("tidegate")
-    log.info("tidegate %s, request path %s", __version__, compiled.describe())
-    store = Store()
-
-    def report(problem: Problem) -> None:
-        (log.error if problem.severity == "error" else log.warning)("%s", problem)
-
-    source = FileSource(args.paths, store, args.namespace, report)
-    for problem in source.load():
-        report(problem)
-    cluster = writer = elector = None
-    if args.kubernetes:
-        from tidegate.leader import LeaderElector
-        from tidegate.sources.kubernetes import KubernetesSource, connect
-        from tidegate.status_writer import StatusWriter
-
-        try:
-            client = connect(args.kubeconfig, args.context)
-        except Exception as exc:  # no usable kubeconfig or in-cluster credentials
-            log.error("cannot set up a Kubernetes client: %s", exc)
-            return EXIT_INVALID
-        cluster = KubernetesSource(client, store, report)
-        cluster.start()
-        log.info("waiting for the first full list of every kind from the API server")
-        await cluster.synced.wait()
-        elector = LeaderElector(client, args.lease_namespace, args.lease_name, args.identity,
-                                args.lease_duration, args.renew_deadline, args.retry_period)
-        writer = StatusWriter(client, cluster, elector)
-    if args.once:
-        translation = translate(store.snapshot().resources, _options(args))
-        _log_translation(log, store.version, translation)
-        if cluster is not None:
-            await cluster.close()
-        return EXIT_OK
-    # Traffic goes to worker processes, one or more: this process keeps sources, loading, translation, status,
-    # health checks and the admin listener, so that nothing a config file does holds up serving. (Each worker
-    # writes its own access log lines.)
-    METRICS.use_workers()
-    registry = Registry()
-    deadlines = Deadlines(request_head=args.request_head_timeout, request_body_window=args.request_body_timeout,
-                          idle=args.idle_timeout, send=args.send_timeout, upstream_read=args.upstream_read_timeout)
-    pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
-                                                  args.access_log_sample, args.access_log_status, deadlines,
-                                                  node=args.node, heartbeat_port=args.heartbeat_port),
-                      registry)
-    health = HealthChecker(registry, on_change=pool.health_changed)
-    await pool.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    state = RunState(sources=[str(p) for p in args.paths] + (["kubernetes"] if args.kubernetes else []))
-    state.registry = registry
-    state.refresh = pool.refresh_stats
-    state.file_problems = lambda: source.problems_by_file
-    from tidegate.observe.admin import backends_view
-
-    METRICS.endpoints.source = lambda: backends_view(state)
-    admin = metrics = None
-    token = _admin_token(args, log)
-    if args.admin != "off":
-        try:
-            admin = await start_admin(args.admin, state, token,
-                                      lambda url, method, headers: explain_as_data(state.translation, url, method,
-                                                                                   headers),
-                                      trust_loopback=args.admin_trust_loopback)
-            log.info("admin API on http://%s (/healthz /readyz /metrics /api/v1/...)%s",
-                     _bound(admin) if admin.sockets else args.admin,
-                     ", every client with the token" if token else ", loopback clients only (no token)")
-        except (OSError, ValueError) as exc:
-            log.error("cannot open the admin listener %s: %s", args.admin, exc)
-    if args.metrics != "off":
-        try:
-            metrics = await start_admin(args.metrics, state, "", lambda *_: {}, metrics_only=True)
-            log.info("metrics on http://%s/metrics", _bound(metrics) if metrics.sockets else args.metrics)
-        except (OSError, ValueError) as exc:
-            log.error("cannot open the metrics listener %s: %s", args.metrics, exc)
-
-    unmarked = [dict[Any, Any]()]  # the statuses of the translation in force, before what the data plane found
-
-    def publish(errors: dict) -> None:
-        """Status, readiness and the listener gauges from the translation in force and the sockets the workers
-        could not open: after each configuration, and whenever a socket opens at last."""
-        translation = state.translation
-        if translation is None:
-            return
-        listeners = list(translation.ir.listeners)
-        # A copy each time: the status writer may still hold the statuses it was given last.
-        translation.statuses = mark_unbindable(dict(unmarked[0]), listeners, errors, args.bind)
-        state.statuses = statuses_as_data(translation)
-        state.unbound = {f"{address}:{port}": message for (address, port), (_, message) in errors.items()}
-        ready = serves_something(listeners, errors, args.bind)
-        if state.ready and not ready:
-            log.error("not ready: none of the %d listener(s) could be opened", len(listeners))
-        state.ready = ready
-        METRICS.listener_open.clear()
-        for listener in listeners:
-            METRICS.listener_open.labels(listener.name).set((listener.address or args.bind, listener.port)
-                                                            not in errors)
-        if writer is not None:
-            writer.submit(translation.statuses)
-
-    pool.on_listeners = publish
-
-    logged = [frozenset[str]()]  # the failing conditions the last configuration logged
-
-    async def announce(translation: Translation) -> None:
-        """With --node: hand the Layer 2 addresses to the agent, started when the first one appears."""
-        lbs = translation.load_balancers
-        METRICS.set_pools(lbs.allocation.pools)
-        if not args.node or (state.announcer is None and not lbs.l2):
-            return
-        if state.announcer is None:
-            from tidegate.announce.node import Layer2Agent
-
-            agent = Layer2Agent(args.node, args.heartbeat_port, args.node_timeout, refresh=args.l2_refresh)
-            try:
-                await agent.start()
-            except Exception as exc:  # not root, no netlink: serve anyway, say why nothing is announced
-                log.error("cannot announce LoadBalancer addresses from node %s: %s", args.node, exc)
-                args.node = ""
-                return
-            state.announcer = agent
-            METRICS.announcer.source = agent
-            log.info("node %s: announcing LoadBalancer addresses in Layer 2 (heartbeat on UDP port %d, a node "
-                     "silent for %.1f s is down)", args.node, args.heartbeat_port, args.node_timeout)
-        state.announcer.update(lbs.l2, lbs.nodes)
-
-    async def follow() -> None:
-        async for snapshot in store.updates():
-            started = time.perf_counter()
-            # In a thread: the admin listener (probes, scrapes) keeps answering while a large config translates.
-            translation = await background.run(translate, snapshot.resources, _options(args, state.translation))
-            METRICS.translation.observe(time.perf_counter() - started)
-            try:
-                registry.retain(translation.ir)
-                health.apply(translation.ir)
-                errors = await pool.apply(snapshot.version, translation.ir)
-            except Exception:  # a bug here must not take down what is serving: keep the last good config
-                log.exception("config version %d could not be applied; the previous one keeps serving",
-                              snapshot.version)
-                METRICS.reloads.labels("failed").inc()
-                continue
-            state.version, state.translation, state.applied_at = snapshot.version, translation, time.time()
-            unmarked[0] = dict(translation.statuses)
-            publish(errors)
-            await announce(translation)
-            METRICS.reloads.labels("ok").inc()
-            METRICS.config_version.set(snapshot.version)
-            logged[0] = _log_translation(log, snapshot.version, translation, logged[0])
-            log.info("serving config version %d", snapshot.version)
-            freeze_startup_heap()
-
-    tasks = [asyncio.create_task(source.watch()), asyncio.create_task(follow())]
-    if elector is not None and writer is not None:
-        tasks += [asyncio.create_task(elector.run()), asyncio.create_task(writer.run())]
-    await stop.wait()
-    log.info("stopping: no new connections; in-flight requests get %.0f s to finish", args.grace)
-    state.ready = False
-    for task in tasks:
-        task.cancel()
-    if elector is not None:
-        await elector.release()
-    if cluster is not None:
-        await cluster.close()
-    await pool.stop(args.grace)
-    if state.announcer is not None:
-        await state.announcer.close()
-    await health.close()
-    for listener in (admin, metrics):
-        if listener is not None:
-            listener.close()
-    return EXIT_OK
-
-
-def serves_something(listeners: list[Any], errors: dict, bind: str) -> bool:
-    """Readiness, per Gateway and not per process: this replica is ready once its configuration is applied and
-    it serves at least one of its listeners (or has none to serve). A listener whose port is taken shows in its
-    Gateway's status and in tidegate_listener_open, and does not take the replica, with every other
-    Gateway it serves, out of its Service."""
-    wanted = {(listener.address or bind, listener.port) for listener in listeners}
-    return not wanted or bool(wanted - errors.keys())
-
-
-def _admin_token(args: argparse.Namespace, log: logging.Logger) -> str:
-    """The admin token: from --admin-token-file (a mounted Secret; a file not there yet means none), else from
-    TIDEGATE_ADMIN_TOKEN. Never from the command line, where `ps` shows it."""
-    if args.admin_token_file:
-        try:
-            with open(args.admin_token_file) as f:
-                return f.read().strip()
-        except FileNotFoundError:
-            log.warning("no admin token: %s does not exist; only loopback clients reach the admin API",
-                        args.admin_token_file)
-            return ""
-    return os.environ.get("TIDEGATE_ADMIN_TOKEN", "").strip()
-
-
-def _bound(server: asyncio.base_events.Server) -> str:
-    host, port = server.sockets[0].getsockname()[:2]
-    return f"{host}:{port}"
 
 
 def explain_as_data(translation: Translation | None, url: str, method: str, headers: dict[str, str]) -> dict:
@@ -778,47 +560,6 @@ def explain_as_data(translation: Translation | None, url: str, method: str, head
                      for b in (chosen.route.backends if chosen else ())],
         "notChosen": [{"route": name, "match": what, "why": why} for name, what, why in result.passed_over],
     }
-
-
-LOG_LINES_PER_LOAD = 20  # of each kind: listeners, notes, failing conditions
-
-
-def _log_translation(log: logging.Logger, version: int, translation: Translation,
-                     logged_before: frozenset[str] = frozenset()) -> frozenset[str]:
-    """A configuration's summary in the log. Failing conditions are logged when they are new since the last
-    configuration (`logged_before`, what this returned then), and no kind of line more than LOG_LINES_PER_LOAD
-    times: 10,000 failing listeners once wrote 40,000 lines per load. The rest is in `tidegate status` and
-    /api/v1/status."""
-    listeners = translation.ir.listeners
-    routes = sum(len(listener.http_routes) + len(listener.l4_routes) for listener in listeners)
-    log.info("config version %d: %d listener(s), %d route rule(s)", version, len(listeners), routes)
-    for listener in listeners[:LOG_LINES_PER_LOAD]:
-        log.info("  %s %s %s:%d", listener.name, listener.protocol, listener.address or "*", listener.port)
-    _log_rest(log, logging.INFO, len(listeners), "listener(s): tidegate routes, or /api/v1/routes")
-    for note in translation.notes[:LOG_LINES_PER_LOAD]:
-        log.warning("%s", note)
-    _log_rest(log, logging.WARNING, len(translation.notes), "note(s): tidegate status")
-    failing = [f"{key}: {cond['type']}={cond['status']} {cond['reason']}: {cond['message']}"
-               for key, status in translation.statuses.items() for cond in _failing_conditions(status)]
-    new = [line for line in failing if line not in logged_before]
-    for line in new[:LOG_LINES_PER_LOAD]:
-        log.warning("%s", line)
-    _log_rest(log, logging.WARNING, len(new), "new failing condition(s): tidegate status, or /api/v1/status")
-    return frozenset(failing)
-
-
-def _log_rest(log: logging.Logger, level: int, count: int, what: str) -> None:
-    if count > LOG_LINES_PER_LOAD:
-        log.log(level, "  and %d more %s", count - LOG_LINES_PER_LOAD, what)
-
-
-def _failing_conditions(status: dict[str, Any]) -> list[dict[str, Any]]:
-    bad = [c for c in status.get("conditions", []) if c["status"] == "False" and c["type"] != "Conflicted"]
-    for parent in status.get("parents", []) + status.get("ancestors", []):
-        bad += [c for c in parent["conditions"] if c["status"] == "False"]
-    for listener in status.get("listeners", []):
-        bad += [c for c in listener["conditions"] if (c["status"] == "False") != (c["type"] == "Conflicted")]
-    return bad
 
 
 if __name__ == "__main__":
