@@ -21,14 +21,15 @@ KUBECTL = shutil.which("kubectl")
 pytestmark = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed (scripts/test installs it)")
 
 
-def _built() -> list[dict]:
-    out = subprocess.run([KUBECTL, "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
+def _built(overlay: str = "") -> list[dict]:
+    out = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [d for d in yaml.safe_load_all(out.stdout) if d]
 
 
-def test_every_manifest_passes_its_schema():
-    docs = _built()
+@pytest.mark.parametrize("overlay", ["", "bare-metal"])
+def test_every_manifest_passes_its_schema(overlay):
+    docs = _built(overlay)
     assert len(docs) > 20
     for doc in docs:
         if kinds.lookup(doc["apiVersion"], doc["kind"]) is not None:  # Gateway API, tidegate's and core kinds
@@ -59,8 +60,8 @@ def test_metallbs_crds_ship_unchanged_with_their_license_and_the_validator_uses_
         assert path.read_text() == (ROOT / "src" / "tidegate" / "resources" / "crds" / path.name).read_text()
     assert "Apache License" in (DEPLOY / "crds" / "metallb" / "LICENSE").read_text()
     assert "MetalLB" in (DEPLOY / "crds" / "metallb" / "NOTICE").read_text()
-    kustomization = (DEPLOY / "kustomization.yaml").read_text()
-    assert all(f"crds/metallb/{p.name}" in kustomization for p in shipped)
+    kustomization = (DEPLOY / "crds" / "kustomization.yaml").read_text()
+    assert all(f"metallb/{p.name}" in kustomization for p in shipped)
 
 
 DEPLOY_KINDS = [
@@ -146,3 +147,26 @@ def test_the_deployed_admin_api_needs_its_token_and_prometheus_scrapes_a_port_of
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     scrape_port = int(deployment["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"])
     assert scrape_port == ports["metrics"] == int(args["--metrics"].rsplit(":", 1)[1])
+
+
+def test_the_bare_metal_overlay_adds_a_node_agent_on_the_host_network_that_serves_loadbalancers_only():
+    plain, bare = _built(), _built("bare-metal")
+    assert {(d["kind"], d["metadata"]["name"]) for d in bare} - {(d["kind"], d["metadata"]["name"]) for d in plain} \
+        == {("DaemonSet", "tidegate-node-agent")}
+    agent = next(d for d in bare if d["kind"] == "DaemonSet")
+    pod = agent["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert pod["hostNetwork"] is True and pod["serviceAccountName"] == "tidegate"
+    assert container["args"][:2] == ["run", "--kubernetes"]
+    assert {"--serve=loadbalancers", "--lb-classless", "--node=$(NODE_NAME)"} <= set(container["args"])
+    assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}["NODE_NAME"] == \
+        "spec.nodeName"
+    assert set(container["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"}
+    assert not container["securityContext"].get("privileged")  # only the init container's one sysctl step is
+    [init] = pod["initContainers"]
+    assert "arp_ignore" in init["command"][-1] and init["securityContext"]["privileged"] is True
+    # The Deployment's leader writes the Services' status, so it takes the same Services as the agents.
+    deployment = next(d for d in bare if d["kind"] == "Deployment")
+    assert "--lb-classless" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert container["image"] == deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "ghcr.io/tidegate/tidegate:0.1.0"

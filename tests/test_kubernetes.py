@@ -285,6 +285,40 @@ spec: {type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{port: 80}
         assert not api.status_writes("Service", "metallbs")  # MetalLB's Service (no class) is not touched
 
 
+def test_a_node_agent_serves_loadbalancer_addresses_only_and_writes_nothing(cluster, tmp_path):
+    api, port, pods, _ = cluster
+    lb_port = free_port("127.0.8.9")
+    api.put_yaml(f"""
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: lab, namespace: metallb-system}}
+spec: {{addresses: [127.0.8.9/32]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: classless, namespace: default}}
+spec:
+  type: LoadBalancer
+  ports: [{{name: http, port: {lb_port}, targetPort: {pods[0][1]}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: classless-1, namespace: default, labels: {{kubernetes.io/service-name: classless}}}}
+addressType: IPv4
+ports: [{{name: http, port: {pods[0][1]}}}]
+endpoints: [{{addresses: [{pods[0][0]}], targetRef: {{name: {pods[0][2]}}}}}]
+""")
+    with replica(api, tmp_path, "agent", ("127.0.8.9", lb_port), "--serve", "loadbalancers", "--lb-classless",
+                 token="agent-token") as agent:
+        wait_until(lambda: request("127.0.8.9", lb_port, "/", timeout=2)[0] == 200, what="the address to serve")
+        assert json.loads(request("127.0.8.9", lb_port, "/")[2])["pod"] == "pod-a"
+        with pytest.raises(OSError):
+            request(GW, port, "/", headers={"Host": "app.test"}, timeout=2)  # the Gateway is not its job
+        time.sleep(1.0)
+        assert not [w for w in api.writes if w.agent == "agent-token"]  # no status, no Lease, no Event
+        assert "serving config version" in Path(agent.log_path).read_text()
+
+
 def test_two_replicas_one_leader_and_failover(cluster, tmp_path):
     """Two replicas, each on its own address (as pods would be); one Lease. Only the holder writes status;
     when it dies without a word (SIGKILL), the other takes over within the lease duration and writes."""

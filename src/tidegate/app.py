@@ -12,10 +12,11 @@ import signal
 import time
 from typing import Any
 
-from tidegate import __version__, compiled
+from tidegate import __version__, compiled, ir
 from tidegate.cli import EXIT_INVALID, EXIT_OK, explain_as_data, options_for, statuses_as_data
 from tidegate.resources.model import Problem
 from tidegate.translate import Translation, translate
+from tidegate.translate.loadbalancers import LOADBALANCER_PREFIX
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -57,9 +58,10 @@ async def serve(args: argparse.Namespace) -> int:
         cluster.start()
         log.info("waiting for the first full list of every kind from the API server")
         await cluster.synced.wait()
-        elector = LeaderElector(client, args.lease_namespace, args.lease_name, args.identity,
-                                args.lease_duration, args.renew_deadline, args.retry_period)
-        writer = StatusWriter(client, cluster, elector)
+        if args.serve == "all":  # a node agent (--serve loadbalancers) leaves status to the Deployment's leader
+            elector = LeaderElector(client, args.lease_namespace, args.lease_name, args.identity,
+                                    args.lease_duration, args.renew_deadline, args.retry_period)
+            writer = StatusWriter(client, cluster, elector)
     if args.once:
         translation = translate(store.snapshot().resources, options_for(args))
         _log_translation(log, store.version, translation)
@@ -119,7 +121,7 @@ async def serve(args: argparse.Namespace) -> int:
         translation = state.translation
         if translation is None:
             return
-        listeners = list(translation.ir.listeners)
+        listeners = list(served_ir(translation.ir, args.serve).listeners)
         # A copy each time: the status writer may still hold the statuses it was given last.
         translation.statuses = mark_unbindable(dict(unmarked[0]), listeners, errors, args.bind)
         state.statuses = statuses_as_data(translation)
@@ -167,10 +169,11 @@ async def serve(args: argparse.Namespace) -> int:
             # In a thread: the admin listener (probes, scrapes) keeps answering while a large config translates.
             translation = await background.run(translate, snapshot.resources, options_for(args, state.translation))
             METRICS.translation.observe(time.perf_counter() - started)
+            served = served_ir(translation.ir, args.serve)
             try:
-                registry.retain(translation.ir)
-                health.apply(translation.ir)
-                errors = await pool.apply(snapshot.version, translation.ir)
+                registry.retain(served)
+                health.apply(served)
+                errors = await pool.apply(snapshot.version, served)
             except Exception:  # a bug here must not take down what is serving: keep the last good config
                 log.exception("config version %d could not be applied; the previous one keeps serving",
                               snapshot.version)
@@ -206,6 +209,15 @@ async def serve(args: argparse.Namespace) -> int:
         if listener is not None:
             listener.close()
     return EXIT_OK
+
+
+def served_ir(config: ir.IR, serve: str) -> ir.IR:
+    """What this process serves of the configuration: all of it, or (a node agent) the LoadBalancer Services'
+    addresses alone."""
+    if serve == "all":
+        return config
+    return ir.IR(listeners=tuple(listener for listener in config.listeners
+                                 if listener.gateway.startswith(LOADBALANCER_PREFIX)))
 
 
 def serves_something(listeners: list[Any], errors: dict, bind: str) -> bool:

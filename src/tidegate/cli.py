@@ -133,6 +133,9 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--upstream-read-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="a pod that sends nothing for this long while its answer is awaited: 504 (default: "
                              "%(default)s)")
+    run.add_argument("--serve", choices=["all", "loadbalancers"], default="all",
+                     help="what this process serves: everything (default), or only LoadBalancer Services' "
+                          "addresses, as the node agent of deploy/bare-metal does (it writes no status)")
     l2 = run.add_argument_group("Layer 2 announcement", "with --node: answer ARP and neighbour solicitations for "
                                 "the LoadBalancer addresses this node announces (README: Bare metal)")
     l2.add_argument("--heartbeat-port", type=int, default=7473, metavar="PORT",
@@ -488,6 +491,10 @@ def _run_args_problem(args: argparse.Namespace) -> str:
         return "say where resources come from: -f PATH (files) and/or --kubernetes (a cluster)"
     if args.kubernetes and not args.lease_duration > args.renew_deadline > args.retry_period > 0:
         return "--lease-duration > --renew-deadline > --retry-period > 0 is needed"
+    if not 1 <= args.heartbeat_port <= 65535:
+        return "--heartbeat-port must be a port number"
+    if not args.node_timeout > 0 or not args.l2_refresh > 0:
+        return "--node-timeout and --l2-refresh must be positive"
     if args.kubeconfig and not os.path.isfile(args.kubeconfig):
         return f"--kubeconfig {args.kubeconfig!r}: no such file"
     return ""

@@ -19,6 +19,7 @@ from tidegate.translate.conditions import condition
 from tidegate.translate.index import Index, selector_matches
 
 ADDRESS_CONDITION = "tidegate.io/AddressAssigned"
+LOADBALANCER_PREFIX = "service:"  # IR listeners of LoadBalancer Services: gateway "service:ns/name"
 SERVED_PROTOCOLS = ("TCP", "UDP")
 
 
@@ -100,9 +101,9 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
             backend = ir.Backend(name=label, weight=1, endpoints=endpoints, protocol=port.get("appProtocol", ""))
             served.append((protocol, int(port["port"])))
             for address in assignment.addresses:
-                listener_name = f"service:{namespace}/{name}:{port['port']}/{protocol}@{address}"
+                listener_name = f"{LOADBALANCER_PREFIX}{namespace}/{name}:{port['port']}/{protocol}@{address}"
                 result.listeners.append(ir.Listener(
-                    name=listener_name, gateway=f"service:{namespace}/{name}", address=address,
+                    name=listener_name, gateway=f"{LOADBALANCER_PREFIX}{namespace}/{name}", address=address,
                     port=int(port["port"]), protocol=protocol, freebind=True,
                     l4_routes=(ir.L4Route(name=listener_name, source=f"Service {namespace}/{name}",
                                           backends=(backend,), created=service.creation_timestamp),)))
