@@ -111,7 +111,7 @@ def lab(roles: dict[str, int]) -> Iterator[Lab]:
 
 
 # A probe run in the client namespace: every `interval` seconds, an HTTP GET over TCP and a UDP datagram to
-# each target; one JSON line per attempt: time, target, protocol, and the pod that answered or "".
+# each target; one JSON line per attempt: when it was sent, target, protocol, and the pod that answered or "".
 PROBE = r"""
 import json, socket, sys, time
 targets = json.loads(sys.argv[1]); interval = float(sys.argv[2]); stop = sys.argv[3]
@@ -121,6 +121,7 @@ while not os.path.exists(stop):
     for host, tcp_port, udp_port in targets:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         answer = ""
+        sent = time.time()
         try:
             with socket.socket(family, socket.SOCK_STREAM) as s:
                 s.settimeout(0.3)
@@ -136,8 +137,9 @@ while not os.path.exists(stop):
                     answer = data.split(b"\r\n\r\n", 1)[1].decode().strip()
         except OSError:
             pass
-        print(json.dumps({"t": started, "host": host, "proto": "tcp", "pod": answer}), flush=True)
+        print(json.dumps({"t": sent, "host": host, "proto": "tcp", "pod": answer}), flush=True)
         answer = ""
+        sent = time.time()
         if udp_port:
             try:
                 with socket.socket(family, socket.SOCK_DGRAM) as s:
@@ -146,7 +148,7 @@ while not os.path.exists(stop):
                     answer = s.recv(512).decode()
             except OSError:
                 pass
-            print(json.dumps({"t": started, "host": host, "proto": "udp", "pod": answer}), flush=True)
+            print(json.dumps({"t": sent, "host": host, "proto": "udp", "pod": answer}), flush=True)
     time.sleep(max(0.0, interval - (time.time() - started)))
 """
 

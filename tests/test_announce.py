@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from tidegate.announce.election import Candidacy, assign, baseline
 from tidegate.announce.l2 import (arp_reply, gratuitous_arp, neighbour_advertisement, parse_arp_request,
                                   parse_neighbour_solicitation, solicited_node)
-from tidegate.announce.members import answer, parse_answer, probe
+from tidegate.announce.members import answer, goodbye, parse_answer, parse_goodbye, probe
 from tidegate.resources.loader import load_text
 from tidegate.translate import TranslateOptions, translate
 
@@ -91,10 +91,12 @@ def test_neighbour_solicitation_target_and_the_advertisement_that_answers_it():
 
 def test_heartbeat_answers_name_the_answering_node_and_ignore_strangers():
     sent = probe("node-a", 7)
-    assert parse_answer(answer(sent, "node-b")) == ("node-a", 7, "node-b")
+    assert parse_answer(answer(sent, "node-b", "18f.2a")) == ("node-a", 7, "node-b", "18f.2a")
     assert answer(b"GET / HTTP/1.1\r\n", "node-b") is None
     assert answer(sent + b"x" * 600, "node-b") is None
     assert parse_answer(b"TGHB1 garbage") is None
+    assert parse_goodbye(goodbye("node-b", "18f.2a")) == ("node-b", "18f.2a")
+    assert parse_goodbye(sent) is None and parse_goodbye(b"TGBYE1 node-b") is None
 
 
 LAB = """

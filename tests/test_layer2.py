@@ -282,3 +282,20 @@ def test_a_cut_link_moves_the_address_and_mending_it_brings_the_node_back(tmp_pa
         time.sleep(3.0)
         recent = [p for p in read_probes(probes) if p["t"] > mended + 1.5]
         assert recent and all(p["pod"] for p in recent), recent[-4:]
+
+        # A clean stop (SIGTERM, as in a rolling update) says goodbye: its addresses move at once, with no
+        # wait for the heartbeat to time out.
+        leaving = placed[VIP4].removeprefix("node-")
+        staying = next(r for r in NODES if r != leaving)
+        stopped_at = time.time()
+        nodes[leaving].terminate()
+        wait_until(lambda: VIP4 in _held(world, staying), timeout=5, what="the address to move on goodbye")
+        time.sleep(1.0)
+        got = read_probes(probes)
+        resumed = {proto: _resumed_at(got, VIP4, proto, stopped_at) - stopped_at for proto in ("tcp", "udp")}
+        print("clean stop: " + ", ".join(f"{proto} answered by the other node {when:.2f} s after SIGTERM"
+                                          for proto, when in resumed.items()))
+        assert all(when <= 1.0 for when in resumed.values()), resumed
+        assert f"node node-{leaving} is stopping" in (tmp_path / f"tidegate-{staying}.log").read_text()
+        nodes[leaving].wait(20)
+        assert not world.run(leaving, "ip", "route", "show", "table", "local", "proto", "116").strip()

@@ -73,11 +73,13 @@ async def serve(args: argparse.Namespace) -> int:
     # writes its own access log lines.)
     METRICS.use_workers()
     registry = Registry()
+    incarnation = f"{int(time.time() * 1000):x}.{os.getpid():x}"  # this run, in heartbeat answers
     deadlines = Deadlines(request_head=args.request_head_timeout, request_body_window=args.request_body_timeout,
                           idle=args.idle_timeout, send=args.send_timeout, upstream_read=args.upstream_read_timeout)
     pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
                                                   args.access_log_sample, args.access_log_status, deadlines,
-                                                  node=args.node, heartbeat_port=args.heartbeat_port),
+                                                  node=args.node, heartbeat_port=args.heartbeat_port,
+                                                  incarnation=incarnation),
                       registry)
     health = HealthChecker(registry, on_change=pool.health_changed)
     await pool.start()
@@ -150,7 +152,8 @@ async def serve(args: argparse.Namespace) -> int:
         if state.announcer is None:
             from tidegate.announce.node import Layer2Agent
 
-            agent = Layer2Agent(args.node, args.heartbeat_port, args.node_timeout, refresh=args.l2_refresh)
+            agent = Layer2Agent(args.node, args.heartbeat_port, args.node_timeout, refresh=args.l2_refresh,
+                                incarnation=incarnation)
             try:
                 await agent.start()
             except Exception as exc:  # not root, no netlink: serve anyway, say why nothing is announced
@@ -195,6 +198,8 @@ async def serve(args: argparse.Namespace) -> int:
     await stop.wait()
     log.info("stopping: no new connections; in-flight requests get %.0f s to finish", args.grace)
     state.ready = False
+    if state.announcer is not None:
+        await state.announcer.leave()  # the other nodes take this node's addresses now, not after a timeout
     for task in tasks:
         task.cancel()
     if elector is not None:

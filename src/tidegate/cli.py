@@ -139,8 +139,8 @@ def _parser() -> argparse.ArgumentParser:
     l2 = run.add_argument_group("Layer 2 announcement", "with --node: answer ARP and neighbour solicitations for "
                                 "the LoadBalancer addresses this node announces (README: Bare metal)")
     l2.add_argument("--heartbeat-port", type=int, default=7473, metavar="PORT",
-                    help="UDP port where each node's workers answer the other nodes' heartbeats (default: "
-                         "%(default)s)")
+                    help="UDP port where each node's workers answer the other nodes' heartbeats; the port above "
+                         "it sends them and hears goodbyes (default: %(default)s)")
     l2.add_argument("--node-timeout", type=float, default=2.0, metavar="SECONDS",
                     help="a node whose workers have not answered for this long is down, and its addresses move "
                          "(default: %(default)s)")
@@ -491,7 +491,7 @@ def _run_args_problem(args: argparse.Namespace) -> str:
         return "say where resources come from: -f PATH (files) and/or --kubernetes (a cluster)"
     if args.kubernetes and not args.lease_duration > args.renew_deadline > args.retry_period > 0:
         return "--lease-duration > --renew-deadline > --retry-period > 0 is needed"
-    if not 1 <= args.heartbeat_port <= 65535:
+    if not 1 <= args.heartbeat_port <= 65534:
         return "--heartbeat-port must be a port number"
     if not args.node_timeout > 0 or not args.l2_refresh > 0:
         return "--node-timeout and --l2-refresh must be positive"

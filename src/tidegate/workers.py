@@ -50,6 +50,7 @@ class WorkerOptions:
     log_level: int = logging.INFO
     node: str = ""  # --node: workers answer the heartbeat that tells other nodes this one serves
     heartbeat_port: int = 0
+    incarnation: str = ""  # this run's, in heartbeat answers (a node that said goodbye is not up again)
 
 
 # -- the control process's side ---------------------------------------------------------------------------
@@ -267,7 +268,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
         from tidegate.announce.members import start_responder
 
         try:
-            heartbeat = await start_responder(options.node, options.heartbeat_port)
+            heartbeat = await start_responder(options.node, options.heartbeat_port, options.incarnation)
         except OSError as exc:
             logging.getLogger("tidegate.workers").error("worker %d: cannot answer heartbeats on port %d: %s", index,
                                                         options.heartbeat_port, exc)

@@ -129,6 +129,7 @@ class L2Speaker:
         self._refresher: asyncio.Task[None] | None = None
         self._lo_index = 1
         self._problems: set[str] = set()
+        self.quiet = False  # quiesced: a clean stop is under way
 
     # -- life ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -150,6 +151,23 @@ class L2Speaker:
                 except OSError as exc:
                     self.on_problem(f"cannot set net.ipv4.conf.all.{name}={value}: {exc}")
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    def quiesce(self) -> None:
+        """Stop answering and announcing (another node takes over), keeping the routes for the connections
+        still open."""
+        self._answer_v4, self._answer_v6 = {}, {}
+        for timer in self._timers:
+            timer.cancel()
+        if self._refresher is not None:
+            self._refresher.cancel()
+        loop = asyncio.get_running_loop()
+        for sockets in (self._arp, self._ndp):
+            for sock in sockets.values():
+                loop.remove_reader(sock.fileno())
+                sock.close()
+            sockets.clear()
+        self._groups.clear()
+        self.quiet = True
 
     async def close(self) -> None:
         """Stop announcing: routes removed, sockets closed (the next owner's gratuitous packets take over)."""
@@ -275,6 +293,8 @@ class L2Speaker:
 
     # -- sockets ---------------------------------------------------------------------------------------------
     def _rebuild_answers(self) -> None:
+        if self.quiet:
+            return
         v4: dict[str, dict[bytes, str]] = {}
         v6: dict[str, dict[bytes, str]] = {}
         for address, held in self.held.items():
@@ -395,6 +415,8 @@ class L2Speaker:
 
     # -- telling the segment -----------------------------------------------------------------------------------
     def _takeover(self, address: str) -> None:
+        if self.quiet:
+            return
         loop = asyncio.get_running_loop()
         self._announce(address)
         for i in range(1, self.takeover_repeats):

@@ -17,10 +17,11 @@ log = logging.getLogger("tidegate.announce")
 
 class Layer2Agent:
     def __init__(self, node: str, heartbeat_port: int, node_timeout: float = 2.0, heartbeat_interval: float = 0.2,
-                 refresh: float = 10.0):
+                 refresh: float = 10.0, incarnation: str = ""):
         self.node = node
         self.speaker = L2Speaker(refresh=refresh)
-        self.members = Membership(node, heartbeat_port, heartbeat_interval, node_timeout, self._changed)
+        self.members = Membership(node, heartbeat_port, heartbeat_interval, node_timeout, self._changed,
+                                  incarnation)
         self.candidacies: list[Candidacy] = []
         self.assignment: dict[str, str] = {}
         self.since: dict[str, float] = {}  # address -> when its current node took it (as this node saw it)
@@ -32,6 +33,14 @@ class Layer2Agent:
         await self.speaker.start()
         await self.members.start()
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def leave(self) -> None:
+        """A clean stop begins: the other nodes take this node's addresses now; it stops answering for them
+        but keeps their routes while its connections drain (close() removes them)."""
+        if self._task is not None:
+            self._task.cancel()
+        self.members.leave()
+        self.speaker.quiesce()
 
     async def close(self) -> None:
         if self._task is not None:
