@@ -7,26 +7,23 @@ then read the YAML diff.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import pytest
-import yaml
 
+from tests import golden
 from tidegate.announce.ipam import AllocationOptions, allocate, pool_status
 from tidegate.cli import dump_yaml
 from tidegate.resources.loader import load_paths
 from tidegate.translate.index import Index
 
 GOLDEN = Path(__file__).resolve().parent.parent / "testdata" / "ipam"
-CASES = sorted(p.name[: -len(".in.yaml")] for p in GOLDEN.glob("*.in.yaml"))
+CASES = golden.cases(GOLDEN)
 
 
 def render(case: str) -> str:
     source = GOLDEN / f"{case}.in.yaml"
-    options_line = re.search(r"^# options: (.*)$", source.read_text(), re.MULTILINE)
-    options = yaml.safe_load(options_line.group(1)) if options_line else {}
+    options = golden.options(source)
     held = tuple(((ns, name), tuple(addresses)) for key, addresses in options.pop("held", {}).items()
                  for ns, name in [key.split("/")])
     loaded = load_paths([source])
@@ -46,9 +43,4 @@ def render(case: str) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_allocation_matches_golden(case: str) -> None:
-    out = GOLDEN / f"{case}.out.yaml"
-    got = render(case)
-    if os.environ.get("TIDEGATE_UPDATE_GOLDEN"):
-        out.write_text(got)
-    assert out.exists(), f"no golden file for {case}: run with TIDEGATE_UPDATE_GOLDEN=1"
-    assert got == out.read_text()
+    golden.check(GOLDEN / f"{case}.out.yaml", render(case))

@@ -6,25 +6,23 @@ then read the YAML diff.
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests import golden
 from tidegate.cli import dump_yaml, statuses_as_data
 from tidegate.resources.loader import load_paths
 from tidegate.translate import TranslateOptions, translate
 
 GOLDEN = Path(__file__).resolve().parent.parent / "testdata" / "translate"
-CASES = sorted(p.name[: -len(".in.yaml")] for p in GOLDEN.glob("*.in.yaml"))
+CASES = golden.cases(GOLDEN)
 
 
 def render(case: str) -> str:
     source = GOLDEN / f"{case}.in.yaml"
-    options_line = re.search(r"^# options: (.*)$", source.read_text(), re.MULTILINE)
-    options = TranslateOptions(**yaml.safe_load(options_line.group(1))) if options_line else TranslateOptions()
+    options = TranslateOptions(**golden.options(source))
     loaded = load_paths([source])
     assert not loaded.errors, [str(e) for e in loaded.errors]
     result = translate(loaded.resources, options)
@@ -38,12 +36,7 @@ def render(case: str) -> str:
 
 @pytest.mark.parametrize("case", CASES)
 def test_translation_matches_golden(case: str) -> None:
-    out = GOLDEN / f"{case}.out.yaml"
-    got = render(case)
-    if os.environ.get("TIDEGATE_UPDATE_GOLDEN"):
-        out.write_text(got)
-    assert out.exists(), f"no golden file for {case}: run with TIDEGATE_UPDATE_GOLDEN=1"
-    assert got == out.read_text()
+    golden.check(GOLDEN / f"{case}.out.yaml", render(case))
 
 
 def test_translation_is_pure_and_deterministic() -> None:

@@ -117,6 +117,7 @@ class Assignment:
 
 @dataclass
 class PoolUsage:
+    key: Key | None = None  # the pool's object (a refused pool of the same name is another one)
     assigned_v4: int = 0
     assigned_v6: int = 0
     available_v4: int = 0
@@ -189,9 +190,8 @@ def read_pools(index: Index) -> tuple[list[Pool], list[Pool], dict[Key, str]]:
 
 
 def _namespaces(index: Index) -> set[str]:
-    names = {r.namespace for kind in ("Service",) for r in index.all(kind)}
-    names.update(r.name for r in index.all("Namespace"))
-    return names
+    """Every namespace a pool's namespaceSelectors may match: those declared, and those Services live in."""
+    return {r.namespace for r in index.all("Service")} | {r.name for r in index.all("Namespace")}
 
 
 # -- Services ---------------------------------------------------------------------------------------------
@@ -346,7 +346,7 @@ def allocate(index: Index, options: AllocationOptions = AllocationOptions()) -> 
         result.assignments[request.key] = assignment
 
     for pool in pools:
-        usage = PoolUsage()
+        usage = PoolUsage(pool.resource.key)
         used = {a for a in ledger.users if pool.holds(a)}
         usage.assigned_v4 = sum(1 for a in used if a.version == 4)
         usage.assigned_v6 = sum(1 for a in used if a.version == 6)

@@ -67,9 +67,9 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
     for key, message in allocation.pool_problems.items():
         pool = index.get("IPAddressPool", key.namespace, key.name)
         notes.append(Problem("error", pool.origin if pool else Origin("<memory>"), message, key))
-    for name, usage in allocation.pools.items():
-        pool = next(p for p in index.all("IPAddressPool") if p.name == name)
-        statuses[pool.key] = pool_status(usage)
+    for usage in allocation.pools.values():
+        if usage.key is not None:
+            statuses[usage.key] = pool_status(usage)
     for (namespace, name), refusal in allocation.refusals.items():
         service = index.get("Service", namespace, name)
         assert service is not None
@@ -113,7 +113,7 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                                             "metallb.universe.tf/allow-shared-ip")
                           if k in service.annotations), "")))
     result.nodes = _nodes(index, node)
-    result.l2 = _l2_candidacies(index, result.services, result.nodes)
+    result.l2 = _l2_candidacies(index, result.services, result.nodes, allocation.pools)
     for key in allocation.not_ours if index.all("IPAddressPool") else ():
         service = index.get("Service", key.namespace, key.name)
         if service is not None and not service.spec.get("loadBalancerClass"):
@@ -145,7 +145,8 @@ def _nodes(index: Index, this_node: str) -> list[NodeInfo]:
     return out
 
 
-def _l2_candidacies(index: Index, services: list[LoadBalancerService], nodes: list[NodeInfo]) -> list[Candidacy]:
+def _l2_candidacies(index: Index, services: list[LoadBalancerService], nodes: list[NodeInfo],
+                    allocation_pools: dict[str, Any]) -> list[Candidacy]:
     """For each address of a pool that an L2Advertisement covers: the nodes that may announce it."""
     ads = index.all("L2Advertisement")
     if not ads:
@@ -159,7 +160,8 @@ def _l2_candidacies(index: Index, services: list[LoadBalancerService], nodes: li
             by_address.setdefault(address, []).append(svc)
     out = []
     for address, users in sorted(by_address.items()):
-        pool = next((p for p in index.all("IPAddressPool") if p.name == users[0].pool), None)
+        usage = allocation_pools.get(users[0].pool)
+        pool = index.get("IPAddressPool", usage.key.namespace, usage.key.name) if usage and usage.key else None
         chosen: dict[str, tuple[list[str], int]] = {}  # node -> (interfaces, or ["*"] for any; score)
         for ad in ads:
             spec = ad.spec
