@@ -188,6 +188,28 @@ def test_which_nodes_may_announce_follows_advertisements_node_state_and_local_po
     assert assign(lbs.l2, None) == {"198.18.0.100": "node-a", "198.18.0.101": "node-b"}
 
 
+def test_a_gateway_address_from_a_pool_is_announced_like_a_services():
+    text = LAB + """
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: tidegate}
+spec: {controllerName: tidegate.io/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: default}
+spec:
+  gatewayClassName: tidegate
+  addresses: [{type: IPAddress, value: 198.18.0.109}]
+  listeners: [{name: http, port: 80, protocol: HTTP}]
+"""
+    translation = translate(load_text(text, "lab.yaml").resources, TranslateOptions())
+    edge = next(c for c in translation.load_balancers.l2 if c.address == "198.18.0.109")
+    assert edge.services == ("Gateway default/edge",) and edge.nodes == ("node-a", "node-b")
+    assert [l.freebind for l in translation.ir.listeners if l.gateway == "default/edge"] == [True]
+
+
 def test_interfaces_named_by_an_advertisement_are_kept_per_node():
     text = LAB.replace("  ipAddressPools: [lab]\n", "  ipAddressPools: [other]\n")
     lbs = translate(load_text(text, "lab.yaml").resources, TranslateOptions()).load_balancers

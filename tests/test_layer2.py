@@ -161,6 +161,12 @@ def _running_lab(tmp: Path, extra: str = "", count: int = 10):
         yield world, config, nodes, placed, probes
 
 
+def _gateway_pod(world) -> str:
+    """The pod that answers the client through the Gateway on its pool address."""
+    return world.python("client", f"import urllib.request;print(urllib.request.urlopen('http://{EDGE}:8081/pod', "
+                                  "timeout=5).read().decode())").strip()
+
+
 def _first_answers(probes: Path) -> None:
     wait_until(lambda: {(p["host"], p["proto"]) for p in read_probes(probes) if p["pod"]} == {
         (VIP4, "tcp"), (VIP4, "udp"), (VIP6, "tcp"), (VIP6, "udp")}, timeout=15,
@@ -244,12 +250,35 @@ apiVersion: v1
 kind: Service
 metadata: {name: wired, namespace: default, annotations: {metallb.io/address-pool: wired}}
 spec: {type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: tidegate}
+spec: {controllerName: tidegate.io/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: default}
+spec:
+  gatewayClassName: tidegate
+  addresses: [{type: IPAddress, value: 198.18.0.110}]
+  listeners: [{name: http, port: 8081, protocol: HTTP}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: edge, namespace: default}
+spec:
+  parentRefs: [{name: edge}]
+  rules: [{backendRefs: [{name: web4, port: 80}]}]
 """
+EDGE = "198.18.0.110"  # the Gateway's address, from the lab pool
 
 
 def test_a_cut_link_moves_the_address_and_mending_it_brings_the_node_back(tmp_path):
-    # One more address, announced only from an interface no node has: its node says so, the rest works.
-    with _running_lab(tmp_path, WIRED, count=11) as (world, config, nodes, placed, probes):
+    # One more address, announced only from an interface no node has: its node says so, the rest works. And
+    # a Gateway on a pool address, bound on both nodes (IP_FREEBIND), served where it is announced.
+    with _running_lab(tmp_path, WIRED, count=12) as (world, config, nodes, placed, probes):
+        assert _gateway_pod(world) in ("pod-a", "pod-b")
         wired = placed["198.18.0.200"].removeprefix("node-")
         assert "198.18.0.200" not in _held(world, wired)
         assert any("eth9" in p and "198.18.0.200" in p for p in _view(world, wired)["problems"])
@@ -277,7 +306,8 @@ def test_a_cut_link_moves_the_address_and_mending_it_brings_the_node_back(tmp_pa
             assert when - detected <= 1.0, (proto, when - detected)
         # The cut-off node thinks itself alone and announces everything, to no one; mended, both agree again.
         world.link(victim, up=True)
-        wait_until(lambda: _settled(world, count=11) == placed, timeout=30, what="the announcements before the cut")
+        wait_until(lambda: _settled(world, count=12) == placed, timeout=30, what="the announcements before the cut")
+        assert _gateway_pod(world) in ("pod-a", "pod-b")
         mended = time.time()
         time.sleep(3.0)
         recent = [p for p in read_probes(probes) if p["t"] > mended + 1.5]

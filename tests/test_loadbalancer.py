@@ -162,3 +162,37 @@ endpoints: [{addresses: [10.0.0.1]}]
              for l in listeners}
     assert ports == {("TCP", "*"): [5354], ("UDP", "*"): [5353], ("TCP", "192.0.2.10"): [5354],
                      ("UDP", "192.0.2.10"): [5353]}
+
+
+def test_a_gateway_address_from_a_pool_is_kept_from_services_and_served(tmp_path):
+    """A Gateway whose spec.addresses names a pool address: the address manager keeps it from Services (a
+    Service asking for it is refused, and the pool counts it), and the Gateway serves on it."""
+    from tests.harness import request
+    from tests.manifests import http_gateway, route, service
+    from tests.scripted import scripted_backends
+
+    gw_port, pod_port = free_port("127.0.12.5"), free_port("127.0.12.1")
+    pods = [("127.0.12.1", pod_port, "pod-a")]
+    with scripted_backends(*pods):
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "all.yaml").write_text(http_gateway("127.0.12.5", gw_port) + service("app", pods)
+                                         + route("app", "app.test", "- backendRefs: [{name: app, port: 80}]") + """
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: lab, namespace: metallb-system}
+spec: {addresses: [127.0.12.4-127.0.12.7]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wants-it, namespace: default, annotations: {metallb.io/loadBalancerIPs: 127.0.12.5}}
+spec: {type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{port: 80}]}
+""")
+        with tidegate_run(config, ("127.0.12.5", gw_port), tmp_path / "tidegate.log") as proxy:
+            status, _, body = request("127.0.12.5", gw_port, "/", headers={"Host": "app.test"})
+            assert status == 200 and json.loads(body)["pod"] == "pod-a"
+            view = _view(proxy.admin_port)
+            assert view["refused"][0]["name"] == "wants-it" and view["refused"][0]["reason"] == "SharingRefused"
+            assert "Gateway default/gw" in view["refused"][0]["message"]
+            assert view["pools"]["lab"]["assignedIPv4"] == 1

@@ -164,7 +164,10 @@ async def serve(args: argparse.Namespace) -> int:
             METRICS.announcer.source = agent
             log.info("node %s: announcing LoadBalancer addresses in Layer 2 (heartbeat on UDP port %d, a node "
                      "silent for %.1f s is down)", args.node, args.heartbeat_port, args.node_timeout)
-        state.announcer.update(lbs.l2, lbs.nodes)
+        candidacies = lbs.l2
+        if args.serve == "loadbalancers":  # a node agent serves no Gateway: it does not announce their addresses
+            candidacies = [c for c in candidacies if not all(s.startswith("Gateway ") for s in c.services)]
+        state.announcer.update(candidacies, lbs.nodes)
 
     async def follow() -> None:
         async for snapshot in store.updates():

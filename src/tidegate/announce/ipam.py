@@ -130,6 +130,9 @@ class Allocation:
     """What the address manager decided for one snapshot."""
 
     assignments: dict[SERVICE_KEY, Assignment] = field(default_factory=dict)
+    # Gateway addresses (spec.addresses) inside a pool: address -> pool, and those another user holds -> why.
+    reserved: dict[str, str] = field(default_factory=dict)
+    reserve_refused: dict[str, str] = field(default_factory=dict)
     refusals: dict[SERVICE_KEY, Refusal] = field(default_factory=dict)
     pools: dict[str, PoolUsage] = field(default_factory=dict)  # by pool name (accepted pools only)
     pool_problems: dict[Key, str] = field(default_factory=dict)  # pools refused as a whole, and why
@@ -291,7 +294,7 @@ class _Ledger:
         if not users:
             return ""
         sharing, backend = self.keys[address]
-        others = ", ".join(f"{ns}/{name}" for ns, name in sorted(users))
+        others = ", ".join(_who(key) for key in sorted(users))
         if not sharing or not request.sharing:
             return f"{address} is used by {others}; sharing needs metallb.io/allow-shared-ip on both Services"
         if sharing != request.sharing:
@@ -302,7 +305,7 @@ class _Ledger:
         for port in request.ports:
             holder = self.ports[address].get(port)
             if holder is not None and holder != request.key:
-                return f"port {port[0]}/{port[1]} of {address} is already used by {holder[0]}/{holder[1]}"
+                return f"port {port[0]}/{port[1]} of {address} is already used by {_who(holder)}"
         return ""
 
     def take(self, request: _Request, addresses: Iterable[IPAddress]) -> None:
@@ -313,7 +316,15 @@ class _Ledger:
                 self.ports.setdefault(address, {})[port] = request.key
 
 
-def allocate(index: Index, options: AllocationOptions = AllocationOptions()) -> Allocation:
+def _who(key: SERVICE_KEY) -> str:
+    """A user of an address, for messages: a Service "ns/name", or a Gateway (namespace "", its label)."""
+    return f"{key[0]}/{key[1]}" if key[0] else key[1]
+
+
+def allocate(index: Index, options: AllocationOptions = AllocationOptions(),
+             reserved: Mapping[str, str] | None = None) -> Allocation:
+    """`reserved`: addresses Gateways ask for in spec.addresses -> "Gateway ns/name". Those inside a pool are
+    kept from Services (after the addresses Services already hold)."""
     result = Allocation()
     pools, refused, result.pool_problems = read_pools(index)
     by_name = {p.name: p for p in pools}
@@ -327,23 +338,26 @@ def allocate(index: Index, options: AllocationOptions = AllocationOptions()) -> 
             continue
         requests.append(_request(service, held))
     ledger = _Ledger()
-    # Services that hold addresses first: no Service takes an address another one already had; then those that
-    # ask for given addresses, before automatic allocation can hand those out.
-    order = ([r for r in requests if r.held] + [r for r in requests if not r.held and r.wanted]
-             + [r for r in requests if not r.held and not r.wanted])
-    for request in order:
-        if request.problem is not None:
-            result.refusals[request.key] = request.problem
+    # Services keep the addresses they hold first: no one takes an address another already had. Then Gateways'
+    # addresses are set aside, then Services that ask for given addresses are served, before automatic
+    # allocation can hand those out.
+    fresh = []
+    for request in [r for r in requests if r.held]:
+        kept = _keep(request, pools, ledger) if request.problem is None else None
+        if kept is None:
+            fresh.append(request)
             continue
-        assignment = _keep(request, pools, ledger) if request.held else None
-        if assignment is None:
-            outcome = _new(request, by_name, pools, refused, ledger)
-            if isinstance(outcome, Refusal):
-                result.refusals[request.key] = outcome
-                continue
-            assignment = outcome
-        ledger.take(request, [ipaddress.ip_address(a) for a in assignment.addresses])
-        result.assignments[request.key] = assignment
+        ledger.take(request, [ipaddress.ip_address(a) for a in kept.addresses])
+        result.assignments[request.key] = kept
+    _reserve(reserved or {}, pools, ledger, result)
+    fresh += [r for r in requests if not r.held and r.wanted] + [r for r in requests if not r.held and not r.wanted]
+    for request in fresh:
+        outcome = request.problem or _new(request, by_name, pools, refused, ledger)
+        if isinstance(outcome, Refusal):
+            result.refusals[request.key] = outcome
+            continue
+        ledger.take(request, [ipaddress.ip_address(a) for a in outcome.addresses])
+        result.assignments[request.key] = outcome
 
     for pool in pools:
         usage = PoolUsage(pool.resource.key)
@@ -355,6 +369,22 @@ def allocate(index: Index, options: AllocationOptions = AllocationOptions()) -> 
         usage.services = sum(1 for a in result.assignments.values() if a.pool == pool.name)
         result.pools[pool.name] = usage
     return result
+
+
+def _reserve(reserved: Mapping[str, str], pools: list[Pool], ledger: _Ledger, result: Allocation) -> None:
+    for text, owner in sorted(reserved.items()):
+        address = _address(text)
+        pool = _pool_of((address,), pools) if address is not None else None
+        if pool is None or address is None:
+            continue  # not a pool address: the Gateway binds it as it would anyway
+        holders = ledger.users.get(address)
+        if holders:
+            result.reserve_refused[text] = (f"{text} of IPAddressPool {pool.name} is held by "
+                                            f"{', '.join(_who(k) for k in sorted(holders))}")
+            continue
+        ledger.users[address] = {("", owner)}
+        ledger.keys[address] = ("", "")  # not shared
+        result.reserved[text] = pool.name
 
 
 def _pool_of(addresses: tuple[IPAddress, ...], pools: list[Pool]) -> Pool | None:

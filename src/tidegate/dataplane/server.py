@@ -22,7 +22,7 @@ from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.health import HealthChecker
 from tidegate.balancing.state import Registry
 from tidegate.dataplane.http1 import IN_FLIGHT, ClientConnection
-from tidegate.dataplane.l4 import L4DataPlane, l4_kind
+from tidegate.dataplane.l4 import L4DataPlane, free_socket, l4_kind
 from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool, backend_tls_context
 from tidegate.dataplane.upstream_h2 import H2EndpointPool
@@ -115,6 +115,9 @@ class DataPlane:
         self.l4 = L4DataPlane(reuse_port)  # TCP, UDP and TLS passthrough listeners
         # Failed binds are tried again (_retry_binds); HTTP(S) ones by the identity they were to have.
         self._unbound_http: dict[tuple[str, int], tuple[str, str, str]] = {}
+        # HTTP(S) sockets bound with IP_FREEBIND: a Gateway address from an IPAddressPool that another node
+        # may announce now.
+        self._freebind: set[tuple[str, int]] = set()
         self._retrier: asyncio.Task | None = None
         # Told the listeners that still cannot be opened whenever one of them opens at last.
         self.on_errors: Callable[[dict[tuple[str, int], tuple[str, str]]], None] | None = None
@@ -154,6 +157,8 @@ class DataPlane:
 
         errors: dict[tuple[str, int], tuple[str, str]] = {}
         self._unbound_http = {}
+        self._freebind = {(listener.address or self.bind, listener.port) for listener in config.listeners
+                          if listener.freebind and not l4_kind(listener)}
         for key in routers:
             scheme = "https" if key in https else "http"
             # The socket's identity: its scheme and, for HTTPS, its client-certificate checks.
@@ -192,10 +197,17 @@ class DataPlane:
         scheme = identity[0]
         ssl_ctx = server_context(partial(self._tls_site, key), identity[1],
                                  identity[2]) if scheme == "https" else None
-        server = await asyncio.get_running_loop().create_server(
-            lambda: ClientConnection(lambda: self.sites.get(key) or self._empty_site(), port, scheme),
-            host=address, port=port, reuse_address=True, reuse_port=self.reuse_port or None,
-            backlog=1024, ssl=ssl_ctx)
+
+        def protocol() -> ClientConnection:
+            return ClientConnection(lambda: self.sites.get(key) or self._empty_site(), port, scheme)
+
+        loop = asyncio.get_running_loop()
+        if key in self._freebind:
+            server = await loop.create_server(protocol, sock=free_socket(address, port, False, self.reuse_port),
+                                              backlog=1024, ssl=ssl_ctx)
+        else:
+            server = await loop.create_server(protocol, host=address, port=port, reuse_address=True,
+                                              reuse_port=self.reuse_port or None, backlog=1024, ssl=ssl_ctx)
         self.schemes[key] = identity
         self.servers[key] = server
         log.info("listening on %s:%d (%s)", address, port, scheme.upper())

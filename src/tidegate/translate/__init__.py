@@ -15,6 +15,7 @@ from tidegate import ir
 from tidegate.announce.ipam import AllocationOptions
 from tidegate.resources.model import Key, Problem, Resource
 from tidegate.translate.backend_policies import apply_backend_policies
+from tidegate.translate.conditions import condition
 from tidegate.translate.gateways import gateway_status, translate_gateway_classes, translate_gateways
 from tidegate.translate.index import Index
 from tidegate.translate.ingress import translate_ingresses
@@ -56,11 +57,25 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
     gateways = translate_gateways(index, classes, options.address)
     policies = resolve_backend_tls_policies(index)
     translate_routes(index, gateways, policies.by_target, statuses)
+    # LoadBalancer Services and the Gateway addresses that come from IPAddressPools
+    reserved = {address: f"Gateway {gw.resource.namespace}/{gw.resource.name}" for gw in gateways if gw.accepted
+                for address in gw.bind_addresses}
+    load_balancers = translate_load_balancers(
+        index, AllocationOptions(options.lb_class, options.lb_classless, options.lb_held), options.node, statuses,
+        notes, reserved)
+    pool_addresses = load_balancers.allocation.reserved
+    taken = load_balancers.allocation.reserve_refused
 
     listeners: list[ir.Listener] = []
     for gw in gateways:
+        lost = [a for a in gw.bind_addresses if a in taken]
+        if lost:
+            gw.bind_addresses = [a for a in gw.bind_addresses if a not in taken]
+            gw.addresses = [a for a in gw.addresses if a["value"] not in taken]
+            gw.conditions = [condition("Programmed", False, "AddressNotUsable", taken[lost[0]], c["observedGeneration"])
+                             if c["type"] == "Programmed" else c for c in gw.conditions]
         statuses[gw.resource.key] = gateway_status(gw)
-        if not gw.accepted:
+        if not gw.accepted or (lost and not gw.bind_addresses):
             continue
         gateway_name = f"{gw.resource.namespace}/{gw.resource.name}"
         access_log = gw.resource.annotations.get(ACCESS_LOG_ANNOTATION, "")
@@ -77,14 +92,11 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
                     name=f"{gateway_name}/{state.name}", gateway=gateway_name, address=address,
                     port=state.port, protocol=state.protocol, hostname=state.hostname, tls=state.tls,
                     backend_client_certificate=gw.backend_client_certificate,
-                    access_log=access_log,
+                    access_log=access_log, freebind=address in pool_addresses,
                     http_routes=tuple(sorted(state.http_routes, key=lambda r: r.name)),
                     l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
                                      policies.by_target, statuses, notes)
-    load_balancers = translate_load_balancers(
-        index, AllocationOptions(options.lb_class, options.lb_classless, options.lb_held), options.node, statuses,
-        notes)
     listeners += load_balancers.listeners
     listeners = apply_backend_policies(index, listeners, statuses, notes)
     statuses.update(policy_statuses(index, policies, listeners))

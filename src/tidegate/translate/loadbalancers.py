@@ -35,6 +35,7 @@ class LoadBalancerService:
     local: bool  # externalTrafficPolicy: Local
     nodes_with_pods: tuple[str, ...] = ()  # nodes that run a ready pod of the Service, sorted
     sharing: str = ""
+    kind: str = "Service"  # or "Gateway": an address from spec.addresses (name: "Gateway ns/name")
 
 
 EXCLUDE_LABEL = "node.kubernetes.io/exclude-from-external-load-balancers"
@@ -61,8 +62,10 @@ class LoadBalancers:
 
 
 def translate_load_balancers(index: Index, options: AllocationOptions, node: str, statuses: dict[Key, Any],
-                             notes: list[Problem]) -> LoadBalancers:
-    result = LoadBalancers(allocation=allocate(index, options))
+                             notes: list[Problem], reserved: dict[str, str] | None = None) -> LoadBalancers:
+    """`reserved`: the addresses accepted Gateways ask for (address -> "Gateway ns/name"); those in a pool are
+    kept from Services, and announced like theirs."""
+    result = LoadBalancers(allocation=allocate(index, options, reserved))
     allocation = result.allocation
     for key, message in allocation.pool_problems.items():
         pool = index.get("IPAddressPool", key.namespace, key.name)
@@ -113,7 +116,9 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                                             "metallb.universe.tf/allow-shared-ip")
                           if k in service.annotations), "")))
     result.nodes = _nodes(index, node)
-    result.l2 = _l2_candidacies(index, result.services, result.nodes, allocation.pools)
+    gateways = [LoadBalancerService("", (reserved or {})[address], pool, (address,), (), local=False,
+                                    kind="Gateway") for address, pool in sorted(allocation.reserved.items())]
+    result.l2 = _l2_candidacies(index, result.services + gateways, result.nodes, allocation.pools)
     for key in allocation.not_ours if index.all("IPAddressPool") else ():
         service = index.get("Service", key.namespace, key.name)
         if service is not None and not service.spec.get("loadBalancerClass"):
@@ -171,8 +176,8 @@ def _l2_candidacies(index: Index, services: list[LoadBalancerService], nodes: li
                 continue
             service_selectors = spec.get("serviceSelectors") or []
             if service_selectors and not all(
-                    not u.sharing and any(selector_matches(s, _labels(index, u)) for s in service_selectors)
-                    for u in users):
+                    u.kind == "Service" and not u.sharing
+                    and any(selector_matches(s, _labels(index, u)) for s in service_selectors) for u in users):
                 continue
             node_selectors = spec.get("nodeSelectors") or []
             for name in usable:
@@ -191,7 +196,7 @@ def _l2_candidacies(index: Index, services: list[LoadBalancerService], nodes: li
             address=address, nodes=tuple(sorted(chosen)),
             scores=tuple((n, v[1]) for n, v in sorted(chosen.items()) if v[1]),
             interfaces=tuple((n, tuple(sorted(set(v[0])))) for n, v in sorted(chosen.items()) if "*" not in v[0]),
-            services=tuple(f"{u.namespace}/{u.name}" for u in users)))
+            services=tuple(f"{u.namespace}/{u.name}" if u.kind == "Service" else u.name for u in users)))
     return out
 
 
