@@ -143,11 +143,13 @@ async def serve(args: argparse.Namespace) -> int:
 
     logged = [frozenset[str]()]  # the failing conditions the last configuration logged
 
+    cannot_announce: list[str] = []  # why the Layer 2 agent could not start, once it failed
+
     async def announce(translation: Translation) -> None:
         """With --node: hand the Layer 2 addresses to the agent, started when the first one appears."""
         lbs = translation.load_balancers
         METRICS.set_pools(lbs.allocation.pools)
-        if not args.node or (state.announcer is None and not lbs.l2):
+        if not args.node or cannot_announce or (state.announcer is None and not lbs.l2):
             return
         if state.announcer is None:
             from tidegate.announce.node import Layer2Agent
@@ -158,7 +160,7 @@ async def serve(args: argparse.Namespace) -> int:
                 await agent.start()
             except Exception as exc:  # not root, no netlink: serve anyway, say why nothing is announced
                 log.error("cannot announce LoadBalancer addresses from node %s: %s", args.node, exc)
-                args.node = ""
+                cannot_announce.append(str(exc))  # --node still names the node: Local keeps to its pods
                 return
             state.announcer = agent
             METRICS.announcer.source = agent
