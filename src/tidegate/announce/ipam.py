@@ -16,8 +16,8 @@ has none) and each pool's counts. The rules are MetalLB's (its controller and `i
   and, under `externalTrafficPolicy: Local`, select the same pods.
 
 Where MetalLB leaves an order to chance (Go map order, the order events arrive), tidegate fixes one: pools by
-creation time then name; Services holding addresses first, then those asking for given addresses, then the
-rest, each group by creation time then name.
+creation time then name; Services keeping the addresses they hold first, then the Gateway addresses set aside
+(`reserved`), then Services asking for given addresses, then the rest, each group by creation time then name.
 Where MetalLB refuses its whole configuration (two pools overlap), tidegate refuses the later pool only and
 says why, so that one wrong object does not take addresses away from the others.
 """
