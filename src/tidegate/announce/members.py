@@ -191,7 +191,7 @@ class Membership(asyncio.DatagramProtocol):
         now = time.monotonic()
         starting = now - self._started < self.timeout
         live = {n for n in self.peers if now - self.last_heard.get(n, -1e9) <= self.timeout
-                or (starting and n not in self.last_heard and n != self.node)}
+                or (starting and n not in self.last_heard and n != self.node and n not in self.departed)}
         if live != self._live:
             for node in live ^ self._live:
                 self.since[node] = time.time()
