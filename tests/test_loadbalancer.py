@@ -6,10 +6,13 @@ straight to the pods; a Service added later does not renumber the others; wrong 
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import urllib.request
 
-from tests.harness import free_port, tidegate_run, wait_until
+import pytest
+
+from tests.harness import free_port, process, tidegate_run, wait_until
 from tests.test_l4 import TCPPod, UDPPod, pods
 
 POOL = "127.0.11.100-127.0.11.103"
@@ -196,3 +199,81 @@ spec: {type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{port: 80}
             assert view["refused"][0]["name"] == "wants-it" and view["refused"][0]["reason"] == "SharingRefused"
             assert "Gateway default/gw" in view["refused"][0]["message"]
             assert view["pools"]["lab"]["assignedIPv4"] == 1
+
+
+def test_proxy_protocol_headers_follow_haproxys_spec():
+    from tidegate.dataplane.proxy_protocol import V2_SIGNATURE, header
+
+    assert header("v1", ("192.0.2.7", 51000), ("198.51.100.1", 443)) == \
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 51000 443\r\n"
+    assert header("v1", ("2001:db8::7", 51000), ("2001:db8::1", 80)) == b"PROXY TCP6 2001:db8::7 2001:db8::1 51000 80\r\n"
+    assert header("v1", ("::ffff:192.0.2.7", 1), ("192.0.2.1", 2)).startswith(b"PROXY TCP4 192.0.2.7 192.0.2.1")
+    v2 = header("v2", ("192.0.2.7", 51000), ("198.51.100.1", 443))
+    assert v2[:12] == V2_SIGNATURE and v2[12] == 0x21 and v2[13] == 0x11 and v2[14:16] == b"\x00\x0c"
+    assert v2[16:20] == bytes([192, 0, 2, 7]) and v2[20:24] == bytes([198, 51, 100, 1])
+    assert v2[24:28] == (51000).to_bytes(2, "big") + (443).to_bytes(2, "big") and len(v2) == 28
+    v6 = header("v2", ("2001:db8::7", 1), ("2001:db8::1", 2))
+    assert v6[13] == 0x21 and v6[14:16] == b"\x00\x24" and len(v6) == 16 + 36
+
+
+NGINX = shutil.which("nginx")
+
+
+@pytest.mark.skipif(NGINX is None, reason="Debian's nginx is not installed (scripts/test installs it)")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_a_pod_that_speaks_the_proxy_protocol_learns_the_client_address(tmp_path, version):
+    """tidegate.io/proxy-protocol on a LoadBalancer Service: the relay tells the pod (a stock nginx with
+    `listen ... proxy_protocol`) who the client is, though the connection comes from tidegate."""
+    pod_port, lb_port = free_port("127.0.13.1"), free_port("127.0.13.100")
+    (tmp_path / "nginx.conf").write_text(f"""
+worker_processes 1;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/nginx-error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy; fastcgi_temp_path {tmp_path}/fcgi;
+  uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
+  server {{
+    listen 127.0.13.1:{pod_port} proxy_protocol;
+    location / {{ return 200 "client=$proxy_protocol_addr:$proxy_protocol_port seen-from=$remote_addr\\n"; }}
+  }}
+}}
+""")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "shop.yaml").write_text(f"""
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: lab, namespace: metallb-system}}
+spec: {{addresses: [127.0.13.100/32]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: shop, namespace: default, annotations: {{tidegate.io/proxy-protocol: {version}}}}}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: tidegate.io/lb
+  ports: [{{name: http, port: {lb_port}, targetPort: {pod_port}}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: shop-1, namespace: default, labels: {{kubernetes.io/service-name: shop}}}}
+addressType: IPv4
+ports: [{{name: http, port: {pod_port}}}]
+endpoints: [{{addresses: [127.0.13.1]}}]
+""")
+    with process([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+                 tmp_path / "nginx.log", ready=("127.0.13.1", pod_port)), \
+            tidegate_run(config, ("127.0.13.100", lb_port), tmp_path / "tidegate.log"):
+        with socket.socket() as client:
+            client.bind(("127.0.0.77", 0))  # an address of its own, not tidegate's
+            client.settimeout(5)
+            client.connect(("127.0.13.100", lb_port))
+            client.sendall(b"GET / HTTP/1.0\r\nHost: shop\r\n\r\n")
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+            port = client.getsockname()[1]
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    assert f"client=127.0.0.77:{port} seen-from=127.0.0.1".encode() in answer

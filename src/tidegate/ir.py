@@ -132,6 +132,8 @@ class Backend:
     # Why this backend cannot be used (not found, not permitted, ...): its share of requests gets a 500.
     invalid: str = ""
     policy: TrafficPolicy | None = None
+    # L4 relays: send the PROXY protocol header first ("v1" | "v2"), from the Service's tidegate.io/proxy-protocol
+    proxy_protocol: str = ""
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import Any
 from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.outlier import record_outcome
+from tidegate.dataplane.proxy_protocol import header as proxy_header
 from tidegate.dataplane.tls import TLSSite, server_context, take_server_name
 from tidegate.dataplane.upstream import UpstreamError, connect
 from tidegate.observe import accesslog
@@ -318,11 +319,13 @@ class TCPRelay:
         self.counted: tuple | None = None  # (endpoint state, backend state) while this counts as active
         self._task: asyncio.Task | None = None
         self._hello_timer: Any = None  # a TimerHandle (uvloop has its own class)
+        self.addresses: tuple[Any, Any] = (None, None)  # (client, the address it reached)
 
     def started(self, client: _ClientSide) -> None:
         assert client.transport is not None
         peer = client.transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        self.addresses = (peer, client.transport.get_extra_info("sockname"))  # for a PROXY protocol header
         self.listener.relays.add(self)
         if self.site is None:
             self.close()
@@ -440,15 +443,18 @@ class TCPRelay:
             if policy is not None and policy.idle_timeout:
                 self.idle_timeout = policy.idle_timeout
             self.endpoint = f"{endpoint.address}:{endpoint.port}"
-            self._joined(side)
+            self._joined(side, backend.proxy_protocol)
             return
         log.info("%s: no endpoint could be reached for a connection from %s", route.name, self.peer)
         self._refuse("no-endpoint")
         self.close()
 
-    def _joined(self, side: _EndpointSide) -> None:
+    def _joined(self, side: _EndpointSide, proxy_protocol: str = "") -> None:
         self.endpoint_side = side
         side.other, self.client.other = self.client, side
+        client, reached = self.addresses
+        if proxy_protocol and client and reached:
+            side.write(proxy_header(proxy_protocol, (client[0], client[1]), (reached[0], reached[1])))
         for chunk in self.held:
             side.write(chunk)
             self.bytes_in += len(chunk)

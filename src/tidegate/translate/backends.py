@@ -6,6 +6,7 @@ import base64
 from dataclasses import dataclass
 
 from tidegate import ir
+from tidegate.resources.model import Resource
 from tidegate.translate.index import Index
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -71,7 +72,21 @@ def resolve_backend(
         protocol=protocol,
         filters=filters,
         tls=tls,
+        # TCPRoute and TLSRoute (passthrough) relays send it; HTTP proxying does not.
+        proxy_protocol=proxy_protocol_of(service)[0] if from_kind in ("TCPRoute", "TLSRoute") else "",
     ), None
+
+
+PROXY_PROTOCOL_ANNOTATION = "tidegate.io/proxy-protocol"
+
+
+def proxy_protocol_of(service: Resource) -> tuple[str, str]:
+    """The PROXY protocol version a Service's pods expect from L4 relays ("" for none), and a problem with the
+    annotation ("" when it is fine or absent)."""
+    value = service.annotations.get(PROXY_PROTOCOL_ANNOTATION, "")
+    if value in ("", "v1", "v2"):
+        return value, ""
+    return "", f"annotation {PROXY_PROTOCOL_ANNOTATION}: {value!r} is not v1 or v2; no PROXY header is sent"
 
 
 # appProtocol values that mean cleartext HTTP/2: the Kubernetes standard one, and gRPC's and Istio's names.

@@ -14,7 +14,7 @@ from tidegate import ir
 from tidegate.announce.election import Candidacy
 from tidegate.announce.ipam import Allocation, AllocationOptions, allocate, pool_status
 from tidegate.resources.model import Key, Origin, Problem
-from tidegate.translate.backends import service_endpoints
+from tidegate.translate.backends import proxy_protocol_of, service_endpoints
 from tidegate.translate.conditions import condition
 from tidegate.translate.index import Index, selector_matches
 
@@ -88,6 +88,9 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                      f"{', '.join(assignment.addresses)} from IPAddressPool {assignment.pool}",
                                      service.generation)]}
         local = spec.get("externalTrafficPolicy") == "Local"
+        proxy_protocol, problem = proxy_protocol_of(service)
+        if problem:
+            notes.append(Problem("warning", service.origin, problem, service.key))
         served = []
         nodes: set[str] = set()
         for port in spec.get("ports") or []:
@@ -101,7 +104,8 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
             if local and node:
                 endpoints = tuple(e for e in endpoints if e.node == node)
             label = f"{namespace}/{name}:{port['port']}" + ("/UDP" if protocol == "UDP" else "")
-            backend = ir.Backend(name=label, weight=1, endpoints=endpoints, protocol=port.get("appProtocol", ""))
+            backend = ir.Backend(name=label, weight=1, endpoints=endpoints, protocol=port.get("appProtocol", ""),
+                                 proxy_protocol=proxy_protocol if protocol == "TCP" else "")
             served.append((protocol, int(port["port"])))
             for address in assignment.addresses:
                 listener_name = f"{LOADBALANCER_PREFIX}{namespace}/{name}:{port['port']}/{protocol}@{address}"
