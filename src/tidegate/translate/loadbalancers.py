@@ -12,7 +12,7 @@ from typing import Any
 
 from tidegate import ir
 from tidegate.announce.election import Candidacy
-from tidegate.announce.ipam import Allocation, AllocationOptions, allocate, pool_status
+from tidegate.announce.ipam import Allocation, AllocationOptions, allocate, annotation, pool_status
 from tidegate.resources.model import Key, Origin, Problem
 from tidegate.translate.backends import proxy_protocol_of, service_endpoints
 from tidegate.translate.conditions import condition
@@ -116,9 +116,7 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                           backends=(backend,), created=service.creation_timestamp),)))
         result.services.append(LoadBalancerService(
             namespace, name, assignment.pool, assignment.addresses, tuple(served), local, tuple(sorted(nodes)),
-            sharing=next((service.annotations[k] for k in ("metallb.io/allow-shared-ip",
-                                                            "metallb.universe.tf/allow-shared-ip")
-                          if k in service.annotations), "")))
+            sharing=annotation(service, "allow-shared-ip") or ""))
     result.nodes = _nodes(index, node)
     gateways = [LoadBalancerService("", (reserved or {})[address], pool, (address,), (), local=False,
                                     kind="Gateway") for address, pool in sorted(allocation.reserved.items())]
@@ -130,7 +128,6 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                  "to another controller (run with --lb-classless to take it, once MetalLB is gone)",
                                  key))
     return result
-
 
 
 def _nodes(index: Index, this_node: str) -> list[NodeInfo]:
