@@ -319,13 +319,13 @@ class TCPRelay:
         self.counted: tuple | None = None  # (endpoint state, backend state) while this counts as active
         self._task: asyncio.Task | None = None
         self._hello_timer: Any = None  # a TimerHandle (uvloop has its own class)
-        self.addresses: tuple[Any, Any] = (None, None)  # (client, the address it reached)
+        self.peer_port = 0
 
     def started(self, client: _ClientSide) -> None:
         assert client.transport is not None
         peer = client.transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
-        self.addresses = (peer, client.transport.get_extra_info("sockname"))  # for a PROXY protocol header
+        self.peer_port = peer[1] if peer else 0
         self.listener.relays.add(self)
         if self.site is None:
             self.close()
@@ -452,9 +452,11 @@ class TCPRelay:
     def _joined(self, side: _EndpointSide, proxy_protocol: str = "") -> None:
         self.endpoint_side = side
         side.other, self.client.other = self.client, side
-        client, reached = self.addresses
-        if proxy_protocol and client and reached:
-            side.write(proxy_header(proxy_protocol, (client[0], client[1]), (reached[0], reached[1])))
+        if proxy_protocol and self.peer and self.client.transport is not None:
+            # Asked for only here: getsockname is a system call, and most relays send no PROXY header.
+            reached = self.client.transport.get_extra_info("sockname")
+            if reached:
+                side.write(proxy_header(proxy_protocol, (self.peer, self.peer_port), (reached[0], reached[1])))
         for chunk in self.held:
             side.write(chunk)
             self.bytes_in += len(chunk)
