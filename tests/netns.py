@@ -75,13 +75,18 @@ class Lab:
         return [int(p) for p in sh("ip", "netns", "pids", self.ns(role)).split()]
 
 
+SECOND4 = "198.19.0."  # a second segment, for the interface tests
+
+
 @contextmanager
-def lab(roles: dict[str, int]) -> Iterator[Lab]:
-    """Namespaces `{prefix}-{role}` for each role (host number in the subnets), joined by a bridge."""
+def lab(roles: dict[str, int], second: dict[str, int] | None = None) -> Iterator[Lab]:
+    """Namespaces `{prefix}-{role}` for each role (host number in the subnets), joined by a bridge; the roles
+    of `second` (new ones or the same) also get an eth1 on a second bridge, in 198.19.0.0/24."""
     world = Lab(f"tg{os.getpid() % 100000}", dict(roles))
+    second = second or {}
     made: list[str] = []
     try:
-        for role in ["lan", *roles]:
+        for role in ["lan", *roles, *(r for r in second if r not in roles)]:
             sh("ip", "netns", "add", world.ns(role))
             made.append(world.ns(role))
             world.run(role, "ip", "link", "set", "lo", "up")
@@ -97,6 +102,15 @@ def lab(roles: dict[str, int]) -> Iterator[Lab]:
             world.run(role, "ip", "addr", "add", f"{SUBNET4}{host}/24", "dev", "eth0")
             world.run(role, "ip", "-6", "addr", "add", f"{SUBNET6}{host}/64", "dev", "eth0", "nodad")
             world.run(role, "ip", "link", "set", "eth0", "up")
+        if second:
+            world.run("lan", "ip", "link", "add", "br1", "type", "bridge")
+            world.run("lan", "ip", "link", "set", "br1", "up")
+        for role, host in second.items():
+            world.run("lan", "ip", "link", "add", f"w{role}", "type", "veth", "peer", "name", "eth1", "netns",
+                      world.ns(role))
+            world.run("lan", "ip", "link", "set", f"w{role}", "master", "br1", "up")
+            world.run(role, "ip", "addr", "add", f"{SECOND4}{host}/24", "dev", "eth1")
+            world.run(role, "ip", "link", "set", "eth1", "up")
         yield world
     finally:
         for name in made:

@@ -329,3 +329,23 @@ def test_a_cut_link_moves_the_address_and_mending_it_brings_the_node_back(tmp_pa
         assert f"node node-{leaving} is stopping" in (tmp_path / f"tidegate-{staying}.log").read_text()
         nodes[leaving].wait(20)
         assert not world.run(leaving, "ip", "route", "show", "table", "local", "proto", "116").strip()
+
+
+def test_answers_leave_from_the_interface_whose_subnet_holds_the_address_or_the_ones_named(tmp_path):
+    """MetalLB answered ARP from every interface (its issues 277, 316). Here each node has eth0 on the
+    addresses' segment and eth1 on another; a host on the other segment that believes the address is on its
+    link gets no answer, until an L2Advertisement names eth1 too."""
+    with lab(NODES | {"client": 10}, second={**NODES, "far": 20}) as world:
+        config = _config(tmp_path)
+        world.run("far", "ip", "route", "add", "198.18.0.0/24", "dev", "eth1")  # the address "on its link"
+        with _node(world, "a", config, tmp_path), _node(world, "b", config, tmp_path):
+            wait_until(lambda: _settled(world), timeout=30, what="both nodes to agree on the announcements")
+            near = f"import socket; socket.create_connection(('{VIP4}', 80), timeout=1).close(); print('ok')"
+            wait_until(lambda: world.python("client", near).strip() == "ok", what="the address from its segment")
+            far = world.run("far", sys.executable, "-c", near, check=False)
+            assert "ok" not in far  # nobody answered its ARP request on the other segment
+            text = (config / "lab.yaml").read_text()
+            (config / "lab.yaml").write_text(text.replace("spec: {ipAddressPools: [lab]}",
+                                                          "spec: {ipAddressPools: [lab], interfaces: [eth0, eth1]}"))
+            wait_until(lambda: world.python("far", near).strip() == "ok", timeout=15,
+                       what="the address from the other segment once eth1 is named")
