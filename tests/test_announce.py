@@ -10,6 +10,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.manifests import gateway
 from tidegate.announce.election import Candidacy, assign, baseline
 from tidegate.announce.l2 import (arp_reply, gratuitous_arp, neighbour_advertisement, parse_arp_request,
                                   parse_neighbour_solicitation, solicited_node)
@@ -189,21 +190,7 @@ def test_which_nodes_may_announce_follows_advertisements_node_state_and_local_po
 
 
 def test_a_gateway_address_from_a_pool_is_announced_like_a_services():
-    text = LAB + """
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: tidegate}
-spec: {controllerName: tidegate.io/gateway-controller}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: default}
-spec:
-  gatewayClassName: tidegate
-  addresses: [{type: IPAddress, value: 198.18.0.109}]
-  listeners: [{name: http, port: 80, protocol: HTTP}]
-"""
+    text = LAB + "\n---\n" + gateway("198.18.0.109", "[{name: http, port: 80, protocol: HTTP}]", name="edge")
     translation = translate(load_text(text, "lab.yaml").resources, TranslateOptions())
     edge = next(c for c in translation.load_balancers.l2 if c.address == "198.18.0.109")
     assert edge.services == ("Gateway default/edge",) and edge.nodes == ("node-a", "node-b")

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import TIDEGATE, process, wait_until
+from tests.manifests import gateway
 from tests.netns import POD, PROBE, can_make_namespaces, lab, read_probes
 
 WHY_NOT = can_make_namespaces()
@@ -235,6 +236,7 @@ def test_sigkill_of_the_announcing_node_moves_its_addresses_within_a_second_of_d
             assert recent and all(p["pod"] for p in recent), recent[-4:]
 
 
+EDGE = "198.18.0.110"  # the Gateway's address, from the lab pool
 WIRED = """
 apiVersion: metallb.io/v1beta1
 kind: IPAddressPool
@@ -251,18 +253,7 @@ kind: Service
 metadata: {name: wired, namespace: default, annotations: {metallb.io/address-pool: wired}}
 spec: {type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{port: 80}]}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: tidegate}
-spec: {controllerName: tidegate.io/gateway-controller}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: edge, namespace: default}
-spec:
-  gatewayClassName: tidegate
-  addresses: [{type: IPAddress, value: 198.18.0.110}]
-  listeners: [{name: http, port: 8081, protocol: HTTP}]
+""" + gateway(EDGE, "[{name: http, port: 8081, protocol: HTTP}]", name="edge") + """
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -271,7 +262,6 @@ spec:
   parentRefs: [{name: edge}]
   rules: [{backendRefs: [{name: web4, port: 80}]}]
 """
-EDGE = "198.18.0.110"  # the Gateway's address, from the lab pool
 
 
 def test_a_cut_link_moves_the_address_and_mending_it_brings_the_node_back(tmp_path):
