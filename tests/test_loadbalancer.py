@@ -115,18 +115,9 @@ def test_tcp_and_udp_ports_of_one_number_reach_their_own_target_ports():
     from tidegate.resources.loader import load_text
     from tidegate.translate import TranslateOptions, translate
 
-    text = """
-apiVersion: gateway.networking.k8s.io/v1
-kind: GatewayClass
-metadata: {name: tidegate}
-spec: {controllerName: tidegate.io/gateway-controller}
----
-apiVersion: gateway.networking.k8s.io/v1
-kind: Gateway
-metadata: {name: gw, namespace: default}
-spec:
-  gatewayClassName: tidegate
-  listeners: [{name: tcp, port: 5300, protocol: TCP}, {name: udp, port: 5300, protocol: UDP}]
+    from tests.manifests import gateway
+
+    text = gateway("127.0.0.1", "[{name: tcp, port: 5300, protocol: TCP}, {name: udp, port: 5300, protocol: UDP}]") + """
 ---
 apiVersion: gateway.networking.k8s.io/v1alpha2
 kind: TCPRoute
@@ -161,9 +152,9 @@ endpoints: [{addresses: [10.0.0.1]}]
     loaded = load_text(text, "dns.yaml")
     assert not loaded.errors, [str(e) for e in loaded.errors]
     listeners = translate(loaded.resources, TranslateOptions()).ir.listeners
-    ports = {(l.protocol, l.address or "*"): [e.port for r in l.l4_routes for b in r.backends for e in b.endpoints]
+    ports = {(l.protocol, l.address): [e.port for r in l.l4_routes for b in r.backends for e in b.endpoints]
              for l in listeners}
-    assert ports == {("TCP", "*"): [5354], ("UDP", "*"): [5353], ("TCP", "192.0.2.10"): [5354],
+    assert ports == {("TCP", "127.0.0.1"): [5354], ("UDP", "127.0.0.1"): [5353], ("TCP", "192.0.2.10"): [5354],
                      ("UDP", "192.0.2.10"): [5353]}
 
 
