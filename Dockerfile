@@ -12,6 +12,8 @@ RUN python -m venv /opt/tidegate \
  && /opt/tidegate/bin/tidegate --version | grep -q "compiled with mypyc"
 
 FROM python:3.11-slim-bookworm
+# nft: the node agent's return path, which keeps clients' addresses under externalTrafficPolicy: Local
+RUN apt-get update && apt-get install -y --no-install-recommends nftables && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/tidegate /opt/tidegate
 ENV PATH=/opt/tidegate/bin:$PATH PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 USER 65532:65532

@@ -44,6 +44,7 @@ def sh(*args: str, check: bool = True) -> str:
 class Lab:
     prefix: str
     hosts: dict[str, int] = field(default_factory=dict)  # namespace role -> host number (198.18.0.N)
+    pods: dict[str, int] = field(default_factory=dict)  # pod role -> its network's number (10.244.N.2)
 
     def ns(self, role: str) -> str:
         return f"{self.prefix}-{role}"
@@ -53,6 +54,12 @@ class Lab:
 
     def v6(self, role: str) -> str:
         return f"{SUBNET6}{self.hosts[role]}"
+
+    def pod_v4(self, role: str) -> str:
+        return f"{POD4}{self.pods[role]}.2"
+
+    def pod_v6(self, role: str) -> str:
+        return f"{POD6}{self.pods[role]}::2"
 
     def run(self, role: str, *args: str, check: bool = True) -> str:
         return sh("ip", "netns", "exec", self.ns(role), *args, check=check)
@@ -76,17 +83,35 @@ class Lab:
 
 
 SECOND4 = "198.19.0."  # a second segment, for the interface tests
+POD4, POD6 = "10.244.", "fd00:244:"  # pod networks behind a node: 10.244.N.0/24 and fd00:244:N::/64
+
+
+def _pod_behind(world: Lab, pod: str, node: str, number: int) -> None:
+    """A pod namespace wired to its node as a CNI does: a veth pair, the node's end as its gateway."""
+    outside = f"p{pod}"[:15]
+    world.run(node, "ip", "link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", world.ns(pod))
+    world.run(node, "ip", "addr", "add", f"{POD4}{number}.1/24", "dev", outside)
+    world.run(node, "ip", "-6", "addr", "add", f"{POD6}{number}::1/64", "dev", outside, "nodad")
+    world.run(node, "ip", "link", "set", outside, "up")
+    world.run(pod, "ip", "addr", "add", f"{POD4}{number}.2/24", "dev", "eth0")
+    world.run(pod, "ip", "-6", "addr", "add", f"{POD6}{number}::2/64", "dev", "eth0", "nodad")
+    world.run(pod, "ip", "link", "set", "eth0", "up")
+    world.run(pod, "ip", "route", "add", "default", "via", f"{POD4}{number}.1")
+    world.run(pod, "ip", "-6", "route", "add", "default", "via", f"{POD6}{number}::1")
 
 
 @contextmanager
-def lab(roles: dict[str, int], second: dict[str, int] | None = None) -> Iterator[Lab]:
+def lab(roles: dict[str, int], second: dict[str, int] | None = None,
+        pods: dict[str, str] | None = None) -> Iterator[Lab]:
     """Namespaces `{prefix}-{role}` for each role (host number in the subnets), joined by a bridge; the roles
-    of `second` (new ones or the same) also get an eth1 on a second bridge, in 198.19.0.0/24."""
-    world = Lab(f"tg{os.getpid() % 100000}", dict(roles))
+    of `second` (new ones or the same) also get an eth1 on a second bridge, in 198.19.0.0/24; each pod of
+    `pods` (pod role -> node role) is a namespace behind its node, in a network of its own (Lab.pod_v4)."""
+    pods = pods or {}
+    world = Lab(f"tg{os.getpid() % 100000}", dict(roles), {pod: n for n, pod in enumerate(pods, start=1)})
     second = second or {}
     made: list[str] = []
     try:
-        for role in ["lan", *roles, *(r for r in second if r not in roles)]:
+        for role in ["lan", *roles, *(r for r in second if r not in roles), *pods]:
             sh("ip", "netns", "add", world.ns(role))
             made.append(world.ns(role))
             world.run(role, "ip", "link", "set", "lo", "up")
@@ -111,6 +136,8 @@ def lab(roles: dict[str, int], second: dict[str, int] | None = None) -> Iterator
             world.run("lan", "ip", "link", "set", f"w{role}", "master", "br1", "up")
             world.run(role, "ip", "addr", "add", f"{SECOND4}{host}/24", "dev", "eth1")
             world.run(role, "ip", "link", "set", "eth1", "up")
+        for pod, node in pods.items():
+            _pod_behind(world, pod, node, world.pods[pod])
         yield world
     finally:
         for name in made:

@@ -158,6 +158,54 @@ endpoints: [{addresses: [10.0.0.1]}]
                      ("UDP", "192.0.2.10"): [5353]}
 
 
+
+def test_relays_keep_the_client_address_under_local_to_pods_off_the_hosts_network():
+    """Under externalTrafficPolicy: Local on a named node, relays connect from the client's address, except
+    to a pod on the host's network (its replies would not come back through the return path), when the
+    Service asks for the PROXY protocol instead, and under Cluster (pods on other nodes answer directly)."""
+    from tidegate.resources.loader import load_text
+    from tidegate.translate import TranslateOptions, translate
+
+    def service(name: str, policy: str, pod: str, annotations: str = "{}") -> str:
+        return f"""---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, annotations: {annotations}}}
+spec: {{type: LoadBalancer, loadBalancerClass: tidegate.io/lb, externalTrafficPolicy: {policy},
+        ports: [{{name: tcp, port: 80}}, {{name: udp, port: 53, protocol: UDP}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{name: tcp, port: 80}}, {{name: udp, port: 53, protocol: UDP}}]
+endpoints: [{{addresses: ['{pod}'], nodeName: node-a}}]
+"""
+    text = """apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+status: {addresses: [{type: InternalIP, address: 192.0.2.1}, {type: Hostname, address: node-a}]}
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: lab, namespace: metallb-system}
+spec: {addresses: [198.51.100.0/28]}
+""" + service("local", "Local", "10.244.1.2") + service("hostnet", "Local", "192.0.2.1") \
+        + service("header", "Local", "10.244.1.3", "{tidegate.io/proxy-protocol: v2}") \
+        + service("cluster", "Cluster", "10.244.1.4")
+    loaded = load_text(text, "lb.yaml")
+    assert not loaded.errors, [str(e) for e in loaded.errors]
+
+    def kept(node: str) -> dict[str, bool]:
+        listeners = translate(loaded.resources, TranslateOptions(node=node)).ir.listeners
+        return {f"{b.name}": b.keep_client_address for l in listeners for r in l.l4_routes for b in r.backends}
+
+    assert kept("node-a") == {"default/local:80": True, "default/local:53/UDP": True,
+                              "default/hostnet:80": False, "default/hostnet:53/UDP": False,
+                              "default/header:80": False, "default/header:53/UDP": True,
+                              "default/cluster:80": False, "default/cluster:53/UDP": False}
+    assert not any(kept("").values())  # no node named: nothing is known to be local
+
 def test_a_gateway_address_from_a_pool_is_kept_from_services_and_served(tmp_path):
     """A Gateway whose spec.addresses names a pool address: the address manager keeps it from Services (a
     Service asking for it is refused, and the pool counts it), and the Gateway serves on it."""

@@ -74,12 +74,13 @@ async def serve(args: argparse.Namespace) -> int:
     METRICS.use_workers()
     registry = Registry()
     incarnation = f"{int(time.time() * 1000):x}.{os.getpid():x}"  # this run, in heartbeat answers
+    return_path = await _return_path(args, log)
     deadlines = Deadlines(request_head=args.request_head_timeout, request_body_window=args.request_body_timeout,
                           idle=args.idle_timeout, send=args.send_timeout, upstream_read=args.upstream_read_timeout)
     pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
                                                   args.access_log_sample, args.access_log_status, deadlines,
                                                   node=args.node, heartbeat_port=args.heartbeat_port,
-                                                  incarnation=incarnation),
+                                                  incarnation=incarnation, transparent=return_path is not None),
                       registry)
     health = HealthChecker(registry, on_change=pool.health_changed)
     await pool.start()
@@ -214,11 +215,33 @@ async def serve(args: argparse.Namespace) -> int:
     await pool.stop(args.grace)
     if state.announcer is not None:
         await state.announcer.close()
+    if return_path is not None:
+        await asyncio.to_thread(return_path.remove)
     await health.close()
     for listener in (admin, metrics):
         if listener is not None:
             listener.close()
     return EXIT_OK
+
+
+async def _return_path(args: argparse.Namespace, log: logging.Logger) -> Any:
+    """With --node: the return path for relays that connect to local pods from the client's address
+    (externalTrafficPolicy: Local), set up before the workers start; None when it cannot be (they connect from
+    this node's address then, and the log says why)."""
+    if not args.node or args.no_transparent:
+        return None
+    from tidegate.announce.return_path import ReturnPath
+
+    path = ReturnPath()
+    try:
+        await asyncio.to_thread(path.install)
+    except Exception as exc:  # not root, no nft: serve anyway
+        log.error("node %s: pods behind externalTrafficPolicy: Local will see this node's address, not the "
+                  "client's: %s (or give the Service tidegate.io/proxy-protocol)", args.node, exc)
+        return None
+    log.info("node %s: relays to local pods keep the client's address (nftables table inet tidegate, fwmark "
+             "%#x, routing table %d)", args.node, path.mark, path.table)
+    return path
 
 
 def served_ir(config: ir.IR, serve: str) -> ir.IR:

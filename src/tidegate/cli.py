@@ -147,6 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     l2.add_argument("--l2-refresh", type=float, default=10.0, metavar="SECONDS",
                     help="send gratuitous ARP / unsolicited neighbour advertisements this often while announcing, "
                          "not only at takeover (default: %(default)s)")
+    l2.add_argument("--no-transparent", action="store_true",
+                    help="under externalTrafficPolicy: Local, do not connect to pods from the client's address "
+                         "(which needs an nftables rule and a policy route on the node): pods then see the node's "
+                         "address, unless the Service asks for the PROXY protocol")
     run.add_argument("--zone", default=os.environ.get("TIDEGATE_ZONE", ""),
                      help="the zone tidegate runs in, for EndpointSlice topology hints and zone-aware balancing "
                           "(default: $TIDEGATE_ZONE)")

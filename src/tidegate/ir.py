@@ -134,6 +134,9 @@ class Backend:
     policy: TrafficPolicy | None = None
     # L4 relays: send the PROXY protocol header first ("v1" | "v2"), from the Service's tidegate.io/proxy-protocol
     proxy_protocol: str = ""
+    # L4 relays: connect to the pod from the client's own address (IP_TRANSPARENT), so that it sees who the
+    # client is: a LoadBalancer Service with externalTrafficPolicy: Local, whose pods are on this node
+    keep_client_address: bool = False
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class WorkerOptions:
     node: str = ""  # --node: workers answer the heartbeat that tells other nodes this one serves
     heartbeat_port: int = 0
     incarnation: str = ""  # this run's, in heartbeat answers (a node that said goodbye is not up again)
+    transparent: bool = False  # the return path is in place: relays may connect from clients' addresses
 
 
 # -- the control process's side ---------------------------------------------------------------------------
@@ -250,6 +251,7 @@ def worker_main(conn: Connection, index: int, options: WorkerOptions) -> None:
 
 
 async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
+    from tidegate.dataplane.l4 import TRANSPARENCY
     from tidegate.dataplane.server import DataPlane, freeze_startup_heap
     from tidegate.observe import accesslog
     from tidegate.observe.metrics import METRICS
@@ -258,6 +260,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
                                                options.access_log_sample, options.access_log_status)
     for deadline in fields(Deadlines):  # in place: the data plane's modules hold this object
         setattr(DEADLINES, deadline.name, getattr(options.deadlines, deadline.name))
+    TRANSPARENCY.enabled = options.transparent
     descriptors.raise_limit()
     fd_watch = asyncio.get_running_loop().create_task(descriptors.watch())
     dataplane = DataPlane(bind=options.bind, reuse_port=True, health_checks=False)

@@ -32,7 +32,7 @@ from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.outlier import record_outcome
 from tidegate.dataplane.proxy_protocol import header as proxy_header
 from tidegate.dataplane.tls import TLSSite, server_context, take_server_name
-from tidegate.dataplane.upstream import UpstreamError, connect
+from tidegate.dataplane.upstream import ConnectError, UpstreamError, connect
 from tidegate.observe import accesslog
 from tidegate.observe.metrics import (
     L4_BYTES_IN,
@@ -415,7 +415,13 @@ class TCPRelay:
             state = registry.endpoint(endpoint.address, endpoint.port)
             side = _EndpointSide(self)
             try:
-                await connect(lambda side=side: side, endpoint.address, endpoint.port, timeout)  # type: ignore[misc]
+                if backend.keep_client_address and TRANSPARENCY.enabled \
+                        and (":" in self.peer) == (":" in endpoint.address):
+                    await connect_as_client(lambda side=side: side, self.peer, endpoint.address,  # type: ignore[misc]
+                                            endpoint.port, timeout)
+                else:
+                    await connect(lambda side=side: side, endpoint.address, endpoint.port,  # type: ignore[misc]
+                                  timeout)
             except asyncio.CancelledError:
                 if side.transport is not None:  # made just as the client left
                     side.transport.close()
@@ -548,6 +554,7 @@ class _UDPSession(asyncio.DatagramProtocol):
         self.queue: list[bytes] = []
         self.last_active = self.started_at = time.monotonic()
         self.closed = False
+        self.as_client = False  # sent from the client's own address (IP_TRANSPARENT)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -656,6 +663,8 @@ class UDPListener(asyncio.DatagramProtocol):
         idle = policy.idle_timeout if policy is not None and policy.idle_timeout else UDP_IDLE_TIMEOUT
         session = self.sessions[client] = _UDPSession(self, client, site, route, endpoint, idle,
                                                       (state, backend_state))
+        session.as_client = backend.keep_client_address and TRANSPARENCY.enabled \
+            and (":" in client[0]) == (":" in endpoint.address)
         task = asyncio.get_running_loop().create_task(self._connect(session))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -663,9 +672,21 @@ class UDPListener(asyncio.DatagramProtocol):
 
     async def _connect(self, session: _UDPSession) -> None:
         loop = asyncio.get_running_loop()
+        remote = (session.endpoint.address, session.endpoint.port)
         try:
-            await loop.create_datagram_endpoint(lambda: session,
-                                                remote_addr=(session.endpoint.address, session.endpoint.port))
+            sock = None
+            if session.as_client:
+                sock = client_socket(session.client[0], datagram=True)
+                if sock is not None:
+                    try:
+                        sock.connect(remote)  # at once for UDP: no packet is sent
+                    except OSError:
+                        sock.close()
+                        raise
+            if sock is not None:
+                await loop.create_datagram_endpoint(lambda: session, sock=sock)
+            else:
+                await loop.create_datagram_endpoint(lambda: session, remote_addr=remote)
         except OSError as exc:
             log.warning("%s: UDP to %s:%d: %s", self.name, session.endpoint.address, session.endpoint.port, exc)
             session.counted[0].failures += 1
@@ -737,6 +758,75 @@ def free_socket(address: str, port: int, datagram: bool, reuse_port: bool) -> so
         sock.close()
         raise
     return sock
+
+
+IP_TRANSPARENT = 19  # <linux/in.h>
+IPV6_TRANSPARENT = 75  # <linux/in6.h>
+IP_BIND_ADDRESS_NO_PORT = 24  # the port is chosen at connect, by the whole 4-tuple
+
+
+@dataclass
+class Transparency:
+    """Whether relays may connect to pods from the clients' own addresses: set in each worker when the node's
+    return path is in place (announce/return_path.py), without which the pods' replies would not come back."""
+
+    enabled: bool = False
+
+
+TRANSPARENCY = Transparency()
+
+
+def client_socket(client: str, datagram: bool) -> socket.socket | None:
+    """A socket bound to the client's address (IP_TRANSPARENT), to connect to a pod on this node; None, with
+    transparency turned off for this process and an error logged, when the kernel refuses it (no
+    CAP_NET_ADMIN)."""
+    family = socket.AF_INET6 if ":" in client else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM if datagram else socket.SOCK_STREAM)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_TRANSPARENT, 1)
+        if not datagram:
+            sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.bind((client, 0))
+        sock.setblocking(False)
+    except PermissionError as exc:
+        sock.close()
+        TRANSPARENCY.enabled = False
+        log.error("cannot connect to pods from the clients' addresses (IP_TRANSPARENT): %s; under "
+                  "externalTrafficPolicy: Local they see this node's address from now on", exc)
+        return None
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def connect_as_client(factory: Callable[[], asyncio.Protocol], client: str, host: str, port: int,
+                            timeout: float) -> tuple[asyncio.BaseTransport, Any]:
+    """`connect`, from the client's address (see client_socket): the pod is on this node, and its replies
+    come back to this socket through the return path."""
+    try:
+        sock = client_socket(client, datagram=False)
+    except OSError as exc:
+        raise ConnectError(f"connect to {host}:{port} from {client} failed: {exc.strerror or exc}") from exc
+    if sock is None:
+        return await connect(factory, host, port, timeout)
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(timeout):
+            await loop.sock_connect(sock, (host, port))
+        return await loop.create_connection(factory, sock=sock)
+    except TimeoutError as timeout_error:
+        sock.close()
+        raise ConnectError(f"connect to {host}:{port} timed out") from timeout_error
+    except OSError as exc:
+        sock.close()
+        raise ConnectError(f"connect to {host}:{port} failed: {exc.strerror or exc}") from exc
+    except BaseException:
+        sock.close()
+        raise
 
 
 def l4_kind(listener: ir.Listener) -> str:

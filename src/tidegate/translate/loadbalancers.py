@@ -67,6 +67,7 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
     kept from Services, and announced like theirs."""
     result = LoadBalancers(allocation=allocate(index, options, reserved))
     allocation = result.allocation
+    host = _node_addresses(index, node)
     for key, message in allocation.pool_problems.items():
         pool = index.get("IPAddressPool", key.namespace, key.name)
         notes.append(Problem("error", pool.origin if pool else Origin("<memory>"), message, key))
@@ -104,8 +105,13 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
             if local and node:
                 endpoints = tuple(e for e in endpoints if e.node == node)
             label = f"{namespace}/{name}:{port['port']}" + ("/UDP" if protocol == "UDP" else "")
+            header = proxy_protocol if protocol == "TCP" else ""
+            # Local, on this node, and no PROXY header: connect from the client's address. Not to a pod on the
+            # host's network (its replies would leave by the node's own routes, not come back to the relay).
+            transparent = local and bool(node) and not header \
+                and not any(_on_host(e.address, host) for e in endpoints)
             backend = ir.Backend(name=label, weight=1, endpoints=endpoints, protocol=port.get("appProtocol", ""),
-                                 proxy_protocol=proxy_protocol if protocol == "TCP" else "")
+                                 proxy_protocol=header, keep_client_address=transparent)
             served.append((protocol, int(port["port"])))
             for address in assignment.addresses:
                 listener_name = f"{LOADBALANCER_PREFIX}{namespace}/{name}:{port['port']}/{protocol}@{address}"
@@ -128,6 +134,18 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                  "to another controller (run with --lb-classless to take it, once MetalLB is gone)",
                                  key))
     return result
+
+
+def _node_addresses(index: Index, node: str) -> frozenset[str]:
+    """Every address the Node object of `node` lists (a pod with one of them runs on the host's network)."""
+    res = index.get("Node", "", node) if node else None
+    if res is None:
+        return frozenset()
+    return frozenset(a.get("address", "") for a in (res.obj.get("status") or {}).get("addresses") or [])
+
+
+def _on_host(address: str, host: frozenset[str]) -> bool:
+    return address in host or address.startswith("127.") or address == "::1"
 
 
 def _nodes(index: Index, this_node: str) -> list[NodeInfo]:

@@ -1,0 +1,171 @@
+"""`externalTrafficPolicy: Local` keeps the client's address, on a lab of network namespaces (tests/netns.py):
+a node running `tidegate run --node`, a client on its segment, and a pod namespace behind the node as a CNI
+wires one (a veth pair, its own network). The pod is a stock nginx that answers with the address it sees
+(`$remote_addr`), and a UDP server that answers with the datagram's source.
+
+Under Local, the relay connects to the pod from the client's own address (IP_TRANSPARENT), and the pod's
+replies come back to the relay through the return path (an nftables rule, a policy rule, a local route:
+announce/return_path.py). Under Cluster the pod sees the node's address, as behind any proxy: the difference
+is what this test proves. A clean stop takes the return path away.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from tests.harness import TIDEGATE, process, wait_until
+from tests.netns import can_make_namespaces, lab
+
+WHY_NOT = can_make_namespaces() or ("" if shutil.which("nginx") else "Debian's nginx is not installed") \
+    or ("" if shutil.which("nft") else "nft (Debian package nftables) is not installed; scripts/test installs it")
+pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
+
+ADMIN = "http://127.0.0.1:9900"
+LOCAL4, LOCAL6, CLUSTER4 = "198.18.0.100", "2001:db8::100", "198.18.0.101"
+
+# A pod's UDP side: answers each datagram with the address it came from.
+UDP_SOURCE = r"""
+import socket, sys
+for family, address in ((socket.AF_INET, sys.argv[1]), (socket.AF_INET6, sys.argv[2])):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((address, 5353))
+    globals().setdefault("sockets", []).append(s)
+import selectors
+sel = selectors.DefaultSelector()
+for s in sockets:
+    sel.register(s, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        _, peer = key.fileobj.recvfrom(512)
+        key.fileobj.sendto(peer[0].encode(), peer)
+"""
+
+# The client: an HTTP GET over TCP and a UDP datagram to an address; prints what the pod saw.
+ASK = r"""
+import socket, sys, urllib.request
+host = sys.argv[1]
+url = f"http://[{host}]/" if ":" in host else f"http://{host}/"
+print(urllib.request.urlopen(url, timeout=5).read().decode().strip())
+with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM) as s:
+    s.settimeout(5)
+    s.sendto(b"who am I", (host, 53))
+    print(s.recv(512).decode())
+"""
+
+
+def _service(name: str, family: str, address: str, policy: str, pod: str) -> str:
+    return f"""---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, annotations: {{metallb.io/loadBalancerIPs: "{address}"}}}}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: tidegate.io/lb
+  externalTrafficPolicy: {policy}
+  ipFamilies: [{family}]
+  ports: [{{name: http, port: 80, targetPort: 8080}}, {{name: dns, port: 53, protocol: UDP, targetPort: 5353}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: {family}
+ports: [{{name: http, port: 8080}}, {{name: dns, port: 5353, protocol: UDP}}]
+endpoints: [{{addresses: ['{pod}'], nodeName: node-a, targetRef: {{kind: Pod, name: web}}}}]
+"""
+
+
+def _nginx_conf(tmp: Path) -> Path:
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  server {{
+    listen 8080;
+    listen [::]:8080;
+    location / {{ return 200 "$remote_addr\\n"; }}
+  }}
+}}
+""")
+    return conf
+
+
+def _announced(world) -> int:
+    try:
+        return len(world.get_json("a", f"{ADMIN}/api/v1/loadbalancers")["announcements"])
+    except RuntimeError:  # the admin listener is not open yet
+        return 0
+
+
+def _ruleset(world) -> str:
+    return world.run("a", "nft", "list", "tables") + world.run("a", "ip", "rule") + world.run("a", "ip", "-6", "rule")
+
+
+def test_local_pods_see_the_client_address_and_cluster_pods_the_nodes(tmp_path):
+    with ExitStack() as stack:
+        world = stack.enter_context(lab({"a": 1, "client": 10}, pods={"web": "a"}))
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "lab.yaml").write_text(f"""apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: {world.v4("a")}}}]}}
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: lab, namespace: metallb-system}}
+spec: {{addresses: [198.18.0.100-198.18.0.109, 2001:db8::100-2001:db8::109]}}
+---
+apiVersion: metallb.io/v1beta1
+kind: L2Advertisement
+metadata: {{name: lab, namespace: metallb-system}}
+"""
+            + _service("local4", "IPv4", LOCAL4, "Local", world.pod_v4("web"))
+            + _service("local6", "IPv6", LOCAL6, "Local", world.pod_v6("web"))
+            + _service("cluster4", "IPv4", CLUSTER4, "Cluster", world.pod_v4("web")))
+        stack.enter_context(process(world.exec_args("web", shutil.which("nginx"), "-p", str(tmp_path), "-c",
+                                                    str(_nginx_conf(tmp_path)), "-g", "daemon off;"),
+                                    tmp_path / "nginx.log"))
+        stack.enter_context(process(world.exec_args("web", sys.executable, "-c", UDP_SOURCE, world.pod_v4("web"),
+                                                    world.pod_v6("web")), tmp_path / "udp.log"))
+        log = tmp_path / "tidegate.log"
+        node = stack.enter_context(process(world.exec_args(
+            "a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--admin", "127.0.0.1:9900", "--bind",
+            "127.0.0.1"), log))
+        wait_until(lambda: _announced(world) == 3, timeout=30, what="the three addresses announced")
+        assert "relays to local pods keep the client's address" in log.read_text()
+        assert "table inet tidegate" in _ruleset(world)
+
+        def seen(address: str) -> list[str]:
+            def ask() -> list[str] | None:
+                try:
+                    return world.run("client", sys.executable, "-c", ASK, address).split()
+                except RuntimeError:
+                    return None
+            return wait_until(ask, timeout=15, what=f"answers through {address}")
+
+        # Local: the pod sees the client, over TCP and UDP, IPv4 and IPv6.
+        assert seen(LOCAL4) == [world.v4("client")] * 2
+        assert seen(LOCAL6) == [world.v6("client")] * 2
+        # Cluster: the node's address (its end of the pod's link), as behind any proxy.
+        assert seen(CLUSTER4) == ["10.244.1.1"] * 2
+        # Many connections in a row: each gets its own port from the client's address, and all come back.
+        for _ in range(20):
+            assert world.run("client", sys.executable, "-c", ASK, LOCAL4).split() == [world.v4("client")] * 2
+
+        node.terminate()
+        node.wait(15)
+        time.sleep(0.1)
+        left = _ruleset(world)
+        assert "tidegate" not in left and "lookup 116" not in left, left
