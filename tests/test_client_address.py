@@ -7,6 +7,8 @@ Under Local, the relay connects to the pod from the client's own address (IP_TRA
 replies come back to the relay through the return path (an nftables rule, a policy rule, a local route:
 announce/return_path.py). Under Cluster the pod sees the node's address, as behind any proxy: the difference
 is what this test proves. A clean stop takes the return path away.
+
+The same relay brings a Gateway's pool address to the pods that serve Gateways in a cluster (--gateway-pods).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import TIDEGATE, process, wait_until
+from tests.manifests import gateway
 from tests.netns import can_make_namespaces, lab
 
 WHY_NOT = can_make_namespaces() or ("" if shutil.which("nginx") else "Debian's nginx is not installed") \
@@ -169,3 +172,93 @@ metadata: {{name: lab, namespace: metallb-system}}
         time.sleep(0.1)
         left = _ruleset(world)
         assert "tidegate" not in left and "lookup 116" not in left, left
+
+
+EDGE = "198.18.0.110"  # a Gateway's address, from the pool
+
+
+def test_a_gateways_pool_address_is_relayed_by_the_node_agent_to_the_gateway_pods(tmp_path):
+    """In a cluster the Gateways are served by the Deployment's pods, not by the node agents that announce:
+    with --gateway-pods, the agent on a node with a Gateway pod announces the Gateway's pool address and
+    relays its ports to that pod (from the client's address), and the pod listens on every address for them.
+    The pod's HTTPRoute reaches a stock nginx that answers with the X-Forwarded-For it was sent."""
+    with ExitStack() as stack:
+        world = stack.enter_context(lab({"a": 1, "client": 10}, pods={"gw": "a"}))
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "lab.yaml").write_text(f"""apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: {world.v4("a")}}}]}}
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: lab, namespace: metallb-system}}
+spec: {{addresses: [198.18.0.100-198.18.0.119]}}
+---
+apiVersion: metallb.io/v1beta1
+kind: L2Advertisement
+metadata: {{name: lab, namespace: metallb-system}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: tidegate, namespace: tidegate-system}}
+spec: {{selector: {{app: tidegate}}, ports: [{{name: http, port: 80, targetPort: 8081}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: tidegate-1, namespace: tidegate-system, labels: {{kubernetes.io/service-name: tidegate}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8081}}]
+endpoints: [{{addresses: ['{world.pod_v4("gw")}'], nodeName: node-a, targetRef: {{kind: Pod, name: tidegate-1}}}}]
+---
+{gateway(EDGE, "[{name: http, port: 8081, protocol: HTTP}]", name="edge")}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: edge, namespace: default}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules: [{{backendRefs: [{{name: web, port: 80}}]}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec: {{ports: [{{name: http, port: 80, targetPort: 9000}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 9000}}]
+endpoints: [{{addresses: [127.0.0.1], targetRef: {{kind: Pod, name: web}}}}]
+""")
+        conf = _nginx_conf(tmp_path)
+        conf.write_text(conf.read_text().replace("listen 8080;\n    listen [::]:8080;", "listen 127.0.0.1:9000;")
+                        .replace("$remote_addr", "$http_x_forwarded_for"))
+        stack.enter_context(process(world.exec_args("gw", shutil.which("nginx"), "-p", str(tmp_path), "-c",
+                                                    str(conf), "-g", "daemon off;"), tmp_path / "nginx.log"))
+        pod_log = tmp_path / "gateway-pod.log"
+        stack.enter_context(process(world.exec_args(
+            "gw", *TIDEGATE, "run", "-f", str(config), "--gateway-pods", "tidegate-system/tidegate", "--admin",
+            "127.0.0.1:9901"), pod_log))
+        log = tmp_path / "agent.log"
+        stack.enter_context(process(world.exec_args(
+            "a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--serve", "loadbalancers",
+            "--gateway-pods", "tidegate-system/tidegate", "--admin", "127.0.0.1:9900", "--bind", "127.0.0.1"), log))
+        wait_until(lambda: _announced(world) == 1, timeout=30, what="the Gateway's address announced")
+        view = world.get_json("a", f"{ADMIN}/api/v1/loadbalancers")
+        assert [a["address"] for a in view["announcements"]] == [EDGE], view
+        # The pod listens on every address for the Gateway, not on the pool address it could not receive.
+        wait_until(lambda: "listening on 0.0.0.0:8081" in pod_log.read_text(), timeout=15,
+                   what="the Gateway pod to listen on every address")
+
+        def forwarded_for() -> str | None:
+            try:
+                return world.python("client", "import urllib.request;print(urllib.request.urlopen("
+                                              f"'http://{EDGE}:8081/', timeout=5).read().decode().strip())").strip()
+            except RuntimeError:
+                return None
+
+        assert wait_until(forwarded_for, timeout=15, what="an answer through the Gateway's address") \
+            == world.v4("client")

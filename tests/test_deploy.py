@@ -158,7 +158,8 @@ def test_the_bare_metal_overlay_adds_a_node_agent_on_the_host_network_that_serve
     container = pod["containers"][0]
     assert pod["hostNetwork"] is True and pod["serviceAccountName"] == "tidegate"
     assert container["args"][:2] == ["run", "--kubernetes"]
-    assert {"--serve=loadbalancers", "--lb-classless", "--node=$(NODE_NAME)"} <= set(container["args"])
+    assert {"--serve=loadbalancers", "--lb-classless", "--node=$(NODE_NAME)",
+            "--gateway-pods=tidegate-system/tidegate"} <= set(container["args"])
     assert {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in container["env"]}["NODE_NAME"] == \
         "spec.nodeName"
     assert set(container["securityContext"]["capabilities"]["add"]) == {"NET_ADMIN", "NET_RAW", "NET_BIND_SERVICE"}
@@ -167,6 +168,7 @@ def test_the_bare_metal_overlay_adds_a_node_agent_on_the_host_network_that_serve
     assert "arp_ignore" in init["command"][-1] and init["securityContext"]["privileged"] is True
     # The Deployment's leader writes the Services' status, so it takes the same Services as the agents.
     deployment = next(d for d in bare if d["kind"] == "Deployment")
-    assert "--lb-classless" in deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert {"--lb-classless", "--gateway-pods=tidegate-system/tidegate"} <= set(
+        deployment["spec"]["template"]["spec"]["containers"][0]["args"])
     assert container["image"] == deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
         "ghcr.io/tidegate/tidegate:0.1.0"

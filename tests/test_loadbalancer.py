@@ -316,3 +316,69 @@ endpoints: [{{addresses: [127.0.13.1]}}]
             port = client.getsockname()[1]
     assert answer.startswith(b"HTTP/1.1 200"), answer
     assert f"client=127.0.0.77:{port} seen-from=127.0.0.1".encode() in answer
+
+
+def test_with_gateway_pods_agents_relay_a_gateways_pool_address_and_the_pods_listen_everywhere():
+    """--gateway-pods: a node agent's translation relays each of the Gateway's ports on its pool address to
+    its own node's Gateway pods (Local: only nodes with such a pod are candidates); the pods' translation
+    listens on every address for that Gateway. A Service that is not there is an error, not a silent gap."""
+    from tidegate.resources.loader import load_text
+    from tidegate.translate import TranslateOptions, translate
+
+    from tests.manifests import gateway
+
+    text = gateway("192.0.2.50", "[{name: http, port: 80, protocol: HTTP}, {name: dns, port: 53, protocol: UDP}]") \
+        + """---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {name: lab, namespace: metallb-system}
+spec: {addresses: [192.0.2.50/32]}
+---
+apiVersion: metallb.io/v1beta1
+kind: L2Advertisement
+metadata: {name: lab, namespace: metallb-system}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-a}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-b}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-c}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: tidegate, namespace: tidegate-system}
+spec: {ports: [{name: http, port: 80, targetPort: http}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: tidegate-1, namespace: tidegate-system, labels: {kubernetes.io/service-name: tidegate}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints:
+- {addresses: [10.244.1.5], nodeName: node-a}
+- {addresses: [10.244.2.5], nodeName: node-b}
+- {addresses: [10.244.2.6], nodeName: node-b, conditions: {ready: false}}
+"""
+    loaded = load_text(text, "gw.yaml")
+    assert not loaded.errors, [str(e) for e in loaded.errors]
+    agent = translate(loaded.resources, TranslateOptions(node="node-b", gateway_pods="tidegate-system/tidegate"))
+    relays = {l.name: [(e.address, e.port) for r in l.l4_routes for b in r.backends for e in b.endpoints]
+              for l in agent.ir.listeners if l.gateway.startswith("service:")}
+    assert relays == {"service:default/gw:53/UDP@192.0.2.50": [("10.244.2.5", 53)],
+                      "service:default/gw:80/TCP@192.0.2.50": [("10.244.2.5", 80)]}
+    [candidacy] = agent.load_balancers.l2
+    assert candidacy.nodes == ("node-a", "node-b") and candidacy.services == ("Gateway default/gw",)
+    pods = translate(loaded.resources, TranslateOptions(gateway_addresses_relayed=True))
+    assert {(l.address, l.port, l.freebind) for l in pods.ir.listeners if l.gateway == "default/gw"} == {
+        ("", 80, False), ("", 53, False)}
+    gateway_status = next(s for k, s in pods.statuses.items() if k.kind == "Gateway")
+    assert gateway_status["addresses"] == [{"type": "IPAddress", "value": "192.0.2.50"}]
+    missing = translate(loaded.resources, TranslateOptions(node="node-b", gateway_pods="tidegate-system/nope"))
+    assert any("no Service tidegate-system/nope" in n.message for n in missing.notes)
+    assert not missing.load_balancers.l2

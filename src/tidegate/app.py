@@ -168,7 +168,8 @@ async def serve(args: argparse.Namespace) -> int:
             log.info("node %s: announcing LoadBalancer addresses in Layer 2 (heartbeat on UDP port %d, a node "
                      "silent for %.1f s is down)", args.node, args.heartbeat_port, args.node_timeout)
         candidacies = lbs.l2
-        if args.serve == "loadbalancers":  # a node agent serves no Gateway: it does not announce their addresses
+        if args.serve == "loadbalancers" and not args.gateway_pods:
+            # A node agent that does not relay to the Gateways' pods does not announce their addresses
             candidacies = [c for c in candidacies if not all(s.startswith("Gateway ") for s in c.services)]
         state.announcer.update(candidacies, lbs.nodes)
 

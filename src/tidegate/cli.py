@@ -66,6 +66,10 @@ def _parser() -> argparse.ArgumentParser:
         lb.add_argument("--node", default=os.environ.get("NODE_NAME", ""), metavar="NAME",
                         help="the node this runs on: its pods are the local ones for externalTrafficPolicy: Local, "
                              "and it announces the addresses given to it (default: $NODE_NAME)")
+        lb.add_argument("--gateway-pods", default="", metavar="NAMESPACE/SERVICE",
+                        help="the Service whose pods serve the Gateways (deploy/bare-metal: tidegate-system/tidegate): "
+                             "node agents relay a Gateway's pool address to them, and they listen on every "
+                             "address for it")
 
     run = sub.add_parser("run", help="load resources, keep them translated, and watch for changes",
                          description="Load Kubernetes YAML, translate it and keep watching the files: each change "
@@ -224,9 +228,13 @@ def options_for(args: argparse.Namespace, last: Translation | None = None) -> Tr
     address = args.address or (bind if bind not in ("", "0.0.0.0", "::") else "")
     held = tuple(sorted((key, a.addresses) for key, a in last.load_balancers.allocation.assignments.items())
                  ) if last is not None else ()
+    # --gateway-pods: a node agent relays to those pods; one of those pods is reached through the agents
+    agent = getattr(args, "serve", "all") == "loadbalancers"
     return TranslateOptions(address=address, ingress_http_port=args.ingress_http_port,
                             ingress_https_port=args.ingress_https_port, node=args.node, lb_class=args.lb_class,
-                            lb_classless=args.lb_classless, lb_held=held)
+                            lb_classless=args.lb_classless, lb_held=held,
+                            gateway_pods=args.gateway_pods if agent else "",
+                            gateway_addresses_relayed=bool(args.gateway_pods) and not agent)
 
 
 def _load(args: argparse.Namespace) -> LoadResult:
@@ -501,6 +509,11 @@ def _run_args_problem(args: argparse.Namespace) -> str:
         return "--node-timeout and --l2-refresh must be positive"
     if args.kubeconfig and not os.path.isfile(args.kubeconfig):
         return f"--kubeconfig {args.kubeconfig!r}: no such file"
+    if args.gateway_pods and args.gateway_pods.count("/") != 1:
+        return "--gateway-pods takes NAMESPACE/SERVICE"
+    if args.gateway_pods and args.node and args.serve == "all":
+        return ("--gateway-pods with --node and --serve all: this process serves the Gateways' pool addresses "
+                "itself; --gateway-pods is for the Deployment's pods and the node agents (--serve loadbalancers)")
     return ""
 
 

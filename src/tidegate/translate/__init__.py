@@ -38,6 +38,12 @@ class TranslateOptions:
     lb_classless: bool = False  # also take LoadBalancer Services with no class (--lb-classless)
     # The addresses the last translation gave ((namespace, name), addresses): kept while valid (file mode).
     lb_held: tuple[tuple[tuple[str, str], tuple[str, ...]], ...] = ()
+    # --gateway-pods on a node agent: the Service whose pods serve the Gateways; Gateways' pool addresses are
+    # relayed to them (translate/loadbalancers.py)
+    gateway_pods: str = ""
+    # --gateway-pods on those pods: the node agents bring the pool addresses' traffic, to any address of
+    # theirs; the Gateways' listeners listen on every address instead of binding the pool address
+    gateway_addresses_relayed: bool = False
 
 
 @dataclass
@@ -60,9 +66,12 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
     # LoadBalancer Services and the Gateway addresses that come from IPAddressPools
     reserved = {address: f"Gateway {gw.resource.namespace}/{gw.resource.name}" for gw in gateways if gw.accepted
                 for address in gw.bind_addresses}
+    gateway_ports = {address: tuple(sorted({("UDP" if s.protocol == "UDP" else "TCP", s.port) for s in gw.listeners
+                                            if s.accepted[0] and s.programmable}))
+                     for gw in gateways if gw.accepted for address in gw.bind_addresses}
     load_balancers = translate_load_balancers(
         index, AllocationOptions(options.lb_class, options.lb_classless, options.lb_held), options.node, statuses,
-        notes, reserved)
+        notes, reserved, gateway_ports, options.gateway_pods)
     pool_addresses = load_balancers.allocation.reserved
     taken = load_balancers.allocation.reserve_refused
 
@@ -87,7 +96,10 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
         for state in gw.listeners:
             if not (state.accepted[0] and state.programmable):
                 continue
-            for address in gw.bind_addresses or [""]:
+            addresses = gw.bind_addresses or [""]
+            if options.gateway_addresses_relayed:  # reached through the node agents, at any address of this pod
+                addresses = list(dict.fromkeys("" if a in pool_addresses else a for a in addresses))
+            for address in addresses:
                 listeners.append(ir.Listener(
                     name=f"{gateway_name}/{state.name}", gateway=gateway_name, address=address,
                     port=state.port, protocol=state.protocol, hostname=state.hostname, tls=state.tls,

@@ -3,11 +3,15 @@ per address and port that relays straight to the Service's pods.
 
 `externalTrafficPolicy: Local` keeps to the pods on this node (`TranslateOptions.node`; with no node named,
 every pod counts as local); `Cluster` uses every ready pod.
+
+A Gateway whose `spec.addresses` names a pool address is announced like a Service. Where the Gateways are
+served by other pods than the announcing process (a cluster: the Deployment's pods, `--gateway-pods`), the node
+agents relay each of the Gateway's ports on that address to those pods, as for a Service under `Local`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tidegate import ir
@@ -62,9 +66,13 @@ class LoadBalancers:
 
 
 def translate_load_balancers(index: Index, options: AllocationOptions, node: str, statuses: dict[Key, Any],
-                             notes: list[Problem], reserved: dict[str, str] | None = None) -> LoadBalancers:
+                             notes: list[Problem], reserved: dict[str, str] | None = None,
+                             gateway_ports: dict[str, tuple[tuple[str, int], ...]] | None = None,
+                             gateway_pods: str = "") -> LoadBalancers:
     """`reserved`: the addresses accepted Gateways ask for (address -> "Gateway ns/name"); those in a pool are
-    kept from Services, and announced like theirs."""
+    kept from Services, and announced like theirs. `gateway_pods` ("namespace/name" of a Service): the pods
+    that serve the Gateways, to which this process relays the Gateways' `gateway_ports` on their pool
+    addresses (address -> (protocol, port) pairs)."""
     result = LoadBalancers(allocation=allocate(index, options, reserved))
     allocation = result.allocation
     host = _node_addresses(index, node)
@@ -126,6 +134,8 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
     result.nodes = _nodes(index, node)
     gateways = [LoadBalancerService("", (reserved or {})[address], pool, (address,), (), local=False,
                                     kind="Gateway") for address, pool in sorted(allocation.reserved.items())]
+    if gateway_pods:
+        gateways = _relayed_gateways(index, gateways, gateway_ports or {}, gateway_pods, node, host, result, notes)
     result.l2 = _l2_candidacies(index, result.services + gateways, result.nodes, allocation.pools)
     for key in allocation.not_ours if index.all("IPAddressPool") else ():
         service = index.get("Service", key.namespace, key.name)
@@ -134,6 +144,42 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                  "to another controller (run with --lb-classless to take it, once MetalLB is gone)",
                                  key))
     return result
+
+
+def _relayed_gateways(index: Index, gateways: list[LoadBalancerService],
+                      ports: dict[str, tuple[tuple[str, int], ...]], gateway_pods: str, node: str,
+                      host: frozenset[str], result: LoadBalancers, notes: list[Problem]) -> list[LoadBalancerService]:
+    """Relays from the Gateways' pool addresses to the pods that serve Gateways (the pods of the Service
+    `gateway_pods`), on the same port numbers: as under `Local`, from the nodes that run one of those pods,
+    to that node's own, from the client's address."""
+    namespace, _, name = gateway_pods.partition("/")
+    service = index.get("Service", namespace, name)
+    if service is None or not service.spec.get("ports"):
+        notes.append(Problem("error", Origin("--gateway-pods"), f"no Service {gateway_pods} with ports: the "
+                             "Gateways' pool addresses are not relayed or announced", None))
+        return []
+    # Every ready pod of that Service, on whichever port: the relay uses each listener's own port number.
+    pods = service_endpoints(index, namespace, name, service.spec, service.spec["ports"][0],
+                             int(service.spec["ports"][0]["port"]))
+    pods = tuple(e for e in pods if e.ready)
+    nodes = tuple(sorted({e.node for e in pods if e.node}))
+    local = tuple(e for e in pods if e.node == node) if node else pods
+    transparent = bool(node) and not any(_on_host(e.address, host) for e in local)
+    out = []
+    for gateway in gateways:
+        gateway_name = gateway.name.removeprefix("Gateway ")
+        address = gateway.addresses[0]
+        for protocol, port in ports.get(address, ()):
+            listener_name = f"{LOADBALANCER_PREFIX}{gateway_name}:{port}/{protocol}@{address}"
+            backend = ir.Backend(name=f"{gateway_pods}:{port}" + ("/UDP" if protocol == "UDP" else ""), weight=1,
+                                 endpoints=tuple(replace(e, port=port) for e in local),
+                                 keep_client_address=transparent)
+            result.listeners.append(ir.Listener(
+                name=listener_name, gateway=f"{LOADBALANCER_PREFIX}{gateway_name}", address=address, port=port,
+                protocol=protocol, freebind=True,
+                l4_routes=(ir.L4Route(name=listener_name, source=gateway.name, backends=(backend,)),)))
+        out.append(replace(gateway, ports=ports.get(address, ()), local=True, nodes_with_pods=nodes))
+    return out
 
 
 def _node_addresses(index: Index, node: str) -> frozenset[str]:
