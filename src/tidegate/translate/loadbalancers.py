@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from tidegate import ir
+from tidegate.announce.bgp_plan import BGPPlan, BGPService, plan_bgp
 from tidegate.announce.election import Candidacy
 from tidegate.announce.ipam import Allocation, AllocationOptions, allocate, annotation, pool_status
 from tidegate.resources.model import Key, Origin, Problem
@@ -39,6 +40,8 @@ class LoadBalancerService:
     local: bool  # externalTrafficPolicy: Local
     nodes_with_pods: tuple[str, ...] = ()  # nodes that run a ready pod of the Service, sorted
     sharing: str = ""
+    pods_by_node: tuple[tuple[str, int], ...] = ()  # ready pods per node, sorted by node
+    ready: int = 0  # ready pods, with or without a node
     kind: str = "Service"  # or "Gateway": an address from spec.addresses (name: "Gateway ns/name")
 
 
@@ -63,6 +66,7 @@ class LoadBalancers:
     allocation: Allocation = field(default_factory=Allocation)
     nodes: list[NodeInfo] = field(default_factory=list)
     l2: list[Candidacy] = field(default_factory=list)  # addresses announced in Layer 2, with their candidates
+    bgp: BGPPlan = field(default_factory=BGPPlan)  # this node's BGP sessions and routes
 
 
 def translate_load_balancers(index: Index, options: AllocationOptions, node: str, statuses: dict[Key, Any],
@@ -102,6 +106,7 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
             notes.append(Problem("warning", service.origin, problem, service.key))
         served = []
         nodes: set[str] = set()
+        pods: dict[str, str] = {}  # ready pod address -> its node ("" unknown)
         for port in spec.get("ports") or []:
             protocol = port.get("protocol", "TCP")
             if protocol not in SERVED_PROTOCOLS:
@@ -110,6 +115,7 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                 continue
             endpoints = service_endpoints(index, namespace, name, spec, port, int(port["port"]))
             nodes.update(e.node for e in endpoints if e.ready and e.node)
+            pods.update((e.address, e.node) for e in endpoints if e.ready)
             if local and node:
                 endpoints = tuple(e for e in endpoints if e.node == node)
             label = f"{namespace}/{name}:{port['port']}" + ("/UDP" if protocol == "UDP" else "")
@@ -128,15 +134,24 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                     port=int(port["port"]), protocol=protocol, freebind=True,
                     l4_routes=(ir.L4Route(name=listener_name, source=f"Service {namespace}/{name}",
                                           backends=(backend,), created=service.creation_timestamp),)))
+        per_node: dict[str, int] = {}
+        for pod_node in pods.values():
+            if pod_node:
+                per_node[pod_node] = per_node.get(pod_node, 0) + 1
         result.services.append(LoadBalancerService(
             namespace, name, assignment.pool, assignment.addresses, tuple(served), local, tuple(sorted(nodes)),
-            sharing=annotation(service, "allow-shared-ip") or ""))
+            sharing=annotation(service, "allow-shared-ip") or "", pods_by_node=tuple(sorted(per_node.items())),
+            ready=len(pods)))
     result.nodes = _nodes(index, node)
     gateways = [LoadBalancerService("", (reserved or {})[address], pool, (address,), (), local=False,
                                     kind="Gateway") for address, pool in sorted(allocation.reserved.items())]
     if gateway_pods:
         gateways = _relayed_gateways(index, gateways, gateway_ports or {}, gateway_pods, node, host, result, notes)
     result.l2 = _l2_candidacies(index, result.services + gateways, result.nodes, allocation.pools)
+    this = next((n for n in result.nodes if n.name == node), None)
+    this_node = index.get("Node", "", node) if node else None
+    result.bgp = plan_bgp(index, node, [_for_bgp(index, s) for s in result.services], this_node.labels
+                          if this_node else {}, this is not None and this.usable, notes)
     for key in allocation.not_ours if index.all("IPAddressPool") else ():
         service = index.get("Service", key.namespace, key.name)
         if service is not None and not service.spec.get("loadBalancerClass"):
@@ -180,6 +195,13 @@ def _relayed_gateways(index: Index, gateways: list[LoadBalancerService],
                 l4_routes=(ir.L4Route(name=listener_name, source=gateway.name, backends=(backend,)),)))
         out.append(replace(gateway, ports=ports.get(address, ()), local=True, nodes_with_pods=nodes))
     return out
+
+
+def _for_bgp(index: Index, svc: LoadBalancerService) -> BGPService:
+    res = index.get("Service", svc.namespace, svc.name)
+    return BGPService(svc.namespace, svc.name, svc.pool, svc.addresses, svc.local, svc.pods_by_node, svc.ready,
+                      tuple(sorted(res.labels.items())) if res else (),
+                      tuple(sorted(res.annotations.items())) if res else ())
 
 
 def _node_addresses(index: Index, node: str) -> frozenset[str]:
