@@ -145,12 +145,40 @@ async def serve(args: argparse.Namespace) -> int:
     logged = [frozenset[str]()]  # the failing conditions the last configuration logged
 
     cannot_announce: list[str] = []  # why the Layer 2 agent could not start, once it failed
+    cannot_bgp: list[str] = []  # likewise for BGP
 
     async def announce(translation: Translation) -> None:
-        """With --node: hand the Layer 2 addresses to the agent, started when the first one appears."""
+        """With --node: hand the Layer 2 addresses and the BGP plan to their agents, each started when it
+        first has something to do."""
         lbs = translation.load_balancers
         METRICS.set_pools(lbs.allocation.pools)
-        if not args.node or cannot_announce or (state.announcer is None and not lbs.l2):
+        if args.node:
+            await announce_l2(lbs)
+            await announce_bgp(lbs)
+
+    async def announce_bgp(lbs: Any) -> None:
+        if cannot_bgp or (state.bgp is None and not lbs.bgp.sessions):
+            return
+        if state.bgp is None:
+            from tidegate.announce.bgp import BGPAgent, fallback_router_id
+
+            me = next((n for n in lbs.nodes if n.name == args.node), None)
+            router_id = me.address if me is not None and me.address and ":" not in me.address \
+                else fallback_router_id(args.node)
+            agent = BGPAgent(args.node, router_id)
+            try:
+                await agent.start()
+            except Exception as exc:  # not root, no netlink: serve anyway, say why nothing is announced
+                log.error("cannot announce LoadBalancer addresses over BGP from node %s: %s", args.node, exc)
+                cannot_bgp.append(str(exc))
+                return
+            state.bgp = agent
+            METRICS.announcer.bgp = agent
+            log.info("node %s: BGP speaker started (router ID %s)", args.node, router_id)
+        await state.bgp.update(lbs.bgp)
+
+    async def announce_l2(lbs: Any) -> None:
+        if cannot_announce or (state.announcer is None and not lbs.l2):
             return
         if state.announcer is None:
             from tidegate.announce.node import Layer2Agent
@@ -216,6 +244,8 @@ async def serve(args: argparse.Namespace) -> int:
     await pool.stop(args.grace)
     if state.announcer is not None:
         await state.announcer.close()
+    if state.bgp is not None:
+        await state.bgp.close()
     if return_path is not None:
         await asyncio.to_thread(return_path.remove)
     await health.close()

@@ -80,6 +80,7 @@ class BGPRoute:
 class BGPPlan:
     sessions: list[BGPSession] = field(default_factory=list)
     routes: dict[str, tuple[BGPRoute, ...]] = field(default_factory=dict)  # session name -> routes
+    addresses: tuple[str, ...] = ()  # the Services' addresses behind those routes (this node accepts them)
 
 
 @dataclass(frozen=True)
@@ -228,6 +229,7 @@ def plan_bgp(index: Index, node: str, services: Iterable[BGPService], node_label
     if not plan.sessions:
         return plan
     routes: dict[str, dict[str, BGPRoute]] = {s.name: {} for s in plan.sessions}
+    announced: set[str] = set()
     for svc in sorted(services, key=lambda s: (s.namespace, s.name)):
         local_pods = dict(svc.pods_by_node).get(node, 0)
         if not node_usable or (svc.local and not local_pods) or (not svc.local and not svc.ready):
@@ -263,8 +265,10 @@ def plan_bgp(index: Index, node: str, services: Iterable[BGPService], node_label
                                    dict(svc.annotations).get(WEIGHT_COMMUNITY) or ad.annotations.get(WEIGHT_COMMUNITY))
                     have = routes[session.name].get(prefix)
                     routes[session.name][prefix] = route if have is None else _merge(have, route)
+                    announced.add(address)
     plan.routes = {name: tuple(r for _, r in sorted(found.items(), key=lambda kv: _prefix_order(kv[0])))
                    for name, found in routes.items()}
+    plan.addresses = tuple(sorted(announced, key=lambda a: _prefix_order(a)))
     return plan
 
 

@@ -218,8 +218,9 @@ class L2Speaker:
 
         with IPRoute() as ipr:
             self._lo_index = ipr.link_lookup(ifname="lo")[0]
+            # Not metric 1: those are BGP's local routes (announce/bgp.py)
             stale = [(r.get("dst"), r["family"]) for r in ipr.get_routes(table=LOCAL_TABLE)
-                     if r["proto"] == ROUTE_PROTO]
+                     if r["proto"] == ROUTE_PROTO and r.get_attr("RTA_PRIORITY") != 1]
             for address, family in stale:
                 self._route(ipr, "del", address, family)
         return [address for address, _ in stale]

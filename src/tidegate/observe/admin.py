@@ -65,6 +65,7 @@ class RunState:
     # Brings the workers' counts up to date before an answer that shows them (WorkerPool.refresh_stats).
     refresh: Callable[[], Awaitable[None]] | None = None
     announcer: Any = None  # tidegate.announce.node.Layer2Agent, with --node
+    bgp: Any = None  # tidegate.announce.bgp.BGPAgent, with --node and BGPPeers for this node
 
 
 # Answers that show the workers' counts: they are brought up to date first.
@@ -364,4 +365,12 @@ def loadbalancers_view(state: RunState) -> dict[str, Any]:
         "problems": agent.speaker.problems() if agent is not None else [],
         "nodes": nodes + [{"node": n.name, "address": n.address, "up": False, "excluded": n.reason}
                           for n in lbs.nodes if not n.usable],
+        "bgp": state.bgp.status() if state.bgp is not None else _planned_bgp(lbs.bgp),
     }
+
+
+def _planned_bgp(plan: Any) -> dict[str, Any]:
+    """BGP as this process would announce it (no session runs here)."""
+    return {"sessions": [{"name": s.name, "peer": s.peer_address, "state": None} for s in plan.sessions],
+            "routes": [{"session": name, "prefix": r.prefix, "services": list(r.services)}
+                       for name, routes in plan.routes.items() for r in routes]}

@@ -244,10 +244,11 @@ class _WorkerSums:
 
 
 class AnnouncerMetrics:
-    """Address pools and the Layer 2 agent (control process): read when scraped."""
+    """Address pools, the Layer 2 agent and the BGP agent (control process): read when scraped."""
 
     def __init__(self) -> None:
         self.source: Any = None  # tidegate.announce.node.Layer2Agent
+        self.bgp: Any = None  # tidegate.announce.bgp.BGPAgent
         self.pools: dict[str, Any] = {}  # pool name -> announce.ipam.PoolUsage
 
     def collect(self) -> Iterator[Metric]:
@@ -262,6 +263,8 @@ class AnnouncerMetrics:
                 available.add_metric([name, family], float(free))
         yield assigned
         yield available
+        if self.bgp is not None:
+            yield from self._bgp(self.bgp)
         agent = self.source
         if agent is None:
             return
@@ -282,6 +285,23 @@ class AnnouncerMetrics:
         for node in sorted(agent.members.peers):
             up.add_metric([node], node in live)
         yield up
+
+    @staticmethod
+    def _bgp(agent: Any) -> Iterator[Metric]:
+        status = agent.status()
+        up = GaugeMetricFamily("tidegate_bgp_session_up", "1 when the BGP session with a peer is established",
+                               labels=["peer"])
+        routes = GaugeMetricFamily("tidegate_bgp_routes_announced", "Prefixes announced on a BGP session now",
+                                   labels=["peer"])
+        for session in status["sessions"]:
+            up.add_metric([session["name"]], session["state"] == "up")
+            routes.add_metric([session["name"]], session["routes"])
+        yield up
+        yield routes
+        yield CounterMetricFamily("tidegate_bgp_speaker_restarts", "Times the BGP speaker (ExaBGP) stopped and was "
+                                  "started again", value=status["restarts"])
+        yield GaugeMetricFamily("tidegate_bgp_speaker_up", "1 while the BGP speaker runs",
+                                value=0 if status["problem"] else 1)
 
 
 class Metrics:

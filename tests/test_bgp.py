@@ -1,0 +1,212 @@
+"""LoadBalancer addresses announced over BGP to a real BIRD 2 router, on a lab of network namespaces
+(tests/netns.py): a node running `tidegate run --node` with MetalLB's BGPPeer and BGPAdvertisement objects, a
+router namespace running Debian's `bird` (started here, `import all`, routes exported to its kernel table).
+
+The router learns a Service's address and reaches the pod through it; a Service added gets its route in the
+router's table within 100 ms of tidegate announcing it, and loses it as fast when removed; a peer that does
+not answer is reported without disturbing the one that does; a killed tidegate (SIGKILL) takes ExaBGP with it,
+so the session closes and the router drops the routes at once. `ip -ts monitor route` in the router namespace
+gives the times.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import sys
+import time
+from contextlib import ExitStack
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from tests.harness import TIDEGATE, process, wait_until
+from tests.netns import POD, can_make_namespaces, lab
+
+WHY_NOT = can_make_namespaces() or ("" if shutil.which("bird") else "BIRD 2 (Debian bird2) is not installed; "
+                                    "scripts/test installs it")
+pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
+
+ADMIN = "http://127.0.0.1:9900"
+FIRST, SECOND = "198.18.1.1", "198.18.1.2"
+
+
+def _bird_conf(world, path: Path) -> Path:
+    path.write_text(f"""
+router id {world.v4("router")};
+protocol device {{ scan time 1; }}
+protocol kernel {{ ipv4 {{ export all; }}; merge paths on; }}
+protocol bgp node_a {{
+  local {world.v4("router")} as 64512;
+  neighbor {world.v4("a")} as 64513;
+  hold time 9;
+  ipv4 {{ import all; export none; }};
+}}
+""")
+    return path
+
+
+def _objects(world) -> str:
+    return f"""apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: {world.v4("a")}}}]}}
+---
+apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {{name: router, namespace: metallb-system}}
+spec: {{myASN: 64513, peerASN: 64512, peerAddress: {world.v4("router")}, holdTime: 9s}}
+---
+apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {{name: silent, namespace: metallb-system}}
+spec: {{myASN: 64513, peerASN: 64512, peerAddress: 198.18.0.250, holdTime: 9s}}
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: routed, namespace: metallb-system}}
+spec: {{addresses: [198.18.1.0/28]}}
+---
+apiVersion: metallb.io/v1beta1
+kind: BGPAdvertisement
+metadata: {{name: routed, namespace: metallb-system}}
+spec: {{ipAddressPools: [routed], communities: ["64513:100"]}}
+"""
+
+
+def _service(name: str, address: str, pod: str) -> str:
+    return f"""---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, annotations: {{metallb.io/loadBalancerIPs: "{address}"}}}}
+spec: {{type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{{port: 80, targetPort: 8080}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints: [{{addresses: ['{pod}'], nodeName: node-a}}]
+"""
+
+
+def _route_events(path: Path) -> list[tuple[float, str, str]]:
+    """(time, "add" | "del", prefix) from `ip -ts monitor route` output."""
+    out = []
+    for line in path.read_text().splitlines():
+        found = re.match(r"^\[([^\]]+)\]\s*(Deleted )?(\S+)", line)
+        if found:
+            when = datetime.fromisoformat(found.group(1)).timestamp()
+            out.append((when, "del" if found.group(2) else "add", found.group(3)))
+    return out
+
+
+def _log_time(log: Path, pattern: str) -> float:
+    for line in log.read_text().splitlines():
+        if re.search(pattern, line):
+            return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    raise AssertionError(f"no line matching {pattern!r} in {log}")
+
+
+def _event_after(events_path: Path, kind: str, prefix: str, after: float) -> float:
+    return wait_until(lambda: next((t for t, k, p in _route_events(events_path)
+                                    if k == kind and p == prefix and t >= after - 0.001), None),
+                      timeout=10, what=f"the router to see {kind} {prefix}")
+
+
+def _bgp(world) -> dict:
+    return world.get_json("a", f"{ADMIN}/api/v1/loadbalancers")["bgp"]
+
+
+def test_addresses_reach_a_bird_router_within_100_ms_and_leave_with_a_killed_node(tmp_path):
+    with ExitStack() as stack:
+        world = stack.enter_context(lab({"a": 1, "router": 254}))
+        stack.enter_context(process(world.exec_args("router", "bird", "-f", "-c", str(_bird_conf(
+            world, tmp_path / "bird.conf")), "-s", str(tmp_path / "bird.ctl"), "-P", str(tmp_path / "bird.pid")),
+            tmp_path / "bird.log"))
+        events = tmp_path / "routes.log"
+        stack.enter_context(process(world.exec_args("router", "ip", "-ts", "monitor", "route"), events))
+        stack.enter_context(process(world.exec_args("a", sys.executable, "-c", POD, "pod-a", world.v4("a"), "8080",
+                                                    "5353", str(tmp_path / "www")), tmp_path / "pod.log"))
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "lab.yaml").write_text(_objects(world) + _service("first", FIRST, world.v4("a")))
+        log = tmp_path / "tidegate.log"
+        node = stack.enter_context(process(world.exec_args(
+            "a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--admin", "127.0.0.1:9900", "--bind",
+            "127.0.0.1"), log))
+
+        # The session comes up and the router learns the first address, with the advertisement's community.
+        wait_until(lambda: f"{FIRST} via {world.v4('a')}" in world.run("router", "ip", "route"), timeout=30,
+                   what="the router to learn the first address")
+        learned = world.run("router", "birdc", "-s", str(tmp_path / "bird.ctl"), "show", "route", "all")
+        assert "(64513,100)" in learned, learned
+        # ... and reaches the pod through it (the node accepts the address: a local route of tidegate's).
+        assert world.python("router", f"import urllib.request;print(urllib.request.urlopen('http://{FIRST}/pod', "
+                                      "timeout=5).read().decode())").strip() == "pod-a"
+        # The peer that does not answer is reported; the other is unaffected.
+        sessions = {s["name"]: s for s in _bgp(world)["sessions"]}
+        assert sessions["metallb-system/router"]["state"] == "up" and sessions["metallb-system/router"]["routes"] == 1
+        assert sessions["metallb-system/silent"]["state"] != "up", sessions
+        metrics = world.python("a", f"import urllib.request;print(urllib.request.urlopen('{ADMIN}/metrics')"
+                                    ".read().decode())")
+        assert 'tidegate_bgp_session_up{peer="metallb-system/router"} 1.0' in metrics
+        assert 'tidegate_bgp_session_up{peer="metallb-system/silent"} 0.0' in metrics
+        assert 'tidegate_bgp_routes_announced{peer="metallb-system/router"} 1.0' in metrics
+
+        # A Service added: announced, and in the router's table within 100 ms of that.
+        written = time.time()
+        (config / "second.yaml").write_text(_service("second", SECOND, world.v4("a")))
+        announced = wait_until(lambda: _log_time(log, f"metallb-system/router: announced {SECOND}/32"), timeout=10,
+                               what="tidegate to announce the second address")
+        added = _event_after(events, "add", SECOND, written)
+        print(f"BGP: file written → announced {announced - written:.3f} s, announced → in the router's table "
+              f"{added - announced:.3f} s")
+        assert added - announced <= 0.1, added - announced
+        # Removed: withdrawn, and gone from the router's table within 100 ms.
+        written = time.time()
+        (config / "second.yaml").unlink()
+        withdrawn = wait_until(lambda: _log_time(log, f"metallb-system/router: withdrawn {SECOND}/32"), timeout=10,
+                               what="tidegate to withdraw the second address")
+        deleted = _event_after(events, "del", SECOND, written)
+        print(f"BGP: withdrawn → out of the router's table {deleted - withdrawn:.3f} s")
+        assert deleted - withdrawn <= 0.1, deleted - withdrawn
+
+        # SIGKILL: ExaBGP goes with tidegate, the session closes, the router drops the route at once.
+        speakers = [p for p in world.pids("a") if b"exabgp" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert speakers, "ExaBGP runs in the node's namespace"
+        killed = time.time()
+        node.send_signal(signal.SIGKILL)
+        node.wait(10)
+        gone = _event_after(events, "del", FIRST, killed)
+        print(f"BGP: SIGKILL → out of the router's table {gone - killed:.3f} s")
+        assert gone - killed <= 0.1, gone - killed
+        time.sleep(0.2)
+        left = [p for p in world.pids("a") if b"exabgp" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert not left, "ExaBGP outlived tidegate"
+
+
+def test_the_exabgp_configuration_says_what_the_bgppeer_says():
+    from tidegate.announce.bgp import announce_command, exabgp_config, withdraw_command
+    from tidegate.announce.bgp_plan import BGPRoute, BGPSession
+
+    session = BGPSession(name="metallb-system/tor", peer_address="10.0.1.1", peer_asn=64500, my_asn=64500,
+                         peer_port=1179, hold_time=9, keepalive_time=3, password='pa"ss', ebgp_multihop=True,
+                         graceful_restart=True)
+    config = exabgp_config([session], {"metallb-system/tor": "10.0.1.10"}, "10.0.1.10", ["bridge", "/sock"])
+    for line in ("neighbor 10.0.1.1 {", "local-address 10.0.1.10;", "local-as 64500;", "peer-as 64500;",
+                 "hold-time 9;", "connect 1179;", 'md5-password "pa\\"ss";', "outgoing-ttl 255;",
+                 "family { ipv4 unicast; }", "capability { graceful-restart 120; }", "adj-rib-out false;",
+                 "manual-eor true;", "run bridge /sock;"):
+        assert line in config, (line, config)
+    route = BGPRoute(prefix="198.18.1.1/32", local_pref=200, communities=("64500:1",),
+                     large_communities=("64500:1:2",), link_bandwidth=(64500, 375000))
+    assert announce_command("10.0.1.1", route) == (
+        "neighbor 10.0.1.1 announce route 198.18.1.1/32 next-hop self local-preference 200 community [64500:1] "
+        "large-community [64500:1:2] extended-community [bandwidth:64500:375000]")
+    assert withdraw_command("10.0.1.1", "198.18.1.1/32") == "neighbor 10.0.1.1 withdraw route 198.18.1.1/32 " \
+        "next-hop self"
+    assert json.loads(json.dumps({"ok": True}))  # the module imports without a running loop
