@@ -210,3 +210,43 @@ def test_the_exabgp_configuration_says_what_the_bgppeer_says():
     assert withdraw_command("10.0.1.1", "198.18.1.1/32") == "neighbor 10.0.1.1 withdraw route 198.18.1.1/32 " \
         "next-hop self"
     assert json.loads(json.dumps({"ok": True}))  # the module imports without a running loop
+
+
+def test_graceful_restart_keeps_the_routes_across_a_restart_of_tidegate(tmp_path):
+    """enableGracefulRestart: a stop drops the session without a Cease, the router (BIRD with `graceful restart
+    on`) keeps the route as stale, the next start sends it again then End-of-RIB: the route never leaves the
+    router's table. Without graceful restart a clean stop withdraws it (the Cease)."""
+    with ExitStack() as stack:
+        world = stack.enter_context(lab({"a": 1, "router": 254}))
+        conf = _bird_conf(world, tmp_path / "bird.conf")
+        conf.write_text(conf.read_text().replace("hold time 9;", "hold time 9;\n  graceful restart on;"))
+        stack.enter_context(process(world.exec_args("router", "bird", "-f", "-c", str(conf), "-s",
+                                                    str(tmp_path / "bird.ctl"), "-P", str(tmp_path / "bird.pid")),
+                                    tmp_path / "bird.log"))
+        events = tmp_path / "routes.log"
+        stack.enter_context(process(world.exec_args("router", "ip", "-ts", "monitor", "route"), events))
+        config = tmp_path / "config"
+        config.mkdir()
+        objects = _objects(world).replace("holdTime: 9s}", "holdTime: 9s, enableGracefulRestart: true}")
+        (config / "lab.yaml").write_text(objects + _service("first", FIRST, world.v4("a")))
+        args = world.exec_args("a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--admin",
+                               "127.0.0.1:9900", "--bind", "127.0.0.1", "--grace", "0")
+        learned = f"{FIRST} via {world.v4('a')}"
+        with process(args, tmp_path / "tidegate-1.log") as first_run:
+            wait_until(lambda: learned in world.run("router", "ip", "route"), timeout=30,
+                       what="the router to learn the address")
+            first_run.terminate()
+            first_run.wait(15)
+        stopped = time.time()
+        time.sleep(1.0)
+        assert learned in world.run("router", "ip", "route"), "the router dropped the route at a graceful stop"
+        with process(args, tmp_path / "tidegate-2.log"):
+            wait_until(lambda: "metallb-system/router: announced" in (tmp_path / "tidegate-2.log").read_text(),
+                       timeout=30, what="the restarted node to announce again")
+            time.sleep(1.0)  # past the End-of-RIB: stale routes would be flushed now
+            assert learned in world.run("router", "ip", "route")
+            shown = world.run("router", "birdc", "-s", str(tmp_path / "bird.ctl"), "show", "route", "for", FIRST,
+                              "all")
+            assert FIRST in shown and "stale" not in shown.lower(), shown
+        assert not [e for e in _route_events(events) if e[1] == "del" and e[2] == FIRST and e[0] < stopped + 30], \
+            "the route left the router's table during the restart"
