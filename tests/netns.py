@@ -209,6 +209,10 @@ def echo():
 threading.Thread(target=echo, daemon=True).start()
 class Server(http.server.ThreadingHTTPServer):
     address_family = family
+    def server_bind(self):  # without HTTPServer's getfqdn: no DNS in a namespace, its lookup would stall
+        import socketserver
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = address, tcp_port
 handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=root)
 http.server.SimpleHTTPRequestHandler.log_message = lambda *a: None
 Server((address, tcp_port), handler).serve_forever()

@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from datetime import datetime
@@ -250,3 +251,143 @@ def test_graceful_restart_keeps_the_routes_across_a_restart_of_tidegate(tmp_path
             assert FIRST in shown and "stale" not in shown.lower(), shown
         assert not [e for e in _route_events(events) if e[1] == "del" and e[2] == FIRST and e[0] < stopped + 30], \
             "the route left the router's table during the restart"
+
+
+FRR = Path("/usr/lib/frr")
+
+# The client behind the router: `count` new connections to an address, each a GET /pod; the pods' names
+# counted (bounded in count and time).
+SPREAD = r"""
+import collections, json, socket, sys, time
+host, count = sys.argv[1], int(sys.argv[2])
+seen = collections.Counter()
+deadline = time.time() + 90
+for _ in range(count):
+    if time.time() > deadline:
+        break
+    try:
+        with socket.create_connection((host, 80), timeout=3) as s:
+            s.sendall(b"GET /pod HTTP/1.0\r\nHost: spread\r\n\r\n")
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        seen[data.split(b"\r\n\r\n", 1)[1].decode().strip() if data.startswith(b"HTTP/1.0 200") else "error"] += 1
+    except OSError as exc:
+        seen["error"] += 1
+        seen.setdefault(f"first error: {exc}", 1)
+print(json.dumps(seen))
+"""
+
+
+def _frr(world, stack: ExitStack, tmp: Path, neighbours: list[str]) -> Path:
+    """FRR (zebra and bgpd) in the router namespace: eBGP to each node, ECMP over up to 8 paths; it turns the
+    Link Bandwidth extended community into next-hop weights by itself."""
+    # The daemons run as Debian's frr user, who cannot enter pytest's private tmp_path
+    run = Path(tempfile.mkdtemp(prefix="tidegate-frr-"))
+    stack.callback(shutil.rmtree, run, True)
+    run.chmod(0o777)
+    (run / "zebra.conf").write_text("hostname router\n")
+    (run / "bgpd.conf").write_text(
+        f"frr defaults traditional\nrouter bgp 64512\n bgp router-id {world.v4('router')}\n"
+        " no bgp ebgp-requires-policy\n bgp bestpath as-path multipath-relax\n"
+        + "".join(f" neighbor {n} remote-as 64513\n neighbor {n} timers 3 9\n" for n in neighbours)
+        + " address-family ipv4 unicast\n  maximum-paths 8\n exit-address-family\n")
+    common = ["-u", "frr", "-g", "frr", "-z", str(run / "zserv.api"), "--vty_socket", str(run)]
+    stack.enter_context(process(world.exec_args("router", str(FRR / "zebra"), *common, "-i", str(run / "zebra.pid"),
+                                                "-f", str(run / "zebra.conf")), tmp / "zebra.log"))
+    wait_until(lambda: (run / "zserv.api").exists(), timeout=10, what="zebra's socket")
+    stack.enter_context(process(world.exec_args("router", str(FRR / "bgpd"), *common, "-i", str(run / "bgpd.pid"),
+                                                "-f", str(run / "bgpd.conf")), tmp / "bgpd.log"))
+    return run
+
+
+@pytest.mark.skipif(not (FRR / "bgpd").exists(), reason="FRR (Debian frr) is not installed; scripts/test installs it")
+def test_weights_by_pods_per_node_give_each_pod_a_quarter_through_a_real_frr_router(tmp_path):
+    """The brief's example: three pods on node A, one on node B, behind FRR with ECMP. With
+    tidegate.io/weighting: endpoints the router splits connections 3:1 between the nodes, so each pod gets a
+    quarter; without it, 1:1, and the lone pod gets half."""
+    pods = {"pa1": "a", "pa2": "a", "pa3": "a", "pb1": "b", "client": "router"}
+    with ExitStack() as stack:
+        world = stack.enter_context(lab({"a": 1, "b": 2, "router": 254}, pods=pods))
+        world.run("router", "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        world.run("router", "sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1")
+        client_net = f"{world.pod_v4('client').rsplit('.', 1)[0]}.0/24"
+        for node in ("a", "b"):
+            world.run(node, "ip", "route", "add", client_net, "via", world.v4("router"))
+        _frr(world, stack, tmp_path, [world.v4("a"), world.v4("b")])
+        for pod in ("pa1", "pa2", "pa3", "pb1"):
+            stack.enter_context(process(world.exec_args(pod, sys.executable, "-c", POD, pod, world.pod_v4(pod), "8080",
+                                                        "5353", str(tmp_path / f"www-{pod}")), tmp_path / f"{pod}.log"))
+        endpoints = "".join(f"\n- {{addresses: ['{world.pod_v4(p)}'], nodeName: node-{n}, targetRef: {{kind: Pod, "
+                            f"name: {p}}}}}" for p, n in pods.items() if p != "client")
+        services = ""
+        for name, address, weighting in (("weighted", FIRST, "tidegate.io/weighting: endpoints, "),
+                                         ("plain", SECOND, "")):
+            services += f"""---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default, annotations: {{{weighting}metallb.io/loadBalancerIPs: "{address}"}}}}
+spec: {{type: LoadBalancer, loadBalancerClass: tidegate.io/lb, externalTrafficPolicy: Local,
+        ports: [{{port: 80, targetPort: 8080}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:{endpoints}
+"""
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "lab.yaml").write_text(f"""apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: {world.v4("a")}}}]}}
+---
+apiVersion: v1
+kind: Node
+metadata: {{name: node-b}}
+status: {{addresses: [{{type: InternalIP, address: {world.v4("b")}}}]}}
+---
+apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {{name: router, namespace: metallb-system}}
+spec: {{myASN: 64513, peerASN: 64512, peerAddress: {world.v4("router")}, holdTime: 9s}}
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: routed, namespace: metallb-system}}
+spec: {{addresses: [198.18.1.0/28]}}
+---
+apiVersion: metallb.io/v1beta1
+kind: BGPAdvertisement
+metadata: {{name: routed, namespace: metallb-system}}
+{services}""")
+        for node in ("a", "b"):
+            stack.enter_context(process(world.exec_args(
+                node, *TIDEGATE, "run", "-f", str(config), "--node", f"node-{node}", "--admin", "127.0.0.1:9900",
+                "--bind", "127.0.0.1"), tmp_path / f"tidegate-{node}.log"))
+
+        def both_paths(address: str) -> str | None:
+            shown = world.run("router", "ip", "route", "show", address)
+            return shown if shown.count("nexthop via") == 2 else None
+
+        weighted = wait_until(lambda: both_paths(FIRST), timeout=60, what="two weighted paths at the router")
+        plain = wait_until(lambda: both_paths(SECOND), timeout=30, what="two paths at the router")
+        print(f"FRR's routes:\n{weighted}{plain}")
+        weights = dict(re.findall(r"nexthop via (\S+) dev \S+ weight (\d+)", weighted))
+        assert weights == {world.v4("a"): "75", world.v4("b"): "25"}, weighted
+        assert "weight 1 " in plain.replace("\n", " ") + " " and "weight 75" not in plain, plain
+
+        def spread(address: str, count: int) -> dict[str, float]:
+            seen = json.loads(world.run("client", sys.executable, "-c", SPREAD, address, str(count)))
+            assert seen.get("error", 0) <= count * 0.01, seen
+            return {pod: seen.get(pod, 0) / count for pod in ("pa1", "pa2", "pa3", "pb1")}
+
+        shares = spread(FIRST, 2000)
+        print(f"weighted, 2000 connections: {shares}")
+        assert abs(shares["pa1"] + shares["pa2"] + shares["pa3"] - 0.75) <= 0.05, shares
+        assert all(abs(share - 0.25) <= 0.05 for share in shares.values()), shares
+        shares = spread(SECOND, 1000)
+        print(f"equal ECMP, 1000 connections: {shares}")
+        assert abs(shares["pb1"] - 0.5) <= 0.05, shares
