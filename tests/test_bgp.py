@@ -391,3 +391,58 @@ metadata: {{name: routed, namespace: metallb-system}}
         shares = spread(SECOND, 1000)
         print(f"equal ECMP, 1000 connections: {shares}")
         assert abs(shares["pb1"] - 0.5) <= 0.05, shares
+
+
+def test_new_weights_replace_a_route_after_a_debounce_and_new_prefixes_go_at_once():
+    """Pods rolling out change a route's weight many times a second: the speaker sends the last weight once,
+    a second later, as a new announcement of the same prefix (no withdraw). A new prefix or a withdrawal is
+    not held back."""
+    import asyncio
+
+    from tidegate.announce.bgp import ExaBGPSpeaker
+    from tidegate.announce.bgp_plan import BGPRoute, BGPSession
+
+    class Wire:
+        def __init__(self) -> None:
+            self.lines: list[str] = []
+
+        def write(self, data: bytes) -> None:
+            self.lines += data.decode().splitlines()
+
+        def close(self) -> None:
+            pass
+
+    async def scenario() -> list[list[str]]:
+        speaker = ExaBGPSpeaker("192.0.2.1", exabgp="/nonexistent")
+        speaker.debounce = 0.2
+        wire = Wire()
+        speaker._writer = wire  # type: ignore[assignment]
+        session = BGPSession(name="ns/router", peer_address="192.0.2.254", peer_asn=64512, my_asn=64513)
+
+        def weighted(pods: int, *extra: str) -> dict:
+            routes = [BGPRoute("198.18.1.1/32", link_bandwidth=(64513, pods * 125000), pods=pods)]
+            return {"ns/router": tuple(routes + [BGPRoute(p) for p in extra])}
+
+        await speaker.apply([session], weighted(3))
+        speaker._set_state(speaker.states["ns/router"], "up")
+        steps = [list(wire.lines)]
+        for pods in (2, 1, 2):
+            wire.lines.clear()
+            await speaker.apply([session], weighted(pods))
+            steps.append(list(wire.lines))
+        wire.lines.clear()
+        await speaker.apply([session], weighted(2, "198.18.1.2/32"))
+        steps.append(list(wire.lines))
+        wire.lines.clear()
+        await asyncio.sleep(0.3)
+        steps.append(list(wire.lines))
+        await speaker.close()
+        return steps
+
+    first, *changes, added, flushed = asyncio.run(scenario())
+    assert first == ["neighbor 192.0.2.254 announce route 198.18.1.1/32 next-hop self extended-community "
+                     "[bandwidth:64513:375000]", "neighbor 192.0.2.254 announce eor ipv4 unicast"]
+    assert changes == [[], [], []]  # held back
+    assert added == ["neighbor 192.0.2.254 announce route 198.18.1.2/32 next-hop self"]
+    assert flushed == ["neighbor 192.0.2.254 announce route 198.18.1.1/32 next-hop self extended-community "
+                       "[bandwidth:64513:250000]"]

@@ -9,7 +9,9 @@ interface so that another could take its place:
   by hand so that a router that kept our routes through a graceful restart drops none of them early), and the
   differences after each change: `announce route ... next-hop self` with LOCAL_PREF, communities, large
   communities and the Link Bandwidth extended community; `withdraw route` for what is gone. ExaBGP keeps no
-  copy (`adj-rib-out false`): tidegate's is the one that counts;
+  copy (`adj-rib-out false`): tidegate's is the one that counts. New weights of a route already announced
+  replace it (no withdraw) after a second's debounce, so that pods rolling out send a few updates, not one
+  per pod;
 - a change of sessions rewrites the configuration and reloads ExaBGP (SIGUSR1); unchanged sessions stay up;
 - ExaBGP dies with tidegate (PR_SET_PDEATHSIG): a killed node's sessions close at once, and its routes go
   (unless the peer kept them for a graceful restart). A stop closes them with a Cease, or, when a session
@@ -52,6 +54,7 @@ LOCAL_TABLE = 255
 GRACEFUL_RESTART_TIME = 120  # seconds a router keeps our routes after the session drops, when asked
 BACKOFF_MAX = 30.0
 LOGGED = 5  # prefixes named in one log line
+WEIGHT_DEBOUNCE = 1.0  # seconds new attributes of an announced prefix wait, so that a rollout sends few updates
 
 
 @dataclass
@@ -172,6 +175,8 @@ class ExaBGPSpeaker:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closing = False
         self._started = asyncio.Event()  # a configuration exists: the supervisor may start ExaBGP
+        self.debounce = WEIGHT_DEBOUNCE
+        self._debouncer: asyncio.TimerHandle | None = None
 
     # -- life ------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -193,6 +198,8 @@ class ExaBGPSpeaker:
                 await proc.wait()
         if self._supervisor is not None:
             self._supervisor.cancel()
+        if self._debouncer is not None:
+            self._debouncer.cancel()
         for task in self._tasks:
             task.cancel()
         if self._server is not None:
@@ -223,7 +230,9 @@ class ExaBGPSpeaker:
         return [self.states[s.name] for s in self.wanted if s.name in self.states]
 
     # -- the routes ----------------------------------------------------------------------------------------
-    def _sync(self, only: str = "") -> None:
+    def _sync(self, only: str = "", flush: bool = False) -> None:
+        """Send each up session what changed: new and withdrawn prefixes at once; new attributes of a prefix
+        already announced (weights as pods come and go) after `debounce` seconds, the last ones only."""
         if self._writer is None:
             return
         for session in self.wanted:
@@ -235,10 +244,15 @@ class ExaBGPSpeaker:
             wanted = {r.prefix: announce_command(session.peer_address, r) for r in self.routes.get(session.name, ())}
             gone = [p for p in sent if p not in wanted]
             changed = [p for p, command in wanted.items() if sent.get(p) != command]
+            held = [] if fresh or flush else [p for p in changed if p in sent]
+            if held:
+                changed = [p for p in changed if p not in held]
+                if self._debouncer is None:
+                    self._debouncer = asyncio.get_running_loop().call_later(self.debounce, self._flush)
             lines = [withdraw_command(session.peer_address, p) for p in gone] + [wanted[p] for p in changed]
             if fresh:
                 lines.append(eor_command(session.peer_address))
-            self.sent[session.name] = wanted
+            self.sent[session.name] = {**wanted, **{p: sent[p] for p in held}}
             state.routes = len(wanted)
             self._send(lines)
             if gone or changed:
@@ -249,6 +263,10 @@ class ExaBGPSpeaker:
                     + ([f"withdrawn {', '.join(gone[:LOGGED])}" + (f" and {len(gone) - LOGGED} more"
                                                                     if len(gone) > LOGGED else "")]
                        if gone else [])))
+
+    def _flush(self) -> None:
+        self._debouncer = None
+        self._sync(flush=True)
 
     def _send(self, lines: list[str]) -> None:
         if lines and self._writer is not None:
