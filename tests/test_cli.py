@@ -117,8 +117,12 @@ def test_simulate_shows_the_node_level_imbalance_and_its_fixes():
     for pod, share in shares.items():
         expected = (1 / 3 if node == "node-a" else 0.0) if pod != "shop-b1" else (1.0 if node == "node-b" else 0.0)
         assert abs(share["l2_local"] - expected) <= 0.03, (pod, share)
+    # BGP under Local: equal ECMP over the two nodes (the lone pod takes half), or weighted (a quarter each).
+    assert abs(shares["shop-b1"]["bgp_ecmp"] - 0.5) <= 0.03
+    assert all(abs(s["bgp_weighted"] - 0.25) <= 0.03 for s in shares.values())
     table = tidegate("simulate", str(ROOT / "examples" / "uneven"))
     assert "shop-b1" in table.stdout and "50.0%" in table.stdout and "L2 Local" in table.stdout
+    assert "BGP weighted" in table.stdout
     missing = tidegate("simulate", str(ROOT / "examples" / "uneven"), "--service", "default/nope")
     assert missing.returncode == 1 and "no Service with ready endpoints named default/nope" in missing.stderr
 

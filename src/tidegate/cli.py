@@ -406,13 +406,16 @@ def _simulate(args: argparse.Namespace, loaded: LoadResult) -> int:
         l2 = shares[0].l2_node
         print(f"Service {name}: {args.requests} requests")
         print(f"  {'pod':24s} {'node':16s} {'tidegate':>9s} {'node LB':>9s} {'node LB, weighted':>18s}"
-              + (f" {'L2 Cluster':>11s} {'L2 Local':>9s}" if l2 else ""))
+              + (f" {'L2 Cluster':>11s} {'L2 Local':>9s} {'BGP ECMP':>9s} {'BGP weighted':>13s}" if l2 else ""))
         for s in shares:
             print(f"  {s.pod:24s} {s.node:16s} {s.tidegate:9.1%} {s.node_balancer:9.1%} "
-                  f"{s.node_balancer_weighted:18.1%}" + (f" {s.l2_cluster:11.1%} {s.l2_local:9.1%}" if l2 else ""))
+                  f"{s.node_balancer_weighted:18.1%}" + (f" {s.l2_cluster:11.1%} {s.l2_local:9.1%} "
+                                                         f"{s.bgp_ecmp:9.1%} {s.bgp_weighted:13.1%}" if l2 else ""))
         if l2:
             print(f"  L2: one node announces the address and relays to the pods; under Local only its own pods "
                   f"serve ({l2} announces here), the others wait for a failover")
+            print("  BGP (Local): every node with a pod announces it; the router splits evenly over the nodes "
+                  "(ECMP), or by pods per node with tidegate.io/weighting: endpoints")
     return EXIT_OK
 
 

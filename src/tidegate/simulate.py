@@ -7,7 +7,10 @@
 - the same balancer with node weights by local endpoint count, which restores an even share per pod;
 - for a LoadBalancer Service, tidegate's own Layer 2 mode: one node announces the address (the node the
   election picks among those with pods) and relays to every pod (`Cluster`) or to its own pods only
-  (`Local`, where the pods on other nodes get nothing until that node fails).
+  (`Local`, where the pods on other nodes get nothing until that node fails);
+- and its BGP mode under `Local`: every node with a pod announces the address, the router spreads over them
+  by equal ECMP (the node balancer above), or, with `tidegate.io/weighting: endpoints`, by the weights the
+  routes carry (the weighted one).
 
 Requests are played one by one through the same smooth weighted round robin the data plane uses, so the
 shares are what would happen, not only what should.
@@ -37,6 +40,8 @@ class PodShare:
     l2_cluster: float | None = None  # LoadBalancer Services only
     l2_local: float | None = None
     l2_node: str = ""  # the node that would announce the address under Local
+    bgp_ecmp: float | None = None  # BGP, Local: equal ECMP over the nodes with pods
+    bgp_weighted: float | None = None  # ... with tidegate.io/weighting: endpoints
 
 
 def _play(requests: int, nodes: dict[str, list[ir.Endpoint]], weighted: bool) -> Counter:
@@ -84,7 +89,9 @@ def simulate_service(index: Index, service: Resource, requests: int) -> list[Pod
                      tidegate=through_tidegate[e] / requests, node_balancer=plain[e] / requests,
                      node_balancer_weighted=weighted[e] / requests,
                      l2_cluster=through_tidegate[e] / requests if is_lb else None,
-                     l2_local=local[e] / requests if is_lb else None, l2_node=l2_node)
+                     l2_local=local[e] / requests if is_lb else None, l2_node=l2_node,
+                     bgp_ecmp=plain[e] / requests if is_lb else None,
+                     bgp_weighted=weighted[e] / requests if is_lb else None)
             for e in sorted(endpoints, key=lambda e: (e.node, e.pod, e.address))]
 
 
