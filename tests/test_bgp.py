@@ -157,6 +157,11 @@ def test_addresses_reach_a_bird_router_within_100_ms_and_leave_with_a_killed_nod
         assert 'tidegate_bgp_session_up{peer="metallb-system/router"} 1.0' in metrics
         assert 'tidegate_bgp_session_up{peer="metallb-system/silent"} 0.0' in metrics
         assert 'tidegate_bgp_routes_announced{peer="metallb-system/router"} 1.0' in metrics
+        first = next(e for e in world.get_json("a", f"{ADMIN}/api/v1/status") if e["name"] == "first")
+        routes = {r["session"]: r for r in first["bgp"]}
+        assert routes["metallb-system/router"] == {"session": "metallb-system/router", "prefix": f"{FIRST}/32",
+                                                   "sessionState": "up"}
+        assert routes["metallb-system/silent"]["sessionState"] != "up"  # planned, waiting for the session
 
         # A Service added: announced, and in the router's table within 100 ms of that.
         written = time.time()
@@ -188,6 +193,22 @@ def test_addresses_reach_a_bird_router_within_100_ms_and_leave_with_a_killed_nod
         time.sleep(0.2)
         left = [p for p in world.pids("a") if b"exabgp" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert not left, "ExaBGP outlived tidegate"
+
+
+def test_status_with_a_node_shows_the_routes_it_would_announce(tmp_path):
+    """`tidegate status --node` (offline): each Service's BGP routes from that node, with the pods behind a
+    weighted route."""
+    import yaml
+
+    from tests.test_cli import tidegate
+
+    source = Path(__file__).resolve().parent.parent / "testdata" / "bgp" / "weights.in.yaml"
+    (tmp_path / "weights.yaml").write_text(source.read_text())
+    result = tidegate("status", str(tmp_path), "--node", "node-a")
+    assert result.returncode == 0, result.stderr
+    entries = {e["name"]: e for e in yaml.safe_load(result.stdout) if e["kind"] == "Service"}
+    assert entries["weighted"]["bgp"] == [{"session": "metallb-system/router", "prefix": "198.18.1.1/32", "pods": 3}]
+    assert entries["equal"]["bgp"] == [{"session": "metallb-system/router", "prefix": "198.18.1.2/32"}]
 
 
 def test_the_exabgp_configuration_says_what_the_bgppeer_says():

@@ -274,7 +274,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         chosen = assign(translation.load_balancers.l2, None)
         announcements = [{"address": c.address, "services": c.services, "node": chosen.get(c.address)}
                          for c in translation.load_balancers.l2]
-        print(dump_yaml(with_announcements(statuses_as_data(translation), announcements)), end="")
+        # With --node: the BGP routes that node would announce for each Service.
+        from tidegate.observe.admin import planned_bgp
+
+        print(dump_yaml(with_announcements(statuses_as_data(translation), announcements,
+                                           planned_bgp(translation.load_balancers.bgp))), end="")
     elif args.command == "routes":
         print(format_routes(translation), end="")
     elif args.command == "explain":

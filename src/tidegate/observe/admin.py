@@ -198,7 +198,8 @@ class AdminProtocol(asyncio.Protocol):
         if path == "/api/v1/status":
             from tidegate.translate.loadbalancers import with_announcements
 
-            entries = with_announcements(state.statuses, loadbalancers_view(state)["announcements"])
+            view = loadbalancers_view(state)
+            entries = with_announcements(state.statuses, view["announcements"], view.get("bgp"))
             return 200, _json(entries + file_statuses(state.file_problems())), "application/json"
         if path == "/api/v1/routes":
             return 200, _json(state.translation.ir.to_data() if state.translation else {}), "application/json"
@@ -365,12 +366,13 @@ def loadbalancers_view(state: RunState) -> dict[str, Any]:
         "problems": agent.speaker.problems() if agent is not None else [],
         "nodes": nodes + [{"node": n.name, "address": n.address, "up": False, "excluded": n.reason}
                           for n in lbs.nodes if not n.usable],
-        "bgp": state.bgp.status() if state.bgp is not None else _planned_bgp(lbs.bgp),
+        "bgp": state.bgp.status() if state.bgp is not None else planned_bgp(lbs.bgp),
     }
 
 
-def _planned_bgp(plan: Any) -> dict[str, Any]:
+def planned_bgp(plan: Any) -> dict[str, Any]:
     """BGP as this process would announce it (no session runs here)."""
     return {"sessions": [{"name": s.name, "peer": s.peer_address, "state": None} for s in plan.sessions],
-            "routes": [{"session": name, "prefix": r.prefix, "services": list(r.services)}
+            "routes": [{"session": name, "prefix": r.prefix, "services": list(r.services),
+                        **({"pods": r.pods} if r.pods is not None else {})}
                        for name, routes in plan.routes.items() for r in routes]}

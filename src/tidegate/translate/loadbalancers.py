@@ -292,15 +292,32 @@ def _labels(index: Index, svc: LoadBalancerService) -> dict[str, str]:
     return res.labels if res is not None else {}
 
 
-def with_announcements(entries: list[dict[str, Any]], announcements: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def with_announcements(entries: list[dict[str, Any]], announcements: list[dict[str, Any]],
+                        bgp: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Status entries (`tidegate status`, /api/v1/status) with, on each LoadBalancer Service, the node that
-    announces each of its addresses (and since when, when a running node knows)."""
+    announces each of its addresses in Layer 2 (and since when, when a running node knows), and the BGP routes
+    this node announces for it (with each session's state, when the node runs)."""
     by_service: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for a in announcements:
         for service in a["services"]:
             namespace, _, name = service.partition("/")
             by_service.setdefault((namespace, name), []).append(
                 {"address": a["address"], "node": a["node"], **({"since": a["since"]} if a.get("since") else {})})
-    return [{**e, "announcedBy": by_service[(e.get("namespace") or "", e["name"])]}
-            if e["kind"] == "Service" and (e.get("namespace") or "", e["name"]) in by_service else e
-            for e in entries]
+    routes: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    states = {s["name"]: s.get("state") for s in (bgp or {}).get("sessions", [])}
+    for route in (bgp or {}).get("routes", []):
+        for service in route["services"]:
+            namespace, _, name = service.partition("/")
+            routes.setdefault((namespace, name), []).append(
+                {"session": route["session"], "prefix": route["prefix"],
+                 **({"sessionState": states[route["session"]]} if states.get(route["session"]) else {}),
+                 **({"pods": route["pods"]} if "pods" in route else {})})
+    out = []
+    for e in entries:
+        key = (e.get("namespace") or "", e["name"])
+        if e["kind"] == "Service" and key in by_service:
+            e = {**e, "announcedBy": by_service[key]}
+        if e["kind"] == "Service" and key in routes:
+            e = {**e, "bgp": routes[key]}
+        out.append(e)
+    return out
