@@ -179,6 +179,22 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--tls-client-ca", metavar="FILE", help="CA certificates to verify client certificates "
                                                               "against (when a client presents one)")
 
+    nodeports = sub.add_parser("nodeports", help="NodePorts without conflicts: check a set of files, or fill the "
+                                                 "missing ports (README: NodePorts)")
+    nodeports_sub = nodeports.add_subparsers(dest="nodeports_command", metavar="check|allocate", required=True)
+    for name, text in (("check", "report duplicate node ports, ports out of range or in the dynamic band, "
+                                 "clashes with hostPorts, tidegate's own listeners and shared addresses; exit 1 "
+                                 "on any"),
+                       ("allocate", "give every Service port that needs a node port and has none a free one "
+                                    "(the same on every run); print the Services' merge patches")):
+        np = nodeports_sub.add_parser(name, help=text, description=text)
+        common(np)
+        np.add_argument("--range", default="30000-32767", metavar="LOW-HIGH",
+                        help="the cluster's --service-node-port-range (default: %(default)s)")
+        if name == "allocate":
+            np.add_argument("--kubectl", action="store_true",
+                            help="print `kubectl patch` commands instead of YAML patches")
+
     validate = sub.add_parser("validate", help="check resources against the Gateway API and Kubernetes schemas",
                               description="Validate every document (schema, defaults, CEL rules). Exit 1 on errors.")
     common(validate)
@@ -254,6 +270,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(args)
     if args.command == "echo":
         return asyncio.run(_echo(args.listen, args.log_requests, args.tls_cert, args.tls_key, args.tls_client_ca))
+    if args.command == "nodeports":
+        return _nodeports(args)
     result = _load(args)
     if args.command == "validate":
         # What only shows across objects (overlapping pools, a Service refused an address) comes from
@@ -389,6 +407,46 @@ def policy_lines(policy: Any) -> list[str]:
 
 def _compact(config: dict[str, Any]) -> str:
     return yaml.safe_dump(config, default_flow_style=True, width=10_000).strip() if config else ""
+
+
+def _nodeports(args: argparse.Namespace) -> int:
+    import json
+
+    from tidegate import nodeports
+
+    try:
+        port_range = nodeports.parse_range(args.range)
+    except ValueError as exc:
+        print(f"tidegate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    docs, problems = nodeports.read_documents(args.paths)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    # tidegate's own listeners, for a tidegate on the host network
+    loaded = load_paths(args.paths, default_namespace=args.namespace)
+    listeners = [nodeports.Use(f"tidegate listener {listener.name}", listener.port,
+                               "UDP" if listener.protocol == "UDP" else "TCP", "listening port")
+                 for listener in translate(loaded.resources, options_for(args)).ir.listeners]
+    if args.nodeports_command == "check":
+        findings = nodeports.check(docs, port_range, listeners)
+        for finding in findings:
+            print(f"{finding.kind}: {finding.message}")
+        services = sum(1 for d in docs if d.obj.get("kind") == "Service")
+        print(f"{services} Service(s), {len(findings)} conflict(s)", file=sys.stderr if findings else sys.stdout)
+        return EXIT_INVALID if findings or problems else EXIT_OK
+    allocation = nodeports.allocate(docs, port_range, listeners)
+    for patch in allocation.patches:
+        if args.kubectl:
+            meta = patch["metadata"]
+            print(f"kubectl patch service {meta['name']} -n {meta['namespace']} --type=merge -p "
+                  f"'{json.dumps({'spec': patch['spec']}, separators=(',', ':'))}'")
+        else:
+            print("---\n" + dump_yaml(patch), end="")
+    for use in allocation.given:
+        print(f"{use.owner}: {use.what} = {use.port}", file=sys.stderr)
+    for missing in allocation.full:
+        print(f"error: {missing}: no free node port left in {args.range}", file=sys.stderr)
+    return EXIT_INVALID if allocation.full or problems else EXIT_OK
 
 
 def _simulate(args: argparse.Namespace, loaded: LoadResult) -> int:
