@@ -13,6 +13,7 @@ The same relay brings a Gateway's pool address to the pods that serve Gateways i
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import time
@@ -262,3 +263,94 @@ endpoints: [{{addresses: [127.0.0.1], targetRef: {{kind: Pod, name: web}}}}]
 
         assert wait_until(forwarded_for, timeout=15, what="an answer through the Gateway's address") \
             == world.v4("client")
+
+
+def test_node_ports_and_health_check_node_ports_without_kube_proxy(tmp_path):
+    """--node-ports: a NodePort Service under Local is served on the node's own address at its node port,
+    straight to the local pod, which sees the client; a LoadBalancer Service's healthCheckNodePort answers as
+    kube-proxy's does (200 and the local pod count with a pod here, 503 without)."""
+    with ExitStack() as stack:
+        world = stack.enter_context(lab({"a": 1, "client": 10}, pods={"web": "a"}))
+        config = tmp_path / "config"
+        config.mkdir()
+        pod = world.pod_v4("web")
+        (config / "lab.yaml").write_text(f"""apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: {world.v4("a")}}}]}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default}}
+spec:
+  type: NodePort
+  externalTrafficPolicy: Local
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: ['{pod}'], nodeName: node-a}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: shop, namespace: default}}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: someone-else
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30900
+  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30081}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: shop-1, namespace: default, labels: {{kubernetes.io/service-name: shop}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints: [{{addresses: ['{pod}'], nodeName: node-a}}, {{addresses: [10.9.9.9], nodeName: node-b}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: elsewhere, namespace: default}}
+spec:
+  type: LoadBalancer
+  loadBalancerClass: someone-else
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 30901
+  ports: [{{name: http, port: 80, nodePort: 30082}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: elsewhere-1, namespace: default, labels: {{kubernetes.io/service-name: elsewhere}}}}
+addressType: IPv4
+ports: [{{name: http, port: 80}}]
+endpoints: [{{addresses: [10.9.9.8], nodeName: node-b}}]
+""")
+        stack.enter_context(process(world.exec_args("web", shutil.which("nginx"), "-p", str(tmp_path), "-c",
+                                                    str(_nginx_conf(tmp_path)), "-g", "daemon off;"),
+                                    tmp_path / "nginx.log"))
+        stack.enter_context(process(world.exec_args(
+            "a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--node-ports", "--admin",
+            "127.0.0.1:9900"), tmp_path / "tidegate.log"))
+        node = world.v4("a")
+
+        def get(port: int) -> tuple[int, dict, str] | None:
+            code = ("import json, urllib.request, urllib.error\n"
+                    f"try:\n    r = urllib.request.urlopen('http://{node}:{port}/', timeout=5)\n"
+                    "except urllib.error.HTTPError as e:\n    r = e\n"
+                    "print(json.dumps([r.status, dict(r.headers), r.read().decode()]))")
+            try:
+                return tuple(json.loads(world.python("client", code)))  # type: ignore[return-value]
+            except RuntimeError:
+                return None
+
+        status, _, body = wait_until(lambda: get(30080), timeout=15, what="the node port to answer")
+        assert status == 200 and body.strip() == world.v4("client")  # the pod sees the client
+        status, headers, body = wait_until(lambda: get(30900), timeout=15, what="the health check node port")
+        assert status == 200 and headers["X-Load-Balancing-Endpoint-Weight"] == "1"
+        assert json.loads(body) == {"service": {"namespace": "default", "name": "shop"}, "localEndpoints": 1,
+                                    "serviceProxyHealthy": True}
+        status, headers, body = get(30901)
+        assert status == 503 and json.loads(body)["localEndpoints"] == 0

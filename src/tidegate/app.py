@@ -147,11 +147,19 @@ async def serve(args: argparse.Namespace) -> int:
     cannot_announce: list[str] = []  # why the Layer 2 agent could not start, once it failed
     cannot_bgp: list[str] = []  # likewise for BGP
 
+    health_ports = None
+    if args.node_ports:
+        from tidegate.announce.health_check_ports import HealthCheckPorts
+
+        health_ports = HealthCheckPorts(args.bind)
+
     async def announce(translation: Translation) -> None:
         """With --node: hand the Layer 2 addresses and the BGP plan to their agents, each started when it
-        first has something to do."""
+        first has something to do. With --node-ports: the healthCheckNodePort answers."""
         lbs = translation.load_balancers
         METRICS.set_pools(lbs.allocation.pools)
+        if health_ports is not None:
+            await health_ports.update(lbs.health_checks)
         if args.node:
             await announce_l2(lbs)
             await announce_bgp(lbs)
@@ -246,6 +254,8 @@ async def serve(args: argparse.Namespace) -> int:
         await state.announcer.close()
     if state.bgp is not None:
         await state.bgp.close()
+    if health_ports is not None:
+        health_ports.close()
     if return_path is not None:
         await asyncio.to_thread(return_path.remove)
     await health.close()

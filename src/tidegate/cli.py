@@ -151,6 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     l2.add_argument("--l2-refresh", type=float, default=10.0, metavar="SECONDS",
                     help="send gratuitous ARP / unsolicited neighbour advertisements this often while announcing, "
                          "not only at takeover (default: %(default)s)")
+    run.add_argument("--node-ports", action="store_true",
+                     help="serve NodePort and LoadBalancer Services' node ports on every address (--bind), straight "
+                          "to the pods, and answer their healthCheckNodePorts as kube-proxy does: for clusters "
+                          "without kube-proxy (README: NodePorts)")
     l2.add_argument("--no-transparent", action="store_true",
                     help="under externalTrafficPolicy: Local, do not connect to pods from the client's address "
                          "(which needs an nftables rule and a policy route on the node): pods then see the node's "
@@ -250,7 +254,8 @@ def options_for(args: argparse.Namespace, last: Translation | None = None) -> Tr
                             ingress_https_port=args.ingress_https_port, node=args.node, lb_class=args.lb_class,
                             lb_classless=args.lb_classless, lb_held=held,
                             gateway_pods=args.gateway_pods if agent else "",
-                            gateway_addresses_relayed=bool(args.gateway_pods) and not agent)
+                            gateway_addresses_relayed=bool(args.gateway_pods) and not agent,
+                            node_ports=getattr(args, "node_ports", False))
 
 
 def _load(args: argparse.Namespace) -> LoadResult:

@@ -19,7 +19,7 @@ from tidegate.translate.conditions import condition
 from tidegate.translate.gateways import gateway_status, translate_gateway_classes, translate_gateways
 from tidegate.translate.index import Index
 from tidegate.translate.ingress import translate_ingresses
-from tidegate.translate.loadbalancers import LoadBalancers, translate_load_balancers
+from tidegate.translate.loadbalancers import LoadBalancers, translate_load_balancers, translate_node_ports
 from tidegate.translate.policies import policy_statuses, resolve_backend_tls_policies
 from tidegate.translate.routes import translate_routes
 
@@ -44,6 +44,8 @@ class TranslateOptions:
     # --gateway-pods on those pods: the node agents bring the pool addresses' traffic, to any address of
     # theirs; the Gateways' listeners listen on every address instead of binding the pool address
     gateway_addresses_relayed: bool = False
+    # --node-ports: serve NodePort Services' node ports and healthCheckNodePorts (no kube-proxy)
+    node_ports: bool = False
 
 
 @dataclass
@@ -110,6 +112,9 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
                                      policies.by_target, statuses, notes)
     listeners += load_balancers.listeners
+    if options.node_ports:
+        node_port_listeners, load_balancers.health_checks = translate_node_ports(index, options.node, notes)
+        listeners += node_port_listeners
     listeners = apply_backend_policies(index, listeners, statuses, notes)
     statuses.update(policy_statuses(index, policies, listeners))
     return Translation(ir=ir.IR(listeners=tuple(listeners)), statuses=dict(sorted(statuses.items())), notes=notes,

@@ -67,6 +67,7 @@ class LoadBalancers:
     nodes: list[NodeInfo] = field(default_factory=list)
     l2: list[Candidacy] = field(default_factory=list)  # addresses announced in Layer 2, with their candidates
     bgp: BGPPlan = field(default_factory=BGPPlan)  # this node's BGP sessions and routes
+    health_checks: list[HealthCheck] = field(default_factory=list)  # --node-ports: healthCheckNodePort answers
 
 
 def translate_load_balancers(index: Index, options: AllocationOptions, node: str, statuses: dict[Key, Any],
@@ -159,6 +160,62 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
                                  "to another controller (run with --lb-classless to take it, once MetalLB is gone)",
                                  key))
     return result
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """kube-proxy's answer on a Service's healthCheckNodePort: how many ready pods of it this node runs."""
+
+    port: int
+    namespace: str
+    name: str
+    local_endpoints: int
+
+
+def translate_node_ports(index: Index, node: str, notes: list[Problem]) -> tuple[list[ir.Listener],
+                                                                               list[HealthCheck]]:
+    """`--node-ports` (clusters without kube-proxy): a listener on every address for each node port of the
+    NodePort and LoadBalancer Services, relaying straight to the pods (under `Local` this node's only, from the
+    client's address), and the health check answers for `healthCheckNodePort`s."""
+    listeners: list[ir.Listener] = []
+    checks: list[HealthCheck] = []
+    host = _node_addresses(index, node)
+    taken: dict[tuple[int, str], str] = {}
+    for service in sorted(index.all("Service"), key=lambda s: (s.namespace, s.name)):
+        spec = service.spec
+        if spec.get("type") not in ("NodePort", "LoadBalancer"):
+            continue
+        namespace, name = service.namespace, service.name
+        local = spec.get("externalTrafficPolicy") == "Local"
+        local_pods: set[str] = set()
+        for port in spec.get("ports") or []:
+            protocol = port.get("protocol", "TCP")
+            endpoints = service_endpoints(index, namespace, name, spec, port, int(port["port"]))
+            local_pods.update(e.address for e in endpoints if e.ready and e.node == node)
+            number = port.get("nodePort")
+            if not isinstance(number, int) or protocol not in SERVED_PROTOCOLS:
+                continue
+            owner = f"Service {namespace}/{name}"
+            if taken.setdefault((number, protocol), owner) != owner:
+                notes.append(Problem("error", service.origin, f"nodePort {number}/{protocol} is {taken[(number, protocol)]}'s "
+                                     "already: not served for this one (tidegate nodeports check)", service.key))
+                continue
+            if local and node:
+                endpoints = tuple(e for e in endpoints if e.node == node)
+            header = proxy_protocol_of(service)[0] if protocol == "TCP" else ""
+            transparent = local and bool(node) and not header and not any(_on_host(e.address, host) for e in endpoints)
+            label = f"{namespace}/{name}:{port['port']}" + ("/UDP" if protocol == "UDP" else "")
+            listener_name = f"{LOADBALANCER_PREFIX}{namespace}/{name}:{port['port']}/{protocol}@nodePort {number}"
+            backend = ir.Backend(name=label, weight=1, endpoints=endpoints, protocol=port.get("appProtocol", ""),
+                                 proxy_protocol=header, keep_client_address=transparent)
+            listeners.append(ir.Listener(
+                name=listener_name, gateway=f"{LOADBALANCER_PREFIX}{namespace}/{name}", address="", port=number,
+                protocol=protocol, l4_routes=(ir.L4Route(name=listener_name, source=f"Service {namespace}/{name}",
+                                                         backends=(backend,), created=service.creation_timestamp),)))
+        check_port = spec.get("healthCheckNodePort")
+        if spec.get("type") == "LoadBalancer" and local and isinstance(check_port, int):
+            checks.append(HealthCheck(check_port, namespace, name, len(local_pods)))
+    return listeners, checks
 
 
 def _relayed_gateways(index: Index, gateways: list[LoadBalancerService],
