@@ -467,3 +467,93 @@ def test_new_weights_replace_a_route_after_a_debounce_and_new_prefixes_go_at_onc
     assert added == ["neighbor 192.0.2.254 announce route 198.18.1.2/32 next-hop self"]
     assert flushed == ["neighbor 192.0.2.254 announce route 198.18.1.1/32 next-hop self extended-community "
                        "[bandwidth:64513:250000]"]
+
+
+def test_sessions_that_fail_are_reported_and_the_others_keep_their_routes(tmp_path):
+    """Bad input and bad days: a password the router does not have (TCP MD5: its kernel drops our signed
+    segments), a router that refuses our AS, ExaBGP killed, a cut link. Each is reported (session state,
+    last error, metrics); the good session keeps its route, ExaBGP is started again and announces again, and
+    the cut link's route leaves the router within its hold time."""
+    with ExitStack() as stack:
+        # Three routers, one BIRD each (BIRD lets one protocol at a time talk to a neighbour address).
+        world = stack.enter_context(lab({"a": 1, "router": 254, "pw": 253, "as": 252}))
+        for role, extra in (("router", "passive on; error wait time 1, 1;  # the nodes connect: tidegate does not "
+                                       "listen on 179"), ("pw", ""), ("as", "")):
+            peer_as = 64999 if role == "as" else 64513
+            conf = tmp_path / f"bird-{role}.conf"
+            conf.write_text(f"""
+router id {world.v4(role)};
+protocol device {{ scan time 1; }}
+protocol kernel {{ ipv4 {{ export all; }}; merge paths on; }}
+protocol bgp node_a {{ local {world.v4(role)} as 64512; neighbor {world.v4("a")} as {peer_as}; hold time 3;
+  {extra}
+  ipv4 {{ import all; export none; }}; }}
+""")
+            stack.enter_context(process(world.exec_args(role, "bird", "-f", "-c", str(conf), "-s",
+                                                        str(tmp_path / f"bird-{role}.ctl"), "-P",
+                                                        str(tmp_path / f"bird-{role}.pid")),
+                                        tmp_path / f"bird-{role}.log"))
+        events = tmp_path / "routes.log"
+        stack.enter_context(process(world.exec_args("router", "ip", "-ts", "monitor", "route"), events))
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "lab.yaml").write_text(f"""apiVersion: v1
+kind: Node
+metadata: {{name: node-a}}
+status: {{addresses: [{{type: InternalIP, address: {world.v4("a")}}}]}}
+---
+apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {{name: good, namespace: metallb-system}}
+spec: {{myASN: 64513, peerASN: 64512, peerAddress: 198.18.0.254, holdTime: 3s}}
+---
+apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {{name: md5, namespace: metallb-system}}
+spec: {{myASN: 64513, peerASN: 64512, peerAddress: 198.18.0.253, password: wrong}}
+---
+apiVersion: metallb.io/v1beta2
+kind: BGPPeer
+metadata: {{name: other-as, namespace: metallb-system}}
+spec: {{myASN: 64513, peerASN: 64512, peerAddress: 198.18.0.252}}
+---
+apiVersion: metallb.io/v1beta1
+kind: IPAddressPool
+metadata: {{name: routed, namespace: metallb-system}}
+spec: {{addresses: [198.18.1.0/28]}}
+---
+apiVersion: metallb.io/v1beta1
+kind: BGPAdvertisement
+metadata: {{name: routed, namespace: metallb-system}}
+""" + _service("first", FIRST, world.v4("a")))
+        log = tmp_path / "tidegate.log"
+        stack.enter_context(process(world.exec_args(
+            "a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--admin", "127.0.0.1:9900", "--bind",
+            "127.0.0.1"), log))
+        learned = f"{FIRST} via {world.v4('a')}"
+        wait_until(lambda: learned in world.run("router", "ip", "route"), timeout=30, what="the good session's route")
+        time.sleep(3)  # the bad sessions have tried by now
+        sessions = {s["name"].split("/")[1]: s for s in _bgp(world)["sessions"]}
+        assert sessions["good"]["state"] == "up"
+        assert sessions["md5"]["state"] != "up" and sessions["other-as"]["state"] != "up", sessions
+        refused = sessions["other-as"].get("lastError", "")  # BIRD's NOTIFICATION, or its closing the connection
+        assert "Bad Peer AS" in refused or "refuses this session" in refused, sessions["other-as"]
+
+        # ExaBGP killed: reported, started again, the route announced again.
+        [speaker] = [p for p in world.pids("a") if b"exabgp\x00server" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        world.run("a", "kill", "-9", str(speaker))
+        wait_until(lambda: "ExaBGP exited" in log.read_text(), timeout=10, what="the crash reported")
+        wait_until(lambda: _bgp(world)["restarts"] == 1 and {s["name"].split("/")[1]: s["state"]
+                                                             for s in _bgp(world)["sessions"]}["good"] == "up",
+                   timeout=15, what="ExaBGP started again with the good session up")
+        wait_until(lambda: learned in world.run("router", "ip", "route"), timeout=10, what="the route back")
+        metrics = world.python("a", f"import urllib.request;print(urllib.request.urlopen('{ADMIN}/metrics')"
+                                    ".read().decode())")
+        assert "tidegate_bgp_speaker_restarts_total 1.0" in metrics
+
+        # The link cut: the router drops the route when the hold time (3 s) runs out.
+        cut = time.time()
+        world.link("a", up=False)
+        gone = _event_after(events, "del", FIRST, cut)
+        print(f"BGP: link cut → out of the router's table {gone - cut:.2f} s (hold time 3 s)")
+        assert gone - cut <= 3.5, gone - cut

@@ -67,6 +67,18 @@ class SessionState:
     last_error: str = ""
 
 
+NOTIFICATIONS = {  # RFC 4271 section 4.5, RFC 4486 (Cease)
+    (1, 0): "message header error", (2, 0): "OPEN message error", (2, 1): "unsupported version number",
+    (2, 2): "Bad Peer AS", (2, 3): "bad BGP identifier", (2, 4): "unsupported optional parameter",
+    (2, 6): "unacceptable hold time", (2, 7): "unsupported capability", (3, 0): "UPDATE message error",
+    (4, 0): "hold timer expired", (5, 0): "finite state machine error", (6, 0): "Cease",
+    (6, 1): "Cease: maximum number of prefixes reached", (6, 2): "Cease: administrative shutdown",
+    (6, 3): "Cease: peer de-configured", (6, 4): "Cease: administrative reset",
+    (6, 5): "Cease: connection rejected", (6, 6): "Cease: other configuration change",
+    (6, 7): "Cease: connection collision resolution", (6, 8): "Cease: out of resources",
+}
+
+
 class Speaker(Protocol):
     async def start(self) -> None: ...
 
@@ -121,7 +133,7 @@ def exabgp_config(sessions: list[BGPSession], local_addresses: dict[str, str], r
         lines += [f"    family {{ {family} unicast; }}"]
         if session.graceful_restart:
             lines.append(f"    capability {{ graceful-restart {GRACEFUL_RESTART_TIME}; }}")
-        lines += ["    api { processes [ tidegate ]; neighbor-changes; }", "}", ""]
+        lines += ["    api { processes [ tidegate ]; neighbor-changes; receive { parsed; notification; } }", "}", ""]
     return "\n".join(lines)
 
 
@@ -373,7 +385,14 @@ class ExaBGPSpeaker:
             if new:
                 self._set_state(state, new, str(neighbor.get("reason") or ""))
         elif event.get("type") == "notification":
-            state.last_error = f"notification: {json.dumps(neighbor.get('notification', neighbor))[:200]}"
+            note = neighbor.get("notification") or {}
+            code, subcode = note.get("code"), note.get("subcode")
+            name = NOTIFICATIONS.get((code, subcode)) or NOTIFICATIONS.get((code, 0)) or f"code {code}/{subcode}"
+            text = str(note.get("message") or "").strip()
+            direction = "sent" if neighbor.get("direction") == "send" else "received"
+            state.last_error = f"{direction} NOTIFICATION: {name}" + (f" ({text})" if text.isprintable() and text
+                                                                       else "")
+            log.warning("BGP session %s (%s): %s", state.name, state.peer_address, state.last_error)
 
     def _set_state(self, state: SessionState, new: str, reason: str = "") -> None:
         if state.state == new:
@@ -381,13 +400,17 @@ class ExaBGPSpeaker:
         old, state.state, state.since = state.state, new, time.time()
         if new == "up":
             log.info("BGP session %s (%s) is up", state.name, state.peer_address)
+            state.last_error = ""
             self.sent.pop(state.name, None)
             self._sync(only=state.name)
         else:
             if old == "up":
                 log.warning("BGP session %s (%s) is %s%s", state.name, state.peer_address, new,
                             f": {reason}" if reason else "")
-            if reason:
+            if old == "connecting" and reason == "closing connection":
+                reason = ("the peer closed the connection before the session was established: it refuses this "
+                          "session (its neighbour address or AS for this node?)")
+            if reason and "NOTIFICATION" not in state.last_error:  # the NOTIFICATION says more
                 state.last_error = reason
             state.routes = 0
             self.sent.pop(state.name, None)
