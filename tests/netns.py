@@ -33,10 +33,15 @@ def can_make_namespaces() -> str:
     return ""
 
 
+class CommandFailed(OSError):
+    """A command exited non-zero. An OSError, so that `wait_until` takes a client that could not connect yet
+    (inside a namespace) as "not yet", as it does for a connection refused in the test process itself."""
+
+
 def sh(*args: str, check: bool = True) -> str:
     out = subprocess.run(list(args), capture_output=True, text=True, timeout=30)
     if check and out.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)}: {out.stderr.strip()}")
+        raise CommandFailed(f"{' '.join(args)}: {out.stderr.strip()}")
     return out.stdout
 
 

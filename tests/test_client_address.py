@@ -24,7 +24,7 @@ import pytest
 
 from tests.harness import TIDEGATE, process, wait_until
 from tests.manifests import gateway
-from tests.netns import can_make_namespaces, lab
+from tests.netns import CommandFailed, can_make_namespaces, lab
 
 WHY_NOT = can_make_namespaces() or ("" if shutil.which("nginx") else "Debian's nginx is not installed") \
     or ("" if shutil.which("nft") else "nft (Debian package nftables) is not installed; scripts/test installs it")
@@ -108,7 +108,7 @@ http {{
 def _announced(world) -> int:
     try:
         return len(world.get_json("a", f"{ADMIN}/api/v1/loadbalancers")["announcements"])
-    except RuntimeError:  # the admin listener is not open yet
+    except CommandFailed:  # the admin listener is not open yet
         return 0
 
 
@@ -155,7 +155,7 @@ metadata: {{name: lab, namespace: metallb-system}}
             def ask() -> list[str] | None:
                 try:
                     return world.run("client", sys.executable, "-c", ASK, address).split()
-                except RuntimeError:
+                except CommandFailed:
                     return None
             return wait_until(ask, timeout=15, what=f"answers through {address}")
 
@@ -258,7 +258,7 @@ endpoints: [{{addresses: [127.0.0.1], targetRef: {{kind: Pod, name: web}}}}]
             try:
                 return world.python("client", "import urllib.request;print(urllib.request.urlopen("
                                               f"'http://{EDGE}:8081/', timeout=5).read().decode().strip())").strip()
-            except RuntimeError:
+            except CommandFailed:
                 return None
 
         assert wait_until(forwarded_for, timeout=15, what="an answer through the Gateway's address") \
@@ -343,7 +343,7 @@ endpoints: [{{addresses: [10.9.9.8], nodeName: node-b}}]
                     "print(json.dumps([r.status, dict(r.headers), r.read().decode()]))")
             try:
                 return tuple(json.loads(world.python("client", code)))  # type: ignore[return-value]
-            except RuntimeError:
+            except CommandFailed:
                 return None
 
         status, _, body = wait_until(lambda: get(30080), timeout=15, what="the node port to answer")
