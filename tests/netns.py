@@ -5,11 +5,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUBNET4, SUBNET6 = "198.18.0.", "2001:db8::"
+CLONE_NEWNET = 0x40000000
 
 
 def can_make_namespaces() -> str:
@@ -85,6 +90,58 @@ class Lab:
 
     def pids(self, role: str) -> list[int]:
         return [int(p) for p in sh("ip", "netns", "pids", self.ns(role)).split()]
+
+    @contextmanager
+    def forwarded(self, role: str, port: int) -> Iterator[int]:
+        """A port on 127.0.0.1 here that leads to 127.0.0.1:`port` inside `role`'s namespace (for a browser
+        run by the test to reach an admin listener there). One thread moves into that namespace (setns acts
+        on the calling thread alone) and opens the inner connections; bounded: 500 connections at most."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        stop = threading.Event()
+        failed: list[str] = []
+
+        def pipe(source: socket.socket, sink: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                while data := source.recv(65536):
+                    sink.sendall(data)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+
+        def serve() -> None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{self.ns(role)}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, CLONE_NEWNET) != 0:
+                    failed.append(os.strerror(ctypes.get_errno()))
+                    return
+            finally:
+                os.close(fd)
+            served = 0
+            while not stop.is_set() and served < 500:
+                try:
+                    outer, _ = listener.accept()
+                except TimeoutError:
+                    continue
+                served += 1
+                try:
+                    inner = socket.create_connection(("127.0.0.1", port), timeout=5)
+                except OSError:
+                    outer.close()
+                    continue
+                inner.settimeout(None)
+                for a, b in ((outer, inner), (inner, outer)):
+                    threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            yield listener.getsockname()[1]
+        finally:
+            stop.set()
+            thread.join(5)
+            listener.close()
+        assert not failed, f"setns into {self.ns(role)}: {failed[0]}"
 
 
 SECOND4 = "198.19.0."  # a second segment, for the interface tests

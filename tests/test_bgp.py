@@ -6,7 +6,8 @@ The router learns a Service's address and reaches the pod through it; a Service 
 router's table within 100 ms of tidegate announcing it, and loses it as fast when removed; a peer that does
 not answer is reported without disturbing the one that does; a killed tidegate (SIGKILL) takes ExaBGP with it,
 so the session closes and the router drops the routes at once. `ip -ts monitor route` in the router namespace
-gives the times.
+gives the times. A Gateway asking for a pool address is announced like a Service; the dashboard shows the
+sessions and routes (headless Chromium through a forwarded port).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness import TIDEGATE, process, wait_until
+from tests.manifests import gateway
 from tests.netns import POD, can_make_namespaces, lab
 
 WHY_NOT = can_make_namespaces() or ("" if shutil.which("bird") else "BIRD 2 (Debian bird2) is not installed; "
@@ -32,7 +34,7 @@ WHY_NOT = can_make_namespaces() or ("" if shutil.which("bird") else "BIRD 2 (Deb
 pytestmark = pytest.mark.skipif(bool(WHY_NOT), reason=WHY_NOT)
 
 ADMIN = "http://127.0.0.1:9900"
-FIRST, SECOND = "198.18.1.1", "198.18.1.2"
+FIRST, SECOND, EDGE = "198.18.1.1", "198.18.1.2", "198.18.1.4"
 
 
 def _bird_conf(world, path: Path) -> Path:
@@ -94,6 +96,20 @@ endpoints: [{{addresses: ['{pod}'], nodeName: node-a}}]
 """
 
 
+def _gateway_to_first() -> str:
+    """A Gateway asking for a pool address (announced over BGP like a Service), routing to Service first."""
+    return f"""---
+{gateway(EDGE, "[{name: http, port: 80, protocol: HTTP}]", name="edge")}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: edge, namespace: default}}
+spec:
+  parentRefs: [{{name: edge}}]
+  rules: [{{backendRefs: [{{name: first, port: 80}}]}}]
+"""
+
+
 def _route_events(path: Path) -> list[tuple[float, str, str]]:
     """(time, "add" | "del", prefix) from `ip -ts monitor route` output."""
     out = []
@@ -134,7 +150,8 @@ def test_addresses_reach_a_bird_router_within_100_ms_and_leave_with_a_killed_nod
                                                     "5353", str(tmp_path / "www")), tmp_path / "pod.log"))
         config = tmp_path / "config"
         config.mkdir()
-        (config / "lab.yaml").write_text(_objects(world) + _service("first", FIRST, world.v4("a")))
+        (config / "lab.yaml").write_text(_objects(world) + _service("first", FIRST, world.v4("a"))
+                                         + _gateway_to_first())
         log = tmp_path / "tidegate.log"
         node = stack.enter_context(process(world.exec_args(
             "a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--admin", "127.0.0.1:9900", "--bind",
@@ -150,13 +167,21 @@ def test_addresses_reach_a_bird_router_within_100_ms_and_leave_with_a_killed_nod
                                       "timeout=5).read().decode())").strip() == "pod-a"
         # The peer that does not answer is reported; the other is unaffected.
         sessions = {s["name"]: s for s in _bgp(world)["sessions"]}
-        assert sessions["metallb-system/router"]["state"] == "up" and sessions["metallb-system/router"]["routes"] == 1
+        assert sessions["metallb-system/router"]["state"] == "up" and sessions["metallb-system/router"]["routes"] == 2
+        # The Gateway's pool address too: the router reaches the pod through the Gateway's HTTPRoute.
+        wait_until(lambda: f"{EDGE} via {world.v4('a')}" in world.run("router", "ip", "route"), timeout=10,
+                   what="the router to learn the Gateway's address")
+        assert world.python("router", f"import urllib.request;print(urllib.request.urlopen('http://{EDGE}/pod', "
+                                      "timeout=5).read().decode())").strip() == "pod-a"
+        edge = next(e for e in world.get_json("a", f"{ADMIN}/api/v1/status") if e["kind"] == "Gateway")
+        assert [(r["prefix"], r.get("sessionState")) for r in edge["bgp"] if r["session"] == "metallb-system/router"] \
+            == [(f"{EDGE}/32", "up")], edge
         assert sessions["metallb-system/silent"]["state"] != "up", sessions
         metrics = world.python("a", f"import urllib.request;print(urllib.request.urlopen('{ADMIN}/metrics')"
                                     ".read().decode())")
         assert 'tidegate_bgp_session_up{peer="metallb-system/router"} 1.0' in metrics
         assert 'tidegate_bgp_session_up{peer="metallb-system/silent"} 0.0' in metrics
-        assert 'tidegate_bgp_routes_announced{peer="metallb-system/router"} 1.0' in metrics
+        assert 'tidegate_bgp_routes_announced{peer="metallb-system/router"} 2.0' in metrics
         first = next(e for e in world.get_json("a", f"{ADMIN}/api/v1/status") if e["name"] == "first")
         routes = {r["session"]: r for r in first["bgp"]}
         assert routes["metallb-system/router"] == {"session": "metallb-system/router", "prefix": f"{FIRST}/32",
@@ -193,6 +218,56 @@ def test_addresses_reach_a_bird_router_within_100_ms_and_leave_with_a_killed_nod
         time.sleep(0.2)
         left = [p for p in world.pids("a") if b"exabgp" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert not left, "ExaBGP outlived tidegate"
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") and shutil.which("chromedriver")),
+                    reason="Debian's chromium and chromium-driver are not installed (scripts/test does)")
+def test_the_dashboard_shows_each_session_and_the_routes_it_carries(tmp_path):
+    """The dashboard of a node with sessions, in headless Chromium (reaching the node's admin listener through
+    a forwarded port): the session that is up, the one that is not, and each announced prefix with its next
+    hop, Services (a Gateway's too), pods and Link Bandwidth."""
+    from tests.test_dashboard import ARTIFACTS, _browser
+
+    with ExitStack() as stack:
+        world = stack.enter_context(lab({"a": 1, "router": 254}))
+        stack.enter_context(process(world.exec_args("router", "bird", "-f", "-c", str(_bird_conf(
+            world, tmp_path / "bird.conf")), "-s", str(tmp_path / "bird.ctl"), "-P", str(tmp_path / "bird.pid")),
+            tmp_path / "bird.log"))
+        config = tmp_path / "config"
+        config.mkdir()
+        weighted = _service("first", FIRST, world.v4("a")).replace(
+            'annotations: {metallb.io/loadBalancerIPs: "198.18.1.1"}',
+            'annotations: {metallb.io/loadBalancerIPs: "198.18.1.1", tidegate.io/weighting: endpoints}').replace(
+            "loadBalancerClass: tidegate.io/lb,", "loadBalancerClass: tidegate.io/lb, externalTrafficPolicy: Local,")
+        assert "weighting" in weighted and "Local" in weighted
+        (config / "lab.yaml").write_text(_objects(world) + weighted + _gateway_to_first())
+        stack.enter_context(process(world.exec_args(
+            "a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--admin", "127.0.0.1:9900", "--bind",
+            "127.0.0.1"), tmp_path / "tidegate.log"))
+        wait_until(lambda: f"{EDGE} via {world.v4('a')}" in world.run("router", "ip", "route"), timeout=30,
+                   what="the router to learn the Gateway's address")
+        port = stack.enter_context(world.forwarded("a", 9900))
+        driver = _browser(tmp_path / "chromium-profile")
+        stack.callback(driver.quit)
+        driver.get(f"http://127.0.0.1:{port}/dashboard/")
+
+        def rows(key: str, count: int) -> dict[str, str] | None:  # read in one step: the tables are redrawn
+            found = dict(driver.execute_script(
+                f"return [...document.querySelectorAll('tr[data-{key}]')].map((r) => [r.dataset.{key}, r.innerText])"))
+            return found if len(found) == count else None
+
+        sessions = wait_until(lambda: rows("session", 2), timeout=15, what="both sessions on the dashboard")
+        router, silent = sessions["metallb-system/router"].split("\t"), sessions["metallb-system/silent"].split("\t")
+        assert router[1:3] == [world.v4("router"), "up"] and router[4] == "2", sessions  # two prefixes sent
+        assert silent[2] != "up" and silent[4] == "0", sessions
+        routes = wait_until(lambda: rows("prefix", 2), timeout=15, what="the routes on the dashboard")
+        first, edge = routes[f"{FIRST}/32"], routes[f"{EDGE}/32"]
+        assert "default/first" in first and "self" in first and "125000 B/s" in first and "64513:100" in first, routes
+        assert "Gateway default/edge" in edge and "B/s" not in edge, routes
+        service = driver.execute_script(f"return document.querySelector('tr[data-address=\"{FIRST}\"]').innerText")
+        assert "BGP" in service, service
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "dashboard-bgp.png"))
 
 
 def test_status_with_a_node_shows_the_routes_it_would_announce(tmp_path):

@@ -37,7 +37,8 @@ def render(case: str) -> str:
     assert not loaded.errors, [str(e) for e in loaded.errors]
     out: dict = {"nodes": {}, "reported": []}
     for node in options["nodes"]:
-        translation = translate(loaded.resources, TranslateOptions(node=node))
+        translation = translate(loaded.resources, TranslateOptions(node=node,
+                                                                   gateway_pods=options.get("gateway_pods", "")))
         plan = translation.load_balancers.bgp
         out["nodes"][node] = {
             "sessions": {s.name: {k: v for k, v in asdict(s).items() if k not in ("name", "password")}

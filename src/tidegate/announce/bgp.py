@@ -451,17 +451,28 @@ class BGPAgent:
     def status(self) -> dict[str, Any]:
         sessions = self.speaker.sessions()
         return {
-            "sessions": [{"name": s.name, "peer": s.peer_address, "state": s.state, "since": s.since,
+            "sessions": [{"name": s.name, "peer": s.peer_address, "state": s.state,
+                          "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(s.since)) if s.since else None,
                           "routes": s.routes, **({"lastError": s.last_error} if s.last_error else {})}
                          for s in sessions],
-            "routes": [{"session": name, "prefix": r.prefix, "services": list(r.services),
-                        **({"pods": r.pods} if r.pods is not None else {}),
-                        **({"linkBandwidth": r.link_bandwidth[1]} if r.link_bandwidth else {}),
-                        **({"communities": list(r.communities)} if r.communities else {})}
-                       for name, routes in self.plan.routes.items() for r in routes],
+            "routes": routes_view(self.plan),
             "problem": getattr(self.speaker, "problem", ""),
             "restarts": getattr(self.speaker, "restarts", 0),
         }
+
+
+def routes_view(plan: BGPPlan) -> list[dict[str, Any]]:
+    """The plan's routes as the admin API and the dashboard show them: per session and prefix, the next hop
+    (the session's source address, else this node's address toward the peer), the Services behind it and,
+    with weighting, the pods and the Link Bandwidth they earn."""
+    hops = {s.name: s.source_address or "self" for s in plan.sessions}
+    return [{"session": name, "prefix": r.prefix, "nextHop": hops.get(name, "self"), "services": list(r.services),
+             **({"pods": r.pods} if r.pods is not None else {}),
+             **({"linkBandwidth": r.link_bandwidth[1]} if r.link_bandwidth else {}),
+             **({"localPref": r.local_pref} if r.local_pref is not None else {}),
+             **({"communities": list(r.communities + r.large_communities)}
+                if r.communities or r.large_communities else {})}
+            for name, routes in plan.routes.items() for r in routes]
 
 
 def _local_routes(wanted: set[str], have: set[str] | None) -> dict[str, str]:

@@ -85,7 +85,8 @@ class BGPPlan:
 
 @dataclass(frozen=True)
 class BGPService:
-    """What the planner needs of a LoadBalancer Service with addresses."""
+    """What the planner needs of a LoadBalancer Service with addresses (or of a Gateway with a pool address:
+    namespace "", name "Gateway ns/name", its pods the ones that serve Gateways)."""
 
     namespace: str
     name: str
@@ -96,6 +97,10 @@ class BGPService:
     ready: int = 0  # ready pods anywhere (with or without a node)
     labels: tuple[tuple[str, str], ...] = ()
     annotations: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
 
 _DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+(?:\.\d+)?)s)?$")
@@ -247,7 +252,7 @@ def plan_bgp(index: Index, node: str, services: Iterable[BGPService], node_label
                 continue
             weighted = "endpoints" in (dict(svc.annotations).get(WEIGHTING), ad.annotations.get(WEIGHTING))
             if weighted and not svc.local:
-                problems.append(Problem("warning", ad.origin, f"Service {svc.namespace}/{svc.name}: "
+                problems.append(Problem("warning", ad.origin, f"{'Service ' if svc.namespace else ''}{svc.label}: "
                                         f"{WEIGHTING}: endpoints needs externalTrafficPolicy: Local (under Cluster "
                                         "each node spreads over every pod); no weights", ad.key))
                 weighted = False
@@ -352,7 +357,7 @@ def _route(prefix: str, spec: dict, aliases: dict[str, str], session: BGPSession
     local_pref = spec.get("localPref") if session.ibgp and spec.get("localPref") is not None else None
     return BGPRoute(prefix=prefix, local_pref=local_pref, communities=tuple(sorted(standard, key=_community_order)),
                     large_communities=tuple(sorted(large, key=_community_order)), link_bandwidth=bandwidth,
-                    services=(f"{svc.namespace}/{svc.name}",), pods=local_pods if weighted else None)
+                    services=(svc.label,), pods=local_pods if weighted else None)
 
 
 def _community_order(text: str) -> tuple[int, ...]:

@@ -372,7 +372,7 @@ def loadbalancers_view(state: RunState) -> dict[str, Any]:
 
 def planned_bgp(plan: Any) -> dict[str, Any]:
     """BGP as this process would announce it (no session runs here)."""
+    from tidegate.announce.bgp import routes_view
+
     return {"sessions": [{"name": s.name, "peer": s.peer_address, "state": None} for s in plan.sessions],
-            "routes": [{"session": name, "prefix": r.prefix, "services": list(r.services),
-                        **({"pods": r.pods} if r.pods is not None else {})}
-                       for name, routes in plan.routes.items() for r in routes]}
+            "routes": routes_view(plan)}

@@ -151,7 +151,7 @@ def translate_load_balancers(index: Index, options: AllocationOptions, node: str
     result.l2 = _l2_candidacies(index, result.services + gateways, result.nodes, allocation.pools)
     this = next((n for n in result.nodes if n.name == node), None)
     this_node = index.get("Node", "", node) if node else None
-    result.bgp = plan_bgp(index, node, [_for_bgp(index, s) for s in result.services], this_node.labels
+    result.bgp = plan_bgp(index, node, [_for_bgp(index, s) for s in result.services + gateways], this_node.labels
                           if this_node else {}, this is not None and this.usable, notes)
     for key in allocation.not_ours if index.all("IPAddressPool") else ():
         service = index.get("Service", key.namespace, key.name)
@@ -235,6 +235,7 @@ def _relayed_gateways(index: Index, gateways: list[LoadBalancerService],
                              int(service.spec["ports"][0]["port"]))
     pods = tuple(e for e in pods if e.ready)
     nodes = tuple(sorted({e.node for e in pods if e.node}))
+    per_node = tuple((n, sum(1 for e in pods if e.node == n)) for n in nodes)
     local = tuple(e for e in pods if e.node == node) if node else pods
     transparent = bool(node) and not any(_on_host(e.address, host) for e in local)
     out = []
@@ -250,12 +251,21 @@ def _relayed_gateways(index: Index, gateways: list[LoadBalancerService],
                 name=listener_name, gateway=f"{LOADBALANCER_PREFIX}{gateway_name}", address=address, port=port,
                 protocol=protocol, freebind=True,
                 l4_routes=(ir.L4Route(name=listener_name, source=gateway.name, backends=(backend,)),)))
-        out.append(replace(gateway, ports=ports.get(address, ()), local=True, nodes_with_pods=nodes))
+        out.append(replace(gateway, ports=ports.get(address, ()), local=True, nodes_with_pods=nodes,
+                           pods_by_node=per_node, ready=len(pods)))
     return out
 
 
 def _for_bgp(index: Index, svc: LoadBalancerService) -> BGPService:
-    res = index.get("Service", svc.namespace, svc.name)
+    if svc.kind == "Gateway":
+        namespace, _, name = svc.name.removeprefix("Gateway ").partition("/")
+        res = index.get("Gateway", namespace, name)
+        if not svc.local:  # this process serves the Gateway itself: like a Service with one pod, here
+            return BGPService("", svc.name, svc.pool, svc.addresses, False, (), 1,
+                              tuple(sorted(res.labels.items())) if res else (),
+                              tuple(sorted(res.annotations.items())) if res else ())
+    else:
+        res = index.get("Service", svc.namespace, svc.name)
     return BGPService(svc.namespace, svc.name, svc.pool, svc.addresses, svc.local, svc.pods_by_node, svc.ready,
                       tuple(sorted(res.labels.items())) if res else (),
                       tuple(sorted(res.annotations.items())) if res else ())
@@ -354,27 +364,30 @@ def with_announcements(entries: list[dict[str, Any]], announcements: list[dict[s
     """Status entries (`tidegate status`, /api/v1/status) with, on each LoadBalancer Service, the node that
     announces each of its addresses in Layer 2 (and since when, when a running node knows), and the BGP routes
     this node announces for it (with each session's state, when the node runs)."""
-    by_service: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    def key(user: str) -> tuple[str, str, str]:  # "ns/name" (a Service) or "Gateway ns/name"
+        kind, _, rest = user.rpartition(" ")
+        namespace, _, name = rest.partition("/")
+        return kind or "Service", namespace, name
+
+    by_service: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for a in announcements:
         for service in a["services"]:
-            namespace, _, name = service.partition("/")
-            by_service.setdefault((namespace, name), []).append(
+            by_service.setdefault(key(service), []).append(
                 {"address": a["address"], "node": a["node"], **({"since": a["since"]} if a.get("since") else {})})
-    routes: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    routes: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     states = {s["name"]: s.get("state") for s in (bgp or {}).get("sessions", [])}
     for route in (bgp or {}).get("routes", []):
         for service in route["services"]:
-            namespace, _, name = service.partition("/")
-            routes.setdefault((namespace, name), []).append(
+            routes.setdefault(key(service), []).append(
                 {"session": route["session"], "prefix": route["prefix"],
                  **({"sessionState": states[route["session"]]} if states.get(route["session"]) else {}),
                  **({"pods": route["pods"]} if "pods" in route else {})})
     out = []
     for e in entries:
-        key = (e.get("namespace") or "", e["name"])
-        if e["kind"] == "Service" and key in by_service:
-            e = {**e, "announcedBy": by_service[key]}
-        if e["kind"] == "Service" and key in routes:
-            e = {**e, "bgp": routes[key]}
+        k = (e["kind"], e.get("namespace") or "", e["name"])
+        if k in by_service:
+            e = {**e, "announcedBy": by_service[k]}
+        if k in routes:
+            e = {**e, "bgp": routes[k]}
         out.append(e)
     return out

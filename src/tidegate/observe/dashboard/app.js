@@ -191,14 +191,16 @@ function renderConfig(routes, statuses, config) {
 
 function renderLoadBalancers(data) {
   const byAddress = new Map(data.announcements.map((a) => [a.address, a]));
+  const routed = new Set(((data.bgp || {}).routes || []).map((r) => r.prefix.split("/")[0]));
   const body = document.querySelector("#loadbalancers tbody");
   const rows = [];
   for (const s of data.services) {
     for (const address of s.addresses) {
       const a = byAddress.get(address);
+      const who = a ? a.node || "nobody (no node can)"
+        : routed.has(address) ? "BGP (see below)" : "not announced in Layer 2 (no L2Advertisement)";
       const tr = row([`${s.namespace}/${s.name}`, address, s.pool, s.ports.join(", "), s.externalTrafficPolicy,
-        el("td", a ? a.node || "nobody (no node can)" : "not announced (no L2Advertisement)", a && a.node ? "" : "muted"),
-        a && a.since ? a.since : "–"]);
+        el("td", who, (a && a.node) || routed.has(address) ? "" : "muted"), a && a.since ? a.since : "–"]);
       tr.dataset.address = address;
       rows.push(tr);
     }
@@ -208,6 +210,31 @@ function renderLoadBalancers(data) {
   const refused = data.refused.map((r) => row([`${r.namespace}/${r.name}`, el("td", r.reason, "bad"), r.message]));
   document.querySelector("#lb-refused tbody").replaceChildren(...refused);
   document.getElementById("lb-refused").hidden = !refused.length;
+  renderBGP(data.bgp || { sessions: [], routes: [] });
+}
+
+function renderBGP(bgp) {
+  const running = bgp.sessions.some((s) => s.state !== null);
+  const sessions = bgp.sessions.map((s) => {
+    const state = s.state === null ? el("td", "not run by this process (no --node)", "muted")
+      : el("td", s.state, s.state === "up" ? "ok" : "bad");
+    const tr = row([s.name, s.peer, state, s.since || "–", s.state === null ? "–" : String(s.routes ?? 0),
+      el("td", s.lastError || "", "bad")]);
+    tr.dataset.session = s.name;
+    return tr;
+  });
+  if (bgp.problem) sessions.push(row([el("td", "speaker", "bad"), "", el("td", bgp.problem, "bad")]));
+  if (!sessions.length) sessions.push(row([el("td", "none (no BGPPeer for this node)", "muted")]));
+  document.querySelector("#bgp-sessions tbody").replaceChildren(...sessions);
+  const routes = bgp.routes.map((r) => {
+    const tr = row([r.prefix, r.session, r.nextHop || "self", r.services.join(", "),
+      r.pods === undefined ? "–" : String(r.pods),
+      r.linkBandwidth === undefined ? "–" : `${r.linkBandwidth} B/s`, (r.communities || []).join(" ")]);
+    tr.dataset.prefix = r.prefix;
+    return tr;
+  });
+  if (!routes.length) routes.push(row([el("td", running ? "none announced" : "none", "muted")]));
+  document.querySelector("#bgp-routes tbody").replaceChildren(...routes);
 }
 
 let lastConfig = null; // [routes, statuses, config] from the slow poll: the route table's rates move faster
