@@ -60,7 +60,7 @@ KINDS = [
     Kind("networking.k8s.io", "v1", "Ingress", "ingresses"),
     Kind("networking.k8s.io", "v1", "IngressClass", "ingressclasses", namespaced=False),
     Kind("coordination.k8s.io", "v1", "Lease", "leases"),
-    Kind("", "v1", "Node", "nodes", namespaced=False),
+    Kind("", "v1", "Node", "nodes", namespaced=False), Kind("", "v1", "Pod", "pods"),
     Kind("", "v1", "Event", "events"),
     Kind("metallb.io", "v1beta1", "IPAddressPool", "ipaddresspools"),
     Kind("metallb.io", "v1beta1", "L2Advertisement", "l2advertisements"),

@@ -88,3 +88,47 @@ def test_the_commands_exit_1_on_conflicts_and_print_patches(tmp_path):
     bad = tidegate("nodeports", "check", str(tmp_path))
     assert bad.returncode == 1 and "Duplicate: node port 30001" in bad.stdout
     assert tidegate("nodeports", "check", str(tmp_path), "--range", "nonsense").returncode == 2
+
+
+def test_check_reads_a_cluster_with_the_files_in_place_of_its_objects(tmp_path):
+    """--kubernetes: the cluster's Services and running Pods (the API stand-in), with the files' objects taking
+    the place of the cluster's of the same name. A new file's port that a cluster Service holds, or a running
+    Pod's hostPort, is a conflict; a finished Pod's is not; a file that changes a cluster Service's own port
+    does not clash with the old one."""
+    from tests.apiserver import fake_apiserver
+
+    def pod(name: str, host_port: int, phase: str) -> dict:
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default"},
+                "spec": {"containers": [{"name": "c", "image": "x", "ports": [{"containerPort": 53,
+                                                                               "hostPort": host_port}]}]},
+                "status": {"phase": phase}}
+
+    # ports in the static band (30000-30085 for the default range), so that DynamicBand stays out of it
+    with fake_apiserver() as api:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(api.kubeconfig())
+        api.put(_service("web", 1, {0: 30010}))
+        api.put(_service("db", 1, {0: 30011}))
+        api.put(pod("dns", 30020, "Running"))
+        api.put(pod("batch", 30021, "Succeeded"))
+        files = tmp_path / "files"
+        files.mkdir()
+        (files / "new.yaml").write_text(yaml.safe_dump_all([
+            _service("shop", 3, {0: 30010, 1: 30020, 2: 30021}),
+            _service("db", 1, {0: 30012}),  # the cluster's db, moved: 30011 is free again
+            _service("cache", 1, {0: 30011})]))
+        alone = tidegate("nodeports", "check", "--kubernetes", "--kubeconfig", str(kubeconfig))
+        assert alone.returncode == 0 and "2 Service(s), 0 conflict(s)" in alone.stdout, alone.stdout + alone.stderr
+        both = tidegate("nodeports", "check", str(files), "--kubernetes", "--kubeconfig", str(kubeconfig))
+        assert both.returncode == 1, both.stdout + both.stderr
+        found = [line for line in both.stdout.splitlines() if ":" in line]
+        assert any(line.startswith("Duplicate: node port 30010") and "Service default/web" in line
+                   and "Service default/shop" in line for line in found), found
+        assert any(line.startswith("HostPort:") and "30020" in line and "Pod default/dns" in line for line in found)
+        assert not any("30021" in line or "30011" in line or "30012" in line for line in found), found
+        assert "4 Service(s), 2 conflict(s)" in both.stderr, both.stderr
+        allocated = tidegate("nodeports", "allocate", "--kubernetes", "--kubeconfig", str(kubeconfig))
+        assert allocated.returncode == 0 and allocated.stdout == "", allocated.stdout + allocated.stderr
+    unreachable = tidegate("nodeports", "check", "--kubernetes", "--kubeconfig", str(kubeconfig))
+    assert unreachable.returncode == 1 and "error: the cluster's Services:" in unreachable.stderr, unreachable.stderr
+    assert tidegate("nodeports", "check").returncode == 2

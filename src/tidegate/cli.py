@@ -183,8 +183,8 @@ def _parser() -> argparse.ArgumentParser:
     echo.add_argument("--tls-client-ca", metavar="FILE", help="CA certificates to verify client certificates "
                                                               "against (when a client presents one)")
 
-    nodeports = sub.add_parser("nodeports", help="NodePorts without conflicts: check a set of files, or fill the "
-                                                 "missing ports (README: NodePorts)")
+    nodeports = sub.add_parser("nodeports", help="NodePorts without conflicts: check a set of files (and a "
+                                                 "cluster), or fill the missing ports (README: NodePorts)")
     nodeports_sub = nodeports.add_subparsers(dest="nodeports_command", metavar="check|allocate", required=True)
     for name, text in (("check", "report duplicate node ports, ports out of range or in the dynamic band, "
                                  "clashes with hostPorts, tidegate's own listeners and shared addresses; exit 1 "
@@ -192,9 +192,16 @@ def _parser() -> argparse.ArgumentParser:
                        ("allocate", "give every Service port that needs a node port and has none a free one "
                                     "(the same on every run); print the Services' merge patches")):
         np = nodeports_sub.add_parser(name, help=text, description=text)
-        common(np)
+        np.add_argument("paths", nargs="*", metavar="PATH", help="YAML files or directories (read recursively)")
+        common(np, positional=False)
         np.add_argument("--range", default="30000-32767", metavar="LOW-HIGH",
                         help="the cluster's --service-node-port-range (default: %(default)s)")
+        np.add_argument("--kubernetes", action="store_true",
+                        help="also read a cluster's Services and running Pods (the files' objects take the place "
+                             "of the cluster's of the same name: what is about to be applied)")
+        np.add_argument("--kubeconfig", default=None, metavar="PATH",
+                        help="kubeconfig file (default: in-cluster, then $KUBECONFIG, then ~/.kube/config)")
+        np.add_argument("--context", default=None, help="kubeconfig context (default: the current one)")
         if name == "allocate":
             np.add_argument("--kubectl", action="store_true",
                             help="print `kubectl patch` commands instead of YAML patches")
@@ -424,7 +431,13 @@ def _nodeports(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tidegate: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if not args.paths and not args.kubernetes:
+        print("tidegate: error: say what to read: PATH... (files) and/or --kubernetes (a cluster)", file=sys.stderr)
+        return EXIT_USAGE
     docs, problems = nodeports.read_documents(args.paths)
+    if args.kubernetes:
+        cluster, unread = nodeports.read_cluster(args.kubeconfig, args.context)
+        docs, problems = nodeports.overlay(cluster, docs, args.namespace), problems + unread
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
     # tidegate's own listeners, for a tidegate on the host network

@@ -110,6 +110,49 @@ def read_documents(paths: Iterable[str | Path]) -> tuple[list[Document], list[st
     return docs, problems
 
 
+def read_cluster(kubeconfig: str | None = None, context: str | None = None) -> tuple[list[Document], list[str]]:
+    """The Services and the running Pods (their hostPorts) of a cluster, as documents, and what could not be
+    read. Pods that have finished hold no port and are left out."""
+    import asyncio
+
+    return asyncio.run(_read_cluster(kubeconfig, context))
+
+
+async def _read_cluster(kubeconfig: str | None, context: str | None) -> tuple[list[Document], list[str]]:
+    from lightkube.resources.core_v1 import Pod, Service
+
+    from tidegate.sources.kubernetes import connect, describe
+
+    docs: list[Document] = []
+    problems: list[str] = []
+    client = connect(kubeconfig, context)
+    try:
+        for kind, resource in (("Service", Service), ("Pod", Pod)):
+            try:
+                async for item in client.list(resource, namespace="*"):
+                    obj = item.to_dict()
+                    if kind == "Pod" and (obj.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                        continue
+                    obj.update(apiVersion="v1", kind=kind)
+                    docs.append(Document(obj, "cluster"))
+            except Exception as exc:  # noqa: BLE001 (connection and API errors alike: said, not raised)
+                problems.append(f"the cluster's {kind}s: {describe(exc)}")
+    finally:
+        await client.close()
+    return docs, problems
+
+
+def overlay(cluster: list[Document], files: list[Document], namespace: str = "default") -> list[Document]:
+    """The cluster's objects with the files' in their place where both have one (the files are what is about
+    to be applied), and the files' new objects."""
+    def key(doc: Document) -> tuple[str, str, str]:
+        meta = doc.obj.get("metadata") or {}
+        return doc.obj.get("kind", ""), meta.get("namespace") or namespace, meta.get("name", "")
+
+    replaced = {key(d) for d in files}
+    return [d for d in cluster if key(d) not in replaced] + files
+
+
 def _name(obj: dict[str, Any]) -> str:
     meta = obj.get("metadata") or {}
     return f"{obj.get('kind')} {meta.get('namespace') or 'default'}/{meta.get('name', '?')}"

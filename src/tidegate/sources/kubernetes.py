@@ -175,7 +175,7 @@ class KubernetesSource:
                     continue
                 failures += 1
                 delay = min(MAX_BACKOFF, 0.2 * 2 ** min(failures, 8)) * random.uniform(0.8, 1.2)
-                log.warning("%s: %s; retrying in %.1f s", info.kind, _describe(exc), delay)
+                log.warning("%s: %s; retrying in %.1f s", info.kind, describe(exc), delay)
                 await asyncio.sleep(delay)
 
     async def _choose_version(self, info: kinds.KindInfo) -> str | None:
@@ -248,7 +248,7 @@ class KubernetesSource:
             if failures > 5:
                 raise exc  # something is wrong beyond a dropped connection: back off and list again
             delay = min(MAX_BACKOFF, 0.1 * 2 ** failures) * random.uniform(0.8, 1.2)
-            log.info("%s: watch broke (%s); resuming from version %s in %.1f s", info.kind, _describe(exc),
+            log.info("%s: watch broke (%s); resuming from version %s in %.1f s", info.kind, describe(exc),
                      resource_version, delay)
             await asyncio.sleep(delay)
 
@@ -340,16 +340,16 @@ class KubernetesSource:
             obj = await self.client.get(resource_class(info, version), key.name, namespace=key.namespace)
         except ApiError as exc:
             if exc.status.code != 404:
-                log.warning("cannot read %s: %s", key, _describe(exc))
+                log.warning("cannot read %s: %s", key, describe(exc))
             return
         except Exception as exc:
-            log.warning("cannot read %s: %s", key, _describe(exc))
+            log.warning("cannot read %s: %s", key, describe(exc))
             return
         self._unkept.discard(key)
         self._apply(info, version, "ADDED", obj)
 
 
-def _describe(exc: Exception) -> str:
+def describe(exc: Exception) -> str:
     if isinstance(exc, ApiError):
         return f"API error {exc.status.code}: {exc.status.message}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
