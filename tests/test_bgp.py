@@ -489,6 +489,51 @@ metadata: {{name: routed, namespace: metallb-system}}
         assert abs(shares["pb1"] - 0.5) <= 0.05, shares
 
 
+def test_a_missing_or_crashing_exabgp_is_reported_and_started_again_with_backoff(tmp_path):
+    """No ExaBGP: said once, nothing retried in a loop. An ExaBGP that exits at once: each exit is counted and
+    reported with its code, and it is started again after 1 s, then 2 s (backoff); sessions stay down."""
+    import asyncio
+
+    from tidegate.announce.bgp import ExaBGPSpeaker
+    from tidegate.announce.bgp_plan import BGPSession
+
+    crashing = tmp_path / "exabgp"
+    crashing.write_text("#!/bin/sh\necho 'exabgp: cannot read the configuration'\nexit 3\n")
+    crashing.chmod(0o755)
+    session = BGPSession(name="ns/router", peer_address="192.0.2.254", peer_asn=64512, my_asn=64513)
+
+    async def scenario() -> tuple[str, list[tuple[float, int, str]], str]:
+        missing = ExaBGPSpeaker("192.0.2.1", exabgp="")
+        await missing.start()
+        await missing.apply([session], {})
+        await asyncio.sleep(0.3)
+        said = missing.problem
+        assert missing.restarts == 0
+        await missing.close()
+        speaker = ExaBGPSpeaker("192.0.2.1", exabgp=str(crashing))
+        await speaker.start()
+        began = time.monotonic()
+        await speaker.apply([session], {})
+        seen: list[tuple[float, int, str]] = []
+        while time.monotonic() - began < 5 and speaker.restarts < 3:
+            if not seen or seen[-1][1] != speaker.restarts:
+                seen.append((time.monotonic() - began, speaker.restarts, speaker.problem))
+            await asyncio.sleep(0.02)
+        seen.append((time.monotonic() - began, speaker.restarts, speaker.problem))
+        state = speaker.sessions()[0].state
+        await speaker.close()
+        return said, seen, state
+
+    said, seen, state = asyncio.run(scenario())
+    assert "ExaBGP is not installed" in said, said
+    by_count = {count: (when, problem) for when, count, problem in seen}
+    assert by_count[1][1] == "ExaBGP exited (3); starting it again in 1 s", seen
+    assert by_count[2][1] == "ExaBGP exited (3); starting it again in 2 s", seen
+    assert 0.9 <= by_count[2][0] - by_count[1][0] <= 1.6, seen  # the first wait: 1 s
+    assert 3 not in by_count or by_count[3][0] - by_count[2][0] >= 1.9, seen  # then 2 s
+    assert state != "up"
+
+
 def test_new_weights_replace_a_route_after_a_debounce_and_new_prefixes_go_at_once():
     """Pods rolling out change a route's weight many times a second: the speaker sends the last weight once,
     a second later, as a new announcement of the same prefix (no withdraw). A new prefix or a withdrawal is

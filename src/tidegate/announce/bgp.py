@@ -303,7 +303,7 @@ class ExaBGPSpeaker:
         backoff = 1.0
         await self._started.wait()
         while not self._closing:
-            if self.exabgp is None:
+            if not self.exabgp:
                 self._fail("ExaBGP is not installed (pip install exabgp): no BGP session can be opened")
                 return
             started = time.monotonic()
