@@ -46,10 +46,11 @@ def test_a_typo_in_a_manifest_fails_the_schema_check():
         kubernetes_validate.validate(deployment, kubernetes_validate.latest_version(), strict=True)
 
 
-def test_the_deployable_backendpolicy_crd_is_the_one_tidegate_validates_with():
-    shipped = DEPLOY / "crds" / "tidegate.io_backendpolicies.yaml"
-    bundled = ROOT / "src" / "tidegate" / "resources" / "crds" / "tidegate.io_backendpolicies.yaml"
-    assert shipped.read_text() == bundled.read_text()
+def test_the_deployable_tidegate_crds_are_the_ones_tidegate_validates_with():
+    for name in ("tidegate.io_backendpolicies.yaml", "tidegate.io_trafficpolicies.yaml"):
+        shipped = DEPLOY / "crds" / name
+        bundled = ROOT / "src" / "tidegate" / "resources" / "crds" / name
+        assert shipped.read_text() == bundled.read_text()
 
 
 def test_metallbs_crds_ship_unchanged_with_their_license_and_the_validator_uses_them():

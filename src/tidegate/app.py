@@ -80,7 +80,8 @@ async def serve(args: argparse.Namespace) -> int:
     pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
                                                   args.access_log_sample, args.access_log_status, deadlines,
                                                   node=args.node, heartbeat_port=args.heartbeat_port,
-                                                  incarnation=incarnation, transparent=return_path is not None),
+                                                  incarnation=incarnation, transparent=return_path is not None,
+                                                  workers=args.workers),
                       registry)
     health = HealthChecker(registry, on_change=pool.health_changed)
     await pool.start()

@@ -221,6 +221,8 @@ def _parser() -> argparse.ArgumentParser:
     common(exp)
     exp.add_argument("--url", required=True, help="request URL, e.g. http://app.example.com:8080/path?q=1")
     exp.add_argument("-X", "--request", dest="method", default="GET", help="HTTP method (default: GET)")
+    exp.add_argument("--client-ip", default="", metavar="ADDRESS",
+                     help="the client's address: say what the route's TrafficPolicy would decide for it")
     exp.add_argument("-H", "--header", dest="headers", action="append", default=[], metavar="'NAME: VALUE'",
                      help="request header (repeatable)")
     return parser
@@ -347,6 +349,8 @@ def format_routes(translation: Translation) -> str:
                 lines.append(f"    filter   {f.type} {_compact(f.config)}")
             if route.direct_status:
                 lines.append(f"    answers  {route.direct_status}")
+            if route.guard is not None:
+                lines += [f"    guard    {line}" for line in guard_lines(route.guard)]
             lines += _backend_lines(route.backends)
         for l4 in listener.l4_routes:
             lines.append(f"  ROUTE {l4.name}  ({l4.source})")
@@ -415,6 +419,46 @@ def policy_lines(policy: Any) -> list[str]:
                   "requests": cb.max_requests, "retries": cb.max_retries}
         said["circuitBreaker"] = "max " + ", ".join(f"{k} {v}" for k, v in limits.items() if v is not None)
     return [f"{section}: {said.get(section, '')}  <- {origin}" for section, origin in policy.origins]
+
+
+def guard_lines(guard: Any, client_ip: str = "", request: Any = None) -> list[str]:
+    """Each section of a rule's TrafficPolicy in force, in words, with where it came from; with a client
+    address (and the request), what it would decide."""
+    from tidegate.dataplane.guard import AddressSet, RateRule
+
+    if guard.problem:
+        return [f"invalid: {guard.problem} (the rule answers 500)"]
+    said: dict[str, str] = {}
+    access = []
+    if guard.allow:
+        access.append(f"allow {', '.join(guard.allow)}")
+    if guard.deny:
+        access.append(f"deny {', '.join(guard.deny)}")
+    if client_ip and access:
+        denied = bool(guard.deny) and client_ip in AddressSet(guard.deny)
+        refused = denied or (bool(guard.allow) and client_ip not in AddressSet(guard.allow))
+        access.append(f"→ {client_ip}: " + ("403 (denied)" if denied else "403 (not allowed)" if refused
+                                            else "let in"))
+    said["ipAccess"] = "; ".join(access)
+    limits = []
+    if guard.max_body is not None:
+        limits.append(f"body at most {guard.max_body} bytes (413)")
+    if guard.max_in_flight_per_client is not None:
+        limits.append(f"{guard.max_in_flight_per_client} in flight per client (429)")
+    said["requestLimits"] = ", ".join(limits)
+    rules = []
+    for rule in guard.rate_limits:
+        short = rule.name.rpartition(": ")[2]
+        text = f"{short}: exempt" if rule.exempt else (
+            f"{short}: {rule.requests} per {rule.period:g}s, burst {rule.burst}, by {'+'.join(rule.key)}"
+            + ("" if rule.scope == "Local" else f" ({rule.scope})"))
+        if client_ip and request is not None:
+            matched = RateRule(rule).matches(client_ip, request.method, request.path, request.headers)
+            text += " [counts this request]" if matched and not rule.exempt else \
+                " [exempts this request]" if matched else " [does not match]"
+        rules.append(text)
+    said["rateLimit"] = "; ".join(rules) + (", RateLimit headers" if guard.rate_limit_headers else "")
+    return [f"{section}: {said.get(section, '')}  <- {origin}" for section, origin in guard.origins]
 
 
 def _compact(config: dict[str, Any]) -> str:
@@ -537,6 +581,9 @@ def _explain(args: argparse.Namespace, translation: Translation) -> int:
             print(f"filter    {f.type} {_compact(f.config)}")
         if route.direct_status:
             print(f"answers   {route.direct_status}")
+        if route.guard is not None:
+            for line in guard_lines(route.guard, args.client_ip, request):
+                print(f"guard     {line}")
         for line in _backend_lines(route.backends):
             line = line.strip()
             if line.startswith("policy "):

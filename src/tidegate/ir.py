@@ -183,6 +183,41 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class RateLimitRule:
+    """One rule of a TrafficPolicy's rateLimit: which requests it counts, by what key, and how many it admits
+    (GCRA: `requests` per `period` seconds, `burst` at once)."""
+
+    name: str  # "TrafficPolicy ns/name: rule", also the name of its count table
+    requests: int = 0
+    period: float = 1.0
+    burst: int = 0
+    key: tuple[str, ...] = ("ClientIP",)  # "ClientIP", "ClientIPPrefix/64/32", "Header:x-api-key", "Host", "Route"
+    methods: tuple[str, ...] = ()
+    path_match: PathMatch | None = None
+    headers: tuple[ValueMatch, ...] = ()
+    source_cidrs: tuple[str, ...] = ()
+    exempt: bool = False
+    scope: str = "Local"  # Local | Global
+
+
+@dataclass(frozen=True)
+class RequestGuard:
+    """The TrafficPolicy settings in force on one rule, merged section by section from its Gateway's, its
+    listener's, its route's and its rule's policies."""
+
+    allow: tuple[str, ...] = ()  # CIDRs; empty: everyone not denied
+    deny: tuple[str, ...] = ()
+    max_body: int | None = None  # bytes
+    max_in_flight_per_client: int | None = None
+    rate_limits: tuple[RateLimitRule, ...] = ()
+    rate_limit_headers: bool = False  # RateLimit-Policy / RateLimit (draft-ietf-httpapi-ratelimit-headers-10)
+    fail_mode: str = "Open"  # Global rules when Redis is slow or down: Open | Closed | FallBackToLocal
+    problem: str = ""  # an invalid policy targets the rule: it answers 500 saying this (fail closed)
+    # Where each section came from: (section, "TrafficPolicy ns/name on HTTPRoute ns/route").
+    origins: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+
+
+@dataclass(frozen=True)
 class HTTPRoute:
     """One rule of an HTTPRoute/GRPCRoute/Ingress as it applies on one listener."""
 
@@ -200,6 +235,7 @@ class HTTPRoute:
     direct_status: int = 0
     # Ingress semantics: "*.a.com" covers exactly one more label (the Gateway API allows any number).
     wildcard_single_label: bool = False
+    guard: RequestGuard | None = None  # IP access, request limits, rate limits (TrafficPolicy)
 
 
 @dataclass(frozen=True)

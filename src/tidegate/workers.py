@@ -52,6 +52,7 @@ class WorkerOptions:
     heartbeat_port: int = 0
     incarnation: str = ""  # this run's, in heartbeat answers (a node that said goodbye is not up again)
     transparent: bool = False  # the return path is in place: relays may connect from clients' addresses
+    workers: int = 1  # how many share the traffic: each enforces its share of a Local rate limit
 
 
 # -- the control process's side ---------------------------------------------------------------------------
@@ -251,6 +252,7 @@ def worker_main(conn: Connection, index: int, options: WorkerOptions) -> None:
 
 
 async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
+    from tidegate.dataplane.guard import SHARE
     from tidegate.dataplane.l4 import TRANSPARENCY
     from tidegate.dataplane.server import DataPlane, freeze_startup_heap
     from tidegate.observe import accesslog
@@ -261,6 +263,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
     for deadline in fields(Deadlines):  # in place: the data plane's modules hold this object
         setattr(DEADLINES, deadline.name, getattr(options.deadlines, deadline.name))
     TRANSPARENCY.enabled = options.transparent
+    SHARE.workers = max(1, options.workers)
     descriptors.raise_limit()
     fd_watch = asyncio.get_running_loop().create_task(descriptors.watch())
     dataplane = DataPlane(bind=options.bind, reuse_port=True, health_checks=False)

@@ -36,6 +36,9 @@ def plain_rule(candidate: Candidate) -> bool:
     route = candidate.route
     if route.filters or route.direct_status or route.retry is not None:
         return False
+    spec = route.guard
+    if spec is not None and (spec.rate_limit_headers or spec.max_in_flight_per_client is not None):
+        return False  # headers to add to the answer, a count to give back however the exchange ends
     if route.timeouts.request is not None or route.timeouts.backend_request is not None:
         return False
     for backend in route.backends:

@@ -43,7 +43,7 @@ from tidegate.dataplane.filters import (
     redirect_location,
     replace_path,
 )
-from tidegate.dataplane import fastlane
+from tidegate.dataplane import fastlane, guard
 from tidegate.dataplane.deadlines import DEADLINES, Watch, slow_body_message
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import (
@@ -79,6 +79,9 @@ MAX_PIPELINED: Final = 8  # requests read ahead of the one being answered
 # still writing its upload when the connection closed might never read the answer.
 DRAIN_LIMIT: Final = 8 * 1024 * 1024
 DRAIN_SECONDS: Final = 5.0
+# A TrafficPolicy's maxBodySize up to this: a body of no declared length is held whole before it goes to a pod
+# (larger limits: the body streams, and is cut where it passes the limit).
+HELD_BODY_LIMIT: Final = 8 * 1024 * 1024
 CONNECT_TIMEOUT: Final = 5.0
 HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                                "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"})
@@ -137,7 +140,9 @@ class Exchange:
     """One request as it arrives, and its body stream."""
 
     __slots__ = (
+        "answer_headers",
         "body_done",
+        "body_limit",
         "buffer",
         "buffered",
         "bytes_received",
@@ -149,11 +154,13 @@ class Exchange:
         "expect_continue",
         "header_bytes",
         "headers",
+        "held",
         "keep_alive",
         "listener",
         "lnames",
         "lower",
         "method",
+        "policy",
         "request_id",
         "retries",
         "route",
@@ -195,6 +202,12 @@ class Exchange:
         self.retries = 0
         self.request_id = ""
         self.upstream_time = 0.0
+        # TrafficPolicy: the largest body allowed, the client address counted in flight (released when the
+        # exchange ends), the rule that refused it (access log), and RateLimit headers for its answer.
+        self.body_limit = -1
+        self.held = ""
+        self.policy = ""
+        self.answer_headers: list[tuple[str, str]] | None = None
 
     def receive(self, data: bytes) -> bool:
         """Request body bytes (HTTP/1.1 or an HTTP/2 stream): to the endpoint when one is connected (True),
@@ -455,6 +468,10 @@ class ClientConnection(asyncio.Protocol):
         assert ex is not None
         if not ex.receive(body) and ex.buffered > BODY_BUFFER_LIMIT:
             self.pause_reading()
+        if ex.body_limit >= 0 and ex.bytes_received > ex.body_limit:
+            ex.policy = "requestLimits.maxBodySize"
+            METRICS.traffic_policy.labels(ex.route, ex.policy, "too-large").inc()
+            raise RequestRejected(413, f"request body larger than {ex.body_limit} bytes")
 
     def on_message_complete(self) -> None:
         ex = self.current
@@ -734,9 +751,17 @@ def served_by(ex: Exchange, candidate: Candidate) -> None:
     ex.counts = counts
 
 
+def release_held(ex: Exchange) -> None:
+    """The exchange no longer counts in its client's requests in flight (maxInFlightPerClient)."""
+    guard.IN_FLIGHT.release(ex.held)
+    ex.held = ""
+
+
 def finished(conn: ClientSide, ex: Exchange, status: int, now: float = 0.0) -> None:
     """Account for a finished exchange (`now`, if the caller has read the clock): metrics always, an access
     log line when logging is on."""
+    if ex.held:
+        release_held(ex)
     if not now:
         now = time.monotonic()
     elapsed = now - ex.started
@@ -757,7 +782,8 @@ def finished(conn: ClientSide, ex: Exchange, status: int, now: float = 0.0) -> N
             ex.target.decode("latin-1"), _PROTOCOLS.get(ex.version) or f"HTTP/{ex.version}", status,
             ex.bytes_sent, elapsed, ex.upstream_time,
             ex.route, ex.listener, ex.endpoint, ex.retries, conn.server_name, ex.request_id,
-            headers.get("referer", "") if combined else "", headers.get("user-agent", "") if combined else ""), fmt)
+            headers.get("referer", "") if combined else "", headers.get("user-agent", "") if combined else "",
+            ex.policy), fmt)
 
 
 def _split_target(target: bytes) -> tuple[str, str, str]:
@@ -823,7 +849,40 @@ def route_request(conn: ClientSide, ex: Exchange, site: Site) -> Routed | bool:
     if candidate is None:
         conn.send_simple(404, "no route matches", close=not can_keep, head_only=head_only)
         return can_keep
+    spec = candidate.route.guard
+    if spec is not None and not candidate.route.direct_status:
+        refusal = _guarded(conn, ex, candidate, spec, host, path, headers_lower)
+        if refusal is not None:
+            served_by(ex, candidate)
+            ex.policy = refusal.rule
+            METRICS.traffic_policy.labels(candidate.route_name, refusal.rule, refusal.result).inc()
+            conn.send_simple(refusal.status, refusal.message, refusal.headers, close=not can_keep,
+                             head_only=head_only)
+            return can_keep
     return site, candidate, host, path, query, headers_lower, None
+
+
+def _guarded(conn: ClientSide, ex: Exchange, candidate: Candidate, spec: ir.RequestGuard, host: str, path: str,
+             headers_lower: dict[str, str]) -> guard.Refusal | None:
+    """The route's TrafficPolicy: a refusal, or None with the exchange marked (body limit, in-flight count,
+    RateLimit headers for its answer)."""
+    ready = guard.guard_for(spec)
+    refusal, answer_headers = ready.check(conn.peer, ex.method, host, path, headers_lower, candidate.route_name,
+                                          ex.content_length, time.monotonic())
+    if refusal is not None:
+        return refusal
+    if ready.max_body is not None:
+        if ex.bytes_received > ready.max_body:  # a body that came ahead of its routing (pipelined)
+            return guard.Refusal(413, f"request body larger than {ready.max_body} bytes", [],
+                                 "requestLimits.maxBodySize", "too-large")
+        ex.body_limit = ready.max_body
+    if ready.max_in_flight is not None:
+        if not guard.IN_FLIGHT.acquire(conn.peer, ready.max_in_flight):
+            return guard.Refusal(429, "too many requests in flight from this client", [],
+                                 "requestLimits.maxInFlightPerClient", "limited")
+        ex.held = conn.peer
+    ex.answer_headers = answer_headers
+    return None
 
 
 async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None = None) -> bool:
@@ -842,6 +901,8 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
 
     headers = ex.headers
     response_mods: list[dict] = []
+    if ex.answer_headers is not None:
+        response_mods.append({"set": [{"name": n, "value": v} for n, v in ex.answer_headers]})
     mirrors: list[ir.Filter] = []
     upstream_host = host
     upstream_path = path
@@ -869,11 +930,36 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
             headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host,
                                                             upstream_path, matched_prefix)
     if route.direct_status:
-        conn.send_simple(route.direct_status, "route has no backend", close=not can_keep, head_only=head_only)
+        conn.send_simple(route.direct_status, route.guard.problem if route.guard is not None else "route has no backend",
+                         close=not can_keep, head_only=head_only)
         return can_keep
 
+    if 0 <= ex.body_limit <= HELD_BODY_LIMIT and ex.content_length is None and ex.has_body and not ex.body_done:
+        await _hold_body(conn, ex)
     return await _forward(conn, ex, site, route, candidate.client_certificate, headers, headers_lower, response_mods,
                           mirrors, upstream_host, upstream_path, query, matched_prefix, can_keep, head_only, first)
+
+
+async def _hold_body(conn: ClientSide, ex: Exchange) -> None:
+    """A body of no declared length under a maxBodySize: held whole before anything goes to a pod (it is at
+    most that size), so that one past the limit is refused (413) before the pod sees a byte. Past the limit,
+    the body's reader cancels this wait and answers."""
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def hold(chunk: bytes | None) -> None:
+        if chunk is None:
+            if not done.done():
+                done.set_result(None)
+        else:
+            ex.buffer.append(chunk)
+            ex.buffered += len(chunk)
+
+    ex.sink = hold
+    conn.resume_reading()  # held back while nothing took the body
+    try:
+        await done
+    finally:
+        ex.sink = None
 
 
 async def _forward(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRoute,

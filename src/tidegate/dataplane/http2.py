@@ -42,6 +42,7 @@ from tidegate.dataplane.http1 import (
     Routed,
     finished,
     may_send_again,
+    release_held,
     request_head,
     reset,
     response_headers,
@@ -474,6 +475,8 @@ class H2ServerConnection(asyncio.Protocol):
             self.reset(stream)
         finally:
             IN_FLIGHT.count -= 1
+            if stream.ex.held:  # a stream ended without finished(): its client's in-flight count goes back
+                release_held(stream.ex)
 
     def reset(self, stream: H2Stream) -> None:
         """End a stream with RST_STREAM INTERNAL_ERROR: an answer tidegate began cannot be finished."""
@@ -499,6 +502,23 @@ class H2ServerConnection(asyncio.Protocol):
             stream.unacked += flow_length
         else:
             self.acknowledge(stream_id, flow_length)
+        if ex.body_limit >= 0 and ex.bytes_received > ex.body_limit:
+            self._too_large(stream)
+
+    def _too_large(self, stream: H2Stream) -> None:
+        """A body past its TrafficPolicy's maxBodySize: what serves it stops (the pod's request is cut), and
+        the client gets 413 when no answer has begun, else a reset stream."""
+        ex = stream.ex
+        ex.policy = "requestLimits.maxBodySize"
+        METRICS.traffic_policy.labels(ex.route, ex.policy, "too-large").inc()
+        if stream.task is not None and not stream.task.done():
+            stream.task.cancel()
+        if stream.last_status == 0 and not stream.closed:
+            stream.send_simple(413, f"request body larger than {ex.body_limit} bytes")
+            finished(stream, ex, 413)
+        else:
+            self.reset(stream)
+        ex.body_limit = -1  # said once
 
     def acknowledge(self, stream_id: int, flow_length: int) -> None:
         try:

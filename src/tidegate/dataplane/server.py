@@ -21,6 +21,7 @@ from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.health import HealthChecker
 from tidegate.balancing.state import Registry
+from tidegate.dataplane import guard
 from tidegate.dataplane.http1 import IN_FLIGHT, ClientConnection
 from tidegate.dataplane.l4 import L4DataPlane, free_socket, l4_kind
 from tidegate.dataplane.tls import TLSSite, server_context
@@ -146,6 +147,7 @@ class DataPlane:
         self._contexts = {k: v for k, v in self._contexts.items() if k[:2] in used}
         tls_sites = {key: TLSSite(group, self._contexts) for key, group in https.items()}  # type: ignore[arg-type]
         self.registry.retain(config)
+        guard.reset_for(config.listeners)
         if self.run_health_checks:
             self.health.apply(config)
         if accesslog.ACCESS_LOG is not None:

@@ -49,13 +49,14 @@ class Entry:
     """One request's line, before it is formatted. A plain class: compiled (setup.py), making one is a C call,
     where a NamedTuple's constructor runs as Python."""
 
-    __slots__ = ("bytes_sent", "client", "duration", "endpoint", "host", "listener", "method", "proto", "referer",
-                 "request_id", "retries", "route", "sni", "status", "target", "time", "upstream_duration",
+    __slots__ = ("bytes_sent", "client", "duration", "endpoint", "host", "listener", "method", "policy", "proto",
+                 "referer", "request_id", "retries", "route", "sni", "status", "target", "time", "upstream_duration",
                  "user_agent")
 
     def __init__(self, time: float, client: str, method: str, host: str, target: str, proto: str, status: int,
                  bytes_sent: int, duration: float, upstream_duration: float, route: str, listener: str,
-                 endpoint: str, retries: int, sni: str, request_id: str, referer: str, user_agent: str):
+                 endpoint: str, retries: int, sni: str, request_id: str, referer: str, user_agent: str,
+                 policy: str = ""):
         self.time = time
         self.client = client
         self.method = method
@@ -74,6 +75,7 @@ class Entry:
         self.request_id = request_id
         self.referer = referer
         self.user_agent = user_agent
+        self.policy = policy  # the TrafficPolicy rule that refused the request ("" when none did)
 
 
 def parse_status_filter(spec: str) -> tuple[int, int] | None:
@@ -218,7 +220,8 @@ class AccessLog:
                     f'"duration_ms":{_milliseconds(e.duration)},"upstream_ms":{_milliseconds(e.upstream_duration)},'
                     f'"route":{_quote_repeated(e.route)},"listener":{_quote_repeated(e.listener)},'
                     f'"endpoint":{_quote_repeated(e.endpoint)},"retries":{e.retries},"sni":{_quote_repeated(e.sni)},'
-                    f'"request_id":{_quote(e.request_id)}}}\n')
+                    f'"request_id":{_quote(e.request_id)}'
+                    + (f',"policy":{_quote_repeated(e.policy)}}}\n' if e.policy else '}\n'))
         stamp = self._clf_time.of(e.time)
         line = (f'{e.client or "-"} - - [{stamp}] "{e.method} {e.target} {e.proto}" {e.status} '
                 f'{e.bytes_sent or "-"}')

@@ -326,6 +326,9 @@ class Metrics:
                                      ["backend", "result"], registry=self.registry)
         self.limits = Counter("tidegate_limit_hits", "Connections, streams and requests cut off at one of tidegate's "
                               "limits, by limit (README: Limits and defaults)", ["limit"], registry=self.registry)
+        self.traffic_policy = Counter("tidegate_traffic_policy_refusals", "Requests a TrafficPolicy refused, by "
+                                      "route, rule and result (denied: 403, limited: 429, too-large: 413)",
+                                      ["route", "rule", "result"], registry=self.registry)
         self.open_fds = Gauge("tidegate_open_fds", "File descriptors a data-plane process has open",
                               registry=self.registry)
         self.tasks = Gauge("tidegate_event_loop_tasks", "Tasks alive on a data-plane process's event loop",
@@ -365,7 +368,7 @@ class Metrics:
     def _data_plane_metrics(self) -> tuple:
         return (self.upstream_errors, self.retries, self.connections, self.ejections,
                 self.circuit_rejections, self.retry_budget_exhausted, self.l4, self.limits, self.open_fds,
-                self.max_fds, self.tasks)
+                self.max_fds, self.tasks, self.traffic_policy)
 
     def snapshot(self) -> dict:
         """What a worker process counted, as plain data for the control process to add up."""

@@ -1,7 +1,8 @@
 """translate(snapshot) -> Translation(IR, statuses, notes): a pure function.
 
 Stages run in a fixed order over an index built once: GatewayClasses → Gateways and listeners → policies →
-routes (attachment, rules, backends) → Ingress → LoadBalancer Services → BackendPolicies → IR. Statuses are returned as values; the snapshot is never
+routes (attachment, rules, backends) → Ingress → LoadBalancer Services → BackendPolicies → TrafficPolicies →
+IR. Statuses are returned as values; the snapshot is never
 mutated.
 """
 
@@ -22,6 +23,7 @@ from tidegate.translate.ingress import translate_ingresses
 from tidegate.translate.loadbalancers import LoadBalancers, translate_load_balancers, translate_node_ports
 from tidegate.translate.policies import policy_statuses, resolve_backend_tls_policies
 from tidegate.translate.routes import translate_routes
+from tidegate.translate.traffic_policies import apply_traffic_policies
 
 
 ACCESS_LOG_ANNOTATION = "tidegate.io/access-log"
@@ -116,6 +118,7 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
         node_port_listeners, load_balancers.health_checks = translate_node_ports(index, options.node, notes)
         listeners += node_port_listeners
     listeners = apply_backend_policies(index, listeners, statuses, notes)
+    listeners = apply_traffic_policies(index, listeners, statuses, notes)
     statuses.update(policy_statuses(index, policies, listeners))
     return Translation(ir=ir.IR(listeners=tuple(listeners)), statuses=dict(sorted(statuses.items())), notes=notes,
                        load_balancers=load_balancers)

@@ -1,0 +1,323 @@
+"""Request guards: a TrafficPolicy's IP access lists, request limits and local rate limits, decided once a
+request is routed and before anything reaches a pod.
+
+- IP access: `deny` wins; with `allow` set, a client in none of it is refused (403). Address lists are merged
+  into sorted ranges and searched by bisection; each client address's answer is kept (bounded).
+- Rate limits: GCRA (the generic cell rate algorithm): one number per key, the "theoretical arrival time".
+  A rule admits `burst` requests at once and then one every `period / requests`; no interval of length L
+  admits more than `burst + requests × L / period`. A refused request gets 429 and the exact wait, rounded
+  up to whole seconds, in `Retry-After`. The keys of a rule are kept in a bounded table: the least recently
+  used go first.
+- Request limits: a declared body over `maxBodySize` gets 413 at once; `maxInFlightPerClient` counts the
+  requests of one client address being served (429 over it).
+
+Counts are per worker process (a `Local` rule means this replica): with `--workers N` each worker admits
+its share (requests and burst divided by N), the kernel spreading connections over the workers.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ipaddress
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import re2
+
+from tidegate import ir
+
+MAX_KEYS = 100_000  # per rule: least recently used keys go first
+MAX_CACHED_ADDRESSES = 65_536  # per address list: client address → verdict
+
+
+class Share:
+    """This process's part of each Local limit (set by the worker from --workers)."""
+
+    workers = 1
+
+
+SHARE = Share()
+
+
+def _parse(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        parsed = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return None
+    if isinstance(parsed, ipaddress.IPv6Address) and parsed.ipv4_mapped is not None:
+        return parsed.ipv4_mapped
+    return parsed
+
+
+class AddressSet:
+    """A set of CIDRs: membership of an address in O(log n), the answers per address cached."""
+
+    def __init__(self, cidrs: Iterable[str]):
+        ranges: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for cidr in cidrs:
+            net = ipaddress.ip_network(cidr, strict=False)
+            ranges[net.version].append((int(net.network_address), int(net.broadcast_address)))
+        self.starts: dict[int, list[int]] = {}
+        self.ends: dict[int, list[int]] = {}
+        for version, spans in ranges.items():
+            merged: list[list[int]] = []
+            for start, end in sorted(spans):
+                if merged and start <= merged[-1][1] + 1:
+                    merged[-1][1] = max(merged[-1][1], end)
+                else:
+                    merged.append([start, end])
+            self.starts[version] = [s for s, _ in merged]
+            self.ends[version] = [e for _, e in merged]
+        self.empty = not any(self.starts.values())
+        self.cache: dict[str, bool] = {}
+
+    def __contains__(self, address: str) -> bool:
+        found = self.cache.get(address)
+        if found is not None:
+            return found
+        parsed = _parse(address)
+        found = False
+        if parsed is not None:
+            value = int(parsed)
+            starts = self.starts[parsed.version]
+            i = bisect.bisect_right(starts, value) - 1
+            found = i >= 0 and value <= self.ends[parsed.version][i]
+        if len(self.cache) >= MAX_CACHED_ADDRESSES:
+            self.cache.clear()
+        self.cache[address] = found
+        return found
+
+
+class GCRA:
+    """The counts of one rate-limit rule: for each key, when its next request would be exactly on time."""
+
+    __slots__ = ("interval", "max_keys", "tats", "tolerance")
+
+    def __init__(self, requests: int, period: float, burst: int, share: int = 1, max_keys: int = MAX_KEYS):
+        per_worker = max(requests / share, 1e-9)
+        self.interval = period / per_worker
+        self.tolerance = (max(1, math.ceil(burst / share)) - 1) * self.interval
+        self.tats: dict[str, float] = {}
+        self.max_keys = max_keys
+
+    def take(self, key: str, now: float) -> float:
+        """Count a request at `now`: 0.0 when admitted, else how long until it would be."""
+        tats = self.tats
+        tat = tats.pop(key, now)  # out and in again: the dict's order is the order of last use
+        if tat < now:
+            tat = now
+        late = tat - now - self.tolerance
+        if late > 1e-9:
+            tats[key] = tat
+            return late
+        tats[key] = tat + self.interval
+        if len(tats) > self.max_keys:
+            del tats[next(iter(tats))]
+        return 0.0
+
+    def remaining(self, key: str, now: float) -> int:
+        """Requests `key` could still send at once."""
+        tat = max(self.tats.get(key, now), now)
+        return max(0, math.floor((now + self.tolerance - tat) / self.interval + 1e-9) + 1)
+
+    def reset(self, key: str, now: float) -> int:
+        """Whole seconds until `key`'s allowance is full again."""
+        return max(0, math.ceil(self.tats.get(key, now) - now - 1e-9))
+
+
+_TABLES: dict[tuple[str, int, float, int, int], GCRA] = {}  # outlive configurations: counts survive a reload
+
+
+def table(rule: ir.RateLimitRule) -> GCRA:
+    key = (rule.name, rule.requests, rule.period, rule.burst, SHARE.workers)
+    found = _TABLES.get(key)
+    if found is None:
+        found = _TABLES[key] = GCRA(rule.requests, rule.period, rule.burst, SHARE.workers)
+    return found
+
+
+def forget_tables(keep: Iterable[ir.RateLimitRule]) -> None:
+    """Drop the counts of rules no configuration has any more."""
+    wanted = {(r.name, r.requests, r.period, r.burst, SHARE.workers) for r in keep}
+    for key in [k for k in _TABLES if k not in wanted]:
+        del _TABLES[key]
+
+
+class InFlight:
+    """Requests being served per client address, for maxInFlightPerClient."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def acquire(self, key: str, limit: int) -> bool:
+        count = self.counts.get(key, 0)
+        if count >= limit:
+            return False
+        self.counts[key] = count + 1
+        return True
+
+    def release(self, key: str) -> None:
+        count = self.counts.get(key, 0) - 1
+        if count > 0:
+            self.counts[key] = count
+        else:
+            self.counts.pop(key, None)
+
+
+IN_FLIGHT = InFlight()
+
+
+@dataclass
+class Refusal:
+    status: int
+    message: str
+    headers: list[tuple[str, str]]
+    rule: str  # for the access log and metrics: "ipAccess", "maxBodySize", "TrafficPolicy ns/name: rule" ...
+    result: str  # denied | limited | too-large
+
+
+class RateRule:
+    """A rate-limit rule ready to use."""
+
+    def __init__(self, rule: ir.RateLimitRule):
+        self.rule = rule
+        self.name = rule.name
+        self.short = rule.name.rpartition(": ")[2]
+        self.exempt = rule.exempt
+        self.methods = frozenset(rule.methods)
+        self.path = rule.path_match
+        self.path_regex = re2.compile(self.path.value) if self.path and self.path.type == "RegularExpression" \
+            else None
+        self.headers = [(h.name, h.value, re2.compile(h.value) if h.type == "RegularExpression" else None)
+                        for h in rule.headers]
+        self.sources = AddressSet(rule.source_cidrs) if rule.source_cidrs else None
+        self.key = rule.key
+        self.simple_key = rule.key == ("ClientIP",)
+        self.table = table(rule) if not rule.exempt else None
+        self.policy_header = f'"{self.short}";q={rule.requests};w={max(1, round(rule.period))}'
+
+    def matches(self, peer: str, method: str, path: str, headers: dict[str, str]) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        path_match = self.path
+        if path_match is not None:
+            if path_match.type == "Exact":
+                if path != path_match.value:
+                    return False
+            elif path_match.type == "PathPrefix":
+                prefix = path_match.value.rstrip("/")
+                if prefix and path != prefix and not path.startswith(prefix + "/"):
+                    return False
+            elif self.path_regex is not None and not self.path_regex.fullmatch(path):
+                return False
+        for name, value, regex in self.headers:
+            got = headers.get(name)
+            if got is None or (regex.fullmatch(got) is None if regex is not None else got != value):
+                return False
+        return self.sources is None or peer in self.sources
+
+    def key_of(self, peer: str, host: str, headers: dict[str, str], route: str) -> str:
+        if self.simple_key:
+            return peer
+        parts = []
+        for part in self.key:
+            if part == "ClientIP":
+                parts.append(peer)
+            elif part.startswith("ClientIPPrefix/"):
+                parts.append(_prefix(peer, part))
+            elif part.startswith("Header:"):
+                parts.append(headers.get(part[7:], ""))
+            elif part == "Host":
+                parts.append(host.lower())
+            else:
+                parts.append(route)
+        return "\x1f".join(parts)
+
+
+_PREFIXES: dict[tuple[str, str], str] = {}
+
+
+def _prefix(peer: str, part: str) -> str:
+    found = _PREFIXES.get((peer, part))
+    if found is None:
+        _, v6, v4 = part.split("/")
+        parsed = _parse(peer)
+        if parsed is None:
+            found = peer
+        else:
+            length = int(v4) if parsed.version == 4 else int(v6)
+            found = str(ipaddress.ip_network(f"{parsed}/{length}", strict=False))
+        if len(_PREFIXES) >= MAX_CACHED_ADDRESSES:
+            _PREFIXES.clear()
+        _PREFIXES[(peer, part)] = found
+    return found
+
+
+class Guard:
+    """One rule's RequestGuard, ready to decide."""
+
+    def __init__(self, guard: ir.RequestGuard):
+        self.spec = guard
+        self.allow = AddressSet(guard.allow) if guard.allow else None
+        self.deny = AddressSet(guard.deny) if guard.deny else None
+        self.max_body = guard.max_body
+        self.max_in_flight = guard.max_in_flight_per_client
+        self.rules = [RateRule(r) for r in guard.rate_limits]
+        self.headers = guard.rate_limit_headers
+
+    def check(self, peer: str, method: str, host: str, path: str, headers: dict[str, str], route: str,
+              content_length: int | None, now: float) -> tuple[Refusal | None, list[tuple[str, str]] | None]:
+        """(a refusal, or None; the RateLimit headers for the answer when asked for)."""
+        if self.deny is not None and peer in self.deny:
+            return Refusal(403, "forbidden: the client's address is denied", [], "ipAccess.deny", "denied"), None
+        if self.allow is not None and peer not in self.allow:
+            return Refusal(403, "forbidden: the client's address is not allowed", [], "ipAccess.allow",
+                           "denied"), None
+        if self.max_body is not None and content_length is not None and content_length > self.max_body:
+            return Refusal(413, f"request body larger than {self.max_body} bytes", [], "requestLimits.maxBodySize",
+                           "too-large"), None
+        answer_headers = None
+        for rule in self.rules:
+            if not rule.matches(peer, method, path, headers):
+                continue
+            if rule.exempt:
+                break
+            gcra = rule.table
+            assert gcra is not None
+            key = rule.key_of(peer, host, headers, route)
+            wait = gcra.take(key, now)
+            if wait > 0.0:
+                extra = [("Retry-After", str(max(1, math.ceil(wait))))]
+                if self.headers:
+                    extra += [("RateLimit-Policy", rule.policy_header),
+                              ("RateLimit", f'"{rule.short}";r=0;t={max(1, math.ceil(wait))}')]
+                return Refusal(429, "too many requests", extra, rule.name, "limited"), None
+            if self.headers and answer_headers is None:
+                answer_headers = [("RateLimit-Policy", rule.policy_header),
+                                  ("RateLimit", f'"{rule.short}";r={gcra.remaining(key, now)};'
+                                                f't={gcra.reset(key, now)}')]
+        return None, answer_headers
+
+
+_GUARDS: dict[int, tuple[ir.RequestGuard, Guard]] = {}
+
+
+def guard_for(spec: ir.RequestGuard) -> Guard:
+    """The ready guard of an IR guard (kept while the IR object lives: keyed by identity, checked)."""
+    found = _GUARDS.get(id(spec))
+    if found is not None and found[0] is spec:
+        return found[1]
+    made = Guard(spec)
+    _GUARDS[id(spec)] = (spec, made)
+    return made
+
+
+def reset_for(listeners: Any) -> None:
+    """A new configuration: keep the ready guards and counts it still uses, drop the others."""
+    specs = {id(route.guard): route.guard for listener in listeners for route in listener.http_routes
+             if route.guard is not None}
+    for key in [k for k in _GUARDS if k not in specs or _GUARDS[k][0] is not specs[k]]:
+        del _GUARDS[key]
+    forget_tables(rule for spec in specs.values() for rule in spec.rate_limits)

@@ -1,0 +1,248 @@
+"""TrafficPolicy on a running tidegate: IP lists, request limits and local rate limits, driven by curl and by
+clients bound to chosen loopback addresses (127.0.0.x), HTTP/1.1 and HTTP/2.
+
+A 413 for a declared body reaches the client before the pod sees a byte; a body with no declared length is
+cut where it passes the limit (HTTP/1.1 chunked, HTTP/2 DATA); a rate limit admits burst + rate × time
+within 2 % over 10 s per client address; refusals name their rule in the access log and the metrics.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import free_port, h2_request, tidegate_run, wait_until
+from tests.manifests import http_gateway, route, service
+from tests.scripted import scripted_backends
+
+GW = "127.0.0.1"
+CURL = shutil.which("curl")
+
+
+def _policy(name: str, target: str, spec: str, section: str = "") -> str:
+    kind, _, target_name = target.partition("/")
+    section_ref = f", sectionName: {section}" if section else ""
+    return f"""
+---
+apiVersion: tidegate.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: {kind}, name: {target_name}{section_ref}}}]
+{spec}"""
+
+
+def _config(tmp_path: Path, port: int, pod_port: int) -> Path:
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        http_gateway(GW, port) + service("web", [("127.0.10.1", pod_port, "web-1")])
+        + route("shop", "shop.test", """
+            - name: admin
+              matches: [{path: {type: PathPrefix, value: /admin}}]
+              backendRefs: [{name: web, port: 80}]
+            - name: upload
+              matches: [{path: {type: PathPrefix, value: /upload}}]
+              backendRefs: [{name: web, port: 80}]
+            - name: slow
+              matches: [{path: {type: PathPrefix, value: /slow}}]
+              backendRefs: [{name: web, port: 80}]
+            - name: pages
+              backendRefs: [{name: web, port: 80}]
+            """)
+        + route("broken", "broken.test", "- backendRefs: [{name: web, port: 80}]")
+        + _policy("edge", "Gateway/gw", "  ipAccess: {deny: [127.0.0.66]}")
+        + _policy("admin", "HTTPRoute/shop", "  ipAccess: {allow: [127.0.0.1/32], deny: [127.0.0.2]}", "admin")
+        + _policy("uploads", "HTTPRoute/shop", "  requestLimits: {maxBodySize: 1k}", "upload")
+        + _policy("one-at-a-time", "HTTPRoute/shop", "  requestLimits: {maxInFlightPerClient: 1}", "slow")
+        + _policy("pages", "HTTPRoute/shop", """  rateLimit:
+    responseHeaders: Draft10
+    rules:
+      - {name: health, match: {path: {type: Exact, value: /healthz}}, exempt: true}
+      - {name: per-client, limit: {requests: 5, period: 60s}}""", "pages")
+        + _policy("typo", "HTTPRoute/broken", "  ipAccess: {allow: [10.0.0.0/33]}"))
+    return config
+
+
+def _get(path: str, port: int, source: str = "127.0.0.1", host: str = "shop.test", method: str = "GET",
+         body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
+    conn = http.client.HTTPConnection(GW, port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request(method, path, body=body, headers={"Host": host})
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (scripts/test installs it)")
+def test_ip_lists_body_limits_in_flight_and_rate_limits_with_real_clients(tmp_path):
+    port, pod_port = free_port(GW), free_port("127.0.10.1")
+    config = _config(tmp_path, port, pod_port)
+    access = tmp_path / "access.log"
+    with scripted_backends(("127.0.10.1", pod_port, "web-1")) as (pod,), tidegate_run(
+            config, (GW, port), tmp_path / "tidegate.log", "--access-log", "json", "--access-log-file",
+            str(access)) as proxy:
+        # IP lists: the rule's own list replaces the Gateway's (section by section); deny wins over allow.
+        assert _get("/admin", port)[0] == 200
+        status, _, body = _get("/admin", port, source="127.0.0.2")
+        assert status == 403 and b"denied" in body
+        assert _get("/admin", port, source="127.0.0.3")[0] == 403  # not in allow
+        assert _get("/upload", port, source="127.0.0.66")[0] == 403  # the Gateway's deny list
+        assert _get("/upload", port, source="127.0.0.3")[0] == 200
+
+        # A declared body over maxBodySize: 413 from curl's own upload, and the pod saw nothing.
+        seen = pod.requests
+        (tmp_path / "2k").write_bytes(b"x" * 2048)
+        out = subprocess.run([CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary",
+                              f"@{tmp_path / '2k'}", "-H", "Host: shop.test", f"http://{GW}:{port}/upload"],
+                             capture_output=True, text=True, timeout=30)
+        assert out.stdout == "413", out
+        assert pod.requests == seen
+        small = subprocess.run([CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary", "small",
+                                "-H", "Host: shop.test", f"http://{GW}:{port}/upload"],
+                               capture_output=True, text=True, timeout=30)
+        assert small.stdout == "200" and pod.requests == seen + 1
+        # No declared length (chunked): cut with 413 where it passes the limit.
+        with socket.create_connection((GW, port), timeout=10) as raw:
+            raw.sendall(b"POST /upload HTTP/1.1\r\nHost: shop.test\r\nTransfer-Encoding: chunked\r\n"
+                        b"Connection: close\r\n\r\n")
+            for _ in range(4):
+                raw.sendall(b"200\r\n" + b"y" * 512 + b"\r\n")
+            raw.sendall(b"0\r\n\r\n")
+            answer = b""
+            while chunk := raw.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
+        # HTTP/2 DATA frames with no content-length: the stream gets 413.
+        status, _, _ = h2_request(GW, port, "shop.test", "/upload", "POST", b"z" * 4096)
+        assert status == 413
+
+        # maxInFlightPerClient 1: a second request while the first is served gets 429; then it is free again.
+        pod.mode, pod.slow_seconds = "slow", 1.0
+        first: list[int] = []
+        slow = threading.Thread(target=lambda: first.append(_get("/slow", port)[0]))
+        slow.start()
+        wait_until(lambda: pod.requests > seen + 1, what="the first slow request at the pod")
+        assert _get("/slow", port)[0] == 429
+        assert _get("/slow", port, source="127.0.0.5")[0] == 200  # another client is not held back
+        slow.join(10)
+        assert first == [200]
+        pod.mode = "ok"
+        assert _get("/slow", port)[0] == 200
+
+        # Rate limit: 5 a minute per client, with the draft's RateLimit headers; /healthz is exempt.
+        remaining = []
+        for _ in range(5):
+            status, headers, _ = _get("/page", port, source="127.0.0.7")
+            assert status == 200 and headers["RateLimit-Policy"] == '"per-client";q=5;w=60'
+            remaining.append(headers["RateLimit"])
+        assert [r.split(";")[1] for r in remaining] == ["r=4", "r=3", "r=2", "r=1", "r=0"]
+        status, headers, _ = _get("/page", port, source="127.0.0.7")
+        assert status == 429 and 1 <= int(headers["Retry-After"]) <= 12, headers
+        assert headers["RateLimit"].startswith('"per-client";r=0;t=')
+        assert _get("/healthz", port, source="127.0.0.7")[0] == 200
+        curl_limited = subprocess.run([CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface",
+                                       "127.0.0.7", "-H", "Host: shop.test", f"http://{GW}:{port}/page"],
+                                      capture_output=True, text=True, timeout=30)
+        assert curl_limited.stdout == "429"
+        assert _get("/page", port, source="127.0.0.8")[0] == 200  # its own count
+
+        # An invalid policy: its route answers 500 saying why (fail closed).
+        status, _, body = _get("/", port, host="broken.test")
+        assert status == 500 and b"TrafficPolicy default/typo is invalid" in body
+
+        # Refusals are in the metrics and in the access log, with the rule that refused.
+        refusals = [line for line in _get_metrics(proxy.admin_port).splitlines()
+                    if line.startswith("tidegate_traffic_policy_refusals_total{")]
+        for rule, result in (("ipAccess.deny", "denied"), ("ipAccess.allow", "denied"),
+                             ("requestLimits.maxBodySize", "too-large"),
+                             ("requestLimits.maxInFlightPerClient", "limited"),
+                             ("TrafficPolicy default/pages: per-client", "limited")):
+            assert any(f'rule="{rule}"' in line and f'result="{result}"' in line for line in refusals), (rule, refusals)
+        lines = wait_until(lambda: [json.loads(line) for line in access.read_text().splitlines()
+                                    if '"status":429' in line and "per-client" in line],
+                           what="the 429 in the access log")
+        assert lines[0]["policy"] == "TrafficPolicy default/pages: per-client" and lines[0]["client"] == "127.0.0.7"
+
+
+def _get_metrics(admin_port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", admin_port, timeout=10)
+    conn.request("GET", "/metrics")
+    return conn.getresponse().read().decode()
+
+
+def test_a_local_rate_limit_admits_burst_plus_rate_times_time_within_2_percent(tmp_path):
+    """Three client addresses each offering twice the limit for 10 s (bounded: 2,100 requests each at most):
+    each is admitted burst + rate × its time, within 2 %."""
+    port, pod_port = free_port(GW), free_port("127.0.10.1")
+    config = tmp_path / "config"
+    config.mkdir()
+    rate, burst, seconds = 50, 10, 10.0
+    (config / "all.yaml").write_text(
+        http_gateway(GW, port) + service("web", [("127.0.10.1", pod_port, "web-1")])
+        + route("shop", "", "- backendRefs: [{name: web, port: 80}]")
+        + _policy("limit", "Gateway/gw", f"""  rateLimit:
+    rules: [{{name: per-client, limit: {{requests: {rate}, period: 1s}}, burst: {burst}}}]"""))
+    results: dict[str, tuple[int, int, float]] = {}
+
+    def load(source: str) -> None:
+        conn = http.client.HTTPConnection(GW, port, timeout=10, source_address=(source, 0))
+        admitted = refused = 0
+        start = time.monotonic()
+        first = last = 0.0
+        for n in range(int(seconds * rate * 2.1)):
+            due = start + n / (rate * 2)  # twice the rate, evenly
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            if time.monotonic() - start > seconds:
+                break
+            conn.request("GET", "/", headers={"Host": "shop.test"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status == 200:
+                admitted += 1
+                last = time.monotonic()
+                first = first or last
+            else:
+                assert resp.status == 429, resp.status
+                refused += 1
+        conn.close()
+        results[source] = (admitted, refused, last - first)
+
+    with scripted_backends(("127.0.10.1", pod_port, "web-1")), \
+            tidegate_run(config, (GW, port), tmp_path / "tidegate.log"):
+        threads = [threading.Thread(target=load, args=(f"127.0.0.{n}",)) for n in (11, 12, 13)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(seconds + 20)
+    for source, (admitted, refused, span) in results.items():
+        expected = burst + rate * span
+        print(f"{source}: admitted {admitted}, refused {refused} over {span:.2f} s; expected {expected:.0f}")
+        assert refused > 0.3 * (admitted + refused), (source, admitted, refused)  # it was over the limit
+        assert abs(admitted - expected) <= 0.02 * expected, (source, admitted, expected)
+    assert len(results) == 3
+
+
+def test_explain_says_what_the_policy_would_decide_for_a_client(tmp_path):
+    from tests.test_cli import tidegate
+
+    config = _config(tmp_path, 8080, 9090)
+    denied = tidegate("explain", str(config), "--url", "http://shop.test:8080/admin", "--client-ip", "127.0.0.2")
+    assert "guard     ipAccess: allow 127.0.0.1/32; deny 127.0.0.2/32; → 127.0.0.2: 403 (denied)  <- " \
+           "TrafficPolicy default/admin on HTTPRoute default/shop section admin" in denied.stdout, denied.stdout
+    counted = tidegate("explain", str(config), "--url", "http://shop.test:8080/page", "--client-ip", "10.0.0.1")
+    assert "health: exempt [does not match]; per-client: 5 per 60s, burst 5, by ClientIP [counts this request], " \
+           "RateLimit headers" in counted.stdout, counted.stdout
+    assert "ipAccess: deny 127.0.0.66/32; → 10.0.0.1: let in  <- TrafficPolicy default/edge on Gateway default/gw" \
+        in counted.stdout
