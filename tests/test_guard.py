@@ -124,7 +124,7 @@ def test_rules_match_count_by_their_key_and_exempt_ones_stop_the_count():
     ), rate_limit_headers=True)
 
     def decide(peer="10.0.0.1", method="GET", path="/api/x", headers=None, route="r1"):
-        refusal, answer = guard.check(peer, method, "h", path, headers or {}, route, None, 0.0)
+        refusal, answer, _ = guard.check(peer, method, "h", path, headers or {}, route, None, 0.0)
         return refusal.status if refusal else 200, refusal.headers if refusal else answer
 
     for _ in range(5):

@@ -246,3 +246,15 @@ def test_explain_says_what_the_policy_would_decide_for_a_client(tmp_path):
            "RateLimit headers" in counted.stdout, counted.stdout
     assert "ipAccess: deny 127.0.0.66/32; → 10.0.0.1: let in  <- TrafficPolicy default/edge on Gateway default/gw" \
         in counted.stdout
+
+
+def test_a_bad_redis_url_or_timeout_is_a_usage_error(tmp_path):
+    from tests.test_cli import tidegate
+
+    config = _config(tmp_path, 8080, 9090)
+    for flags, said in ((["--rate-limit-redis", "http://127.0.0.1:6379"], "a Redis URL is"),
+                        (["--rate-limit-redis", "redis://127.0.0.1:6379/zero"], "a Redis URL is"),
+                        (["--rate-limit-redis-timeout", "0"], "--rate-limit-redis-timeout must be"),
+                        (["--rate-limit-replicas", "0"], "--rate-limit-replicas must be")):
+        result = tidegate("run", "-f", str(config), *flags)
+        assert result.returncode == 2 and said in result.stderr, (flags, result.stderr)

@@ -81,7 +81,9 @@ async def serve(args: argparse.Namespace) -> int:
                                                   args.access_log_sample, args.access_log_status, deadlines,
                                                   node=args.node, heartbeat_port=args.heartbeat_port,
                                                   incarnation=incarnation, transparent=return_path is not None,
-                                                  workers=args.workers),
+                                                  workers=args.workers, rate_limit_redis=args.rate_limit_redis,
+                                                  rate_limit_redis_timeout=args.rate_limit_redis_timeout,
+                                                  rate_limit_replicas=args.rate_limit_replicas),
                       registry)
     health = HealthChecker(registry, on_change=pool.health_changed)
     await pool.start()

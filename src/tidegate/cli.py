@@ -120,6 +120,18 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds that in-flight requests get to finish on SIGTERM (default: %(default)s)")
     run.add_argument("--workers", type=int, default=1, metavar="N",
                      help="data-plane processes sharing the listening ports (SO_REUSEPORT; default: %(default)s)")
+    limits = run.add_argument_group("global rate limits", "TrafficPolicy rules with scope: Global (README: Edge "
+                                                          "protection)")
+    limits.add_argument("--rate-limit-redis", default=os.environ.get("TIDEGATE_RATE_LIMIT_REDIS", ""),
+                        metavar="URL", help="count Global rate limits in this Redis: redis://[:PASSWORD@]HOST:PORT/DB "
+                                            "or rediss://... (default: $TIDEGATE_RATE_LIMIT_REDIS; none: Global "
+                                            "rules count per replica)")
+    limits.add_argument("--rate-limit-redis-timeout", type=float, default=0.05, metavar="SECONDS",
+                        help="the longest a request waits on Redis before the rule's failMode decides "
+                             "(default: %(default)s)")
+    limits.add_argument("--rate-limit-replicas", type=int, default=1, metavar="N",
+                        help="replicas sharing a Global limit: without Redis (or with Redis down under "
+                             "FallBackToLocal) each admits 1/N of it (default: %(default)s)")
     run.add_argument("--bind", default="0.0.0.0",
                      help="address for listeners whose Gateway has no spec.addresses (default: %(default)s)")
     limits = run.add_argument_group("deadlines", "defaults for every listener (README: Limits and defaults)")
@@ -605,6 +617,22 @@ def _run_args_problem(args: argparse.Namespace) -> str:
         parse_status_filter(args.access_log_status)
     except ValueError as exc:
         return str(exc)
+    if args.rate_limit_redis:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(args.rate_limit_redis)
+            _ = parts.port
+        except ValueError as exc:
+            return f"--rate-limit-redis {args.rate_limit_redis!r}: {exc}"
+        if parts.scheme not in ("redis", "rediss") or not parts.hostname \
+                or not parts.path.strip("/").isdigit() and parts.path.strip("/"):
+            return (f"--rate-limit-redis {args.rate_limit_redis!r}: a Redis URL is "
+                    "redis://[:PASSWORD@]HOST:PORT/DB or rediss://...")
+    if not 0 < args.rate_limit_redis_timeout <= 10:
+        return "--rate-limit-redis-timeout must be in (0, 10] seconds"
+    if args.rate_limit_replicas < 1:
+        return "--rate-limit-replicas must be 1 or more"
     if not 0.0 < args.access_log_sample <= 1.0:
         return "--access-log-sample must be in (0, 1]"
     if args.access_log_file != "-":

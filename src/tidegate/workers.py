@@ -53,6 +53,9 @@ class WorkerOptions:
     incarnation: str = ""  # this run's, in heartbeat answers (a node that said goodbye is not up again)
     transparent: bool = False  # the return path is in place: relays may connect from clients' addresses
     workers: int = 1  # how many share the traffic: each enforces its share of a Local rate limit
+    rate_limit_redis: str = ""  # --rate-limit-redis: where Global rate limits are counted
+    rate_limit_redis_timeout: float = 0.05
+    rate_limit_replicas: int = 1  # --rate-limit-replicas: this replica's share of a Global limit without Redis
 
 
 # -- the control process's side ---------------------------------------------------------------------------
@@ -264,6 +267,12 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
         setattr(DEADLINES, deadline.name, getattr(options.deadlines, deadline.name))
     TRANSPARENCY.enabled = options.transparent
     SHARE.workers = max(1, options.workers)
+    SHARE.replicas = max(1, options.rate_limit_replicas)
+    if options.rate_limit_redis:
+        from tidegate.dataplane import redis_limits
+
+        redis_limits.LIMITER = redis_limits.RedisLimiter(options.rate_limit_redis, options.rate_limit_redis_timeout)
+        redis_limits.LIMITER.start()
     descriptors.raise_limit()
     fd_watch = asyncio.get_running_loop().create_task(descriptors.watch())
     dataplane = DataPlane(bind=options.bind, reuse_port=True, health_checks=False)

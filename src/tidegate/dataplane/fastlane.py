@@ -37,8 +37,9 @@ def plain_rule(candidate: Candidate) -> bool:
     if route.filters or route.direct_status or route.retry is not None:
         return False
     spec = route.guard
-    if spec is not None and (spec.rate_limit_headers or spec.max_in_flight_per_client is not None):
-        return False  # headers to add to the answer, a count to give back however the exchange ends
+    if spec is not None and (spec.rate_limit_headers or spec.max_in_flight_per_client is not None
+                             or any(r.scope == "Global" for r in spec.rate_limits)):
+        return False  # headers to add to the answer, a count to give back however it ends, Redis to ask
     if route.timeouts.request is not None or route.timeouts.backend_request is not None:
         return False
     for backend in route.backends:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import bisect
 import ipaddress
+import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -27,15 +29,20 @@ from typing import Any
 import re2
 
 from tidegate import ir
+from tidegate.dataplane import redis_limits
+from tidegate.observe.metrics import METRICS
 
+log = logging.getLogger("tidegate.ratelimit")
 MAX_KEYS = 100_000  # per rule: least recently used keys go first
 MAX_CACHED_ADDRESSES = 65_536  # per address list: client address → verdict
 
 
 class Share:
-    """This process's part of each Local limit (set by the worker from --workers)."""
+    """This process's part of each Local limit (set by the worker from --workers), and of a Global one when
+    Redis cannot be reached and the policy falls back to local counts (--rate-limit-replicas)."""
 
     workers = 1
+    replicas = 1
 
 
 SHARE = Share()
@@ -130,17 +137,23 @@ class GCRA:
 _TABLES: dict[tuple[str, int, float, int, int], GCRA] = {}  # outlive configurations: counts survive a reload
 
 
+def _share(rule: ir.RateLimitRule) -> int:
+    """Local: this worker's part of its replica's limit. Global, counted here (no Redis, or Redis down
+    under FallBackToLocal): also this replica's part of the whole."""
+    return SHARE.workers * (SHARE.replicas if rule.scope == "Global" else 1)
+
+
 def table(rule: ir.RateLimitRule) -> GCRA:
-    key = (rule.name, rule.requests, rule.period, rule.burst, SHARE.workers)
+    key = (rule.name, rule.requests, rule.period, rule.burst, _share(rule))
     found = _TABLES.get(key)
     if found is None:
-        found = _TABLES[key] = GCRA(rule.requests, rule.period, rule.burst, SHARE.workers)
+        found = _TABLES[key] = GCRA(rule.requests, rule.period, rule.burst, _share(rule))
     return found
 
 
 def forget_tables(keep: Iterable[ir.RateLimitRule]) -> None:
     """Drop the counts of rules no configuration has any more."""
-    wanted = {(r.name, r.requests, r.period, r.burst, SHARE.workers) for r in keep}
+    wanted = {(r.name, r.requests, r.period, r.burst, _share(r)) for r in keep}
     for key in [k for k in _TABLES if k not in wanted]:
         del _TABLES[key]
 
@@ -175,7 +188,7 @@ class Refusal:
     message: str
     headers: list[tuple[str, str]]
     rule: str  # for the access log and metrics: "ipAccess", "maxBodySize", "TrafficPolicy ns/name: rule" ...
-    result: str  # denied | limited | too-large
+    result: str  # denied | limited | too-large | unavailable
 
 
 class RateRule:
@@ -197,6 +210,10 @@ class RateRule:
         self.simple_key = rule.key == ("ClientIP",)
         self.table = table(rule) if not rule.exempt else None
         self.policy_header = f'"{self.short}";q={rule.requests};w={max(1, round(rule.period))}'
+        self.global_scope = rule.scope == "Global"
+        if self.global_scope and not rule.exempt:  # the whole limit, counted in Redis
+            self.interval = rule.period / rule.requests
+            self.tolerance = (max(1, rule.burst) - 1) * self.interval
 
     def matches(self, peer: str, method: str, path: str, headers: dict[str, str]) -> bool:
         if self.methods and method not in self.methods:
@@ -268,37 +285,71 @@ class Guard:
         self.headers = guard.rate_limit_headers
 
     def check(self, peer: str, method: str, host: str, path: str, headers: dict[str, str], route: str,
-              content_length: int | None, now: float) -> tuple[Refusal | None, list[tuple[str, str]] | None]:
-        """(a refusal, or None; the RateLimit headers for the answer when asked for)."""
+              content_length: int | None, now: float
+              ) -> tuple[Refusal | None, list[tuple[str, str]] | None, list[tuple[RateRule, str]] | None]:
+        """(a refusal, or None; the RateLimit headers for the answer when asked for; the Global rules to ask
+        Redis about, with their keys: `decide_global` awaits the answer)."""
         if self.deny is not None and peer in self.deny:
-            return Refusal(403, "forbidden: the client's address is denied", [], "ipAccess.deny", "denied"), None
+            return Refusal(403, "forbidden: the client's address is denied", [], "ipAccess.deny", "denied"), None, None
         if self.allow is not None and peer not in self.allow:
             return Refusal(403, "forbidden: the client's address is not allowed", [], "ipAccess.allow",
-                           "denied"), None
+                           "denied"), None, None
         if self.max_body is not None and content_length is not None and content_length > self.max_body:
             return Refusal(413, f"request body larger than {self.max_body} bytes", [], "requestLimits.maxBodySize",
-                           "too-large"), None
+                           "too-large"), None, None
         answer_headers = None
+        deferred: list[tuple[RateRule, str]] | None = None
         for rule in self.rules:
             if not rule.matches(peer, method, path, headers):
                 continue
             if rule.exempt:
                 break
+            key = rule.key_of(peer, host, headers, route)
+            if rule.global_scope and redis_limits.LIMITER is not None:
+                if deferred is None:
+                    deferred = []
+                deferred.append((rule, key))
+                continue
             gcra = rule.table
             assert gcra is not None
-            key = rule.key_of(peer, host, headers, route)
             wait = gcra.take(key, now)
             if wait > 0.0:
-                extra = [("Retry-After", str(max(1, math.ceil(wait))))]
-                if self.headers:
-                    extra += [("RateLimit-Policy", rule.policy_header),
-                              ("RateLimit", f'"{rule.short}";r=0;t={max(1, math.ceil(wait))}')]
-                return Refusal(429, "too many requests", extra, rule.name, "limited"), None
+                return self.refused(rule, wait), None, None
             if self.headers and answer_headers is None:
                 answer_headers = [("RateLimit-Policy", rule.policy_header),
                                   ("RateLimit", f'"{rule.short}";r={gcra.remaining(key, now)};'
                                                 f't={gcra.reset(key, now)}')]
-        return None, answer_headers
+        return None, answer_headers, deferred
+
+    def refused(self, rule: RateRule, wait: float) -> Refusal:
+        extra = [("Retry-After", str(max(1, math.ceil(wait))))]
+        if self.headers:
+            extra += [("RateLimit-Policy", rule.policy_header),
+                      ("RateLimit", f'"{rule.short}";r=0;t={max(1, math.ceil(wait))}')]
+        return Refusal(429, "too many requests", extra, rule.name, "limited")
+
+    async def decide_global(self, deferred: list[tuple[RateRule, str]]) -> Refusal | None:
+        """Ask Redis about the Global rules a request matched (one batch with the loop turn's other checks);
+        where it cannot say in time, the policy's failMode decides."""
+        limiter = redis_limits.LIMITER
+        asked = [limiter.check(redis_limits.redis_key(rule.name, key), rule.interval, rule.tolerance)
+                 for rule, key in deferred]
+        refusal = None
+        for (rule, key), future in zip(deferred, asked, strict=True):
+            wait = await future
+            if wait is None:
+                mode = self.spec.fail_mode
+                METRICS.redis_fallbacks.labels(mode).inc()
+                if mode == "Closed":
+                    refusal = refusal or Refusal(500, "rate limit store unavailable", [], rule.name, "unavailable")
+                    continue
+                if mode != "FallBackToLocal":
+                    continue
+                assert rule.table is not None
+                wait = rule.table.take(key, time.monotonic())
+            if wait > 0.0 and refusal is None:
+                refusal = self.refused(rule, wait)
+        return refusal
 
 
 _GUARDS: dict[int, tuple[ir.RequestGuard, Guard]] = {}
@@ -320,4 +371,13 @@ def reset_for(listeners: Any) -> None:
              if route.guard is not None}
     for key in [k for k in _GUARDS if k not in specs or _GUARDS[k][0] is not specs[k]]:
         del _GUARDS[key]
-    forget_tables(rule for spec in specs.values() for rule in spec.rate_limits)
+    rules = [rule for spec in specs.values() for rule in spec.rate_limits]
+    forget_tables(rules)
+    if redis_limits.LIMITER is None:
+        for name in sorted({r.name for r in rules if r.scope == "Global"} - _SAID_LOCAL):
+            log.warning("%s: scope Global without --rate-limit-redis: counted by each replica (1/%d of the "
+                        "limit, --rate-limit-replicas)", name, SHARE.replicas)
+            _SAID_LOCAL.add(name)
+
+
+_SAID_LOCAL: set[str] = set()

@@ -150,6 +150,7 @@ class Exchange:
         "chunked",
         "content_length",
         "counts",
+        "deferred",
         "endpoint",
         "expect_continue",
         "header_bytes",
@@ -208,6 +209,7 @@ class Exchange:
         self.held = ""
         self.policy = ""
         self.answer_headers: list[tuple[str, str]] | None = None
+        self.deferred: Any = None  # (its guard, the Global rate-limit rules and keys to ask Redis about)
 
     def receive(self, data: bytes) -> bool:
         """Request body bytes (HTTP/1.1 or an HTTP/2 stream): to the endpoint when one is connected (True),
@@ -867,10 +869,12 @@ def _guarded(conn: ClientSide, ex: Exchange, candidate: Candidate, spec: ir.Requ
     """The route's TrafficPolicy: a refusal, or None with the exchange marked (body limit, in-flight count,
     RateLimit headers for its answer)."""
     ready = guard.guard_for(spec)
-    refusal, answer_headers = ready.check(conn.peer, ex.method, host, path, headers_lower, candidate.route_name,
-                                          ex.content_length, time.monotonic())
+    refusal, answer_headers, deferred = ready.check(conn.peer, ex.method, host, path, headers_lower,
+                                                    candidate.route_name, ex.content_length, time.monotonic())
     if refusal is not None:
         return refusal
+    if deferred is not None:
+        ex.deferred = (ready, deferred)
     if ready.max_body is not None:
         if ex.bytes_received > ready.max_body:  # a body that came ahead of its routing (pipelined)
             return guard.Refusal(413, f"request body larger than {ready.max_body} bytes", [],
@@ -897,6 +901,16 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
     head_only = ex.method == "HEAD"
     route = candidate.route
     served_by(ex, candidate)
+    if ex.deferred is not None:  # Global rate limits: Redis's answer (or the policy's failMode)
+        ready, deferred = ex.deferred
+        ex.deferred = None
+        refusal = await ready.decide_global(deferred)
+        if refusal is not None:
+            ex.policy = refusal.rule
+            METRICS.traffic_policy.labels(candidate.route_name, refusal.rule, refusal.result).inc()
+            conn.send_simple(refusal.status, refusal.message, refusal.headers, close=not can_keep,
+                             head_only=head_only)
+            return can_keep
     matched_prefix = candidate.match.path.value if candidate.match.path.type == "PathPrefix" else None
 
     headers = ex.headers

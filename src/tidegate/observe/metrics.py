@@ -329,6 +329,16 @@ class Metrics:
         self.traffic_policy = Counter("tidegate_traffic_policy_refusals", "Requests a TrafficPolicy refused, by "
                                       "route, rule and result (denied: 403, limited: 429, too-large: 413)",
                                       ["route", "rule", "result"], registry=self.registry)
+        self.redis_up = Gauge("tidegate_rate_limit_redis_up", "1 while the worker is connected to the global rate "
+                              "limits' Redis (summed over workers)", registry=self.registry)
+        self.redis_seconds = Histogram("tidegate_rate_limit_redis_seconds", "Time for Redis to answer one batch of "
+                                       "global rate-limit checks", registry=self.registry,
+                                       buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1))
+        self.redis_failures = Counter("tidegate_rate_limit_redis_failures", "Batches of global rate-limit checks "
+                                      "Redis did not answer in time or at all, by reason", ["reason"],
+                                      registry=self.registry)
+        self.redis_fallbacks = Counter("tidegate_rate_limit_fallbacks", "Global rate-limit checks decided without "
+                                       "Redis, by the policy's failMode", ["mode"], registry=self.registry)
         self.open_fds = Gauge("tidegate_open_fds", "File descriptors a data-plane process has open",
                               registry=self.registry)
         self.tasks = Gauge("tidegate_event_loop_tasks", "Tasks alive on a data-plane process's event loop",
@@ -368,7 +378,8 @@ class Metrics:
     def _data_plane_metrics(self) -> tuple:
         return (self.upstream_errors, self.retries, self.connections, self.ejections,
                 self.circuit_rejections, self.retry_budget_exhausted, self.l4, self.limits, self.open_fds,
-                self.max_fds, self.tasks, self.traffic_policy)
+                self.max_fds, self.tasks, self.traffic_policy, self.redis_up, self.redis_seconds,
+                self.redis_failures, self.redis_fallbacks)
 
     def snapshot(self) -> dict:
         """What a worker process counted, as plain data for the control process to add up."""

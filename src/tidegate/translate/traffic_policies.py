@@ -248,11 +248,7 @@ def apply_traffic_policies(index: Index, listeners: list[ir.Listener], statuses:
         if policy.key in invalid:
             notes.append(Problem("error", policy.origin, f"invalid: {message}; the rules it targets answer 500 "
                                  "until it is mended", policy.key))
-        for rule in (parsed.get(policy.key) or {}).get("rateLimit", {}).get("rate_limits", ()):
-            if rule.scope == "Global":
-                notes.append(Problem("warning", policy.origin, f"rule {rule.name.rpartition(': ')[2]}: scope Global "
-                                     "(through Redis) is not in this version yet: counted per replica, as Local",
-                                     policy.key))
+
     return out
 
 

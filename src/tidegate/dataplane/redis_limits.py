@@ -1,0 +1,261 @@
+"""Global rate limits: GCRA counted in Redis, shared by every worker of every replica.
+
+One small asyncio client per worker process over one connection, replies parsed by hiredis (redis-py's
+asyncio client costs ~60 µs of CPU per call: too much for the request path). The checks of one event-loop
+turn go to Redis as one EVALSHA of one Lua script, which reads Redis's own clock (`TIME`, so the replicas'
+clocks do not matter) and answers, for each key, 0 (admitted) or how many microseconds until it would be.
+
+No request waits longer than `timeout` (50 ms by default) on Redis. When Redis is slow, down, or answers
+an error, each waiting check gets `None` and the policy's `failMode` decides (Open, Closed,
+FallBackToLocal). After 3 failures in a row the breaker opens: Redis is not asked for 1 s (every check gets
+`None` at once), then one batch tries again. A lost connection is made again every 0.2 s, so a restarted
+Redis is used again within a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import ssl
+import time
+from collections import deque
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import hiredis
+
+from tidegate.observe.metrics import METRICS
+
+log = logging.getLogger("tidegate.ratelimit")
+
+# KEYS: the counts; ARGV: interval and tolerance (µs) for each. Returns, for each, 0 or the wait (µs).
+SCRIPT = b"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local out = {}
+for i, key in ipairs(KEYS) do
+  local interval = tonumber(ARGV[2 * i - 1])
+  local tolerance = tonumber(ARGV[2 * i])
+  local tat = tonumber(redis.call('GET', key)) or now
+  if tat < now then tat = now end
+  local late = tat - now - tolerance
+  if late > 0 then
+    out[i] = late
+  else
+    local new = tat + interval
+    redis.call('SET', key, string.format('%d', new), 'PX', math.floor((new - now) / 1000) + 1000)
+    out[i] = 0
+  end
+end
+return out
+"""
+SCRIPT_SHA = hashlib.sha1(SCRIPT).hexdigest().encode()
+KEY_PREFIX = "tidegate:rl:"
+BREAKER_FAILURES = 3
+BREAKER_OPEN_SECONDS = 1.0
+RECONNECT_SECONDS = 0.2
+MAX_BATCH = 512  # checks in one script call
+
+
+def _command(*parts: bytes) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        out.append(b"$%d\r\n%b\r\n" % (len(part), part))
+    return b"".join(out)
+
+
+def redis_key(rule: str, key: str) -> bytes:
+    whole = f"{KEY_PREFIX}{rule}\x1f{key}"
+    if len(whole) > 200:  # a long header value: its hash, so that keys stay small
+        whole = f"{KEY_PREFIX}{rule}\x1f#{hashlib.sha1(key.encode()).hexdigest()}"
+    return whole.encode()
+
+
+class _Batch:
+    __slots__ = ("futures", "keys", "sent", "timer")
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[bytes, int, int]] = []
+        self.futures: list[asyncio.Future[float | None]] = []
+        self.sent = 0.0
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class RedisLimiter(asyncio.Protocol):
+    def __init__(self, url: str, timeout: float = 0.05):
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"{url!r}: a Redis URL is redis://HOST:PORT/DB or rediss://...")
+        self.url = f"{parts.scheme}://{parts.hostname}:{parts.port or 6379}{parts.path}"
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.db = int(parts.path.strip("/") or 0)
+        self.password = unquote(parts.password) if parts.password else ""
+        self.username = unquote(parts.username) if parts.username else ""
+        self.tls = parts.scheme == "rediss"
+        self.timeout = timeout
+        self.transport: asyncio.Transport | None = None
+        self.reader = hiredis.Reader()
+        self.replies: deque[_Batch | None] = deque()  # what each reply answers (None: a setup command's)
+        self.open: _Batch | None = None  # checks gathered in this loop turn
+        self.failures = 0
+        self.breaker_until = 0.0
+        self.up = False
+        self.closing = False
+        self.task: asyncio.Task[None] | None = None
+        self.problem = ""
+
+    # -- the request path's side ----------------------------------------------------------------------
+    def check(self, key: bytes, interval: float, tolerance: float) -> asyncio.Future[float | None]:
+        """Count a request: its future gets 0.0 (admitted), the wait in seconds (refused), or None (Redis
+        could not say in time: the fail mode decides)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[float | None] = loop.create_future()
+        if not self.up or (self.breaker_until and time.monotonic() < self.breaker_until):
+            future.set_result(None)
+            return future
+        batch = self.open
+        if batch is None or len(batch.keys) >= MAX_BATCH:
+            batch = self.open = _Batch()
+            loop.call_soon(self._send, batch)
+        batch.keys.append((key, round(interval * 1e6), round(tolerance * 1e6)))
+        batch.futures.append(future)
+        return future
+
+    def _send(self, batch: _Batch) -> None:
+        if self.open is batch:
+            self.open = None
+        if self.transport is None or not self.up:
+            self._fail(batch, "not connected")
+            return
+        args = [b"EVALSHA", SCRIPT_SHA, b"%d" % len(batch.keys)]
+        args += [key for key, _, _ in batch.keys]
+        for _, interval, tolerance in batch.keys:
+            args += [b"%d" % interval, b"%d" % tolerance]
+        self.transport.write(_command(*args))
+        batch.sent = time.monotonic()
+        batch.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, batch)
+        self.replies.append(batch)
+
+    def _expire(self, batch: _Batch) -> None:
+        """No answer within the timeout: the checks go on without Redis (the reply, if it comes, is dropped)."""
+        self._fail(batch, f"no answer within {self.timeout * 1000:g} ms")
+
+    def _fail(self, batch: _Batch, why: str) -> None:
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        undecided = [f for f in batch.futures if not f.done()]
+        for future in undecided:
+            future.set_result(None)
+        if undecided:
+            METRICS.redis_failures.labels(why.split(" ")[0]).inc()
+            self.failures += 1
+            if self.failures >= BREAKER_FAILURES and not self.breaker_until:
+                log.warning("global rate limits: Redis %s failed %d times in a row (%s): not asked for %g s",
+                            self.url, self.failures, why, BREAKER_OPEN_SECONDS)
+            if self.failures >= BREAKER_FAILURES:
+                self.breaker_until = time.monotonic() + BREAKER_OPEN_SECONDS
+
+    # -- the connection -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._keep_connected())
+
+    async def _keep_connected(self) -> None:
+        loop = asyncio.get_running_loop()
+        said = ""
+        while not self.closing:
+            if self.transport is None:
+                try:
+                    context = ssl.create_default_context() if self.tls else None
+                    await asyncio.wait_for(loop.create_connection(lambda: self, self.host, self.port, ssl=context),
+                                           timeout=1.0)
+                except (OSError, TimeoutError, ssl.SSLError) as exc:
+                    why = f"cannot connect to Redis {self.url}: {exc or type(exc).__name__}"
+                    if why != said:
+                        log.warning("global rate limits: %s (each rule's failMode applies; trying again)", why)
+                        said = why
+                    self.problem = why
+                else:
+                    said = ""
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            import socket
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = hiredis.Reader()
+        setup = []
+        if self.password:
+            setup.append(_command(b"AUTH", *([self.username.encode()] if self.username else []),
+                                  self.password.encode()))
+        if self.db:
+            setup.append(_command(b"SELECT", b"%d" % self.db))
+        setup.append(_command(b"SCRIPT", b"LOAD", SCRIPT))
+        for command in setup:
+            transport.write(command)  # type: ignore[attr-defined]
+            self.replies.append(None)
+        self.up = True
+        self.failures = 0
+        self.breaker_until = 0.0
+        self.problem = ""
+        METRICS.redis_up.set(1)
+        log.info("global rate limits: connected to Redis %s", self.url)
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            batch = self.replies.popleft() if self.replies else None
+            if batch is None:
+                if isinstance(reply, hiredis.ReplyError):
+                    log.error("global rate limits: Redis %s refused the setup: %s", self.url, reply)
+                    self.problem = f"Redis refused the setup: {reply}"
+                    self.up = False
+                continue
+            if batch.timer is not None:
+                batch.timer.cancel()
+                batch.timer = None
+            if isinstance(reply, hiredis.ReplyError) or not isinstance(reply, list) \
+                    or len(reply) != len(batch.futures):
+                if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT") \
+                        and self.transport is not None:  # its scripts were flushed: load ours again
+                    self.transport.write(_command(b"SCRIPT", b"LOAD", SCRIPT))
+                    self.replies.append(None)
+                self._fail(batch, f"error {reply}")
+                continue
+            METRICS.redis_seconds.observe(time.monotonic() - batch.sent)
+            self.failures = 0
+            self.breaker_until = 0.0
+            for future, late in zip(batch.futures, reply, strict=True):
+                if not future.done():
+                    future.set_result(late / 1e6 if late else 0.0)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        was_up = self.up
+        self.transport = None
+        self.up = False
+        METRICS.redis_up.set(0)
+        while self.replies:
+            batch = self.replies.popleft()
+            if batch is not None:
+                self._fail(batch, "connection lost")
+        if was_up and not self.closing:
+            log.warning("global rate limits: lost the connection to Redis %s (each rule's failMode applies; "
+                        "reconnecting)", self.url)
+
+    def close(self) -> None:
+        self.closing = True
+        if self.task is not None:
+            self.task.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+
+LIMITER: Any = None  # the worker's RedisLimiter, with --rate-limit-redis
