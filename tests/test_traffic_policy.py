@@ -258,3 +258,47 @@ def test_a_bad_redis_url_or_timeout_is_a_usage_error(tmp_path):
                         (["--rate-limit-replicas", "0"], "--rate-limit-replicas must be")):
         result = tidegate("run", "-f", str(config), *flags)
         assert result.returncode == 2 and said in result.stderr, (flags, result.stderr)
+
+
+def test_ingress_nginx_annotations_protect_an_ingress(tmp_path):
+    """An Ingress written for ingress-nginx: whitelist-source-range, limit-rps with its burst multiplier,
+    limit-whitelist (exempt), proxy-body-size; tidegate.io/ twins win."""
+    port, pod_port = free_port(GW), free_port("127.0.10.1")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(service("web", [("127.0.10.1", pod_port, "web-1")]) + """
+---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata:
+  name: tidegate
+  annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
+spec: {controller: tidegate.io/ingress-controller}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: shop
+  namespace: default
+  annotations:
+    nginx.ingress.kubernetes.io/whitelist-source-range: "127.0.0.0/24"
+    nginx.ingress.kubernetes.io/limit-rps: "1"
+    nginx.ingress.kubernetes.io/limit-burst-multiplier: "1"
+    nginx.ingress.kubernetes.io/limit-whitelist: "127.0.0.9"
+    nginx.ingress.kubernetes.io/proxy-body-size: 8m
+    tidegate.io/proxy-body-size: 1k
+spec:
+  rules:
+    - host: shop.test
+      http:
+        paths:
+          - {path: /, pathType: Prefix, backend: {service: {name: web, port: {number: 80}}}}
+""")
+    with scripted_backends(("127.0.10.1", pod_port, "web-1")), tidegate_run(
+            config, (GW, port), tmp_path / "tidegate.log", "--ingress-http-port", str(port), "--bind", GW):
+        assert _get("/", port, source="127.0.0.1")[0] == 200
+        assert _get("/", port, source="127.0.0.1")[0] == 429  # 1 a second, burst 1 × 1
+        assert _get("/", port, source="127.0.0.2")[0] == 200  # its own count
+        assert [_get("/", port, source="127.0.0.9")[0] for _ in range(3)] == [200, 200, 200]  # exempt
+        assert _get("/", port, source="127.0.1.1")[0] == 403  # not in the whitelist
+        assert _get("/", port, source="127.0.0.3", method="POST", body=b"x" * 2000)[0] == 413  # the twin: 1k

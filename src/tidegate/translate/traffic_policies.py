@@ -141,6 +141,84 @@ def _parsed(policy: Resource) -> dict[str, Any]:
     return out
 
 
+# ingress-nginx's annotation names (and their tidegate.io/ twins, which win when both are set).
+NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
+TIDEGATE_PREFIX = "tidegate.io/"
+_INGRESS_NAMES = ("limit-rps", "limit-rpm", "limit-burst-multiplier", "limit-connections", "limit-whitelist",
+                  "limit-allowlist", "whitelist-source-range", "allowlist-source-range", "denylist-source-range",
+                  "proxy-body-size", "rate-limit-scope")
+
+
+def ingress_sections(ing: Resource, notes: list[Problem]) -> tuple[dict[str, Any], str]:
+    """An Ingress's protection annotations as TrafficPolicy sections (and a problem that makes its rules
+    answer 500: an address list that cannot be read is not skipped, it fails closed). Their meaning is
+    ingress-nginx's: limits per client address, per replica (`tidegate.io/rate-limit-scope: Global` counts
+    in Redis instead); rate limits share one count per Ingress."""
+    ann: dict[str, str] = {}
+    full: dict[str, str] = {}  # the name as written
+    for name in _INGRESS_NAMES:
+        for prefix in (NGINX_PREFIX, TIDEGATE_PREFIX):
+            if prefix + name in ing.annotations:
+                ann[name] = str(ing.annotations[prefix + name]).strip()
+                full[name] = prefix + name
+    if not ann:
+        return {}, ""
+    label = f"Ingress {ing.namespace}/{ing.name}"
+
+    def bad(name: str, why: str) -> None:
+        notes.append(Problem("warning", ing.origin, f"annotation {full[name]} ignored: {why}", ing.key))
+
+    def number(name: str) -> int | None:
+        value = ann.get(name)
+        if value is None:
+            return None
+        if not value.isdigit() or int(value) < 1:
+            bad(name, f"{value!r} is not a whole number above 0")
+            return None
+        return int(value)
+
+    out: dict[str, Any] = {}
+    try:
+        allow = _cidrs([c for c in (ann.get("allowlist-source-range") or ann.get("whitelist-source-range") or "")
+                        .split(",") if c.strip()], "whitelist-source-range")
+        deny = _cidrs([c for c in ann.get("denylist-source-range", "").split(",") if c.strip()],
+                      "denylist-source-range")
+        exempt = _cidrs([c for c in (ann.get("limit-allowlist") or ann.get("limit-whitelist") or "").split(",")
+                         if c.strip()], "limit-whitelist")
+    except _Invalid as exc:
+        notes.append(Problem("error", ing.origin, f"annotation {exc}: the Ingress's rules answer 500 until it is "
+                             "mended (an address list is not skipped)", ing.key))
+        return {}, f"{label}: annotation {exc}"
+    if allow or deny:
+        out["ipAccess"] = {"allow": allow, "deny": deny}
+    size = None
+    if "proxy-body-size" in ann:
+        size = parse_size(ann["proxy-body-size"])
+        if size is None:
+            bad("proxy-body-size", f"{ann['proxy-body-size']!r} is not a size such as 8m")
+        elif size == 0:
+            size = None  # nginx: 0 turns the check off
+    in_flight = number("limit-connections")
+    if size is not None or in_flight is not None:
+        out["requestLimits"] = {"max_body": size, "max_in_flight_per_client": in_flight}
+    multiplier = number("limit-burst-multiplier") or 5
+    scope = ann.get("rate-limit-scope", "Local")
+    if scope not in ("Local", "Global"):
+        bad("rate-limit-scope", f"{scope!r} is not Local or Global")
+        scope = "Local"
+    rules = []
+    if exempt:
+        rules.append(ir.RateLimitRule(name=f"{label}: limit-whitelist", source_cidrs=exempt, exempt=True))
+    for name, period in (("limit-rps", 1.0), ("limit-rpm", 60.0)):
+        requests = number(name)
+        if requests is not None:
+            rules.append(ir.RateLimitRule(name=f"{label}: {name}", requests=requests, period=period,
+                                          burst=requests * multiplier, scope=scope))
+    if any(not r.exempt for r in rules):
+        out["rateLimit"] = {"rate_limits": tuple(rules), "rate_limit_headers": False, "fail_mode": "Open"}
+    return out, ""
+
+
 def _guard(merged: dict[str, tuple[dict[str, Any], str]]) -> ir.RequestGuard:
     fields: dict[str, Any] = {}
     for section in SECTIONS:
@@ -155,7 +233,9 @@ def apply_traffic_policies(index: Index, listeners: list[ir.Listener], statuses:
     """Put the TrafficPolicy settings in force on every HTTP rule of every listener; write each policy's
     status."""
     policies = sorted(index.all("TrafficPolicy"), key=lambda p: (p.creation_timestamp, p.namespace, p.name))
-    if not policies:
+    ingresses = {f"{ing.namespace}/{ing.name}": ingress_sections(ing, notes) for ing in index.all("Ingress")
+                 if any(k.startswith((NGINX_PREFIX, TIDEGATE_PREFIX)) for k in ing.annotations)}
+    if not policies and not any(sections or problem for sections, problem in ingresses.values()):
         return listeners
     parsed: dict[Key, dict[str, Any]] = {}
     verdicts: dict[Key, tuple[bool, str, str]] = {}
@@ -212,6 +292,10 @@ def apply_traffic_policies(index: Index, listeners: list[ir.Listener], statuses:
                     layers.append(layer(route_kind, route_ns, route_name, route.rule_name))
             merged: dict[str, tuple[dict[str, Any], str]] = {}
             problem = ""
+            if route_kind == "Ingress" and route_ref in ingresses:
+                sections, problem = ingresses[route_ref]
+                merged = {section: (settings, f"annotations of Ingress {route_ref}")
+                          for section, settings in sections.items()}
             for policy, where in layers:
                 if policy is None:
                     continue
