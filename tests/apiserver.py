@@ -55,6 +55,7 @@ KINDS = [
     _gw("TCPRoute", "tcproutes", "v1alpha2"), _gw("UDPRoute", "udproutes", "v1alpha2"),
     Kind("tidegate.io", "v1alpha1", "BackendPolicy", "backendpolicies"),
     Kind("tidegate.io", "v1alpha1", "TrafficPolicy", "trafficpolicies"),
+    Kind("tidegate.io", "v1alpha1", "ClientPolicy", "clientpolicies"),
     Kind("", "v1", "Namespace", "namespaces", namespaced=False), Kind("", "v1", "Service", "services"),
     Kind("", "v1", "Secret", "secrets"), Kind("", "v1", "ConfigMap", "configmaps"),
     Kind("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),

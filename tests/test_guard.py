@@ -174,3 +174,52 @@ def test_retry_after_is_whole_seconds_rounded_up():
     gcra.take("k", 0.0)
     wait = gcra.take("k", 0.1)
     assert math.ceil(wait) == 3
+
+
+TRUSTED = ir.ClientIP(trusted=("10.0.0.0/8", "fd00::/8"))
+
+
+@pytest.mark.parametrize(("spec", "peer", "forwarded", "client"), [
+    # Trusted CIDRs, read right to left (nginx's real_ip_recursive): the first address no trusted proxy holds.
+    (TRUSTED, "10.0.0.1", "203.0.113.7", "203.0.113.7"),
+    (TRUSTED, "10.0.0.1", "203.0.113.7, 10.1.1.1, 10.2.2.2", "203.0.113.7"),
+    (TRUSTED, "10.0.0.1", "6.6.6.6, 203.0.113.7, 10.1.1.1", "203.0.113.7"),  # the spoofed first entry is ignored
+    (TRUSTED, "192.0.2.1", "203.0.113.7", "192.0.2.1"),  # an untrusted peer's header is not read
+    (TRUSTED, "10.0.0.1", "10.1.1.1, 10.2.2.2", "10.1.1.1"),  # all trusted: the leftmost
+    (TRUSTED, "10.0.0.1", "", "10.0.0.1"),
+    (TRUSTED, "10.0.0.1", "not-an-address, 203.0.113.7", "203.0.113.7"),
+    (TRUSTED, "10.0.0.1", "203.0.113.7, garbage", "10.0.0.1"),  # garbage where the client should be
+    (TRUSTED, "fd00::1", "2001:db8::7, fd00::2", "2001:db8::7"),
+    (TRUSTED, "::ffff:10.0.0.1", "203.0.113.7", "203.0.113.7"),  # an IPv4-mapped peer
+    # Hops: the entry that many from the right (Traefik's depth).
+    (ir.ClientIP(hops=1), "192.0.2.1", "6.6.6.6, 203.0.113.7", "203.0.113.7"),
+    (ir.ClientIP(hops=2), "192.0.2.1", "6.6.6.6, 203.0.113.7, 10.1.1.1", "203.0.113.7"),
+    (ir.ClientIP(hops=3), "192.0.2.1", "203.0.113.7, 10.1.1.1", "192.0.2.1"),  # fewer entries than hops
+    (ir.ClientIP(trusted=("10.0.0.0/8",), hops=1), "192.0.2.1", "203.0.113.7", "192.0.2.1"),  # both: peer trusted?
+    # A header a trusted proxy sets.
+    (ir.ClientIP(trusted=("173.245.48.0/20",), header="cf-connecting-ip"), "173.245.48.1", "", "198.51.100.9"),
+    (ir.ClientIP(trusted=("173.245.48.0/20",), header="cf-connecting-ip"), "192.0.2.1", "", "192.0.2.1"),
+])
+def test_the_client_address_comes_from_trusted_proxies_only(spec, peer, forwarded, client):
+    from tidegate.dataplane.guard import ClientAddress
+
+    headers = {"cf-connecting-ip": "198.51.100.9"}
+    if forwarded:
+        headers["x-forwarded-for"] = forwarded
+    assert ClientAddress(spec).of(peer, headers) == client
+
+
+def test_connection_caps_count_per_socket_and_per_peer():
+    from tidegate.dataplane.guard import ConnectionCaps
+
+    caps, limits = ConnectionCaps(), ir.ConnectionLimits(max_per_listener=3, max_per_client=2)
+    assert [caps.admit("s", "a", limits) for _ in range(3)] == ["", "", "connections-per-client"]
+    assert caps.admit("s", "b", limits) == ""
+    assert caps.admit("s", "c", limits) == "connections-per-listener"
+    assert caps.admit("other", "a", limits) == ""  # another socket counts alone
+    caps.release("s", "a")
+    assert caps.admit("s", "c", limits) == ""
+    for peer in ("a", "b", "c"):
+        caps.release("s", peer)
+    caps.release("other", "a")
+    assert caps.per_socket == {} and caps.per_client == {}

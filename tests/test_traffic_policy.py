@@ -302,3 +302,66 @@ spec:
         assert [_get("/", port, source="127.0.0.9")[0] for _ in range(3)] == [200, 200, 200]  # exempt
         assert _get("/", port, source="127.0.1.1")[0] == 403  # not in the whitelist
         assert _get("/", port, source="127.0.0.3", method="POST", body=b"x" * 2000)[0] == 413  # the twin: 1k
+
+
+def test_client_policy_client_address_from_trusted_proxies_and_connection_caps(tmp_path):
+    """ClientPolicy: X-Forwarded-For is believed from 127.0.0.1 only (a TrafficPolicy deny list then sees the
+    real client; an untrusted peer's header changes nothing; the access log writes the client); two
+    connections per client at most, the third closed at once, others unaffected."""
+    port, pod_port = free_port(GW), free_port("127.0.10.1")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        http_gateway(GW, port) + service("web", [("127.0.10.1", pod_port, "web-1")])
+        + route("shop", "", "- backendRefs: [{name: web, port: 80}]")
+        + _policy("deny", "Gateway/gw", "  ipAccess: {deny: [203.0.113.66]}") + """
+---
+apiVersion: tidegate.io/v1alpha1
+kind: ClientPolicy
+metadata: {name: edge, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]
+  clientIP: {xForwardedFor: {trustedCIDRs: [127.0.0.1/32]}}
+  connections: {maxPerClient: 2}
+""")
+    access = tmp_path / "access.log"
+
+    def get(source: str, forwarded: str) -> int:
+        conn = http.client.HTTPConnection(GW, port, timeout=10, source_address=(source, 0))
+        conn.request("GET", "/", headers={"Host": "shop.test", "X-Forwarded-For": forwarded})
+        status = conn.getresponse().status
+        conn.close()
+        return status
+
+    with scripted_backends(("127.0.10.1", pod_port, "web-1")), tidegate_run(
+            config, (GW, port), tmp_path / "tidegate.log", "--access-log", "json", "--access-log-file",
+            str(access)) as proxy:
+        assert get("127.0.0.1", "203.0.113.66") == 403  # a trusted proxy says who the client is
+        assert get("127.0.0.1", "203.0.113.66, 127.0.0.1") == 403  # itself trusted: skipped
+        assert get("127.0.0.1", "203.0.113.7") == 200
+        assert get("127.0.0.2", "203.0.113.66") == 200  # an untrusted peer: its own address counts
+        entries = wait_until(lambda: [json.loads(line) for line in access.read_text().splitlines()],
+                             what="access log lines")
+        assert [e["client"] for e in entries][:4] == ["203.0.113.66", "203.0.113.66", "203.0.113.7", "127.0.0.2"]
+
+        held = [socket.create_connection((GW, port), timeout=5, source_address=("127.0.0.4", 0)) for _ in range(2)]
+        try:
+            third = socket.create_connection((GW, port), timeout=5, source_address=("127.0.0.4", 0))
+            try:
+                third.sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+                answer = third.recv(100)
+            except ConnectionError:
+                answer = b""
+            third.close()
+            assert answer == b""  # closed at once, unanswered
+            assert get("127.0.0.5", "") == 200  # another client is not held back
+            held[0].sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+            assert held[0].recv(100).startswith(b"HTTP/1.1 200")  # the two held ones are served
+            held.pop(0).close()
+            wait_until(lambda: get("127.0.0.4", "") == 200, what="a connection freed for 127.0.0.4")
+        finally:
+            for sock in held:
+                sock.close()
+        hits = [line for line in _get_metrics(proxy.admin_port).splitlines()
+                if line.startswith('tidegate_limit_hits_total{limit="connections-per-client"}')]
+        assert hits and float(hits[0].split()[-1]) >= 1, hits

@@ -218,6 +218,24 @@ class RequestGuard:
 
 
 @dataclass(frozen=True)
+class ClientIP:
+    """Where a listener's clients' addresses come from (ClientPolicy clientIP): X-Forwarded-For from trusted
+    proxies (by CIDR, or a number of hops from the right), or a header trusted proxies set."""
+
+    trusted: tuple[str, ...] = ()  # CIDRs of the proxies whose word is taken
+    hops: int = 0  # X-Forwarded-For: the entry this many from the right is the client's
+    header: str = ""  # lower-case; "" = X-Forwarded-For
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """ClientPolicy connections: open connections on a listener's socket, and from one peer address."""
+
+    max_per_listener: int | None = None
+    max_per_client: int | None = None
+
+
+@dataclass(frozen=True)
 class HTTPRoute:
     """One rule of an HTTPRoute/GRPCRoute/Ingress as it applies on one listener."""
 
@@ -236,6 +254,7 @@ class HTTPRoute:
     # Ingress semantics: "*.a.com" covers exactly one more label (the Gateway API allows any number).
     wildcard_single_label: bool = False
     guard: RequestGuard | None = None  # IP access, request limits, rate limits (TrafficPolicy)
+    client_ip: ClientIP | None = None  # its listener's (ClientPolicy), where routing can read it
 
 
 @dataclass(frozen=True)
@@ -286,6 +305,8 @@ class Listener:
     # Bind even when the address is not (yet) this host's (IP_FREEBIND): a LoadBalancer address that another
     # node announces now and this one may take over.
     freebind: bool = False
+    client_ip: ClientIP | None = None  # ClientPolicy
+    connection_limits: ConnectionLimits | None = None
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     if backend is None:
         conn.serve_slowly(ex, routed)  # it answers
         return
-    key = hash_key_of(backend, path, headers_lower, conn.peer)
+    key = hash_key_of(backend, path, headers_lower, ex.client or conn.peer)
     # The clock as last read for this connection: when these bytes came, or when the exchange before a
     # pipelined request ended (served()): recent either way, and one read fewer.
     now = conn.last_active

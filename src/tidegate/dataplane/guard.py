@@ -352,6 +352,88 @@ class Guard:
         return refusal
 
 
+class ClientAddress:
+    """A listener's ClientPolicy clientIP, ready: the client's address from the peer's and the headers."""
+
+    def __init__(self, spec: ir.ClientIP):
+        self.trusted = AddressSet(spec.trusted) if spec.trusted else None
+        self.hops = spec.hops
+        self.header = spec.header
+
+    def of(self, peer: str, headers: dict[str, str]) -> str:
+        trusted = self.trusted
+        if trusted is not None and peer not in trusted:
+            return peer  # an untrusted peer's word is not taken
+        if self.header:
+            value = headers.get(self.header, "").strip()
+            return value if value and _parse(value) is not None else peer
+        forwarded = headers.get("x-forwarded-for")
+        if not forwarded:
+            return peer
+        entries = [e.strip() for e in forwarded.split(",")]
+        if self.hops:
+            if len(entries) < self.hops:
+                return peer
+            found = entries[-self.hops]
+            return found if _parse(found) is not None else peer
+        assert trusted is not None
+        for entry in reversed(entries):  # right to left: the first address no trusted proxy holds
+            if _parse(entry) is None:
+                return peer
+            if entry not in trusted:
+                return entry
+        return entries[0] if _parse(entries[0]) is not None else peer
+
+
+_CLIENT_ADDRESSES: dict[int, tuple[ir.ClientIP, ClientAddress]] = {}
+
+
+def client_address_for(spec: ir.ClientIP) -> ClientAddress:
+    found = _CLIENT_ADDRESSES.get(id(spec))
+    if found is not None and found[0] is spec:
+        return found[1]
+    made = ClientAddress(spec)
+    if len(_CLIENT_ADDRESSES) > 10_000:
+        _CLIENT_ADDRESSES.clear()
+    _CLIENT_ADDRESSES[id(spec)] = (spec, made)
+    return made
+
+
+class ConnectionCaps:
+    """Open connections per listening socket and per peer address (ClientPolicy connections)."""
+
+    def __init__(self) -> None:
+        self.per_socket: dict[Any, int] = {}
+        self.per_client: dict[tuple[Any, str], int] = {}
+
+    def admit(self, socket_key: Any, peer: str, limits: ir.ConnectionLimits) -> str:
+        """"" when the connection may stay (and is counted), else the limit it is over."""
+        open_here = self.per_socket.get(socket_key, 0)
+        if limits.max_per_listener is not None and open_here >= limits.max_per_listener:
+            return "connections-per-listener"
+        from_client = self.per_client.get((socket_key, peer), 0)
+        if limits.max_per_client is not None and from_client >= limits.max_per_client:
+            return "connections-per-client"
+        self.per_socket[socket_key] = open_here + 1
+        self.per_client[(socket_key, peer)] = from_client + 1
+        return ""
+
+    def release(self, socket_key: Any, peer: str) -> None:
+        count = self.per_socket.get(socket_key, 0) - 1
+        if count > 0:
+            self.per_socket[socket_key] = count
+        else:
+            self.per_socket.pop(socket_key, None)
+        count = self.per_client.get((socket_key, peer), 0) - 1
+        if count > 0:
+            self.per_client[(socket_key, peer)] = count
+        else:
+            self.per_client.pop((socket_key, peer), None)
+
+
+CONNECTIONS = ConnectionCaps()
+
+
 _GUARDS: dict[int, tuple[ir.RequestGuard, Guard]] = {}
 
 

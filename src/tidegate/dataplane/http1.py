@@ -148,6 +148,7 @@ class Exchange:
         "bytes_received",
         "bytes_sent",
         "chunked",
+        "client",
         "content_length",
         "counts",
         "deferred",
@@ -210,6 +211,7 @@ class Exchange:
         self.policy = ""
         self.answer_headers: list[tuple[str, str]] | None = None
         self.deferred: Any = None  # (its guard, the Global rate-limit rules and keys to ask Redis about)
+        self.client = ""  # the client's address by its listener's ClientPolicy ("": the connection's peer)
 
     def receive(self, data: bytes) -> bool:
         """Request body bytes (HTTP/1.1 or an HTTP/2 stream): to the endpoint when one is connected (True),
@@ -292,6 +294,7 @@ class ClientConnection(asyncio.Protocol):
         self.write_paused_at = 0.0
         self.watch: Watch | None = None  # the pod's silence and the body's pace, from one look to the next
         self._drain: asyncio.Event | None = None  # made when writing first pauses: most connections never do
+        self.capped: Any = None  # the socket whose ClientPolicy counts this connection (released on close)
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -301,6 +304,15 @@ class ClientConnection(asyncio.Protocol):
         connections.accepted += 1
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        site = self.site_getter()
+        if site.limits is not None:
+            over = guard.CONNECTIONS.admit(site.key, self.peer, site.limits)
+            if over:
+                METRICS.limits.labels(over).inc()
+                self.closed = True
+                reset(transport)  # type: ignore[arg-type]
+                return
+            self.capped = site.key
         ssl_object = transport.get_extra_info("ssl_object")
         self.server_name = take_server_name(ssl_object) if ssl_object is not None else ""
         if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
@@ -317,6 +329,7 @@ class ClientConnection(asyncio.Protocol):
             self.idle_handle = None
         self.http2 = True
         h2conn = H2ServerConnection(self.site_getter, self.listener_port, self.scheme, self.peer, self.server_name)
+        h2conn.capped, self.capped = self.capped, None  # its close gives the connection back now
         assert self.transport is not None
         self.transport.set_protocol(h2conn)
         h2conn.connection_made(self.transport)
@@ -326,6 +339,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         METRICS.connections.open -= 1
         self.closed = True
+        if self.capped is not None:
+            guard.CONNECTIONS.release(self.capped, self.peer)
+            self.capped = None
         if self._drain is not None:
             self._drain.set()
         if self.tunnel_closed is not None and not self.tunnel_closed.done():
@@ -780,7 +796,7 @@ def finished(conn: ClientSide, ex: Exchange, status: int, now: float = 0.0) -> N
         headers = ex.lowered()
         combined = fmt == "combined"  # the only format that writes the referer and the user agent
         log_sink.record(accesslog.Entry(
-            log_sink.wall_time(now), conn.peer, ex.method, headers.get("host", ""),
+            log_sink.wall_time(now), ex.client or conn.peer, ex.method, headers.get("host", ""),
             ex.target.decode("latin-1"), _PROTOCOLS.get(ex.version) or f"HTTP/{ex.version}", status,
             ex.bytes_sent, elapsed, ex.upstream_time,
             ex.route, ex.listener, ex.endpoint, ex.retries, conn.server_name, ex.request_id,
@@ -851,6 +867,9 @@ def route_request(conn: ClientSide, ex: Exchange, site: Site) -> Routed | bool:
     if candidate is None:
         conn.send_simple(404, "no route matches", close=not can_keep, head_only=head_only)
         return can_keep
+    client_ip = candidate.route.client_ip
+    if client_ip is not None:
+        ex.client = guard.client_address_for(client_ip).of(conn.peer, headers_lower)
     spec = candidate.route.guard
     if spec is not None and not candidate.route.direct_status:
         refusal = _guarded(conn, ex, candidate, spec, host, path, headers_lower)
@@ -869,7 +888,8 @@ def _guarded(conn: ClientSide, ex: Exchange, candidate: Candidate, spec: ir.Requ
     """The route's TrafficPolicy: a refusal, or None with the exchange marked (body limit, in-flight count,
     RateLimit headers for its answer)."""
     ready = guard.guard_for(spec)
-    refusal, answer_headers, deferred = ready.check(conn.peer, ex.method, host, path, headers_lower,
+    client = ex.client or conn.peer
+    refusal, answer_headers, deferred = ready.check(client, ex.method, host, path, headers_lower,
                                                     candidate.route_name, ex.content_length, time.monotonic())
     if refusal is not None:
         return refusal
@@ -881,10 +901,10 @@ def _guarded(conn: ClientSide, ex: Exchange, candidate: Candidate, spec: ir.Requ
                                  "requestLimits.maxBodySize", "too-large")
         ex.body_limit = ready.max_body
     if ready.max_in_flight is not None:
-        if not guard.IN_FLIGHT.acquire(conn.peer, ready.max_in_flight):
+        if not guard.IN_FLIGHT.acquire(client, ready.max_in_flight):
             return guard.Refusal(429, "too many requests in flight from this client", [],
                                  "requestLimits.maxInFlightPerClient", "limited")
-        ex.held = conn.peer
+        ex.held = client
     ex.answer_headers = answer_headers
     return None
 
@@ -1014,7 +1034,7 @@ async def _forward(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
                 attempts = retry_policy.attempts
         key = cookie = None
         if policy is not None and policy.hash is not None:
-            key, cookie = hash_key(policy.hash, upstream_path, headers_lower, conn.peer)
+            key, cookie = hash_key(policy.hash, upstream_path, headers_lower, ex.client or conn.peer)
         endpoint = chosen or balancer.endpoint_for(backend, key, tuple(tried))
         if endpoint is None:
             if attempts > retries_done and route.retry is not None and 503 in route.retry.codes:

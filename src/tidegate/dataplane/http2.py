@@ -23,7 +23,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 
-from tidegate.dataplane import fastlane
+from tidegate.dataplane import fastlane, guard
 from tidegate.dataplane.filters import get_header
 from tidegate.dataplane.h2limits import (
     CONTROL_FRAME_BURST,
@@ -231,6 +231,7 @@ class H2ServerConnection(asyncio.Protocol):
         self.scheme = scheme
         self.peer = peer
         self.server_name = server_name
+        self.capped: Any = None  # the socket whose ClientPolicy counts this connection (released on close)
         self.transport: asyncio.Transport | None = None
         # Request header blocks are checked by h2request.read_request, in one pass, instead of by h2's chain of
         # generators; response header blocks are built ready to send by H2Stream.begin_response.
@@ -315,6 +316,9 @@ class H2ServerConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         METRICS.connections.open -= 1
         self.closed = True
+        if self.capped is not None:
+            guard.CONNECTIONS.release(self.capped, self.peer)
+            self.capped = None
         if self.deadline_check is not None:
             self.deadline_check.cancel()
         for stream in self.streams.values():
@@ -662,7 +666,7 @@ def serve_fast(stream: H2Stream) -> None:
         conn.serve_slowly(stream, routed)  # it answers
         return
     now = time.monotonic()
-    endpoint = balancer.endpoint_for(backend, fastlane.hash_key_of(backend, path, headers_lower, stream.peer), (), now)
+    endpoint = balancer.endpoint_for(backend, fastlane.hash_key_of(backend, path, headers_lower, ex.client or stream.peer), (), now)
     if endpoint is None:
         conn.serve_slowly(stream, routed)  # it answers 503
         return

@@ -91,6 +91,19 @@ class Site:
     # What the fast lane looked up of this configuration's endpoints, by the id of their IR object
     # (fastlane.EndpointSlot).
     endpoint_slots: dict[int, Any] = field(default_factory=dict)
+    # ClientPolicy connections of the listeners on this socket (the strictest of each when several share
+    # it), and the socket's key for the counts.
+    limits: ir.ConnectionLimits | None = None
+    key: Any = None
+
+
+def _socket_limits(listeners: list[ir.Listener]) -> ir.ConnectionLimits | None:
+    found = [listener.connection_limits for listener in listeners if listener.connection_limits is not None]
+    if not found:
+        return None
+    per_listener = [f.max_per_listener for f in found if f.max_per_listener is not None]
+    per_client = [f.max_per_client for f in found if f.max_per_client is not None]
+    return ir.ConnectionLimits(min(per_listener) if per_listener else None, min(per_client) if per_client else None)
 
 
 class DataPlane:
@@ -153,7 +166,13 @@ class DataPlane:
         if accesslog.ACCESS_LOG is not None:
             accesslog.ACCESS_LOG.set_listeners({l.name: l.access_log for l in config.listeners if l.access_log})
         balancer = RouteBalancer(self.registry)
-        sites = {key: Site(router, balancer, self.pools, self._background) for key, router in routers.items()}
+        by_socket: dict[tuple[str, int], list[ir.Listener]] = {}
+        for listener in config.listeners:
+            if listener.protocol in ("HTTP", "HTTPS"):
+                by_socket.setdefault((listener.address or self.bind, listener.port), []).append(listener)
+        sites = {key: Site(router, balancer, self.pools, self._background,
+                           limits=_socket_limits(by_socket.get(key, [])), key=key)
+                 for key, router in routers.items()}
         self.sites = sites  # the atomic swap: new requests see the new configuration
         self.tls_sites = tls_sites
 

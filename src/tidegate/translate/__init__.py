@@ -2,7 +2,7 @@
 
 Stages run in a fixed order over an index built once: GatewayClasses → Gateways and listeners → policies →
 routes (attachment, rules, backends) → Ingress → LoadBalancer Services → BackendPolicies → TrafficPolicies →
-IR. Statuses are returned as values; the snapshot is never
+ClientPolicies → IR. Statuses are returned as values; the snapshot is never
 mutated.
 """
 
@@ -16,6 +16,7 @@ from tidegate import ir
 from tidegate.announce.ipam import AllocationOptions
 from tidegate.resources.model import Key, Problem, Resource
 from tidegate.translate.backend_policies import apply_backend_policies
+from tidegate.translate.client_policies import apply_client_policies
 from tidegate.translate.conditions import condition
 from tidegate.translate.gateways import gateway_status, translate_gateway_classes, translate_gateways
 from tidegate.translate.index import Index
@@ -119,6 +120,7 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
         listeners += node_port_listeners
     listeners = apply_backend_policies(index, listeners, statuses, notes)
     listeners = apply_traffic_policies(index, listeners, statuses, notes)
+    listeners = apply_client_policies(index, listeners, statuses, notes)
     statuses.update(policy_statuses(index, policies, listeners))
     return Translation(ir=ir.IR(listeners=tuple(listeners)), statuses=dict(sorted(statuses.items())), notes=notes,
                        load_balancers=load_balancers)

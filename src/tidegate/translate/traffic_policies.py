@@ -50,17 +50,17 @@ def network(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     return ipaddress.ip_network(text.strip(), strict=True)
 
 
-class _Invalid(ValueError):
+class InvalidPolicy(ValueError):
     pass
 
 
-def _cidrs(values: Any, where: str) -> tuple[str, ...]:
+def cidrs(values: Any, where: str) -> tuple[str, ...]:
     out = []
     for value in values or ():
         try:
             out.append(str(network(str(value))))
         except ValueError as exc:
-            raise _Invalid(f"{where}: {value!r} is not an address or CIDR ({exc})") from exc
+            raise InvalidPolicy(f"{where}: {value!r} is not an address or CIDR ({exc})") from exc
     return tuple(out)
 
 
@@ -86,23 +86,23 @@ def _rule(policy: str, spec: Section) -> ir.RateLimitRule:
             key.append(f"ClientIPPrefix/{part.get('prefixLength', 64)}/{part.get('ipv4PrefixLength', 32)}")
         elif kind == "Header":
             if not part.get("name"):
-                raise _Invalid(f"{where}: a Header key names its header")
+                raise InvalidPolicy(f"{where}: a Header key names its header")
             key.append(f"Header:{part['name'].lower()}")
         else:
             key.append(kind)
     limit = spec.get("limit") or {}
     exempt = bool(spec.get("exempt", False))
     if not exempt and not limit:
-        raise _Invalid(f"{where}: a rule that is not exempt has a limit")
+        raise InvalidPolicy(f"{where}: a rule that is not exempt has a limit")
     period = parse_duration(limit["period"]) if limit else 1.0
     if limit and period <= 0:
-        raise _Invalid(f"{where}: limit.period must be longer than 0")
+        raise InvalidPolicy(f"{where}: limit.period must be longer than 0")
     requests = int(limit.get("requests", 0))
     return ir.RateLimitRule(
         name=f"TrafficPolicy {policy}: {name}", requests=requests, period=period,
         burst=int(spec.get("burst") or requests), key=tuple(key),
         methods=tuple(m.upper() for m in match.get("methods") or ()), path_match=path, headers=tuple(headers),
-        source_cidrs=_cidrs(match.get("sourceCIDRs"), f"{where}: match.sourceCIDRs"), exempt=exempt,
+        source_cidrs=cidrs(match.get("sourceCIDRs"), f"{where}: match.sourceCIDRs"), exempt=exempt,
         scope=spec.get("scope", "Local"))
 
 
@@ -110,32 +110,32 @@ def _regex(pattern: str, where: str) -> None:
     try:
         re2.compile(pattern)
     except re2.error as exc:
-        raise _Invalid(f"{where}: {pattern!r} is not a valid RE2 regular expression ({exc})") from exc
+        raise InvalidPolicy(f"{where}: {pattern!r} is not a valid RE2 regular expression ({exc})") from exc
 
 
 def _parsed(policy: Resource) -> dict[str, Any]:
-    """The policy's sections, checked and in IR form: {"ipAccess": {...}, ...}. Raises _Invalid."""
+    """The policy's sections, checked and in IR form: {"ipAccess": {...}, ...}. Raises InvalidPolicy."""
     spec = policy.spec
     name = f"{policy.namespace}/{policy.name}"
     out: dict[str, Any] = {}
     if isinstance(spec.get("ipAccess"), dict):
         access = spec["ipAccess"]
-        out["ipAccess"] = {"allow": _cidrs(access.get("allow"), "ipAccess.allow"),
-                           "deny": _cidrs(access.get("deny"), "ipAccess.deny")}
+        out["ipAccess"] = {"allow": cidrs(access.get("allow"), "ipAccess.allow"),
+                           "deny": cidrs(access.get("deny"), "ipAccess.deny")}
     if isinstance(spec.get("requestLimits"), dict):
         limits = spec["requestLimits"]
         size = None
         if limits.get("maxBodySize") is not None:
             size = parse_size(limits["maxBodySize"])
             if size is None:
-                raise _Invalid(f"requestLimits.maxBodySize: {limits['maxBodySize']!r} is not a size such as 10m")
+                raise InvalidPolicy(f"requestLimits.maxBodySize: {limits['maxBodySize']!r} is not a size such as 10m")
         out["requestLimits"] = {"max_body": size, "max_in_flight_per_client": limits.get("maxInFlightPerClient")}
     if isinstance(spec.get("rateLimit"), dict):
         rl = spec["rateLimit"]
         rules = tuple(_rule(name, r) for r in rl.get("rules") or ())
         names = [r.name for r in rules]
         if len(set(names)) != len(names):
-            raise _Invalid("rateLimit.rules: two rules have one name")
+            raise InvalidPolicy("rateLimit.rules: two rules have one name")
         out["rateLimit"] = {"rate_limits": rules, "rate_limit_headers": rl.get("responseHeaders") == "Draft10",
                             "fail_mode": rl.get("failMode", "Open")}
     return out
@@ -179,13 +179,13 @@ def ingress_sections(ing: Resource, notes: list[Problem]) -> tuple[dict[str, Any
 
     out: dict[str, Any] = {}
     try:
-        allow = _cidrs([c for c in (ann.get("allowlist-source-range") or ann.get("whitelist-source-range") or "")
+        allow = cidrs([c for c in (ann.get("allowlist-source-range") or ann.get("whitelist-source-range") or "")
                         .split(",") if c.strip()], "whitelist-source-range")
-        deny = _cidrs([c for c in ann.get("denylist-source-range", "").split(",") if c.strip()],
+        deny = cidrs([c for c in ann.get("denylist-source-range", "").split(",") if c.strip()],
                       "denylist-source-range")
-        exempt = _cidrs([c for c in (ann.get("limit-allowlist") or ann.get("limit-whitelist") or "").split(",")
+        exempt = cidrs([c for c in (ann.get("limit-allowlist") or ann.get("limit-whitelist") or "").split(",")
                          if c.strip()], "limit-whitelist")
-    except _Invalid as exc:
+    except InvalidPolicy as exc:
         notes.append(Problem("error", ing.origin, f"annotation {exc}: the Ingress's rules answer 500 until it is "
                              "mended (an address list is not skipped)", ing.key))
         return {}, f"{label}: annotation {exc}"
@@ -243,7 +243,7 @@ def apply_traffic_policies(index: Index, listeners: list[ir.Listener], statuses:
     for policy in policies:
         try:
             parsed[policy.key] = _parsed(policy)
-        except _Invalid as exc:
+        except InvalidPolicy as exc:
             invalid[policy.key] = f"TrafficPolicy {policy.namespace}/{policy.name} is invalid: {exc}"
             verdicts[policy.key] = (False, "Invalid", str(exc))
     by_target: dict[tuple[str, str, str, str], Resource] = {}  # (kind, namespace, name, section) → policy
