@@ -55,6 +55,14 @@ TWO_WORKERS = "tidegate, 2 workers"  # --workers 2 on both cores (the load gener
 CAPPED_ONE = "tidegate, capped"
 CAPPED_TWO = "tidegate, 2 workers, capped"
 CAP_SHARE = 0.4
+# Edge protection: every proxy checks an IP allow list, a deny list of DENIED CIDRs and a rate limit per
+# client address high enough never to refuse (what is measured is the check's cost). "tidegate" there runs
+# a local TrafficPolicy; these two run beside it on the same route: without any policy, and with the limit
+# counted in Redis (a redis-server on the load generator's core).
+EDGE_NONE = "tidegate, no policy"
+EDGE_GLOBAL = "tidegate, global limit"
+DENIED = 1000
+EDGE_RATE = 100_000_000  # requests a second per client: never reached
 
 
 @dataclass
@@ -78,6 +86,7 @@ class Group:
     hosts: int = 0  # >0: that many routes with distinct hostnames
     tls: bool = False
     tcp: bool = False  # the proxies relay TCP (HAProxy mode tcp, nginx stream, a TCPRoute); wrk speaks HTTP through
+    edge: bool = False  # an IP allow list, a deny list and a rate limit on the route (see EDGE_NONE)
     proxies: tuple[str, ...] = ("haproxy", "nginx", "tidegate", NO_LOG)
 
 
@@ -121,6 +130,9 @@ GROUPS = [
         Scenario("TLS small GET, keep-alive, 64 conns", "/small", 64, tls=True),
         Scenario("TLS handshake per request, 64 conns", "/small", 64, close=True, tls=True),
     ], tls=True),
+    Group("edge protection", [Scenario(f"small GET, 64 conns, IP lists ({DENIED} denied CIDRs) + rate limit",
+                                       "/small", 64)],
+          edge=True, proxies=("haproxy", "nginx", "tidegate", EDGE_NONE, EDGE_GLOBAL)),
     Group("TCP relay", [
         Scenario("TCP relay: small GET, keep-alive, 64 conns", "/small", 64),
         Scenario("TCP relay: 1 MB response, keep-alive, 16 conns", "/1m", 16),
@@ -188,11 +200,15 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def tidegate_args(folder: Path, ports: Ports, backends: list[int], group: Group, cert: bytes, key: bytes,
-                  workers: int = 1, log: bool = True) -> list[str]:
+                  workers: int = 1, log: bool = True, edge: str = "Local", redis: int = 0) -> list[str]:
     """`tidegate run` on its configuration in `folder`, with the JSON access log to a file there (unless `log`
-    is False), metrics and an admin listener."""
+    is False), metrics and an admin listener. `edge` (an edge group): the TrafficPolicy's rate-limit scope,
+    or "" for none; `redis`: the port of the Redis that counts Global limits."""
     args = [str(ROOT / ".venv" / "bin" / "tidegate"), "run", "-f",
-            str(tidegate_config(folder, ports, backends, group, cert, key)), "--admin", f"127.0.0.1:{free_port()}"]
+            str(tidegate_config(folder, ports, backends, group, cert, key, edge)), "--admin",
+            f"127.0.0.1:{free_port()}"]
+    if redis:
+        args += ["--rate-limit-redis", f"redis://127.0.0.1:{redis}/0"]
     args += ["--access-log", "json", "--access-log-file", str(folder / "access.log")] if log else \
         ["--access-log", "off"]
     return args + (["--workers", str(workers)] if workers > 1 else [])
@@ -334,6 +350,11 @@ class Ports:
     h2c: int = field(default_factory=free_port)
 
 
+def denied_cidrs() -> list[str]:
+    """DENIED networks nobody on loopback is in (benchmark traffic comes from 127.0.0.1)."""
+    return [f"198.{18 + n // 256}.{n % 256}.0/24" for n in range(DENIED)]
+
+
 def haproxy_config(tmp: Path, ports: Ports, backends: list[int], group: Group, cert: Path | None) -> Path:
     conf = tmp / "haproxy.cfg"
     servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
@@ -359,6 +380,14 @@ def haproxy_config(tmp: Path, ports: Ports, backends: list[int], group: Group, c
     if group.hosts:
         (tmp / "hosts.lst").write_text("".join(f"h{i}.bench.local\n" for i in range(1, group.hosts + 1)))
         routing = f"use_backend pods if {{ req.hdr(host),lower -f {tmp}/hosts.lst }}"
+    edge = ""
+    if group.edge:  # a stick table counting each client's request rate, and the two address lists
+        (tmp / "denied.lst").write_text("".join(f"{c}\n" for c in denied_cidrs()))
+        edge = (f"stick-table type ip size 100k expire 30s store http_req_rate(1s)\n"
+                f"            http-request deny if {{ src -f {tmp}/denied.lst }}\n"
+                f"            http-request deny unless {{ src 127.0.0.0/8 10.0.0.0/8 }}\n"
+                f"            http-request track-sc0 src\n"
+                f"            http-request deny deny_status 429 if {{ sc_http_req_rate(0) gt {EDGE_RATE} }}")
     conf.write_text(textwrap.dedent(f"""
         global
             nbthread 1
@@ -372,6 +401,7 @@ def haproxy_config(tmp: Path, ports: Ports, backends: list[int], group: Group, c
             http-reuse always
         frontend web
             {bind}
+            {edge}
             {routing}
         frontend h2c
             bind 127.0.0.1:{ports.h2c} proto h2
@@ -401,8 +431,12 @@ def nginx_proxy_config(tmp: Path, ports: Ports, backends: list[int], group: Grou
     names = " ".join(f"h{i}.bench.local" for i in range(1, group.hosts + 1)) if group.hosts else "_"
     listen = f"listen 127.0.0.1:{ports.http}" + (" ssl" if group.tls else "") + ";"
     tls = f"ssl_certificate {cert}; ssl_certificate_key {key};" if group.tls else ""
-    location = ('location / { proxy_pass http://pods; proxy_http_version 1.1; proxy_set_header Connection ""; '
-                "proxy_request_buffering off; client_max_body_size 100m; }")
+    edge = ""
+    if group.edge:  # limit_req per client address, and the two address lists (nginx checks them in order)
+        edge = ("limit_req zone=perclient burst=1000000 nodelay; "
+                + "".join(f"deny {c}; " for c in denied_cidrs()) + "allow 127.0.0.0/8; allow 10.0.0.0/8; deny all; ")
+    location = ('location / { ' + edge + 'proxy_pass http://pods; proxy_http_version 1.1; '
+                'proxy_set_header Connection ""; proxy_request_buffering off; client_max_body_size 100m; }')
     conf.write_text(textwrap.dedent(f"""
         daemon off; master_process off; worker_processes 1; pid {tmp}/proxy.pid;
         error_log {tmp}/proxy.err warn;
@@ -413,6 +447,7 @@ def nginx_proxy_config(tmp: Path, ports: Ports, backends: list[int], group: Grou
             client_body_temp_path {tmp}/cb-p; proxy_temp_path {tmp}/pt-p;
             fastcgi_temp_path {tmp}/ft-p; uwsgi_temp_path {tmp}/ut-p; scgi_temp_path {tmp}/st-p;
             upstream pods {{ {servers} keepalive 64; }}
+            limit_req_zone $binary_remote_addr zone=perclient:10m rate={EDGE_RATE // 1000}r/s;
             server {{ {listen} server_name {names}; {tls} {location} }}
             server {{ listen 127.0.0.1:{ports.h2c} http2; {location} }}
         }}
@@ -420,7 +455,8 @@ def nginx_proxy_config(tmp: Path, ports: Ports, backends: list[int], group: Grou
     return conf
 
 
-def tidegate_config(tmp: Path, ports: Ports, backends: list[int], group: Group, cert: bytes, key: bytes) -> Path:
+def tidegate_config(tmp: Path, ports: Ports, backends: list[int], group: Group, cert: bytes, key: bytes,
+                    edge: str = "Local") -> Path:
     from tests.certs import tls_secret_pem_yaml
     from tests.manifests import gateway
 
@@ -483,6 +519,20 @@ def tidegate_config(tmp: Path, ports: Ports, backends: list[int], group: Group, 
         """)
     if group.tls:
         text += "---\n" + tls_secret_pem_yaml("default", "bench-cert", cert, key)
+    if group.edge and edge:
+        text += textwrap.dedent(f"""
+            ---
+            apiVersion: tidegate.io/v1alpha1
+            kind: TrafficPolicy
+            metadata: {{name: bench, namespace: default}}
+            spec:
+              targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: bench}}]
+              ipAccess:
+                allow: [127.0.0.0/8, 10.0.0.0/8]
+                deny: [{", ".join(denied_cidrs())}]
+              rateLimit:
+                rules: [{{name: per-client, limit: {{requests: {EDGE_RATE}, period: 1s}}, scope: {edge}}}]
+            """)
     (folder / "bench.yaml").write_text(text)
     return folder
 
@@ -675,11 +725,25 @@ def main() -> int:
                     CAPPED_ONE: lambda p: tidegate_args(gtmp / "capped1", p, backends, group, cert, key),
                     CAPPED_TWO: lambda p: tidegate_args(gtmp / "capped2", p, backends, group, cert, key, workers=2),
                     NO_LOG: lambda p: tidegate_args(gtmp / "nolog", p, backends, group, cert, key, log=False),
+                    EDGE_NONE: lambda p: tidegate_args(gtmp / "noedge", p, backends, group, cert, key, edge=""),
+                    EDGE_GLOBAL: lambda p: tidegate_args(gtmp / "global", p, backends, group, cert, key,
+                                                         edge="Global", redis=redis_port),
                 }
-                for sub in ("nolog", "two", "capped1", "capped2"):
+                for sub in ("nolog", "two", "capped1", "capped2", "noedge", "global"):
                     (gtmp / sub).mkdir()
+                redis_port = 0
+                if EDGE_GLOBAL in group.proxies and (not args.only or "tidegate" in args.only):
+                    if shutil.which("redis-server"):
+                        redis_port = free_port()
+                        stack.start(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+                                     "--appendonly", "no", "--dir", str(gtmp)], f"redis-{g}", redis_port, LOAD_CORE)
+                    else:
+                        notes.append(f"\"{EDGE_GLOBAL}\" was not run: redis-server is missing "
+                                     "(sudo apt-get install redis-server).")
                 for name in group.proxies:
                     if args.only and name.split(",")[0].split()[0] not in args.only:
+                        continue
+                    if name == EDGE_GLOBAL and not redis_port:
                         continue
                     if name == "nginx" and group.tcp and not NGINX_STREAM.exists():
                         notes.append(f"nginx was not run on \"{group.name}\": its stream module is missing "
@@ -809,7 +873,8 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
     ]
     names = [s.name for g in groups for s in g.scenarios]
     for scenario in dict.fromkeys(names):
-        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG, FLOOR, TWO_WORKERS, CAPPED_ONE, CAPPED_TWO):
+        for proxy in ("haproxy", "nginx", "tidegate", NO_LOG, FLOOR, TWO_WORKERS, CAPPED_ONE, CAPPED_TWO, EDGE_NONE,
+                      EDGE_GLOBAL):
             r = by.get((proxy, scenario))
             if r:
                 lines.append(f"| {scenario} | {proxy} | {r.rps:.0f} | {_ms(r.p50_ms)} | {_ms(r.p99_ms)} | "
@@ -859,6 +924,22 @@ def render(results: list[Result], groups: list[Group], seconds: float, control: 
                      f"2 workers serve {two.rps / one.rps:.2f}× the requests per second of 1 (target 1.7×). Core "
                      f"{LOAD_CORE} (wrk and the backends) was {100 * two.load_core_busy:.0f} % busy during the "
                      f"2-worker run{' (so the load generator was not the limit)' if two.load_core_busy < 0.9 else ''}.")
+    for group in groups:
+        if not group.edge:
+            continue
+        scenario = group.scenarios[0].name
+        local, none, counted = (by.get((p, scenario)) for p in ("tidegate", EDGE_NONE, EDGE_GLOBAL))
+        if local and none and none.per_cpu_second:
+            cost = 100 * (1 - local.per_cpu_second / none.per_cpu_second)
+            text = (f"\nEdge protection (\"{scenario}\"): the TrafficPolicy with the two address lists and a local "
+                    f"rate limit costs {cost:.1f} % of tidegate's requests per CPU-second against the same route "
+                    "without it (target: 5 % at most)")
+            if counted and counted.per_cpu_second:
+                global_cost = 100 * (1 - counted.per_cpu_second / none.per_cpu_second)
+                text += (f"; with the limit counted in Redis, {global_cost:.1f} % (target: 10 % at most; Redis on "
+                         "the load generator's core)")
+            lines.append(text + ". HAProxy (a stick table, `src -f` lists) and nginx (`limit_req`, `allow`/`deny`) "
+                                "run the same checks in the rows above.")
     for note in notes or []:
         lines.append(f"\n{note}")
     if control:

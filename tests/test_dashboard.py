@@ -4,6 +4,7 @@ its health checks must show as unhealthy, and a screenshot is kept in test-artif
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import threading
 import time
@@ -65,6 +66,13 @@ apiVersion: v1
 kind: Service
 metadata: {{name: too-many, namespace: default}}
 spec: {{type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{{port: {lb_port}}}]}}
+---
+apiVersion: tidegate.io/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: keep-out, namespace: default}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}}]
+  ipAccess: {{deny: [127.0.0.77]}}
 """)
     stop = threading.Event()
     sent = [0]
@@ -107,6 +115,17 @@ spec: {{type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{{port: {
             assert "default/shop" in lb and "lab" in lb and f"{lb_port}/TCP" in lb and "Cluster" in lb
             refused = driver.find_element("id", "lb-refused").text
             assert "default/too-many" in refused and "PoolExhausted" in refused
+            # TrafficPolicy refusals per route: a client the policy denies.
+            for _ in range(5):
+                conn = http.client.HTTPConnection(GW, port, timeout=5, source_address=("127.0.0.77", 0))
+                conn.request("GET", "/", headers={"Host": "app.test"})
+                assert conn.getresponse().status == 403
+                conn.close()
+            edge = wait_until(lambda: driver.execute_script(
+                "const r = document.querySelector('#edge tr[data-route]'); return r && r.innerText"),
+                timeout=15, what="the route's refusals on the dashboard")
+            cells = edge.split("\t")
+            assert cells[0] == "httproute/default/app/rule/0" and cells[-1] == "5", cells
             ARTIFACTS.mkdir(exist_ok=True)
             driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
         finally:

@@ -14,6 +14,7 @@ import h2.config
 import h2.connection
 import h2.events
 import h2.settings
+import hpack
 import pytest
 
 from tests.harness import (
@@ -146,6 +147,135 @@ def test_an_http2_ping_flood_from_a_client_that_does_not_read_is_cut_off(stack):
     assert closed, "tidegate kept reading a flood of PINGs"
     assert rss_high_water_kb(worker) - before < 4 * 1024
     assert _ok(stack)
+
+
+def _raw_h2(port: int) -> socket.socket:
+    """A connection that has sent the preface and an empty SETTINGS: frames are written by hand from here."""
+    sock = socket.create_connection((GW, port), timeout=5)
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(0x4, 0, 0, b""))
+    return sock
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _flood_frames(sock: socket.socket, frame: bytes, count: int) -> bool:
+    """Send `frame` up to `count` times (in batches); whether tidegate closed the connection (during the
+    flood, or within 2 s of its end)."""
+    per_batch = max(1, 65536 // len(frame))
+    batch = frame * per_batch
+    try:
+        for _ in range(0, count, per_batch):
+            sock.sendall(batch)
+    except OSError:
+        return True
+    sock.settimeout(2)
+    try:
+        while sock.recv(65536):
+            pass
+    except TimeoutError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def test_endless_continuation_frames_are_cut_off_with_flat_memory(stack):
+    """HEADERS without END_HEADERS, then CONTINUATION frames that never end (CVE-2024-27316's shape): h2 keeps
+    64 at most, the connection is closed, the worker's memory stays flat, other clients are answered."""
+    worker = stack["worker"]
+    before = rss_kb(worker)
+    reset_rss_high_water(worker)
+    sock = _raw_h2(stack["port"])
+    encoder = hpack.Encoder()
+    head = encoder.encode([(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "echo.test")])
+    field = hpack.Encoder().encode([("x-a", "a" * 8000)], huffman=False)  # one field, 8 KB, in each frame
+    try:
+        sock.sendall(_frame(0x1, 0, 1, head))  # HEADERS without END_HEADERS
+        closed = _flood_frames(sock, _frame(0x9, 0, 1, field), 40_000)  # 320 MB if all were kept
+    finally:
+        sock.close()
+    assert closed
+    assert rss_high_water_kb(worker) - before < 8 * 1024, "CONTINUATION frames were kept"
+    assert _ok(stack)
+
+
+def test_a_settings_flood_is_cut_off(stack):
+    worker = stack["worker"]
+    before = rss_kb(worker)
+    reset_rss_high_water(worker)
+    sock = _raw_h2(stack["port"])
+    received = b""
+    try:
+        frame = _frame(0x4, 0, 0, b"\x00\x03\x00\x00\x00\x64")  # SETTINGS_MAX_CONCURRENT_STREAMS = 100
+        try:
+            for _ in range(100):  # bounded: 100,000 frames, sent at once
+                sock.sendall(frame * 1000)
+        except OSError:
+            pass
+        sock.settimeout(3)
+        try:  # what tidegate answered: SETTINGS ACKs, then a GOAWAY, then the end
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError:
+            pass
+    finally:
+        sock.close()
+    frames, at = [], 0
+    while at + 9 <= len(received):
+        length, kind = int.from_bytes(received[at:at + 3], "big"), received[at + 3]
+        frames.append((kind, received[at + 9:at + 9 + length]))
+        at += 9 + length
+    goaway = [payload for kind, payload in frames if kind == 0x7]
+    assert goaway and int.from_bytes(goaway[0][4:8], "big") == 0xB, "no GOAWAY ENHANCE_YOUR_CALM"  # 11
+    # Frames are counted a read at a time (h2 has answered a whole read's SETTINGS before the count is
+    # looked at): the burst of 1,000, plus what a few reads hold; not the 100,000 sent.
+    acks = sum(1 for kind, _ in frames if kind == 0x4)
+    assert acks < 20_000, f"{acks} SETTINGS answered before the connection was closed"
+    assert rss_high_water_kb(worker) - before < 4 * 1024
+    assert _ok(stack)
+
+
+def test_a_thousand_slowloris_connections_are_closed_at_the_head_deadline_while_others_are_served(short):
+    """1,000 connections each trickling a request head: all are closed at the 1 s deadline (--request-head-timeout),
+    and a normal client is answered meanwhile, each request in well under the deadline."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 4096:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(4096, hard), hard))
+    socks = []
+    try:
+        for _ in range(1000):
+            sock = socket.create_connection((GW, short["port"]), timeout=5)
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: echo.test\r\n")
+            socks.append(sock)
+        started = time.monotonic()
+        slowest = 0.0
+        for n in range(12):  # 1.2 s of bytes, a byte per connection every 0.1 s, and a normal request each time
+            for sock in socks:
+                try:
+                    sock.send(b"X")
+                except OSError:
+                    pass
+            asked = time.monotonic()
+            assert request(GW, short["port"], "/", headers={"Host": "echo.test"}, timeout=5)[0] == 200
+            slowest = max(slowest, time.monotonic() - asked)
+            time.sleep(max(0.0, started + (n + 1) * 0.1 - time.monotonic()))
+        closed = 0
+        deadline = time.monotonic() + 5
+        for sock in socks:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                answer = sock.recv(65536)
+                closed += answer == b"" or answer.startswith(b"HTTP/1.1 408 ")
+            except OSError:
+                closed += 1
+        assert closed == 1000, closed
+        assert slowest < 0.5, slowest
+    finally:
+        for sock in socks:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 # -- deadlines ------------------------------------------------------------------------------------------

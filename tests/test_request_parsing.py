@@ -11,7 +11,10 @@ import random
 import httptools
 import pytest
 
+from tidegate.balancing.balancer import RouteBalancer
+from tidegate.balancing.state import Registry
 from tidegate.dataplane.http1 import ClientConnection, RequestRejected, _split_target
+from tidegate.dataplane.server import PoolSet, Site
 from tidegate.dataplane.upstream import split_head
 
 TARGET_CHARS = "abcXYZ019/?#%:@!$&'()*+,;=-._~"
@@ -105,7 +108,8 @@ def test_the_request_version_is_the_parsers(version: bytes, connection: bytes | 
     parser.feed_data(head)
 
     async def received() -> tuple[str, bool]:
-        conn = ClientConnection(lambda: None, 8080)
+        site = Site(None, RouteBalancer(Registry()), PoolSet())  # no routes: the request is only parsed
+        conn = ClientConnection(lambda: site, 8080)
         conn.connection_made(_Transport())
         conn.serving = _Busy()  # the request waits in the queue, where it is looked at
         try:

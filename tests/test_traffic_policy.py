@@ -365,3 +365,74 @@ spec:
         hits = [line for line in _get_metrics(proxy.admin_port).splitlines()
                 if line.startswith('tidegate_limit_hits_total{limit="connections-per-client"}')]
         assert hits and float(hits[0].split()[-1]) >= 1, hits
+
+
+def test_an_event_loop_that_runs_late_sheds_new_requests_until_it_keeps_time(tmp_path):
+    """ClientPolicy overload (maxEventLoopLag 100ms): the worker stopped for 0.4 s (SIGSTOP) runs late when it
+    resumes; requests then get 503 with Retry-After and X-Tidegate-Overloaded: loop, and 200 again once it
+    keeps time (bounded: 400 requests or 20 s)."""
+    import os
+    import signal
+
+    from tests.harness import worker_pid
+
+    port, pod_port = free_port(GW), free_port("127.0.10.1")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        http_gateway(GW, port) + service("web", [("127.0.10.1", pod_port, "web-1")])
+        + route("shop", "", "- backendRefs: [{name: web, port: 80}]") + """
+---
+apiVersion: tidegate.io/v1alpha1
+kind: ClientPolicy
+metadata: {name: shed, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]
+  overload: {maxEventLoopLag: 100ms}
+""")
+    answers: list[tuple[float, int, str]] = []
+    stop = threading.Event()
+
+    def client() -> None:  # one keep-alive connection (new ones are closed at once while it sheds)
+        deadline = time.monotonic() + 20
+        conn = http.client.HTTPConnection(GW, port, timeout=10)
+        for _ in range(400):
+            if stop.is_set() or time.monotonic() > deadline:
+                break
+            try:
+                conn.request("GET", "/", headers={"Host": "shop.test"})
+                resp = conn.getresponse()
+                resp.read()
+                answers.append((time.monotonic(), resp.status, resp.getheader("X-Tidegate-Overloaded") or ""))
+            except (ConnectionError, http.client.HTTPException):
+                answers.append((time.monotonic(), 0, "closed"))
+                conn.close()
+                conn = http.client.HTTPConnection(GW, port, timeout=10)
+            time.sleep(0.01)
+        conn.close()
+
+    with scripted_backends(("127.0.10.1", pod_port, "web-1")), tidegate_run(
+            config, (GW, port), tmp_path / "tidegate.log") as proxy:
+        worker = worker_pid(proxy)
+        loader = threading.Thread(target=client)
+        loader.start()
+        try:
+            wait_until(lambda: len(answers) > 10, what="answers before the stall")
+            assert {status for _, status, _ in answers} == {200}
+            os.kill(worker, signal.SIGSTOP)
+            time.sleep(0.4)
+            resumed = time.monotonic()
+            os.kill(worker, signal.SIGCONT)
+            wait_until(lambda: any(t > resumed + 0.3 and s == 200 for t, s, _ in answers), timeout=10,
+                       what="200s again after the stall")
+        finally:
+            stop.set()
+            loader.join(30)
+        after = [(t - resumed, s, why) for t, s, why in answers if t > resumed]
+        shed = [a for a in after if a[1] != 200]
+        assert any(s == 503 and why == "loop" for _, s, why in shed), after[:10]
+        assert all(s == 0 or why == "loop" for _, s, why in shed), after[:10]  # 503 with the header, or closed
+        assert max(t for t, _, _ in shed) < 0.3, after[:20]  # once it keeps time, it serves again
+        limits = [line for line in _get_metrics(proxy.admin_port).splitlines()
+                  if line.startswith('tidegate_limit_hits_total{limit="overload"}')]
+        assert limits and float(limits[0].split()[-1]) >= 1

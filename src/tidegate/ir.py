@@ -229,10 +229,12 @@ class ClientIP:
 
 @dataclass(frozen=True)
 class ConnectionLimits:
-    """ClientPolicy connections: open connections on a listener's socket, and from one peer address."""
+    """ClientPolicy connections and overload: open connections on a listener's socket and from one peer
+    address, and the event-loop lag past which new requests are shed."""
 
     max_per_listener: int | None = None
     max_per_client: int | None = None
+    shed_at_loop_lag: float | None = None  # overload.maxEventLoopLag, seconds
 
 
 @dataclass(frozen=True)

@@ -255,7 +255,7 @@ def worker_main(conn: Connection, index: int, options: WorkerOptions) -> None:
 
 
 async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
-    from tidegate.dataplane.guard import SHARE
+    from tidegate.dataplane.guard import LAG, SHARE
     from tidegate.dataplane.l4 import TRANSPARENCY
     from tidegate.dataplane.server import DataPlane, freeze_startup_heap
     from tidegate.observe import accesslog
@@ -267,6 +267,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
         setattr(DEADLINES, deadline.name, getattr(options.deadlines, deadline.name))
     TRANSPARENCY.enabled = options.transparent
     SHARE.workers = max(1, options.workers)
+    LAG.start()
     SHARE.replicas = max(1, options.rate_limit_replicas)
     if options.rate_limit_redis:
         from tidegate.dataplane import redis_limits

@@ -399,6 +399,41 @@ def client_address_for(spec: ir.ClientIP) -> ClientAddress:
     return made
 
 
+class LoopLag:
+    """How late this worker's event loop runs: a timer due every 50 ms, and how late it fired last
+    (ClientPolicy overload sheds while that is past its threshold)."""
+
+    INTERVAL = 0.05
+
+    def __init__(self) -> None:
+        self.lag = 0.0
+        self.due = 0.0
+        self.loop: Any = None
+
+    def start(self) -> None:
+        import asyncio
+
+        self.loop = asyncio.get_running_loop()
+        self.due = time.monotonic() + self.INTERVAL
+        self.loop.call_later(self.INTERVAL, self._tick)
+
+    def _tick(self) -> None:
+        # A timer callback, not a task: it runs in the loop's timer phase, before the I/O that waited
+        # behind the stall is read, so that I/O already sees the lag.
+        now = time.monotonic()
+        self.lag = max(0.0, now - self.due)
+        METRICS.loop_lag.observe(self.lag)
+        self.due = now + self.INTERVAL
+        self.loop.call_later(self.INTERVAL, self._tick)
+
+    def over(self, limits: ir.ConnectionLimits) -> bool:
+        threshold = limits.shed_at_loop_lag
+        return threshold is not None and self.lag > threshold
+
+
+LAG = LoopLag()
+
+
 class ConnectionCaps:
     """Open connections per listening socket and per peer address (ClientPolicy connections)."""
 
@@ -408,6 +443,8 @@ class ConnectionCaps:
 
     def admit(self, socket_key: Any, peer: str, limits: ir.ConnectionLimits) -> str:
         """"" when the connection may stay (and is counted), else the limit it is over."""
+        if LAG.over(limits):
+            return "overload"
         open_here = self.per_socket.get(socket_key, 0)
         if limits.max_per_listener is not None and open_here >= limits.max_per_listener:
             return "connections-per-listener"

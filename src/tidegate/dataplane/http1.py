@@ -82,6 +82,7 @@ DRAIN_SECONDS: Final = 5.0
 # A TrafficPolicy's maxBodySize up to this: a body of no declared length is held whole before it goes to a pod
 # (larger limits: the body streams, and is cut where it passes the limit).
 HELD_BODY_LIMIT: Final = 8 * 1024 * 1024
+SHED_HEADERS: Final = [("Retry-After", "1"), ("X-Tidegate-Overloaded", "loop")]  # ClientPolicy overload
 CONNECT_TIMEOUT: Final = 5.0
 HOP_BY_HOP: Final = frozenset({"connection", "keep-alive", "proxy-connection", "te", "trailer",
                                "transfer-encoding", "upgrade", "proxy-authenticate", "proxy-authorization"})
@@ -848,6 +849,11 @@ def route_request(conn: ClientSide, ex: Exchange, site: Site) -> Routed | bool:
     # Answering before the body was read: the connection cannot be reused unless the body is done.
     can_keep = not ex.has_body or ex.body_done
     head_only = ex.method == "HEAD"
+    limits = site.limits
+    if limits is not None and guard.LAG.over(limits):  # ClientPolicy overload: shed until the loop keeps time
+        METRICS.limits.labels("overload").inc()
+        conn.send_simple(503, "overloaded: try again shortly", SHED_HEADERS, close=not can_keep, head_only=head_only)
+        return can_keep
     if conn.server_name and site.router is not None:
         # A connection set up for one listener (by SNI) must not carry requests for another: 421.
         by_sni = site.router.listener_for(conn.server_name)
@@ -964,8 +970,8 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
             headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host,
                                                             upstream_path, matched_prefix)
     if route.direct_status:
-        conn.send_simple(route.direct_status, route.guard.problem if route.guard is not None else "route has no backend",
-                         close=not can_keep, head_only=head_only)
+        why = route.guard.problem if route.guard is not None else "route has no backend"
+        conn.send_simple(route.direct_status, why, close=not can_keep, head_only=head_only)
         return can_keep
 
     if 0 <= ex.body_limit <= HELD_BODY_LIMIT and ex.content_length is None and ex.has_body and not ex.body_done:

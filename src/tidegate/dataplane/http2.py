@@ -666,7 +666,8 @@ def serve_fast(stream: H2Stream) -> None:
         conn.serve_slowly(stream, routed)  # it answers
         return
     now = time.monotonic()
-    endpoint = balancer.endpoint_for(backend, fastlane.hash_key_of(backend, path, headers_lower, ex.client or stream.peer), (), now)
+    key = fastlane.hash_key_of(backend, path, headers_lower, ex.client or stream.peer)
+    endpoint = balancer.endpoint_for(backend, key, (), now)
     if endpoint is None:
         conn.serve_slowly(stream, routed)  # it answers 503
         return

@@ -103,7 +103,9 @@ def _socket_limits(listeners: list[ir.Listener]) -> ir.ConnectionLimits | None:
         return None
     per_listener = [f.max_per_listener for f in found if f.max_per_listener is not None]
     per_client = [f.max_per_client for f in found if f.max_per_client is not None]
-    return ir.ConnectionLimits(min(per_listener) if per_listener else None, min(per_client) if per_client else None)
+    lags = [f.shed_at_loop_lag for f in found if f.shed_at_loop_lag is not None]
+    return ir.ConnectionLimits(min(per_listener) if per_listener else None, min(per_client) if per_client else None,
+                               min(lags) if lags else None)
 
 
 class DataPlane:

@@ -339,6 +339,9 @@ class Metrics:
                                       registry=self.registry)
         self.redis_fallbacks = Counter("tidegate_rate_limit_fallbacks", "Global rate-limit checks decided without "
                                        "Redis, by the policy's failMode", ["mode"], registry=self.registry)
+        self.loop_lag = Histogram("tidegate_event_loop_lag_seconds", "How late a data-plane worker's event loop "
+                                  "ran a timer due every 50 ms", registry=self.registry,
+                                  buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0))
         self.open_fds = Gauge("tidegate_open_fds", "File descriptors a data-plane process has open",
                               registry=self.registry)
         self.tasks = Gauge("tidegate_event_loop_tasks", "Tasks alive on a data-plane process's event loop",
@@ -379,7 +382,7 @@ class Metrics:
         return (self.upstream_errors, self.retries, self.connections, self.ejections,
                 self.circuit_rejections, self.retry_budget_exhausted, self.l4, self.limits, self.open_fds,
                 self.max_fds, self.tasks, self.traffic_policy, self.redis_up, self.redis_seconds,
-                self.redis_failures, self.redis_fallbacks)
+                self.redis_failures, self.redis_fallbacks, self.loop_lag)
 
     def snapshot(self) -> dict:
         """What a worker process counted, as plain data for the control process to add up."""
@@ -450,7 +453,22 @@ class Metrics:
                 codes[code] = codes.get(code, 0) + count
             routes[(listener, route)] = {"listener": listener, "route": route, "codes": codes,
                                          "latency": list(counts.latency)}
+        refusals: dict[str, dict[str, float]] = {}  # route → result → count (TrafficPolicy)
+        refused: dict[str, float] = {}  # connections closed at once, by limit (ClientPolicy)
+        for family in self.registry.collect():
+            if family.name == "tidegate_traffic_policy_refusals":
+                for sample in family.samples:
+                    if sample.name.endswith("_total"):
+                        by_result = refusals.setdefault(sample.labels["route"], {})
+                        result = sample.labels["result"]
+                        by_result[result] = by_result.get(result, 0) + sample.value
+            elif family.name == "tidegate_limit_hits":
+                for sample in family.samples:
+                    limit = sample.labels.get("limit", "")
+                    if sample.name.endswith("_total") and limit in _REFUSED_CONNECTIONS:
+                        refused[limit] = refused.get(limit, 0) + sample.value
         return {"latencyBounds": list(_LATENCY_BUCKETS), "routes": list(routes.values()),
+                "refusals": refusals, "connectionsRefused": refused,
                 "connections": self.registry.get_sample_value("tidegate_http_connections") or 0,
                 "connectionsAccepted": self.registry.get_sample_value("tidegate_http_connections_accepted_total") or 0,
                 "retries": sum(sample.value for family in self.registry.collect()
@@ -458,4 +476,5 @@ class Metrics:
                                if sample.name.endswith("_total"))}
 
 
+_REFUSED_CONNECTIONS: Final = frozenset(("connections-per-client", "connections-per-listener", "overload"))
 METRICS: Final = Metrics()  # one per process; the admin listener serves it

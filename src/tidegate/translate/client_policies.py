@@ -1,8 +1,8 @@
-"""ClientPolicy (tidegate.io/v1alpha1): where a listener's clients' addresses come from, and how many
-connections the listener and one client may hold.
+"""ClientPolicy (tidegate.io/v1alpha1): where a listener's clients' addresses come from, how many
+connections the listener and one client may hold, and when to shed load.
 
 A policy targets Gateways in its own namespace (with `sectionName`: one listener). For a listener the
-sections (`clientIP`, `connections`) are taken from its Gateway's policy, then its own: the more specific
+sections (`clientIP`, `connections`, `overload`) are taken from its Gateway's policy, then its own: the more specific
 wins, section by section. Two policies on one target: the older wins, the other is `Conflicted`. A policy
 that cannot be used (an entry that is no address or CIDR) is `Accepted=False` (`Invalid`) and not applied:
 the peer's address is then the client's, which is what tidegate does without a policy.
@@ -17,6 +17,7 @@ from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
 from tidegate.translate.conditions import CONTROLLER_NAME, condition
 from tidegate.translate.index import Index
+from tidegate.translate.routes import parse_duration
 from tidegate.translate.traffic_policies import cidrs, InvalidPolicy
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
@@ -39,8 +40,14 @@ def _parsed(spec: dict[str, Any]) -> dict[str, Any]:
                 raise InvalidPolicy("clientIP.xForwardedFor: trust proxies by trustedCIDRs, hops, or both")
     connections = spec.get("connections")
     if isinstance(connections, dict):
-        out["connection_limits"] = ir.ConnectionLimits(max_per_listener=connections.get("maxPerListener"),
-                                                       max_per_client=connections.get("maxPerClient"))
+        out["connections"] = {"max_per_listener": connections.get("maxPerListener"),
+                              "max_per_client": connections.get("maxPerClient")}
+    overload = spec.get("overload")
+    if isinstance(overload, dict):
+        lag = parse_duration(overload["maxEventLoopLag"])
+        if lag <= 0:
+            raise InvalidPolicy("overload.maxEventLoopLag must be longer than 0")
+        out["overload"] = {"shed_at_loop_lag": lag}
     return out
 
 
@@ -101,8 +108,9 @@ def apply_client_policies(index: Index, listeners: list[ir.Listener], statuses: 
             client_ip = merged.get("client_ip")
             routes = tuple(dataclasses.replace(r, client_ip=client_ip) for r in listener.http_routes) \
                 if client_ip is not None else listener.http_routes
-            listener = dataclasses.replace(listener, client_ip=client_ip,
-                                           connection_limits=merged.get("connection_limits"), http_routes=routes)
+            limits = {**merged.get("connections", {}), **merged.get("overload", {})}
+            listener = dataclasses.replace(listener, client_ip=client_ip, http_routes=routes,
+                                           connection_limits=ir.ConnectionLimits(**limits) if limits else None)
         out.append(listener)
     for policy in policies:
         ok, reason, message = verdicts[policy.key]

@@ -88,9 +88,29 @@ function renderTraffic(now) {
     document.getElementById("p50").textContent = ms(percentile(bounds, latency, 0.5));
     document.getElementById("p99").textContent = ms(percentile(bounds, latency, 0.99));
   }
+  renderEdge(now, seconds);
   document.getElementById("version").textContent = `config version ${now.version}`;
   document.getElementById("updated").textContent = `updated ${new Date(now.now * 1000).toLocaleTimeString()}`;
   previous = now;
+}
+
+function renderEdge(now, seconds) {
+  // TrafficPolicy refusals per route, as rates between two readings; ClientPolicy's refused connections.
+  const before = (previous && previous.refusals) || {};
+  const rows = [];
+  for (const [route, counts] of Object.entries(now.refusals || {}).sort()) {
+    const old = before[route] || {};
+    const rate = (result) => (previous ? (((counts[result] || 0) - (old[result] || 0)) / seconds).toFixed(1) : "–");
+    const total = Object.values(counts).reduce((a, b) => a + b, 0);
+    const tr = row([route, num(rate("denied")), num(rate("limited")), num(rate("too-large")), num(total)]);
+    tr.dataset.route = route;
+    rows.push(tr);
+  }
+  if (!rows.length) rows.push(row([el("td", "nothing refused", "muted")]));
+  document.querySelector("#edge tbody").replaceChildren(...rows);
+  const refused = Object.entries(now.connectionsRefused || {}).map(([limit, count]) => `${limit}: ${count}`);
+  document.getElementById("refused-connections").textContent =
+    `connections closed at once since start: ${refused.length ? refused.join(", ") : "none"}`;
 }
 
 function endpointState(e) {
