@@ -65,9 +65,29 @@ class Transport:
         raise AssertionError("the connection was closed")
 
 
-def site(hosts: int) -> Site:
+# --edge: what benchmarks/proxies.py's edge-protection group puts on the route: an allow list, 1,000 denied
+# networks and a local rate limit per client that is never reached.
+DENIED = ", ".join(f"198.{18 + n // 256}.{n % 256}.0/24" for n in range(1000))
+EDGE_POLICY = """
+---
+apiVersion: tidegate.io/v1alpha1
+kind: TrafficPolicy
+metadata: {name: edge, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: HTTPRoute, name: app}]
+  ipAccess:
+    allow: [127.0.0.0/8, 10.0.0.0/8]
+    deny: [%s]
+  rateLimit:
+    rules: [{name: per-client, limit: {requests: 100000000, period: 1s}}]
+""" % DENIED
+
+
+def site(hosts: int, edge: bool = False) -> Site:
     text = http_gateway("127.0.0.1", 8080) + service("app", [("127.0.0.2", 8081, "p1"), ("127.0.0.3", 8081, "p2")])
     text += route("app", "app.bench.local", "- backendRefs: [{name: app, port: 80}]")
+    if edge:
+        text += EDGE_POLICY
     for i in range(1, hosts + 1):  # one HTTPRoute per hostname, as benchmarks/proxies.py's 1,000-hostname group
         text += route(f"h{i}", f"h{i}.bench.local", "- backendRefs: [{name: app, port: 80}]")
     loaded = load_text(text, "bench")
@@ -78,8 +98,8 @@ def site(hosts: int) -> Site:
 
 
 async def run(requests: int, rounds: int, profile: bool, hosts: int = 0, connections: int = 1,
-              paths: int = 0) -> float:
-    serving = site(hosts)
+              paths: int = 0, edge: bool = False) -> float:
+    serving = site(hosts, edge)
     clients = []
     for _ in range(connections):
         client = ClientConnection(lambda: serving, 8080)
@@ -148,6 +168,9 @@ def main() -> None:
                              "as Python: TIDEGATE_PURE_PYTHON=1, or perf record -g for the compiled one)")
     parser.add_argument("--connections", type=int, default=1, metavar="N",
                         help="N client connections (and N kept endpoint connections) with a request each in flight")
+    parser.add_argument("--edge", action="store_true",
+                        help="also measure the route with a TrafficPolicy (IP lists with 1,000 denied networks and a "
+                             "local rate limit never reached), and print what it adds")
     args = parser.parse_args()
     for name, least in (("requests", 1), ("rounds", 1), ("hosts", 0), ("connections", 1), ("paths", 0)):
         if getattr(args, name) < least:
@@ -164,6 +187,10 @@ def main() -> None:
           f"{f', over {args.hosts} hostnames' if args.hosts else ''}"
           f"{f', over {args.paths} paths' if args.paths else ''}"
           f"{f', {args.connections} connections' if args.connections > 1 else ''}")
+    if args.edge:
+        guarded = asyncio.run(run(args.requests, args.rounds, False, args.hosts, args.connections, args.paths, True))
+        print(f"{guarded * 1e6:.2f} µs with the TrafficPolicy: it adds {(guarded - per_request) * 1e6:.2f} µs, "
+              f"{100 * (1 - per_request / guarded):.1f} % of the guarded request's CPU")
     if accesslog.ACCESS_LOG is not None:
         accesslog.ACCESS_LOG.close()
 

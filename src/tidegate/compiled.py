@@ -20,6 +20,8 @@ from pathlib import Path
 
 HOT_MODULES = (
     "tidegate.dataplane.fastlane",
+    "tidegate.dataplane.guard",
+    "tidegate.dataplane.redis_limits",
     "tidegate.dataplane.h2request",
     "tidegate.dataplane.http1",
     "tidegate.dataplane.http2",

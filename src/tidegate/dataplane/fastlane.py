@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Final
 
 from tidegate.balancing.outlier import record_outcome
-from tidegate.dataplane import http1
+from tidegate.dataplane import guard, http1
 from tidegate.dataplane.upstream import UpstreamTimeout
 from tidegate.observe.metrics import METRICS
 
@@ -37,9 +37,8 @@ def plain_rule(candidate: Candidate) -> bool:
     if route.filters or route.direct_status or route.retry is not None:
         return False
     spec = route.guard
-    if spec is not None and (spec.rate_limit_headers or spec.max_in_flight_per_client is not None
-                             or any(r.scope == "Global" for r in spec.rate_limits)):
-        return False  # headers to add to the answer, a count to give back however it ends, Redis to ask
+    if spec is not None and (spec.rate_limit_headers or spec.max_in_flight_per_client is not None):
+        return False  # headers to add to the answer, a count to give back however the exchange ends
     if route.timeouts.request is not None or route.timeouts.backend_request is not None:
         return False
     for backend in route.backends:
@@ -74,6 +73,18 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
     if not is_plain(candidate):
         conn.serve_slowly(ex, routed)
         return
+    if ex.deferred is not None:  # Global rate limits: Redis first (a callback, no task), then on as below
+        RedisWait(conn, ex, routed).start()
+        return
+    serve_plain(conn, ex, routed)
+
+
+def serve_plain(conn: http1.ClientConnection, ex: http1.Exchange, routed: http1.Routed) -> None:
+    """A routed request on a plain rule: to an endpoint with an idle connection, else the full way."""
+    site: Site
+    candidate: Candidate
+    headers_lower: dict[str, str]
+    site, candidate, host, path, query, headers_lower, _ = routed
     balancer = site.balancer
     backend = balancer.backend_for(candidate.route)
     if backend is None:
@@ -94,6 +105,45 @@ def serve(conn: http1.ClientConnection, ex: http1.Exchange) -> None:
         return
     FastExchange(conn, ex, routed, backend, slot, balancer.registry.backend(backend.name), upstream
                  ).start(host, path, query)
+
+
+class RedisWait:
+    """A plain request waiting for Redis's word on its Global rate limits. It stands in the connection's
+    `serving` slot meanwhile (pipelined requests wait their turn; `cancel()`: the client went away)."""
+
+    __slots__ = ("conn", "ex", "over", "routed")
+
+    def __init__(self, conn: http1.ClientConnection, ex: http1.Exchange, routed: http1.Routed):
+        self.conn = conn
+        self.ex = ex
+        self.routed = routed
+        self.over = False
+
+    def start(self) -> None:
+        ready, deferred = self.ex.deferred
+        self.ex.deferred = None
+        self.conn.serving = self
+        ready.when_decided(deferred, self.decided)
+
+    def done(self) -> bool:
+        return self.over
+
+    def cancel(self) -> None:
+        self.over = True
+
+    def decided(self, refusal: guard.Refusal | None) -> None:
+        if self.over:  # the connection is gone
+            return
+        self.over = True
+        conn, ex = self.conn, self.ex
+        conn.serving = None
+        if refusal is None:
+            serve_plain(conn, ex, self.routed)
+            return
+        keep = http1.refuse(conn, ex, self.routed[1], refusal, True, False)
+        ex.bytes_sent = conn.bytes_out
+        http1.finished(conn, ex, conn.last_status)
+        conn.served(ex, keep)
 
 
 def hash_key_of(backend: ir.Backend, path: str, headers_lower: dict[str, str], peer: str) -> str | None:

@@ -41,8 +41,9 @@ class Share:
     """This process's part of each Local limit (set by the worker from --workers), and of a Global one when
     Redis cannot be reached and the policy falls back to local counts (--rate-limit-replicas)."""
 
-    workers = 1
-    replicas = 1
+    def __init__(self) -> None:
+        self.workers = 1
+        self.replicas = 1
 
 
 SHARE = Share()
@@ -329,14 +330,35 @@ class Guard:
         return Refusal(429, "too many requests", extra, rule.name, "limited")
 
     async def decide_global(self, deferred: list[tuple[RateRule, str]]) -> Refusal | None:
-        """Ask Redis about the Global rules a request matched (one batch with the loop turn's other checks);
-        where it cannot say in time, the policy's failMode decides."""
+        """Ask Redis about the Global rules a request matched (one batch with the loop turn's other checks)."""
         limiter = redis_limits.LIMITER
         asked = [limiter.check(redis_limits.redis_key(rule.name, key), rule.interval, rule.tolerance)
                  for rule, key in deferred]
+        waits = [await future for future in asked]
+        return self._verdict(deferred, waits)
+
+    def when_decided(self, deferred: list[tuple[RateRule, str]], then: Any) -> None:
+        """decide_global for a caller with no task: `then(refusal or None)` once Redis has answered (maybe at
+        once, when Redis is known to be away)."""
+        limiter = redis_limits.LIMITER
+        waits: list[Any] = [None] * len(deferred)
+        left = [len(deferred)]
+
+        def answered_at(i: int) -> Any:
+            def answered(wait: Any) -> None:
+                waits[i] = wait
+                left[0] -= 1
+                if left[0] == 0:
+                    then(self._verdict(deferred, waits))
+            return answered
+
+        for i, (rule, key) in enumerate(deferred):
+            limiter.ask(redis_limits.redis_key(rule.name, key), rule.interval, rule.tolerance, answered_at(i))
+
+    def _verdict(self, deferred: list[tuple[RateRule, str]], waits: list[Any]) -> Refusal | None:
+        """Redis's answers (None where it could not say in time: the policy's failMode decides)."""
         refusal = None
-        for (rule, key), future in zip(deferred, asked, strict=True):
-            wait = await future
+        for (rule, key), wait in zip(deferred, waits, strict=True):
             if wait is None:
                 mode = self.spec.fail_mode
                 METRICS.redis_fallbacks.labels(mode).inc()

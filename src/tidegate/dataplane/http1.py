@@ -880,13 +880,18 @@ def route_request(conn: ClientSide, ex: Exchange, site: Site) -> Routed | bool:
     if spec is not None and not candidate.route.direct_status:
         refusal = _guarded(conn, ex, candidate, spec, host, path, headers_lower)
         if refusal is not None:
-            served_by(ex, candidate)
-            ex.policy = refusal.rule
-            METRICS.traffic_policy.labels(candidate.route_name, refusal.rule, refusal.result).inc()
-            conn.send_simple(refusal.status, refusal.message, refusal.headers, close=not can_keep,
-                             head_only=head_only)
-            return can_keep
+            return refuse(conn, ex, candidate, refusal, can_keep, head_only)
     return site, candidate, host, path, query, headers_lower, None
+
+
+def refuse(conn: ClientSide, ex: Exchange, candidate: Candidate, refusal: guard.Refusal, can_keep: bool,
+           head_only: bool) -> bool:
+    """Answer a request its TrafficPolicy refused; whether the connection may be kept."""
+    served_by(ex, candidate)
+    ex.policy = refusal.rule
+    METRICS.traffic_policy.labels(candidate.route_name, refusal.rule, refusal.result).inc()
+    conn.send_simple(refusal.status, refusal.message, refusal.headers, close=not can_keep, head_only=head_only)
+    return can_keep
 
 
 def _guarded(conn: ClientSide, ex: Exchange, candidate: Candidate, spec: ir.RequestGuard, host: str, path: str,
@@ -932,11 +937,7 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
         ex.deferred = None
         refusal = await ready.decide_global(deferred)
         if refusal is not None:
-            ex.policy = refusal.rule
-            METRICS.traffic_policy.labels(candidate.route_name, refusal.rule, refusal.result).inc()
-            conn.send_simple(refusal.status, refusal.message, refusal.headers, close=not can_keep,
-                             head_only=head_only)
-            return can_keep
+            return refuse(conn, ex, candidate, refusal, can_keep, head_only)
     matched_prefix = candidate.match.path.value if candidate.match.path.type == "PathPrefix" else None
 
     headers = ex.headers

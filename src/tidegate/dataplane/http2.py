@@ -657,7 +657,7 @@ def serve_fast(stream: H2Stream) -> None:
     candidate: Candidate
     headers_lower: dict[str, str]
     site, candidate, host, path, query, headers_lower, _ = routed
-    if not fastlane.is_plain(candidate):
+    if not fastlane.is_plain(candidate) or ex.deferred is not None:  # (Global rate limits: awaited there)
         conn.serve_slowly(stream, routed)
         return
     balancer = site.balancer

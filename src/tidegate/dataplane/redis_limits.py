@@ -20,6 +20,7 @@ import logging
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -72,12 +73,16 @@ def redis_key(rule: str, key: str) -> bytes:
     return whole.encode()
 
 
+Answer = Callable[[Any], None]  # called with 0.0 (admitted), the wait in seconds, or None (no word from Redis)
+
+
 class _Batch:
-    __slots__ = ("futures", "keys", "sent", "timer")
+    __slots__ = ("answers", "decided", "keys", "sent", "timer")
 
     def __init__(self) -> None:
         self.keys: list[tuple[bytes, int, int]] = []
-        self.futures: list[asyncio.Future[float | None]] = []
+        self.answers: list[Answer] = []
+        self.decided = False
         self.sent = 0.0
         self.timer: asyncio.TimerHandle | None = None
 
@@ -107,20 +112,29 @@ class RedisLimiter(asyncio.Protocol):
         self.problem = ""
 
     # -- the request path's side ----------------------------------------------------------------------
-    def check(self, key: bytes, interval: float, tolerance: float) -> asyncio.Future[float | None]:
-        """Count a request: its future gets 0.0 (admitted), the wait in seconds (refused), or None (Redis
-        could not say in time: the fail mode decides)."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[float | None] = loop.create_future()
+    def ask(self, key: bytes, interval: float, tolerance: float, answer: Answer) -> None:
+        """Count a request: `answer` is called with 0.0 (admitted), the wait in seconds (refused), or None
+        (Redis could not say in time: the fail mode decides); at once when Redis is known to be away, else
+        when the reply (or the timeout) comes. No future and no task per request: this is the request path."""
         if not self.up or (self.breaker_until and time.monotonic() < self.breaker_until):
-            future.set_result(None)
-            return future
+            answer(None)
+            return
         batch = self.open
         if batch is None or len(batch.keys) >= MAX_BATCH:
             batch = self.open = _Batch()
-            loop.call_soon(self._send, batch)
+            asyncio.get_running_loop().call_soon(self._send, batch)
         batch.keys.append((key, round(interval * 1e6), round(tolerance * 1e6)))
-        batch.futures.append(future)
+        batch.answers.append(answer)
+
+    def check(self, key: bytes, interval: float, tolerance: float) -> asyncio.Future[float | None]:
+        """`ask`, for a caller that awaits."""
+        future: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
+
+        def answer(wait: Any) -> None:
+            if not future.done():
+                future.set_result(wait)
+
+        self.ask(key, interval, tolerance, answer)
         return future
 
     def _send(self, batch: _Batch) -> None:
@@ -146,10 +160,10 @@ class RedisLimiter(asyncio.Protocol):
         if batch.timer is not None:
             batch.timer.cancel()
             batch.timer = None
-        undecided = [f for f in batch.futures if not f.done()]
-        for future in undecided:
-            future.set_result(None)
-        if undecided:
+        if not batch.decided:
+            batch.decided = True
+            for answer in batch.answers:
+                _call(answer, None)
             METRICS.redis_failures.labels(why.split(" ")[0]).inc()
             self.failures += 1
             if self.failures >= BREAKER_FAILURES and not self.breaker_until:
@@ -223,19 +237,21 @@ class RedisLimiter(asyncio.Protocol):
                 batch.timer.cancel()
                 batch.timer = None
             if isinstance(reply, hiredis.ReplyError) or not isinstance(reply, list) \
-                    or len(reply) != len(batch.futures):
+                    or len(reply) != len(batch.answers):
                 if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT") \
                         and self.transport is not None:  # its scripts were flushed: load ours again
                     self.transport.write(_command(b"SCRIPT", b"LOAD", SCRIPT))
                     self.replies.append(None)
                 self._fail(batch, f"error {reply}")
                 continue
+            if batch.decided:  # too late: the fail mode has decided already
+                continue
+            batch.decided = True
             METRICS.redis_seconds.observe(time.monotonic() - batch.sent)
             self.failures = 0
             self.breaker_until = 0.0
-            for future, late in zip(batch.futures, reply, strict=True):
-                if not future.done():
-                    future.set_result(late / 1e6 if late else 0.0)
+            for answer, late in zip(batch.answers, reply, strict=True):
+                _call(answer, late / 1e6 if late else 0.0)
 
     def connection_lost(self, exc: Exception | None) -> None:
         was_up = self.up
@@ -256,6 +272,14 @@ class RedisLimiter(asyncio.Protocol):
             self.task.cancel()
         if self.transport is not None:
             self.transport.close()
+
+
+def _call(answer: Answer, wait: Any) -> None:
+    """One request's answer: a bug in what it goes on to do must not keep the batch's others waiting."""
+    try:
+        answer(wait)
+    except Exception:  # noqa: BLE001
+        log.exception("internal error after a global rate-limit answer")
 
 
 LIMITER: Any = None  # the worker's RedisLimiter, with --rate-limit-redis
