@@ -223,3 +223,33 @@ def test_connection_caps_count_per_socket_and_per_peer():
         caps.release("s", peer)
     caps.release("other", "a")
     assert caps.per_socket == {} and caps.per_client == {}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("client", ["203.0.113.7", "2001:db8::7"])
+def test_proxy_headers_read_back_what_haproxys_forms_say_at_any_split(version, client):
+    from tidegate.dataplane.proxy_protocol import header, parse
+
+    server = "10.0.0.1" if ":" not in client else "2001:db8::1"
+    head = header(version, (client, 5555), (server, 80))
+    assert parse(head + b"GET / HTTP/1.1\r\n") == (len(head), client)
+    for cut in range(1, len(head)):
+        assert parse(head[:cut]) is None, cut  # more bytes needed, never a wrong answer
+
+
+@pytest.mark.parametrize("data", [b"GET / HTTP/1.1\r\n", b"PROXY TCP4 nope 10.0.0.1 1 2\r\n",
+                                  b"PROXY TCP6 10.0.0.9 10.0.0.1 1 2\r\n", b"PROXY " + b"x" * 120,
+                                  b"\r\n\r\n\x00\r\nQUIT\n\x31\x11\x00\x0c" + b"\x00" * 12,
+                                  b"\r\n\r\n\x00\r\nQUIT\n\x22\x11\x00\x0c" + b"\x00" * 12])
+def test_what_is_no_proxy_header_is_refused(data):
+    from tidegate.dataplane.proxy_protocol import BadHeader, parse
+
+    with pytest.raises(BadHeader):
+        parse(data)
+
+
+def test_local_and_unknown_headers_leave_the_peer_as_it_is():
+    from tidegate.dataplane.proxy_protocol import V2_SIGNATURE, parse
+
+    assert parse(b"PROXY UNKNOWN\r\nGET") == (15, "")
+    assert parse(V2_SIGNATURE + b"\x20\x00\x00\x00GET") == (16, "")  # LOCAL: a health check of the proxy's own

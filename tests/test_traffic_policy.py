@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import free_port, h2_request, tidegate_run, wait_until
+from tests.harness import free_port, h2_request, process, tidegate_run, wait_until
 from tests.manifests import http_gateway, route, service
 from tests.scripted import scripted_backends
 
@@ -436,3 +436,70 @@ spec:
         limits = [line for line in _get_metrics(proxy.admin_port).splitlines()
                   if line.startswith('tidegate_limit_hits_total{limit="overload"}')]
         assert limits and float(limits[0].split()[-1]) >= 1
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy is not installed (scripts/test installs it)")
+def test_the_proxy_protocol_from_a_trusted_haproxy_gives_the_client_address(tmp_path):
+    """Debian's HAProxy in front (send-proxy-v2), trusted by a ClientPolicy: the TrafficPolicy deny list and the
+    access log see the clients behind it; a version 1 header works too; a trusted peer that sends no header
+    is cut off; an untrusted peer is served as it is."""
+    port, pod_port, front = free_port(GW), free_port("127.0.10.1"), free_port("127.0.0.20")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        http_gateway(GW, port) + service("web", [("127.0.10.1", pod_port, "web-1")])
+        + route("shop", "", "- backendRefs: [{name: web, port: 80}]")
+        + _policy("deny", "Gateway/gw", "  ipAccess: {deny: [127.0.0.66]}") + """
+---
+apiVersion: tidegate.io/v1alpha1
+kind: ClientPolicy
+metadata: {name: behind-haproxy, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]
+  clientIP: {proxyProtocol: {trustedCIDRs: [127.0.0.20/32]}}
+""")
+    haproxy_cfg = tmp_path / "haproxy.cfg"
+    haproxy_cfg.write_text(f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend front
+    bind 127.0.0.20:{front}
+    default_backend tidegate
+backend tidegate
+    source 127.0.0.20
+    server t {GW}:{port} send-proxy-v2
+""")
+    access = tmp_path / "access.log"
+    with scripted_backends(("127.0.10.1", pod_port, "web-1")), tidegate_run(
+            config, (GW, port), tmp_path / "tidegate.log", "--access-log", "json", "--access-log-file",
+            str(access)), process([shutil.which("haproxy"), "-db", "-f", str(haproxy_cfg)], tmp_path / "haproxy.log",
+                                  ready=("127.0.0.20", front)):
+        def through(source: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.20", front, timeout=10, source_address=(source, 0))
+            conn.request("GET", "/", headers={"Host": "shop.test"})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert through("127.0.0.9") == 200
+        assert through("127.0.0.66") == 403  # the client behind HAProxy is the one denied
+        entries = wait_until(lambda: [json.loads(line) for line in access.read_text().splitlines()][:2] or None,
+                             what="access log lines")
+        assert [e["client"] for e in entries[:2]] == ["127.0.0.9", "127.0.0.66"]
+        # Version 1, by hand, from the trusted address.
+        with socket.create_connection((GW, port), timeout=5, source_address=("127.0.0.20", 0)) as raw:
+            raw.sendall(b"PROXY TCP4 127.0.0.66 127.0.0.1 5555 80\r\nGET / HTTP/1.1\r\nHost: shop.test\r\n"
+                        b"Connection: close\r\n\r\n")
+            assert raw.recv(100).startswith(b"HTTP/1.1 403")
+        # The trusted address without a header: cut off, unanswered.
+        with socket.create_connection((GW, port), timeout=5, source_address=("127.0.0.20", 0)) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+            try:
+                answer = raw.recv(100)
+            except ConnectionError:
+                answer = b""
+            assert answer == b""
+        assert _get("/", port, source="127.0.0.2")[0] == 200  # an untrusted peer: served as it is

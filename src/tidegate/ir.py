@@ -225,6 +225,7 @@ class ClientIP:
     trusted: tuple[str, ...] = ()  # CIDRs of the proxies whose word is taken
     hops: int = 0  # X-Forwarded-For: the entry this many from the right is the client's
     header: str = ""  # lower-case; "" = X-Forwarded-For
+    proxy_protocol: tuple[str, ...] = ()  # CIDRs of peers whose connections start with a PROXY header
 
 
 @dataclass(frozen=True)

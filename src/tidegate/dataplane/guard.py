@@ -383,6 +383,8 @@ class ClientAddress:
         self.header = spec.header
 
     def of(self, peer: str, headers: dict[str, str]) -> str:
+        if not self.header and not self.hops and self.trusted is None:
+            return peer  # PROXY protocol alone: the peer is already the client
         trusted = self.trusted
         if trusted is not None and peer not in trusted:
             return peer  # an untrusted peer's word is not taken

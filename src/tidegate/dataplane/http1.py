@@ -43,7 +43,7 @@ from tidegate.dataplane.filters import (
     redirect_location,
     replace_path,
 )
-from tidegate.dataplane import fastlane, guard
+from tidegate.dataplane import fastlane, guard, proxy_protocol
 from tidegate.dataplane.deadlines import DEADLINES, Watch, slow_body_message
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import (
@@ -296,6 +296,7 @@ class ClientConnection(asyncio.Protocol):
         self.watch: Watch | None = None  # the pod's silence and the body's pace, from one look to the next
         self._drain: asyncio.Event | None = None  # made when writing first pauses: most connections never do
         self.capped: Any = None  # the socket whose ClientPolicy counts this connection (released on close)
+        self.proxy_header: bytes | None = None  # a PROXY header's bytes so far, while one is awaited
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -314,6 +315,8 @@ class ClientConnection(asyncio.Protocol):
                 reset(transport)  # type: ignore[arg-type]
                 return
             self.capped = site.key
+        if site.proxy_from is not None and self.peer in site.proxy_from:
+            self.proxy_header = b""  # a PROXY header comes first: read before anything else
         ssl_object = transport.get_extra_info("ssl_object")
         self.server_name = take_server_name(ssl_object) if ssl_object is not None else ""
         if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
@@ -378,6 +381,10 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
+        if self.proxy_header is not None:
+            data = self._read_proxy_header(data)
+            if not data:
+                return
         if not self.seen_bytes:
             self.seen_bytes = True
             if data[:3] == b"PRI":  # the HTTP/2 connection preface: h2c with prior knowledge
@@ -392,6 +399,28 @@ class ClientConnection(asyncio.Protocol):
                 self._feed_head_within_limit(data)
                 return
         self._feed(data)
+
+    def _read_proxy_header(self, data: bytes) -> bytes:
+        """ClientPolicy proxyProtocol: the header a trusted proxy sends first; its source becomes the peer.
+        Returns what follows it (b"" while it is incomplete, or when the connection was closed)."""
+        held = (self.proxy_header or b"") + data
+        try:
+            parsed = proxy_protocol.parse(held)
+        except proxy_protocol.BadHeader as exc:
+            METRICS.limits.labels("proxy-protocol").inc()
+            log.info("closing the connection from %s: a trusted proxy's connection without a PROXY header (%s)",
+                     self.peer, exc)
+            self.closed = True
+            reset(self.transport)  # type: ignore[arg-type]
+            return b""
+        if parsed is None:
+            self.proxy_header = held
+            return b""
+        length, source = parsed
+        if source:
+            self.peer = source
+        self.proxy_header = None
+        return held[length:]
 
     def _feed_head_within_limit(self, data: bytes) -> None:
         """Feed no more of a request head than the limit allows; what follows a head that ends in time (its body,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import NoReturn
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 VERSIONS = ("v1", "v2")
@@ -35,3 +36,64 @@ def header(version: str, source: tuple[str, int], destination: tuple[str, int]) 
     family = 0x11 if src.version == 4 else 0x21  # TCP over IPv4 / IPv6
     body = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1])
     return V2_SIGNATURE + bytes([0x21, family]) + struct.pack("!H", len(body)) + body
+
+
+V1_MAX = 107  # the longest version 1 header, CRLF included
+V2_MAX = 16 + 65535
+
+
+class BadHeader(ValueError):
+    pass
+
+
+def parse(data: bytes) -> tuple[int, str] | None:
+    """A PROXY header at the start of `data` (from a trusted peer): (its length, the client's address; "" for
+    LOCAL / UNKNOWN, where the peer speaks for itself), or None when more bytes are needed. Raises BadHeader
+    when the bytes are no PROXY header."""
+    if data[:1] == b"P":
+        if len(data) < 6:
+            return None if b"PROXY "[:len(data)] == data else _bad("not a PROXY header")
+        if not data.startswith(b"PROXY "):
+            _bad("not a PROXY header")
+        end = data.find(b"\r\n", 0, V1_MAX)
+        if end < 0:
+            return None if len(data) < V1_MAX else _bad("a version 1 header longer than 107 bytes")
+        parts = data[:end].decode("ascii", "replace").split(" ")
+        if parts[1] == "UNKNOWN":
+            return end + 2, ""
+        if parts[1] not in ("TCP4", "TCP6") or len(parts) != 6:
+            _bad(f"version 1 header {data[:end]!r}")
+        try:
+            source = ipaddress.ip_address(parts[2])
+        except ValueError:
+            _bad(f"version 1 source {parts[2]!r}")
+        if (source.version == 4) != (parts[1] == "TCP4"):
+            _bad(f"version 1 source {parts[2]!r} is not {parts[1]}")
+        return end + 2, str(source)
+    if len(data) < 16:
+        return None if V2_SIGNATURE[:len(data)] == data[:12] else _bad("not a PROXY header")
+    if data[:12] != V2_SIGNATURE:
+        _bad("not a PROXY header")
+    version_command, family, length = data[12], data[13], struct.unpack("!H", data[14:16])[0]
+    if version_command >> 4 != 2:
+        _bad(f"version 2 header of version {version_command >> 4}")
+    if len(data) < 16 + length:
+        return None
+    command = version_command & 0xF
+    if command == 0:  # LOCAL: the proxy's own connection (a health check)
+        return 16 + length, ""
+    if command != 1:
+        _bad(f"version 2 command {command}")
+    body = data[16:16 + length]
+    if family >> 4 == 1 and length >= 12:
+        return 16 + length, str(ipaddress.IPv4Address(body[:4]))
+    if family >> 4 == 2 and length >= 36:
+        return 16 + length, str(ipaddress.IPv6Address(body[:16]))
+    if family >> 4 == 0:  # UNSPEC
+        return 16 + length, ""
+    _bad(f"version 2 address family {family >> 4} (length {length})")
+    return None
+
+
+def _bad(why: str) -> NoReturn:
+    raise BadHeader(why)

@@ -95,6 +95,8 @@ class Site:
     # it), and the socket's key for the counts.
     limits: ir.ConnectionLimits | None = None
     key: Any = None
+    # ClientPolicy proxyProtocol: peers whose connections to this socket start with a PROXY header
+    proxy_from: Any = None  # guard.AddressSet
 
 
 def _socket_limits(listeners: list[ir.Listener]) -> ir.ConnectionLimits | None:
@@ -106,6 +108,12 @@ def _socket_limits(listeners: list[ir.Listener]) -> ir.ConnectionLimits | None:
     lags = [f.shed_at_loop_lag for f in found if f.shed_at_loop_lag is not None]
     return ir.ConnectionLimits(min(per_listener) if per_listener else None, min(per_client) if per_client else None,
                                min(lags) if lags else None)
+
+
+def _proxy_peers(listeners: list[ir.Listener]) -> Any:
+    trusted = sorted({c for listener in listeners if listener.client_ip is not None
+                      for c in listener.client_ip.proxy_protocol})
+    return guard.AddressSet(trusted) if trusted else None
 
 
 class DataPlane:
@@ -173,7 +181,8 @@ class DataPlane:
             if listener.protocol in ("HTTP", "HTTPS"):
                 by_socket.setdefault((listener.address or self.bind, listener.port), []).append(listener)
         sites = {key: Site(router, balancer, self.pools, self._background,
-                           limits=_socket_limits(by_socket.get(key, [])), key=key)
+                           limits=_socket_limits(by_socket.get(key, [])), key=key,
+                           proxy_from=_proxy_peers(by_socket.get(key, [])))
                  for key, router in routers.items()}
         self.sites = sites  # the atomic swap: new requests see the new configuration
         self.tls_sites = tls_sites

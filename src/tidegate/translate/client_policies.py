@@ -27,6 +27,7 @@ def _parsed(spec: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     client = spec.get("clientIP")
     if isinstance(client, dict):
+        proxy = cidrs((client.get("proxyProtocol") or {}).get("trustedCIDRs"), "clientIP.proxyProtocol.trustedCIDRs")
         if client.get("header"):
             header = client["header"]
             out["client_ip"] = ir.ClientIP(trusted=cidrs(header.get("trustedCIDRs"), "clientIP.header.trustedCIDRs"),
@@ -38,6 +39,8 @@ def _parsed(spec: dict[str, Any]) -> dict[str, Any]:
                                            hops=int(xff.get("hops") or 0))
             if not out["client_ip"].trusted and not out["client_ip"].hops:
                 raise InvalidPolicy("clientIP.xForwardedFor: trust proxies by trustedCIDRs, hops, or both")
+        if proxy:
+            out["client_ip"] = dataclasses.replace(out.get("client_ip") or ir.ClientIP(), proxy_protocol=proxy)
     connections = spec.get("connections")
     if isinstance(connections, dict):
         out["connections"] = {"max_per_listener": connections.get("maxPerListener"),
