@@ -78,7 +78,6 @@ class AddressSet:
                     merged.append([start, end])
             self.starts[version] = [s for s, _ in merged]
             self.ends[version] = [e for _, e in merged]
-        self.empty = not any(self.starts.values())
         self.cache: dict[str, bool] = {}
 
     def __contains__(self, address: str) -> bool:
@@ -409,18 +408,25 @@ class ClientAddress:
         return entries[0] if _parse(entries[0]) is not None else peer
 
 
-_CLIENT_ADDRESSES: dict[int, tuple[ir.ClientIP, ClientAddress]] = {}
+def _ready(cache: dict[int, tuple[Any, Any]], spec: Any, make: Any) -> Any:
+    """The ready form of an IR object (`make(spec)`), kept while that object lives: keyed by its identity,
+    and checked, since an identity can be reused once its object is gone. Bounded."""
+    found = cache.get(id(spec))
+    if found is not None and found[0] is spec:
+        return found[1]
+    made = make(spec)
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[id(spec)] = (spec, made)
+    return made
+
+
+_CLIENT_ADDRESSES: dict[int, tuple[Any, Any]] = {}
 
 
 def client_address_for(spec: ir.ClientIP) -> ClientAddress:
-    found = _CLIENT_ADDRESSES.get(id(spec))
-    if found is not None and found[0] is spec:
-        return found[1]
-    made = ClientAddress(spec)
-    if len(_CLIENT_ADDRESSES) > 10_000:
-        _CLIENT_ADDRESSES.clear()
-    _CLIENT_ADDRESSES[id(spec)] = (spec, made)
-    return made
+    ready: ClientAddress = _ready(_CLIENT_ADDRESSES, spec, ClientAddress)
+    return ready
 
 
 class LoopLag:
@@ -495,17 +501,13 @@ class ConnectionCaps:
 CONNECTIONS = ConnectionCaps()
 
 
-_GUARDS: dict[int, tuple[ir.RequestGuard, Guard]] = {}
+_GUARDS: dict[int, tuple[Any, Any]] = {}
 
 
 def guard_for(spec: ir.RequestGuard) -> Guard:
-    """The ready guard of an IR guard (kept while the IR object lives: keyed by identity, checked)."""
-    found = _GUARDS.get(id(spec))
-    if found is not None and found[0] is spec:
-        return found[1]
-    made = Guard(spec)
-    _GUARDS[id(spec)] = (spec, made)
-    return made
+    """The ready guard of a rule's RequestGuard (its counts live in _TABLES, whatever happens to it)."""
+    ready: Guard = _ready(_GUARDS, spec, Guard)
+    return ready
 
 
 def reset_for(listeners: Any) -> None:

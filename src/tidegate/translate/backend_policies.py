@@ -18,7 +18,7 @@ from typing import Any
 
 from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
-from tidegate.translate.conditions import CONTROLLER_NAME, condition
+from tidegate.translate.conditions import policy_status
 from tidegate.translate.index import Index
 from tidegate.translate.routes import parse_duration
 
@@ -261,19 +261,5 @@ def apply_backend_policies(index: Index, listeners: list[ir.Listener], statuses:
         out.append(listener)
 
     for policy in policies:
-        ok, reason, message = conditions[policy.key]
-        cond = [condition("Accepted", ok, reason, message, policy.generation)]
-        ancestors = []
-        for gateway in sorted(used_at.get(policy.key, ())):
-            namespace, _, name = gateway.partition("/")
-            if name:  # the Ingress front door is not a Gateway
-                ancestors.append({"group": GATEWAY_GROUP, "kind": "Gateway", "namespace": namespace, "name": name})
-        if not ancestors:
-            # Not in force through any Gateway (yet): the status still has to say why, so report it against
-            # the first target, as Envoy Gateway does for policies on unreached targets.
-            ref = policy.spec["targetRefs"][0]
-            ancestors.append({"group": ref["group"], "kind": ref["kind"], "namespace": policy.namespace,
-                              "name": ref["name"]})
-        statuses[policy.key] = {"ancestors": [
-            {"ancestorRef": a, "controllerName": CONTROLLER_NAME, "conditions": cond} for a in ancestors]}
+        statuses[policy.key] = policy_status(policy, conditions[policy.key], used_at.get(policy.key, ()))
     return out

@@ -15,7 +15,7 @@ from typing import Any
 
 from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
-from tidegate.translate.conditions import CONTROLLER_NAME, condition
+from tidegate.translate.conditions import policy_status
 from tidegate.translate.index import Index
 from tidegate.translate.routes import parse_duration
 from tidegate.translate.traffic_policies import cidrs, InvalidPolicy
@@ -116,11 +116,5 @@ def apply_client_policies(index: Index, listeners: list[ir.Listener], statuses: 
                                            connection_limits=ir.ConnectionLimits(**limits) if limits else None)
         out.append(listener)
     for policy in policies:
-        ok, reason, message = verdicts[policy.key]
-        cond = [condition("Accepted", ok, reason, message, policy.generation)]
-        gateways = sorted(used_at.get(policy.key, ())) or [f"{policy.namespace}/{policy.spec['targetRefs'][0]['name']}"]
-        statuses[policy.key] = {"ancestors": [
-            {"ancestorRef": {"group": GATEWAY_GROUP, "kind": "Gateway", "namespace": g.partition("/")[0],
-                             "name": g.partition("/")[2]},
-             "controllerName": CONTROLLER_NAME, "conditions": cond} for g in gateways]}
+        statuses[policy.key] = policy_status(policy, verdicts[policy.key], used_at.get(policy.key, ()))
     return out

@@ -23,7 +23,7 @@ import re2
 
 from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
-from tidegate.translate.conditions import CONTROLLER_NAME, condition
+from tidegate.translate.conditions import policy_status
 from tidegate.translate.index import Index
 from tidegate.translate.routes import parse_duration
 
@@ -316,22 +316,10 @@ def apply_traffic_policies(index: Index, listeners: list[ir.Listener], statuses:
         out.append(listener)
 
     for policy in policies:
-        ok, reason, message = verdicts[policy.key]
-        cond = [condition("Accepted", ok, reason, message, policy.generation)]
-        ancestors = []
-        for gateway in sorted(used_at.get(policy.key, ())):
-            namespace, _, name = gateway.partition("/")
-            if name:
-                ancestors.append({"group": GATEWAY_GROUP, "kind": "Gateway", "namespace": namespace, "name": name})
-        if not ancestors:
-            ref = policy.spec["targetRefs"][0]
-            ancestors.append({"group": ref["group"], "kind": ref["kind"], "namespace": policy.namespace,
-                              "name": ref["name"]})
-        statuses[policy.key] = {"ancestors": [
-            {"ancestorRef": a, "controllerName": CONTROLLER_NAME, "conditions": cond} for a in ancestors]}
+        statuses[policy.key] = policy_status(policy, verdicts[policy.key], used_at.get(policy.key, ()))
         if policy.key in invalid:
-            notes.append(Problem("error", policy.origin, f"invalid: {message}; the rules it targets answer 500 "
-                                 "until it is mended", policy.key))
+            notes.append(Problem("error", policy.origin, f"invalid: {verdicts[policy.key][2]}; the rules it "
+                                 "targets answer 500 until it is mended", policy.key))
 
     return out
 
