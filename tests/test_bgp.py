@@ -80,12 +80,23 @@ spec: {{ipAddressPools: [routed], communities: ["64513:100"]}}
 """
 
 
-def _service(name: str, address: str, pod: str) -> str:
+def _bird(stack: ExitStack, world, conf: Path, role: str = "router") -> None:
+    """Debian's BIRD in `role`'s namespace on `conf`, its control socket and log beside it; stopped on exit."""
+    base = conf.with_suffix("")
+    stack.enter_context(process(world.exec_args(role, "bird", "-f", "-c", str(conf), "-s", f"{base}.ctl", "-P",
+                                                f"{base}.pid"), Path(f"{base}.log")))
+
+
+def _service(name: str, address: str, pod: str, weighted: bool = False) -> str:
+    """A LoadBalancer Service on `address` with one pod on node-a; `weighted`: under Local, with
+    tidegate.io/weighting: endpoints."""
+    extra = ", tidegate.io/weighting: endpoints" if weighted else ""
+    local = " externalTrafficPolicy: Local," if weighted else ""
     return f"""---
 apiVersion: v1
 kind: Service
-metadata: {{name: {name}, namespace: default, annotations: {{metallb.io/loadBalancerIPs: "{address}"}}}}
-spec: {{type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{{port: 80, targetPort: 8080}}]}}
+metadata: {{name: {name}, namespace: default, annotations: {{metallb.io/loadBalancerIPs: "{address}"{extra}}}}}
+spec: {{type: LoadBalancer, loadBalancerClass: tidegate.io/lb,{local} ports: [{{port: 80, targetPort: 8080}}]}}
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -141,9 +152,7 @@ def _bgp(world) -> dict:
 def test_addresses_reach_a_bird_router_within_100_ms_and_leave_with_a_killed_node(tmp_path):
     with ExitStack() as stack:
         world = stack.enter_context(lab({"a": 1, "router": 254}))
-        stack.enter_context(process(world.exec_args("router", "bird", "-f", "-c", str(_bird_conf(
-            world, tmp_path / "bird.conf")), "-s", str(tmp_path / "bird.ctl"), "-P", str(tmp_path / "bird.pid")),
-            tmp_path / "bird.log"))
+        _bird(stack, world, _bird_conf(world, tmp_path / "bird.conf"))
         events = tmp_path / "routes.log"
         stack.enter_context(process(world.exec_args("router", "ip", "-ts", "monitor", "route"), events))
         stack.enter_context(process(world.exec_args("a", sys.executable, "-c", POD, "pod-a", world.v4("a"), "8080",
@@ -230,17 +239,11 @@ def test_the_dashboard_shows_each_session_and_the_routes_it_carries(tmp_path):
 
     with ExitStack() as stack:
         world = stack.enter_context(lab({"a": 1, "router": 254}))
-        stack.enter_context(process(world.exec_args("router", "bird", "-f", "-c", str(_bird_conf(
-            world, tmp_path / "bird.conf")), "-s", str(tmp_path / "bird.ctl"), "-P", str(tmp_path / "bird.pid")),
-            tmp_path / "bird.log"))
+        _bird(stack, world, _bird_conf(world, tmp_path / "bird.conf"))
         config = tmp_path / "config"
         config.mkdir()
-        weighted = _service("first", FIRST, world.v4("a")).replace(
-            'annotations: {metallb.io/loadBalancerIPs: "198.18.1.1"}',
-            'annotations: {metallb.io/loadBalancerIPs: "198.18.1.1", tidegate.io/weighting: endpoints}').replace(
-            "loadBalancerClass: tidegate.io/lb,", "loadBalancerClass: tidegate.io/lb, externalTrafficPolicy: Local,")
-        assert "weighting" in weighted and "Local" in weighted
-        (config / "lab.yaml").write_text(_objects(world) + weighted + _gateway_to_first())
+        (config / "lab.yaml").write_text(_objects(world) + _service("first", FIRST, world.v4("a"), weighted=True)
+                                         + _gateway_to_first())
         stack.enter_context(process(world.exec_args(
             "a", *TIDEGATE, "run", "-f", str(config), "--node", "node-a", "--admin", "127.0.0.1:9900", "--bind",
             "127.0.0.1"), tmp_path / "tidegate.log"))
@@ -317,9 +320,7 @@ def test_graceful_restart_keeps_the_routes_across_a_restart_of_tidegate(tmp_path
         world = stack.enter_context(lab({"a": 1, "router": 254}))
         conf = _bird_conf(world, tmp_path / "bird.conf")
         conf.write_text(conf.read_text().replace("hold time 9;", "hold time 9;\n  graceful restart on;"))
-        stack.enter_context(process(world.exec_args("router", "bird", "-f", "-c", str(conf), "-s",
-                                                    str(tmp_path / "bird.ctl"), "-P", str(tmp_path / "bird.pid")),
-                                    tmp_path / "bird.log"))
+        _bird(stack, world, conf)
         events = tmp_path / "routes.log"
         stack.enter_context(process(world.exec_args("router", "ip", "-ts", "monitor", "route"), events))
         config = tmp_path / "config"
@@ -609,10 +610,7 @@ protocol bgp node_a {{ local {world.v4(role)} as 64512; neighbor {world.v4("a")}
   {extra}
   ipv4 {{ import all; export none; }}; }}
 """)
-            stack.enter_context(process(world.exec_args(role, "bird", "-f", "-c", str(conf), "-s",
-                                                        str(tmp_path / f"bird-{role}.ctl"), "-P",
-                                                        str(tmp_path / f"bird-{role}.pid")),
-                                        tmp_path / f"bird-{role}.log"))
+            _bird(stack, world, conf, role)
         events = tmp_path / "routes.log"
         stack.enter_context(process(world.exec_args("router", "ip", "-ts", "monitor", "route"), events))
         config = tmp_path / "config"

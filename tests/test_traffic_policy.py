@@ -40,6 +40,18 @@ spec:
 {spec}"""
 
 
+def _client_policy(name: str, spec: str) -> str:
+    """A ClientPolicy on Gateway gw; `spec` is the YAML of its settings besides targetRefs."""
+    return f"""
+---
+apiVersion: tidegate.io/v1alpha1
+kind: ClientPolicy
+metadata: {{name: {name}, namespace: default}}
+spec:
+  targetRefs: [{{group: gateway.networking.k8s.io, kind: Gateway, name: gw}}]
+{spec}"""
+
+
 def _config(tmp_path: Path, port: int, pod_port: int) -> Path:
     config = tmp_path / "config"
     config.mkdir()
@@ -314,16 +326,8 @@ def test_client_policy_client_address_from_trusted_proxies_and_connection_caps(t
     (config / "all.yaml").write_text(
         http_gateway(GW, port) + service("web", [("127.0.10.1", pod_port, "web-1")])
         + route("shop", "", "- backendRefs: [{name: web, port: 80}]")
-        + _policy("deny", "Gateway/gw", "  ipAccess: {deny: [203.0.113.66]}") + """
----
-apiVersion: tidegate.io/v1alpha1
-kind: ClientPolicy
-metadata: {name: edge, namespace: default}
-spec:
-  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]
-  clientIP: {xForwardedFor: {trustedCIDRs: [127.0.0.1/32]}}
-  connections: {maxPerClient: 2}
-""")
+        + _policy("deny", "Gateway/gw", "  ipAccess: {deny: [203.0.113.66]}") + _client_policy(
+            "edge", "  clientIP: {xForwardedFor: {trustedCIDRs: [127.0.0.1/32]}}\n  connections: {maxPerClient: 2}"))
     access = tmp_path / "access.log"
 
     def get(source: str, forwarded: str) -> int:
@@ -381,15 +385,8 @@ def test_an_event_loop_that_runs_late_sheds_new_requests_until_it_keeps_time(tmp
     config.mkdir()
     (config / "all.yaml").write_text(
         http_gateway(GW, port) + service("web", [("127.0.10.1", pod_port, "web-1")])
-        + route("shop", "", "- backendRefs: [{name: web, port: 80}]") + """
----
-apiVersion: tidegate.io/v1alpha1
-kind: ClientPolicy
-metadata: {name: shed, namespace: default}
-spec:
-  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]
-  overload: {maxEventLoopLag: 100ms}
-""")
+        + route("shop", "", "- backendRefs: [{name: web, port: 80}]")
+        + _client_policy("shed", "  overload: {maxEventLoopLag: 100ms}"))
     answers: list[tuple[float, int, str]] = []
     stop = threading.Event()
 
@@ -449,15 +446,8 @@ def test_the_proxy_protocol_from_a_trusted_haproxy_gives_the_client_address(tmp_
     (config / "all.yaml").write_text(
         http_gateway(GW, port) + service("web", [("127.0.10.1", pod_port, "web-1")])
         + route("shop", "", "- backendRefs: [{name: web, port: 80}]")
-        + _policy("deny", "Gateway/gw", "  ipAccess: {deny: [127.0.0.66]}") + """
----
-apiVersion: tidegate.io/v1alpha1
-kind: ClientPolicy
-metadata: {name: behind-haproxy, namespace: default}
-spec:
-  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw}]
-  clientIP: {proxyProtocol: {trustedCIDRs: [127.0.0.20/32]}}
-""")
+        + _policy("deny", "Gateway/gw", "  ipAccess: {deny: [127.0.0.66]}") + _client_policy(
+            "behind-haproxy", "  clientIP: {proxyProtocol: {trustedCIDRs: [127.0.0.20/32]}}"))
     haproxy_cfg = tmp_path / "haproxy.cfg"
     haproxy_cfg.write_text(f"""
 defaults
