@@ -669,9 +669,11 @@ metadata: {{name: routed, namespace: metallb-system}}
                                     ".read().decode())")
         assert "tidegate_bgp_speaker_restarts_total 1.0" in metrics
 
-        # The link cut: the router drops the route when the hold time (3 s) runs out.
+        # The link cut: the router drops the route when the hold time (3 s) runs out. The hold timer restarts on
+        # every keepalive, and BIRD then writes the kernel table: seen up to 3.73 s on the CI machine, so the bound
+        # is the hold time and 1.5 s, far below what a route kept by graceful restart or a missed cut would take.
         cut = time.time()
         world.link("a", up=False)
         gone = _event_after(events, "del", FIRST, cut)
         print(f"BGP: link cut → out of the router's table {gone - cut:.2f} s (hold time 3 s)")
-        assert gone - cut <= 3.5, gone - cut
+        assert gone - cut <= 4.5, gone - cut
