@@ -14,6 +14,7 @@ import h2.events
 import h2.settings
 
 from tidegate.dataplane.http2 import H2ServerConnection
+from tidegate.dataplane.server import DataPlane
 
 
 class _Transport:
@@ -39,7 +40,8 @@ class _Transport:
 
 def _connected(serve) -> tuple[H2ServerConnection, _Transport, h2.connection.H2Connection]:
     """A server whose streams `serve` answers, and an h2 client that has sent its preface."""
-    server = H2ServerConnection(lambda: None, 80, "http", "127.0.0.1")
+    site = DataPlane()._empty_site()  # no routes: the streams here are served by `serve`
+    server = H2ServerConnection(lambda: site, 80, "http", "127.0.0.1")
     server.serve = serve
     transport = _Transport()
     server.connection_made(transport)

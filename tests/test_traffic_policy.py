@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.harness import free_port, h2_request, process, tidegate_run, wait_until
-from tests.manifests import http_gateway, route, service
+from tests.certs import tls_secret_yaml
+from tests.manifests import gateway, http_gateway, route, service
 from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
@@ -493,3 +494,203 @@ backend tidegate
                 answer = b""
             assert answer == b""
         assert _get("/", port, source="127.0.0.2")[0] == 200  # an untrusted peer: served as it is
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None or CURL is None,
+                    reason="haproxy and curl are not installed (scripts/test installs them)")
+def test_the_proxy_protocol_before_tls_and_on_tcp_listeners_with_haproxy_in_front(tmp_path):
+    """HAProxy in TCP mode in front of an HTTPS listener (send-proxy-v2) and a TCP listener (send-proxy, version
+    1): tidegate reads the header before the TLS handshake (curl's HTTP/2 by ALPN through it) and before the
+    relayed bytes; the deny list and the access log see the clients behind HAProxy. A trusted peer that sends no
+    header is closed at the policy's tlsHandshake time; an untrusted one is served as it is, and one that stalls
+    its handshake is closed at that time too."""
+    https_port, tcp_port = free_port(GW), free_port(GW)
+    pod_port, front_https, front_tcp = free_port("127.0.10.1"), free_port("127.0.0.20"), free_port("127.0.0.20")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        gateway(GW, f"""
+          - {{name: https, port: {https_port}, protocol: HTTPS, hostname: shop.test,
+             tls: {{certificateRefs: [{{name: shop-cert}}]}}}}
+          - {{name: tcp, port: {tcp_port}, protocol: TCP}}""")
+        + "---\n" + tls_secret_yaml("default", "shop-cert", ["shop.test"])
+        + service("web", [("127.0.10.1", pod_port, "web-1")])
+        + route("shop", "shop.test", "- backendRefs: [{name: web, port: 80}]")
+        + """
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: raw, namespace: default}
+spec:
+  parentRefs: [{name: gw, sectionName: tcp}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]"""
+        + _policy("deny", "Gateway/gw", "  ipAccess: {deny: [127.0.0.66]}") + _client_policy(
+            "behind-haproxy", "  clientIP: {proxyProtocol: {trustedCIDRs: [127.0.0.20/32]}}\n"
+                              "  timeouts: {tlsHandshake: 1s}"))
+    haproxy_cfg = tmp_path / "haproxy.cfg"
+    haproxy_cfg.write_text(f"""
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend https
+    bind 127.0.0.20:{front_https}
+    default_backend https
+backend https
+    source 127.0.0.20
+    server t {GW}:{https_port} send-proxy-v2
+frontend tcp
+    bind 127.0.0.20:{front_tcp}
+    default_backend tcp
+backend tcp
+    source 127.0.0.20
+    server t {GW}:{tcp_port} send-proxy
+""")
+    access = tmp_path / "access.log"
+    with scripted_backends(("127.0.10.1", pod_port, "web-1")), tidegate_run(
+            config, (GW, https_port), tmp_path / "tidegate.log", "--access-log", "json", "--access-log-file",
+            str(access)) as proxy, process([shutil.which("haproxy"), "-db", "-f", str(haproxy_cfg)],
+                                           tmp_path / "haproxy.log", ready=("127.0.0.20", front_tcp)):
+        def curl(port: int, source: str, address: str = "127.0.0.20") -> tuple[str, str]:
+            done = subprocess.run([CURL, "-sk", "--interface", source, "--resolve", f"shop.test:{port}:{address}",
+                                   "-o", "/dev/null", "-w", "%{http_code} %{http_version}",
+                                   f"https://shop.test:{port}/"], capture_output=True, text=True, timeout=20)
+            code, _, version = done.stdout.partition(" ")
+            return code, version
+
+        assert curl(front_https, "127.0.0.9") == ("200", "2")  # HTTP/2 by ALPN, through the PROXY header
+        assert curl(front_https, "127.0.0.66")[0] == "403"  # the client behind HAProxy is the one denied
+        assert curl(https_port, "127.0.0.66", GW)[0] == "403"  # straight in: its own address
+        assert curl(https_port, "127.0.0.2", GW) == ("200", "2")  # an untrusted peer: served as it is
+
+        with socket.create_connection(("127.0.0.20", front_tcp), timeout=10, source_address=("127.0.0.9", 0)) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := raw.recv(65536)):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+        def entries() -> list[dict] | None:
+            lines = [json.loads(line) for line in access.read_text().splitlines()] if access.exists() else []
+            return lines if len([e for e in lines if e.get("client") == "127.0.0.9"]) == 2 else None
+
+        logged = wait_until(entries, what="access log lines for every request and the TCP connection")
+        https = [e["client"] for e in logged if e.get("protocol") != "tcp"]
+        assert https == ["127.0.0.9", "127.0.0.66", "127.0.0.66", "127.0.0.2"], logged
+        tcp = [e["client"] for e in logged if e.get("protocol") == "tcp"]  # HAProxy's readiness probe's first
+        assert "127.0.0.9" in tcp and "127.0.0.20" not in tcp, logged
+
+        # The trusted address with no header, and an untrusted client that stalls its handshake: both closed
+        # at the policy's tlsHandshake (1 s), not asyncio's 60 s; the trusted address sending TLS at once.
+        for source, sent, within in (("127.0.0.20", b"", (0.8, 5)), ("127.0.0.3", b"\x16\x03\x01", (0.8, 5)),
+                                     ("127.0.0.20", b"\x16\x03\x01", (0, 0.5))):
+            with socket.create_connection((GW, https_port), timeout=10, source_address=(source, 0)) as raw:
+                began = time.monotonic()
+                raw.sendall(sent)  # the start of a TLS record, and then nothing
+                try:
+                    assert raw.recv(100) == b""
+                except ConnectionError:
+                    pass
+                took = time.monotonic() - began
+                assert within[0] <= took < within[1], (source, sent, took)
+        hits = [line for line in _get_metrics(proxy.admin_port).splitlines()
+                if line.startswith('tidegate_limit_hits_total{limit="proxy-protocol"}')]
+        assert hits and float(hits[0].split()[-1]) == 2
+
+
+def _h2_settings_and_calm(port: int, pings: int) -> tuple[int | None, int | None]:
+    """An h2c client on `port`: the server's SETTINGS_MAX_CONCURRENT_STREAMS, and the GOAWAY error code after
+    `pings` PINGs (None: no GOAWAY)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    client.initiate_connection()
+    streams, calm = None, None
+    with socket.create_connection((GW, port), timeout=5) as sock:
+        sock.sendall(client.data_to_send())
+        for n in range(pings):
+            client.ping(n.to_bytes(8, "big"))
+        sock.sendall(client.data_to_send())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and calm is None:
+            try:
+                data = sock.recv(65536)
+            except (ConnectionError, TimeoutError):
+                break
+            if not data:
+                break
+            for event in client.receive_data(data):
+                if isinstance(event, h2.events.RemoteSettingsChanged):
+                    changed = event.changed_settings.get(h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS)
+                    streams = changed.new_value if changed is not None else streams
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    calm = int(event.error_code)
+            if pings == 0 and streams is not None:
+                break
+    return streams, calm
+
+
+def test_client_policy_timeouts_and_http2_limits_apply_to_their_listener_only(tmp_path):
+    """A ClientPolicy on one listener (sectionName): its requestHead, idle and HTTP/2 limits hold there, while
+    a listener of the same Gateway without one keeps the defaults; a reload that drops the policy gives the
+    defaults back to new connections."""
+    strict, plain, pod_port = free_port(GW), free_port(GW), free_port("127.0.10.1")
+    config = tmp_path / "config"
+    config.mkdir()
+    policy = """
+---
+apiVersion: tidegate.io/v1alpha1
+kind: ClientPolicy
+metadata: {name: strict, namespace: default}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: gw, sectionName: strict}]
+  timeouts: {requestHead: 1s, idle: 1s}
+  http2: {maxConcurrentStreams: 5, controlFrames: {burst: 10, perSecond: 1}}"""
+    base = (gateway(GW, f"""
+          - {{name: strict, port: {strict}, protocol: HTTP}}
+          - {{name: plain, port: {plain}, protocol: HTTP}}""")
+            + service("web", [("127.0.10.1", pod_port, "web-1")])
+            + route("shop", "", "- backendRefs: [{name: web, port: 80}]"))
+    (config / "all.yaml").write_text(base + policy)
+
+    def slow_head(port: int, wait: float) -> tuple[bytes, float]:
+        with socket.create_connection((GW, port), timeout=wait, source_address=("127.0.0.1", 0)) as raw:
+            began = time.monotonic()
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\n")  # and the head never ends
+            try:
+                return raw.recv(100), time.monotonic() - began
+            except TimeoutError:
+                return b"", time.monotonic() - began
+
+    def idle_closed(port: int, wait: float) -> bool:
+        with socket.create_connection((GW, port), timeout=wait) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: shop.test\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                answer += raw.recv(65536)
+            try:
+                return raw.recv(100) == b""  # kept alive: closed when idle
+            except TimeoutError:
+                return False
+
+    with scripted_backends(("127.0.10.1", pod_port, "web-1")), tidegate_run(
+            config, (GW, strict), tmp_path / "tidegate.log") as proxy:
+        answer, took = slow_head(strict, 5)
+        assert answer.startswith(b"HTTP/1.1 408") and 0.9 <= took < 3, (answer, took)
+        assert slow_head(plain, 2.5)[0] == b""  # the default: 30 s
+        assert idle_closed(strict, 5) and not idle_closed(plain, 2.5)
+        assert _h2_settings_and_calm(strict, 0)[0] == 5
+        assert _h2_settings_and_calm(plain, 0)[0] == 128
+        assert _h2_settings_and_calm(strict, 50)[1] == 11  # ENHANCE_YOUR_CALM, past a burst of 10
+        assert _h2_settings_and_calm(plain, 50)[1] is None  # the default burst: 1,000
+
+        (config / "all.yaml").write_text(base)
+        wait_until(lambda: _h2_settings_and_calm(strict, 0)[0] == 128, what="the defaults back after the reload")
+        assert slow_head(strict, 2.5)[0] == b""
+        hits = [line for line in _get_metrics(proxy.admin_port).splitlines()
+                if line.startswith('tidegate_limit_hits_total{limit="request-head-timeout"}')]
+        assert hits and float(hits[0].split()[-1]) == 1

@@ -76,7 +76,8 @@ async def serve(args: argparse.Namespace) -> int:
     incarnation = f"{int(time.time() * 1000):x}.{os.getpid():x}"  # this run, in heartbeat answers
     return_path = await _return_path(args, log)
     deadlines = Deadlines(request_head=args.request_head_timeout, request_body_window=args.request_body_timeout,
-                          idle=args.idle_timeout, send=args.send_timeout, upstream_read=args.upstream_read_timeout)
+                          idle=args.idle_timeout, send=args.send_timeout, upstream_read=args.upstream_read_timeout,
+                          tls_handshake=args.tls_handshake_timeout)
     pool = WorkerPool(args.workers, WorkerOptions(args.bind, args.zone, args.access_log, args.access_log_file,
                                                   args.access_log_sample, args.access_log_status, deadlines,
                                                   node=args.node, heartbeat_port=args.heartbeat_port,

@@ -146,6 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--send-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="a client that reads nothing of its answer for this long is cut off (default: "
                              "%(default)s)")
+    limits.add_argument("--tls-handshake-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="an HTTPS client's TLS handshake must be done within this; else the connection is "
+                             "closed (default: %(default)s)")
     limits.add_argument("--upstream-read-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="a pod that sends nothing for this long while its answer is awaited: 504 (default: "
                              "%(default)s)")
@@ -652,7 +655,7 @@ def _run_args_problem(args: argparse.Namespace) -> str:
     if args.grace < 0:
         return "--grace must not be negative"
     for flag in ("request_head_timeout", "request_body_timeout", "idle_timeout", "send_timeout",
-                 "upstream_read_timeout"):
+                 "upstream_read_timeout", "tls_handshake_timeout"):
         if not getattr(args, flag) > 0:
             return f"--{flag.replace('_', '-')} must be positive"
     if not 1 <= args.workers <= 256:

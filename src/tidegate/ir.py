@@ -239,6 +239,28 @@ class ConnectionLimits:
 
 
 @dataclass(frozen=True)
+class ClientTimeouts:
+    """ClientPolicy timeouts of a listener (None: the run's default, deadlines.py), seconds."""
+
+    request_head: float | None = None
+    request_body_min_bytes: int | None = None  # requestBodyMinRate: at least this many bytes ...
+    request_body_window: float | None = None  # ... in every window this long
+    idle: float | None = None
+    send: float | None = None
+    tls_handshake: float | None = None
+
+
+@dataclass(frozen=True)
+class HTTP2Limits:
+    """ClientPolicy http2 of a listener (None: the default, h2limits.py)."""
+
+    max_concurrent_streams: int | None = None
+    control_frame_burst: int | None = None
+    control_frames_per_second: float | None = None
+    max_unread_bytes: int | None = None
+
+
+@dataclass(frozen=True)
 class HTTPRoute:
     """One rule of an HTTPRoute/GRPCRoute/Ingress as it applies on one listener."""
 
@@ -310,6 +332,8 @@ class Listener:
     freebind: bool = False
     client_ip: ClientIP | None = None  # ClientPolicy
     connection_limits: ConnectionLimits | None = None
+    timeouts: ClientTimeouts | None = None
+    http2: HTTP2Limits | None = None
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,14 @@ reads nothing of its answer for `send` is cut off; and a pod that sends nothing 
 answer is awaited gets the request a 504 (HTTP/1.1 pods; h2c pods carry gRPC streams that may rightly stay
 quiet). The README's "Limits and defaults" table sets these next to nginx's and HAProxy's.
 
-`tidegate run` sets them from its command line (`--request-head-timeout` ...), in every worker, before serving.
+`tidegate run` sets them from its command line (`--request-head-timeout` ...), in every worker, before serving;
+a listener's ClientPolicy `timeouts` replace them on its socket (`for_socket`), and a connection reads its
+socket's at its start. An HTTPS client's TLS handshake must be done within `tls_handshake`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ class Deadlines:
     idle: float = 60.0
     send: float = 60.0
     upstream_read: float = 60.0
+    tls_handshake: float = 10.0
 
     @property
     def check_interval(self) -> float:
@@ -34,6 +38,21 @@ class Deadlines:
 
 
 DEADLINES = Deadlines()
+
+_FIELDS = ("request_head", "request_body_min_bytes", "request_body_window", "idle", "send", "tls_handshake")
+
+
+def for_socket(policies: list[Any]) -> Deadlines:
+    """The deadlines of one listening socket: DEADLINES, with the ClientPolicy timeouts (ir.ClientTimeouts) of
+    the listeners on it; where they differ, the strictest (the connection's host is not known yet)."""
+    if not policies:
+        return DEADLINES
+    changed: dict[str, Any] = {}
+    for name in _FIELDS:
+        values = [getattr(p, name) for p in policies if getattr(p, name) is not None]
+        if values:
+            changed[name] = max(values) if name == "request_body_min_bytes" else min(values)
+    return dataclasses.replace(DEADLINES, **changed) if changed else DEADLINES
 
 
 class Watch:
@@ -50,28 +69,27 @@ class Watch:
         self.body_since = 0.0  # when the body's current window began (0: none under way), and its bytes then
         self.body_mark = 0
 
-    def pod_silent(self, upstream: Any, now: float) -> bool:
+    def pod_silent(self, upstream: Any, now: float, limits: Deadlines) -> bool:
         """True once `upstream` (an UpstreamConnection: its `reads` count) has read nothing for
-        DEADLINES.upstream_read."""
+        upstream_read."""
         if upstream is not self.pod or upstream.reads != self.pod_reads:
             self.pod, self.pod_reads, self.pod_since = upstream, upstream.reads, now
             return False
-        return now - self.pod_since >= DEADLINES.upstream_read
+        return now - self.pod_since >= limits.upstream_read
 
-    def body_too_slow(self, received: int, held_back: bool, now: float) -> bool:
+    def body_too_slow(self, received: int, held_back: bool, now: float, limits: Deadlines) -> bool:
         """True when a request body brought less than request_body_min_bytes in a whole request_body_window;
         a window in which tidegate held the body back (a slow pod) starts over."""
         if held_back or not self.body_since:
             self.body_since, self.body_mark = now, received
             return False
-        if now - self.body_since < DEADLINES.request_body_window:
+        if now - self.body_since < limits.request_body_window:
             return False
-        if received - self.body_mark < DEADLINES.request_body_min_bytes:
+        if received - self.body_mark < limits.request_body_min_bytes:
             return True
         self.body_since, self.body_mark = now, received
         return False
 
 
-def slow_body_message() -> str:
-    return (f"request body slower than {DEADLINES.request_body_min_bytes} bytes in "
-            f"{DEADLINES.request_body_window:g} s")
+def slow_body_message(limits: Deadlines) -> str:
+    return f"request body slower than {limits.request_body_min_bytes} bytes in {limits.request_body_window:g} s"

@@ -6,11 +6,17 @@
 - Control frames: PING, SETTINGS, PRIORITY and empty DATA frames cost work (and, for PING and SETTINGS, an
   answer) without carrying a request. A connection gets CONTROL_FRAME_BURST of them and CONTROL_FRAMES_PER_SECOND
   more each second; past that it is closed with ENHANCE_YOUR_CALM, as nginx and Envoy close floods.
+- Unread output: a client that asks for answers (PING, SETTINGS, responses) and reads none of them is closed
+  once MAX_UNREAD_BYTES wait in its socket's buffer.
+
+A listener's ClientPolicy `http2` replaces these on its socket (`for_socket`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import h2.config
@@ -20,15 +26,39 @@ import h2.settings
 MAX_CONCURRENT_STREAMS = 128
 CONTROL_FRAME_BURST = 1000
 CONTROL_FRAMES_PER_SECOND = 100.0
+MAX_UNREAD_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class H2Limits:
+    max_concurrent_streams: int = MAX_CONCURRENT_STREAMS
+    control_frame_burst: int = CONTROL_FRAME_BURST
+    control_frames_per_second: float = CONTROL_FRAMES_PER_SECOND
+    max_unread_bytes: int = MAX_UNREAD_BYTES
+
+
+H2_LIMITS = H2Limits()
+_FIELDS = tuple(f.name for f in dataclasses.fields(H2Limits))
+
+
+def for_socket(policies: list[Any]) -> H2Limits:
+    """The limits of one listening socket, from the ClientPolicy http2 (ir.HTTP2Limits) of its listeners: where
+    they differ, the smallest."""
+    changed = {}
+    for name in _FIELDS:
+        values = [getattr(p, name) for p in policies if getattr(p, name) is not None]
+        if values:
+            changed[name] = min(values)
+    return dataclasses.replace(H2_LIMITS, **changed) if changed else H2_LIMITS
 
 
 class ServerConnection(h2.connection.H2Connection):
     """h2's connection, with streams over the advertised concurrency refused one by one (see `refused`)."""
 
-    def __init__(self, config: h2.config.H2Configuration):
+    def __init__(self, config: h2.config.H2Configuration, max_concurrent_streams: int = MAX_CONCURRENT_STREAMS):
         super().__init__(config=config)
         self.local_settings = h2.settings.Settings(client=False, initial_values={
-            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.DEFAULT_MAX_HEADER_LIST_SIZE})
         self.refused: set[int] = set()  # streams over the limit, to be reset by the caller as they arrive
         self._admitting = False
@@ -54,16 +84,18 @@ class ServerConnection(h2.connection.H2Connection):
 class ControlFrameBudget:
     """A token bucket for the control frames of one connection."""
 
-    __slots__ = ("tokens", "updated")
+    __slots__ = ("burst", "rate", "tokens", "updated")
 
-    def __init__(self) -> None:
-        self.tokens = float(CONTROL_FRAME_BURST)
+    def __init__(self, limits: H2Limits = H2_LIMITS) -> None:
+        self.burst = float(limits.control_frame_burst)
+        self.rate = limits.control_frames_per_second
+        self.tokens = self.burst
         self.updated = time.monotonic()
 
     def spend(self, frames: int) -> bool:
         """Count `frames` control frames; False once the connection is over its budget."""
         now = time.monotonic()
-        self.tokens = min(float(CONTROL_FRAME_BURST), self.tokens + (now - self.updated) * CONTROL_FRAMES_PER_SECOND)
+        self.tokens = min(self.burst, self.tokens + (now - self.updated) * self.rate)
         self.updated = now
         self.tokens -= frames
         return self.tokens >= 0

@@ -44,7 +44,7 @@ from tidegate.dataplane.filters import (
     replace_path,
 )
 from tidegate.dataplane import fastlane, guard, proxy_protocol
-from tidegate.dataplane.deadlines import DEADLINES, Watch, slow_body_message
+from tidegate.dataplane.deadlines import DEADLINES, Deadlines, Watch, slow_body_message
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import (
     ClosedUnanswered,
@@ -255,13 +255,14 @@ ClientSide = Any
 
 
 class ClientConnection(asyncio.Protocol):
-    def __init__(self, site_getter: Callable[[], Site], listener_port: int, scheme: str = "http"):
+    def __init__(self, site_getter: Callable[[], Site], listener_port: int, scheme: str = "http", client: str = ""):
+        """`client`: the client's address from a PROXY header read before TLS (proxied.py); "" = the peer's."""
         self.site_getter = site_getter
         self.listener_port = listener_port
         self.scheme = scheme
         self.transport: asyncio.Transport | None = None
         self.parser: Any = httptools.HttpRequestParser(self)  # None once the connection is gone
-        self.peer = ""
+        self.peer = client
         self.current: Exchange | None = None
         # Requests read and waiting (MAX_PIPELINED at most): a list, whose append and pop(0) are C calls
         # compiled, where a deque's methods go through Python's generic method lookup.
@@ -297,6 +298,7 @@ class ClientConnection(asyncio.Protocol):
         self._drain: asyncio.Event | None = None  # made when writing first pauses: most connections never do
         self.capped: Any = None  # the socket whose ClientPolicy counts this connection (released on close)
         self.proxy_header: bytes | None = None  # a PROXY header's bytes so far, while one is awaited
+        self.deadlines: Deadlines = DEADLINES  # its socket's (ClientPolicy timeouts), read when it connects
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -304,9 +306,11 @@ class ClientConnection(asyncio.Protocol):
         connections = METRICS.connections
         connections.open += 1  # decremented by whichever protocol sees the connection close
         connections.accepted += 1
-        peer = transport.get_extra_info("peername")
-        self.peer = peer[0] if peer else ""
+        if not self.peer:
+            peer = transport.get_extra_info("peername")
+            self.peer = peer[0] if peer else ""
         site = self.site_getter()
+        self.deadlines = site.deadlines
         if site.limits is not None:
             over = guard.CONNECTIONS.admit(site.key, self.peer, site.limits)
             if over:
@@ -315,9 +319,9 @@ class ClientConnection(asyncio.Protocol):
                 reset(transport)  # type: ignore[arg-type]
                 return
             self.capped = site.key
-        if site.proxy_from is not None and self.peer in site.proxy_from:
-            self.proxy_header = b""  # a PROXY header comes first: read before anything else
         ssl_object = transport.get_extra_info("ssl_object")
+        if site.proxy_from is not None and ssl_object is None and self.peer in site.proxy_from:
+            self.proxy_header = b""  # a PROXY header comes first: read before anything else
         self.server_name = take_server_name(ssl_object) if ssl_object is not None else ""
         if ssl_object is not None and ssl_object.selected_alpn_protocol() == "h2":
             self._switch_to_http2(b"")
@@ -417,9 +421,21 @@ class ClientConnection(asyncio.Protocol):
             self.proxy_header = held
             return b""
         length, source = parsed
-        if source:
-            self.peer = source
         self.proxy_header = None
+        if source:
+            key = self.capped
+            if key is not None:  # counted as the proxy's so far: the client's from now on
+                guard.CONNECTIONS.release(key, self.peer)
+                self.capped = None
+                limits = self.site_getter().limits
+                over = guard.CONNECTIONS.admit(key, source, limits) if limits is not None else ""
+                if over:
+                    METRICS.limits.labels(over).inc()
+                    self.closed = True
+                    reset(self.transport)  # type: ignore[arg-type]
+                    return b""
+                self.capped = key
+            self.peer = source
         return held[length:]
 
     def _feed_head_within_limit(self, data: bytes) -> None:
@@ -548,7 +564,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _arm_idle(self) -> None:
         """One timer per connection, re-armed when it fires: cheaper than a timer per request."""
-        self.idle_handle = asyncio.get_running_loop().call_later(DEADLINES.check_interval, self._check_deadlines)
+        self.idle_handle = asyncio.get_running_loop().call_later(self.deadlines.check_interval, self._check_deadlines)
 
     def _check_deadlines(self) -> None:
         """What the client or the pod has left hanging for too long (deadlines.py) is ended."""
@@ -556,7 +572,7 @@ class ClientConnection(asyncio.Protocol):
         if self.closed or transport is None or self.tunnel is not None:
             return
         now = time.monotonic()
-        limits = DEADLINES
+        limits = self.deadlines
         watch = self.watch
         if watch is None:
             watch = self.watch = Watch()
@@ -576,18 +592,19 @@ class ClientConnection(asyncio.Protocol):
             watch.body_since = 0.0
             upstream = self.upstream
             # The request is in: the pod owes its answer, and must send something now and then.
-            if upstream is not None and type(upstream) is UpstreamConnection and watch.pod_silent(upstream, now):
+            if upstream is not None and type(upstream) is UpstreamConnection and \
+                    watch.pod_silent(upstream, now, limits):
                 METRICS.limits.labels("upstream-read-timeout").inc()
                 upstream.time_out(limits.upstream_read)
         else:
             ex = self.current
             if ex is not None and not ex.body_done and watch.body_too_slow(ex.bytes_received, self.read_paused,
-                                                                           now):
+                                                                           now, limits):
                 if self.last_status:  # an answer is under way: it cannot become a 408
-                    self._cut_off("request-body-rate", slow_body_message())
+                    self._cut_off("request-body-rate", slow_body_message(limits))
                 else:
                     METRICS.limits.labels("request-body-rate").inc()
-                    self._reject(408, slow_body_message())
+                    self._reject(408, slow_body_message(limits))
                 return
         self._arm_idle()
 

@@ -25,13 +25,8 @@ import h2.exceptions
 
 from tidegate.dataplane import fastlane, guard
 from tidegate.dataplane.filters import get_header
-from tidegate.dataplane.h2limits import (
-    CONTROL_FRAME_BURST,
-    CONTROL_FRAMES_PER_SECOND,
-    ControlFrameBudget,
-    ServerConnection,
-)
-from tidegate.dataplane.deadlines import DEADLINES, Watch, slow_body_message
+from tidegate.dataplane.h2limits import ControlFrameBudget, H2Limits, ServerConnection
+from tidegate.dataplane.deadlines import Deadlines, Watch, slow_body_message
 from tidegate.dataplane.h2request import read_request
 from tidegate.dataplane.upstream import UpstreamConnection, UpstreamTimeout
 from tidegate.dataplane.http1 import (
@@ -69,9 +64,8 @@ CONNECTION_PENDING_LIMIT = 1024 * 1024
 # Body bytes framed in one turn of the event loop for one connection; the rest goes in the next turns, so that
 # a client with wide-open windows does not get its streams' whole buffers in one write.
 TURN_BYTES = 512 * 1024
-# Output queued for a client that does not read it, past which the connection is closed: with DATA framed only
+# Output queued for a client that does not read it is capped (h2limits.MAX_UNREAD_BYTES): with DATA framed only
 # while the socket takes it, what piles up is answers to the client's own frames (PING, SETTINGS, HEADERS).
-MAX_QUEUED_OUTPUT = 4 * 1024 * 1024
 # "Rapid reset" (CVE-2023-44487): a client that opens streams and resets them at once has requests started
 # that nobody waits for, with no limit from SETTINGS_MAX_CONCURRENT_STREAMS. Once EARLY_RESET_FLOOR streams of
 # a connection were reset before their answer ended, and they are at least half of its requests, the
@@ -238,10 +232,14 @@ class H2ServerConnection(asyncio.Protocol):
         config = h2.config.H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False,
                                            normalize_inbound_headers=False, validate_outbound_headers=False,
                                            normalize_outbound_headers=False)
-        self.h2 = ServerConnection(config)
+        site = site_getter()
+        # The socket's ClientPolicy timeouts and HTTP/2 limits (or the defaults), as they were when it connected.
+        self.deadlines: Deadlines = site.deadlines
+        self.limits: H2Limits = site.h2
+        self.h2 = ServerConnection(config, self.limits.max_concurrent_streams)
         self.streams: dict[int, H2Stream] = {}
         self.closed = False
-        self.control_frames = ControlFrameBudget()
+        self.control_frames = ControlFrameBudget(self.limits)
         self.write_blocked = False  # the socket's buffer is full (pause_writing): DATA waits
         self.turn_bytes = 0  # body bytes framed in this turn (TURN_BYTES)
         self.held: set[H2Stream] = set()  # streams whose endpoint is paused for the connection's total alone
@@ -267,18 +265,18 @@ class H2ServerConnection(asyncio.Protocol):
         self._arm_deadlines()
 
     def _arm_deadlines(self) -> None:
-        self.deadline_check = asyncio.get_running_loop().call_later(DEADLINES.check_interval,
+        self.deadline_check = asyncio.get_running_loop().call_later(self.deadlines.check_interval,
                                                                     self._check_deadlines)
 
     def _check_deadlines(self) -> None:
-        """An idle connection (no stream: a bare h2c preface too) is closed after DEADLINES.idle, a client that
-        reads nothing is cut off after DEADLINES.send, and a pod silent for DEADLINES.upstream_read while its
+        """An idle connection (no stream: a bare h2c preface too) is closed after deadlines.idle, a client that
+        reads nothing is cut off after deadlines.send, and a pod silent for deadlines.upstream_read while its
         answer is awaited gets its stream a 504 (deadlines.py)."""
         transport = self.transport
         if self.closed or transport is None:
             return
         now = time.monotonic()
-        limits = DEADLINES
+        limits = self.deadlines
         if self.write_blocked and now - self.write_blocked_at >= limits.send:
             METRICS.limits.labels("send-timeout").inc()
             log.info("closing the HTTP/2 connection from %s: it read nothing for %g s", self.peer, limits.send)
@@ -304,11 +302,12 @@ class H2ServerConnection(asyncio.Protocol):
                 if watch is None:
                     watch = stream.watch = Watch()
                 if not stream.ex.body_done:
-                    if watch.body_too_slow(stream.ex.bytes_received, stream.paused, now):
+                    if watch.body_too_slow(stream.ex.bytes_received, stream.paused, now, limits):
                         self._cut_off_slow_body(stream)
                     continue
                 upstream = stream.upstream
-                if upstream is not None and type(upstream) is UpstreamConnection and watch.pod_silent(upstream, now):
+                if upstream is not None and type(upstream) is UpstreamConnection and \
+                        watch.pod_silent(upstream, now, limits):
                     METRICS.limits.labels("upstream-read-timeout").inc()
                     upstream.time_out(limits.upstream_read)
         self._arm_deadlines()
@@ -335,7 +334,7 @@ class H2ServerConnection(asyncio.Protocol):
         if stream.last_status:
             self.reset(stream)
         else:
-            stream.send_simple(408, slow_body_message())
+            stream.send_simple(408, slow_body_message(self.deadlines))
 
     def pause_writing(self) -> None:
         self.write_blocked = True
@@ -412,8 +411,8 @@ class H2ServerConnection(asyncio.Protocol):
                     self.transport.close()
         if control and not self.control_frames.spend(control):
             METRICS.limits.labels("http2-control-frames").inc()
-            self._calm_down(f"sent over {CONTROL_FRAME_BURST} control frames (PING, SETTINGS, PRIORITY, empty DATA) "
-                            f"at over {CONTROL_FRAMES_PER_SECOND:g} a second")
+            self._calm_down(f"sent over {self.limits.control_frame_burst} control frames (PING, SETTINGS, PRIORITY, "
+                            f"empty DATA) at over {self.limits.control_frames_per_second:g} a second")
 
     # -- requests ---------------------------------------------------------------------------------------
     def _refuse(self, stream_id: int) -> None:
@@ -625,9 +624,9 @@ class H2ServerConnection(asyncio.Protocol):
         transport = self.transport
         if data and transport is not None and not self.closed:
             transport.write(data)
-            if transport.get_write_buffer_size() > MAX_QUEUED_OUTPUT:
+            if transport.get_write_buffer_size() > self.limits.max_unread_bytes:
                 METRICS.limits.labels("http2-unread-output").inc()
-                self._calm_down(f"does not read what it asks for ({MAX_QUEUED_OUTPUT // 1048576} MiB queued)")
+                self._calm_down(f"does not read what it asks for ({self.limits.max_unread_bytes} bytes queued)")
                 reset(transport)
                 return
         if self.queued and not self.write_blocked and not self.closed:

@@ -30,6 +30,8 @@ from typing import Any
 from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.outlier import record_outcome
+from tidegate.dataplane.deadlines import DEADLINES
+from tidegate.dataplane.proxied import ProxiedServer, listening_socket, proxy_peers
 from tidegate.dataplane.proxy_protocol import header as proxy_header
 from tidegate.dataplane.tls import TLSSite, server_context, take_server_name
 from tidegate.dataplane.upstream import ConnectError, UpstreamError, connect
@@ -178,6 +180,8 @@ class L4Site:
     balancer: RouteBalancer
     listener: str = ""  # the socket's first listener: what refusals are counted under
     listener_of: dict[int, str] = field(default_factory=dict)  # id(route) → its listener's name
+    # ClientPolicy proxyProtocol: peers whose connections start with a PROXY header (proxied.py reads it)
+    proxy_from: Any = None  # guard.AddressSet
 
     def counts(self, route: ir.L4Route) -> list[int]:
         """The metrics of connections or sessions of `route` on this socket."""
@@ -298,12 +302,13 @@ class _EndpointSide(_Side):
 class TCPRelay:
     """A client connection and, once a route and an endpoint are found, the connection to the endpoint."""
 
-    def __init__(self, listener: L4Listener):
+    def __init__(self, listener: L4Listener, client: str = ""):
+        """`client`: the client's address from a PROXY header (proxied.py); "" = the peer's."""
         self.listener = listener
         self.site = listener.site()  # the configuration this connection keeps
         self.client = _ClientSide(self)
         self.endpoint_side: _EndpointSide | None = None
-        self.peer = ""
+        self.peer = client
         self.held: list[bytes] = []  # client bytes read before the endpoint connection is made
         self.held_size = 0
         self.closed = False
@@ -324,8 +329,9 @@ class TCPRelay:
     def started(self, client: _ClientSide) -> None:
         assert client.transport is not None
         peer = client.transport.get_extra_info("peername")
-        self.peer = peer[0] if peer else ""
-        self.peer_port = peer[1] if peer else 0
+        if not self.peer:
+            self.peer = peer[0] if peer else ""
+        self.peer_port = peer[1] if peer else 0  # the proxy's, behind a PROXY header (it brings no port here)
         self.listener.relays.add(self)
         if self.site is None:
             self.close()
@@ -723,8 +729,8 @@ class L4Listener:
         self.relays: set[TCPRelay] = set()
         self.server: Any = None  # an asyncio.Server (uvloop has its own class)
 
-    def protocol(self) -> _ClientSide:
-        return TCPRelay(self).client
+    def protocol(self, client: str = "") -> _ClientSide:
+        return TCPRelay(self, client).client
 
     def sweep(self, now: float) -> None:
         for relay in [r for r in self.relays if r.endpoint_side is not None and now - r.last_active > r.idle_timeout]:
@@ -876,7 +882,8 @@ class L4DataPlane:
         self.unbound = {}
         self.freebind = {key for key, group in groups.items() if any(listener.freebind for listener in group)}
         sites = {key: L4Site(key[2], L4Table([r for l in group for r in l.l4_routes]), balancer, group[0].name,
-                             {id(r): l.name for l in group for r in l.l4_routes})
+                             {id(r): l.name for l in group for r in l.l4_routes},
+                             proxy_peers(group) if key[2] != "udp" else None)
                  for key, group in groups.items()}
         used = {(c.cert_pem, c.key_pem) for key, group in groups.items() if key[2] == "terminate"
                 for listener in group for c in (listener.tls.certificates if listener.tls else ())}
@@ -896,6 +903,9 @@ class L4DataPlane:
             if key in self.tls_sites and key in self.tcp \
                     and self._client_checks.get(key) != self.tls_sites[key].client_validation:
                 self._close_tcp(key)
+            proxied = sites[key].proxy_from is not None
+            if key in self.tcp and isinstance(self.tcp[key].server, ProxiedServer) != proxied:
+                self._close_tcp(key)  # PROXY headers now come first, or no longer: accepted another way
             if key in self.tcp or key in self.udp:
                 continue
             try:
@@ -942,11 +952,18 @@ class L4DataPlane:
                 ssl_ctx = server_context(lambda: self.tls_sites.get(key), *checks, alpn=())
                 self._client_checks[key] = checks
             tcp = L4Listener(name, site)
-            if sock is not None:
-                tcp.server = await loop.create_server(tcp.protocol, sock=sock, backlog=1024, ssl=ssl_ctx)
+            handshake = DEADLINES.tls_handshake if ssl_ctx is not None else None
+            if self.sites[key].proxy_from is not None:
+                bound = sock if sock is not None else listening_socket(address, port, self.reuse_port)
+                tcp.server = ProxiedServer(bound, tcp.protocol, lambda: getattr(site(), "proxy_from", None), ssl_ctx,
+                                           DEADLINES.tls_handshake, HELLO_TIMEOUT)
+            elif sock is not None:
+                tcp.server = await loop.create_server(tcp.protocol, sock=sock, backlog=1024, ssl=ssl_ctx,
+                                                      ssl_handshake_timeout=handshake)
             else:
                 tcp.server = await loop.create_server(tcp.protocol, host=address, port=port, reuse_address=True,
-                                                      reuse_port=self.reuse_port or None, backlog=1024, ssl=ssl_ctx)
+                                                      reuse_port=self.reuse_port or None, backlog=1024, ssl=ssl_ctx,
+                                                      ssl_handshake_timeout=handshake)
             self.tcp[key] = tcp
         log.info("listening on %s:%d (%s)", address, port, _KIND_NAMES[kind])
 

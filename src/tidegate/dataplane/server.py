@@ -21,9 +21,12 @@ from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.health import HealthChecker
 from tidegate.balancing.state import Registry
-from tidegate.dataplane import guard
+from tidegate.dataplane import deadlines, guard, h2limits
+from tidegate.dataplane.deadlines import DEADLINES, Deadlines
+from tidegate.dataplane.h2limits import H2_LIMITS, H2Limits
 from tidegate.dataplane.http1 import IN_FLIGHT, ClientConnection
 from tidegate.dataplane.l4 import L4DataPlane, free_socket, l4_kind
+from tidegate.dataplane.proxied import ProxiedServer, listening_socket, proxy_peers
 from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool, backend_tls_context
 from tidegate.dataplane.upstream_h2 import H2EndpointPool
@@ -34,6 +37,11 @@ log = logging.getLogger("tidegate.dataplane")
 
 BIND_RETRY_FIRST = 1.0  # seconds before a failed bind is tried again; doubled each time
 BIND_RETRY_MAX = 30.0
+
+# What a listening socket is opened with: its scheme; for HTTPS, its client-certificate checks, TLS handshake
+# timeout, and whether PROXY headers come before TLS (proxied.py). A new configuration that changes it opens
+# the socket anew.
+Identity = tuple[str, str, str, float, bool]
 
 
 def _bind_error(key: tuple[str, int], exc: OSError) -> tuple[str, str]:
@@ -97,6 +105,10 @@ class Site:
     key: Any = None
     # ClientPolicy proxyProtocol: peers whose connections to this socket start with a PROXY header
     proxy_from: Any = None  # guard.AddressSet
+    # ClientPolicy timeouts and http2 of the listeners on this socket (the strictest where they differ), or the
+    # run's defaults.
+    deadlines: Deadlines = field(default_factory=lambda: DEADLINES)  # the object itself: the run's flags set it
+    h2: H2Limits = H2_LIMITS
 
 
 def _socket_limits(listeners: list[ir.Listener]) -> ir.ConnectionLimits | None:
@@ -110,12 +122,6 @@ def _socket_limits(listeners: list[ir.Listener]) -> ir.ConnectionLimits | None:
                                min(lags) if lags else None)
 
 
-def _proxy_peers(listeners: list[ir.Listener]) -> Any:
-    trusted = sorted({c for listener in listeners if listener.client_ip is not None
-                      for c in listener.client_ip.proxy_protocol})
-    return guard.AddressSet(trusted) if trusted else None
-
-
 class DataPlane:
     def __init__(self, bind: str = "0.0.0.0", reuse_port: bool = False, health_checks: bool = True):
         """`reuse_port`: worker processes share each listening port (SO_REUSEPORT; the kernel spreads
@@ -125,11 +131,11 @@ class DataPlane:
         self.run_health_checks = health_checks
         self.pools = PoolSet()
         self.sites: dict[tuple[str, int], Site] = {}
-        self.servers: dict[tuple[str, int], asyncio.base_events.Server] = {}
+        self.servers: dict[tuple[str, int], Any] = {}  # asyncio (uvloop) Servers, proxied.ProxiedServers
         # Sockets that could not be opened: (reason for the status condition, message).
         self.errors: dict[tuple[str, int], tuple[str, str]] = {}
         self.tls_sites: dict[tuple[str, int], TLSSite] = {}
-        self.schemes: dict[tuple[str, int], tuple[str, str, str]] = {}
+        self.schemes: dict[tuple[str, int], Identity] = {}
         # (certificate, key, client CA, mode) → SSLContext, reused across reloads
         self._contexts: dict[tuple[str, str, str, str], object] = {}
         self._background: set = set()
@@ -138,7 +144,7 @@ class DataPlane:
         self.health = HealthChecker(self.registry)
         self.l4 = L4DataPlane(reuse_port)  # TCP, UDP and TLS passthrough listeners
         # Failed binds are tried again (_retry_binds); HTTP(S) ones by the identity they were to have.
-        self._unbound_http: dict[tuple[str, int], tuple[str, str, str]] = {}
+        self._unbound_http: dict[tuple[str, int], Identity] = {}
         # HTTP(S) sockets bound with IP_FREEBIND: a Gateway address from an IPAddressPool that another node
         # may announce now.
         self._freebind: set[tuple[str, int]] = set()
@@ -182,7 +188,9 @@ class DataPlane:
                 by_socket.setdefault((listener.address or self.bind, listener.port), []).append(listener)
         sites = {key: Site(router, balancer, self.pools, self._background,
                            limits=_socket_limits(by_socket.get(key, [])), key=key,
-                           proxy_from=_proxy_peers(by_socket.get(key, [])))
+                           proxy_from=proxy_peers(by_socket.get(key, [])),
+                           deadlines=deadlines.for_socket([l.timeouts for l in by_socket.get(key, []) if l.timeouts]),
+                           h2=h2limits.for_socket([l.http2 for l in by_socket.get(key, []) if l.http2]))
                  for key, router in routers.items()}
         self.sites = sites  # the atomic swap: new requests see the new configuration
         self.tls_sites = tls_sites
@@ -193,8 +201,11 @@ class DataPlane:
                           if listener.freebind and not l4_kind(listener)}
         for key in routers:
             scheme = "https" if key in https else "http"
-            # The socket's identity: its scheme and, for HTTPS, its client-certificate checks.
-            identity = (scheme, *(tls_sites[key].client_validation if key in tls_sites else ("", "")))
+            # The socket's identity: its scheme and, for HTTPS, its client-certificate checks and handshake time.
+            validation = tls_sites[key].client_validation if key in tls_sites else ("", "")
+            identity = (scheme, validation[0], validation[1],
+                        sites[key].deadlines.tls_handshake if key in tls_sites else 0.0,
+                        key in tls_sites and sites[key].proxy_from is not None)
             if key in self.servers and self.schemes.get(key) == identity:
                 continue
             if key in self.servers:
@@ -224,22 +235,32 @@ class DataPlane:
                             self.pools.pool(e.address, e.port, backend.tls).idle_timeout = backend.policy.idle_timeout
         return errors
 
-    async def _open_http(self, key: tuple[str, int], identity: tuple[str, str, str]) -> None:
+    async def _open_http(self, key: tuple[str, int], identity: Identity) -> None:
         address, port = key
         scheme = identity[0]
         ssl_ctx = server_context(partial(self._tls_site, key), identity[1],
                                  identity[2]) if scheme == "https" else None
 
-        def protocol() -> ClientConnection:
-            return ClientConnection(lambda: self.sites.get(key) or self._empty_site(), port, scheme)
+        def site() -> Site:
+            return self.sites.get(key) or self._empty_site()
+
+        def protocol(source: str = "") -> ClientConnection:
+            return ClientConnection(site, port, scheme, source)
 
         loop = asyncio.get_running_loop()
-        if key in self._freebind:
+        handshake = identity[3] if ssl_ctx is not None else None
+        if identity[4]:  # PROXY headers before TLS: tidegate accepts, and reads them first
+            sock = free_socket(address, port, False, self.reuse_port) if key in self._freebind \
+                else listening_socket(address, port, self.reuse_port)
+            server: Any = ProxiedServer(sock, protocol, lambda: site().proxy_from, ssl_ctx, identity[3],
+                                        identity[3])
+        elif key in self._freebind:
             server = await loop.create_server(protocol, sock=free_socket(address, port, False, self.reuse_port),
-                                              backlog=1024, ssl=ssl_ctx)
+                                              backlog=1024, ssl=ssl_ctx, ssl_handshake_timeout=handshake)
         else:
             server = await loop.create_server(protocol, host=address, port=port, reuse_address=True,
-                                              reuse_port=self.reuse_port or None, backlog=1024, ssl=ssl_ctx)
+                                              reuse_port=self.reuse_port or None, backlog=1024, ssl=ssl_ctx,
+                                              ssl_handshake_timeout=handshake)
         self.schemes[key] = identity
         self.servers[key] = server
         log.info("listening on %s:%d (%s)", address, port, scheme.upper())

@@ -1,11 +1,13 @@
 """ClientPolicy (tidegate.io/v1alpha1): where a listener's clients' addresses come from, how many
-connections the listener and one client may hold, and when to shed load.
+connections the listener and one client may hold, how long a client may leave a request or a connection
+hanging, the HTTP/2 limits, and when to shed load.
 
 A policy targets Gateways in its own namespace (with `sectionName`: one listener). For a listener the
-sections (`clientIP`, `connections`, `overload`) are taken from its Gateway's policy, then its own: the more specific
-wins, section by section. Two policies on one target: the older wins, the other is `Conflicted`. A policy
-that cannot be used (an entry that is no address or CIDR) is `Accepted=False` (`Invalid`) and not applied:
-the peer's address is then the client's, which is what tidegate does without a policy.
+sections (`clientIP`, `connections`, `timeouts`, `http2`, `overload`) are taken from its Gateway's policy, then
+its own: the more specific wins, section by section. Two policies on one target: the older wins, the other is
+`Conflicted`. A policy that cannot be used (an entry that is no address or CIDR, a duration of 0) is
+`Accepted=False` (`Invalid`) and not applied: its targets keep their Gateway's policy, if one targets it,
+else what tidegate does without a policy (the peer's address is the client's; the default limits hold).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from tidegate.resources.model import Key, Problem, Resource
 from tidegate.translate.conditions import policy_status
 from tidegate.translate.index import Index
 from tidegate.translate.routes import parse_duration
-from tidegate.translate.traffic_policies import cidrs, InvalidPolicy
+from tidegate.translate.traffic_policies import cidrs, InvalidPolicy, parse_size
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 
@@ -45,13 +47,59 @@ def _parsed(spec: dict[str, Any]) -> dict[str, Any]:
     if isinstance(connections, dict):
         out["connections"] = {"max_per_listener": connections.get("maxPerListener"),
                               "max_per_client": connections.get("maxPerClient")}
+    timeouts = spec.get("timeouts")
+    if isinstance(timeouts, dict):
+        out["timeouts"] = _timeouts(timeouts)
+    http2 = spec.get("http2")
+    if isinstance(http2, dict):
+        out["http2"] = _http2(http2)
     overload = spec.get("overload")
     if isinstance(overload, dict):
-        lag = parse_duration(overload["maxEventLoopLag"])
-        if lag <= 0:
-            raise InvalidPolicy("overload.maxEventLoopLag must be longer than 0")
-        out["overload"] = {"shed_at_loop_lag": lag}
+        out["overload"] = {"shed_at_loop_lag": _seconds(overload["maxEventLoopLag"], "overload.maxEventLoopLag")}
     return out
+
+
+def _seconds(value: Any, where: str) -> float:
+    try:
+        seconds = parse_duration(value)
+    except (TypeError, ValueError):
+        raise InvalidPolicy(f"{where}: {value!r} is not a duration such as 10s") from None
+    if seconds <= 0:
+        raise InvalidPolicy(f"{where} must be longer than 0")
+    return seconds
+
+
+def _timeouts(section: dict[str, Any]) -> ir.ClientTimeouts:
+    found: dict[str, Any] = {}
+    for name, field in (("requestHead", "request_head"), ("idle", "idle"), ("send", "send"),
+                        ("tlsHandshake", "tls_handshake")):
+        if section.get(name) is not None:
+            found[field] = _seconds(section[name], f"timeouts.{name}")
+    rate = section.get("requestBodyMinRate")
+    if isinstance(rate, dict):
+        size = parse_size(rate.get("bytes"))
+        if not size:
+            raise InvalidPolicy(f"timeouts.requestBodyMinRate.bytes: {rate.get('bytes')!r} is not a size above 0")
+        found["request_body_min_bytes"] = size
+        found["request_body_window"] = _seconds(rate.get("per"), "timeouts.requestBodyMinRate.per")
+    return ir.ClientTimeouts(**found)
+
+
+def _http2(section: dict[str, Any]) -> ir.HTTP2Limits:
+    found: dict[str, Any] = {}
+    if section.get("maxConcurrentStreams") is not None:
+        found["max_concurrent_streams"] = int(section["maxConcurrentStreams"])
+    frames = section.get("controlFrames")
+    if isinstance(frames, dict):
+        found["control_frame_burst"] = int(frames["burst"])
+        found["control_frames_per_second"] = float(frames["perSecond"])
+    if section.get("maxUnreadBytes") is not None:
+        size = parse_size(section["maxUnreadBytes"])
+        if not size or size < 65536:
+            raise InvalidPolicy(f"http2.maxUnreadBytes: {section['maxUnreadBytes']!r} is not a size of 64Ki or more "
+                                "(a client must be able to take one full window of answers)")
+        found["max_unread_bytes"] = size
+    return ir.HTTP2Limits(**found)
 
 
 def apply_client_policies(index: Index, listeners: list[ir.Listener], statuses: dict[Key, Any],
@@ -70,8 +118,8 @@ def apply_client_policies(index: Index, listeners: list[ir.Listener], statuses: 
             parsed[policy.key] = _parsed(policy.spec)
         except InvalidPolicy as exc:
             verdict = (False, "Invalid", str(exc))
-            notes.append(Problem("error", policy.origin, f"invalid: {exc}; not applied (clients' addresses are "
-                                 "their connections' peers)", policy.key))
+            notes.append(Problem("error", policy.origin, f"invalid: {exc}; not applied (its targets keep their "
+                                 "Gateway's policy, or tidegate's defaults)", policy.key))
         for ref in policy.spec.get("targetRefs", []):
             gateway = index.get("Gateway", policy.namespace, ref["name"])
             section = ref.get("sectionName", "")
@@ -113,7 +161,8 @@ def apply_client_policies(index: Index, listeners: list[ir.Listener], statuses: 
                 if client_ip is not None else listener.http_routes
             limits = {**merged.get("connections", {}), **merged.get("overload", {})}
             listener = dataclasses.replace(listener, client_ip=client_ip, http_routes=routes,
-                                           connection_limits=ir.ConnectionLimits(**limits) if limits else None)
+                                           connection_limits=ir.ConnectionLimits(**limits) if limits else None,
+                                           timeouts=merged.get("timeouts"), http2=merged.get("http2"))
         out.append(listener)
     for policy in policies:
         statuses[policy.key] = policy_status(policy, verdicts[policy.key], used_at.get(policy.key, ()))
