@@ -1,5 +1,6 @@
 """Global rate limits counted in a real Redis (Debian's redis-server, started here on a free loopback port):
-two `tidegate run` processes share one limit; Redis stopped and started again mid-run, under each failMode.
+two `tidegate run` processes share one limit; Redis stopped and started again mid-run, under each failMode;
+a busy key costs a Redis call per lease, not per request.
 """
 
 from __future__ import annotations
@@ -204,3 +205,64 @@ def test_redis_stopped_and_started_again_under_each_fail_mode(tmp_path):
     assert {s for t, h, s, _ in stalled if h == "open.test"} == {200}
     back = min(t for t, h, s, _ in probes if t > woken and h == "closed.test" and s == 200)
     assert back - woken <= 1.5  # the breaker's second, then the first batch that gets through
+
+
+def _redis_calls(port: int) -> int:
+    """EVALSHA calls Redis has served (INFO commandstats)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"INFO commandstats\r\n")
+        reply = b""
+        while not reply.endswith(b"\r\n\r\n") and (chunk := sock.recv(65536)):
+            reply += chunk
+            if reply.startswith(b"$") and len(reply) >= int(reply[1:reply.index(b"\r\n")]) + 6:
+                break
+    for line in reply.decode().splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+def test_a_busy_key_costs_redis_a_call_per_lease_not_per_request(tmp_path):
+    """One client's 600 requests on a limit they never reach take a few leases of Redis's allowance, not 600
+    calls; a flood over a 50/s limit is refused from the lease of the refusal (a call when a request can be
+    admitted again), and admits what GCRA allows: burst + 1 + rate × time."""
+    rules = "[{name: limit, limit: {requests: 100000, period: 1s}, burst: 1000, scope: Global}]"
+    tight = "[{name: tight, limit: {requests: 50, period: 1s}, burst: 10, scope: Global}]"
+    with ExitStack() as stack:
+        redis_port = free_port()
+        _redis(stack, tmp_path, redis_port)
+        pod_port = free_port("127.0.10.1")
+        stack.enter_context(scripted_backends(("127.0.10.1", pod_port, "web-1")))
+        port = free_port(GW)
+        config = _config(tmp_path, "config", port, pod_port, rules, local_rules=tight)
+        log = tmp_path / "tidegate.log"
+        stack.enter_context(tidegate_run(config, (GW, port), log, "--rate-limit-redis",
+                                         f"redis://127.0.0.1:{redis_port}/0"))
+        wait_until(lambda: "connected to Redis" in log.read_text(), what="tidegate connected to Redis")
+        conn = http.client.HTTPConnection(GW, port, timeout=10)
+
+        def burst_of(host: str, count: int) -> tuple[list[int], int, float]:
+            before = _redis_calls(redis_port)
+            began = time.monotonic()
+            statuses = []
+            for _ in range(count):
+                conn.request("GET", "/", headers={"Host": host})
+                resp = conn.getresponse()
+                resp.read()
+                statuses.append(resp.status)
+            return statuses, _redis_calls(redis_port) - before, time.monotonic() - began
+
+        statuses, calls, _ = burst_of("shop.test", 600)
+        print(f"600 requests under the limit: {calls} Redis calls")
+        assert statuses == [200] * 600
+        assert 1 <= calls <= 100, calls
+        statuses, calls, took = burst_of("local.test", 600)
+        admitted = statuses.count(200)
+        print(f"600 requests over a 50/s limit in {took:.2f} s: {admitted} admitted, {calls} Redis calls")
+        assert set(statuses) == {200, 429}
+        assert admitted <= 10 + 1 + 50 * took + 1, (admitted, took)
+        assert admitted >= 10 + 50 * took * 0.5, (admitted, took)  # what came free was taken
+        assert calls <= 2 * admitted + 20, (calls, admitted)
+        conn.close()

@@ -305,10 +305,16 @@ class Guard:
             if rule.exempt:
                 break
             key = rule.key_of(peer, host, headers, route)
-            if rule.global_scope and redis_limits.LIMITER is not None:
-                if deferred is None:
-                    deferred = []
-                deferred.append((rule, key))
+            limiter = redis_limits.LIMITER
+            if rule.global_scope and limiter is not None:
+                # This worker's lease of the key decides most requests of a busy key; the others ask Redis.
+                leased = limiter.leased(redis_limits.redis_key(rule.name, key), now)
+                if leased > 0.0:
+                    return self.refused(rule, leased), None, None
+                if leased < 0.0:
+                    if deferred is None:
+                        deferred = []
+                    deferred.append((rule, key))
                 continue
             gcra = rule.table
             assert gcra is not None
@@ -331,7 +337,7 @@ class Guard:
     async def decide_global(self, deferred: list[tuple[RateRule, str]]) -> Refusal | None:
         """Ask Redis about the Global rules a request matched (one batch with the loop turn's other checks)."""
         limiter = redis_limits.LIMITER
-        asked = [limiter.check(redis_limits.redis_key(rule.name, key), rule.interval, rule.tolerance)
+        asked = [limiter.check(redis_limits.redis_key(rule.name, key), rule.interval, rule.tolerance, True)
                  for rule, key in deferred]
         waits = [await future for future in asked]
         return self._verdict(deferred, waits)
@@ -352,7 +358,7 @@ class Guard:
             return answered
 
         for i, (rule, key) in enumerate(deferred):
-            limiter.ask(redis_limits.redis_key(rule.name, key), rule.interval, rule.tolerance, answered_at(i))
+            limiter.ask(redis_limits.redis_key(rule.name, key), rule.interval, rule.tolerance, answered_at(i), True)
 
     def _verdict(self, deferred: list[tuple[RateRule, str]], waits: list[Any]) -> Refusal | None:
         """Redis's answers (None where it could not say in time: the policy's failMode decides)."""

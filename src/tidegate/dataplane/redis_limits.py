@@ -5,6 +5,16 @@ asyncio client costs ~60 µs of CPU per call: too much for the request path). Th
 turn go to Redis as one EVALSHA of one Lua script, which reads Redis's own clock (`TIME`, so the replicas'
 clocks do not matter) and answers, for each key, 0 (admitted) or how many microseconds until it would be.
 
+A busy key is not sent to Redis once per request: each answer is a lease. Redis gives a worker as many of the
+key's requests as it asks for and the limit allows at once (GCRA with a quantity: the key's timestamp moves on
+by that many intervals), and the worker admits that many more requests of the key by itself for LEASE_SECONDS.
+A lease asks for twice what the key used since the last one (1 for a new key, LEASE_MAX at most); what is
+left of it when it runs out is given back with the key's next call (the timestamp moves back by that much),
+so that no allowance is lost while the key has traffic. A refusal is leased too: until the wait Redis named
+has passed, the worker refuses that key's requests without asking (no other request could be admitted
+before then, by any replica). So Redis counts exactly what GCRA allows; a flood from one client costs a call
+per lease, not per request.
+
 No request waits longer than `timeout` (50 ms by default) on Redis. When Redis is slow, down, or answers
 an error, each waiting check gets `None` and the policy's `failMode` decides (Open, Closed,
 FallBackToLocal). After 3 failures in a row the breaker opens: Redis is not asked for 1 s (every check gets
@@ -30,23 +40,31 @@ from tidegate.observe.metrics import METRICS
 
 log = logging.getLogger("tidegate.ratelimit")
 
-# KEYS: the counts; ARGV: interval and tolerance (µs) for each. Returns, for each, 0 or the wait (µs).
+# KEYS: the counts; ARGV, 4 for each: interval and tolerance (µs), the requests wanted, the requests given back
+# (leased before and not used). Returns, for each, the requests granted (1 or more), or minus the wait (µs).
 SCRIPT = b"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local out = {}
 for i, key in ipairs(KEYS) do
-  local interval = tonumber(ARGV[2 * i - 1])
-  local tolerance = tonumber(ARGV[2 * i])
+  local interval = tonumber(ARGV[4 * i - 3])
+  local tolerance = tonumber(ARGV[4 * i - 2])
+  local want = tonumber(ARGV[4 * i - 1])
+  local back = tonumber(ARGV[4 * i])
   local tat = tonumber(redis.call('GET', key)) or now
+  tat = tat - back * interval
   if tat < now then tat = now end
-  local late = tat - now - tolerance
-  if late > 0 then
-    out[i] = late
+  local room = math.floor((now + tolerance - tat) / interval) + 1
+  local granted = 0
+  if room >= 1 then
+    granted = math.min(want, room)
+    out[i] = granted
   else
-    local new = tat + interval
+    out[i] = -(tat - now - tolerance)
+  end
+  if granted > 0 or back > 0 then
+    local new = tat + granted * interval
     redis.call('SET', key, string.format('%d', new), 'PX', math.floor((new - now) / 1000) + 1000)
-    out[i] = 0
   end
 end
 return out
@@ -57,6 +75,9 @@ BREAKER_FAILURES = 3
 BREAKER_OPEN_SECONDS = 1.0
 RECONNECT_SECONDS = 0.2
 MAX_BATCH = 512  # checks in one script call
+LEASE_SECONDS = 0.025  # how long a worker may admit a lease's requests by itself
+LEASE_MAX = 256  # requests one lease asks for at most
+LEASES_MAX = 100_000  # keys with a lease, past which the run-out ones are forgotten
 
 
 def _command(*parts: bytes) -> bytes:
@@ -76,11 +97,25 @@ def redis_key(rule: str, key: str) -> bytes:
 Answer = Callable[[Any], None]  # called with 0.0 (admitted), the wait in seconds, or None (no word from Redis)
 
 
-class _Batch:
-    __slots__ = ("answers", "decided", "keys", "sent", "timer")
+class _Lease:
+    """What a worker holds of one key's allowance: requests it may admit until `until`, or a refusal until
+    `refused_until`; `used`, the key's requests since it last asked Redis (the next lease's size)."""
+
+    __slots__ = ("refused_until", "units", "until", "used")
 
     def __init__(self) -> None:
-        self.keys: list[tuple[bytes, int, int]] = []
+        self.units = 0
+        self.until = 0.0
+        self.refused_until = 0.0
+        self.used = 0
+
+
+class _Batch:
+    __slots__ = ("answers", "decided", "keys", "leases", "sent", "timer")
+
+    def __init__(self) -> None:
+        self.keys: list[tuple[bytes, int, int, int, int]] = []
+        self.leases: list[_Lease] = []
         self.answers: list[Answer] = []
         self.decided = False
         self.sent = 0.0
@@ -110,23 +145,63 @@ class RedisLimiter(asyncio.Protocol):
         self.closing = False
         self.task: asyncio.Task[None] | None = None
         self.problem = ""
+        self.leases: dict[bytes, _Lease] = {}
 
     # -- the request path's side ----------------------------------------------------------------------
-    def ask(self, key: bytes, interval: float, tolerance: float, answer: Answer) -> None:
+    def leased(self, key: bytes, now: float) -> float:
+        """What this worker's lease of `key` says of one more request, with no call: 0.0 (admitted: a request of
+        the lease taken), the wait in seconds (refused until then), or -1.0 (Redis must be asked: `ask`)."""
+        lease = self.leases.get(key)
+        if lease is None:
+            return -1.0
+        lease.used += 1
+        if lease.units > 0 and now < lease.until:
+            lease.units -= 1
+            return 0.0
+        if now < lease.refused_until:
+            return lease.refused_until - now
+        return -1.0
+
+    def ask(self, key: bytes, interval: float, tolerance: float, answer: Answer, leased: bool = False) -> None:
         """Count a request: `answer` is called with 0.0 (admitted), the wait in seconds (refused), or None
         (Redis could not say in time: the fail mode decides); at once when Redis is known to be away, else
-        when the reply (or the timeout) comes. No future and no task per request: this is the request path."""
-        if not self.up or (self.breaker_until and time.monotonic() < self.breaker_until):
+        when the reply (or the timeout) comes; at once too while this worker holds a lease of the key (the
+        module's docstring). No future and no task per request: this is the request path."""
+        now = time.monotonic()
+        if not leased:  # (`leased` True: the caller asked `leased` already, and it said -1.0)
+            wait = self.leased(key, now)
+            if wait >= 0.0:
+                answer(wait)
+                return
+        lease = self.leases.get(key)
+        if not self.up or (self.breaker_until and now < self.breaker_until):
             answer(None)
             return
+        if lease is None:
+            if len(self.leases) >= LEASES_MAX:
+                self._forget_leases(now)
+            lease = self.leases[key] = _Lease()
+            lease.used = 1
+        back, lease.units = lease.units, 0  # what is left of a lease that ran out: given back
+        want = min(LEASE_MAX, 2 * lease.used)
+        lease.used = 0
         batch = self.open
         if batch is None or len(batch.keys) >= MAX_BATCH:
             batch = self.open = _Batch()
             asyncio.get_running_loop().call_soon(self._send, batch)
-        batch.keys.append((key, round(interval * 1e6), round(tolerance * 1e6)))
+        # Counted in whole µs: a limit over a million requests a second per key counts as a million.
+        batch.keys.append((key, max(1, round(interval * 1e6)), round(tolerance * 1e6), want, back))
+        batch.leases.append(lease)
         batch.answers.append(answer)
 
-    def check(self, key: bytes, interval: float, tolerance: float) -> asyncio.Future[float | None]:
+    def _forget_leases(self, now: float) -> None:
+        """Too many keys: forget the leases that ran out (their unused requests are not given back), or all."""
+        self.leases = {k: v for k, v in self.leases.items() if now < v.until or now < v.refused_until}
+        if len(self.leases) >= LEASES_MAX // 2:
+            self.leases = {}
+
+    def check(self, key: bytes, interval: float, tolerance: float, leased: bool = False
+              ) -> asyncio.Future[float | None]:
         """`ask`, for a caller that awaits."""
         future: asyncio.Future[float | None] = asyncio.get_running_loop().create_future()
 
@@ -134,7 +209,7 @@ class RedisLimiter(asyncio.Protocol):
             if not future.done():
                 future.set_result(wait)
 
-        self.ask(key, interval, tolerance, answer)
+        self.ask(key, interval, tolerance, answer, leased)
         return future
 
     def _send(self, batch: _Batch) -> None:
@@ -144,9 +219,9 @@ class RedisLimiter(asyncio.Protocol):
             self._fail(batch, "not connected")
             return
         args = [b"EVALSHA", SCRIPT_SHA, b"%d" % len(batch.keys)]
-        args += [key for key, _, _ in batch.keys]
-        for _, interval, tolerance in batch.keys:
-            args += [b"%d" % interval, b"%d" % tolerance]
+        args += [key for key, _, _, _, _ in batch.keys]
+        for _, interval, tolerance, want, back in batch.keys:
+            args += [b"%d" % interval, b"%d" % tolerance, b"%d" % want, b"%d" % back]
         self.transport.write(_command(*args))
         batch.sent = time.monotonic()
         batch.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, batch)
@@ -247,11 +322,19 @@ class RedisLimiter(asyncio.Protocol):
             if batch.decided:  # too late: the fail mode has decided already
                 continue
             batch.decided = True
-            METRICS.redis_seconds.observe(time.monotonic() - batch.sent)
+            now = time.monotonic()
+            METRICS.redis_seconds.observe(now - batch.sent)
             self.failures = 0
             self.breaker_until = 0.0
-            for answer, late in zip(batch.answers, reply, strict=True):
-                _call(answer, late / 1e6 if late else 0.0)
+            for answer, lease, granted in zip(batch.answers, batch.leases, reply, strict=True):
+                if granted > 0:  # this request, and the rest for the lease
+                    lease.units += granted - 1
+                    lease.until = now + LEASE_SECONDS
+                    _call(answer, 0.0)
+                else:
+                    wait = -granted / 1e6
+                    lease.refused_until = now + wait
+                    _call(answer, wait)
 
     def connection_lost(self, exc: Exception | None) -> None:
         was_up = self.up
