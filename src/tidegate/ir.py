@@ -148,7 +148,9 @@ class Filter:
 
 @dataclass(frozen=True)
 class PathMatch:
-    type: str  # Exact | PathPrefix | RegularExpression
+    # Exact | PathPrefix | RegularExpression | StringPrefix (an Ingress ImplementationSpecific path as ingress-nginx
+    # reads it: /foo takes /foobar)
+    type: str
     value: str
 
 

@@ -115,6 +115,10 @@ class PathTable:
         self.exact: dict[str, list[Candidate]] = {}
         self.regex: list[Candidate] = []
         self.prefixes = _PrefixNode()
+        # Ingress ImplementationSpecific paths as ingress-nginx reads them: a plain string prefix (/foo takes
+        # /foobar), the longest first, weighed against the segment prefixes by length as nginx weighs its
+        # prefix locations (PathPrefix /foo is nginx's "/foo/": five characters).
+        self.string_prefixes: list[Candidate] = []
 
     def add(self, candidate: Candidate) -> None:
         path = candidate.match.path
@@ -122,6 +126,8 @@ class PathTable:
             self.exact.setdefault(path.value, []).append(candidate)
         elif path.type == "RegularExpression":
             self.regex.append(candidate)
+        elif path.type == "StringPrefix":
+            self.string_prefixes.append(candidate)
         else:
             node = self.prefixes
             for segment in _segments(path.value):
@@ -133,6 +139,7 @@ class PathTable:
             group.sort(key=lambda c: c.order)
         # Longer regexes first, an Envoy Gateway habit: they tend to be the more specific ones.
         self.regex.sort(key=lambda c: (-len(c.match.path.value),) + c.order)
+        self.string_prefixes.sort(key=lambda c: (-len(c.match.path.value),) + c.order)
         stack = [self.prefixes]
         while stack:
             node = stack.pop()
@@ -153,12 +160,24 @@ class PathTable:
                 break
             trail.append(child)
             node = child
-        for node in reversed(trail):
-            yield from node.candidates
+        if not self.string_prefixes:
+            for node in reversed(trail):
+                yield from node.candidates
+            return
+        ranked = [(len(c.match.path.value.rstrip("/")) + 1, 0, c) for node in reversed(trail) for c in node.candidates]
+        ranked += [(len(c.match.path.value), 1, c) for c in self.string_prefixes if path.startswith(c.match.path.value)]
+        ranked.sort(key=lambda r: (-r[0], r[1]))  # stable: within one kind, the order above
+        for _, _, candidate in ranked:
+            yield candidate
 
     def first_for_line(self, path: str, method: str) -> Candidate | None:
         """The first of `path_candidates` that takes `method`, for rules that look at nothing else (a
         Router's `request_line_only`): the same order, without a generator or a Request."""
+        if self.string_prefixes:
+            for candidate in self.path_candidates(path):
+                if not candidate.method or candidate.method == method:
+                    return candidate
+            return None
         group = self.exact.get(path)
         if group is not None:
             for candidate in group:
@@ -187,6 +206,7 @@ class PathTable:
         for group in self.exact.values():
             yield from group
         yield from self.regex
+        yield from self.string_prefixes
         stack = [self.prefixes]
         while stack:
             node = stack.pop()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+import re2
 
 Headers = list[tuple[str, str]]  # (name as received, value), in order
 
@@ -40,15 +43,46 @@ def modify_headers(headers: Headers, config: dict[str, Any]) -> Headers:
 
 def replace_path(path: str, config: dict[str, Any], matched_prefix: str | None) -> str:
     """The path of an HTTPPathModifier. ReplacePrefixMatch swaps whole leading segments: with prefix /foo and
-    replacement /xyz, /foo/bar → /xyz/bar and /foo → /xyz; trailing slashes of either side do not matter."""
+    replacement /xyz, /foo/bar → /xyz/bar and /foo → /xyz; trailing slashes of either side do not matter.
+    RegexReplace (tidegate's own, for ingress-nginx's rewrite-target) is nginx's `rewrite REGEX TARGET break`:
+    where `pattern` matches at the path's start, the whole path becomes `substitution`, $1-$9 its groups; a
+    `?` in it brings new query parameters, the request's own following them (see with_query)."""
     kind = config.get("type")
     if kind == "ReplaceFullPath":
         return config.get("replaceFullPath") or "/"
+    if kind == "RegexReplace":
+        found = _compiled(config["pattern"]).match(path)
+        if found is None:
+            return path
+        groups = found.groups()
+        return _CAPTURE.sub(lambda m: (groups[int(m.group(1)) - 1] or "") if 0 < int(m.group(1)) <= len(groups)
+                            else "", config["substitution"]) or "/"
     if kind == "ReplacePrefixMatch" and matched_prefix is not None:
         prefix = matched_prefix.rstrip("/")
         rest = path.removeprefix(prefix)
         return ((config.get("replacePrefixMatch") or "/").rstrip("/") + rest) or "/"
     return path
+
+
+_CAPTURE = re.compile(r"\$([0-9])")
+_REGEXES: dict[str, Any] = {}
+
+
+def _compiled(pattern: str) -> Any:
+    found = _REGEXES.get(pattern)
+    if found is None:
+        if len(_REGEXES) > 10_000:
+            _REGEXES.clear()
+        found = _REGEXES[pattern] = re2.compile(pattern)
+    return found
+
+
+def with_query(path: str, query: str) -> str:
+    """A request target: `path` (which a RegexReplace may have given parameters of its own) and the request's
+    query string, after them as nginx appends them."""
+    if not query:
+        return path
+    return f"{path}&{query}" if "?" in path else f"{path}?{query}"
 
 
 def strip_port(host: str) -> str:
@@ -60,7 +94,14 @@ def strip_port(host: str) -> str:
 def redirect_location(config: dict[str, Any], scheme: str, host: str, listener_port: int, path: str,
                       query: str, matched_prefix: str | None) -> str:
     """The Location of a RequestRedirect, with the spec's port rules: an explicit port wins; a changed scheme
-    means that scheme's default port; otherwise the listener's port. Default ports are not written."""
+    means that scheme's default port; otherwise the listener's port. Default ports are not written.
+    tidegate's own keys, for ingress-nginx's annotations: `location` (that URL as it is), `dropQuery` (the
+    request's query string not carried over), `stripTrailingSlash` (a target of "/x/" becomes "/x", as
+    ingress-nginx's HTTPS redirect does without preserve-trailing-slash)."""
+    if config.get("location"):
+        return config["location"]
+    if config.get("dropQuery"):
+        query = ""
     new_scheme = config.get("scheme") or scheme
     hostname = config.get("hostname") or strip_port(host)
     if config.get("port"):
@@ -72,6 +113,8 @@ def redirect_location(config: dict[str, Any], scheme: str, host: str, listener_p
     default = 443 if new_scheme == "https" else 80
     netloc = hostname if port == default else f"{hostname}:{port}"
     new_path = replace_path(path, config["path"], matched_prefix) if config.get("path") else path
+    if config.get("stripTrailingSlash") and not query and new_path.endswith("/"):
+        new_path = new_path[:-1]
     return f"{new_scheme}://{netloc}{new_path}" + (f"?{query}" if query else "")
 
 

@@ -42,6 +42,7 @@ from tidegate.dataplane.filters import (
     modify_headers,
     redirect_location,
     replace_path,
+    with_query,
 )
 from tidegate.dataplane import fastlane, guard, proxy_protocol
 from tidegate.dataplane.deadlines import DEADLINES, Deadlines, Watch, slow_body_message
@@ -1213,7 +1214,7 @@ async def _attempt(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
     for f in backend.filters:
         headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host, upstream_path,
                                                         matched_prefix)
-    target = upstream_path + (f"?{query}" if query else "")
+    target = with_query(upstream_path, query)
     ex.endpoint = f"{endpoint.address}:{endpoint.port}"
     for mirror in mirrors:
         _start_mirror(site, mirror, ex, headers, upstream_host, target, conn.peer)

@@ -1,19 +1,31 @@
-"""Ingress and IngressClass: the same IR as the Gateway API, served on tidegate's Ingress ports."""
+"""Ingress and IngressClass: the same IR as the Gateway API, served on tidegate's Ingress ports.
+
+Paths are matched as ingress-nginx matches them (docs/user-guide/ingress-path-matching.md and its
+controller): `Exact` exactly; `Prefix` by whole segments (nginx's "/foo/" and "= /foo"), a prefix that
+ends in "/" as that string; `ImplementationSpecific` as a plain string prefix (/foo takes /foobar). When
+any Ingress of a host asks for `use-regex`, or for a `rewrite-target` that differs from a path, every path of
+that host, whatever its Ingress and type, becomes a case-insensitive regular expression anchored at the
+path's start, tried longest first. Annotations: ingress_annotations.py.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+import re2
 
 from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
 from tidegate.translate.backends import resolve_backend, service_port_by_name
 from tidegate.translate.certificates import CertificateError, certificate_from_secret
 from tidegate.translate.conditions import INGRESS_CONTROLLER
+from tidegate.translate import ingress_annotations
 from tidegate.translate.index import Index
+from tidegate.translate.ingress_annotations import Routing
 
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
-_PATH_TYPES = {"Exact": "Exact", "Prefix": "PathPrefix", "ImplementationSpecific": "PathPrefix"}
 
 
 def ingresses_for_tidegate(index: Index) -> list[Resource]:
@@ -30,10 +42,22 @@ def ingresses_for_tidegate(index: Index) -> list[Resource]:
 
 def translate_ingresses(index: Index, address: str, http_port: int, https_port: int,
                         backend_tls: dict, statuses: dict[Key, Any], notes: list[Problem]) -> list[ir.Listener]:
-    routes: list[ir.HTTPRoute] = []
+    http_routes: list[ir.HTTPRoute] = []
+    https_routes: list[ir.HTTPRoute] = []
     certificates: dict[str, ir.Certificate] = {}
-    for ing in ingresses_for_tidegate(index):
-        routes += _ingress_routes(index, ing, backend_tls, notes)
+    taken = ingresses_for_tidegate(index)
+    routing = {ing.key: ingress_annotations.read(ing, notes) for ing in taken}
+    # The hosts whose paths are all regular expressions (ingress-nginx's enforceRegexModifier, per server).
+    regex_hosts = {rule.get("host", "") for ing in taken for rule in ing.spec.get("rules", [])
+                   if routing[ing.key].use_regex or any(routing[ing.key].rewrites(path.get("path") or "/")
+                                                        for path in (rule.get("http") or {}).get("paths", []))}
+    # The hosts with a certificate from an Ingress: their HTTP requests are redirected (ssl-redirect).
+    tls_hosts = {host for ing in taken for tls in ing.spec.get("tls", []) if tls.get("secretName")
+                 for host in tls.get("hosts") or ()}
+    for ing in taken:
+        plain, secure = _ingress_routes(index, ing, routing[ing.key], regex_hosts, tls_hosts, backend_tls, notes)
+        http_routes += plain
+        https_routes += secure
         for tls in ing.spec.get("tls", []):
             secret_name = tls.get("secretName")
             if not secret_name:
@@ -54,15 +78,15 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
         loadbalancer = ({"ingress": [{"hostname" if not _looks_like_ip(address) else "ip": address}]}
                         if address else {})
         statuses[ing.key] = {"loadBalancer": loadbalancer}
-    if not routes and not certificates:
+    if not http_routes and not certificates:
         return []
     listeners = [ir.Listener(name="ingress/http", gateway="ingress", address="", port=http_port, protocol="HTTP",
-                             http_routes=tuple(routes))]
+                             http_routes=tuple(http_routes))]
     if certificates:
         listeners.append(ir.Listener(
             name="ingress/https", gateway="ingress", address="", port=https_port, protocol="HTTPS",
             tls=ir.ListenerTLS(mode="Terminate", certificates=tuple(certificates.values())),
-            http_routes=tuple(routes)))
+            http_routes=tuple(https_routes)))
     return listeners
 
 
@@ -70,26 +94,100 @@ def _looks_like_ip(address: str) -> bool:
     return address.replace(".", "").isdigit() or ":" in address
 
 
-def _ingress_routes(index: Index, ing: Resource, backend_tls: dict, notes: list[Problem]) -> list[ir.HTTPRoute]:
+def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: set[str], tls_hosts: set[str],
+                    backend_tls: dict, notes: list[Problem]) -> tuple[list[ir.HTTPRoute], list[ir.HTTPRoute]]:
+    """The Ingress's rules for the HTTP listener and for the HTTPS one (the same, less the HTTPS redirect)."""
     source = f"Ingress {ing.namespace}/{ing.name}"
-    routes: list[ir.HTTPRoute] = []
+    plain: list[ir.HTTPRoute] = []
+    secure: list[ir.HTTPRoute] = []
+    app_root_hosts: list[str] = []
     for r, rule in enumerate(ing.spec.get("rules", [])):
         host = rule.get("host", "")
+        if routing.app_root and host not in app_root_hosts:
+            app_root_hosts.append(host)
         for p, path in enumerate((rule.get("http") or {}).get("paths", [])):
-            ptype = _PATH_TYPES[path["pathType"]]
-            match = ir.Match(path=ir.PathMatch(ptype, path.get("path") or "/"))
-            routes.append(ir.HTTPRoute(
+            value = path.get("path") or "/"
+            matches = _matches(path.get("pathType", "ImplementationSpecific"), value, host in regex_hosts)
+            if isinstance(matches, str):
+                notes.append(Problem("error", ing.origin, f"path {value!r} of host {host or '*'}: {matches}; this "
+                                     "path is not served", ing.key, f"spec.rules[{r}].http.paths[{p}].path"))
+                continue
+            filters = _filters(routing, value)
+            route = ir.HTTPRoute(
                 name=f"ingress/{ing.namespace}/{ing.name}/rule/{r}/path/{p}", source=source,
-                hostnames=(host or "*",), matches=(match,),
+                hostnames=(host or "*",), matches=matches, filters=tuple(filters),
                 backends=(_backend(index, ing, path["backend"], backend_tls, notes),),
-                created=ing.creation_timestamp, wildcard_single_label=True))
+                created=ing.creation_timestamp, wildcard_single_label=True)
+            secure.append(route)
+            if routing.force_ssl_redirect or (routing.ssl_redirect and host in tls_hosts):
+                # Before the rewrite (ingress-nginx redirects in its rewrite phase); after permanent-redirect
+                # and temporal-redirect, whose `return` comes first.
+                at = 1 if routing.redirect_url else 0
+                redirect = ir.Filter("RequestRedirect", {"scheme": "https", "statusCode": 308,
+                                                         "stripTrailingSlash": not routing.preserve_trailing_slash})
+                route = dataclasses.replace(route, filters=(*route.filters[:at], redirect, *route.filters[at:]))
+            plain.append(route)
     default = ing.spec.get("defaultBackend")
     if default:
-        routes.append(ir.HTTPRoute(
+        route = ir.HTTPRoute(
             name=f"ingress/{ing.namespace}/{ing.name}/default", source=source, hostnames=("*",),
             matches=(ir.Match(),), backends=(_backend(index, ing, default, backend_tls, notes),),
-            created=ing.creation_timestamp, wildcard_single_label=True))
-    return routes
+            created=ing.creation_timestamp, wildcard_single_label=True)
+        plain.append(route)
+        secure.append(route)
+    for host in app_root_hosts:
+        # ingress-nginx's `if ($uri = /) { return 302 $scheme://$http_host<app-root>; }`, in the server block:
+        # before any location, for the host's "/" alone.
+        route = ir.HTTPRoute(
+            name=f"ingress/{ing.namespace}/{ing.name}/app-root/{host or '*'}", source=source,
+            hostnames=(host or "*",), matches=(ir.Match(path=ir.PathMatch("Exact", "/")),),
+            filters=(ir.Filter("RequestRedirect", {"path": {"type": "ReplaceFullPath",
+                                                            "replaceFullPath": routing.app_root},
+                                                   "statusCode": 302, "dropQuery": True}),),
+            created="", wildcard_single_label=True)  # "": before every other rule for "/" (the oldest)
+        plain.append(route)
+        secure.append(route)
+    return plain, secure
+
+
+def _matches(path_type: str, value: str, regex_host: bool) -> tuple[ir.Match, ...] | str:
+    """The matches of one Ingress path (the module's docstring), or why it cannot be served."""
+    if regex_host:
+        # `location ~* "^PATH"`, whatever the path's type. (ingress-nginx makes a Prefix path that asks for no
+        # regex itself two locations, "^PATH/" and "^PATH": "^PATH" takes what both take; only its place among
+        # regexes of one character more differs.)
+        pattern = f"(?i)(?:{value}).*"  # searched from the start: a match at the start, then anything
+        try:
+            re2.compile(pattern)
+        except re2.error as exc:
+            return f"not a regular expression RE2 reads ({exc}; nginx's PCRE may have taken it)"
+        return (ir.Match(path=ir.PathMatch("RegularExpression", pattern)),)
+    if path_type == "Exact":
+        return (ir.Match(path=ir.PathMatch("Exact", value)),)
+    if path_type == "Prefix" and (value == "/" or not value.endswith("/")):
+        return (ir.Match(path=ir.PathMatch("PathPrefix", value)),)
+    # ImplementationSpecific, and a Prefix that ends in "/" ("/foo/": nginx's location "/foo/" and "= /foo/")
+    return (ir.Match(path=ir.PathMatch("StringPrefix", value)),)
+
+
+def _filters(routing: Routing, value: str) -> list[ir.Filter]:
+    """A path's filters from its Ingress's annotations, in the order ingress-nginx applies them."""
+    filters = []
+    if routing.redirect_url:
+        filters.append(ir.Filter("RequestRedirect", {"location": routing.redirect_url,
+                                                     "statusCode": routing.redirect_code}))
+    rewrite: dict[str, Any] = {}
+    if routing.rewrites(value):
+        # `rewrite "(?i)PATH" TARGET break;`: the whole path becomes TARGET, $1... its groups
+        rewrite["path"] = {"type": "RegexReplace", "pattern": f"(?i){value}", "substitution": routing.rewrite_target}
+        if routing.x_forwarded_prefix:
+            filters.append(ir.Filter("RequestHeaderModifier", {"set": [{"name": "X-Forwarded-Prefix",
+                                                                        "value": routing.x_forwarded_prefix}]}))
+    if routing.upstream_vhost:
+        rewrite["hostname"] = routing.upstream_vhost
+    if rewrite:
+        filters.append(ir.Filter("URLRewrite", rewrite))
+    return filters
 
 
 def _backend(index: Index, ing: Resource, spec: dict, backend_tls: dict, notes: list[Problem]) -> ir.Backend:

@@ -1,0 +1,240 @@
+"""Ingress objects as ingress-nginx serves them: the cases of testdata/ingress-nginx/routing.yaml (each from a
+source others wrote: ingress-nginx's e2e tests and docs), the annotation registry (snippets refused, values
+outside their grammar and the injection strings of the 2025 advisories dropped, unknown keys reported), and a
+running tidegate with Debian's nginx as the pod and curl as the client giving the answers `decide` gives.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.certs import tls_secret_yaml
+from tests.harness import free_port, process, tidegate_run
+from tidegate.decide import decide
+from tidegate.resources.loader import load_text
+from tidegate.router import Request, routers_by_port
+from tidegate.translate import translate
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = yaml.safe_load((ROOT / "testdata" / "ingress-nginx" / "routing.yaml").read_text())["cases"]
+CLASS = """apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: tidegate}
+spec: {controller: tidegate.io/ingress-controller}
+"""
+
+
+def _service(name: str, pod: str = "10.0.0.1", pod_port: int = 8080) -> str:
+    return f"""---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec: {{ports: [{{port: 80, targetPort: {pod_port}}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+endpoints: [{{addresses: ["{pod}"]}}]
+ports: [{{port: {pod_port}}}]
+"""
+
+
+def _ingress(spec: dict) -> str:
+    """A case's Ingress: one host, its paths (each to `service`, echo by default), its annotations."""
+    paths = spec.get("paths") or [{"path": spec["path"], "pathType": spec["pathType"],
+                                   "service": spec.get("service", "echo")}]
+    ingress = {
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": spec["name"], "namespace": "default",
+                     "annotations": {f"nginx.ingress.kubernetes.io/{k}": str(v)
+                                     for k, v in (spec.get("annotations") or {}).items()}},
+        "spec": {"ingressClassName": "tidegate", "rules": [{"host": spec["host"], "http": {"paths": [
+            {"path": p["path"], "pathType": p["pathType"],
+             "backend": {"service": {"name": p.get("service", "echo"), "port": {"number": 80}}}}
+            for p in paths]}}]}}
+    text = "---\n" + yaml.safe_dump(ingress)
+    if spec.get("tls"):
+        ingress["spec"]["tls"] = [{"hosts": [spec["host"]], "secretName": f"{spec['name']}-tls"}]
+        text = "---\n" + yaml.safe_dump(ingress) + "---\n" + tls_secret_yaml("default", f"{spec['name']}-tls",
+                                                                             [spec["host"]])
+    return text
+
+
+def _case_config(case: dict, pod: str = "10.0.0.1", pod_port: int = 8080) -> str:
+    services = sorted({p.get("service", "echo") for ing in case["ingresses"]
+                       for p in (ing.get("paths") or [ing])})
+    return CLASS + "".join(_service(s, pod, pod_port) for s in services) + "".join(map(_ingress, case["ingresses"]))
+
+
+def _routers(text: str):
+    loaded = load_text(text, "case")
+    assert not loaded.errors, loaded.errors
+    translation = translate(loaded.resources)
+    return routers_by_port(translation.ir), translation
+
+
+def _expected(want: dict, got) -> list[str]:
+    wrong = []
+    for name in ("status", "backend", "target", "host", "location"):
+        if name in want and getattr(got, name) != want[name]:
+            wrong.append(f"{name}: {getattr(got, name)!r}, expected {want[name]!r}")
+    if "headers" in want:
+        if want["headers"]:
+            for name, value in want["headers"].items():
+                if got.headers.get(name) != value:
+                    wrong.append(f"header {name}: {got.headers.get(name)!r}, expected {value!r}")
+        elif got.headers:
+            wrong.append(f"headers {got.headers}, expected none")
+    return wrong
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_ingress_nginx_behaviour(case):
+    """Every request of the case gets the answer its source observed from ingress-nginx."""
+    routers, _ = _routers(_case_config(case))
+    failures = []
+    for want in case["requests"]:
+        scheme, _, rest = want["url"].partition("://")
+        host, _, target = rest.partition("/")
+        path, _, query = ("/" + target).partition("?")
+        port = 443 if scheme == "https" else 80
+        router = next(r for (_, p), r in routers.items() if p == port)
+        got = decide(router, Request(host=host, path=path), scheme=scheme, port=port, query=query)
+        wrong = _expected(want, got)
+        if wrong:
+            failures.append(f"{want['url']}: " + "; ".join(wrong))
+    assert not failures, f"{case['source']}\n" + "\n".join(failures)
+
+
+def _notes(annotations: dict[str, str]) -> list[str]:
+    spec = {"name": "probe", "host": "probe.test", "path": "/", "pathType": "Prefix", "annotations": annotations}
+    _, translation = _routers(CLASS + _service("echo") + _ingress(spec))
+    return [f"{p.severity}: {p.message}" for p in translation.notes]
+
+
+@pytest.mark.parametrize("key", ["server-snippet", "configuration-snippet", "auth-snippet", "stream-snippet",
+                                 "modsecurity-snippet"])
+def test_snippets_are_refused_and_the_ingress_still_serves(key):
+    notes = _notes({key: "return 200 'owned';"})
+    assert any(n.startswith("error:") and f"nginx.ingress.kubernetes.io/{key} refused" in n for n in notes), notes
+    routers, translation = _routers(CLASS + _service("echo") + _ingress(
+        {"name": "probe", "host": "probe.test", "path": "/", "pathType": "Prefix", "annotations": {key: "x"}}))
+    assert "owned" not in repr(translation.ir)
+    got = decide(next(iter(routers.values())), Request(host="probe.test", path="/"))
+    assert got.status == 0 and got.backend == "default/echo:80"
+
+
+# Values of the kind the 2025 ingress-nginx advisories injected (CVE-2025-1974, -24513, -24514, -1097, -1098):
+# a line break that ends the directive and starts another, or characters outside the annotation's grammar.
+INJECTIONS = [
+    "/foo;\nlocation /x { return 200 'owned'; }",
+    "/foo\r\n}",
+    "/foo' ; evil",
+    "/$1}}\n",
+    "http://x.test/#;\nload_module /tmp/evil.so;",
+]
+
+
+@pytest.mark.parametrize("key", ["rewrite-target", "app-root", "x-forwarded-prefix", "permanent-redirect",
+                                 "temporal-redirect", "upstream-vhost"])
+@pytest.mark.parametrize("value", INJECTIONS)
+def test_injection_strings_are_dropped_and_reach_nothing(key, value):
+    notes = _notes({key: value, "rewrite-target" if key == "x-forwarded-prefix" else "use-regex":
+                    "/ok" if key == "x-forwarded-prefix" else "false"})
+    assert any(f"nginx.ingress.kubernetes.io/{key} ignored" in n for n in notes), notes
+    _, translation = _routers(CLASS + _service("echo") + _ingress(
+        {"name": "probe", "host": "probe.test", "path": "/", "pathType": "Prefix", "annotations": {key: value}}))
+    assert "owned" not in repr(translation.ir) and "evil" not in repr(translation.ir)
+
+
+def test_unknown_and_not_yet_supported_keys_are_reported():
+    notes = _notes({"no-such-thing": "1", "canary": "true", "limit-rps": "5", "use-regex": "maybe"})
+    assert any("no-such-thing is unknown" in n for n in notes), notes
+    assert any("canary is not supported yet" in n for n in notes), notes
+    assert any("use-regex ignored: 'maybe' is not true or false" in n for n in notes), notes
+    assert not any("limit-rps" in n for n in notes), notes  # read by the TrafficPolicy side
+
+
+def test_a_path_re2_cannot_read_is_reported_and_the_others_serve():
+    spec = {"name": "probe", "host": "probe.test", "annotations": {"use-regex": "true"},
+            "paths": [{"path": "/(?=lookahead)", "pathType": "ImplementationSpecific"},
+                      {"path": "/ok", "pathType": "ImplementationSpecific"}]}
+    routers, translation = _routers(CLASS + _service("echo") + _ingress(spec))
+    assert any("is not served" in p.message and "RE2" in p.message for p in translation.notes)
+    assert decide(next(iter(routers.values())), Request(host="probe.test", path="/ok/x")).status == 0
+
+
+NGINX = shutil.which("nginx")
+CURL = shutil.which("curl")
+
+
+@pytest.mark.skipif(NGINX is None or CURL is None, reason="nginx and curl are not installed (scripts/test does)")
+def test_a_running_tidegate_answers_as_decide_says(tmp_path):
+    """The cases' requests through a running tidegate (curl as the client; Debian's nginx as the pod, which
+    says the request URI, Host and X-Forwarded-Prefix it received): status, Location, path, Host and header
+    as `decide` worked them out from the same configuration."""
+    pod_port, http_port, https_port = free_port("127.0.10.1"), free_port(), free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/nginx-error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy; fastcgi_temp_path {tmp_path}/fcgi;
+  uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
+  server {{
+    listen 127.0.10.1:{pod_port};
+    location / {{ return 200 "$request_uri|$http_host|$http_x_forwarded_prefix"; }}
+  }}
+}}
+""")
+    chosen = [c for c in CASES if c["name"] in (
+        "the rewrite regex is searched in the whole path; the query string follows", "paths by descending length, "
+        "case-insensitive", "X-Forwarded-Prefix with a rewrite", "upstream-vhost sets the Host sent on",
+        "permanent-redirect and its code", "app-root redirects the host's / alone",
+        "preserve-trailing-slash keeps it, for a host with a certificate",
+        "without regex, ImplementationSpecific is a plain string prefix and Prefix goes by segments")]
+    checked = 0
+    for n, case in enumerate(chosen):
+        config = tmp_path / f"config-{n}"
+        config.mkdir()
+        text = _case_config(case, "127.0.10.1", pod_port)
+        (config / "all.yaml").write_text(text)
+        routers, _ = _routers(text)
+        with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                     ready=("127.0.10.1", pod_port)), \
+                tidegate_run(config, ("127.0.0.1", http_port), tmp_path / f"tidegate-{n}.log",
+                             "--ingress-http-port", str(http_port), "--ingress-https-port", str(https_port)):
+            for want in case["requests"]:
+                scheme, _, rest = want["url"].partition("://")
+                host, _, target = rest.partition("/")
+                path, _, query = ("/" + target).partition("?")
+                local = https_port if scheme == "https" else http_port
+                # The router of the Ingress port the URL names; redirects written for the port tidegate is on.
+                router = next(r for (_, p), r in routers.items() if p == (443 if scheme == "https" else 80))
+                expected = decide(router, Request(host=host, path=path), scheme=scheme, port=local, query=query)
+                head, body = tmp_path / "answer-head", tmp_path / "answer-body"
+                subprocess.run([CURL, "-sk", "-D", str(head), "-o", str(body), "--resolve", f"{host}:{local}:127.0.0.1",
+                                f"{scheme}://{host}:{local}/{target}"], check=True, timeout=20)
+                lines = head.read_text().splitlines()
+                status = int(lines[0].split()[1])
+                location = next((line.split(":", 1)[1].strip() for line in lines
+                                 if line.lower().startswith("location:")), "")
+                what = f"{case['name']}: {want['url']}"
+                if expected.status:
+                    assert (status, location) == (expected.status, expected.location), (what, lines)
+                else:
+                    uri, got_host, prefix = body.read_text().split("|")
+                    assert status == 200 and uri == expected.target, (what, lines, uri)
+                    assert got_host.split(":")[0] == expected.host.split(":")[0], (what, got_host)
+                    assert prefix == expected.headers.get("x-forwarded-prefix", ""), (what, prefix)
+                checked += 1
+    assert checked >= 15
