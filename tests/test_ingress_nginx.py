@@ -238,3 +238,63 @@ http {{
                     assert prefix == expected.headers.get("x-forwarded-prefix", ""), (what, prefix)
                 checked += 1
     assert checked >= 15
+
+
+def _probe_backend(translation):
+    return next(r for listener in translation.ir.listeners for r in listener.http_routes
+                if r.hostnames == ("probe.test",)).backends[0]
+
+
+def test_backend_protocol_and_connect_timeout_reach_the_backend():
+    spec = {"name": "probe", "host": "probe.test", "path": "/", "pathType": "Prefix",
+            "annotations": {"backend-protocol": "HTTPS", "proxy-connect-timeout": "3"}}
+    _, translation = _routers(CLASS + _service("echo") + _ingress(spec))
+    backend = _probe_backend(translation)
+    assert backend.tls is not None and backend.tls.verify is False and backend.policy.connect_timeout == 3.0
+    spec["annotations"] = {"backend-protocol": "grpc"}
+    _, translation = _routers(CLASS + _service("echo") + _ingress(spec))
+    backend = _probe_backend(translation)
+    assert backend.protocol == "kubernetes.io/h2c" and backend.tls is None
+    assert any("backend-protocol FCGI is not supported yet" in n for n in _notes({"backend-protocol": "FCGI"}))
+
+
+@pytest.mark.skipif(NGINX is None or CURL is None, reason="nginx and curl are not installed (scripts/test does)")
+def test_backend_protocol_https_speaks_tls_to_a_pod_with_a_self_signed_certificate(tmp_path):
+    """ingress-nginx does not check a pod's certificate by default (proxy_ssl_verify off): Debian's nginx
+    with a self-signed certificate answers through tidegate."""
+    from tests.certs import self_signed
+
+    cert, key = self_signed(["pod.local"])
+    (tmp_path / "pod.crt").write_bytes(cert)
+    (tmp_path / "pod.key").write_bytes(key)
+    pod_port, http_port = free_port("127.0.10.1"), free_port()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {tmp_path}/nginx.pid;
+error_log {tmp_path}/nginx-error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy; fastcgi_temp_path {tmp_path}/fcgi;
+  uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
+  server {{
+    listen 127.0.10.1:{pod_port} ssl;
+    ssl_certificate {tmp_path}/pod.crt;
+    ssl_certificate_key {tmp_path}/pod.key;
+    location / {{ return 200 "tls:$ssl_protocol"; }}
+  }}
+}}
+""")
+    config = tmp_path / "config"
+    config.mkdir()
+    spec = {"name": "secure", "host": "secure.test", "path": "/", "pathType": "Prefix",
+            "annotations": {"backend-protocol": "HTTPS"}}
+    (config / "all.yaml").write_text(CLASS + _service("echo", "127.0.10.1", pod_port) + _ingress(spec))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                 ready=("127.0.10.1", pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log", "--ingress-http-port",
+                         str(http_port), "--ingress-https-port", str(free_port())):
+        done = subprocess.run([CURL, "-s", "-H", "Host: secure.test", f"http://127.0.0.1:{http_port}/"],
+                              capture_output=True, text=True, timeout=20)
+        assert done.stdout.startswith("tls:TLSv1."), done.stdout

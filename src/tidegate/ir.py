@@ -36,6 +36,8 @@ class BackendTLS:
     policy: str = ""
     # Set when the policy is invalid: its Service must not be reached in clear text, so it answers 500.
     problem: str = ""
+    # False: the pod's certificate is not checked (ingress-nginx's backend-protocol HTTPS, proxy_ssl_verify off)
+    verify: bool = True
 
 
 @dataclass(frozen=True)

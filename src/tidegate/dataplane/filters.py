@@ -97,7 +97,8 @@ def redirect_location(config: dict[str, Any], scheme: str, host: str, listener_p
     means that scheme's default port; otherwise the listener's port. Default ports are not written.
     tidegate's own keys, for ingress-nginx's annotations: `location` (that URL as it is), `dropQuery` (the
     request's query string not carried over), `stripTrailingSlash` (a target of "/x/" becomes "/x", as
-    ingress-nginx's HTTPS redirect does without preserve-trailing-slash)."""
+    ingress-nginx's HTTPS redirect does without preserve-trailing-slash), `alwaysPort` (the port written even
+    when it is the scheme's default, as from-to-www-redirect writes it)."""
     if config.get("location"):
         return config["location"]
     if config.get("dropQuery"):
@@ -111,7 +112,7 @@ def redirect_location(config: dict[str, Any], scheme: str, host: str, listener_p
     else:
         port = listener_port
     default = 443 if new_scheme == "https" else 80
-    netloc = hostname if port == default else f"{hostname}:{port}"
+    netloc = hostname if port == default and not config.get("alwaysPort") else f"{hostname}:{port}"
     new_path = replace_path(path, config["path"], matched_prefix) if config.get("path") else path
     if config.get("stripTrailingSlash") and not query and new_path.endswith("/"):
         new_path = new_path[:-1]

@@ -67,7 +67,7 @@ class PoolSet:
             else:
                 # With subjectAltNames the policy names what to trust instead of the hostname (GEP-1897).
                 ctx = backend_tls_context(tls.ca_pem, tls.well_known_ca, check_hostname=not tls.subject_alt_names,
-                                          client_certificate=client_certificate)
+                                          client_certificate=client_certificate, verify=tls.verify)
                 found = EndpointPool(address, port, tls=ctx, server_hostname=tls.hostname,
                                      subject_alt_names=tls.subject_alt_names)
             self._pools[key] = found

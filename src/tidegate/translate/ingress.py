@@ -54,8 +54,10 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
     # The hosts with a certificate from an Ingress: their HTTP requests are redirected (ssl-redirect).
     tls_hosts = {host for ing in taken for tls in ing.spec.get("tls", []) if tls.get("secretName")
                  for host in tls.get("hosts") or ()}
+    hosts = {rule.get("host", "") for ing in taken for rule in ing.spec.get("rules", [])}
     for ing in taken:
-        plain, secure = _ingress_routes(index, ing, routing[ing.key], regex_hosts, tls_hosts, backend_tls, notes)
+        plain, secure = _ingress_routes(index, ing, routing[ing.key], regex_hosts, tls_hosts, hosts, backend_tls,
+                                        notes)
         http_routes += plain
         https_routes += secure
         for tls in ing.spec.get("tls", []):
@@ -95,16 +97,21 @@ def _looks_like_ip(address: str) -> bool:
 
 
 def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: set[str], tls_hosts: set[str],
-                    backend_tls: dict, notes: list[Problem]) -> tuple[list[ir.HTTPRoute], list[ir.HTTPRoute]]:
-    """The Ingress's rules for the HTTP listener and for the HTTPS one (the same, less the HTTPS redirect)."""
+                    hosts: set[str], backend_tls: dict, notes: list[Problem]
+                    ) -> tuple[list[ir.HTTPRoute], list[ir.HTTPRoute]]:
+    """The Ingress's rules for the HTTP listener and for the HTTPS one (the same, less the HTTPS redirect; with
+    backend-protocol AUTO_HTTP, TLS to the pod from the HTTPS one)."""
     source = f"Ingress {ing.namespace}/{ing.name}"
     plain: list[ir.HTTPRoute] = []
     secure: list[ir.HTTPRoute] = []
     app_root_hosts: list[str] = []
+    www_hosts: list[str] = []
     for r, rule in enumerate(ing.spec.get("rules", [])):
         host = rule.get("host", "")
         if routing.app_root and host not in app_root_hosts:
             app_root_hosts.append(host)
+        if routing.from_to_www and host and not host.startswith("*") and host not in www_hosts:
+            www_hosts.append(host)
         for p, path in enumerate((rule.get("http") or {}).get("paths", [])):
             value = path.get("path") or "/"
             matches = _matches(path.get("pathType", "ImplementationSpecific"), value, host in regex_hosts)
@@ -113,12 +120,13 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                                      "path is not served", ing.key, f"spec.rules[{r}].http.paths[{p}].path"))
                 continue
             filters = _filters(routing, value)
+            backend = _backend(index, ing, path["backend"], backend_tls, notes)
             route = ir.HTTPRoute(
                 name=f"ingress/{ing.namespace}/{ing.name}/rule/{r}/path/{p}", source=source,
                 hostnames=(host or "*",), matches=matches, filters=tuple(filters),
-                backends=(_backend(index, ing, path["backend"], backend_tls, notes),),
+                backends=(_with_protocol(backend, routing, secure=False),),
                 created=ing.creation_timestamp, wildcard_single_label=True)
-            secure.append(route)
+            secure.append(dataclasses.replace(route, backends=(_with_protocol(backend, routing, secure=True),)))
             if routing.force_ssl_redirect or (routing.ssl_redirect and host in tls_hosts):
                 # Before the rewrite (ingress-nginx redirects in its rewrite phase); after permanent-redirect
                 # and temporal-redirect, whose `return` comes first.
@@ -132,6 +140,19 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
         route = ir.HTTPRoute(
             name=f"ingress/{ing.namespace}/{ing.name}/default", source=source, hostnames=("*",),
             matches=(ir.Match(),), backends=(_backend(index, ing, default, backend_tls, notes),),
+            created=ing.creation_timestamp, wildcard_single_label=True)
+        plain.append(route)
+        secure.append(route)
+    for host in www_hosts:
+        # ingress-nginx's server for the other name (www. added or taken away), when no Ingress has that host:
+        # 308 to the Ingress's host, the scheme and port the request came with, less one trailing "/".
+        other = host[4:] if host.startswith("www.") else f"www.{host}"
+        if other in hosts:
+            continue
+        route = ir.HTTPRoute(
+            name=f"ingress/{ing.namespace}/{ing.name}/from-to-www/{other}", source=source, hostnames=(other,),
+            matches=(ir.Match(),), filters=(ir.Filter("RequestRedirect", {
+                "hostname": host, "statusCode": 308, "stripTrailingSlash": True, "alwaysPort": True}),),
             created=ing.creation_timestamp, wildcard_single_label=True)
         plain.append(route)
         secure.append(route)
@@ -168,6 +189,23 @@ def _matches(path_type: str, value: str, regex_host: bool) -> tuple[ir.Match, ..
         return (ir.Match(path=ir.PathMatch("PathPrefix", value)),)
     # ImplementationSpecific, and a Prefix that ends in "/" ("/foo/": nginx's location "/foo/" and "= /foo/")
     return (ir.Match(path=ir.PathMatch("StringPrefix", value)),)
+
+
+def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool) -> ir.Backend:
+    """backend-protocol and proxy-connect-timeout on a path's backend. HTTPS (and AUTO_HTTP from the HTTPS
+    listener): TLS to the pod, its certificate not checked, as ingress-nginx's proxy_ssl_verify off (a
+    BackendTLSPolicy on the Service, when there is one, decides instead); GRPC: HTTP/2 in clear (h2c)."""
+    if backend.invalid:
+        return backend
+    protocol = routing.backend_protocol
+    if backend.tls is None and (protocol == "HTTPS" or (protocol == "AUTO_HTTP" and secure)):
+        backend = dataclasses.replace(backend, tls=ir.BackendTLS(hostname="", verify=False))
+    elif protocol == "GRPC" and backend.tls is None:
+        backend = dataclasses.replace(backend, protocol="kubernetes.io/h2c")
+    if routing.connect_timeout is not None:
+        policy = dataclasses.replace(backend.policy or ir.TrafficPolicy(), connect_timeout=routing.connect_timeout)
+        backend = dataclasses.replace(backend, policy=policy)
+    return backend
 
 
 def _filters(routing: Routing, value: str) -> list[ir.Filter]:

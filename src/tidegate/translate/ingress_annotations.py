@@ -25,7 +25,7 @@ NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
 ROUTING_KEYS = frozenset({
     "use-regex", "rewrite-target", "app-root", "ssl-redirect", "force-ssl-redirect", "preserve-trailing-slash",
     "permanent-redirect", "permanent-redirect-code", "temporal-redirect", "temporal-redirect-code",
-    "upstream-vhost", "x-forwarded-prefix"})
+    "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol", "proxy-connect-timeout"})
 # Read by traffic_policies.ingress_sections (TrafficPolicy's sections from an Ingress).
 PROTECTION_KEYS = frozenset({
     "limit-rps", "limit-rpm", "limit-burst-multiplier", "limit-connections", "limit-whitelist", "limit-allowlist",
@@ -37,17 +37,17 @@ LATER_KEYS = frozenset({
     "auth-keepalive-timeout", "auth-map", "auth-method", "auth-proxy-set-headers", "auth-realm",
     "auth-request-redirect", "auth-response-headers", "auth-secret", "auth-secret-type", "auth-signin",
     "auth-signin-redirect-param", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
-    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-type", "auth-url", "backend-protocol",
+    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-type", "auth-url",
     "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
     "canary-weight", "canary-weight-total", "client-body-buffer-size", "connection-proxy-header",
     "cors-allow-credentials", "cors-allow-headers", "cors-allow-methods", "cors-allow-origin", "cors-expose-headers",
     "cors-max-age", "custom-headers", "custom-http-errors", "default-backend", "disable-proxy-intercept-errors",
     "enable-access-log", "enable-cors", "enable-global-auth", "enable-modsecurity", "enable-opentelemetry",
     "enable-owasp-core-rules", "enable-rewrite-log", "fastcgi-index", "fastcgi-params-configmap",
-    "from-to-www-redirect", "http2-push-preload", "limit-rate", "limit-rate-after", "load-balance", "mirror-host",
+    "http2-push-preload", "limit-rate", "limit-rate-after", "load-balance", "mirror-host",
     "mirror-request-body", "mirror-target", "modsecurity-transaction-id", "opentelemetry-operation-name",
     "opentelemetry-trust-incoming-span", "proxy-buffer-size", "proxy-buffering", "proxy-buffers-number",
-    "proxy-busy-buffers-size", "proxy-connect-timeout", "proxy-cookie-domain", "proxy-cookie-path",
+    "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path",
     "proxy-http-version", "proxy-max-temp-file-size", "proxy-next-upstream", "proxy-next-upstream-timeout",
     "proxy-next-upstream-tries", "proxy-read-timeout", "proxy-redirect-from", "proxy-redirect-to",
     "proxy-request-buffering", "proxy-send-timeout", "proxy-ssl-ciphers", "proxy-ssl-name", "proxy-ssl-protocols",
@@ -83,6 +83,9 @@ class Routing:
     redirect_code: int = 0
     upstream_vhost: str = ""
     x_forwarded_prefix: str = ""
+    from_to_www: bool = False
+    backend_protocol: str = "HTTP"  # HTTP | HTTPS | GRPC | AUTO_HTTP
+    connect_timeout: float | None = None  # proxy-connect-timeout, seconds
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
@@ -114,13 +117,13 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
     if not values:
         return Routing()
     found: dict[str, Any] = {}
-    for key in ("use-regex", "ssl-redirect", "force-ssl-redirect", "preserve-trailing-slash"):
+    for key in ("use-regex", "ssl-redirect", "force-ssl-redirect", "preserve-trailing-slash", "from-to-www-redirect"):
         if key in values:
             flag = _bool(values[key])
             if flag is None:
                 _drop(ing, notes, NGINX_PREFIX + key, f"{values[key]!r} is not true or false")
             else:
-                found[key.replace("-", "_")] = flag
+                found["from_to_www" if key == "from-to-www-redirect" else key.replace("-", "_")] = flag
     for key in ("rewrite-target", "app-root", "x-forwarded-prefix"):
         value = values.get(key)
         if value is None:
@@ -138,6 +141,23 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
             _drop(ing, notes, NGINX_PREFIX + "upstream-vhost", f"{vhost!r} is not a host name")
         else:
             found["upstream_vhost"] = vhost
+    if "backend-protocol" in values:
+        protocol = values["backend-protocol"].strip().upper()
+        if protocol in ("HTTP", "HTTPS", "GRPC", "AUTO_HTTP"):
+            found["backend_protocol"] = protocol
+        elif protocol in ("GRPCS", "FCGI"):
+            notes.append(Problem("warning", ing.origin, f"annotation {NGINX_PREFIX}backend-protocol {protocol} is not "
+                                 "supported yet: HTTP is used", ing.key))
+        else:
+            _drop(ing, notes, NGINX_PREFIX + "backend-protocol", f"{values['backend-protocol']!r} is not one of HTTP, "
+                  "HTTPS, GRPC, GRPCS, AUTO_HTTP, FCGI")
+    if "proxy-connect-timeout" in values:
+        raw_seconds = values["proxy-connect-timeout"].strip()
+        if re.fullmatch(r"[0-9]+", raw_seconds) and int(raw_seconds) > 0:
+            found["connect_timeout"] = float(raw_seconds)
+        else:
+            _drop(ing, notes, NGINX_PREFIX + "proxy-connect-timeout", f"{raw_seconds!r} is not a whole number of "
+                  "seconds above 0")
     for key, low, high, default in (("temporal-redirect", 300, 307, 302), ("permanent-redirect", 300, 308, 301)):
         url = values.get(key)
         if url is None or "redirect_url" in found:
