@@ -231,6 +231,13 @@ def _parser() -> argparse.ArgumentParser:
     routes = sub.add_parser("routes", help="print the route table: listeners, hostnames, matches, backends")
     common(routes)
 
+    diff = sub.add_parser("diff", help="which requests change where they go between two configurations",
+                          description="Answer, from the route tables alone, the requests that tell the rules of "
+                                      "either side apart; print those answered differently. Exit 1 when any is.")
+    diff.add_argument("old", metavar="OLD", help="a YAML file or directory: the configuration before")
+    diff.add_argument("new", metavar="NEW", help="a YAML file or directory: the configuration after")
+    common(diff, positional=False)
+
     exp = sub.add_parser("explain", help="show which listener, route and rule serve a request, and why others "
                                          "do not")
     common(exp)
@@ -301,6 +308,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return asyncio.run(_echo(args.listen, args.log_requests, args.tls_cert, args.tls_key, args.tls_client_ca))
     if args.command == "nodeports":
         return _nodeports(args)
+    if args.command == "diff":
+        return _diff(args)
     result = _load(args)
     if args.command == "validate":
         # What only shows across objects (overlapping pools, a Service refused an address) comes from
@@ -333,6 +342,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "simulate":
         return _simulate(args, result)
     return EXIT_INVALID if result.errors else EXIT_OK
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from tidegate.diff import compare
+
+    sides = []
+    for path in (args.old, args.new):
+        loaded = load_paths([path], default_namespace=args.namespace)
+        for problem in loaded.problems:
+            print(f"{problem.severity}: {problem}", file=sys.stderr)
+        if loaded.errors:
+            print(f"tidegate: error: {path} does not load (above): nothing compared", file=sys.stderr)
+            return EXIT_USAGE
+        sides.append(translate(loaded.resources, options_for(args)).ir)
+    report = compare(*sides)
+    print(report.text(), end="")
+    return EXIT_INVALID if report.differences else EXIT_OK
 
 
 def statuses_as_data(translation: Translation) -> list[dict[str, Any]]:

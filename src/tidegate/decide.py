@@ -19,9 +19,10 @@ from tidegate.router import Request, Router
 
 @dataclass
 class Decision:
-    status: int  # 0: forwarded to `backend`
+    status: int  # 0: forwarded to `backend`; -1: no listener on the port
     route: str = ""
     backend: str = ""  # "ns/service:port" of the first backend the rule has
+    weights: str = ""  # with more than one backend: "name=weight,..."
     target: str = ""  # the path and query sent on
     host: str = ""  # the Host sent on
     location: str = ""  # a redirect's Location
@@ -53,7 +54,9 @@ def decide(router: Router, request: Request, scheme: str = "http", port: int = 8
         return Decision(500, route.name, backend.name)
     for f in backend.filters:
         host, upstream_path, headers = _apply(f, host, upstream_path, headers, matched_prefix)
-    return Decision(0, route.name, backend.name, with_query(upstream_path, query), host,
+    shares = [b for b in route.backends if b.weight > 0]
+    weights = ",".join(f"{b.name}={b.weight}" for b in shares) if len(shares) > 1 else ""
+    return Decision(0, route.name, backend.name, weights=weights, target=with_query(upstream_path, query), host=host,
                     headers={name.lower(): value for name, value in headers})
 
 

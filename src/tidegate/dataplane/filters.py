@@ -58,10 +58,24 @@ def replace_path(path: str, config: dict[str, Any], matched_prefix: str | None) 
         return _CAPTURE.sub(lambda m: (groups[int(m.group(1)) - 1] or "") if 0 < int(m.group(1)) <= len(groups)
                             else "", config["substitution"]) or "/"
     if kind == "ReplacePrefixMatch" and matched_prefix is not None:
-        prefix = matched_prefix.rstrip("/")
-        rest = path.removeprefix(prefix)
+        rest = _after_segments(path, matched_prefix)
         return ((config.get("replacePrefixMatch") or "/").rstrip("/") + rest) or "/"
     return path
+
+
+def _after_segments(path: str, prefix: str) -> str:
+    """What follows the segments of `prefix` in `path`, which the router matched by segments: repeated slashes
+    between them ("//api/x" for /api) are part of the prefix, not of what follows."""
+    at = 0
+    for segment in prefix.split("/"):
+        if not segment:
+            continue
+        while at < len(path) and path[at] == "/":
+            at += 1
+        if not path.startswith(segment, at):
+            return path.removeprefix(prefix.rstrip("/"))
+        at += len(segment)
+    return path[at:]
 
 
 _CAPTURE = re.compile(r"\$([0-9])")

@@ -11,6 +11,7 @@ path's start, tried longest first. Annotations: ingress_annotations.py.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import re2
@@ -22,7 +23,7 @@ from tidegate.translate.certificates import CertificateError, certificate_from_s
 from tidegate.translate.conditions import INGRESS_CONTROLLER
 from tidegate.translate import ingress_annotations
 from tidegate.translate.index import Index
-from tidegate.translate.ingress_annotations import Routing
+from tidegate.translate.ingress_annotations import Canary, Routing
 
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
@@ -47,6 +48,16 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
     certificates: dict[str, ir.Certificate] = {}
     taken = ingresses_for_tidegate(index)
     routing = {ing.key: ingress_annotations.read(ing, notes) for ing in taken}
+    # Canary Ingresses serve no host of their own: each path joins the mainline path of the same host and path.
+    canaries: dict[tuple[str, str], Canaried] = {}
+    for ing in [i for i in taken if routing[i.key].canary is not None]:
+        for rule in ing.spec.get("rules", []):
+            for path in (rule.get("http") or {}).get("paths", []):
+                backend = _with_protocol(_backend(index, ing, path["backend"], backend_tls, notes), routing[ing.key],
+                                         secure=False)
+                canaries.setdefault((rule.get("host", ""), path.get("path") or "/"),
+                                    Canaried(ing, routing[ing.key].canary, backend))  # type: ignore[arg-type]
+    taken = [ing for ing in taken if routing[ing.key].canary is None]
     # The hosts whose paths are all regular expressions (ingress-nginx's enforceRegexModifier, per server).
     regex_hosts = {rule.get("host", "") for ing in taken for rule in ing.spec.get("rules", [])
                    if routing[ing.key].use_regex or any(routing[ing.key].rewrites(path.get("path") or "/")
@@ -56,8 +67,8 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
                  for host in tls.get("hosts") or ()}
     hosts = {rule.get("host", "") for ing in taken for rule in ing.spec.get("rules", [])}
     for ing in taken:
-        plain, secure = _ingress_routes(index, ing, routing[ing.key], regex_hosts, tls_hosts, hosts, backend_tls,
-                                        notes)
+        plain, secure = _ingress_routes(index, ing, routing[ing.key], regex_hosts, tls_hosts, hosts, canaries,
+                                        backend_tls, notes)
         http_routes += plain
         https_routes += secure
         for tls in ing.spec.get("tls", []):
@@ -97,8 +108,8 @@ def _looks_like_ip(address: str) -> bool:
 
 
 def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: set[str], tls_hosts: set[str],
-                    hosts: set[str], backend_tls: dict, notes: list[Problem]
-                    ) -> tuple[list[ir.HTTPRoute], list[ir.HTTPRoute]]:
+                    hosts: set[str], canaries: dict[tuple[str, str], Canaried], backend_tls: dict,
+                    notes: list[Problem]) -> tuple[list[ir.HTTPRoute], list[ir.HTTPRoute]]:
     """The Ingress's rules for the HTTP listener and for the HTTPS one (the same, less the HTTPS redirect; with
     backend-protocol AUTO_HTTP, TLS to the pod from the HTTPS one)."""
     source = f"Ingress {ing.namespace}/{ing.name}"
@@ -126,7 +137,9 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                 hostnames=(host or "*",), matches=matches, filters=tuple(filters),
                 backends=(_with_protocol(backend, routing, secure=False),),
                 created=ing.creation_timestamp, wildcard_single_label=True)
-            secure.append(dataclasses.replace(route, backends=(_with_protocol(backend, routing, secure=True),)))
+            canaried = canaries.get((host, value))
+            secure_route = dataclasses.replace(route, backends=(_with_protocol(backend, routing, secure=True),))
+            secure += _canary_routes(secure_route, canaried) if canaried else [secure_route]
             if routing.force_ssl_redirect or (routing.ssl_redirect and host in tls_hosts):
                 # Before the rewrite (ingress-nginx redirects in its rewrite phase); after permanent-redirect
                 # and temporal-redirect, whose `return` comes first.
@@ -134,7 +147,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                 redirect = ir.Filter("RequestRedirect", {"scheme": "https", "statusCode": 308,
                                                          "stripTrailingSlash": not routing.preserve_trailing_slash})
                 route = dataclasses.replace(route, filters=(*route.filters[:at], redirect, *route.filters[at:]))
-            plain.append(route)
+            plain += _canary_routes(route, canaried) if canaried else [route]
     default = ing.spec.get("defaultBackend")
     if default:
         route = ir.HTTPRoute(
@@ -165,10 +178,54 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
             filters=(ir.Filter("RequestRedirect", {"path": {"type": "ReplaceFullPath",
                                                             "replaceFullPath": routing.app_root},
                                                    "statusCode": 302, "dropQuery": True}),),
-            created="", wildcard_single_label=True)  # "": before every other rule for "/" (the oldest)
+            created="0", wildcard_single_label=True)  # "0": before every other rule for "/" (the oldest)
         plain.append(route)
         secure.append(route)
     return plain, secure
+
+
+@dataclass(frozen=True)
+class Canaried:
+    """A canary Ingress's path, for the mainline path of the same host and path."""
+
+    ingress: Resource
+    canary: Canary
+    backend: ir.Backend
+
+
+def _canary_routes(route: ir.HTTPRoute, canaried: Canaried) -> list[ir.HTTPRoute]:
+    """A mainline path's rule with its canary, in ingress-nginx's order (balancer.lua): the header decides
+    first (canary-by-header-value: that value; else -pattern: a match; else "always" / "never"), then the
+    cookie ("always" / "never"), then the weight of the rest. The header's rules come before the cookie's
+    (the names sort them: the same header count, the same age)."""
+    canary, main = canaried.canary, route.backends[0]
+    alternative = canaried.backend
+    out: list[ir.HTTPRoute] = []
+
+    def on(kind: str, name: str, value: str, regex: bool, backend: ir.Backend) -> None:
+        header = ir.ValueMatch(name, value, "RegularExpression" if regex else "Exact")
+        out.append(dataclasses.replace(route, name=f"{route.name}/canary/{len(out) + 1}-{kind}",
+                                       matches=tuple(dataclasses.replace(m, headers=(*m.headers, header))
+                                                     for m in route.matches),
+                                       backends=(dataclasses.replace(backend, weight=1),)))
+
+    if canary.header:
+        if canary.header_value:
+            on("header", canary.header.lower(), canary.header_value, False, alternative)
+        elif canary.header_pattern:  # searched in the value, as ngx.re.match does
+            on("header", canary.header.lower(), f"(?s).*(?:{canary.header_pattern}).*", True, alternative)
+        else:
+            on("header", canary.header.lower(), "always", False, alternative)
+            on("header", canary.header.lower(), "never", False, main)
+    if canary.cookie:
+        for word, backend in (("always", alternative), ("never", main)):
+            on("cookie", "cookie", rf"(?s)(?:.*[;,]\s*)?{re2.escape(canary.cookie)}={word}(?:\s*[;,].*)?", True,
+               backend)
+    weight = min(canary.weight, canary.weight_total)
+    backends = tuple(b for b in (dataclasses.replace(main, weight=canary.weight_total - weight),
+                                 dataclasses.replace(alternative, weight=weight)) if b.weight > 0)
+    out.append(dataclasses.replace(route, backends=backends))
+    return out
 
 
 def _matches(path_type: str, value: str, regex_host: bool) -> tuple[ir.Match, ...] | str:

@@ -18,6 +18,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+import re2
+
 from tidegate.resources.model import Problem, Resource
 
 NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
@@ -25,7 +27,9 @@ NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
 ROUTING_KEYS = frozenset({
     "use-regex", "rewrite-target", "app-root", "ssl-redirect", "force-ssl-redirect", "preserve-trailing-slash",
     "permanent-redirect", "permanent-redirect-code", "temporal-redirect", "temporal-redirect-code",
-    "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol", "proxy-connect-timeout"})
+    "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol", "proxy-connect-timeout",
+    "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
+    "canary-weight", "canary-weight-total"})
 # Read by traffic_policies.ingress_sections (TrafficPolicy's sections from an Ingress).
 PROTECTION_KEYS = frozenset({
     "limit-rps", "limit-rpm", "limit-burst-multiplier", "limit-connections", "limit-whitelist", "limit-allowlist",
@@ -38,8 +42,7 @@ LATER_KEYS = frozenset({
     "auth-request-redirect", "auth-response-headers", "auth-secret", "auth-secret-type", "auth-signin",
     "auth-signin-redirect-param", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
     "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-type", "auth-url",
-    "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
-    "canary-weight", "canary-weight-total", "client-body-buffer-size", "connection-proxy-header",
+    "client-body-buffer-size", "connection-proxy-header",
     "cors-allow-credentials", "cors-allow-headers", "cors-allow-methods", "cors-allow-origin", "cors-expose-headers",
     "cors-max-age", "custom-headers", "custom-http-errors", "default-backend", "disable-proxy-intercept-errors",
     "enable-access-log", "enable-cors", "enable-global-auth", "enable-modsecurity", "enable-opentelemetry",
@@ -64,6 +67,7 @@ PATH_WITH_CAPTURE = re.compile(r"^/?[" + _ALNUM + r"\/\$]*$")  # RegexPathWithCa
 URL_CHARS = re.compile(r"^[" + _ALNUM + r",:?&=]*$")  # URLIsValidRegex
 SERVER_NAME = re.compile(r"^[/" + _ALNUM + r"\^\$\[\]\(\)\{\}\*\+\?\|&=\\]*$")  # IsValidRegex
 LINE_BREAK = re.compile(r"[\r\n]")
+HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token
 # Go's strconv.ParseBool
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
@@ -86,10 +90,24 @@ class Routing:
     from_to_www: bool = False
     backend_protocol: str = "HTTP"  # HTTP | HTTPS | GRPC | AUTO_HTTP
     connect_timeout: float | None = None  # proxy-connect-timeout, seconds
+    canary: Canary | None = None  # canary: "true"
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
         return bool(self.rewrite_target) and self.rewrite_target != path
+
+
+@dataclass(frozen=True)
+class Canary:
+    """An Ingress that is a canary of the Ingress with the same host and path (ingress-nginx's balancer.lua
+    route_to_alternative_balancer): the header first, then the cookie, then the weight."""
+
+    header: str = ""
+    header_value: str = ""
+    header_pattern: str = ""
+    cookie: str = ""
+    weight: int = 0
+    weight_total: int = 100
 
 
 def read(ing: Resource, notes: list[Problem]) -> Routing:
@@ -158,6 +176,8 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
         else:
             _drop(ing, notes, NGINX_PREFIX + "proxy-connect-timeout", f"{raw_seconds!r} is not a whole number of "
                   "seconds above 0")
+    if _bool(values.get("canary", "")):
+        found["canary"] = _canary(ing, values, notes)
     for key, low, high, default in (("temporal-redirect", 300, 307, 302), ("permanent-redirect", 300, 308, 301)):
         url = values.get(key)
         if url is None or "redirect_url" in found:
@@ -175,6 +195,35 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
                                      f"not a status from {low} to {high}: {default} is used", ing.key))
         found["redirect_url"], found["redirect_code"] = url, code
     return Routing(**found)
+
+
+def _canary(ing: Resource, values: dict[str, str], notes: list[Problem]) -> Canary:
+    found: dict[str, Any] = {}
+    for key, field in (("canary-by-header", "header"), ("canary-by-cookie", "cookie")):
+        name = values.get(key, "").strip()
+        if name and not HEADER_NAME.fullmatch(name):
+            _drop(ing, notes, NGINX_PREFIX + key, f"{name!r} is not a {field} name")
+        elif name:
+            found[field] = name
+    if values.get("canary-by-header-value"):
+        found["header_value"] = values["canary-by-header-value"]
+    elif values.get("canary-by-header-pattern"):
+        pattern = values["canary-by-header-pattern"]
+        try:
+            re2.compile(pattern)
+            found["header_pattern"] = pattern
+        except re2.error:  # ingress-nginx: an error while matching routes to the mainline
+            _drop(ing, notes, NGINX_PREFIX + "canary-by-header-pattern", f"{pattern!r} is not a regular expression "
+                  "RE2 reads (requests go to the mainline by header)")
+    for key, field in (("canary-weight", "weight"), ("canary-weight-total", "weight_total")):
+        raw = values.get(key, "").strip()
+        if raw and re.fullmatch(r"[0-9]+", raw):
+            found[field] = int(raw)
+        elif raw:
+            _drop(ing, notes, NGINX_PREFIX + key, f"{raw!r} is not a whole number")
+    if found.get("weight_total", 100) <= 100:  # balancer.lua takes a total only above 100
+        found.pop("weight_total", None)
+    return Canary(**found)
 
 
 def _bool(value: str) -> bool | None:
