@@ -303,3 +303,58 @@ http {{
         done = subprocess.run([CURL, "-s", "-H", "Host: secure.test", f"http://127.0.0.1:{http_port}/"],
                               capture_output=True, text=True, timeout=20)
         assert done.stdout.startswith("tls:TLSv1."), done.stdout
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_convert_changes_no_answer_except_where_its_report_says(case):
+    """The differential test: tidegate fed the case's Ingresses and tidegate fed `convert`'s Gateway API objects
+    answer every request `diff` makes up alike, except for rules of Ingresses the report calls approximated or
+    unsupported."""
+    from tidegate.convert import convert
+    from tidegate.diff import compare
+
+    loaded = load_text(_case_config(case), "case")
+    objects, report = convert(loaded.resources)
+    others = [r.obj for r in loaded.resources if r.kind not in ("Ingress", "IngressClass")]
+    converted = load_text("".join("---\n" + yaml.safe_dump(o) for o in objects + others), "converted")
+    assert not converted.errors, converted.errors
+    result = compare(translate(loaded.resources).ir, translate(converted.resources).ir)
+    inexact = {e.ingress for e in report if e.verdict in ("approximated", "unsupported", "refused")}
+    for route, differences in result.differences.items():
+        ingress = "/".join(route.split("/")[1:3])
+        assert ingress in inexact, (f"{route} answers differently, and the report says nothing of it:\n"
+                                    + result.text() + "\n" + "\n".join(map(str, report)))
+    if not inexact:
+        assert not result.differences, result.text()
+
+
+def test_the_convert_command_writes_objects_and_a_report_and_says_by_its_exit_code(tmp_path):
+    """-o DIR and --all give a set `tidegate diff` finds no difference in; --report writes the verdicts; the
+    exit code is 1 for an unsupported field, and for an approximated one with --fail-on approximated."""
+    import json
+    import sys
+
+    def case(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(_case_config(next(c for c in CASES if c["name"].startswith(name))))
+        return path
+
+    cmd = [sys.executable, "-m", "tidegate"]
+    exact = case("upstream-vhost")
+    done = subprocess.run([*cmd, "convert", str(exact), "--all", "-o", str(tmp_path / "out"), "--report",
+                           str(tmp_path / "report.json")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "report.json").read_text()) == [
+        {"ingress": "default/upstreamvhost.foo.com", "field": "nginx.ingress.kubernetes.io/upstream-vhost",
+         "verdict": "converted", "note": ""}]
+    same = subprocess.run([*cmd, "diff", str(exact), str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=60)
+    assert same.returncode == 0, same.stdout
+    unsupported = subprocess.run([*cmd, "convert", str(case("capture groups"))], capture_output=True, text=True,
+                                 timeout=60)
+    assert unsupported.returncode == 1 and "unsupported: Ingress default/regex: rewrite-target" in unsupported.stderr
+    assert "kind: HTTPRoute" in unsupported.stdout
+    approximated = case("force-ssl-redirect")
+    assert subprocess.run([*cmd, "convert", str(approximated)], capture_output=True, timeout=60).returncode == 0
+    assert subprocess.run([*cmd, "convert", str(approximated), "--fail-on", "approximated"], capture_output=True,
+                          timeout=60).returncode == 1

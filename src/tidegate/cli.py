@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -231,6 +232,23 @@ def _parser() -> argparse.ArgumentParser:
     routes = sub.add_parser("routes", help="print the route table: listeners, hostnames, matches, backends")
     common(routes)
 
+    conv = sub.add_parser("convert", help="Ingress objects (with ingress-nginx's annotations) as Gateway API objects",
+                          description="Convert the Ingresses among the resources to a Gateway, HTTPRoutes and "
+                                      "ReferenceGrants, with a report per Ingress and field. Exit 1 when anything "
+                                      "is unsupported or refused (or, with --fail-on approximated, approximated).")
+    common(conv)
+    conv.add_argument("-o", "--output", default="-", metavar="DIR|-",
+                      help="where to write the objects: - (standard output, default) or a directory")
+    conv.add_argument("--gateway", default="", metavar="NS/NAME",
+                      help="attach the HTTPRoutes to this existing Gateway (listeners http and https) instead of "
+                           "writing one")
+    conv.add_argument("--report", default="", metavar="FILE", help="also write the report as JSON (.json) or YAML")
+    conv.add_argument("--fail-on", choices=["unsupported", "approximated"], default="unsupported",
+                      help="what makes the exit code 1 (default: %(default)s, and refused)")
+    conv.add_argument("--all", action="store_true",
+                      help="write the other resources too (Services, EndpointSlices, Secrets...), so that the output "
+                           "alone serves as the input did: for tidegate diff and tidegate run")
+
     diff = sub.add_parser("diff", help="which requests change where they go between two configurations",
                           description="Answer, from the route tables alone, the requests that tell the rules of "
                                       "either side apart; print those answered differently. Exit 1 when any is.")
@@ -310,6 +328,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _nodeports(args)
     if args.command == "diff":
         return _diff(args)
+    if args.command == "convert":
+        return _convert(args)
     result = _load(args)
     if args.command == "validate":
         # What only shows across objects (overlapping pools, a Service refused an address) comes from
@@ -342,6 +362,37 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "simulate":
         return _simulate(args, result)
     return EXIT_INVALID if result.errors else EXIT_OK
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from tidegate.convert import convert
+
+    if args.gateway and args.gateway.count("/") != 1:
+        print(f"tidegate: error: --gateway {args.gateway!r} is not NAMESPACE/NAME", file=sys.stderr)
+        return EXIT_USAGE
+    result = _load(args)
+    if result.errors:
+        print("tidegate: error: the input does not load (above): nothing converted", file=sys.stderr)
+        return EXIT_USAGE
+    objects, report = convert(result.resources, args.gateway, options_for(args))
+    if args.all:
+        objects += [r.obj for r in result.resources if r.kind not in ("Ingress", "IngressClass")]
+    text = "".join("---\n" + dump_yaml(obj) for obj in objects)
+    if args.output == "-":
+        print(text, end="")
+    else:
+        os.makedirs(args.output, exist_ok=True)
+        with open(os.path.join(args.output, "converted.yaml"), "w") as out:
+            out.write(text)
+    for entry in report:
+        print(f"{entry.verdict}: Ingress {entry.ingress}: {entry.field}" + (f": {entry.note}" if entry.note else ""),
+              file=sys.stderr)
+    if args.report:
+        data = [{"ingress": e.ingress, "field": e.field, "verdict": e.verdict, "note": e.note} for e in report]
+        with open(args.report, "w") as out:
+            out.write(json.dumps(data, indent=1) + "\n" if args.report.endswith(".json") else dump_yaml(data))
+    failing = {"unsupported", "refused"} | ({"approximated"} if args.fail_on == "approximated" else set())
+    return EXIT_INVALID if any(e.verdict in failing for e in report) else EXIT_OK
 
 
 def _diff(args: argparse.Namespace) -> int:

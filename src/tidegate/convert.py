@@ -1,0 +1,260 @@
+"""`tidegate convert`: Ingress objects, with ingress-nginx's annotations, as Gateway API objects.
+
+The conversion starts from what tidegate serves for the Ingresses (translate/ingress.py), so that it carries
+ingress-nginx's meaning rather than the fields' names: a Gateway (or `--gateway NS/NAME`, an existing one),
+one HTTPRoute per Ingress and host (two when plain HTTP redirects to HTTPS: one on each listener), named
+rules, ReferenceGrants for certificates in other namespaces. Every object names the Ingress it came from
+(annotation `tidegate.io/converted-from`).
+
+A report says, per Ingress and field, `converted`, `approximated` (with the behaviour that changes),
+`tidegate-policy` (tidegate's own kinds carry it; not written by this version), `unsupported` or `refused`.
+`tidegate diff INGRESS CONVERTED` then shows, request by request, that nothing else changed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from tidegate import ir
+from tidegate.resources.model import Resource
+from tidegate.translate import TranslateOptions, translate
+from tidegate.translate.conditions import CONTROLLER_NAME as GATEWAY_CONTROLLER
+from tidegate.translate.ingress_annotations import LATER_KEYS, NGINX_PREFIX, PROTECTION_KEYS, ROUTING_KEYS
+
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+FROM = "tidegate.io/converted-from"
+VERDICTS = ("converted", "approximated", "tidegate-policy", "unsupported", "refused")
+_REDIRECT_CODES = (301, 302, 303, 307, 308)  # what HTTPRoute's RequestRedirect takes
+
+
+@dataclass(frozen=True)
+class Entry:
+    ingress: str  # "ns/name"
+    field: str  # an annotation's key, or a spec field
+    verdict: str  # one of VERDICTS
+    note: str = ""
+
+
+def convert(resources: list[Resource], gateway: str = "", options: TranslateOptions = TranslateOptions()
+            ) -> tuple[list[dict[str, Any]], list[Entry]]:
+    """The Gateway API objects for the Ingresses among `resources`, and the report."""
+    ingresses = [r for r in resources if r.kind == "Ingress"]
+    report = [entry for ing in ingresses for entry in _annotation_entries(ing)]
+    served = translate(resources, options).ir
+    listeners = {listener.name: listener for listener in served.listeners if listener.gateway == "ingress"}
+    namespace, name = gateway.split("/", 1) if gateway else (
+        (ingresses[0].namespace if ingresses else "default"), "ingress")
+    objects: list[dict[str, Any]] = []
+    if not gateway:
+        if not any(r.kind == "GatewayClass" and r.spec.get("controllerName") == GATEWAY_CONTROLLER for r in resources):
+            objects.append({"apiVersion": GATEWAY_API, "kind": "GatewayClass", "metadata": {"name": "tidegate"},
+                            "spec": {"controllerName": GATEWAY_CONTROLLER}})
+        objects += _gateway(namespace, name, listeners, options, report)
+    http = listeners.get("ingress/http")
+    https = listeners.get("ingress/https")
+    by_ingress: dict[tuple[str, tuple[str, ...]], dict[str, list[ir.HTTPRoute]]] = {}
+    for section, listener in (("http", http), ("https", https)):
+        for route in listener.http_routes if listener is not None else ():
+            source = route.source.removeprefix("Ingress ")
+            by_ingress.setdefault((source, route.hostnames), {}).setdefault(section, []).append(route)
+    seen_paths: set[tuple[str, str]] = set()
+    for (source, hostnames), sections in by_ingress.items():
+        ns, ing_name = source.split("/", 1)
+        host = hostnames[0] if hostnames != ("*",) else ""
+        plain, secure = sections.get("http", []), sections.get("https", [])
+        if plain == secure or not secure:
+            groups = [("", plain, ["http", "https"] if https is not None and secure else ["http"])]
+        else:
+            groups = [("-http", plain, ["http"]), ("-https", secure, ["https"])]
+        for suffix, routes, parents in groups:
+            rules = [_rule(route, source, report, seen_paths) for route in routes]
+            objects.append({
+                "apiVersion": GATEWAY_API, "kind": "HTTPRoute",
+                "metadata": {"name": _name(ing_name, host) + suffix, "namespace": ns,
+                             "annotations": {FROM: f"Ingress {source}"}},
+                "spec": {"parentRefs": [{"name": name, "namespace": namespace, "sectionName": s} for s in parents],
+                         **({"hostnames": [host]} if host else {}), "rules": rules}})
+    # An annotation whose rules said more (approximated, unsupported) is not also "converted".
+    said = {(e.ingress, key) for e in report if e.verdict != "converted" for key in _COVERS.get(e.field, ())}
+    report = [e for e in report if not (e.verdict == "converted" and (e.ingress, e.field) in said)]
+    return objects, report
+
+
+# The annotations behind what a rule's conversion reports.
+_COVERS = {
+    "permanent-redirect / temporal-redirect": (NGINX_PREFIX + "permanent-redirect", NGINX_PREFIX + "temporal-redirect",
+                                               NGINX_PREFIX + "permanent-redirect-code",
+                                               NGINX_PREFIX + "temporal-redirect-code"),
+    "ssl-redirect": (NGINX_PREFIX + "ssl-redirect", NGINX_PREFIX + "force-ssl-redirect"),
+    "app-root": (NGINX_PREFIX + "app-root",),
+    "from-to-www-redirect": (NGINX_PREFIX + "from-to-www-redirect",),
+    "rewrite-target": (NGINX_PREFIX + "rewrite-target",),
+}
+
+
+def _name(ingress: str, host: str) -> str:
+    label = host.replace("*", "wildcard").replace(".", "-") if host else "any-host"
+    return f"{ingress}-{label}"[:253].rstrip("-")
+
+
+def _annotation_entries(ing: Resource) -> list[Entry]:
+    out = []
+    source = f"{ing.namespace}/{ing.name}"
+    for full, value in ing.annotations.items():
+        if not full.startswith(NGINX_PREFIX):
+            continue
+        key = full[len(NGINX_PREFIX):]
+        if key.endswith("-snippet"):
+            out.append(Entry(source, full, "refused", "nginx configuration is never used"))
+        elif key in PROTECTION_KEYS:
+            out.append(Entry(source, full, "tidegate-policy", "a TrafficPolicy on the HTTPRoute (written by a later "
+                                                              "version; tidegate serves it from the Ingress today)"))
+        elif key in ("proxy-connect-timeout",):
+            out.append(Entry(source, full, "tidegate-policy", "a BackendPolicy timeouts.connect on the Service"))
+        elif key == "backend-protocol" and str(value).upper() in ("HTTPS", "AUTO_HTTP"):
+            out.append(Entry(source, full, "unsupported", "a BackendTLSPolicy checks the pod's certificate, which "
+                                                          "ingress-nginx did not: write one with the pods' CA"))
+        elif key == "backend-protocol" and str(value).upper() == "GRPC":
+            out.append(Entry(source, full, "approximated", "set appProtocol: kubernetes.io/h2c on the Service port"))
+        elif key in ROUTING_KEYS:
+            out.append(Entry(source, full, "converted"))
+        elif key in LATER_KEYS:
+            out.append(Entry(source, full, "unsupported", "not supported by tidegate yet"))
+        else:
+            out.append(Entry(source, full, "unsupported", "not one of ingress-nginx's annotations"))
+    return out
+
+
+def _gateway(namespace: str, name: str, listeners: dict[str, ir.Listener], options: TranslateOptions,
+             report: list[Entry]) -> list[dict[str, Any]]:
+    specs: list[dict[str, Any]] = [{"name": "http", "port": options.ingress_http_port, "protocol": "HTTP",
+                                    "allowedRoutes": {"namespaces": {"from": "All"}}}]
+    grants: dict[str, dict[str, Any]] = {}
+    https = listeners.get("ingress/https")
+    if https is not None and https.tls is not None:
+        refs = []
+        for cert in https.tls.certificates:
+            ns, secret = cert.secret.split("/", 1)
+            refs.append({"kind": "Secret", "name": secret, **({"namespace": ns} if ns != namespace else {})})
+            if ns != namespace and ns not in grants:
+                grants[ns] = {"apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+                              "metadata": {"name": f"{name}-certificates", "namespace": ns,
+                                           "annotations": {FROM: "the Ingresses' TLS Secrets"}},
+                              "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway",
+                                                 "namespace": namespace}],
+                                       "to": [{"group": "", "kind": "Secret"}]}}
+        specs.append({"name": "https", "port": options.ingress_https_port, "protocol": "HTTPS",
+                      "tls": {"mode": "Terminate", "certificateRefs": refs},
+                      "allowedRoutes": {"namespaces": {"from": "All"}}})
+    gateway = {"apiVersion": GATEWAY_API, "kind": "Gateway",
+               "metadata": {"name": name, "namespace": namespace, "annotations": {FROM: "every Ingress"}},
+               "spec": {"gatewayClassName": "tidegate", "listeners": specs}}
+    return [gateway, *grants.values()]
+
+
+def _rule(route: ir.HTTPRoute, source: str, report: list[Entry], seen: set[tuple[str, str]]) -> dict[str, Any]:
+    def once(field: str, verdict: str, note: str) -> None:
+        if (source, field + note) not in seen:
+            seen.add((source, field + note))
+            report.append(Entry(source, field, verdict, note))
+
+    matches = []
+    for match in route.matches:
+        path = match.path
+        if path.type == "StringPrefix":
+            once("pathType ImplementationSpecific", "approximated",
+                 "a string prefix becomes a regular expression, which is tried before every prefix path of the "
+                 "host (the longest prefix no longer wins over it)")
+            value = {"type": "RegularExpression", "value": f"\\Q{path.value}\\E.*"}
+        else:
+            value = {"type": path.type, "value": path.value}
+        out: dict[str, Any] = {"path": value}
+        if match.headers:
+            out["headers"] = [{"type": h.type, "name": h.name, "value": h.value} for h in match.headers]
+        matches.append(out)
+    filters = []
+    for f in route.filters:
+        converted = _filter(f, once)
+        if converted is not None:
+            filters.append(converted)
+    rule: dict[str, Any] = {"name": _rule_name(route.name), "matches": matches}
+    if filters:
+        rule["filters"] = filters
+    backends = [b for b in route.backends if b.weight > 0]
+    if backends and not any(f["type"] == "RequestRedirect" for f in filters):
+        rule["backendRefs"] = [_backend_ref(b, len(backends) > 1) for b in backends]
+    if route.guard is not None:
+        once("edge protection", "tidegate-policy", "a TrafficPolicy on the HTTPRoute (written by a later version)")
+    return rule
+
+
+def _rule_name(name: str) -> str:
+    """ingress/ns/name/rule/0/path/1 → rule-0-path-1 (a section name: lower case, digits, "-" and ".")."""
+    text = "-".join(name.split("/")[3:]).lower()
+    text = re.sub(r"[^a-z0-9.-]+", "-", text)
+    return re.sub(r"-+", "-", text)[:63].strip("-.") or "rule"
+
+
+def _backend_ref(backend: ir.Backend, weighted: bool) -> dict[str, Any]:
+    service, _, port = backend.name.partition(":")
+    namespace, _, svc = service.partition("/")
+    ref: dict[str, Any] = {"name": svc, "port": int(port) if port.isdigit() else port}
+    if weighted:
+        ref["weight"] = backend.weight
+    return ref
+
+
+def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
+    config = dict(f.config)
+    if f.type == "RequestRedirect":
+        redirect: dict[str, Any] = {}
+        if config.get("location"):
+            url = urlsplit(config["location"])
+            redirect = {"scheme": url.scheme, "hostname": url.hostname or ""}
+            if url.port:
+                redirect["port"] = url.port
+            redirect["path"] = {"type": "ReplaceFullPath", "replaceFullPath": url.path or "/"}
+            once("permanent-redirect / temporal-redirect", "approximated",
+                 "HTTPRoute's redirect keeps the request's query string, where ingress-nginx's sent the URL as it is"
+                 + (f" (with its own query, {url.query}, lost here)" if url.query else "")
+                 + ("; a URL with no path gets \"/\"" if not url.path else ""))
+        else:
+            for key in ("scheme", "hostname", "port", "path"):
+                if config.get(key):
+                    redirect[key] = config[key]
+        if config.get("stripTrailingSlash") and not config.get("alwaysPort"):
+            once("ssl-redirect", "approximated", "the redirect to HTTPS keeps a trailing \"/\", which ingress-nginx "
+                                                 "took off (unless preserve-trailing-slash)")
+        if config.get("dropQuery"):
+            once("app-root", "approximated", "the redirect keeps the request's query string")
+        if config.get("alwaysPort"):
+            once("from-to-www-redirect", "approximated", "the redirect leaves out a default port (:80, :443) and "
+                                                         "keeps a trailing \"/\"")
+        code = int(config.get("statusCode", 302))
+        if code not in _REDIRECT_CODES:
+            once("redirect code", "approximated", f"{code} is not an HTTPRoute redirect code: 302")
+            code = 302
+        redirect["statusCode"] = code
+        return {"type": "RequestRedirect", "requestRedirect": redirect}
+    if f.type == "URLRewrite":
+        rewrite: dict[str, Any] = {}
+        if config.get("hostname"):
+            rewrite["hostname"] = config["hostname"]
+        path = config.get("path")
+        if path and path.get("type") == "RegexReplace":
+            target = path["substitution"]
+            if "$" in target or "?" in target:
+                once("rewrite-target", "unsupported", f"{target!r} uses capture groups or a query: HTTPRoute's "
+                                                      "URLRewrite cannot; the path is not rewritten")
+            else:
+                rewrite["path"] = {"type": "ReplaceFullPath", "replaceFullPath": target}
+        elif path:
+            rewrite["path"] = path
+        return {"type": "URLRewrite", "urlRewrite": rewrite} if rewrite else None
+    if f.type == "RequestHeaderModifier":
+        return {"type": "RequestHeaderModifier", "requestHeaderModifier": config}
+    once(f"filter {f.type}", "unsupported", "no HTTPRoute filter for it")
+    return None
