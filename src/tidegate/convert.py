@@ -22,6 +22,8 @@ from tidegate import ir
 from tidegate.resources.model import Resource
 from tidegate.translate import TranslateOptions, translate
 from tidegate.translate.conditions import CONTROLLER_NAME as GATEWAY_CONTROLLER
+from tidegate.translate.index import Index
+from tidegate.translate.ingress import ingresses_for_tidegate
 from tidegate.translate.ingress_annotations import LATER_KEYS, NGINX_PREFIX, PROTECTION_KEYS, ROUTING_KEYS
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
@@ -41,7 +43,7 @@ class Entry:
 def convert(resources: list[Resource], gateway: str = "", options: TranslateOptions = TranslateOptions()
             ) -> tuple[list[dict[str, Any]], list[Entry]]:
     """The Gateway API objects for the Ingresses among `resources`, and the report."""
-    ingresses = [r for r in resources if r.kind == "Ingress"]
+    ingresses = ingresses_for_tidegate(Index(resources))  # of tidegate's IngressClass
     report = [entry for ing in ingresses for entry in _annotation_entries(ing)]
     served = translate(resources, options).ir
     listeners = {listener.name: listener for listener in served.listeners if listener.gateway == "ingress"}
