@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -332,7 +333,6 @@ def test_the_convert_command_writes_objects_and_a_report_and_says_by_its_exit_co
     """-o DIR and --all give a set `tidegate diff` finds no difference in; --report writes the verdicts; the
     exit code is 1 for an unsupported field, and for an approximated one with --fail-on approximated."""
     import json
-    import sys
 
     def case(name: str) -> Path:
         path = tmp_path / f"{name}.yaml"
@@ -358,3 +358,27 @@ def test_the_convert_command_writes_objects_and_a_report_and_says_by_its_exit_co
     assert subprocess.run([*cmd, "convert", str(approximated)], capture_output=True, timeout=60).returncode == 0
     assert subprocess.run([*cmd, "convert", str(approximated), "--fail-on", "approximated"], capture_output=True,
                           timeout=60).returncode == 1
+
+
+def test_ingresses_without_a_class_are_served_with_the_flag_only(tmp_path):
+    """ingress-nginx's --watch-ingress-without-class: an Ingress naming no class is served when tidegate's
+    IngressClass is the default, or with the flag; one naming another class never."""
+    from tidegate.translate import TranslateOptions
+
+    spec = {"name": "classless", "host": "classless.test", "path": "/", "pathType": "Prefix"}
+    text = _ingress(spec).replace("  ingressClassName: tidegate\n", "")
+    other = _ingress({**spec, "name": "other", "host": "other.test"}).replace("ingressClassName: tidegate",
+                                                                              "ingressClassName: nginx")
+    loaded = load_text(CLASS + _service("echo") + text + other, "case")
+    assert "ingressClassName" not in text
+
+    def hosts(options: TranslateOptions) -> set[str]:
+        return {h for listener in translate(loaded.resources, options).ir.listeners for r in listener.http_routes
+                for h in r.hostnames}
+
+    assert hosts(TranslateOptions()) == set()
+    assert hosts(TranslateOptions(ingress_without_class=True)) == {"classless.test"}
+    (tmp_path / "in.yaml").write_text(CLASS + _service("echo") + text)
+    done = subprocess.run([sys.executable, "-m", "tidegate", "routes", "--watch-ingress-without-class",
+                           str(tmp_path / "in.yaml")], capture_output=True, text=True, timeout=60)
+    assert "classless.test" in done.stdout, (done.stdout, done.stderr)

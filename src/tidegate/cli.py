@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--address", default="", help="address to report in Gateway and Ingress status")
         p.add_argument("--ingress-http-port", type=int, default=80, help="port serving Ingress over HTTP")
         p.add_argument("--ingress-https-port", type=int, default=443, help="port serving Ingress over HTTPS")
+        p.add_argument("--watch-ingress-without-class", action="store_true",
+                       help="also serve Ingresses that name no IngressClass (ingress-nginx's flag of that name; "
+                            "without it, only when tidegate's IngressClass is the default)")
         lb = p.add_argument_group("LoadBalancer Services", "addresses from MetalLB's IPAddressPools (README: Bare metal)")
         lb.add_argument("--lb-class", default="tidegate.io/lb", metavar="CLASS",
                         help="take LoadBalancer Services whose spec.loadBalancerClass is CLASS (default: %(default)s)")
@@ -304,7 +307,8 @@ def options_for(args: argparse.Namespace, last: Translation | None = None) -> Tr
                             lb_classless=args.lb_classless, lb_held=held,
                             gateway_pods=args.gateway_pods if agent else "",
                             gateway_addresses_relayed=bool(args.gateway_pods) and not agent,
-                            node_ports=getattr(args, "node_ports", False))
+                            node_ports=getattr(args, "node_ports", False),
+                            ingress_without_class=getattr(args, "watch_ingress_without_class", False))
 
 
 def _load(args: argparse.Namespace) -> LoadResult:

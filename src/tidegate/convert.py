@@ -43,7 +43,7 @@ class Entry:
 def convert(resources: list[Resource], gateway: str = "", options: TranslateOptions = TranslateOptions()
             ) -> tuple[list[dict[str, Any]], list[Entry]]:
     """The Gateway API objects for the Ingresses among `resources`, and the report."""
-    ingresses = ingresses_for_tidegate(Index(resources))  # of tidegate's IngressClass
+    ingresses = ingresses_for_tidegate(Index(resources), options.ingress_without_class)  # tidegate's to serve
     report = [entry for ing in ingresses for entry in _annotation_entries(ing)]
     served = translate(resources, options).ir
     listeners = {listener.name: listener for listener in served.listeners if listener.gateway == "ingress"}

@@ -49,6 +49,8 @@ class TranslateOptions:
     gateway_addresses_relayed: bool = False
     # --node-ports: serve NodePort Services' node ports and healthCheckNodePorts (no kube-proxy)
     node_ports: bool = False
+    # --watch-ingress-without-class: serve Ingresses that name no class (ingress-nginx's flag of that name)
+    ingress_without_class: bool = False
 
 
 @dataclass
@@ -113,7 +115,7 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
                     http_routes=tuple(sorted(state.http_routes, key=lambda r: r.name)),
                     l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
-                                     policies.by_target, statuses, notes)
+                                     policies.by_target, statuses, notes, options.ingress_without_class)
     listeners += load_balancers.listeners
     if options.node_ports:
         node_port_listeners, load_balancers.health_checks = translate_node_ports(index, options.node, notes)

@@ -29,24 +29,26 @@ DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
 
 
-def ingresses_for_tidegate(index: Index) -> list[Resource]:
-    """Ingresses whose class is tidegate's; one without a class only when tidegate's class is the default."""
+def ingresses_for_tidegate(index: Index, without_class: bool = False) -> list[Resource]:
+    """Ingresses whose class is tidegate's; one without a class when tidegate's class is the default, or with
+    `without_class` (ingress-nginx's --watch-ingress-without-class)."""
     ours = {ic.name: ic for ic in index.all("IngressClass") if ic.spec.get("controller") == INGRESS_CONTROLLER}
     default = any(ic.annotations.get(DEFAULT_CLASS_ANNOTATION) == "true" for ic in ours.values())
     taken = []
     for ing in index.all("Ingress"):
         name = ing.spec.get("ingressClassName") or ing.annotations.get(LEGACY_CLASS_ANNOTATION)
-        if (name in ours) if name else default:
+        if (name in ours) if name else (default or without_class):
             taken.append(ing)
     return taken
 
 
 def translate_ingresses(index: Index, address: str, http_port: int, https_port: int,
-                        backend_tls: dict, statuses: dict[Key, Any], notes: list[Problem]) -> list[ir.Listener]:
+                        backend_tls: dict, statuses: dict[Key, Any], notes: list[Problem],
+                        without_class: bool = False) -> list[ir.Listener]:
     http_routes: list[ir.HTTPRoute] = []
     https_routes: list[ir.HTTPRoute] = []
     certificates: dict[str, ir.Certificate] = {}
-    taken = ingresses_for_tidegate(index)
+    taken = ingresses_for_tidegate(index, without_class)
     routing = {ing.key: ingress_annotations.read(ing, notes) for ing in taken}
     # Canary Ingresses serve no host of their own: each path joins the mainline path of the same host and path.
     canaries: dict[tuple[str, str], Canaried] = {}
