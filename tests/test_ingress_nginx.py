@@ -180,28 +180,34 @@ NGINX = shutil.which("nginx")
 CURL = shutil.which("curl")
 
 
+def _nginx_pod(tmp: Path, server: str) -> Path:
+    """An nginx.conf for Debian's nginx as a pod, all its files under `tmp`, with one server block."""
+    conf = tmp / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  server {{{server}
+  }}
+}}
+""")
+    return conf
+
+
 @pytest.mark.skipif(NGINX is None or CURL is None, reason="nginx and curl are not installed (scripts/test does)")
 def test_a_running_tidegate_answers_as_decide_says(tmp_path):
     """The cases' requests through a running tidegate (curl as the client; Debian's nginx as the pod, which
     says the request URI, Host and X-Forwarded-Prefix it received): status, Location, path, Host and header
     as `decide` worked them out from the same configuration."""
     pod_port, http_port, https_port = free_port("127.0.10.1"), free_port(), free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/nginx-error.log;
-events {{}}
-http {{
-  access_log off;
-  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy; fastcgi_temp_path {tmp_path}/fcgi;
-  uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
-  server {{
+    conf = _nginx_pod(tmp_path, f"""
     listen 127.0.10.1:{pod_port};
-    location / {{ return 200 "$request_uri|$http_host|$http_x_forwarded_prefix"; }}
-  }}
-}}
-""")
+    location / {{ return 200 "$request_uri|$http_host|$http_x_forwarded_prefix"; }}""")
     chosen = [c for c in CASES if c["name"] in (
         "the rewrite regex is searched in the whole path; the query string follows", "paths by descending length, "
         "case-insensitive", "X-Forwarded-Prefix with a rewrite", "upstream-vhost sets the Host sent on",
@@ -274,24 +280,11 @@ def test_backend_protocol_https_speaks_tls_to_a_pod_with_a_self_signed_certifica
     (tmp_path / "pod.crt").write_bytes(cert)
     (tmp_path / "pod.key").write_bytes(key)
     pod_port, http_port = free_port("127.0.10.1"), free_port()
-    conf = tmp_path / "nginx.conf"
-    conf.write_text(f"""
-worker_processes 1;
-pid {tmp_path}/nginx.pid;
-error_log {tmp_path}/nginx-error.log;
-events {{}}
-http {{
-  access_log off;
-  client_body_temp_path {tmp_path}/body; proxy_temp_path {tmp_path}/proxy; fastcgi_temp_path {tmp_path}/fcgi;
-  uwsgi_temp_path {tmp_path}/uwsgi; scgi_temp_path {tmp_path}/scgi;
-  server {{
+    conf = _nginx_pod(tmp_path, f"""
     listen 127.0.10.1:{pod_port} ssl;
     ssl_certificate {tmp_path}/pod.crt;
     ssl_certificate_key {tmp_path}/pod.key;
-    location / {{ return 200 "tls:$ssl_protocol"; }}
-  }}
-}}
-""")
+    location / {{ return 200 "tls:$ssl_protocol"; }}""")
     config = tmp_path / "config"
     config.mkdir()
     spec = {"name": "secure", "host": "secure.test", "path": "/", "pathType": "Prefix",
