@@ -407,12 +407,14 @@ spec:
   tls: [{secretName: unrelated}]
   defaultBackend: {service: {name: x, port: {number: 80}}}
 """)
-            for _ in range(100):
-                if secrets() == {"site", "unrelated"}:
+            unrelated = Key("Secret", "default", "unrelated")
+            for _ in range(100):  # the store takes it a moment after the source has it (updates are coalesced)
+                stored = {r.key for r in source.store.snapshot().resources}
+                if secrets() == {"site", "unrelated"} and unrelated in stored:
                     break
                 await asyncio.sleep(0.05)
             assert secrets() == {"site", "unrelated"}  # fetched once it was referenced
-            assert Key("Secret", "default", "unrelated") in {r.key for r in source.store.snapshot().resources}
+            assert unrelated in {r.key for r in source.store.snapshot().resources}
             api.delete("Ingress", "default", "web")
             for _ in range(100):
                 if secrets() == {"site"}:
