@@ -483,7 +483,8 @@ def policy_lines(policy: Any) -> list[str]:
         h = policy.hash
         algorithm += f" by {h.type}" + (f" {h.name}" if h.name else "")
         if h.cookie_ttl is not None:
-            algorithm += f" (sticky cookie, ttl {seconds(h.cookie_ttl)})"
+            algorithm += (f" (sticky cookie for {h.cookie_path}, "
+                          + (f"ttl {seconds(h.cookie_ttl)}" if h.cookie_ttl else "a session cookie") + ")")
     if policy.slow_start:
         algorithm += f", slow start {seconds(policy.slow_start)}"
     if policy.zone_aware is not None:
@@ -507,7 +508,8 @@ def policy_lines(policy: Any) -> list[str]:
                          + (f" {list(r.status_codes)}" if r.status_codes else "")
                          + f", per try {seconds(r.per_try_timeout)}, budget {r.budget_percent}% + "
                            f"{r.budget_min_per_second}/s")
-    timeouts = {"connect": policy.connect_timeout, "request": policy.request_timeout, "idle": policy.idle_timeout}
+    timeouts = {"connect": policy.connect_timeout, "request": policy.request_timeout, "idle": policy.idle_timeout,
+                "read": policy.read_timeout}
     said["timeouts"] = ", ".join(f"{k} {seconds(v)}" for k, v in timeouts.items() if v is not None)
     if policy.circuit_breaker is not None:
         cb = policy.circuit_breaker

@@ -46,8 +46,10 @@ class HashKey:
 
     type: str  # Path | Header | Cookie | SourceIP
     name: str = ""  # the header or cookie name
-    cookie_ttl: float | None = None  # set: a client without the cookie is given one (sticky session)
+    cookie_ttl: float | None = None  # set: a client without the cookie is given one (sticky session); 0: no Max-Age
     cookie_path: str = "/"
+    cookie_expires: float = 0.0  # > 0: the made cookie's Expires is this many seconds ahead (ingress-nginx's)
+    cookie_attributes: str = ""  # "; Domain=...; SameSite=...; Secure" as the made cookie carries them
     table_size: int = 16381
 
 
@@ -116,6 +118,9 @@ class TrafficPolicy:
     connect_timeout: float | None = None
     request_timeout: float | None = None
     idle_timeout: float | None = None
+    # HTTP pods: the longest a pod may send nothing while its answer is awaited (None: the run's
+    # --upstream-read-timeout); ingress-nginx's proxy-read-timeout
+    read_timeout: float | None = None
     circuit_breaker: CircuitBreaker | None = None
     # Where each section came from: (section, "BackendPolicy ns/name on Service ns/svc").
     origins: tuple[tuple[str, str], ...] = ()

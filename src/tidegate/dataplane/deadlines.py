@@ -69,13 +69,13 @@ class Watch:
         self.body_since = 0.0  # when the body's current window began (0: none under way), and its bytes then
         self.body_mark = 0
 
-    def pod_silent(self, upstream: Any, now: float, limits: Deadlines) -> bool:
-        """True once `upstream` (an UpstreamConnection: its `reads` count) has read nothing for
-        upstream_read."""
+    def pod_silent(self, upstream: Any, now: float, limit: float) -> bool:
+        """True once `upstream` (an UpstreamConnection: its `reads` count) has read nothing for `limit`
+        seconds (upstream_read, or its backend's own)."""
         if upstream is not self.pod or upstream.reads != self.pod_reads:
             self.pod, self.pod_reads, self.pod_since = upstream, upstream.reads, now
             return False
-        return now - self.pod_since >= limits.upstream_read
+        return now - self.pod_since >= limit
 
     def body_too_slow(self, received: int, held_back: bool, now: float, limits: Deadlines) -> bool:
         """True when a request body brought less than request_body_min_bytes in a whole request_body_window;

@@ -46,7 +46,7 @@ def plain_rule(candidate: Candidate) -> bool:
             return False
         policy = backend.policy
         if policy is not None and (policy.retry is not None or policy.request_timeout is not None
-                                   or policy.circuit_breaker is not None
+                                   or policy.read_timeout is not None or policy.circuit_breaker is not None
                                    or (policy.hash is not None and policy.hash.cookie_ttl is not None)):
             return False
     return True

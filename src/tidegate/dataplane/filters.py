@@ -183,3 +183,58 @@ def cors_response(config: dict[str, Any], origin: str) -> dict[str, Any]:
     if config.get("exposeHeaders"):
         headers.append({"name": "Access-Control-Expose-Headers", "value": ", ".join(config["exposeHeaders"])})
     return {"set": headers}
+
+
+def cors(config: dict[str, Any], method: str, headers_lower: dict[str, str]) -> tuple[bool, Headers]:
+    """A CORS filter on one request: (answer now with 204 and these headers, or else add them to the answer).
+    The Gateway API's filter answers preflights (OPTIONS with Access-Control-Request-Method); ingress-nginx's
+    enable-cors (config style "ingress-nginx") answers every OPTIONS from an allowed origin and sends its whole
+    header set on every answer, "*" to any request at all."""
+    if config.get("style") == "ingress-nginx":
+        return _nginx_cors(config, method, headers_lower.get("origin"))
+    origin = headers_lower.get("origin")
+    if origin is None:
+        return False, []
+    asked = headers_lower.get("access-control-request-method")
+    if method == "OPTIONS" and asked is not None:
+        return True, cors_preflight(config, origin, asked, headers_lower.get("access-control-request-headers", ""))
+    return False, [(h["name"], h["value"]) for h in cors_response(config, origin).get("set", ())]
+
+
+def _nginx_cors(config: dict[str, Any], method: str, origin: str | None) -> tuple[bool, Headers]:
+    origins: list[str] = config["allowOrigins"]
+    if origins == ["*"]:
+        allowed = "*"
+    elif origin is not None and any(_nginx_origin(pattern, origin) for pattern in origins):
+        allowed = origin
+    else:
+        return False, []
+    out: Headers = [("Access-Control-Allow-Origin", allowed)]
+    if config.get("allowCredentials"):
+        out.append(("Access-Control-Allow-Credentials", "true"))
+    out.append(("Access-Control-Allow-Methods", config["allowMethods"]))
+    out.append(("Access-Control-Allow-Headers", config["allowHeaders"]))
+    if config.get("exposeHeaders"):
+        out.append(("Access-Control-Expose-Headers", config["exposeHeaders"]))
+    out.append(("Access-Control-Max-Age", str(config["maxAge"])))
+    if method == "OPTIONS":
+        return True, [*out, ("Content-Type", "text/plain charset=UTF-8")]
+    return False, out
+
+
+def _nginx_origin(pattern: str, origin: str) -> bool:
+    """ingress-nginx's origin match: case-insensitive, one "*" standing for one DNS label."""
+    if "*" not in pattern:
+        return pattern.lower() == origin.lower()
+    prefix, _, suffix = pattern.lower().partition("*")
+    origin = origin.lower()
+    if not (origin.startswith(prefix) and origin.endswith(suffix)):
+        return False
+    label = origin[len(prefix):len(origin) - len(suffix)]
+    return bool(label) and re.fullmatch(r"[a-z0-9-]+", label) is not None
+
+
+def set_headers(response_mods: list[dict[str, Any]]) -> Headers:
+    """The headers the response changes so far set, for an answer tidegate gives itself (a 401 carries the
+    CORS headers, as ingress-nginx's more_set_headers do)."""
+    return [(h["name"], h["value"]) for mod in response_mods for h in mod.get("set", ())]

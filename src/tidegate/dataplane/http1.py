@@ -16,6 +16,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable
+from email.utils import formatdate
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import parse_qs
@@ -36,15 +37,15 @@ from tidegate.balancing.retry import (
 )
 from tidegate.balancing.state import BackendState, EndpointState
 from tidegate.dataplane.filters import (
-    cors_preflight,
-    cors_response,
+    cors,
     get_header,
     modify_headers,
     redirect_location,
     replace_path,
+    set_headers,
     with_query,
 )
-from tidegate.dataplane import fastlane, guard, proxy_protocol
+from tidegate.dataplane import basic_auth, fastlane, guard, proxy_protocol
 from tidegate.dataplane.deadlines import DEADLINES, Deadlines, Watch, slow_body_message
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import (
@@ -594,9 +595,9 @@ class ClientConnection(asyncio.Protocol):
             upstream = self.upstream
             # The request is in: the pod owes its answer, and must send something now and then.
             if upstream is not None and type(upstream) is UpstreamConnection and \
-                    watch.pod_silent(upstream, now, limits):
+                    watch.pod_silent(upstream, now, upstream.read_timeout or limits.upstream_read):
                 METRICS.limits.labels("upstream-read-timeout").inc()
-                upstream.time_out(limits.upstream_read)
+                upstream.time_out(upstream.read_timeout or limits.upstream_read)
         else:
             ex = self.current
             if ex is not None and not ex.body_done and watch.body_too_slow(ex.bytes_received, self.read_paused,
@@ -1004,16 +1005,18 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
         if f.type == "RequestMirror":
             mirrors.append(f)
         elif f.type == "CORS":
-            origin = headers_lower.get("origin")
-            if origin is None:
-                continue
-            asked = headers_lower.get("access-control-request-method")
-            if ex.method == "OPTIONS" and asked is not None:
-                preflight = cors_preflight(f.config, origin, asked,
-                                           headers_lower.get("access-control-request-headers", ""))
-                conn.send_simple(204, "", preflight, close=not can_keep)
+            answer_now, cors_headers = cors(f.config, ex.method, headers_lower)
+            if answer_now:
+                conn.send_simple(204, "", cors_headers, close=not can_keep)
                 return can_keep
-            response_mods.append(cors_response(f.config, origin))
+            if cors_headers:
+                response_mods.append({"set": [{"name": n, "value": v} for n, v in cors_headers]})
+        elif f.type == "BasicAuth":
+            refusal = await basic_auth.check(f.config, headers_lower.get("authorization"))
+            if refusal is not None:
+                conn.send_simple(refusal[0], refusal[1], [*refusal[2], *set_headers(response_mods)],
+                                 close=not can_keep, head_only=head_only)
+                return can_keep
         else:
             headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host,
                                                             upstream_path, matched_prefix)
@@ -1185,7 +1188,12 @@ def hash_key(key: ir.HashKey, path: str, headers_lower: dict[str, str], peer: st
     if value is not None or key.cookie_ttl is None:
         return value, None
     value = secrets.token_hex(12)
-    return value, f"{key.name}={value}; Path={key.cookie_path}; Max-Age={int(key.cookie_ttl)}; HttpOnly"
+    cookie = f"{key.name}={value}; Path={key.cookie_path}"
+    if key.cookie_ttl > 0:
+        cookie += f"; Max-Age={int(key.cookie_ttl)}"
+    if key.cookie_expires > 0:
+        cookie += f"; Expires={formatdate(time.time() + key.cookie_expires, usegmt=True)}"
+    return value, f"{cookie}{key.cookie_attributes}; HttpOnly"
 
 
 def cookie_value(header: str, name: str) -> str | None:
@@ -1228,6 +1236,8 @@ async def _attempt(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
             timeout = limit
     connect_timeout = policy.connect_timeout if policy is not None and policy.connect_timeout else CONNECT_TIMEOUT
     state = _ProxyState()
+    if policy is not None and policy.read_timeout:
+        state.read_timeout = policy.read_timeout
     upstream_started = time.monotonic()
     registry = site.balancer.registry
     status: int | None = None
@@ -1304,10 +1314,11 @@ def _rewrite(config: dict, host: str, path: str, matched_prefix: str | None) -> 
 
 
 class _ProxyState:
-    __slots__ = ("head_sent", "released", "status", "upstream")
+    __slots__ = ("head_sent", "read_timeout", "released", "status", "upstream")
 
     def __init__(self) -> None:
         self.head_sent = False
+        self.read_timeout = 0.0  # the backend's BackendPolicy (proxy-read-timeout); 0: the run's
         self.status = 0
         self.upstream: UpstreamConnection | None = None
         self.released = False
@@ -1456,6 +1467,7 @@ async def _proxy(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.Endpoi
     pool = site.pools.pool(endpoint.address, endpoint.port, tls, client_certificate)
     upstream = await _acquire(pool, connect_timeout, backend_state)
     reused = upstream.idle_since > 0.0  # it served an exchange before, and waited in the pool since
+    upstream.read_timeout = state.read_timeout
     state.upstream = upstream
     conn.upstream = upstream
     original_host = get_header(ex.headers, "host") or host
@@ -1496,6 +1508,7 @@ async def _proxy(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.Endpoi
         upstream.close()
         ex.retries += 1
         upstream = await _acquire(pool, connect_timeout, backend_state)
+        upstream.read_timeout = state.read_timeout
         state.upstream = upstream
         conn.upstream = upstream
         upstream.start_exchange(request_bytes)

@@ -307,9 +307,9 @@ class H2ServerConnection(asyncio.Protocol):
                     continue
                 upstream = stream.upstream
                 if upstream is not None and type(upstream) is UpstreamConnection and \
-                        watch.pod_silent(upstream, now, limits):
+                        watch.pod_silent(upstream, now, upstream.read_timeout or limits.upstream_read):
                     METRICS.limits.labels("upstream-read-timeout").inc()
-                    upstream.time_out(limits.upstream_read)
+                    upstream.time_out(upstream.read_timeout or limits.upstream_read)
         self._arm_deadlines()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -169,6 +169,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._raw_head = b""
         self.close_delimited = False  # the response under way ends when the endpoint closes
         self.reads = 0
+        self.read_timeout = 0.0  # this exchange's own limit on the pod's silence (deadlines.py); 0: the run's
 
     # -- transport events --------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -342,6 +343,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head = None
         self.head_future = self.done_future = None
         self.sink = sink
+        self.read_timeout = 0.0  # (the fast lane takes no rule whose backend sets one)
         self.on_backpressure = None
         assert self.transport is not None
         self.transport.write(head)

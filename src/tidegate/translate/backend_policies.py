@@ -6,9 +6,10 @@ healthCheck.passive, retry, timeouts, circuitBreaker) are taken from the Gateway
 then the Service's: the more specific wins, section by section. When two policies target the same object, the
 older one (creationTimestamp, then namespace/name) wins and the other is reported `Conflicted`.
 
-Ingress gets the same settings from `tidegate.io/...` annotations (at the route level), and a Service with
-`sessionAffinity: ClientIP` is balanced by a consistent hash of the client address unless a policy says
-otherwise.
+Ingress gets the same settings from ingress-nginx's annotations (affinity, upstream-hash-by, load-balance,
+proxy-connect-timeout, proxy-read-timeout: ingress_annotations.balancing) and `tidegate.io/...` ones (at the
+route level), and a Service with `sessionAffinity: ClientIP` is balanced by a consistent hash of the client
+address unless a policy says otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
+from tidegate.translate import ingress_annotations
 from tidegate.translate.conditions import policy_status
 from tidegate.translate.index import Index
 from tidegate.translate.routes import parse_duration
@@ -45,8 +47,10 @@ def _seconds(value: str | None) -> float | None:
     return parse_duration(value) if value else None
 
 
-def _build(sections: dict[str, tuple[Section, str]]) -> ir.TrafficPolicy:
-    """Merged sections → the IR policy. `sections` maps a section to (its settings, where they came from)."""
+def _build(sections: dict[str, tuple[Section, str]], location: str = "/", https: bool = False) -> ir.TrafficPolicy:
+    """Merged sections → the IR policy. `sections` maps a section to (its settings, where they came from);
+    `location` is the path a sticky cookie is for unless its section says (an Ingress path's own, as
+    ingress-nginx's; "/" for a Gateway API route); on `https` listeners the cookie is Secure unless it says."""
     fields: dict[str, Any] = {}
     if "loadBalancer" in sections:
         lb = sections["loadBalancer"][0]
@@ -55,8 +59,15 @@ def _build(sections: dict[str, tuple[Section, str]]) -> ir.TrafficPolicy:
         if ch:
             cookie = ch.get("cookie") or {}
             name = (ch.get("header") or {}).get("name", "") if ch["type"] == "Header" else cookie.get("name", "")
+            attributes = "".join(f"; {label}={cookie[key]}" for key, label in (("domain", "Domain"),
+                                                                                 ("sameSite", "SameSite"))
+                                 if cookie.get(key))
+            if cookie.get("secure", https):
+                attributes += "; Secure"
             fields["hash"] = ir.HashKey(type=ch["type"], name=name, cookie_ttl=_seconds(cookie.get("ttl")),
-                                        cookie_path=cookie.get("path", "/"), table_size=ch.get("tableSize", 16381))
+                                        cookie_path=cookie.get("path") or location,
+                                        cookie_expires=float(cookie.get("expires", 0)), cookie_attributes=attributes,
+                                        table_size=ch.get("tableSize", 16381))
         if lb.get("slowStart"):
             fields["slow_start"] = parse_duration(lb["slowStart"]["window"])
         if "zoneAware" in lb:
@@ -95,6 +106,7 @@ def _build(sections: dict[str, tuple[Section, str]]) -> ir.TrafficPolicy:
         fields["connect_timeout"] = _seconds(t.get("connect"))
         fields["request_timeout"] = _seconds(t.get("request"))
         fields["idle_timeout"] = _seconds(t.get("idle"))
+        fields["read_timeout"] = _seconds(t.get("read"))
     if "circuitBreaker" in sections:
         cb = sections["circuitBreaker"][0]
         fields["circuit_breaker"] = ir.CircuitBreaker(
@@ -117,8 +129,10 @@ _ALGORITHMS = {"round-robin": "RoundRobin", "least-request": "LeastRequest", "ra
                "power-of-two-choices": "PowerOfTwoChoices", "p2c": "PowerOfTwoChoices"}
 
 
-def _annotation_sections(ing: Resource, notes: list[Problem]) -> dict[str, Section]:
-    found: dict[str, Section] = {}
+def ingress_sections(ing: Resource, notes: list[Problem]) -> dict[str, Section]:
+    """An Ingress's sections: from ingress-nginx's annotations, then tidegate.io/ ones (which win, section by
+    section)."""
+    found: dict[str, Section] = ingress_annotations.balancing(ing, notes)
     ann = {k[len(ANNOTATION_PREFIX):]: v for k, v in ing.annotations.items() if k.startswith(ANNOTATION_PREFIX)}
 
     def bad(name: str, why: str) -> None:
@@ -211,18 +225,23 @@ def apply_backend_policies(index: Index, listeners: list[ir.Listener], statuses:
     out: list[ir.Listener] = []
     for listener in listeners:
         gw_ns, _, gw_name = listener.gateway.partition("/")
+        https = listener.protocol == "HTTPS"
         routes: list[Any] = []
         l4_routes: list[Any] = []
         for route in (*listener.http_routes, *listener.l4_routes):
             route_kind, _, route_ref = route.source.partition(" ")
             route_ns, _, route_name = route_ref.partition("/")
             layers: list[tuple[str, Resource | None, dict[str, Section]]] = []
+            location = "/"
+            if route_kind == "Ingress" and isinstance(route, ir.HTTPRoute) and route.matches:
+                path = route.matches[0].path  # ingress-nginx's $location_path (a regular expression: "/")
+                location = path.value if path.type != "RegularExpression" else "/"
             if gw_name:
                 layers.append((f"Gateway {listener.gateway}", *layer("Gateway", gw_ns, gw_name)))
             if route_kind == "Ingress":
                 if route_ref not in ingress_cache:
                     ing = index.get("Ingress", route_ns, route_name)
-                    ingress_cache[route_ref] = _annotation_sections(ing, notes) if ing is not None else {}
+                    ingress_cache[route_ref] = ingress_sections(ing, notes) if ing is not None else {}
                 layers.append((f"annotations of Ingress {route_ref}", None, ingress_cache[route_ref]))
             else:
                 layers.append((f"{route_kind} {route_ref}", *layer(route_kind, route_ns, route_name)))
@@ -251,7 +270,8 @@ def apply_backend_policies(index: Index, listeners: list[ir.Listener], statuses:
                 weights = merged["loadBalancer"][0].get("endpointWeights") if "loadBalancer" in merged else None
                 endpoints = tuple(dataclasses.replace(e, weight=_endpoint_weight(e, weights)) if weights else e
                                   for e in backend.endpoints)
-                backends.append(dataclasses.replace(backend, policy=_build(merged), endpoints=endpoints))
+                backends.append(dataclasses.replace(backend, policy=_build(merged, location, https),
+                                                    endpoints=endpoints))
             changed = any(new is not old for new, old in zip(backends, route.backends, strict=True))
             (l4_routes if isinstance(route, ir.L4Route) else routes).append(
                 dataclasses.replace(route, backends=tuple(backends)) if changed else route)
