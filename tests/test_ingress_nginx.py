@@ -6,6 +6,8 @@ running tidegate with Debian's nginx as the pod and curl as the client giving th
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -70,7 +72,12 @@ def _ingress(spec: dict) -> str:
 def _case_config(case: dict, pod: str = "10.0.0.1", pod_port: int = 8080) -> str:
     services = sorted({p.get("service", "echo") for ing in case["ingresses"]
                        for p in (ing.get("paths") or [ing])})
-    return CLASS + "".join(_service(s, pod, pod_port) for s in services) + "".join(map(_ingress, case["ingresses"]))
+    secrets = "".join("---\n" + yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                                "metadata": {"name": name, "namespace": "default"},
+                                                "stringData": data})
+                      for name, data in (case.get("secrets") or {}).items())
+    return CLASS + "".join(_service(s, pod, pod_port) for s in services) + secrets + "".join(
+        map(_ingress, case["ingresses"]))
 
 
 def _routers(text: str):
@@ -160,9 +167,9 @@ def test_injection_strings_are_dropped_and_reach_nothing(key, value):
 
 
 def test_unknown_and_not_yet_supported_keys_are_reported():
-    notes = _notes({"no-such-thing": "1", "enable-cors": "true", "limit-rps": "5", "use-regex": "maybe"})
+    notes = _notes({"no-such-thing": "1", "custom-http-errors": "404", "limit-rps": "5", "use-regex": "maybe"})
     assert any("no-such-thing is unknown" in n for n in notes), notes
-    assert any("enable-cors is not supported yet" in n for n in notes), notes
+    assert any("custom-http-errors is not supported yet" in n for n in notes), notes
     assert any("use-regex ignored: 'maybe' is not true or false" in n for n in notes), notes
     assert not any("limit-rps" in n for n in notes), notes  # read by the TrafficPolicy side
 
@@ -180,10 +187,13 @@ NGINX = shutil.which("nginx")
 CURL = shutil.which("curl")
 
 
-def _nginx_pod(tmp: Path, server: str) -> Path:
-    """An nginx.conf for Debian's nginx as a pod, all its files under `tmp`, with one server block."""
+def _nginx_pod(tmp: Path, server: str, files: bool = False) -> Path:
+    """An nginx.conf for Debian's nginx as a pod, all its files under `tmp`, with one server block.
+    `files`: its workers run as the test's user, so that they read files under `tmp` (root's worker would be
+    www-data, which cannot)."""
     conf = tmp / "nginx.conf"
-    conf.write_text(f"""
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if files and os.geteuid() == 0 else ""
+    conf.write_text(f"""{user}
 worker_processes 1;
 pid {tmp}/nginx.pid;
 error_log {tmp}/nginx-error.log;

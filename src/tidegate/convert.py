@@ -7,7 +7,8 @@ rules, ReferenceGrants for certificates in other namespaces. Every object names 
 (annotation `tidegate.io/converted-from`).
 
 A report says, per Ingress and field, `converted`, `approximated` (with the behaviour that changes),
-`tidegate-policy` (tidegate's own kinds carry it; not written by this version), `unsupported` or `refused`.
+`tidegate-policy` (tidegate's own kinds carry it: a BackendPolicy on the HTTPRoute is written for balancing
+and timeouts; a TrafficPolicy for edge protection not yet), `unsupported` or `refused`.
 `tidegate diff INGRESS CONVERTED` then shows, request by request, that nothing else changed.
 """
 
@@ -24,12 +25,15 @@ from tidegate.translate import TranslateOptions, translate
 from tidegate.translate.conditions import CONTROLLER_NAME as GATEWAY_CONTROLLER
 from tidegate.translate.index import Index
 from tidegate.translate.ingress import ingresses_for_tidegate
-from tidegate.translate.ingress_annotations import LATER_KEYS, NGINX_PREFIX, PROTECTION_KEYS, ROUTING_KEYS
+from tidegate.translate.backend_policies import ingress_sections
+from tidegate.translate.ingress_annotations import (ACCESS_KEYS, BALANCING_KEYS, LATER_KEYS, NGINX_PREFIX,
+                                                    PROTECTION_KEYS, ROUTING_KEYS)
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 FROM = "tidegate.io/converted-from"
 VERDICTS = ("converted", "approximated", "tidegate-policy", "unsupported", "refused")
 _REDIRECT_CODES = (301, 302, 303, 307, 308)  # what HTTPRoute's RequestRedirect takes
+_CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "*")
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ def convert(resources: list[Resource], gateway: str = "", options: TranslateOpti
             source = route.source.removeprefix("Ingress ")
             by_ingress.setdefault((source, route.hostnames), {}).setdefault(section, []).append(route)
     seen_paths: set[tuple[str, str]] = set()
+    by_name = {f"{ing.namespace}/{ing.name}": ing for ing in ingresses}
     for (source, hostnames), sections in by_ingress.items():
         ns, ing_name = source.split("/", 1)
         host = hostnames[0] if hostnames != ("*",) else ""
@@ -73,12 +78,15 @@ def convert(resources: list[Resource], gateway: str = "", options: TranslateOpti
             groups = [("-http", plain, ["http"]), ("-https", secure, ["https"])]
         for suffix, routes, parents in groups:
             rules = [_rule(route, source, report, seen_paths) for route in routes]
+            route_name = _name(ing_name, host) + suffix
             objects.append({
                 "apiVersion": GATEWAY_API, "kind": "HTTPRoute",
-                "metadata": {"name": _name(ing_name, host) + suffix, "namespace": ns,
-                             "annotations": {FROM: f"Ingress {source}"}},
+                "metadata": {"name": route_name, "namespace": ns, "annotations": {FROM: f"Ingress {source}"}},
                 "spec": {"parentRefs": [{"name": name, "namespace": namespace, "sectionName": s} for s in parents],
                          **({"hostnames": [host]} if host else {}), "rules": rules}})
+            policy = _backend_policy(by_name.get(source), ns, route_name, routes, report)
+            if policy is not None:
+                objects.append(policy)
     # An annotation whose rules said more (approximated, unsupported) is not also "converted".
     said = {(e.ingress, key) for e in report if e.verdict != "converted" for key in _COVERS.get(e.field, ())}
     report = [e for e in report if not (e.verdict == "converted" and (e.ingress, e.field) in said)]
@@ -114,8 +122,18 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
         elif key in PROTECTION_KEYS:
             out.append(Entry(source, full, "tidegate-policy", "a TrafficPolicy on the HTTPRoute (written by a later "
                                                               "version; tidegate serves it from the Ingress today)"))
-        elif key in ("proxy-connect-timeout",):
-            out.append(Entry(source, full, "tidegate-policy", "a BackendPolicy timeouts.connect on the Service"))
+        elif key in BALANCING_KEYS:
+            if key == "proxy-send-timeout":
+                out.append(Entry(source, full, "unsupported", "tidegate sets no limit on writes to a pod"))
+            else:
+                out.append(Entry(source, full, "tidegate-policy", "a BackendPolicy on the HTTPRoute"))
+        elif key in ACCESS_KEYS and key.startswith("auth-"):
+            out.append(Entry(source, full, "unsupported", "no HTTPRoute filter or tidegate policy kind authenticates "
+                                                          "yet: keep serving this host from the Ingress"))
+        elif key in ACCESS_KEYS:
+            out.append(Entry(source, full, "approximated", "HTTPRoute's CORS filter answers only preflights (OPTIONS "
+                                                           "with Access-Control-Request-Method) and sends its "
+                                                           "headers only to requests with an Origin"))
         elif key == "backend-protocol" and str(value).upper() in ("HTTPS", "AUTO_HTTP"):
             out.append(Entry(source, full, "unsupported", "a BackendTLSPolicy checks the pod's certificate, which "
                                                           "ingress-nginx did not: write one with the pods' CA"))
@@ -128,6 +146,37 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
         else:
             out.append(Entry(source, full, "unsupported", "not one of ingress-nginx's annotations"))
     return out
+
+
+def _backend_policy(ing: Resource | None, namespace: str, route: str, rules: list[ir.HTTPRoute],
+                    report: list[Entry]) -> dict[str, Any] | None:
+    """A BackendPolicy on the converted HTTPRoute with what the Ingress's annotations set of balancing and
+    timeouts (what tidegate served from the Ingress itself)."""
+    sections = ingress_sections(ing, []) if ing is not None else {}
+    if not sections:
+        return None
+    spec: dict[str, Any] = {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": route}]}
+    for name, section in sections.items():
+        node = spec
+        *parents, last = name.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = section
+    cookie = ((spec.get("loadBalancer") or {}).get("consistentHash") or {}).get("cookie")
+    source = f"{ing.namespace}/{ing.name}" if ing is not None else ""
+    if cookie is not None:
+        if cookie.pop("expires", None):
+            report.append(Entry(source, NGINX_PREFIX + "session-cookie-expires", "approximated",
+                                "BackendPolicy's cookie has a Max-Age (ttl), no Expires"))
+        paths = {r.matches[0].path.value for r in rules if r.matches and r.matches[0].path.type != "RegularExpression"}
+        if "path" not in cookie and paths != {"/"}:
+            cookie["path"] = "/"
+            report.append(Entry(source, NGINX_PREFIX + "affinity", "approximated",
+                                "the sticky cookie is for path / (ingress-nginx made it for each Ingress path: "
+                                f"{', '.join(sorted(paths))}); session-cookie-path sets one"))
+    return {"apiVersion": "tidegate.io/v1alpha1", "kind": "BackendPolicy",
+            "metadata": {"name": route, "namespace": namespace, "annotations": {FROM: f"Ingress {source}"}},
+            "spec": spec}
 
 
 def _gateway(namespace: str, name: str, listeners: dict[str, ir.Listener], options: TranslateOptions,
@@ -258,5 +307,20 @@ def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
         return {"type": "URLRewrite", "urlRewrite": rewrite} if rewrite else None
     if f.type == "RequestHeaderModifier":
         return {"type": "RequestHeaderModifier", "requestHeaderModifier": config}
+    if f.type == "CORS":
+        def names(value: str) -> list[str]:
+            return [n.strip() for n in value.split(",") if n.strip()]
+        origins = [o for o in config["allowOrigins"] if o == "*" or o.startswith(("http://", "https://"))]
+        if origins != config["allowOrigins"]:
+            once("cors-allow-origin", "approximated", "HTTPRoute's CORS filter takes http(s) origins and * only")
+        methods = [m.upper() for m in names(config["allowMethods"]) if m.upper() in _CORS_METHODS]
+        cors: dict[str, Any] = {"allowOrigins": origins, "allowMethods": methods,
+                                "allowHeaders": names(config["allowHeaders"]),
+                                "allowCredentials": config["allowCredentials"], "maxAge": max(1, config["maxAge"])}
+        if config.get("exposeHeaders"):
+            cors["exposeHeaders"] = names(config["exposeHeaders"])
+        return {"type": "CORS", "cors": cors}
+    if f.type == "BasicAuth":
+        return None  # (reported with its annotations: unsupported)
     once(f"filter {f.type}", "unsupported", "no HTTPRoute filter for it")
     return None

@@ -13,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tidegate import ir
-from tidegate.dataplane.filters import modify_headers, redirect_location, replace_path, with_query
+from tidegate.dataplane import basic_auth
+from tidegate.dataplane.filters import cors, modify_headers, redirect_location, replace_path, with_query
 from tidegate.router import Request, Router
 
 
@@ -44,6 +45,12 @@ def decide(router: Router, request: Request, scheme: str = "http", port: int = 8
             return Decision(int(f.config.get("statusCode", 302)), route.name,
                             location=redirect_location(f.config, scheme, request.host, port, path, query,
                                                        matched_prefix))
+        if f.type == "CORS" and cors(f.config, request.method, dict(request.headers))[0]:
+            return Decision(204, route.name)  # a preflight tidegate answers itself
+        if f.type == "BasicAuth":
+            refused = _basic_auth(f.config, request.headers.get("authorization"))
+            if refused:
+                return Decision(refused, route.name)
         host, upstream_path, headers = _apply(f, host, upstream_path, headers, matched_prefix)
     if route.direct_status:
         return Decision(route.direct_status, route.name)
@@ -58,6 +65,14 @@ def decide(router: Router, request: Request, scheme: str = "http", port: int = 8
     weights = ",".join(f"{b.name}={b.weight}" for b in shares) if len(shares) > 1 else ""
     return Decision(0, route.name, backend.name, weights=weights, target=with_query(upstream_path, query), host=host,
                     headers={name.lower(): value for name, value in headers})
+
+
+def _basic_auth(config: dict, authorization: str | None) -> int:
+    """basic_auth.check's status, worked out at once: 0 (let in), 401 or 503."""
+    if config.get("problem"):
+        return 503
+    found = basic_auth.credentials(authorization) if authorization else None
+    return 0 if found is not None and basic_auth.users_of(config["htpasswd"]).verify(*found) else 401
 
 
 def _apply(f: ir.Filter, host: str, path: str, headers: list[tuple[str, str]], matched_prefix: str | None

@@ -67,8 +67,12 @@ def version_preference(info: kinds.KindInfo) -> list[str]:
     return sorted(served, key=lambda v: (v != "v1", v != stored, served.index(v)))
 
 
+AUTH_SECRET_ANNOTATION = "nginx.ingress.kubernetes.io/auth-secret"
+
+
 def referenced(resources: dict[Key, Resource]) -> set[Key]:
-    """Secrets and ConfigMaps that Gateways, Ingresses and BackendTLSPolicies point at."""
+    """Secrets and ConfigMaps that Gateways, Ingresses (their TLS, and ingress-nginx's auth-secret) and
+    BackendTLSPolicies point at."""
     wanted: set[Key] = set()
 
     def add(ref: dict, namespace: str, default_kind: str = "Secret") -> None:
@@ -93,6 +97,10 @@ def referenced(resources: dict[Key, Resource]) -> set[Key]:
             for tls in spec.get("tls") or []:
                 if tls.get("secretName"):
                     wanted.add(Key("Secret", key.namespace, tls["secretName"]))
+            auth = str(res.annotations.get(AUTH_SECRET_ANNOTATION, "")).strip()
+            namespace, _, name = auth.rpartition("/")
+            if name and namespace in ("", key.namespace):  # (another namespace's is refused: never read)
+                wanted.add(Key("Secret", key.namespace, name))
         elif key.kind == "BackendTLSPolicy":
             for ref in (spec.get("validation") or {}).get("caCertificateRefs") or []:
                 add(ref, key.namespace, "ConfigMap")

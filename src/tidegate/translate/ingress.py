@@ -18,12 +18,13 @@ import re2
 
 from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
-from tidegate.translate.backends import resolve_backend, service_port_by_name
+from tidegate.dataplane import basic_auth
+from tidegate.translate.backends import decode_secret_field, resolve_backend, service_port_by_name
 from tidegate.translate.certificates import CertificateError, certificate_from_secret
 from tidegate.translate.conditions import INGRESS_CONTROLLER
 from tidegate.translate import ingress_annotations
 from tidegate.translate.index import Index
-from tidegate.translate.ingress_annotations import Canary, Routing
+from tidegate.translate.ingress_annotations import BasicAuth, Canary, Routing
 
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
@@ -119,6 +120,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
     secure: list[ir.HTTPRoute] = []
     app_root_hosts: list[str] = []
     www_hosts: list[str] = []
+    auth = _basic_auth_filter(index, ing, routing.basic_auth, notes) if routing.basic_auth is not None else None
     for r, rule in enumerate(ing.spec.get("rules", [])):
         host = rule.get("host", "")
         if routing.app_root and host not in app_root_hosts:
@@ -132,7 +134,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                 notes.append(Problem("error", ing.origin, f"path {value!r} of host {host or '*'}: {matches}; this "
                                      "path is not served", ing.key, f"spec.rules[{r}].http.paths[{p}].path"))
                 continue
-            filters = _filters(routing, value)
+            filters = _filters(routing, value, auth)
             backend = _backend(index, ing, path["backend"], backend_tls, notes)
             route = ir.HTTPRoute(
                 name=f"ingress/{ing.namespace}/{ing.name}/rule/{r}/path/{p}", source=source,
@@ -144,8 +146,8 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
             secure += _canary_routes(secure_route, canaried) if canaried else [secure_route]
             if routing.force_ssl_redirect or (routing.ssl_redirect and host in tls_hosts):
                 # Before the rewrite (ingress-nginx redirects in its rewrite phase); after permanent-redirect
-                # and temporal-redirect, whose `return` comes first.
-                at = 1 if routing.redirect_url else 0
+                # and temporal-redirect, whose `return` comes first, and the CORS headers.
+                at = (routing.cors is not None) + bool(routing.redirect_url)
                 redirect = ir.Filter("RequestRedirect", {"scheme": "https", "statusCode": 308,
                                                          "stripTrailingSlash": not routing.preserve_trailing_slash})
                 route = dataclasses.replace(route, filters=(*route.filters[:at], redirect, *route.filters[at:]))
@@ -251,7 +253,8 @@ def _matches(path_type: str, value: str, regex_host: bool) -> tuple[ir.Match, ..
 
 
 def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool) -> ir.Backend:
-    """backend-protocol and proxy-connect-timeout on a path's backend. HTTPS (and AUTO_HTTP from the HTTPS
+    """backend-protocol on a path's backend (proxy-connect-timeout and the balancing annotations are
+    BackendPolicy sections: backend_policies.py). HTTPS (and AUTO_HTTP from the HTTPS
     listener): TLS to the pod, its certificate not checked, as ingress-nginx's proxy_ssl_verify off (a
     BackendTLSPolicy on the Service, when there is one, decides instead); GRPC: HTTP/2 in clear (h2c)."""
     if backend.invalid:
@@ -261,18 +264,20 @@ def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool) -> ir.Ba
         backend = dataclasses.replace(backend, tls=ir.BackendTLS(hostname="", verify=False))
     elif protocol == "GRPC" and backend.tls is None:
         backend = dataclasses.replace(backend, protocol="kubernetes.io/h2c")
-    if routing.connect_timeout is not None:
-        policy = dataclasses.replace(backend.policy or ir.TrafficPolicy(), connect_timeout=routing.connect_timeout)
-        backend = dataclasses.replace(backend, policy=policy)
     return backend
 
 
-def _filters(routing: Routing, value: str) -> list[ir.Filter]:
-    """A path's filters from its Ingress's annotations, in the order ingress-nginx applies them."""
+def _filters(routing: Routing, value: str, auth: ir.Filter | None) -> list[ir.Filter]:
+    """A path's filters from its Ingress's annotations, in the order ingress-nginx applies them (the redirect
+    to HTTPS goes in after the redirect annotations: `redirect_at`)."""
     filters = []
+    if routing.cors is not None:
+        filters.append(ir.Filter("CORS", routing.cors))
     if routing.redirect_url:
         filters.append(ir.Filter("RequestRedirect", {"location": routing.redirect_url,
                                                      "statusCode": routing.redirect_code}))
+    if auth is not None:
+        filters.append(auth)
     rewrite: dict[str, Any] = {}
     if routing.rewrites(value):
         # `rewrite "(?i)PATH" TARGET break;`: the whole path becomes TARGET, $1... its groups
@@ -285,6 +290,37 @@ def _filters(routing: Routing, value: str) -> list[ir.Filter]:
     if rewrite:
         filters.append(ir.Filter("URLRewrite", rewrite))
     return filters
+
+
+def _basic_auth_filter(index: Index, ing: Resource, auth: BasicAuth, notes: list[Problem]) -> ir.Filter:
+    """The BasicAuth filter of an Ingress's paths: the users from its Secret, or the reason they answer 503."""
+    config: dict[str, Any] = {"realm": auth.realm, "source": f"Ingress {ing.namespace}/{ing.name}"}
+    problem = auth.problem
+    secret = index.get("Secret", auth.secret_namespace, auth.secret_name) if not problem else None
+    if not problem and secret is None:
+        problem = f"Secret {auth.secret_namespace}/{auth.secret_name} (auth-secret) not found"
+    elif secret is not None:
+        config["secret"] = f"{secret.namespace}/{secret.name}"
+        if auth.secret_type == "auth-file":
+            content = decode_secret_field(secret.obj, "auth")
+            if content is None:
+                problem = f"Secret {secret.namespace}/{secret.name} has no key auth (an htpasswd file)"
+            else:
+                config["htpasswd"] = content.decode("utf-8", "replace")
+        else:
+            data = {**(secret.obj.get("stringData") or {}), **(secret.obj.get("data") or {})}
+            lines = [f"{user}:{(decode_secret_field(secret.obj, user) or b'').decode('utf-8', 'replace')}"
+                     for user in sorted(data)]
+            config["htpasswd"] = "".join(line + "\n" for line in lines)
+    if problem:
+        if not auth.problem:
+            notes.append(Problem("error", ing.origin, f"authentication: {problem}; the Ingress's paths answer 503",
+                                 ing.key))
+        config["problem"] = problem
+    else:
+        for line in basic_auth.unreadable(config["htpasswd"]):
+            notes.append(Problem("warning", ing.origin, f"auth-secret {config['secret']}: {line}", ing.key))
+    return ir.Filter("BasicAuth", config)
 
 
 def _backend(index: Index, ing: Resource, spec: dict, backend_tls: dict, notes: list[Problem]) -> ir.Backend:

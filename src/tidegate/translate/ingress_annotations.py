@@ -27,38 +27,41 @@ NGINX_PREFIX = "nginx.ingress.kubernetes.io/"
 ROUTING_KEYS = frozenset({
     "use-regex", "rewrite-target", "app-root", "ssl-redirect", "force-ssl-redirect", "preserve-trailing-slash",
     "permanent-redirect", "permanent-redirect-code", "temporal-redirect", "temporal-redirect-code",
-    "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol", "proxy-connect-timeout",
+    "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol",
     "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
     "canary-weight", "canary-weight-total"})
+# Read here too, for the route's filters: CORS and basic authentication.
+ACCESS_KEYS = frozenset({
+    "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers", "cors-allow-credentials",
+    "cors-expose-headers", "cors-max-age", "auth-type", "auth-secret", "auth-secret-type", "auth-realm"})
+# Read by `balancing` (BackendPolicy's sections from an Ingress, backend_policies.py).
+BALANCING_KEYS = frozenset({
+    "affinity", "affinity-mode", "session-cookie-name", "session-cookie-path", "session-cookie-max-age",
+    "session-cookie-expires", "session-cookie-domain", "session-cookie-samesite", "session-cookie-secure",
+    "upstream-hash-by", "load-balance", "proxy-connect-timeout", "proxy-read-timeout", "proxy-send-timeout"})
 # Read by traffic_policies.ingress_sections (TrafficPolicy's sections from an Ingress).
 PROTECTION_KEYS = frozenset({
     "limit-rps", "limit-rpm", "limit-burst-multiplier", "limit-connections", "limit-whitelist", "limit-allowlist",
     "whitelist-source-range", "allowlist-source-range", "denylist-source-range", "proxy-body-size"})
 # What ingress-nginx v1.15 knows besides those (its annotations/*/main.go): reported as not done yet.
 LATER_KEYS = frozenset({
-    "affinity", "affinity-canary-behavior", "affinity-mode", "auth-always-set-cookie", "auth-cache-duration",
-    "auth-cache-key", "auth-file", "auth-keepalive", "auth-keepalive-requests", "auth-keepalive-share-vars",
-    "auth-keepalive-timeout", "auth-map", "auth-method", "auth-proxy-set-headers", "auth-realm",
-    "auth-request-redirect", "auth-response-headers", "auth-secret", "auth-secret-type", "auth-signin",
+    "affinity-canary-behavior", "auth-always-set-cookie", "auth-cache-duration", "auth-cache-key", "auth-file",
+    "auth-keepalive", "auth-keepalive-requests", "auth-keepalive-share-vars", "auth-keepalive-timeout", "auth-map",
+    "auth-method", "auth-proxy-set-headers", "auth-request-redirect", "auth-response-headers", "auth-signin",
     "auth-signin-redirect-param", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
-    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-type", "auth-url",
-    "client-body-buffer-size", "connection-proxy-header",
-    "cors-allow-credentials", "cors-allow-headers", "cors-allow-methods", "cors-allow-origin", "cors-expose-headers",
-    "cors-max-age", "custom-headers", "custom-http-errors", "default-backend", "disable-proxy-intercept-errors",
-    "enable-access-log", "enable-cors", "enable-global-auth", "enable-modsecurity", "enable-opentelemetry",
-    "enable-owasp-core-rules", "enable-rewrite-log", "fastcgi-index", "fastcgi-params-configmap",
-    "http2-push-preload", "limit-rate", "limit-rate-after", "load-balance", "mirror-host",
+    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-url", "client-body-buffer-size",
+    "connection-proxy-header", "custom-headers", "custom-http-errors", "default-backend",
+    "disable-proxy-intercept-errors", "enable-access-log", "enable-global-auth", "enable-modsecurity",
+    "enable-opentelemetry", "enable-owasp-core-rules", "enable-rewrite-log", "fastcgi-index",
+    "fastcgi-params-configmap", "http2-push-preload", "limit-rate", "limit-rate-after", "mirror-host",
     "mirror-request-body", "mirror-target", "modsecurity-transaction-id", "opentelemetry-operation-name",
     "opentelemetry-trust-incoming-span", "proxy-buffer-size", "proxy-buffering", "proxy-buffers-number",
-    "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path",
-    "proxy-http-version", "proxy-max-temp-file-size", "proxy-next-upstream", "proxy-next-upstream-timeout",
-    "proxy-next-upstream-tries", "proxy-read-timeout", "proxy-redirect-from", "proxy-redirect-to",
-    "proxy-request-buffering", "proxy-send-timeout", "proxy-ssl-ciphers", "proxy-ssl-name", "proxy-ssl-protocols",
-    "proxy-ssl-secret", "proxy-ssl-server-name", "proxy-ssl-verify", "proxy-ssl-verify-depth", "relative-redirects",
-    "satisfy", "server-alias", "service-upstream", "session-cookie-change-on-failure",
-    "session-cookie-conditional-samesite-none", "session-cookie-domain", "session-cookie-expires",
-    "session-cookie-max-age", "session-cookie-name", "session-cookie-path", "session-cookie-samesite",
-    "session-cookie-secure", "ssl-ciphers", "ssl-passthrough", "ssl-prefer-server-ciphers", "upstream-hash-by",
+    "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path", "proxy-http-version",
+    "proxy-max-temp-file-size", "proxy-next-upstream", "proxy-next-upstream-timeout", "proxy-next-upstream-tries",
+    "proxy-redirect-from", "proxy-redirect-to", "proxy-request-buffering", "proxy-ssl-ciphers", "proxy-ssl-name",
+    "proxy-ssl-protocols", "proxy-ssl-secret", "proxy-ssl-server-name", "proxy-ssl-verify", "proxy-ssl-verify-depth",
+    "relative-redirects", "satisfy", "server-alias", "service-upstream", "session-cookie-change-on-failure",
+    "session-cookie-conditional-samesite-none", "ssl-ciphers", "ssl-passthrough", "ssl-prefer-server-ciphers",
     "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
 
 # ingress-nginx's value grammars (internal/ingress/annotations/parser/validators.go).
@@ -89,8 +92,9 @@ class Routing:
     x_forwarded_prefix: str = ""
     from_to_www: bool = False
     backend_protocol: str = "HTTP"  # HTTP | HTTPS | GRPC | AUTO_HTTP
-    connect_timeout: float | None = None  # proxy-connect-timeout, seconds
     canary: Canary | None = None  # canary: "true"
+    cors: dict[str, Any] | None = None  # enable-cors: the CORS filter's config (style ingress-nginx)
+    basic_auth: BasicAuth | None = None  # auth-type
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
@@ -110,28 +114,50 @@ class Canary:
     weight_total: int = 100
 
 
+@dataclass(frozen=True)
+class BasicAuth:
+    """auth-type basic: the Secret with the users (auth-file: an htpasswd file under its key `auth`; auth-map:
+    a user per key), or why the Ingress's paths answer 503 instead (ingress-nginx's "location denied")."""
+
+    secret_namespace: str = ""
+    secret_name: str = ""
+    secret_type: str = "auth-file"
+    realm: str = ""
+    problem: str = ""
+
+
+def _checked(ing: Resource, keys: frozenset[str], notes: list[Problem]) -> dict[str, str]:
+    """The values of the Ingress's nginx.ingress.kubernetes.io/ annotations among `keys`; one with a line break
+    is reported and left out."""
+    values: dict[str, str] = {}
+    for full, raw in ing.annotations.items():
+        key = full[len(NGINX_PREFIX):]
+        if full.startswith(NGINX_PREFIX) and key in keys:
+            value = str(raw)
+            if LINE_BREAK.search(value):
+                _drop(ing, notes, full, "it holds a line break", "error")
+            else:
+                values[key] = value
+    return values
+
+
 def read(ing: Resource, notes: list[Problem]) -> Routing:
     """The Ingress's routing annotations; every nginx.ingress.kubernetes.io/ key it has is reported unless it is
     one tidegate uses."""
-    values: dict[str, str] = {}
-    for full, raw in ing.annotations.items():
+    for full in ing.annotations:
         if not full.startswith(NGINX_PREFIX):
             continue
         key = full[len(NGINX_PREFIX):]
         if key.endswith("-snippet"):
             notes.append(Problem("error", ing.origin, f"annotation {full} refused: snippets of nginx configuration "
                                  "are never used (the rest of the Ingress is served without it)", ing.key))
-        elif key in ROUTING_KEYS:
-            value = str(raw)
-            if LINE_BREAK.search(value):
-                _drop(ing, notes, full, "it holds a line break", "error")
-            else:
-                values[key] = value
         elif key in LATER_KEYS:
             notes.append(Problem("warning", ing.origin, f"annotation {full} is not supported yet: ignored", ing.key))
-        elif key not in PROTECTION_KEYS:
+        elif key not in PROTECTION_KEYS and key not in ROUTING_KEYS and key not in ACCESS_KEYS \
+                and key not in BALANCING_KEYS:
             notes.append(Problem("warning", ing.origin, f"annotation {full} is unknown (not one of ingress-nginx's): "
                                  "ignored", ing.key))
+    values = _checked(ing, ROUTING_KEYS | ACCESS_KEYS, notes)
     if not values:
         return Routing()
     found: dict[str, Any] = {}
@@ -169,13 +195,10 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
         else:
             _drop(ing, notes, NGINX_PREFIX + "backend-protocol", f"{values['backend-protocol']!r} is not one of HTTP, "
                   "HTTPS, GRPC, GRPCS, AUTO_HTTP, FCGI")
-    if "proxy-connect-timeout" in values:
-        raw_seconds = values["proxy-connect-timeout"].strip()
-        if re.fullmatch(r"[0-9]+", raw_seconds) and int(raw_seconds) > 0:
-            found["connect_timeout"] = float(raw_seconds)
-        else:
-            _drop(ing, notes, NGINX_PREFIX + "proxy-connect-timeout", f"{raw_seconds!r} is not a whole number of "
-                  "seconds above 0")
+    if _bool(values.get("enable-cors", "")):
+        found["cors"] = _cors(ing, values, notes)
+    if "auth-type" in values:
+        found["basic_auth"] = _basic_auth(ing, values, notes)
     if _bool(values.get("canary", "")):
         found["canary"] = _canary(ing, values, notes)
     for key, low, high, default in (("temporal-redirect", 300, 307, 302), ("permanent-redirect", 300, 308, 301)):
@@ -224,6 +247,201 @@ def _canary(ing: Resource, values: dict[str, str], notes: list[Problem]) -> Cana
     if found.get("weight_total", 100) <= 100:  # balancer.lua takes a total only above 100
         found.pop("weight_total", None)
     return Canary(**found)
+
+
+# enable-cors (ingress-nginx's annotations/cors/main.go): defaults and grammars
+CORS_METHODS = "GET, PUT, POST, DELETE, PATCH, OPTIONS"
+CORS_HEADERS = ("DNT,Keep-Alive,User-Agent,X-Requested-With,If-Modified-Since,Cache-Control,Content-Type,Range,"
+                "Authorization")
+CORS_MAX_AGE = 1728000
+_CORS_ORIGIN = re.compile(r"[a-z]+://(\*\.)?[A-Za-z0-9\-.]*(:\d+)?|\*|null")
+_CORS_METHODS = re.compile(r"([A-Za-z]+,?\s?)+")
+_CORS_HEADERS = re.compile(r"[A-Za-z0-9\-_, ]*")
+_CORS_EXPOSE = re.compile(r"(([A-Za-z0-9\-_]+|\*),?\s?)+")
+
+
+def _cors(ing: Resource, values: dict[str, str], notes: list[Problem]) -> dict[str, Any]:
+    """enable-cors with its cors-* annotations: the CORS filter's config, in ingress-nginx's style (a value that
+    fails its grammar is reported and the default used, as ingress-nginx does)."""
+    origins: list[str] = []
+    for origin in values.get("cors-allow-origin", "*").split(","):
+        origin = origin.strip()
+        if origin == "*":
+            origins = ["*"]
+            break
+        if origin and _CORS_ORIGIN.fullmatch(origin):
+            origins.append(origin)
+        elif origin:
+            _drop(ing, notes, NGINX_PREFIX + "cors-allow-origin", f"origin {origin!r} is not scheme://host[:port], "
+                  "null or *")
+    config: dict[str, Any] = {"style": "ingress-nginx", "allowOrigins": origins or ["*"],
+                              "allowMethods": CORS_METHODS, "allowHeaders": CORS_HEADERS, "exposeHeaders": "",
+                              "allowCredentials": True, "maxAge": CORS_MAX_AGE}
+    for key, field, grammar in (("cors-allow-methods", "allowMethods", _CORS_METHODS),
+                                ("cors-allow-headers", "allowHeaders", _CORS_HEADERS),
+                                ("cors-expose-headers", "exposeHeaders", _CORS_EXPOSE)):
+        if key in values:
+            if grammar.fullmatch(values[key]):
+                config[field] = values[key]
+            else:
+                _drop(ing, notes, NGINX_PREFIX + key, f"{values[key]!r} is not a list of names")
+    if "cors-allow-credentials" in values:
+        flag = _bool(values["cors-allow-credentials"])
+        if flag is None:
+            _drop(ing, notes, NGINX_PREFIX + "cors-allow-credentials", f"{values['cors-allow-credentials']!r} is "
+                  "not true or false")
+        else:
+            config["allowCredentials"] = flag
+    if "cors-max-age" in values:
+        raw = values["cors-max-age"].strip()
+        if re.fullmatch(r"-?[0-9]+", raw):
+            config["maxAge"] = int(raw)
+        else:
+            _drop(ing, notes, NGINX_PREFIX + "cors-max-age", f"{raw!r} is not a whole number of seconds")
+    return config
+
+
+_BASIC_CHARS = re.compile(r"[/" + _ALNUM + r"]*")  # BasicCharsRegex
+_CHARS_WITH_SPACE = re.compile(r"[/" + _ALNUM + r" ]*")  # CharsWithSpace
+
+
+def _basic_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) -> BasicAuth:
+    """auth-type, auth-secret, auth-secret-type, auth-realm. What ingress-nginx refuses (a location denied,
+    503) is refused the same way: tidegate never serves a path that asked for authentication without it."""
+    kind = values["auth-type"].strip()
+    realm = values.get("auth-realm", "")
+    if not _CHARS_WITH_SPACE.fullmatch(realm):
+        _drop(ing, notes, NGINX_PREFIX + "auth-realm", f"{realm!r} is not letters, digits, spaces and -._~/:")
+        realm = ""
+    if kind == "digest":
+        return _denied(ing, notes, realm, "auth-type digest is not supported")
+    if kind != "basic":
+        return _denied(ing, notes, realm, f"auth-type {kind!r} is not basic or digest")
+    secret_type = values.get("auth-secret-type", "auth-file").strip() or "auth-file"
+    if secret_type not in ("auth-file", "auth-map"):
+        return _denied(ing, notes, realm, f"auth-secret-type {secret_type!r} is not auth-file or auth-map")
+    ref = values.get("auth-secret", "").strip()
+    if not ref or not _BASIC_CHARS.fullmatch(ref) or ref.count("/") > 1:
+        return _denied(ing, notes, realm, f"auth-secret {ref!r} is not a Secret's name (or namespace/name)")
+    namespace, _, name = ref.rpartition("/")
+    if namespace and namespace != ing.namespace:  # as ingress-nginx without allow-cross-namespace-resources
+        return _denied(ing, notes, realm, f"auth-secret {ref!r} is in another namespace: not allowed")
+    return BasicAuth(ing.namespace, name, secret_type, realm)
+
+
+def _denied(ing: Resource, notes: list[Problem], realm: str, why: str) -> BasicAuth:
+    notes.append(Problem("error", ing.origin, f"authentication: {why}; the Ingress's paths answer 503", ing.key))
+    return BasicAuth(realm=realm, problem=why)
+
+
+def balancing(ing: Resource, notes: list[Problem]) -> dict[str, dict[str, Any]]:
+    """ingress-nginx's balancing and timeout annotations as BackendPolicy sections (loadBalancer, timeouts), in
+    its order: cookie affinity, else upstream-hash-by, else load-balance."""
+    values = _checked(ing, BALANCING_KEYS, notes)
+    found: dict[str, dict[str, Any]] = {}
+    hash_by = values.get("upstream-hash-by", "").strip()
+    algorithm = values.get("load-balance", "").strip()
+    if algorithm:
+        if algorithm == "round_robin":
+            found["loadBalancer"] = {"type": "RoundRobin"}
+        elif algorithm == "ewma":  # two endpoints at random, the less loaded one (EWMA by latency there)
+            found["loadBalancer"] = {"type": "PowerOfTwoChoices"}
+        elif algorithm in ("chash", "chashsubset", "sticky_balanced", "sticky_persistent"):
+            if not hash_by and not values.get("affinity"):
+                _drop(ing, notes, NGINX_PREFIX + "load-balance", f"{algorithm} is chosen by upstream-hash-by or "
+                      "affinity, which this Ingress does not set")
+        else:
+            _drop(ing, notes, NGINX_PREFIX + "load-balance", f"{algorithm!r} is not round_robin or ewma")
+    if hash_by:
+        key = _hash_key(hash_by)
+        if key is None:
+            _drop(ing, notes, NGINX_PREFIX + "upstream-hash-by", f"{hash_by!r}: tidegate hashes one of $request_uri, "
+                  "$uri, $remote_addr, $binary_remote_addr, $http_NAME or $cookie_NAME")
+        else:
+            found["loadBalancer"] = {"type": "ConsistentHash", "consistentHash": key}
+    affinity = values.get("affinity", "").strip()
+    if affinity and affinity != "cookie":
+        _drop(ing, notes, NGINX_PREFIX + "affinity", f"{affinity!r} is not cookie")
+    elif affinity:
+        found["loadBalancer"] = {"type": "ConsistentHash", "consistentHash": {
+            "type": "Cookie", "cookie": _affinity_cookie(ing, values, notes)}}
+    timeouts: dict[str, str] = {}
+    for key, field in (("proxy-connect-timeout", "connect"), ("proxy-read-timeout", "read")):
+        raw = values.get(key, "").strip()
+        if raw and re.fullmatch(r"[0-9]+", raw) and int(raw) > 0:
+            timeouts[field] = f"{int(raw)}s"
+        elif raw:
+            _drop(ing, notes, NGINX_PREFIX + key, f"{raw!r} is not a whole number of seconds above 0")
+    if "proxy-send-timeout" in values:
+        notes.append(Problem("warning", ing.origin, f"annotation {NGINX_PREFIX}proxy-send-timeout ignored: tidegate "
+                             "sets no limit on writes to a pod (a pod that stops reading pauses the client)", ing.key))
+    if timeouts:
+        found["timeouts"] = timeouts
+    return found
+
+
+def _hash_key(expression: str) -> dict[str, Any] | None:
+    """upstream-hash-by's nginx variable as a consistentHash key."""
+    if expression in ("$request_uri", "$uri"):
+        return {"type": "Path"}
+    if expression in ("$remote_addr", "$binary_remote_addr"):
+        return {"type": "SourceIP"}
+    found = re.fullmatch(r"\$(http|cookie)_([A-Za-z0-9_-]+)", expression)
+    if found is None:
+        return None
+    if found[1] == "http":  # nginx's $http_x_user: the header X-User
+        return {"type": "Header", "header": {"name": found[2].replace("_", "-")}}
+    return {"type": "Cookie", "cookie": {"name": found[2]}}
+
+
+_EXPIRES = re.compile(r"0|-?[1-9][0-9]*")
+
+
+def _affinity_cookie(ing: Resource, values: dict[str, str], notes: list[Problem]) -> dict[str, Any]:
+    """affinity: cookie, with its session-cookie-* annotations (ingress-nginx's sticky.lua makes the cookie)."""
+    cookie: dict[str, Any] = {"name": "INGRESSCOOKIE", "ttl": "0s"}  # no max-age: a session cookie
+    name = values.get("session-cookie-name", "").strip()
+    if name and HEADER_NAME.fullmatch(name) and _BASIC_CHARS.fullmatch(name):
+        cookie["name"] = name
+    elif name:
+        _drop(ing, notes, NGINX_PREFIX + "session-cookie-name", f"{name!r} is not a cookie name: INGRESSCOOKIE")
+    for key in ("session-cookie-max-age", "session-cookie-expires"):
+        raw = values.get(key, "").strip()
+        if raw and not _EXPIRES.fullmatch(raw):
+            _drop(ing, notes, NGINX_PREFIX + key, f"{raw!r} is not a whole number of seconds")
+        elif raw and int(raw) > 0:
+            if key == "session-cookie-max-age":
+                cookie["ttl"] = f"{int(raw)}s"
+            else:
+                cookie["expires"] = int(raw)
+    path = values.get("session-cookie-path", "").strip()
+    if path and URL_CHARS.fullmatch(path) and path.startswith("/"):
+        cookie["path"] = path
+    elif path:
+        _drop(ing, notes, NGINX_PREFIX + "session-cookie-path", f"{path!r} is not a path")
+    elif _bool(str(ing.annotations.get(NGINX_PREFIX + "use-regex", ""))):
+        notes.append(Problem("warning", ing.origin, "session-cookie-path should be set when use-regex is true: the "
+                             "cookie's path is /", ing.key))
+    domain = values.get("session-cookie-domain", "").strip()
+    if domain and re.fullmatch(r"[A-Za-z0-9.-]+", domain):
+        cookie["domain"] = domain
+    elif domain:
+        _drop(ing, notes, NGINX_PREFIX + "session-cookie-domain", f"{domain!r} is not a domain")
+    same_site = values.get("session-cookie-samesite", "").strip().lower()
+    if same_site in ("none", "lax", "strict"):
+        cookie["sameSite"] = same_site.capitalize()
+    elif same_site:
+        _drop(ing, notes, NGINX_PREFIX + "session-cookie-samesite", f"{same_site!r} is not None, Lax or Strict")
+    if "session-cookie-secure" in values:
+        flag = _bool(values["session-cookie-secure"].strip())
+        if flag is None:
+            _drop(ing, notes, NGINX_PREFIX + "session-cookie-secure", "not true or false")
+        else:
+            cookie["secure"] = flag
+    mode = values.get("affinity-mode", "balanced").strip()
+    if mode not in ("balanced", "persistent"):
+        _drop(ing, notes, NGINX_PREFIX + "affinity-mode", f"{mode!r} is not balanced or persistent")
+    return cookie
 
 
 def _bool(value: str) -> bool | None:

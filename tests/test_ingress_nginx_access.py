@@ -1,0 +1,400 @@
+"""ingress-nginx's access and balancing annotations on a running tidegate: CORS and cookie affinity as
+testdata/ingress-nginx/access.yaml says (cases from ingress-nginx's e2e tests), basic authentication checked
+against Debian's nginx reading the same htpasswd file (hashes made by Apache's htpasswd and by openssl),
+sticky sessions and upstream-hash-by over HTTP/1.1 and HTTP/2, and proxy-read-timeout against a slow pod.
+curl is the client throughout.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.certs import tls_secret_yaml
+from tests.harness import free_port, process, tidegate_run
+from tests.test_ingress_nginx import CLASS, _nginx_pod, _routers
+from tidegate.dataplane import basic_auth
+
+ROOT = Path(__file__).resolve().parent.parent
+CASES = yaml.safe_load((ROOT / "testdata" / "ingress-nginx" / "access.yaml").read_text())["cases"]
+NGINX = shutil.which("nginx")
+CURL = shutil.which("curl")
+HTPASSWD = shutil.which("htpasswd")
+OPENSSL = shutil.which("openssl")
+PODS = ("127.0.10.1", "127.0.10.2", "127.0.10.3")
+needs_tools = pytest.mark.skipif(NGINX is None or CURL is None, reason="nginx and curl are not installed "
+                                                                       "(scripts/test does)")
+
+
+def _service(name: str, port: int, pods: tuple[str, ...] = PODS) -> str:
+    addresses = ", ".join(f'{{addresses: ["{pod}"]}}' for pod in pods)
+    return f"""---
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec: {{ports: [{{port: 80, targetPort: {port}}}]}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
+addressType: IPv4
+endpoints: [{addresses}]
+ports: [{{port: {port}}}]
+"""
+
+
+def _ingress(name: str, host: str, annotations: dict[str, str], path: str = "/", service: str = "echo",
+             tls: bool = False, namespace: str = "default", others: dict[str, str] | None = None) -> str:
+    """An Ingress with ingress-nginx's `annotations` (keys without their prefix) and `others` as they are."""
+    ingress = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+               "metadata": {"name": name, "namespace": namespace,
+                            "annotations": {**{f"nginx.ingress.kubernetes.io/{k}": str(v)
+                                               for k, v in annotations.items()}, **(others or {})}},
+               "spec": {"ingressClassName": "tidegate", "rules": [{"host": host, "http": {"paths": [
+                   {"path": path, "pathType": "Prefix",
+                    "backend": {"service": {"name": service, "port": {"number": 80}}}}]}}]}}
+    if tls:
+        ingress["spec"]["tls"] = [{"hosts": [host], "secretName": f"{name}-tls"}]
+        return "---\n" + yaml.safe_dump(ingress) + "---\n" + tls_secret_yaml(namespace, f"{name}-tls", [host])
+    return "---\n" + yaml.safe_dump(ingress)
+
+
+def _pods(tmp: Path, port: int, extra: str = "", files: bool = False) -> Path:
+    """Debian's nginx as three pods (one address each), answering 200 and their name to anything."""
+    servers = "".join(f"""
+  }}
+  server {{
+    listen {pod}:{port};
+    location / {{ return 200 "pod-{n}"; }}""" for n, pod in enumerate(PODS))
+    return _nginx_pod(tmp, servers.removeprefix("\n  }\n  server {") + extra, files)
+
+
+def _curl(port: int, host: str, path: str = "/", method: str = "GET", headers: dict[str, str] | None = None,
+          scheme: str = "http", extra: tuple[str, ...] = (), address: str = "127.0.0.1"
+          ) -> tuple[int, list[tuple[str, str]], str]:
+    """One request with curl to `address`: the status, the response's header fields in order, the body."""
+    args = [CURL, "-sk", "-D", "-", "-X", method, "--resolve", f"{host}:{port}:{address}", *extra]
+    for name, value in (headers or {}).items():
+        args += ["-H", f"{name}: {value}"]
+    out = subprocess.run([*args, f"{scheme}://{host}:{port}{path}"], capture_output=True, text=True, timeout=20,
+                         check=True).stdout
+    head, _, body = out.replace("\r\n", "\n").partition("\n\n")
+    lines = head.split("\n")
+    fields = [(k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in lines[1:]) if k]
+    return int(lines[0].split()[1]), fields, body
+
+
+def _values(fields: list[tuple[str, str]], name: str) -> list[str]:
+    return [v for k, v in fields if k.lower() == name.lower()]
+
+
+@needs_tools
+def test_cors_and_affinity_cookies_as_ingress_nginx_sets_them(tmp_path):
+    """Every request of access.yaml through a running tidegate: its status and the headers its source saw."""
+    pod_port, http_port = free_port(PODS[0]), free_port()
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(CLASS + _service("echo", pod_port) + "".join(
+        _ingress(f"case-{n}", f"case-{n}.test", case["annotations"], case.get("path", "/"))
+        for n, case in enumerate(CASES)))
+    failures = []
+    with process([NGINX, "-p", str(tmp_path), "-c", str(_pods(tmp_path, pod_port)), "-g", "daemon off;"],
+                 tmp_path / "nginx.log", ready=(PODS[0], pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port)):
+        for n, case in enumerate(CASES):
+            for want in case["requests"]:
+                status, fields, _ = _curl(http_port, f"case-{n}.test", want.get("url_path", "/"), want["method"],
+                                          want.get("headers"))
+                what = f"{case['name']} ({case['source']}): {want['method']} {want.get('headers', {})}"
+                wrong = [f"status {status}"] if status != want["status"] else []
+                for name, value in (want.get("equal") or {}).items():
+                    if _values(fields, name) != [str(value)]:
+                        wrong.append(f"{name}: {_values(fields, name)}, expected [{value!r}]")
+                wrong += [f"{name} present" for name in want.get("absent", ()) if _values(fields, name)]
+                cookies = _values(fields, "Set-Cookie")
+                if "cookie" in want:
+                    if len(cookies) != 1:
+                        wrong.append(f"Set-Cookie: {cookies}")
+                    else:
+                        parts = [p.strip() for p in cookies[0].split(";")]
+                        wrong += [f"cookie lacks {p!r}: {cookies[0]}" for p in want["cookie"]
+                                  if not any(part.startswith(p) for part in parts)]
+                        wrong += [f"cookie has {p!r}: {cookies[0]}" for p in want.get("cookie_absent", ())
+                                  if any(part.startswith(p) for part in parts)]
+                if wrong:
+                    failures.append(f"{what}: " + "; ".join(wrong))
+    assert not failures, "\n".join(failures)
+
+
+def _htpasswd_lines() -> dict[str, tuple[str, str]]:
+    """user → (password, htpasswd line), hashed by Apache's htpasswd and by openssl (the tools people use)."""
+    made: dict[str, tuple[str, str]] = {}
+
+    def run(*args: str) -> str:
+        return subprocess.run(args, capture_output=True, text=True, check=True, timeout=20).stdout.strip()
+
+    for user, flags in (("apr1", ["-m"]), ("bcrypt", ["-B", "-C", "5"]), ("sha1", ["-s"]), ("crypt", ["-d"])):
+        password = f"{user}-Pa55"[:8] if user == "crypt" else f"{user}-Pa55:word"  # (DES reads 8 characters)
+        made[user] = (password, run(HTPASSWD, "-nb", *flags, user, password))  # type: ignore[arg-type]
+    for user, flag in (("md5", "-1"), ("sha256", "-5"), ("sha512", "-6")):
+        password = f"{user}-secret"
+        made[user] = (password, f"{user}:" + run(OPENSSL, "passwd", flag, password))  # type: ignore[arg-type]
+    made["plain"] = ("plain-text", "plain:{PLAIN}plain-text")
+    made["empty"] = ("", "empty:")  # ingress-nginx's e2e "invalid content": nobody gets in
+    return made
+
+
+def _secret(name: str, data: dict[str, str], namespace: str = "default") -> str:
+    encoded = {k: base64.b64encode(v.encode()).decode() for k, v in data.items()}
+    return "---\n" + yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                     "metadata": {"name": name, "namespace": namespace}, "data": encoded})
+
+
+@needs_tools
+@pytest.mark.skipif(HTPASSWD is None or OPENSSL is None, reason="htpasswd (apache2-utils) and openssl are not "
+                                                                "installed (scripts/test installs them)")
+def test_basic_auth_lets_in_whom_nginx_lets_in(tmp_path):
+    """auth-type basic with an htpasswd Secret: for every user and a right, a wrong, an empty and a malformed
+    password, tidegate answers as Debian's nginx reading the same file does (200 or 401, and the realm); an
+    auth-map Secret works the same; a missing or other-namespace Secret makes the paths answer 503 and other
+    Ingresses serve on; a 401 carries the CORS headers; HTTP/2 too."""
+    users = _htpasswd_lines()
+    htpasswd = "".join(line + "\n" for _, line in users.values())
+    assert not [line for line in basic_auth.unreadable(htpasswd) if "empty" not in line]
+    (tmp_path / "htpasswd").write_text(htpasswd)
+    pod_port, front_port, http_port = free_port(PODS[0]), free_port("127.0.10.4"), free_port()
+    conf = _pods(tmp_path, pod_port, f"""
+  }}
+  server {{
+    listen 127.0.10.4:{front_port};
+    auth_basic "Protected Area";
+    auth_basic_user_file {tmp_path}/htpasswd;
+    location / {{ root {tmp_path}/www; }}""", files=True)  # (a file, not `return`: that answers before access checks)
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text("in")
+    config = tmp_path / "config"
+    config.mkdir()
+    auth = {"auth-type": "basic", "auth-secret": "basic-auth", "auth-realm": "Protected Area"}
+    apr1 = users["apr1"]
+    (config / "all.yaml").write_text(
+        CLASS + _service("echo", pod_port) + _secret("basic-auth", {"auth": htpasswd})
+        + _secret("basic-map", {"apr1": apr1[1].split(":", 1)[1]})
+        + _secret("elsewhere", {"auth": htpasswd}, "other")
+        + _ingress("file", "file.test", auth)
+        + _ingress("map", "map.test", {**auth, "auth-secret": "basic-map", "auth-secret-type": "auth-map"})
+        + _ingress("missing", "missing.test", {**auth, "auth-secret": "no-such-secret"})
+        + _ingress("across", "across.test", {**auth, "auth-secret": "other/elsewhere"})
+        + _ingress("cors", "cors.test", {**auth, "enable-cors": "true"})
+        + _ingress("open", "open.test", {}))
+    credentials: list[tuple[str, str]] = []
+    for user, (password, _) in users.items():
+        credentials += [(user, password), (user, password + "x"), (user, ""), ("nobody", password)]
+    with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                 ready=(PODS[0], pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port)):
+        disagree = []
+        for user, password in credentials:
+            header = {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+            nginx_status = _curl(front_port, "front.test", headers=header, address="127.0.10.4")[0]
+            ours = _curl(http_port, "file.test", headers=header)[0]
+            if ours != nginx_status:
+                disagree.append(f"{user}:{password!r}: tidegate {ours}, nginx {nginx_status}")
+        assert not disagree, "\n".join(disagree)
+        # Both refused and let in, for each kind of hash: the comparison above compared something.
+        for user, (password, _) in users.items():
+            want = 401 if user == "empty" else 200
+            assert _curl(http_port, "file.test", extra=("-u", f"{user}:{password}"))[0] == want, user
+        for probe in ({}, {"Authorization": "Basic !!!"}, {"Authorization": "Bearer abc"}):
+            status, fields, _ = _curl(http_port, "file.test", headers=probe)
+            assert status == _curl(front_port, "front.test", headers=probe, address="127.0.10.4")[0] == 401, probe
+            assert _values(fields, "WWW-Authenticate") == ['Basic realm="Protected Area"']
+        assert _curl(http_port, "map.test", extra=("-u", f"apr1:{apr1[0]}"))[0] == 200
+        assert _curl(http_port, "map.test", extra=("-u", "apr1:wrong"))[0] == 401
+        assert _curl(http_port, "missing.test", extra=("-u", f"apr1:{apr1[0]}"))[0] == 503
+        assert _curl(http_port, "across.test", extra=("-u", f"apr1:{apr1[0]}"))[0] == 503
+        assert _curl(http_port, "open.test")[0] == 200
+        status, fields, _ = _curl(http_port, "cors.test")
+        assert status == 401 and _values(fields, "Access-Control-Allow-Origin") == ["*"]
+        for extra in (("--http2-prior-knowledge",), ("--http2-prior-knowledge", "-u", f"sha512:{users['sha512'][0]}")):
+            status, _, body = _curl(http_port, "file.test", extra=extra)
+            assert status == (200 if "-u" in extra else 401) and (body.startswith("pod-") or "-u" not in extra)
+
+
+def _pod_of(body: str) -> str:
+    assert body.startswith("pod-"), body
+    return body
+
+
+@needs_tools
+def test_sticky_sessions_and_upstream_hash_by(tmp_path):
+    """affinity: cookie sends a client with the cookie to one pod every time (HTTP/1.1, and HTTP/2 over TLS,
+    where the cookie is Secure); clients without it are spread; upstream-hash-by $http_x_user keeps each user
+    on one pod."""
+    pod_port, http_port, https_port = free_port(PODS[0]), free_port(), free_port()
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        CLASS + _service("echo", pod_port)
+        + _ingress("sticky", "sticky.test", {"affinity": "cookie", "ssl-redirect": "false"}, tls=True)
+        + _ingress("hashed", "hashed.test", {"upstream-hash-by": "$http_x_user"}))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(_pods(tmp_path, pod_port)), "-g", "daemon off;"],
+                 tmp_path / "nginx.log", ready=(PODS[0], pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port), "--ingress-https-port", str(https_port)):
+        spread = {_pod_of(_curl(http_port, "sticky.test")[2]) for _ in range(30)}
+        assert len(spread) >= 2, spread
+        for scheme, port, extra in (("http", http_port, ()), ("https", https_port, ("--http2",))):
+            status, fields, body = _curl(port, "sticky.test", scheme=scheme, extra=extra)
+            assert status == 200, (scheme, status)
+            [cookie] = _values(fields, "Set-Cookie")
+            assert cookie.startswith("INGRESSCOOKIE=") and "HttpOnly" in cookie, cookie
+            assert ("Secure" in cookie) == (scheme == "https"), cookie
+            sent = {"Cookie": cookie.split(";")[0]}
+            seen = {_pod_of(_curl(port, "sticky.test", headers=sent, scheme=scheme, extra=extra)[2])
+                    for _ in range(12)}
+            assert len(seen) == 1, (scheme, seen)
+            assert not _values(_curl(port, "sticky.test", headers=sent, scheme=scheme, extra=extra)[1], "Set-Cookie")
+        users = {}
+        for user in (f"user-{n}" for n in range(12)):
+            pods = {_pod_of(_curl(http_port, "hashed.test", headers={"X-User": user})[2]) for _ in range(4)}
+            assert len(pods) == 1, (user, pods)
+            users[user] = pods.pop()
+        assert len(set(users.values())) >= 2, users
+
+
+class _SlowPod(http.server.BaseHTTPRequestHandler):
+    """GET /sleep/N: answers after N seconds."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        time.sleep(float(self.path.rsplit("/", 1)[1]))
+        try:
+            self.send_response(200)
+            self.send_header("Content-Length", "5")
+            self.end_headers()
+            self.wfile.write(b"slept")
+        except OSError:
+            pass  # tidegate gave up on it
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_proxy_read_timeout_sets_the_pods_silence_limit(tmp_path):
+    """proxy-read-timeout replaces the run's --upstream-read-timeout for its Ingress's pods, longer or shorter:
+    with the run's 1 s, a pod silent 2 s answers through an Ingress that allows 4 s, and one silent 9 s there
+    gets 504 after about 4 s; through an Ingress without the annotation, 2 s of silence gets 504."""
+    pod = http.server.ThreadingHTTPServer(("127.0.10.5", 0), _SlowPod)
+    pod.daemon_threads = True
+    threading.Thread(target=pod.serve_forever, daemon=True).start()
+    http_port = free_port()
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        CLASS + _service("slow", pod.server_address[1], ("127.0.10.5",))
+        + _ingress("patient", "patient.test", {"proxy-read-timeout": "4"}, service="slow")
+        + _ingress("default", "default.test", {}, service="slow"))
+    try:
+        with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                          "--ingress-http-port", str(http_port), "--upstream-read-timeout", "1"):
+            assert _curl(http_port, "patient.test", "/sleep/2")[0] == 200
+            started = time.monotonic()
+            assert _curl(http_port, "patient.test", "/sleep/9")[0] == 504
+            assert 3.9 <= time.monotonic() - started < 6.0
+            started = time.monotonic()
+            assert _curl(http_port, "default.test", "/sleep/2")[0] == 504
+            assert time.monotonic() - started < 1.9
+    finally:
+        pod.shutdown()
+        pod.server_close()
+
+
+def test_balancing_annotations_become_the_backends_policy():
+    """The translation: affinity over upstream-hash-by over load-balance, as balancer.lua chooses; the cookie's
+    attributes; the timeouts; tidegate.io/ annotations winning section by section; bad values reported."""
+    def policy_and_notes(annotations: dict[str, str]):
+        _, translation = _routers(CLASS + _service("echo", 8080) + _ingress("probe", "probe.test", annotations,
+                                                                             "/app"))
+        route = next(r for listener in translation.ir.listeners for r in listener.http_routes
+                     if r.hostnames == ("probe.test",))
+        return route.backends[0].policy, [p.message for p in translation.notes]
+
+    policy, notes = policy_and_notes({"affinity": "cookie", "upstream-hash-by": "$remote_addr", "load-balance": "ewma",
+                                      "session-cookie-samesite": "lax", "session-cookie-max-age": "60",
+                                      "proxy-connect-timeout": "3", "proxy-read-timeout": "120"})
+    assert policy.algorithm == "ConsistentHash" and policy.hash.type == "Cookie" and not notes, notes
+    assert (policy.hash.name, policy.hash.cookie_path, policy.hash.cookie_ttl) == ("INGRESSCOOKIE", "/app", 60.0)
+    assert policy.hash.cookie_attributes == "; SameSite=Lax"
+    assert (policy.connect_timeout, policy.read_timeout) == (3.0, 120.0)
+    policy, _ = policy_and_notes({"upstream-hash-by": "$http_x_tenant_id", "load-balance": "ewma"})
+    assert (policy.hash.type, policy.hash.name, policy.hash.cookie_ttl) == ("Header", "x-tenant-id", None)
+    _, translation = _routers(CLASS + _service("echo", 8080) + _ingress(
+        "probe", "probe.test", {"load-balance": "ewma", "proxy-connect-timeout": "2"},
+        others={"tidegate.io/load-balance": "least-request"}))
+    [policy] = {b.policy for listener in translation.ir.listeners for r in listener.http_routes for b in r.backends}
+    assert (policy.algorithm, policy.connect_timeout) == ("LeastRequest", 2.0)  # the connect timeout is kept
+    _, notes = policy_and_notes({"affinity": "ip", "upstream-hash-by": "$host$uri", "load-balance": "fastest",
+                                 "proxy-read-timeout": "soon"})
+    for key in ("affinity", "upstream-hash-by", "load-balance", "proxy-read-timeout"):
+        assert any(f"/{key} ignored" in n for n in notes), (key, notes)
+
+
+def test_convert_writes_a_backend_policy_and_a_cors_filter():
+    """convert: the balancing and timeout annotations become a BackendPolicy on the HTTPRoute, which the
+    converted set serves as the Ingress was served; enable-cors becomes HTTPRoute's CORS filter (approximated);
+    basic authentication is reported unsupported."""
+    from tidegate.convert import convert
+    from tidegate.resources.loader import load_text
+    from tidegate.translate import translate
+
+    text = CLASS + _service("echo", 8080) + _ingress(
+        "shop", "shop.test", {"affinity": "cookie", "session-cookie-path": "/", "session-cookie-max-age": "600",
+                              "proxy-read-timeout": "120", "enable-cors": "true",
+                              "cors-allow-origin": "https://a.example, null", "cors-allow-methods": "get, POST",
+                              "auth-type": "basic", "auth-secret": "users"})
+    loaded = load_text(text, "ingress")
+    objects, report = convert(loaded.resources)
+    [policy] = [o for o in objects if o["kind"] == "BackendPolicy"]
+    [route] = [o for o in objects if o["kind"] == "HTTPRoute"]
+    assert policy["spec"]["targetRefs"] == [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute",
+                                             "name": route["metadata"]["name"]}]
+    assert policy["spec"]["timeouts"] == {"read": "120s"}
+    [cors] = [f["cors"] for f in route["spec"]["rules"][0]["filters"] if f["type"] == "CORS"]
+    assert cors["allowOrigins"] == ["https://a.example"] and cors["allowMethods"] == ["GET", "POST"]
+    others = [r.obj for r in loaded.resources if r.kind not in ("Ingress", "IngressClass")]
+    converted = load_text("".join("---\n" + yaml.safe_dump(o) for o in objects + others), "converted")
+    assert not converted.errors, converted.errors
+
+    def served(resources):
+        [backend] = [b for listener in translate(resources).ir.listeners for r in listener.http_routes
+                     for b in r.backends if r.hostnames == ("shop.test",)]
+        return backend.policy
+
+    ingress, gateway_api = served(loaded.resources), served(converted.resources)
+    assert (ingress.hash, ingress.read_timeout) == (gateway_api.hash, gateway_api.read_timeout) != (None, None)
+    verdicts = {e.field.removeprefix("nginx.ingress.kubernetes.io/"): e.verdict for e in report}
+    assert verdicts["affinity"] == verdicts["proxy-read-timeout"] == "tidegate-policy"
+    assert verdicts["enable-cors"] == "approximated" and verdicts["auth-type"] == "unsupported"
+
+
+def test_the_cluster_source_keeps_the_auth_secret_of_its_own_namespace_only():
+    """With --kubernetes, Secrets are kept only when referenced: an Ingress's auth-secret is, when it is in the
+    Ingress's namespace (another namespace's is refused, so never read)."""
+    from tidegate.resources.loader import load_text
+    from tidegate.resources.model import Key
+    from tidegate.sources.kubernetes import referenced
+
+    auth = {"auth-type": "basic"}
+    loaded = load_text(_ingress("mine", "a.test", {**auth, "auth-secret": "users"}, namespace="shop")
+                       + _ingress("theirs", "b.test", {**auth, "auth-secret": "bank/vault"}, namespace="shop"), "x")
+    wanted = referenced({r.key: r for r in loaded.resources})
+    assert wanted == {Key("Secret", "shop", "users")}
