@@ -398,3 +398,71 @@ def test_the_cluster_source_keeps_the_auth_secret_of_its_own_namespace_only():
                        + _ingress("theirs", "b.test", {**auth, "auth-secret": "bank/vault"}, namespace="shop"), "x")
     wanted = referenced({r.key: r for r in loaded.resources})
     assert wanted == {Key("Secret", "shop", "users")}
+
+
+@needs_tools
+def test_external_auth_asks_the_service_as_ingress_nginx_does(tmp_path):
+    """auth-url with Debian's nginx as the authentication service (it answers by the request's X-Token: 200
+    with X-Auth-User and a cookie, 401 with a challenge, 403, 502) and as the pod (it says what it received):
+    2xx lets the request through with auth-response-headers copied (a client's own copy replaced, a header the
+    service did not send removed) and the cookie added; 401, 403 pass on; anything else is 500; auth-signin
+    redirects a 401 with rd=; the URL's host may be a Service (its pods are asked) or an address; a broken
+    annotation answers 503 and other Ingresses serve on; HTTP/2 too."""
+    auth_port, pod_port, http_port = free_port("127.0.10.6"), free_port("127.0.10.7"), free_port()
+    conf = _nginx_pod(tmp_path, f"""
+    listen 127.0.10.6:{auth_port};
+    location = /auth {{
+      add_header X-Seen-Url $http_x_original_url always;
+      add_header X-Seen-Method "$request_method $http_x_original_method" always;
+      if ($http_x_token = "good") {{  # (add_header inside `if` replaces the location's)
+        add_header X-Seen-Url $http_x_original_url always;
+        add_header X-Seen-Method "$request_method $http_x_original_method" always;
+        add_header X-Auth-User alice always;
+        add_header Set-Cookie "session=s1; Path=/" always;
+        return 200;
+      }}
+      if ($http_x_token = "forbidden") {{ return 403; }}
+      if ($http_x_token = "broken") {{ return 502; }}
+      add_header WWW-Authenticate 'Bearer realm="test"' always;
+      return 401;
+    }}
+  }}
+  server {{
+    listen 127.0.10.7:{pod_port};
+    location / {{ return 200 "$http_x_auth_user|$http_x_seen_url|$http_x_seen_method|$http_x_missing|$http_x_token"; }}""")
+    config = tmp_path / "config"
+    config.mkdir()
+    by_service = {"auth-url": "http://authsvc.default.svc.cluster.local:81/auth",
+                  "auth-response-headers": "X-Auth-User, X-Seen-Url, X-Seen-Method, X-Missing"}
+    (config / "all.yaml").write_text(
+        CLASS + _service("echo", pod_port, ("127.0.10.7",)) + _service("authsvc", auth_port, ("127.0.10.6",)).replace(
+            "port: 80,", "port: 81,") + _service("nobody", 9, ())
+        + _ingress("app", "app.test", by_service)
+        + _ingress("direct", "direct.test", {"auth-url": f"http://127.0.10.6:{auth_port}/auth"})
+        + _ingress("signin", "signin.test", {**by_service, "auth-signin": "http://$host/auth/start"})
+        + _ingress("down", "down.test", {"auth-url": "http://nobody.default.svc:80/auth"})
+        + _ingress("broken", "broken.test", {"auth-url": "http://$nonsense/auth"})
+        + _ingress("open", "open.test", {}))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                 ready=("127.0.10.6", auth_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port)):
+        status, fields, _ = _curl(http_port, "app.test")
+        assert status == 401 and _values(fields, "WWW-Authenticate") == ['Bearer realm="test"']
+        status, fields, body = _curl(http_port, "app.test", "/shop?q=1", "POST",
+                                     {"X-Token": "good", "X-Auth-User": "mallory", "X-Missing": "forged"})
+        assert status == 200, (status, body)
+        assert body == f"alice|http://app.test:{http_port}/shop?q=1|GET POST||good", body
+        assert _values(fields, "Set-Cookie") == ["session=s1; Path=/"]
+        assert _curl(http_port, "app.test", headers={"X-Token": "forbidden"})[0] == 403
+        assert _curl(http_port, "app.test", headers={"X-Token": "broken"})[0] == 500
+        assert _curl(http_port, "direct.test", headers={"X-Token": "good"})[0] == 200
+        assert _curl(http_port, "direct.test")[0] == 401
+        status, fields, _ = _curl(http_port, "signin.test", "/?a=b&c=d")
+        assert status == 302 and _values(fields, "Location") == [
+            f"http://signin.test/auth/start?rd=http://signin.test:{http_port}%2F%3Fa%3Db%26c%3Dd"], fields
+        assert _curl(http_port, "down.test", headers={"X-Token": "good"})[0] == 500
+        assert _curl(http_port, "broken.test", headers={"X-Token": "good"})[0] == 503
+        assert _curl(http_port, "open.test")[0] == 200
+        status, _, body = _curl(http_port, "app.test", headers={"X-Token": "good"}, extra=("--http2-prior-knowledge",))
+        assert status == 200 and body.startswith("alice|"), (status, body)

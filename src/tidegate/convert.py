@@ -320,7 +320,7 @@ def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
         if config.get("exposeHeaders"):
             cors["exposeHeaders"] = names(config["exposeHeaders"])
         return {"type": "CORS", "cors": cors}
-    if f.type == "BasicAuth":
+    if f.type in ("BasicAuth", "ExternalAuth"):
         return None  # (reported with its annotations: unsupported)
     once(f"filter {f.type}", "unsupported", "no HTTPRoute filter for it")
     return None

@@ -28,6 +28,7 @@ class Decision:
     host: str = ""  # the Host sent on
     location: str = ""  # a redirect's Location
     headers: dict[str, str] = field(default_factory=dict)  # request headers a filter set or added (lower case)
+    asks: str = ""  # an authentication service that decides first (external authentication: its URL)
 
 
 def decide(router: Router, request: Request, scheme: str = "http", port: int = 80, query: str = "") -> Decision:
@@ -39,6 +40,7 @@ def decide(router: Router, request: Request, scheme: str = "http", port: int = 8
     matched_prefix = candidate.match.path.value if candidate.match.path.type == "PathPrefix" else None
     headers: list[tuple[str, str]] = []
     host = request.host
+    asks = ""
     upstream_path = path
     for f in route.filters:
         if f.type == "RequestRedirect":
@@ -51,6 +53,10 @@ def decide(router: Router, request: Request, scheme: str = "http", port: int = 8
             refused = _basic_auth(f.config, request.headers.get("authorization"))
             if refused:
                 return Decision(refused, route.name)
+        if f.type == "ExternalAuth":
+            if f.config.get("problem"):
+                return Decision(503, route.name)
+            asks = f.config["url"]
         host, upstream_path, headers = _apply(f, host, upstream_path, headers, matched_prefix)
     if route.direct_status:
         return Decision(route.direct_status, route.name)
@@ -64,7 +70,7 @@ def decide(router: Router, request: Request, scheme: str = "http", port: int = 8
     shares = [b for b in route.backends if b.weight > 0]
     weights = ",".join(f"{b.name}={b.weight}" for b in shares) if len(shares) > 1 else ""
     return Decision(0, route.name, backend.name, weights=weights, target=with_query(upstream_path, query), host=host,
-                    headers={name.lower(): value for name, value in headers})
+                    headers={name.lower(): value for name, value in headers}, asks=asks)
 
 
 def _basic_auth(config: dict, authorization: str | None) -> int:

@@ -75,6 +75,8 @@ def _answer(d: Decision) -> str:
             parts.append(f"(weights {d.weights})")
         parts.append(f"Host: {d.host}")
         parts += [f"{name}: {value}" for name, value in sorted(d.headers.items())]
+        if d.asks:
+            parts.append(f"if {d.asks} lets it in")
         return " ".join(parts)
     return f"{d.status}" + (f" Location: {d.location}" if d.location else "") + (f" ({d.route})" if d.route else "")
 
@@ -116,7 +118,7 @@ def _decide(routers: dict[tuple[str, int], Router], probe: Probe) -> Decision:
 
 
 def _key(d: Decision) -> tuple:
-    return d.status, d.backend, d.weights, d.target, d.host, d.location, tuple(sorted(d.headers.items()))
+    return d.status, d.backend, d.weights, d.target, d.host, d.location, tuple(sorted(d.headers.items())), d.asks
 
 
 def _probes(listener: ir.Listener, route: ir.HTTPRoute, scheme: str) -> Iterator[Probe]:

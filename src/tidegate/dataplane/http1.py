@@ -45,7 +45,7 @@ from tidegate.dataplane.filters import (
     set_headers,
     with_query,
 )
-from tidegate.dataplane import basic_auth, fastlane, guard, proxy_protocol
+from tidegate.dataplane import basic_auth, external_auth, fastlane, guard, proxy_protocol
 from tidegate.dataplane.deadlines import DEADLINES, Deadlines, Watch, slow_body_message
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import (
@@ -1017,6 +1017,18 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
                 conn.send_simple(refusal[0], refusal[1], [*refusal[2], *set_headers(response_mods)],
                                  close=not can_keep, head_only=head_only)
                 return can_keep
+        elif f.type == "ExternalAuth":
+            status, changes, cookies = await external_auth.check(
+                f.config, ex.method, headers, headers_lower.get("host") or host, with_query(path, query),
+                conn.scheme, ex.client or conn.peer)
+            if status:
+                conn.send_simple(status, "" if status == 302 else f"external authentication: {status}",
+                                 [*changes, *set_headers(response_mods)], close=not can_keep, head_only=head_only)
+                return can_keep
+            headers = modify_headers(headers, {"set": [{"name": n, "value": v} for n, v in changes if v],
+                                               "remove": [n for n, v in changes if not v]})
+            if cookies:
+                response_mods.append({"append": [("Set-Cookie", c) for c in cookies]})
         else:
             headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host,
                                                             upstream_path, matched_prefix)

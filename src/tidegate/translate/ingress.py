@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import re2
 
@@ -24,7 +25,7 @@ from tidegate.translate.certificates import CertificateError, certificate_from_s
 from tidegate.translate.conditions import INGRESS_CONTROLLER
 from tidegate.translate import ingress_annotations
 from tidegate.translate.index import Index
-from tidegate.translate.ingress_annotations import BasicAuth, Canary, Routing
+from tidegate.translate.ingress_annotations import BasicAuth, Canary, ExternalAuth, Routing
 
 DEFAULT_CLASS_ANNOTATION = "ingressclass.kubernetes.io/is-default-class"
 LEGACY_CLASS_ANNOTATION = "kubernetes.io/ingress.class"
@@ -120,7 +121,11 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
     secure: list[ir.HTTPRoute] = []
     app_root_hosts: list[str] = []
     www_hosts: list[str] = []
-    auth = _basic_auth_filter(index, ing, routing.basic_auth, notes) if routing.basic_auth is not None else None
+    auth: list[ir.Filter] = []  # both must let a request in (nginx's `satisfy all`)
+    if routing.external_auth is not None:
+        auth.append(_external_auth_filter(index, ing, routing.external_auth))
+    if routing.basic_auth is not None:
+        auth.append(_basic_auth_filter(index, ing, routing.basic_auth, notes))
     for r, rule in enumerate(ing.spec.get("rules", [])):
         host = rule.get("host", "")
         if routing.app_root and host not in app_root_hosts:
@@ -267,7 +272,7 @@ def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool) -> ir.Ba
     return backend
 
 
-def _filters(routing: Routing, value: str, auth: ir.Filter | None) -> list[ir.Filter]:
+def _filters(routing: Routing, value: str, auth: list[ir.Filter]) -> list[ir.Filter]:
     """A path's filters from its Ingress's annotations, in the order ingress-nginx applies them (the redirect
     to HTTPS goes in after the redirect annotations: `redirect_at`)."""
     filters = []
@@ -276,8 +281,7 @@ def _filters(routing: Routing, value: str, auth: ir.Filter | None) -> list[ir.Fi
     if routing.redirect_url:
         filters.append(ir.Filter("RequestRedirect", {"location": routing.redirect_url,
                                                      "statusCode": routing.redirect_code}))
-    if auth is not None:
-        filters.append(auth)
+    filters += auth
     rewrite: dict[str, Any] = {}
     if routing.rewrites(value):
         # `rewrite "(?i)PATH" TARGET break;`: the whole path becomes TARGET, $1... its groups
@@ -290,6 +294,27 @@ def _filters(routing: Routing, value: str, auth: ir.Filter | None) -> list[ir.Fi
     if rewrite:
         filters.append(ir.Filter("URLRewrite", rewrite))
     return filters
+
+
+def _external_auth_filter(index: Index, ing: Resource, auth: ExternalAuth) -> ir.Filter:
+    """The ExternalAuth filter of an Ingress's paths (dataplane/external_auth.py). A URL whose host names a
+    Service of the cluster (NAME.NAMESPACE, NAME.NAMESPACE.svc, NAME.NAMESPACE.svc.cluster.local) is sent
+    straight to its ready pods (`targets`), as every backend is."""
+    config: dict[str, Any] = {k: v for k, v in dataclasses.asdict(auth).items() if v}
+    if auth.problem:
+        return ir.Filter("ExternalAuth", config)
+    config["response_headers"] = list(auth.response_headers)
+    parts = urlsplit(auth.url)
+    labels = (parts.hostname or "").split(".")
+    if "$" not in parts.netloc and len(labels) >= 2 and (len(labels) == 2 or labels[2:] in (["svc"], [
+            "svc", "cluster", "local"])):
+        service = index.get("Service", labels[1], labels[0])
+        if service is not None:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            backend, problem = resolve_backend(index, {"name": labels[0], "port": port}, "Ingress", labels[1], {})
+            config["targets"] = [] if problem else [[e.address, e.port] for e in backend.endpoints
+                                                    if e.ready]
+    return ir.Filter("ExternalAuth", config)
 
 
 def _basic_auth_filter(index: Index, ing: Resource, auth: BasicAuth, notes: list[Problem]) -> ir.Filter:

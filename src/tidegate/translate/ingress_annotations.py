@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import re2
 
@@ -30,10 +31,12 @@ ROUTING_KEYS = frozenset({
     "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol",
     "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
     "canary-weight", "canary-weight-total"})
-# Read here too, for the route's filters: CORS and basic authentication.
+# Read here too, for the route's filters: CORS, basic and external authentication.
 ACCESS_KEYS = frozenset({
     "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers", "cors-allow-credentials",
-    "cors-expose-headers", "cors-max-age", "auth-type", "auth-secret", "auth-secret-type", "auth-realm"})
+    "cors-expose-headers", "cors-max-age", "auth-type", "auth-secret", "auth-secret-type", "auth-realm",
+    "auth-url", "auth-method", "auth-signin", "auth-signin-redirect-param", "auth-response-headers",
+    "auth-request-redirect", "auth-always-set-cookie"})
 # Read by `balancing` (BackendPolicy's sections from an Ingress, backend_policies.py).
 BALANCING_KEYS = frozenset({
     "affinity", "affinity-mode", "session-cookie-name", "session-cookie-path", "session-cookie-max-age",
@@ -45,11 +48,10 @@ PROTECTION_KEYS = frozenset({
     "whitelist-source-range", "allowlist-source-range", "denylist-source-range", "proxy-body-size"})
 # What ingress-nginx v1.15 knows besides those (its annotations/*/main.go): reported as not done yet.
 LATER_KEYS = frozenset({
-    "affinity-canary-behavior", "auth-always-set-cookie", "auth-cache-duration", "auth-cache-key", "auth-file",
-    "auth-keepalive", "auth-keepalive-requests", "auth-keepalive-share-vars", "auth-keepalive-timeout", "auth-map",
-    "auth-method", "auth-proxy-set-headers", "auth-request-redirect", "auth-response-headers", "auth-signin",
-    "auth-signin-redirect-param", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
-    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "auth-url", "client-body-buffer-size",
+    "affinity-canary-behavior", "auth-cache-duration", "auth-cache-key", "auth-file", "auth-keepalive",
+    "auth-keepalive-requests", "auth-keepalive-share-vars", "auth-keepalive-timeout", "auth-map",
+    "auth-proxy-set-headers", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
+    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "client-body-buffer-size",
     "connection-proxy-header", "custom-headers", "custom-http-errors", "default-backend",
     "disable-proxy-intercept-errors", "enable-access-log", "enable-global-auth", "enable-modsecurity",
     "enable-opentelemetry", "enable-owasp-core-rules", "enable-rewrite-log", "fastcgi-index",
@@ -95,6 +97,7 @@ class Routing:
     canary: Canary | None = None  # canary: "true"
     cors: dict[str, Any] | None = None  # enable-cors: the CORS filter's config (style ingress-nginx)
     basic_auth: BasicAuth | None = None  # auth-type
+    external_auth: ExternalAuth | None = None  # auth-url
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
@@ -199,6 +202,8 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
         found["cors"] = _cors(ing, values, notes)
     if "auth-type" in values:
         found["basic_auth"] = _basic_auth(ing, values, notes)
+    if "auth-url" in values:
+        found["external_auth"] = _external_auth(ing, values, notes)
     if _bool(values.get("canary", "")):
         found["canary"] = _canary(ing, values, notes)
     for key, low, high, default in (("temporal-redirect", 300, 307, 302), ("permanent-redirect", 300, 308, 301)):
@@ -332,6 +337,90 @@ def _basic_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) -> 
 def _denied(ing: Resource, notes: list[Problem], realm: str, why: str) -> BasicAuth:
     notes.append(Problem("error", ing.origin, f"authentication: {why}; the Ingress's paths answer 503", ing.key))
     return BasicAuth(realm=realm, problem=why)
+
+
+@dataclass(frozen=True)
+class ExternalAuth:
+    """auth-url and its companions (ingress-nginx's authreq): what dataplane/external_auth.py needs, or why the
+    Ingress's paths answer 503 instead."""
+
+    url: str = ""
+    method: str = ""
+    signin: str = ""
+    signin_param: str = ""
+    response_headers: tuple[str, ...] = ()
+    request_redirect: str = ""
+    always_set_cookie: bool = False
+    problem: str = ""
+
+
+# nginx's variables an auth-url or auth-signin may hold: dataplane/external_auth.py fills in these.
+VARIABLES = ("host", "http_host", "best_http_host", "scheme", "pass_access_scheme", "request_uri",
+             "escaped_request_uri", "remote_addr")
+_URL_WITH_VARIABLES = re.compile(r"[" + _ALNUM + r", ,:?&=$]*")  # URLWithNginxVariableRegex
+_VARIABLE = re.compile(r"\$([A-Za-z_]+)")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE"})
+
+
+def _auth_url(value: str) -> str:
+    """Why an auth-url or auth-signin value cannot be used, or ""."""
+    if not _URL_WITH_VARIABLES.fullmatch(value):
+        return "it holds characters other than letters, digits, -._~/:,?&=$ and spaces"
+    unknown = sorted({name for name in _VARIABLE.findall(value) if name not in VARIABLES})
+    if unknown:
+        return f"tidegate does not fill in ${', $'.join(unknown)} (it does {', '.join('$' + v for v in VARIABLES)})"
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or ".." in parts.netloc:
+        return "it is not an http(s) URL with a host"
+    return ""
+
+
+def _external_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) -> ExternalAuth:
+    """auth-url with auth-method, auth-signin(-redirect-param), auth-response-headers, auth-request-redirect and
+    auth-always-set-cookie. What ingress-nginx refuses (a location denied) answers 503."""
+    url = values["auth-url"].strip()
+    why = _auth_url(url)
+    if why:
+        notes.append(Problem("error", ing.origin, f"annotation {NGINX_PREFIX}auth-url: {why}; the Ingress's paths "
+                             "answer 503", ing.key))
+        return ExternalAuth(problem=f"auth-url: {why}")
+    found: dict[str, Any] = {"url": url}
+    method = values.get("auth-method", "").strip()
+    if method and method not in _METHODS:
+        notes.append(Problem("error", ing.origin, f"annotation {NGINX_PREFIX}auth-method {method!r} is not an HTTP "
+                             "method; the Ingress's paths answer 503", ing.key))
+        return ExternalAuth(problem=f"auth-method {method!r} is not an HTTP method")
+    found["method"] = method
+    signin = values.get("auth-signin", "").strip()
+    if signin:
+        why = _auth_url(signin)
+        if why:
+            _drop(ing, notes, NGINX_PREFIX + "auth-signin", why)
+        else:
+            found["signin"] = signin
+    param = values.get("auth-signin-redirect-param", "").strip()
+    if param and not _BASIC_CHARS.fullmatch(param):
+        _drop(ing, notes, NGINX_PREFIX + "auth-signin-redirect-param", f"{param!r} is not a parameter name")
+    elif param:
+        found["signin_param"] = param
+    names = [n.strip() for n in values.get("auth-response-headers", "").split(",") if n.strip()]
+    bad = [n for n in names if not re.fullmatch(r"[A-Za-z0-9_-]+", n)]
+    if bad:
+        _drop(ing, notes, NGINX_PREFIX + "auth-response-headers", f"{', '.join(map(repr, bad))} not header names")
+    else:
+        found["response_headers"] = tuple(names)
+    redirect = values.get("auth-request-redirect", "").strip()
+    if redirect and not URL_CHARS.fullmatch(redirect):
+        _drop(ing, notes, NGINX_PREFIX + "auth-request-redirect", f"{redirect!r} is not a URL")
+    elif redirect:
+        found["request_redirect"] = redirect
+    if "auth-always-set-cookie" in values:
+        flag = _bool(values["auth-always-set-cookie"].strip())
+        if flag is None:
+            _drop(ing, notes, NGINX_PREFIX + "auth-always-set-cookie", "not true or false")
+        else:
+            found["always_set_cookie"] = flag
+    return ExternalAuth(**found)
 
 
 def balancing(ing: Resource, notes: list[Problem]) -> dict[str, dict[str, Any]]:
