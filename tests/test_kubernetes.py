@@ -285,6 +285,52 @@ spec: {type: LoadBalancer, loadBalancerClass: tidegate.io/lb, ports: [{port: 80}
         assert not api.status_writes("Service", "metallbs")  # MetalLB's Service (no class) is not touched
 
 
+def test_an_ingress_hears_in_events_what_tidegate_made_of_its_annotations(cluster, tmp_path):
+    """In a cluster, the translator's reports on an Ingress (a snippet refused, a key unknown, a value out of
+    its grammar) are Events on it, as `kubectl describe ingress` shows them; each once, however often the
+    configuration is translated again, and again for a new object of the same name."""
+    api, port, _, _ = cluster
+    ingress = """
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata: {name: tidegate, annotations: {ingressclass.kubernetes.io/is-default-class: "true"}}
+spec: {controller: tidegate.io/ingress-controller}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: shop
+  namespace: default
+  annotations:
+    nginx.ingress.kubernetes.io/configuration-snippet: "return 200 'owned';"
+    nginx.ingress.kubernetes.io/no-such-thing: "1"
+    nginx.ingress.kubernetes.io/load-balance: fastest
+spec:
+  rules: [{host: shop.test, http: {paths: [{path: /, pathType: Prefix,
+                                            backend: {service: {name: app, port: {number: 80}}}}]}}]
+"""
+
+    def events() -> list[dict]:
+        return [e for (kind, _, _), e in list(api.objects.items())
+                if kind == "Event" and e["involvedObject"]["kind"] == "Ingress"]
+
+    with replica(api, tmp_path, "a", (GW, port), "--ingress-http-port", str(free_port())):
+        api.put_yaml(ingress)
+        wait_until(lambda: len(events()) == 3, what="three Events on the Ingress")
+        said = {(e["reason"], e["message"].split(":")[0].split(" ")[1]) for e in events()}
+        assert said == {("Rejected", "nginx.ingress.kubernetes.io/configuration-snippet"),
+                        ("Ignored", "nginx.ingress.kubernetes.io/no-such-thing"),
+                        ("Ignored", "nginx.ingress.kubernetes.io/load-balance")}, events()
+        assert all(e["type"] == "Warning" and e["involvedObject"]["name"] == "shop" for e in events())
+        api.put_yaml(route("other", "other.test", "- backendRefs: [{name: app, port: 80}]"))  # translated again
+        time.sleep(1.0)
+        assert len(events()) == 3
+        api.delete("Ingress", "default", "shop")
+        time.sleep(0.5)
+        api.put_yaml(ingress)
+        wait_until(lambda: len(events()) == 6, what="the Events again, for the new object")
+
+
 def test_a_node_agent_serves_loadbalancer_addresses_only_and_writes_nothing(cluster, tmp_path):
     api, port, pods, _ = cluster
     lb_port = free_port("127.0.8.9")

@@ -142,7 +142,7 @@ async def serve(args: argparse.Namespace) -> int:
             METRICS.listener_open.labels(listener.name).set((listener.address or args.bind, listener.port)
                                                             not in errors)
         if writer is not None:
-            writer.submit(translation.statuses)
+            writer.submit(translation.statuses, translation.notes)
 
     pool.on_listeners = publish
 

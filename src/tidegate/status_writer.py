@@ -23,7 +23,7 @@ from lightkube.resources.core_v1 import Event
 
 from tidegate.leader import LeaderElector
 from tidegate.resources import kinds
-from tidegate.resources.model import Key
+from tidegate.resources.model import Key, Problem
 from tidegate.sources.kubernetes import KubernetesSource, resource_class
 from tidegate.translate.conditions import CONTROLLER_NAME
 from tidegate.translate.loadbalancers import ADDRESS_CONDITION
@@ -105,11 +105,16 @@ class StatusWriter:
         self.leader = leader
         self.writes = 0
         self._latest: dict[Key, dict[str, Any]] | None = None
+        self._notes: list[Problem] = []
         self._wake = asyncio.Event()
+        # What an Event has said already, per Ingress (its uid too: a new object of the same name hears it again)
+        self._told: dict[Key, tuple[str, set[str]]] = {}
 
-    def submit(self, statuses: dict[Key, dict[str, Any]]) -> None:
-        """The newest translation's statuses; the writer catches up with the latest only."""
+    def submit(self, statuses: dict[Key, dict[str, Any]], notes: list[Problem] | None = None) -> None:
+        """The newest translation's statuses (and its notes, for the Events on Ingresses); the writer catches
+        up with the latest only."""
         self._latest = statuses
+        self._notes = notes or []
         self._wake.set()
 
     async def run(self) -> None:
@@ -125,6 +130,7 @@ class StatusWriter:
                 self.leader.changed.clear()
             if self._latest is not None:
                 await self.write_all(self._latest)
+                await self.tell_ingresses(self._notes)
 
     def _leading(self) -> bool:
         return self.leader is None or self.leader.is_leader()
@@ -150,6 +156,41 @@ class StatusWriter:
             except Exception as exc:
                 log.warning("cannot write the status of %s: %s", key, exc)
         return written
+
+    async def tell_ingresses(self, notes: list[Problem]) -> int:
+        """An Event on an Ingress for each report of the translator about it (an annotation refused, ignored or
+        unknown, a path not served): `kubectl describe ingress` shows what tidegate made of it, as ingress-nginx
+        users expect. Each message once per Ingress object; the leader alone."""
+        told = 0
+        for note in notes:
+            key = note.key
+            if key is None or key.kind != "Ingress" or key not in self.source.objects or not self._leading():
+                continue
+            uid = str((self.source.objects[key].obj.get("metadata") or {}).get("uid", ""))
+            seen_uid, seen = self._told.get(key, ("", set()))
+            if seen_uid != uid:
+                seen = set()
+                self._told[key] = (uid, seen)
+            if note.message in seen:
+                continue
+            seen.add(note.message)
+            now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            body = {"apiVersion": "v1", "kind": "Event",
+                    "metadata": {"generateName": f"{key.name}.", "namespace": key.namespace},
+                    "involvedObject": {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+                                       "namespace": key.namespace, "name": key.name, **({"uid": uid} if uid else {})},
+                    "reason": "Rejected" if note.severity == "error" else "Ignored", "message": note.message[:1024],
+                    "type": "Warning", "source": {"component": "tidegate"},
+                    "reportingComponent": "tidegate.io/ingress-controller",
+                    "firstTimestamp": now, "lastTimestamp": now, "count": 1}
+            try:
+                await self.client.create(Event.from_dict(body), namespace=key.namespace)
+                told += 1
+            except Exception as exc:  # an Event is a courtesy: the log and `tidegate status` have it too
+                log.info("no Event for %s: %s", key, exc)
+        for key in [k for k in self._told if k not in self.source.objects]:
+            del self._told[key]
+        return told
 
     async def _address_event(self, key: Key, before: dict[str, Any], after: dict[str, Any], now: str) -> None:
         """An Event on a LoadBalancer Service when its address changes or it is refused one (`kubectl describe
