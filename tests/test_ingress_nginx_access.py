@@ -466,3 +466,45 @@ def test_external_auth_asks_the_service_as_ingress_nginx_does(tmp_path):
         assert _curl(http_port, "open.test")[0] == 200
         status, _, body = _curl(http_port, "app.test", headers={"X-Token": "good"}, extra=("--http2-prior-knowledge",))
         assert status == 200 and body.startswith("alice|"), (status, body)
+
+
+@needs_tools
+def test_custom_http_errors_and_default_backend(tmp_path):
+    """custom-http-errors with default-backend: a pod's answer with a listed status is replaced by the
+    default-backend's answer to GET / with X-Code, X-Original-URI, X-Service-Name ... (ingress-nginx's
+    CUSTOM_ERRORS location); other statuses pass; a Service without ready endpoints is served by the
+    default-backend; without a default-backend the pod's answer passes (reported). Debian's nginx is the pod
+    and the error backend."""
+    pod_port, pages_port, http_port = free_port("127.0.10.7"), free_port("127.0.10.8"), free_port()
+    conf = _nginx_pod(tmp_path, f"""
+    listen 127.0.10.7:{pod_port};
+    location = /missing {{ return 404 "pod's own 404"; }}
+    location = /broken {{ return 500 "pod's own 500"; }}
+    location / {{ return 200 "app $request_uri"; }}
+  }}
+  server {{
+    listen 127.0.10.8:{pages_port};
+    location / {{ return 200 "page $http_x_code $http_x_service_name:$http_x_service_port $http_x_original_uri $request_method $request_uri $http_x_ingress_name"; }}""")
+    config = tmp_path / "config"
+    config.mkdir()
+    pages = {"custom-http-errors": "404,503", "default-backend": "pages"}
+    (config / "all.yaml").write_text(
+        CLASS + _service("echo", pod_port, ("127.0.10.7",)) + _service("pages", pages_port, ("127.0.10.8",))
+        + _service("gone", 9, ())
+        + _ingress("shop", "shop.test", pages)
+        + _ingress("empty", "empty.test", {"default-backend": "pages"}, service="gone")
+        + _ingress("plain", "plain.test", {"custom-http-errors": "404"}))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                 ready=("127.0.10.8", pages_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port)):
+        assert _curl(http_port, "shop.test", "/missing?x=1")[::2] == (200, "page 404 echo:80 /missing?x=1 GET / shop")
+        status, _, body = _curl(http_port, "shop.test", "/missing", "POST", extra=("--data", "a=b"))
+        assert (status, body) == (200, "page 404 echo:80 /missing GET / shop")
+        assert _curl(http_port, "shop.test", "/fine")[::2] == (200, "app /fine")
+        assert _curl(http_port, "shop.test", "/broken")[::2] == (500, "pod's own 500")
+        assert _curl(http_port, "empty.test", "/any/path")[::2] == (200, "page  :  GET /any/path ")
+        assert _curl(http_port, "plain.test", "/missing")[::2] == (404, "pod's own 404")
+        status, _, body = _curl(http_port, "shop.test", "/missing", extra=("--http2-prior-knowledge",))
+        assert (status, body) == (200, "page 404 echo:80 /missing GET / shop")
+        assert "custom-http-errors without a default-backend" in (tmp_path / "tidegate.log").read_text()

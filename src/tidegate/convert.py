@@ -127,6 +127,12 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
                 out.append(Entry(source, full, "unsupported", "tidegate sets no limit on writes to a pod"))
             else:
                 out.append(Entry(source, full, "tidegate-policy", "a BackendPolicy on the HTTPRoute"))
+        elif key == "custom-http-errors":
+            out.append(Entry(source, full, "unsupported", "no HTTPRoute filter answers a pod's error with another "
+                                                          "Service"))
+        elif key == "default-backend":
+            out.append(Entry(source, full, "unsupported", "HTTPRoute has no fallback for a Service without ready "
+                                                          "endpoints (the conversion names the Service serving now)"))
         elif key in ACCESS_KEYS and key.startswith("auth-"):
             out.append(Entry(source, full, "unsupported", "no HTTPRoute filter or tidegate policy kind authenticates "
                                                           "yet: keep serving this host from the Ingress"))
@@ -320,7 +326,7 @@ def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
         if config.get("exposeHeaders"):
             cors["exposeHeaders"] = names(config["exposeHeaders"])
         return {"type": "CORS", "cors": cors}
-    if f.type in ("BasicAuth", "ExternalAuth"):
+    if f.type in ("BasicAuth", "ExternalAuth", "ErrorPages"):
         return None  # (reported with its annotations: unsupported)
     once(f"filter {f.type}", "unsupported", "no HTTPRoute filter for it")
     return None

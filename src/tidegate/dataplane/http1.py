@@ -156,6 +156,7 @@ class Exchange:
         "counts",
         "deferred",
         "endpoint",
+        "error_pages",
         "expect_continue",
         "header_bytes",
         "headers",
@@ -197,6 +198,7 @@ class Exchange:
         self.expect_continue = False
         self.header_bytes = 0
         self.upgrade = False  # an Upgrade request (WebSocket): after a 101 the connection becomes a tunnel
+        self.error_pages: ir.Filter | None = None  # the route's ErrorPages filter (ingress-nginx's custom-http-errors)
         self.route = ""  # the rule that served it, and its listener (for metrics and access logs)
         self.listener = ""
         self.started = started or time.monotonic()
@@ -1017,6 +1019,8 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
                 conn.send_simple(refusal[0], refusal[1], [*refusal[2], *set_headers(response_mods)],
                                  close=not can_keep, head_only=head_only)
                 return can_keep
+        elif f.type == "ErrorPages":
+            ex.error_pages = f
         elif f.type == "ExternalAuth":
             status, changes, cookies = await external_auth.check(
                 f.config, ex.method, headers, headers_lower.get("host") or host, with_query(path, query),
@@ -1149,6 +1153,8 @@ async def _forward(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
             backend_state.active -= 1
             if retries_done:
                 backend_state.retries -= 1
+        if isinstance(outcome, _Intercepted):
+            return await _error_page(conn, ex, site, route, outcome.status, headers, upstream_host, head_only)
         if not isinstance(outcome, _Retry):
             return outcome
         tried.append(endpoint)
@@ -1228,8 +1234,9 @@ async def _attempt(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
                    response_mods: list[dict],
                    mirrors: list[ir.Filter], upstream_host: str, upstream_path: str, query: str,
                    matched_prefix: str | None, head_only: bool, rules: RetryRules,
-                   client_certificate: ir.Certificate | None = None) -> bool | _Retry:
-    """One try at an endpoint: the connection's keep-alive verdict, or _Retry when another try is allowed."""
+                   client_certificate: ir.Certificate | None = None) -> bool | _Retry | _Intercepted:
+    """One try at an endpoint: the connection's keep-alive verdict, _Retry when another try is allowed, or
+    _Intercepted when the route's error page answers instead."""
     response_mods = list(response_mods)
     for f in backend.filters:
         headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host, upstream_path,
@@ -1250,6 +1257,8 @@ async def _attempt(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
     state = _ProxyState()
     if policy is not None and policy.read_timeout:
         state.read_timeout = policy.read_timeout
+    if ex.error_pages is not None:
+        state.intercept = frozenset(ex.error_pages.config["codes"])
     upstream_started = time.monotonic()
     registry = site.balancer.registry
     status: int | None = None
@@ -1284,6 +1293,9 @@ async def _attempt(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRou
     except _RetryStatus as retry_status:
         status = retry_status.status
         return _Retry(f"status {retry_status.status}")
+    except _Intercepted as intercepted:
+        status = intercepted.status
+        return intercepted
     except asyncio.CancelledError:
         client_left = True  # not the endpoint's doing: nothing to record against it
         raise
@@ -1303,6 +1315,51 @@ class _RetryStatus(Exception):
     def __init__(self, status: int):
         super().__init__(status)
         self.status = status
+
+
+class _Intercepted(Exception):
+    """The pod answered with a status its route's ErrorPages takes over (nothing was sent to the client)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+async def _error_page(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTPRoute, status: int,
+                      headers: list[tuple[str, str]], host: str, head_only: bool) -> bool:
+    """ingress-nginx's custom-http-errors: the default-backend answers in the pod's place, asked GET / with
+    X-Code, X-Format (the Accept), X-Original-URI, X-Namespace, X-Ingress-Name, X-Service-Name and
+    X-Service-Port. Its answer, whatever the status, goes to the client."""
+    pages = ex.error_pages
+    assert pages is not None and pages.mirror is not None
+    ex.error_pages = None  # (its own answer is not intercepted)
+    backend = pages.mirror
+    endpoint = site.balancer.endpoint_for(backend) if not backend.invalid else None
+    body_pending = ex.has_body and not ex.body_done  # the rest of the request's body goes nowhere: close after
+    if endpoint is None:
+        conn.send_simple(status, f"error page backend {backend.name} has no ready endpoint", close=True,
+                         head_only=head_only)
+        return False
+    config = pages.config
+    target = ex.target.decode("latin-1") if isinstance(ex.target, bytes) else str(ex.target)
+    headers = modify_headers(headers, {"set": [{"name": name, "value": value} for name, value in (
+        ("X-Code", str(status)), ("X-Format", get_header(headers, "accept") or ""), ("X-Original-URI", target),
+        ("X-Namespace", config["namespace"]), ("X-Ingress-Name", config["ingress"]),
+        ("X-Service-Name", config["service"]), ("X-Service-Port", config["port"]))],
+        "remove": ["content-length", "transfer-encoding"]})
+    method = ex.method
+    ex.method = "HEAD" if method == "HEAD" else "GET"
+    ex.chunked, ex.content_length = False, None
+    try:
+        outcome = await _attempt(conn, ex, site, route, backend, endpoint,
+                                 site.balancer.registry.endpoint(endpoint.address, endpoint.port), headers, [], [],
+                                 host, "/", "", None, head_only, NO_RETRY)
+    finally:
+        ex.method = method
+    if not isinstance(outcome, bool):  # (a retry of the error page is not tried: the pod's status it is)
+        conn.send_simple(status, f"error page backend {backend.name} failed", close=True, head_only=head_only)
+        return False
+    return outcome and not body_pending
 
 
 def _modify(f: ir.Filter, headers: list[tuple[str, str]], response_mods: list[dict], host: str, path: str,
@@ -1326,10 +1383,11 @@ def _rewrite(config: dict, host: str, path: str, matched_prefix: str | None) -> 
 
 
 class _ProxyState:
-    __slots__ = ("head_sent", "read_timeout", "released", "status", "upstream")
+    __slots__ = ("head_sent", "intercept", "read_timeout", "released", "status", "upstream")
 
     def __init__(self) -> None:
         self.head_sent = False
+        self.intercept: frozenset[int] | None = None  # statuses an ErrorPages filter answers in the pod's place
         self.read_timeout = 0.0  # the backend's BackendPolicy (proxy-read-timeout); 0: the run's
         self.status = 0
         self.upstream: UpstreamConnection | None = None
@@ -1530,6 +1588,8 @@ async def _proxy(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.Endpoi
     state.status = head.status
     if head.status in retry_codes:
         raise _RetryStatus(head.status)  # nothing was sent to the client yet: another try is possible
+    if state.intercept is not None and head.status in state.intercept:
+        raise _Intercepted(head.status)  # the route's error page answers instead
     if head.status == 101 and ex.upgrade:
         await _tunnel(conn, upstream, head, response_mods, state)
         return False

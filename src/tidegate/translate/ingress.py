@@ -121,6 +121,12 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
     secure: list[ir.HTTPRoute] = []
     app_root_hosts: list[str] = []
     www_hosts: list[str] = []
+    fallback = _default_backend(index, ing, routing.default_backend, backend_tls, notes) \
+        if routing.default_backend else None
+    if routing.error_codes and fallback is None:
+        notes.append(Problem("warning", ing.origin, "custom-http-errors without a default-backend that serves: "
+                             "tidegate has no default backend of its own, so the pods' answers are passed on",
+                             ing.key))
     auth: list[ir.Filter] = []  # both must let a request in (nginx's `satisfy all`)
     if routing.external_auth is not None:
         auth.append(_external_auth_filter(index, ing, routing.external_auth))
@@ -141,6 +147,14 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                 continue
             filters = _filters(routing, value, auth)
             backend = _backend(index, ing, path["backend"], backend_tls, notes)
+            if fallback is not None and routing.error_codes:
+                service, _, port = backend.name.rpartition(":")
+                filters.append(ir.Filter("ErrorPages", {
+                    "codes": list(routing.error_codes), "namespace": ing.namespace, "ingress": ing.name,
+                    "service": service.partition("/")[2], "port": port}, mirror=fallback))
+            if fallback is not None and not backend.invalid and not any(e.ready for e in backend.endpoints):
+                # ingress-nginx: a Service with no ready endpoint is served by the default-backend
+                backend = dataclasses.replace(fallback, weight=backend.weight)
             route = ir.HTTPRoute(
                 name=f"ingress/{ing.namespace}/{ing.name}/rule/{r}/path/{p}", source=source,
                 hostnames=(host or "*",), matches=matches, filters=tuple(filters),
@@ -294,6 +308,23 @@ def _filters(routing: Routing, value: str, auth: list[ir.Filter]) -> list[ir.Fil
     if rewrite:
         filters.append(ir.Filter("URLRewrite", rewrite))
     return filters
+
+
+def _default_backend(index: Index, ing: Resource, name: str, backend_tls: dict, notes: list[Problem]
+                     ) -> ir.Backend | None:
+    """default-backend: the Service (its first port, as ingress-nginx takes it) that serves the Ingress's
+    paths whose Service has no ready endpoint, and its custom-http-errors."""
+    service = index.get("Service", ing.namespace, name)
+    ports = (service.spec.get("ports") or []) if service is not None else []
+    if not ports:
+        notes.append(Problem("warning", ing.origin, f"default-backend Service {ing.namespace}/{name} "
+                             f"{'has no port' if service is not None else 'not found'}: ignored", ing.key))
+        return None
+    backend, problem = resolve_backend(index, {"name": name, "port": ports[0]["port"]}, "Ingress", ing.namespace,
+                                       backend_tls)
+    if problem:
+        notes.append(Problem("warning", ing.origin, f"default-backend: {problem.message}", ing.key))
+    return backend
 
 
 def _external_auth_filter(index: Index, ing: Resource, auth: ExternalAuth) -> ir.Filter:

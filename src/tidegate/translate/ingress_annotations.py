@@ -30,7 +30,7 @@ ROUTING_KEYS = frozenset({
     "permanent-redirect", "permanent-redirect-code", "temporal-redirect", "temporal-redirect-code",
     "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol",
     "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
-    "canary-weight", "canary-weight-total"})
+    "canary-weight", "canary-weight-total", "custom-http-errors", "default-backend"})
 # Read here too, for the route's filters: CORS, basic and external authentication.
 ACCESS_KEYS = frozenset({
     "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers", "cors-allow-credentials",
@@ -52,19 +52,18 @@ LATER_KEYS = frozenset({
     "auth-keepalive-requests", "auth-keepalive-share-vars", "auth-keepalive-timeout", "auth-map",
     "auth-proxy-set-headers", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
     "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "client-body-buffer-size",
-    "connection-proxy-header", "custom-headers", "custom-http-errors", "default-backend",
-    "disable-proxy-intercept-errors", "enable-access-log", "enable-global-auth", "enable-modsecurity",
-    "enable-opentelemetry", "enable-owasp-core-rules", "enable-rewrite-log", "fastcgi-index",
-    "fastcgi-params-configmap", "http2-push-preload", "limit-rate", "limit-rate-after", "mirror-host",
-    "mirror-request-body", "mirror-target", "modsecurity-transaction-id", "opentelemetry-operation-name",
-    "opentelemetry-trust-incoming-span", "proxy-buffer-size", "proxy-buffering", "proxy-buffers-number",
-    "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path", "proxy-http-version",
-    "proxy-max-temp-file-size", "proxy-next-upstream", "proxy-next-upstream-timeout", "proxy-next-upstream-tries",
-    "proxy-redirect-from", "proxy-redirect-to", "proxy-request-buffering", "proxy-ssl-ciphers", "proxy-ssl-name",
-    "proxy-ssl-protocols", "proxy-ssl-secret", "proxy-ssl-server-name", "proxy-ssl-verify", "proxy-ssl-verify-depth",
-    "relative-redirects", "satisfy", "server-alias", "service-upstream", "session-cookie-change-on-failure",
-    "session-cookie-conditional-samesite-none", "ssl-ciphers", "ssl-passthrough", "ssl-prefer-server-ciphers",
-    "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
+    "connection-proxy-header", "custom-headers", "disable-proxy-intercept-errors", "enable-access-log",
+    "enable-global-auth", "enable-modsecurity", "enable-opentelemetry", "enable-owasp-core-rules",
+    "enable-rewrite-log", "fastcgi-index", "fastcgi-params-configmap", "http2-push-preload", "limit-rate",
+    "limit-rate-after", "mirror-host", "mirror-request-body", "mirror-target", "modsecurity-transaction-id",
+    "opentelemetry-operation-name", "opentelemetry-trust-incoming-span", "proxy-buffer-size", "proxy-buffering",
+    "proxy-buffers-number", "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path",
+    "proxy-http-version", "proxy-max-temp-file-size", "proxy-next-upstream", "proxy-next-upstream-timeout",
+    "proxy-next-upstream-tries", "proxy-redirect-from", "proxy-redirect-to", "proxy-request-buffering",
+    "proxy-ssl-ciphers", "proxy-ssl-name", "proxy-ssl-protocols", "proxy-ssl-secret", "proxy-ssl-server-name",
+    "proxy-ssl-verify", "proxy-ssl-verify-depth", "relative-redirects", "satisfy", "server-alias", "service-upstream",
+    "session-cookie-change-on-failure", "session-cookie-conditional-samesite-none", "ssl-ciphers", "ssl-passthrough",
+    "ssl-prefer-server-ciphers", "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
 
 # ingress-nginx's value grammars (internal/ingress/annotations/parser/validators.go).
 _ALNUM = r"\-\.\_\~a-zA-Z0-9\/:"
@@ -98,6 +97,8 @@ class Routing:
     cors: dict[str, Any] | None = None  # enable-cors: the CORS filter's config (style ingress-nginx)
     basic_auth: BasicAuth | None = None  # auth-type
     external_auth: ExternalAuth | None = None  # auth-url
+    error_codes: tuple[int, ...] = ()  # custom-http-errors: answers of the pod the default-backend makes instead
+    default_backend: str = ""  # a Service of the Ingress's namespace
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
@@ -204,6 +205,18 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
         found["basic_auth"] = _basic_auth(ing, values, notes)
     if "auth-url" in values:
         found["external_auth"] = _external_auth(ing, values, notes)
+    if "default-backend" in values:
+        name = values["default-backend"].strip()
+        if re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
+            found["default_backend"] = name
+        else:
+            _drop(ing, notes, NGINX_PREFIX + "default-backend", f"{name!r} is not a Service's name")
+    if "custom-http-errors" in values:
+        raw = values["custom-http-errors"].replace(" ", "")
+        if re.fullmatch(r"(?:[45][0-9]{2},?)*", raw):
+            found["error_codes"] = tuple(sorted({int(code) for code in raw.split(",") if code}))
+        else:
+            _drop(ing, notes, NGINX_PREFIX + "custom-http-errors", f"{raw!r} is not a list of 4xx and 5xx statuses")
     if _bool(values.get("canary", "")):
         found["canary"] = _canary(ing, values, notes)
     for key, low, high, default in (("temporal-redirect", 300, 307, 302), ("permanent-redirect", 300, 308, 301)):
