@@ -429,7 +429,9 @@ def test_external_auth_asks_the_service_as_ingress_nginx_does(tmp_path):
   }}
   server {{
     listen 127.0.10.7:{pod_port};
-    location / {{ return 200 "$http_x_auth_user|$http_x_seen_url|$http_x_seen_method|$http_x_missing|$http_x_token"; }}""")
+    location / {{
+      return 200 "$http_x_auth_user|$http_x_seen_url|$http_x_seen_method|$http_x_missing|$http_x_token";
+    }}""")
     config = tmp_path / "config"
     config.mkdir()
     by_service = {"auth-url": "http://authsvc.default.svc.cluster.local:81/auth",
@@ -484,7 +486,10 @@ def test_custom_http_errors_and_default_backend(tmp_path):
   }}
   server {{
     listen 127.0.10.8:{pages_port};
-    location / {{ return 200 "page $http_x_code $http_x_service_name:$http_x_service_port $http_x_original_uri $request_method $request_uri $http_x_ingress_name"; }}""")
+    location / {{
+      return 200 "page $http_x_code $http_x_service_name:$http_x_service_port $http_x_original_uri $request_method \
+$request_uri $http_x_ingress_name";
+    }}""")
     config = tmp_path / "config"
     config.mkdir()
     pages = {"custom-http-errors": "404,503", "default-backend": "pages"}
