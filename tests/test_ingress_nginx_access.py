@@ -299,10 +299,14 @@ def test_proxy_read_timeout_sets_the_pods_silence_limit(tmp_path):
     http_port = free_port()
     config = tmp_path / "config"
     config.mkdir()
-    (config / "all.yaml").write_text(
-        CLASS + _service("slow", pod.server_address[1], ("127.0.10.5",))
-        + _ingress("patient", "patient.test", {"proxy-read-timeout": "4"}, service="slow")
-        + _ingress("default", "default.test", {}, service="slow"))
+
+    def write(seconds: str) -> None:
+        (config / "all.yaml").write_text(
+            CLASS + _service("slow", pod.server_address[1], ("127.0.10.5",))
+            + _ingress("patient", "patient.test", {"proxy-read-timeout": seconds}, service="slow")
+            + _ingress("default", "default.test", {}, service="slow"))
+
+    write("4")
     try:
         with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
                           "--ingress-http-port", str(http_port), "--upstream-read-timeout", "1"):
@@ -313,6 +317,15 @@ def test_proxy_read_timeout_sets_the_pods_silence_limit(tmp_path):
             started = time.monotonic()
             assert _curl(http_port, "default.test", "/sleep/2")[0] == 504
             assert time.monotonic() - started < 1.9
+        # With the run's default (60 s), a 1 s proxy-read-timeout still ends within about a second: the
+        # connections look as often as the shortest backend's limit needs (ingress2gateway's "short timeout").
+        write("1")
+        with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate-2.log",
+                          "--ingress-http-port", str(http_port)):
+            started = time.monotonic()
+            assert _curl(http_port, "patient.test", "/sleep/9")[0] == 504
+            assert time.monotonic() - started < 1.9
+            assert _curl(http_port, "default.test", "/sleep/2")[0] == 200
     finally:
         pod.shutdown()
         pod.server_close()
@@ -513,3 +526,29 @@ $request_uri $http_x_ingress_name";
         status, _, body = _curl(http_port, "shop.test", "/missing", extra=("--http2-prior-knowledge",))
         assert (status, body) == (200, "page 404 echo:80 /missing GET / shop")
         assert "custom-http-errors without a default-backend" in (tmp_path / "tidegate.log").read_text()
+
+
+ACCESS_INJECTION_KEYS = {
+    # key: the annotations that make it read (a key alone may not be)
+    "cors-allow-origin": {"enable-cors": "true"}, "cors-allow-methods": {"enable-cors": "true"},
+    "cors-allow-headers": {"enable-cors": "true"}, "cors-expose-headers": {"enable-cors": "true"},
+    "auth-realm": {"auth-type": "basic", "auth-secret": "users"}, "auth-secret": {"auth-type": "basic"},
+    "auth-url": {}, "auth-signin": {"auth-url": "http://auth.test/check"},
+    "auth-response-headers": {"auth-url": "http://auth.test/check"},
+    "auth-request-redirect": {"auth-url": "http://auth.test/check"},
+    "session-cookie-name": {"affinity": "cookie"}, "session-cookie-path": {"affinity": "cookie"},
+    "session-cookie-domain": {"affinity": "cookie"}, "upstream-hash-by": {}, "custom-http-errors": {},
+    "default-backend": {}, "load-balance": {}, "proxy-read-timeout": {}}
+
+
+@pytest.mark.parametrize("key", sorted(ACCESS_INJECTION_KEYS))
+@pytest.mark.parametrize("value", ["x;\nlocation /x { return 200 'owned'; }", "x\r\n}", "x' ; evil",
+                                   "http://x.test/#;\nload_module /tmp/evil.so;"])
+def test_injection_strings_in_access_annotations_reach_nothing(key, value):
+    """The 2025 advisories' injection strings in every free-text annotation of this slice: reported, and
+    nothing of them anywhere in what tidegate serves."""
+    _, translation = _routers(CLASS + _service("echo", 8080) + _ingress(
+        "probe", "probe.test", {**ACCESS_INJECTION_KEYS[key], key: value}))
+    assert any(f"nginx.ingress.kubernetes.io/{key}" in p.message for p in translation.notes), \
+        [p.message for p in translation.notes]
+    assert "owned" not in repr(translation.ir) and "evil" not in repr(translation.ir)

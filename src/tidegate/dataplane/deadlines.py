@@ -29,11 +29,15 @@ class Deadlines:
     send: float = 60.0
     upstream_read: float = 60.0
     tls_handshake: float = 10.0
+    # The shortest read timeout a backend on this socket sets for itself (BackendPolicy timeouts.read,
+    # proxy-read-timeout), so that the connections look often enough for it; 0: none.
+    backend_read: float = 0.0
 
     @property
     def check_interval(self) -> float:
         """How often a connection looks: a fifth of the shortest deadline, 5 s at most."""
-        shortest = min(self.request_head, self.request_body_window, self.idle, self.send, self.upstream_read)
+        shortest = min(self.request_head, self.request_body_window, self.idle, self.send, self.upstream_read,
+                       self.backend_read or self.upstream_read)
         return max(0.05, min(5.0, shortest / 5))
 
 
@@ -42,12 +46,20 @@ DEADLINES = Deadlines()
 _FIELDS = ("request_head", "request_body_min_bytes", "request_body_window", "idle", "send", "tls_handshake")
 
 
-def for_socket(policies: list[Any]) -> Deadlines:
+def backend_reads(listeners: list[Any]) -> float:
+    """The shortest read timeout the backends of these listeners' routes set for themselves, or 0."""
+    found = [b.policy.read_timeout for listener in listeners for route in listener.http_routes for b in route.backends
+             if b.policy is not None and b.policy.read_timeout]
+    return min(found) if found else 0.0
+
+
+def for_socket(policies: list[Any], backend_read: float = 0.0) -> Deadlines:
     """The deadlines of one listening socket: DEADLINES, with the ClientPolicy timeouts (ir.ClientTimeouts) of
-    the listeners on it; where they differ, the strictest (the connection's host is not known yet)."""
-    if not policies:
+    the listeners on it; where they differ, the strictest (the connection's host is not known yet). A backend's
+    own read timeout (`backend_read`, the shortest) makes the connections look often enough for it."""
+    if not policies and not backend_read:
         return DEADLINES
-    changed: dict[str, Any] = {}
+    changed: dict[str, Any] = {"backend_read": backend_read} if backend_read else {}
     for name in _FIELDS:
         values = [getattr(p, name) for p in policies if getattr(p, name) is not None]
         if values:

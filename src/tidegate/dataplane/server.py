@@ -189,7 +189,8 @@ class DataPlane:
         sites = {key: Site(router, balancer, self.pools, self._background,
                            limits=_socket_limits(by_socket.get(key, [])), key=key,
                            proxy_from=proxy_peers(by_socket.get(key, [])),
-                           deadlines=deadlines.for_socket([l.timeouts for l in by_socket.get(key, []) if l.timeouts]),
+                           deadlines=deadlines.for_socket([l.timeouts for l in by_socket.get(key, []) if l.timeouts],
+                                                          deadlines.backend_reads(by_socket.get(key, []))),
                            h2=h2limits.for_socket([l.http2 for l in by_socket.get(key, []) if l.http2]))
                  for key, router in routers.items()}
         self.sites = sites  # the atomic swap: new requests see the new configuration

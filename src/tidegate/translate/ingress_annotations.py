@@ -332,24 +332,25 @@ def _basic_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) -> 
         _drop(ing, notes, NGINX_PREFIX + "auth-realm", f"{realm!r} is not letters, digits, spaces and -._~/:")
         realm = ""
     if kind == "digest":
-        return _denied(ing, notes, realm, "auth-type digest is not supported")
+        return _denied(ing, notes, realm, "auth-type", "digest is not supported")
     if kind != "basic":
-        return _denied(ing, notes, realm, f"auth-type {kind!r} is not basic or digest")
+        return _denied(ing, notes, realm, "auth-type", f"{kind!r} is not basic or digest")
     secret_type = values.get("auth-secret-type", "auth-file").strip() or "auth-file"
     if secret_type not in ("auth-file", "auth-map"):
-        return _denied(ing, notes, realm, f"auth-secret-type {secret_type!r} is not auth-file or auth-map")
+        return _denied(ing, notes, realm, "auth-secret-type", f"{secret_type!r} is not auth-file or auth-map")
     ref = values.get("auth-secret", "").strip()
     if not ref or not _BASIC_CHARS.fullmatch(ref) or ref.count("/") > 1:
-        return _denied(ing, notes, realm, f"auth-secret {ref!r} is not a Secret's name (or namespace/name)")
+        return _denied(ing, notes, realm, "auth-secret", f"{ref!r} is not a Secret's name (or namespace/name)")
     namespace, _, name = ref.rpartition("/")
     if namespace and namespace != ing.namespace:  # as ingress-nginx without allow-cross-namespace-resources
-        return _denied(ing, notes, realm, f"auth-secret {ref!r} is in another namespace: not allowed")
+        return _denied(ing, notes, realm, "auth-secret", f"{ref!r} is in another namespace: not allowed")
     return BasicAuth(ing.namespace, name, secret_type, realm)
 
 
-def _denied(ing: Resource, notes: list[Problem], realm: str, why: str) -> BasicAuth:
-    notes.append(Problem("error", ing.origin, f"authentication: {why}; the Ingress's paths answer 503", ing.key))
-    return BasicAuth(realm=realm, problem=why)
+def _denied(ing: Resource, notes: list[Problem], realm: str, key: str, why: str) -> BasicAuth:
+    notes.append(Problem("error", ing.origin, f"annotation {NGINX_PREFIX}{key}: {why}; the Ingress's paths answer "
+                         "503", ing.key))
+    return BasicAuth(realm=realm, problem=f"the {key} annotation is not usable")  # (no value of it: it is served)
 
 
 @dataclass(frozen=True)
@@ -402,7 +403,7 @@ def _external_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) 
     if method and method not in _METHODS:
         notes.append(Problem("error", ing.origin, f"annotation {NGINX_PREFIX}auth-method {method!r} is not an HTTP "
                              "method; the Ingress's paths answer 503", ing.key))
-        return ExternalAuth(problem=f"auth-method {method!r} is not an HTTP method")
+        return ExternalAuth(problem="auth-method is not an HTTP method")
     found["method"] = method
     signin = values.get("auth-signin", "").strip()
     if signin:
