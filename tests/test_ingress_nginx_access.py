@@ -361,10 +361,10 @@ def test_balancing_annotations_become_the_backends_policy():
         assert any(f"/{key} ignored" in n for n in notes), (key, notes)
 
 
-def test_convert_writes_a_backend_policy_and_a_cors_filter():
-    """convert: the balancing and timeout annotations become a BackendPolicy on the HTTPRoute, which the
-    converted set serves as the Ingress was served; enable-cors becomes HTTPRoute's CORS filter (approximated);
-    basic authentication is reported unsupported."""
+def test_convert_writes_a_backend_policy_a_traffic_policy_and_a_cors_filter():
+    """convert: the balancing and timeout annotations become a BackendPolicy on the HTTPRoute, the protection
+    ones a TrafficPolicy, which the converted set serves as the Ingress was served; enable-cors becomes
+    HTTPRoute's CORS filter (approximated); basic authentication is reported unsupported."""
     from tidegate.convert import convert
     from tidegate.resources.loader import load_text
     from tidegate.translate import translate
@@ -373,7 +373,9 @@ def test_convert_writes_a_backend_policy_and_a_cors_filter():
         "shop", "shop.test", {"affinity": "cookie", "session-cookie-path": "/", "session-cookie-max-age": "600",
                               "proxy-read-timeout": "120", "enable-cors": "true",
                               "cors-allow-origin": "https://a.example, null", "cors-allow-methods": "get, POST",
-                              "auth-type": "basic", "auth-secret": "users"})
+                              "auth-type": "basic", "auth-secret": "users", "limit-rps": "5",
+                              "whitelist-source-range": "10.0.0.0/8", "limit-whitelist": "10.1.0.0/16",
+                              "proxy-body-size": "1m"})
     loaded = load_text(text, "ingress")
     objects, report = convert(loaded.resources)
     [policy] = [o for o in objects if o["kind"] == "BackendPolicy"]
@@ -394,9 +396,20 @@ def test_convert_writes_a_backend_policy_and_a_cors_filter():
 
     ingress, gateway_api = served(loaded.resources), served(converted.resources)
     assert (ingress.hash, ingress.read_timeout) == (gateway_api.hash, gateway_api.read_timeout) != (None, None)
+
+    def guard(resources):
+        [found] = {r.guard for listener in translate(resources).ir.listeners for r in listener.http_routes
+                   if r.hostnames == ("shop.test",)}
+        return (found.allow, found.deny, found.max_body, [(r.requests, r.period, r.burst, r.source_cidrs, r.exempt)
+                                                          for r in found.rate_limits])
+
+    assert guard(loaded.resources) == guard(converted.resources) == (
+        ("10.0.0.0/8",), (), 1048576, [(0, 1.0, 0, ("10.1.0.0/16",), True), (5, 1.0, 25, (), False)])
+    assert [o["kind"] for o in objects].count("TrafficPolicy") == 1
     verdicts = {e.field.removeprefix("nginx.ingress.kubernetes.io/"): e.verdict for e in report}
     assert verdicts["affinity"] == verdicts["proxy-read-timeout"] == "tidegate-policy"
     assert verdicts["enable-cors"] == "approximated" and verdicts["auth-type"] == "unsupported"
+    assert verdicts["limit-rps"] == verdicts["proxy-body-size"] == "tidegate-policy"
 
 
 def test_the_cluster_source_keeps_the_auth_secret_of_its_own_namespace_only():

@@ -7,8 +7,9 @@ rules, ReferenceGrants for certificates in other namespaces. Every object names 
 (annotation `tidegate.io/converted-from`).
 
 A report says, per Ingress and field, `converted`, `approximated` (with the behaviour that changes),
-`tidegate-policy` (tidegate's own kinds carry it: a BackendPolicy on the HTTPRoute is written for balancing
-and timeouts; a TrafficPolicy for edge protection not yet), `unsupported` or `refused`.
+`tidegate-policy` (tidegate's own kinds carry it, and are written: a BackendPolicy on the HTTPRoute for
+balancing and timeouts, a TrafficPolicy on the Ingress's HTTPRoutes for edge protection), `unsupported` or
+`refused`.
 `tidegate diff INGRESS CONVERTED` then shows, request by request, that nothing else changed.
 """
 
@@ -26,6 +27,7 @@ from tidegate.translate.conditions import CONTROLLER_NAME as GATEWAY_CONTROLLER
 from tidegate.translate.index import Index
 from tidegate.translate.ingress import ingresses_for_tidegate
 from tidegate.translate.backend_policies import ingress_sections
+from tidegate.translate.traffic_policies import ingress_sections as traffic_sections
 from tidegate.translate.ingress_annotations import (ACCESS_KEYS, BALANCING_KEYS, LATER_KEYS, NGINX_PREFIX,
                                                     PROTECTION_KEYS, ROUTING_KEYS)
 
@@ -68,6 +70,7 @@ def convert(resources: list[Resource], gateway: str = "", options: TranslateOpti
             by_ingress.setdefault((source, route.hostnames), {}).setdefault(section, []).append(route)
     seen_paths: set[tuple[str, str]] = set()
     by_name = {f"{ing.namespace}/{ing.name}": ing for ing in ingresses}
+    route_names: dict[str, list[str]] = {}  # Ingress → its HTTPRoutes
     for (source, hostnames), sections in by_ingress.items():
         ns, ing_name = source.split("/", 1)
         host = hostnames[0] if hostnames != ("*",) else ""
@@ -87,6 +90,11 @@ def convert(resources: list[Resource], gateway: str = "", options: TranslateOpti
             policy = _backend_policy(by_name.get(source), ns, route_name, routes, report)
             if policy is not None:
                 objects.append(policy)
+            route_names.setdefault(source, []).append(route_name)
+    for source, names in route_names.items():
+        protection = _traffic_policy(by_name[source], names) if source in by_name else None
+        if protection is not None:
+            objects.append(protection)
     # An annotation whose rules said more (approximated, unsupported) is not also "converted".
     said = {(e.ingress, key) for e in report if e.verdict != "converted" for key in _COVERS.get(e.field, ())}
     report = [e for e in report if not (e.verdict == "converted" and (e.ingress, e.field) in said)]
@@ -120,8 +128,7 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
         if key.endswith("-snippet"):
             out.append(Entry(source, full, "refused", "nginx configuration is never used"))
         elif key in PROTECTION_KEYS:
-            out.append(Entry(source, full, "tidegate-policy", "a TrafficPolicy on the HTTPRoute (written by a later "
-                                                              "version; tidegate serves it from the Ingress today)"))
+            out.append(Entry(source, full, "tidegate-policy", "a TrafficPolicy on the HTTPRoutes"))
         elif key in BALANCING_KEYS:
             if key == "proxy-send-timeout":
                 out.append(Entry(source, full, "unsupported", "tidegate sets no limit on writes to a pod"))
@@ -185,6 +192,38 @@ def _backend_policy(ing: Resource | None, namespace: str, route: str, rules: lis
             "spec": spec}
 
 
+def _traffic_policy(ing: Resource, routes: list[str]) -> dict[str, Any] | None:
+    """A TrafficPolicy on the Ingress's HTTPRoutes with its protection annotations (what tidegate served from
+    the Ingress itself: one policy, so its rate limits still share one count across the routes)."""
+    sections, problem = traffic_sections(ing, [])
+    if not sections or problem:
+        return None
+    spec: dict[str, Any] = {"targetRefs": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": name}
+                                           for name in routes]}
+    if "ipAccess" in sections:
+        spec["ipAccess"] = {k: list(v) for k, v in sections["ipAccess"].items() if v}
+    limits = sections.get("requestLimits") or {}
+    request_limits = {"maxBodySize": limits.get("max_body"),
+                      "maxInFlightPerClient": limits.get("max_in_flight_per_client")}
+    if any(v is not None for v in request_limits.values()):
+        spec["requestLimits"] = {k: v for k, v in request_limits.items() if v is not None}
+    if "rateLimit" in sections:
+        rules = []
+        for rule in sections["rateLimit"]["rate_limits"]:
+            out: dict[str, Any] = {"name": rule.name.rsplit(": ", 1)[1]}
+            if rule.exempt:
+                out.update(exempt=True, match={"sourceCIDRs": list(rule.source_cidrs)})
+            else:
+                out.update(limit={"requests": rule.requests, "period": f"{int(rule.period)}s"}, burst=rule.burst,
+                           scope=rule.scope)
+            rules.append(out)
+        spec["rateLimit"] = {"rules": rules}
+    return {"apiVersion": "tidegate.io/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": ing.name, "namespace": ing.namespace,
+                         "annotations": {FROM: f"Ingress {ing.namespace}/{ing.name}"}},
+            "spec": spec}
+
+
 def _gateway(namespace: str, name: str, listeners: dict[str, ir.Listener], options: TranslateOptions,
              report: list[Entry]) -> list[dict[str, Any]]:
     specs: list[dict[str, Any]] = [{"name": "http", "port": options.ingress_http_port, "protocol": "HTTP",
@@ -243,8 +282,6 @@ def _rule(route: ir.HTTPRoute, source: str, report: list[Entry], seen: set[tuple
     backends = [b for b in route.backends if b.weight > 0]
     if backends and not any(f["type"] == "RequestRedirect" for f in filters):
         rule["backendRefs"] = [_backend_ref(b, len(backends) > 1) for b in backends]
-    if route.guard is not None:
-        once("edge protection", "tidegate-policy", "a TrafficPolicy on the HTTPRoute (written by a later version)")
     return rule
 
 

@@ -28,7 +28,7 @@ import re
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from tidegate.dataplane.upstream import EndpointPool, UpstreamConnection, backend_tls_context
+from tidegate.dataplane.upstream import ClosedUnanswered, EndpointPool, UpstreamConnection, backend_tls_context
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +85,34 @@ async def _ask(config: dict[str, Any], url: str, head: list[tuple[str, str]]) ->
     port = parts.port or (443 if tls else 80)
     address, port = await _target(config, host, port)
     pool = _pool(address, port, tls, host)
-    upstream: UpstreamConnection = await pool.acquire(CONNECT_TIMEOUT)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     method = config.get("method") or "GET"
     lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc.rpartition('@')[2]}"]
     lines += [f"{name}: {value}" for name, value in head]
     if method not in ("GET", "HEAD"):
         lines.append("Content-Length: 0")
-    try:
-        upstream.start_exchange(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        assert upstream.head_future is not None and upstream.done_future is not None
-        answer = await upstream.head_future
-        upstream.set_sink(lambda chunk: None)  # the body says nothing nginx would use
-        if method != "HEAD" and answer.status not in (204, 304):
-            await upstream.done_future
-        elif method == "HEAD":
-            upstream.reusable = False
-    except BaseException:
-        upstream.close()
-        raise
+    request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    for attempt in (1, 2):
+        upstream: UpstreamConnection = await pool.acquire(CONNECT_TIMEOUT)
+        reused = upstream.idle_since > 0.0
+        try:
+            upstream.start_exchange(request)
+            assert upstream.head_future is not None and upstream.done_future is not None
+            answer = await upstream.head_future
+            upstream.set_sink(lambda chunk: None)  # the body says nothing nginx would use
+            if method != "HEAD" and answer.status not in (204, 304):
+                await upstream.done_future
+            elif method == "HEAD":
+                upstream.reusable = False
+            break
+        except ClosedUnanswered:
+            upstream.close()
+            if reused and attempt == 1:
+                continue  # a kept connection the service had closed: once more on a new one
+            raise
+        except BaseException:
+            upstream.close()
+            raise
     if not upstream.closed and upstream.reusable:
         pool.release(upstream)
     else:

@@ -1349,7 +1349,9 @@ async def _error_page(conn: ClientSide, ex: Exchange, site: Site, route: ir.HTTP
         "remove": ["content-length", "transfer-encoding"]})
     method = ex.method
     ex.method = "HEAD" if method == "HEAD" else "GET"
-    ex.chunked, ex.content_length = False, None
+    ex.chunked, ex.content_length = False, None  # (the page is asked without the request's body)
+    if body_pending:
+        ex.keep_alive = False  # the rest of that body is never read: the answer says Connection: close
     try:
         outcome = await _attempt(conn, ex, site, route, backend, endpoint,
                                  site.balancer.registry.endpoint(endpoint.address, endpoint.port), headers, [], [],

@@ -287,8 +287,9 @@ def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool) -> ir.Ba
 
 
 def _filters(routing: Routing, value: str, auth: list[ir.Filter]) -> list[ir.Filter]:
-    """A path's filters from its Ingress's annotations, in the order ingress-nginx applies them (the redirect
-    to HTTPS goes in after the redirect annotations: `redirect_at`)."""
+    """A path's filters from its Ingress's annotations, in the order ingress-nginx applies them: CORS (its
+    rewrite phase), the redirect annotations, authentication (its access phase), then the request's changes.
+    The caller puts the redirect to HTTPS after the CORS and redirect filters."""
     filters = []
     if routing.cors is not None:
         filters.append(ir.Filter("CORS", routing.cors))

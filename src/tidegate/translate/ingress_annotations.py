@@ -1,8 +1,10 @@
 """ingress-nginx's annotations on Ingress objects (`nginx.ingress.kubernetes.io/*`), read as ingress-nginx
 reads them.
 
-Every key of that prefix is accounted for: the routing ones are read here (`Routing`), the protection ones by
-traffic_policies.ingress_sections, the snippets are refused, the keys ingress-nginx knows and tidegate does not
+Every key of that prefix is accounted for: the routing and access ones (CORS, basic and external
+authentication, error pages) are read here (`Routing`), the balancing and timeout ones here too as
+BackendPolicy sections (`balancing`, used by backend_policies.py), the protection ones by
+traffic_policies.ingress_sections; the snippets are refused, the keys ingress-nginx knows and tidegate does not
 do yet are reported as ignored, and any other key is reported as unknown: nothing is dropped in silence.
 
 A value is checked with the grammar ingress-nginx (v1.15) checks it with; one that fails, or that holds a
