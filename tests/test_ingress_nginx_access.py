@@ -565,3 +565,42 @@ def test_injection_strings_in_access_annotations_reach_nothing(key, value):
     assert any(f"nginx.ingress.kubernetes.io/{key}" in p.message for p in translation.notes), \
         [p.message for p in translation.notes]
     assert "owned" not in repr(translation.ir) and "evil" not in repr(translation.ir)
+
+
+def test_backend_protocol_grpcs_speaks_http2_over_tls_to_a_stock_grpcio_server(tmp_path):
+    """backend-protocol GRPCS: a grpcio client (h2c to tidegate's Ingress port) reaches a grpcio server that
+    listens with TLS only, through HTTP/2 over TLS (ALPN h2), the server's self-signed certificate not checked
+    as ingress-nginx does not; GRPC against the same server fails (it speaks no clear text)."""
+    import grpc
+    from concurrent import futures
+
+    from tests.certs import self_signed
+
+    cert, key = self_signed(["grpcs.pod"])
+    pod_port, http_port = free_port("127.0.10.9"), free_port()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Echo", {
+        "Unary": grpc.unary_unary_rpc_method_handler(lambda request, context: b"tls:" + request)})])
+    server.add_secure_port(f"127.0.10.9:{pod_port}", grpc.ssl_server_credentials([(key, cert)]))
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        CLASS + _service("grpcs", pod_port, ("127.0.10.9",))
+        + _ingress("secure", "secure.test", {"backend-protocol": "GRPCS"}, service="grpcs")
+        + _ingress("clear", "clear.test", {"backend-protocol": "GRPC"}, service="grpcs"))
+    server.start()
+    try:
+        with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                          "--ingress-http-port", str(http_port)):
+            for host, works in (("secure.test", True), ("clear.test", False)):
+                with grpc.insecure_channel(f"127.0.0.1:{http_port}",
+                                           options=[("grpc.default_authority", host)]) as channel:
+                    call = channel.unary_unary("/test.Echo/Unary")
+                    if works:
+                        assert call(b"hello", timeout=10) == b"tls:hello"
+                    else:
+                        with pytest.raises(grpc.RpcError) as failed:
+                            call(b"hello", timeout=10)
+                        assert failed.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+    finally:
+        server.stop(grace=None)

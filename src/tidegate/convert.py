@@ -147,7 +147,7 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
             out.append(Entry(source, full, "approximated", "HTTPRoute's CORS filter answers only preflights (OPTIONS "
                                                            "with Access-Control-Request-Method) and sends its "
                                                            "headers only to requests with an Origin"))
-        elif key == "backend-protocol" and str(value).upper() in ("HTTPS", "AUTO_HTTP"):
+        elif key == "backend-protocol" and str(value).upper() in ("HTTPS", "AUTO_HTTP", "GRPCS"):
             out.append(Entry(source, full, "unsupported", "a BackendTLSPolicy checks the pod's certificate, which "
                                                           "ingress-nginx did not: write one with the pods' CA"))
         elif key == "backend-protocol" and str(value).upper() == "GRPC":

@@ -1460,10 +1460,13 @@ async def _proxy_h2(conn: ClientSide, ex: Exchange, site: Site, endpoint: ir.End
                     state: _ProxyState, retry_codes: frozenset[int] = frozenset(),
                     tls: ir.BackendTLS | None = None, client_certificate: ir.Certificate | None = None,
                     connect_timeout: float = CONNECT_TIMEOUT, backend_state: BackendState | None = None) -> bool:
-    """The exchange over HTTP/2 to an h2c endpoint (appProtocol kubernetes.io/h2c)."""
-    h2conn = await site.pools.h2_pool(endpoint.address, endpoint.port).acquire(connect_timeout)
+    """The exchange over HTTP/2 to an h2c endpoint (appProtocol kubernetes.io/h2c), or h2 over TLS when the
+    backend has TLS (a BackendTLSPolicy; an Ingress's backend-protocol GRPCS)."""
+    h2conn = await site.pools.h2_pool(endpoint.address, endpoint.port, tls, client_certificate).acquire(
+        connect_timeout)
     original_host = get_header(ex.headers, "host") or host
-    fields = [(":method", ex.method), (":scheme", "http"), (":authority", host), (":path", target)]
+    fields = [(":method", ex.method), (":scheme", "https" if tls is not None else "http"), (":authority", host),
+              (":path", target)]
     fields += [(n.lower(), v) for n, v in _forward_headers(ex, headers, conn.peer, conn.scheme, original_host)
                if n.lower() not in ("te", "connection")]
     # The one TE value HTTP/2 allows (RFC 9113 8.2.2), and one gRPC servers require: without it grpcio

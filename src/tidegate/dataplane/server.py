@@ -55,7 +55,7 @@ class PoolSet:
 
     def __init__(self) -> None:
         self._pools: dict[tuple, EndpointPool] = {}
-        self._h2_pools: dict[tuple[str, int], H2EndpointPool] = {}
+        self._h2_pools: dict[tuple, H2EndpointPool] = {}
 
     def pool(self, address: str, port: int, tls: ir.BackendTLS | None = None,
              client_certificate: ir.Certificate | None = None) -> EndpointPool:
@@ -73,17 +73,24 @@ class PoolSet:
             self._pools[key] = found
         return found
 
-    def h2_pool(self, address: str, port: int) -> H2EndpointPool:
-        key = (address, port)
+    def h2_pool(self, address: str, port: int, tls: ir.BackendTLS | None = None,
+                client_certificate: ir.Certificate | None = None) -> H2EndpointPool:
+        key = (address, port, tls, client_certificate if tls is not None else None)
         found = self._h2_pools.get(key)
         if found is None:
-            found = self._h2_pools[key] = H2EndpointPool(address, port)
+            if tls is None:
+                found = H2EndpointPool(address, port)
+            else:
+                ctx = backend_tls_context(tls.ca_pem, tls.well_known_ca, check_hostname=not tls.subject_alt_names,
+                                          client_certificate=client_certificate, verify=tls.verify, alpn="h2")
+                found = H2EndpointPool(address, port, tls=ctx, server_hostname=tls.hostname)
+            self._h2_pools[key] = found
         return found
 
     def retain(self, endpoints: set[tuple[str, int]]) -> None:
         for key in [k for k in self._pools if k[:2] not in endpoints]:
             self._pools.pop(key).close()
-        for key in [k for k in self._h2_pools if k not in endpoints]:
+        for key in [k for k in self._h2_pools if k[:2] not in endpoints]:
             self._h2_pools.pop(key).close()
 
     def close(self) -> None:

@@ -404,16 +404,18 @@ def _check_subject_alt_names(ssl_object: ssl.SSLObject | None, wanted: tuple[str
 
 
 def backend_tls_context(ca_pem: str, well_known: str, check_hostname: bool,
-                        client_certificate: ir.Certificate | None = None, verify: bool = True) -> ssl.SSLContext:
+                        client_certificate: ir.Certificate | None = None, verify: bool = True,
+                        alpn: str = "http/1.1") -> ssl.SSLContext:
     """A client context for TLS to endpoints: trust the policy's CA certificates (or the system's), and present
     the Gateway's client certificate when it has one. `verify` False: encryption without checking the pod's
-    certificate (an Ingress's backend-protocol HTTPS, as ingress-nginx does by default)."""
+    certificate (an Ingress's backend-protocol HTTPS, as ingress-nginx does by default). `alpn`: "h2" for
+    HTTP/2 pods."""
     # wellKnownCACertificates "System" and a policy with CA certificates are the two forms the API allows.
     ctx = ssl.create_default_context(cadata=ca_pem) if ca_pem else ssl.create_default_context()
     ctx.check_hostname = check_hostname and verify
     if not verify:
         ctx.verify_mode = ssl.CERT_NONE
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols([alpn])
     if client_certificate is not None:
         load_certificate(ctx, client_certificate)
     return ctx

@@ -9,6 +9,7 @@ ends with its head (gRPC's "Trailers-Only").
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 
 import h2.config
@@ -198,16 +199,28 @@ class H2UpstreamConnection(asyncio.Protocol):
 
 
 class H2EndpointPool:
-    def __init__(self, host: str, port: int):
+    """One HTTP/2 connection to an endpoint: in clear (h2c), or over TLS (`tls`, negotiating h2 by ALPN: a
+    BackendTLSPolicy, or an Ingress's backend-protocol GRPCS)."""
+
+    def __init__(self, host: str, port: int, tls: ssl.SSLContext | None = None, server_hostname: str = ""):
         self.host = host
         self.port = port
+        self.tls = tls
+        self.server_hostname = server_hostname
         self.conn: H2UpstreamConnection | None = None
         self._connecting: asyncio.Future | None = None
 
     async def acquire(self, connect_timeout: float) -> H2UpstreamConnection:
         if self.conn is not None and not self.conn.closed and self.conn.has_capacity():
             return self.conn
-        _, protocol = await connect(lambda: H2UpstreamConnection(self), self.host, self.port, connect_timeout)
+        extra = {"ssl": self.tls, "server_hostname": self.server_hostname or None} if self.tls is not None else {}
+        transport, protocol = await connect(lambda: H2UpstreamConnection(self), self.host, self.port,
+                                            connect_timeout, **extra)
+        if self.tls is not None:
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is None or ssl_object.selected_alpn_protocol() != "h2":
+                transport.close()
+                raise UpstreamError(f"TLS to {self.host}:{self.port}: the endpoint did not agree to HTTP/2 (ALPN h2)")
         self.conn = protocol
         return protocol
 

@@ -275,7 +275,8 @@ def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool) -> ir.Ba
     """backend-protocol on a path's backend (proxy-connect-timeout and the balancing annotations are
     BackendPolicy sections: backend_policies.py). HTTPS (and AUTO_HTTP from the HTTPS
     listener): TLS to the pod, its certificate not checked, as ingress-nginx's proxy_ssl_verify off (a
-    BackendTLSPolicy on the Service, when there is one, decides instead); GRPC: HTTP/2 in clear (h2c)."""
+    BackendTLSPolicy on the Service, when there is one, decides instead); GRPC: HTTP/2 in clear (h2c); GRPCS:
+    HTTP/2 over TLS."""
     if backend.invalid:
         return backend
     protocol = routing.backend_protocol
@@ -283,6 +284,9 @@ def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool) -> ir.Ba
         backend = dataclasses.replace(backend, tls=ir.BackendTLS(hostname="", verify=False))
     elif protocol == "GRPC" and backend.tls is None:
         backend = dataclasses.replace(backend, protocol="kubernetes.io/h2c")
+    elif protocol == "GRPCS":
+        backend = dataclasses.replace(backend, protocol="kubernetes.io/h2c",
+                                      tls=backend.tls or ir.BackendTLS(hostname="", verify=False))
     return backend
 
 

@@ -94,7 +94,7 @@ class Routing:
     upstream_vhost: str = ""
     x_forwarded_prefix: str = ""
     from_to_www: bool = False
-    backend_protocol: str = "HTTP"  # HTTP | HTTPS | GRPC | AUTO_HTTP
+    backend_protocol: str = "HTTP"  # HTTP | HTTPS | GRPC | GRPCS | AUTO_HTTP
     canary: Canary | None = None  # canary: "true"
     cors: dict[str, Any] | None = None  # enable-cors: the CORS filter's config (style ingress-nginx)
     basic_auth: BasicAuth | None = None  # auth-type
@@ -193,9 +193,9 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
             found["upstream_vhost"] = vhost
     if "backend-protocol" in values:
         protocol = values["backend-protocol"].strip().upper()
-        if protocol in ("HTTP", "HTTPS", "GRPC", "AUTO_HTTP"):
+        if protocol in ("HTTP", "HTTPS", "GRPC", "GRPCS", "AUTO_HTTP"):
             found["backend_protocol"] = protocol
-        elif protocol in ("GRPCS", "FCGI"):
+        elif protocol == "FCGI":
             notes.append(Problem("warning", ing.origin, f"annotation {NGINX_PREFIX}backend-protocol {protocol} is not "
                                  "supported yet: HTTP is used", ing.key))
         else:
