@@ -86,7 +86,7 @@ def convert(resources: list[Resource], gateway: str = "", options: TranslateOpti
                 "apiVersion": GATEWAY_API, "kind": "HTTPRoute",
                 "metadata": {"name": route_name, "namespace": ns, "annotations": {FROM: f"Ingress {source}"}},
                 "spec": {"parentRefs": [{"name": name, "namespace": namespace, "sectionName": s} for s in parents],
-                         **({"hostnames": [host]} if host else {}), "rules": rules}})
+                         **({"hostnames": list(hostnames)} if host else {}), "rules": rules}})  # (server-alias too)
             policy = _backend_policy(by_name.get(source), ns, route_name, routes, report)
             if policy is not None:
                 objects.append(policy)

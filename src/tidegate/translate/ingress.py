@@ -70,9 +70,21 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
     tls_hosts = {host for ing in taken for tls in ing.spec.get("tls", []) if tls.get("secretName")
                  for host in tls.get("hosts") or ()}
     hosts = {rule.get("host", "") for ing in taken for rule in ing.spec.get("rules", [])}
+    # server-alias: more names for a host's server (every path of the host, whichever Ingress has it), unless
+    # a name is a host of its own.
+    aliases: dict[str, list[str]] = {}
+    for ing in taken:
+        for rule in ing.spec.get("rules", []):
+            host = rule.get("host", "")
+            for alias in routing[ing.key].server_aliases:
+                if host and alias not in hosts and alias not in aliases.setdefault(host, []):
+                    aliases[host].append(alias)
     for ing in taken:
         plain, secure = _ingress_routes(index, ing, routing[ing.key], regex_hosts, tls_hosts, hosts, canaries,
                                         backend_tls, notes)
+        if aliases:
+            plain, secure = ([dataclasses.replace(r, hostnames=(*r.hostnames, *aliases[r.hostnames[0]]))
+                              if r.hostnames[0] in aliases else r for r in routes] for routes in (plain, secure))
         http_routes += plain
         https_routes += secure
         for tls in ing.spec.get("tls", []):

@@ -32,7 +32,7 @@ ROUTING_KEYS = frozenset({
     "permanent-redirect", "permanent-redirect-code", "temporal-redirect", "temporal-redirect-code",
     "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol",
     "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
-    "canary-weight", "canary-weight-total", "custom-http-errors", "default-backend"})
+    "canary-weight", "canary-weight-total", "custom-http-errors", "default-backend", "server-alias"})
 # Read here too, for the route's filters: CORS, basic and external authentication.
 ACCESS_KEYS = frozenset({
     "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers", "cors-allow-credentials",
@@ -63,7 +63,7 @@ LATER_KEYS = frozenset({
     "proxy-http-version", "proxy-max-temp-file-size", "proxy-next-upstream", "proxy-next-upstream-timeout",
     "proxy-next-upstream-tries", "proxy-redirect-from", "proxy-redirect-to", "proxy-request-buffering",
     "proxy-ssl-ciphers", "proxy-ssl-name", "proxy-ssl-protocols", "proxy-ssl-secret", "proxy-ssl-server-name",
-    "proxy-ssl-verify", "proxy-ssl-verify-depth", "relative-redirects", "satisfy", "server-alias", "service-upstream",
+    "proxy-ssl-verify", "proxy-ssl-verify-depth", "relative-redirects", "satisfy", "service-upstream",
     "session-cookie-change-on-failure", "session-cookie-conditional-samesite-none", "ssl-ciphers", "ssl-passthrough",
     "ssl-prefer-server-ciphers", "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
 
@@ -101,6 +101,7 @@ class Routing:
     external_auth: ExternalAuth | None = None  # auth-url
     error_codes: tuple[int, ...] = ()  # custom-http-errors: answers of the pod the default-backend makes instead
     default_backend: str = ""  # a Service of the Ingress's namespace
+    server_aliases: tuple[str, ...] = ()  # server-alias: more names for the Ingress's hosts
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
@@ -213,6 +214,14 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
             found["default_backend"] = name
         else:
             _drop(ing, notes, NGINX_PREFIX + "default-backend", f"{name!r} is not a Service's name")
+    if "server-alias" in values:
+        aliases = [a.strip().lower() for a in values["server-alias"].split(",") if a.strip()]
+        bad = [a for a in aliases if not re.fullmatch(r"(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?", a)]
+        if bad:  # (ingress-nginx takes regular expressions too; RE2 hosts are not Gateway API hostnames)
+            _drop(ing, notes, NGINX_PREFIX + "server-alias", f"{', '.join(map(repr, bad))}: tidegate takes host "
+                  "names and *.wildcards")
+        else:
+            found["server_aliases"] = tuple(sorted(set(aliases)))
     if "custom-http-errors" in values:
         raw = values["custom-http-errors"].replace(" ", "")
         if re.fullmatch(r"(?:[45][0-9]{2},?)*", raw):
