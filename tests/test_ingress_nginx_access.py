@@ -412,18 +412,19 @@ def test_convert_writes_a_backend_policy_a_traffic_policy_and_a_cors_filter():
     assert verdicts["limit-rps"] == verdicts["proxy-body-size"] == "tidegate-policy"
 
 
-def test_the_cluster_source_keeps_the_auth_secret_of_its_own_namespace_only():
-    """With --kubernetes, Secrets are kept only when referenced: an Ingress's auth-secret is, when it is in the
-    Ingress's namespace (another namespace's is refused, so never read)."""
+def test_the_cluster_source_keeps_the_secrets_annotations_name_in_their_own_namespace_only():
+    """With --kubernetes, Secrets are kept only when referenced: an Ingress's auth-secret and proxy-ssl-secret
+    are, when in the Ingress's namespace (another namespace's is refused, so never read)."""
     from tidegate.resources.loader import load_text
     from tidegate.resources.model import Key
     from tidegate.sources.kubernetes import referenced
 
     auth = {"auth-type": "basic"}
     loaded = load_text(_ingress("mine", "a.test", {**auth, "auth-secret": "users"}, namespace="shop")
-                       + _ingress("theirs", "b.test", {**auth, "auth-secret": "bank/vault"}, namespace="shop"), "x")
+                       + _ingress("theirs", "b.test", {**auth, "auth-secret": "bank/vault"}, namespace="shop")
+                       + _ingress("pods", "c.test", {"proxy-ssl-secret": "shop/pod-tls"}, namespace="shop"), "x")
     wanted = referenced({r.key: r for r in loaded.resources})
-    assert wanted == {Key("Secret", "shop", "users")}
+    assert wanted == {Key("Secret", "shop", "users"), Key("Secret", "shop", "pod-tls")}
 
 
 @needs_tools
@@ -604,3 +605,48 @@ def test_backend_protocol_grpcs_speaks_http2_over_tls_to_a_stock_grpcio_server(t
                         assert failed.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
     finally:
         server.stop(grace=None)
+
+
+@needs_tools
+def test_proxy_ssl_annotations_check_the_pod_and_show_a_client_certificate(tmp_path):
+    """proxy-ssl-secret, -verify, -name and -server-name with Debian's nginx as an HTTPS pod that asks for a
+    client certificate: the pod sees tidegate's certificate from the Secret and the name sent; a pod whose
+    certificate has another name, or another CA, gets 502; without the annotations TLS goes unchecked and
+    without a certificate; verify without a name (ingress-nginx checked "upstream_balancer") answers 500."""
+    from tests.certs import ca_and_leaves
+
+    ca, ((pod_cert, pod_key), (client_cert, client_key)) = ca_and_leaves([["pod.internal"], ["client"]])
+    other_ca, _ = ca_and_leaves([["elsewhere"]])
+    for name, data in (("ca.pem", ca), ("pod.pem", pod_cert), ("pod.key", pod_key)):
+        (tmp_path / name).write_bytes(data)
+    pod_port, http_port = free_port("127.0.10.10"), free_port()
+    conf = _nginx_pod(tmp_path, f"""
+    listen 127.0.10.10:{pod_port} ssl;
+    ssl_certificate {tmp_path}/pod.pem;
+    ssl_certificate_key {tmp_path}/pod.key;
+    ssl_client_certificate {tmp_path}/ca.pem;
+    ssl_verify_client optional;
+    location / {{ return 200 "client=$ssl_client_verify sni=$ssl_server_name"; }}""", files=True)
+    config = tmp_path / "config"
+    config.mkdir()
+    checked = {"backend-protocol": "HTTPS", "proxy-ssl-secret": "pod-tls", "proxy-ssl-verify": "on",
+               "proxy-ssl-name": "pod.internal", "proxy-ssl-server-name": "on"}
+    (config / "all.yaml").write_text(
+        CLASS + _service("secure", pod_port, ("127.0.10.10",))
+        + _secret("pod-tls", {"ca.crt": ca.decode(), "tls.crt": client_cert.decode(), "tls.key": client_key.decode()})
+        + _secret("other-ca", {"ca.crt": other_ca.decode()})
+        + _ingress("mtls", "mtls.test", checked, service="secure")
+        + _ingress("wrongname", "wrongname.test", {**checked, "proxy-ssl-name": "other.internal"}, service="secure")
+        + _ingress("untrusted", "untrusted.test", {**checked, "proxy-ssl-secret": "other-ca"}, service="secure")
+        + _ingress("unchecked", "unchecked.test", {"backend-protocol": "HTTPS"}, service="secure")
+        + _ingress("nameless", "nameless.test", {"backend-protocol": "HTTPS", "proxy-ssl-verify": "on"},
+                   service="secure"))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                 ready=("127.0.10.10", pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port)):
+        assert _curl(http_port, "mtls.test")[::2] == (200, "client=SUCCESS sni=pod.internal")
+        assert _curl(http_port, "wrongname.test")[0] == 502
+        assert _curl(http_port, "untrusted.test")[0] == 502
+        assert _curl(http_port, "unchecked.test")[::2] == (200, "client=NONE sni=")
+        assert _curl(http_port, "nameless.test")[0] == 500

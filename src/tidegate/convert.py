@@ -134,6 +134,10 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
                 out.append(Entry(source, full, "unsupported", "tidegate sets no limit on writes to a pod"))
             else:
                 out.append(Entry(source, full, "tidegate-policy", "a BackendPolicy on the HTTPRoute"))
+        elif key.startswith("proxy-ssl-"):
+            out.append(Entry(source, full, "unsupported", "a BackendTLSPolicy checks the pods (caCertificateRefs "
+                                                          "with ca.crt, hostname proxy-ssl-name), and the Gateway's "
+                                                          "spec.tls.backend shows a certificate: write them"))
         elif key == "custom-http-errors":
             out.append(Entry(source, full, "unsupported", "no HTTPRoute filter answers a pod's error with another "
                                                           "Service"))

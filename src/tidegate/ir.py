@@ -38,6 +38,9 @@ class BackendTLS:
     problem: str = ""
     # False: the pod's certificate is not checked (ingress-nginx's backend-protocol HTTPS, proxy_ssl_verify off)
     verify: bool = True
+    # The certificate tidegate presents to this backend (ingress-nginx's proxy-ssl-secret), in place of its
+    # Gateway's (spec.tls.backend.clientCertificateRef)
+    client_certificate: Certificate | None = None
 
 
 @dataclass(frozen=True)

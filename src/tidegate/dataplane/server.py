@@ -59,6 +59,8 @@ class PoolSet:
 
     def pool(self, address: str, port: int, tls: ir.BackendTLS | None = None,
              client_certificate: ir.Certificate | None = None) -> EndpointPool:
+        if tls is not None and tls.client_certificate is not None:
+            client_certificate = tls.client_certificate  # the backend's own (proxy-ssl-secret)
         key = (address, port, tls, client_certificate if tls is not None else None)
         found = self._pools.get(key)
         if found is None:
@@ -75,6 +77,8 @@ class PoolSet:
 
     def h2_pool(self, address: str, port: int, tls: ir.BackendTLS | None = None,
                 client_certificate: ir.Certificate | None = None) -> H2EndpointPool:
+        if tls is not None and tls.client_certificate is not None:
+            client_certificate = tls.client_certificate  # the backend's own (proxy-ssl-secret)
         key = (address, port, tls, client_certificate if tls is not None else None)
         found = self._h2_pools.get(key)
         if found is None:

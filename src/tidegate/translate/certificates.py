@@ -26,15 +26,9 @@ def certificate_from_secret(secret: Resource) -> ir.Certificate:
     if not cert_pem or not key_pem:
         raise CertificateError(f"Secret {secret.namespace}/{secret.name} lacks tls.crt or tls.key")
     try:
-        certs = x509.load_pem_x509_certificates(cert_pem)
-    except ValueError as exc:
-        raise CertificateError(f"Secret {secret.namespace}/{secret.name}: tls.crt is not a PEM certificate "
-                               f"({exc})") from exc
-    try:
-        load_pem_private_key(key_pem, password=None)
-    except (ValueError, TypeError) as exc:
-        raise CertificateError(f"Secret {secret.namespace}/{secret.name}: tls.key is not an unencrypted PEM "
-                               "private key") from exc
+        certs = certificate_pair(cert_pem, key_pem)
+    except CertificateError as exc:
+        raise CertificateError(f"Secret {secret.namespace}/{secret.name}: {exc}") from exc
     leaf = certs[0]
     names: list[str] = []
     try:
@@ -44,6 +38,19 @@ def certificate_from_secret(secret: Resource) -> ir.Certificate:
         names = [str(a.value).lower() for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
     return ir.Certificate(secret=f"{secret.namespace}/{secret.name}", cert_pem=cert_pem.decode(),
                           key_pem=key_pem.decode(), hostnames=tuple(names))
+
+
+def certificate_pair(cert_pem: bytes, key_pem: bytes) -> list[x509.Certificate]:
+    """The certificates of a tls.crt, checked to be PEM and to come with an unencrypted PEM tls.key."""
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem)
+    except ValueError as exc:
+        raise CertificateError(f"tls.crt is not a PEM certificate ({exc})") from exc
+    try:
+        load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError) as exc:
+        raise CertificateError("tls.key is not an unencrypted PEM private key") from exc
+    return certs
 
 
 def ca_bundle_is_valid(pem: bytes) -> bool:

@@ -21,7 +21,8 @@ from tidegate import ir
 from tidegate.resources.model import Key, Problem, Resource
 from tidegate.dataplane import basic_auth
 from tidegate.translate.backends import decode_secret_field, resolve_backend, service_port_by_name
-from tidegate.translate.certificates import CertificateError, certificate_from_secret
+from tidegate.translate.certificates import (CertificateError, ca_bundle_is_valid, certificate_from_secret,
+                                             certificate_pair)
 from tidegate.translate.conditions import INGRESS_CONTROLLER
 from tidegate.translate import ingress_annotations
 from tidegate.translate.index import Index
@@ -58,7 +59,7 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
         for rule in ing.spec.get("rules", []):
             for path in (rule.get("http") or {}).get("paths", []):
                 backend = _with_protocol(_backend(index, ing, path["backend"], backend_tls, notes), routing[ing.key],
-                                         secure=False)
+                                         False, _pod_tls(index, ing, routing[ing.key], notes))
                 canaries.setdefault((rule.get("host", ""), path.get("path") or "/"),
                                     Canaried(ing, routing[ing.key].canary, backend))  # type: ignore[arg-type]
     taken = [ing for ing in taken if routing[ing.key].canary is None]
@@ -139,6 +140,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
         notes.append(Problem("warning", ing.origin, "custom-http-errors without a default-backend that serves: "
                              "tidegate has no default backend of its own, so the pods' answers are passed on",
                              ing.key))
+    pod_tls = _pod_tls(index, ing, routing, notes)
     auth: list[ir.Filter] = []  # both must let a request in (nginx's `satisfy all`)
     if routing.external_auth is not None:
         auth.append(_external_auth_filter(index, ing, routing.external_auth))
@@ -170,10 +172,10 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
             route = ir.HTTPRoute(
                 name=f"ingress/{ing.namespace}/{ing.name}/rule/{r}/path/{p}", source=source,
                 hostnames=(host or "*",), matches=matches, filters=tuple(filters),
-                backends=(_with_protocol(backend, routing, secure=False),),
+                backends=(_with_protocol(backend, routing, False, pod_tls),),
                 created=ing.creation_timestamp, wildcard_single_label=True)
             canaried = canaries.get((host, value))
-            secure_route = dataclasses.replace(route, backends=(_with_protocol(backend, routing, secure=True),))
+            secure_route = dataclasses.replace(route, backends=(_with_protocol(backend, routing, True, pod_tls),))
             secure += _canary_routes(secure_route, canaried) if canaried else [secure_route]
             if routing.force_ssl_redirect or (routing.ssl_redirect and host in tls_hosts):
                 # Before the rewrite (ingress-nginx redirects in its rewrite phase); after permanent-redirect
@@ -283,23 +285,72 @@ def _matches(path_type: str, value: str, regex_host: bool) -> tuple[ir.Match, ..
     return (ir.Match(path=ir.PathMatch("StringPrefix", value)),)
 
 
-def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool) -> ir.Backend:
+_UNCHECKED = ir.BackendTLS(hostname="", verify=False)  # ingress-nginx's default: proxy_ssl_verify off
+
+
+def _with_protocol(backend: ir.Backend, routing: Routing, secure: bool, pod_tls: ir.BackendTLS | str = _UNCHECKED
+                   ) -> ir.Backend:
     """backend-protocol on a path's backend (proxy-connect-timeout and the balancing annotations are
-    BackendPolicy sections: backend_policies.py). HTTPS (and AUTO_HTTP from the HTTPS
-    listener): TLS to the pod, its certificate not checked, as ingress-nginx's proxy_ssl_verify off (a
-    BackendTLSPolicy on the Service, when there is one, decides instead); GRPC: HTTP/2 in clear (h2c); GRPCS:
-    HTTP/2 over TLS."""
+    BackendPolicy sections: backend_policies.py). HTTPS (and AUTO_HTTP from the HTTPS listener): TLS to the
+    pod as `pod_tls` says (the proxy-ssl-* annotations; by default its certificate not checked, as
+    ingress-nginx's proxy_ssl_verify off; a BackendTLSPolicy on the Service, when there is one, decides
+    instead); GRPC: HTTP/2 in clear (h2c); GRPCS: HTTP/2 over TLS. A `pod_tls` that is a problem (str) makes the
+    backend answer 500 where TLS is spoken."""
     if backend.invalid:
         return backend
     protocol = routing.backend_protocol
-    if backend.tls is None and (protocol == "HTTPS" or (protocol == "AUTO_HTTP" and secure)):
-        backend = dataclasses.replace(backend, tls=ir.BackendTLS(hostname="", verify=False))
+    tls_wanted = protocol in ("HTTPS", "GRPCS") or (protocol == "AUTO_HTTP" and secure)
+    if tls_wanted and backend.tls is None and isinstance(pod_tls, str):
+        return dataclasses.replace(backend, invalid=pod_tls)
+    if backend.tls is None and tls_wanted and protocol != "GRPCS":
+        backend = dataclasses.replace(backend, tls=pod_tls)
     elif protocol == "GRPC" and backend.tls is None:
         backend = dataclasses.replace(backend, protocol="kubernetes.io/h2c")
     elif protocol == "GRPCS":
-        backend = dataclasses.replace(backend, protocol="kubernetes.io/h2c",
-                                      tls=backend.tls or ir.BackendTLS(hostname="", verify=False))
+        backend = dataclasses.replace(backend, protocol="kubernetes.io/h2c", tls=backend.tls or pod_tls)
     return backend
+
+
+def _pod_tls(index: Index, ing: Resource, routing: Routing, notes: list[Problem]) -> ir.BackendTLS | str:
+    """TLS to the Ingress's pods as its proxy-ssl-* annotations say, or why it cannot be spoken (a str)."""
+    ssl = routing.proxy_ssl
+    if ssl is None:
+        return _UNCHECKED
+    if ssl.problem:
+        return ssl.problem
+    if ssl.verify and not ssl.name:
+        notes.append(Problem("error", ing.origin, "annotation nginx.ingress.kubernetes.io/proxy-ssl-verify on needs "
+                             "proxy-ssl-name (ingress-nginx checked the name upstream_balancer, which no pod's "
+                             "certificate carries): the Ingress's TLS paths answer 500", ing.key))
+        return "proxy-ssl-verify on without proxy-ssl-name"
+    ca_pem, client = "", None
+    if ssl.secret_name:
+        secret = index.get("Secret", ssl.secret_namespace, ssl.secret_name)
+        if secret is None:
+            notes.append(Problem("error", ing.origin, f"proxy-ssl-secret {ssl.secret_namespace}/{ssl.secret_name} "
+                                 "not found: the Ingress's TLS paths answer 500", ing.key))
+            return "proxy-ssl-secret not found"
+        ca = decode_secret_field(secret.obj, "ca.crt")
+        cert, key = decode_secret_field(secret.obj, "tls.crt"), decode_secret_field(secret.obj, "tls.key")
+        where = f"proxy-ssl-secret {secret.namespace}/{secret.name}"
+        if ca and not ca_bundle_is_valid(ca):
+            notes.append(Problem("error", ing.origin, f"{where}: ca.crt is not PEM certificates; the Ingress's TLS "
+                                 "paths answer 500", ing.key))
+            return "proxy-ssl-secret ca.crt unreadable"
+        ca_pem = ca.decode() if ca else ""
+        if cert and key:
+            try:
+                certificate_pair(cert, key)
+            except CertificateError as exc:
+                notes.append(Problem("error", ing.origin, f"{where}: {exc}; the Ingress's TLS paths answer 500",
+                                     ing.key))
+                return "proxy-ssl-secret tls.crt/tls.key unreadable"
+            client = ir.Certificate(f"{secret.namespace}/{secret.name}", cert.decode(), key.decode())
+        if ssl.verify and not ca_pem:
+            notes.append(Problem("warning", ing.origin, f"proxy-ssl-secret {secret.namespace}/{secret.name} has no "
+                                 "ca.crt: the pods' certificates are checked against the system's CAs", ing.key))
+    return ir.BackendTLS(hostname=ssl.name if (ssl.verify or ssl.server_name) else "", ca_pem=ca_pem,
+                         verify=ssl.verify, client_certificate=client)
 
 
 def _filters(routing: Routing, value: str, auth: list[ir.Filter]) -> list[ir.Filter]:

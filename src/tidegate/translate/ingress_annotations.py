@@ -32,7 +32,8 @@ ROUTING_KEYS = frozenset({
     "permanent-redirect", "permanent-redirect-code", "temporal-redirect", "temporal-redirect-code",
     "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol",
     "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
-    "canary-weight", "canary-weight-total", "custom-http-errors", "default-backend", "server-alias"})
+    "canary-weight", "canary-weight-total", "custom-http-errors", "default-backend", "server-alias",
+    "proxy-ssl-secret", "proxy-ssl-verify", "proxy-ssl-name", "proxy-ssl-server-name"})
 # Read here too, for the route's filters: CORS, basic and external authentication.
 ACCESS_KEYS = frozenset({
     "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers", "cors-allow-credentials",
@@ -62,10 +63,10 @@ LATER_KEYS = frozenset({
     "proxy-buffers-number", "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path",
     "proxy-http-version", "proxy-max-temp-file-size", "proxy-next-upstream", "proxy-next-upstream-timeout",
     "proxy-next-upstream-tries", "proxy-redirect-from", "proxy-redirect-to", "proxy-request-buffering",
-    "proxy-ssl-ciphers", "proxy-ssl-name", "proxy-ssl-protocols", "proxy-ssl-secret", "proxy-ssl-server-name",
-    "proxy-ssl-verify", "proxy-ssl-verify-depth", "relative-redirects", "satisfy", "service-upstream",
-    "session-cookie-change-on-failure", "session-cookie-conditional-samesite-none", "ssl-ciphers", "ssl-passthrough",
-    "ssl-prefer-server-ciphers", "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
+    "proxy-ssl-ciphers", "proxy-ssl-protocols", "proxy-ssl-verify-depth", "relative-redirects", "satisfy",
+    "service-upstream", "session-cookie-change-on-failure", "session-cookie-conditional-samesite-none", "ssl-ciphers",
+    "ssl-passthrough", "ssl-prefer-server-ciphers", "upstream-hash-by-subset", "upstream-hash-by-subset-size",
+    "use-port-in-redirects"})
 
 # ingress-nginx's value grammars (internal/ingress/annotations/parser/validators.go).
 _ALNUM = r"\-\.\_\~a-zA-Z0-9\/:"
@@ -102,6 +103,7 @@ class Routing:
     error_codes: tuple[int, ...] = ()  # custom-http-errors: answers of the pod the default-backend makes instead
     default_backend: str = ""  # a Service of the Ingress's namespace
     server_aliases: tuple[str, ...] = ()  # server-alias: more names for the Ingress's hosts
+    proxy_ssl: ProxySSL | None = None  # proxy-ssl-*: how TLS to the pods is checked, and the certificate shown
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
@@ -214,6 +216,9 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
             found["default_backend"] = name
         else:
             _drop(ing, notes, NGINX_PREFIX + "default-backend", f"{name!r} is not a Service's name")
+    if any(key in values for key in ("proxy-ssl-secret", "proxy-ssl-verify", "proxy-ssl-name",
+                                     "proxy-ssl-server-name")):
+        found["proxy_ssl"] = _proxy_ssl(ing, values, notes)
     if "server-alias" in values:
         aliases = [a.strip().lower() for a in values["server-alias"].split(",") if a.strip()]
         bad = [a for a in aliases if not re.fullmatch(r"(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?", a)]
@@ -356,6 +361,48 @@ def _basic_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) -> 
     if namespace and namespace != ing.namespace:  # as ingress-nginx without allow-cross-namespace-resources
         return _denied(ing, notes, realm, "auth-secret", f"{ref!r} is in another namespace: not allowed")
     return BasicAuth(ing.namespace, name, secret_type, realm)
+
+
+@dataclass(frozen=True)
+class ProxySSL:
+    """proxy-ssl-secret (its ca.crt checks the pod, its tls.crt and tls.key are shown to it), proxy-ssl-verify
+    (off by default, as ingress-nginx's), proxy-ssl-name (the name checked, and sent with proxy-ssl-server-name).
+    `problem`: the paths answer 500 rather than speak to the pod unchecked or without the certificate asked for."""
+
+    secret_namespace: str = ""
+    secret_name: str = ""
+    verify: bool = False
+    name: str = ""
+    server_name: bool = False
+    problem: str = ""
+
+
+def _proxy_ssl(ing: Resource, values: dict[str, str], notes: list[Problem]) -> ProxySSL:
+    found: dict[str, Any] = {}
+    for key, field in (("proxy-ssl-verify", "verify"), ("proxy-ssl-server-name", "server_name")):
+        raw = values.get(key, "").strip()
+        if raw in ("on", "off"):
+            found[field] = raw == "on"
+        elif raw:
+            _drop(ing, notes, NGINX_PREFIX + key, f"{raw!r} is not on or off")
+    name = values.get("proxy-ssl-name", "").strip()
+    if name and SERVER_NAME.fullmatch(name) and re.fullmatch(r"[A-Za-z0-9.-]+", name):
+        found["name"] = name
+    elif name:
+        _drop(ing, notes, NGINX_PREFIX + "proxy-ssl-name", f"{name!r} is not a host name")
+    ref = values.get("proxy-ssl-secret", "").strip()
+    if ref:
+        namespace, _, secret = ref.rpartition("/")
+        if not _BASIC_CHARS.fullmatch(ref) or ref.count("/") > 1 or not secret:
+            why = "is not a Secret's name (namespace/name)"
+        elif namespace and namespace != ing.namespace:
+            why = "is in another namespace: not allowed"
+        else:
+            return ProxySSL(ing.namespace, secret, **found)
+        notes.append(Problem("error", ing.origin, f"annotation {NGINX_PREFIX}proxy-ssl-secret {why}; the Ingress's "
+                             "paths answer 500", ing.key))
+        return ProxySSL(problem="the proxy-ssl-secret annotation is not usable", **found)
+    return ProxySSL(**found)
 
 
 def _denied(ing: Resource, notes: list[Problem], realm: str, key: str, why: str) -> BasicAuth:
