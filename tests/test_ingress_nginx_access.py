@@ -650,3 +650,31 @@ def test_proxy_ssl_annotations_check_the_pod_and_show_a_client_certificate(tmp_p
         assert _curl(http_port, "untrusted.test")[0] == 502
         assert _curl(http_port, "unchecked.test")[::2] == (200, "client=NONE sni=")
         assert _curl(http_port, "nameless.test")[0] == 500
+
+
+@needs_tools
+def test_proxy_next_upstream_retries_on_another_pod(tmp_path):
+    """proxy-next-upstream http_503 with -tries 3: a pod that answers 503 is tried past (every request gets
+    200 from one of the others); without the annotation its 503s reach the client; off retries nothing."""
+    pod_port, http_port = free_port(PODS[0]), free_port()
+    servers = "".join(f"""
+  }}
+  server {{
+    listen {pod}:{pod_port};
+    location / {{ return {503 if n == 1 else 200} "pod-{n}"; }}""" for n, pod in enumerate(PODS))
+    conf = _nginx_pod(tmp_path, servers.removeprefix("\n  }\n  server {"))
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        CLASS + _service("echo", pod_port)
+        + _ingress("retried", "retried.test", {"proxy-next-upstream": "error timeout http_503",
+                                               "proxy-next-upstream-tries": "3"})
+        + _ingress("plain", "plain.test", {})
+        + _ingress("off", "off.test", {"proxy-next-upstream": "off"}))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                 ready=(PODS[0], pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port)):
+        assert {_curl(http_port, "retried.test")[::2] for _ in range(12)} <= {(200, "pod-0"), (200, "pod-2")}
+        for host in ("plain.test", "off.test"):
+            assert (503, "pod-1") in {_curl(http_port, host)[::2] for _ in range(12)}, host

@@ -44,7 +44,8 @@ ACCESS_KEYS = frozenset({
 BALANCING_KEYS = frozenset({
     "affinity", "affinity-mode", "session-cookie-name", "session-cookie-path", "session-cookie-max-age",
     "session-cookie-expires", "session-cookie-domain", "session-cookie-samesite", "session-cookie-secure",
-    "upstream-hash-by", "load-balance", "proxy-connect-timeout", "proxy-read-timeout", "proxy-send-timeout"})
+    "upstream-hash-by", "load-balance", "proxy-connect-timeout", "proxy-read-timeout", "proxy-send-timeout",
+    "proxy-next-upstream", "proxy-next-upstream-tries"})
 # Read by traffic_policies.ingress_sections (TrafficPolicy's sections from an Ingress).
 PROTECTION_KEYS = frozenset({
     "limit-rps", "limit-rpm", "limit-burst-multiplier", "limit-connections", "limit-whitelist", "limit-allowlist",
@@ -61,12 +62,11 @@ LATER_KEYS = frozenset({
     "limit-rate-after", "mirror-host", "mirror-request-body", "mirror-target", "modsecurity-transaction-id",
     "opentelemetry-operation-name", "opentelemetry-trust-incoming-span", "proxy-buffer-size", "proxy-buffering",
     "proxy-buffers-number", "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path",
-    "proxy-http-version", "proxy-max-temp-file-size", "proxy-next-upstream", "proxy-next-upstream-timeout",
-    "proxy-next-upstream-tries", "proxy-redirect-from", "proxy-redirect-to", "proxy-request-buffering",
-    "proxy-ssl-ciphers", "proxy-ssl-protocols", "proxy-ssl-verify-depth", "relative-redirects", "satisfy",
-    "service-upstream", "session-cookie-change-on-failure", "session-cookie-conditional-samesite-none", "ssl-ciphers",
-    "ssl-passthrough", "ssl-prefer-server-ciphers", "upstream-hash-by-subset", "upstream-hash-by-subset-size",
-    "use-port-in-redirects"})
+    "proxy-http-version", "proxy-max-temp-file-size", "proxy-next-upstream-timeout", "proxy-redirect-from",
+    "proxy-redirect-to", "proxy-request-buffering", "proxy-ssl-ciphers", "proxy-ssl-protocols",
+    "proxy-ssl-verify-depth", "relative-redirects", "satisfy", "service-upstream", "session-cookie-change-on-failure",
+    "session-cookie-conditional-samesite-none", "ssl-ciphers", "ssl-passthrough", "ssl-prefer-server-ciphers",
+    "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
 
 # ingress-nginx's value grammars (internal/ingress/annotations/parser/validators.go).
 _ALNUM = r"\-\.\_\~a-zA-Z0-9\/:"
@@ -538,7 +538,49 @@ def balancing(ing: Resource, notes: list[Problem]) -> dict[str, dict[str, Any]]:
                              "sets no limit on writes to a pod (a pod that stops reading pauses the client)", ing.key))
     if timeouts:
         found["timeouts"] = timeouts
+    retry = _next_upstream(ing, values, notes)
+    if retry is not None:
+        found["retry"] = retry
     return found
+
+
+# proxy-next-upstream's conditions: what tidegate's retry rules call them
+_NEXT_UPSTREAM = {"error": ("connect-failure", "reset"), "timeout": ("gateway-error",), "invalid_header": ("reset",)}
+
+
+def _next_upstream(ing: Resource, values: dict[str, str], notes: list[Problem]) -> dict[str, Any] | None:
+    """proxy-next-upstream and proxy-next-upstream-tries as a BackendPolicy retry section: `error` retries
+    refused and reset connections, `timeout` timeouts (with 502-504: tidegate's gateway-error), `http_NNN`
+    those statuses, `off` nothing; tries count the first one, as nginx's do. Requests with a body or a method
+    that is not idempotent are not retried past a refused connection (nginx's default, without
+    non_idempotent)."""
+    conditions = values.get("proxy-next-upstream", "").split()
+    raw_tries = values.get("proxy-next-upstream-tries", "").strip()
+    if not conditions and not raw_tries:
+        return None
+    retry_on: list[str] = []
+    codes: list[int] = []
+    for condition in conditions or ["error", "timeout"]:  # nginx's default
+        status = re.fullmatch(r"http_(403|404|429|500|502|503|504)", condition)
+        if condition == "off":
+            return {"attempts": 0}
+        if status:
+            codes.append(int(status[1]))
+        elif condition in _NEXT_UPSTREAM:
+            retry_on += [c for c in _NEXT_UPSTREAM[condition] if c not in retry_on]
+        elif condition != "non_idempotent":
+            _drop(ing, notes, NGINX_PREFIX + "proxy-next-upstream", f"{condition!r} is not one of error, timeout, "
+                  "invalid_header, http_403, http_404, http_429, http_500, http_502-504, non_idempotent, off")
+    section: dict[str, Any] = {"retryOn": retry_on + (["retriable-status-codes"] if codes else []),
+                               "attempts": 2}  # ingress-nginx's default: 3 tries
+    if codes:
+        section["statusCodes"] = sorted(set(codes))
+    if raw_tries:
+        if re.fullmatch(r"[0-9]+", raw_tries):
+            section["attempts"] = min(10, int(raw_tries) - 1) if int(raw_tries) else 10  # 0: nginx's "no limit"
+        else:
+            _drop(ing, notes, NGINX_PREFIX + "proxy-next-upstream-tries", f"{raw_tries!r} is not a whole number")
+    return section
 
 
 def _hash_key(expression: str) -> dict[str, Any] | None:
