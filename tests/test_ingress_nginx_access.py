@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.certs import tls_secret_yaml
-from tests.harness import free_port, process, tidegate_run
+from tests.harness import free_port, process, tidegate_run, wait_until
 from tests.test_ingress_nginx import CLASS, _nginx_pod, _routers
 from tidegate.dataplane import basic_auth
 
@@ -678,3 +678,32 @@ def test_proxy_next_upstream_retries_on_another_pod(tmp_path):
         assert {_curl(http_port, "retried.test")[::2] for _ in range(12)} <= {(200, "pod-0"), (200, "pod-2")}
         for host in ("plain.test", "off.test"):
             assert (503, "pod-1") in {_curl(http_port, host)[::2] for _ in range(12)}, host
+
+
+@needs_tools
+def test_mirror_target_sends_a_copy_to_a_services_pods(tmp_path):
+    """mirror-target http://NAME.NAMESPACE.svc.cluster.local$request_uri: each request's head goes to that
+    Service's pods as well (Debian's nginx logs what it got), the answer comes from the Ingress's own pod."""
+    pod_port, shadow_port, http_port = free_port(PODS[0]), free_port("127.0.10.11"), free_port()
+    conf = _pods(tmp_path, pod_port, f"""
+  }}
+  server {{
+    listen 127.0.10.11:{shadow_port};
+    access_log {tmp_path}/shadow.log;
+    location / {{ return 200 "shadow"; }}""", files=True)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        CLASS + _service("echo", pod_port) + _service("shadow", shadow_port, ("127.0.10.11",))
+        + _ingress("mirrored", "mirrored.test", {
+            "mirror-target": "http://shadow.default.svc.cluster.local$request_uri", "mirror-request-body": "off"}))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                 ready=(PODS[0], pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port)):
+        for n in range(3):
+            status, _, body = _curl(http_port, "mirrored.test", f"/copy/{n}?q={n}")
+            assert status == 200 and body.startswith("pod-"), body
+        wait_until(lambda: (tmp_path / "shadow.log").exists()
+                   and (tmp_path / "shadow.log").read_text().count("GET /copy/") == 3, what="three mirrored requests")
+        assert "GET /copy/2?q=2 HTTP/1.1" in (tmp_path / "shadow.log").read_text()

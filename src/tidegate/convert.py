@@ -138,6 +138,10 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
             out.append(Entry(source, full, "unsupported", "a BackendTLSPolicy checks the pods (caCertificateRefs "
                                                           "with ca.crt, hostname proxy-ssl-name), and the Gateway's "
                                                           "spec.tls.backend shows a certificate: write them"))
+        elif key in ("mirror-target", "mirror-request-body"):
+            out.append(Entry(source, full, "approximated", "HTTPRoute's RequestMirror to the Service (its head; "
+                                                           "the body is not mirrored; a Service in another "
+                                                           "namespace needs a ReferenceGrant there)"))
         elif key == "custom-http-errors":
             out.append(Entry(source, full, "unsupported", "no HTTPRoute filter answers a pod's error with another "
                                                           "Service"))
@@ -367,6 +371,11 @@ def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
         if config.get("exposeHeaders"):
             cors["exposeHeaders"] = names(config["exposeHeaders"])
         return {"type": "CORS", "cors": cors}
+    if f.type == "RequestMirror" and f.mirror is not None:
+        service, _, port = f.mirror.name.rpartition(":")
+        namespace, _, name = service.partition("/")
+        return {"type": "RequestMirror", "requestMirror": {"backendRef": {
+            "name": name, "namespace": namespace, "port": int(port) if port.isdigit() else port}}}
     if f.type in ("BasicAuth", "ExternalAuth", "ErrorPages"):
         return None  # (reported with its annotations: unsupported)
     once(f"filter {f.type}", "unsupported", "no HTTPRoute filter for it")

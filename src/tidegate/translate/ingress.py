@@ -141,6 +141,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                              "tidegate has no default backend of its own, so the pods' answers are passed on",
                              ing.key))
     pod_tls = _pod_tls(index, ing, routing, notes)
+    mirror = _mirror_filter(index, ing, routing.mirror, backend_tls, notes) if routing.mirror else None
     auth: list[ir.Filter] = []  # both must let a request in (nginx's `satisfy all`)
     if routing.external_auth is not None:
         auth.append(_external_auth_filter(index, ing, routing.external_auth))
@@ -159,7 +160,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                 notes.append(Problem("error", ing.origin, f"path {value!r} of host {host or '*'}: {matches}; this "
                                      "path is not served", ing.key, f"spec.rules[{r}].http.paths[{p}].path"))
                 continue
-            filters = _filters(routing, value, auth)
+            filters = _filters(routing, value, auth) + ([mirror] if mirror is not None else [])
             backend = _backend(index, ing, path["backend"], backend_tls, notes)
             if fallback is not None and routing.error_codes:
                 service, _, port = backend.name.rpartition(":")
@@ -376,6 +377,20 @@ def _filters(routing: Routing, value: str, auth: list[ir.Filter]) -> list[ir.Fil
     if rewrite:
         filters.append(ir.Filter("URLRewrite", rewrite))
     return filters
+
+
+def _mirror_filter(index: Index, ing: Resource, mirror: tuple[str, str, int, bool], backend_tls: dict,
+                   notes: list[Problem]) -> ir.Filter | None:
+    """mirror-target's Service as a RequestMirror (its pods get a copy of each request's head)."""
+    namespace, name, port, tls = mirror
+    backend, problem = resolve_backend(index, {"name": name, "port": port}, "Ingress", namespace, backend_tls)
+    if problem:
+        notes.append(Problem("warning", ing.origin, f"mirror-target: {problem.message}; nothing is mirrored",
+                             ing.key))
+        return None
+    if tls and backend.tls is None:
+        backend = dataclasses.replace(backend, tls=_UNCHECKED)
+    return ir.Filter("RequestMirror", {"percent": 100}, mirror=backend)
 
 
 def _default_backend(index: Index, ing: Resource, name: str, backend_tls: dict, notes: list[Problem]

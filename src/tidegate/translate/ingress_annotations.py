@@ -33,7 +33,8 @@ ROUTING_KEYS = frozenset({
     "upstream-vhost", "x-forwarded-prefix", "from-to-www-redirect", "backend-protocol",
     "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
     "canary-weight", "canary-weight-total", "custom-http-errors", "default-backend", "server-alias",
-    "proxy-ssl-secret", "proxy-ssl-verify", "proxy-ssl-name", "proxy-ssl-server-name"})
+    "proxy-ssl-secret", "proxy-ssl-verify", "proxy-ssl-name", "proxy-ssl-server-name", "mirror-target",
+    "mirror-request-body"})
 # Read here too, for the route's filters: CORS, basic and external authentication.
 ACCESS_KEYS = frozenset({
     "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers", "cors-allow-credentials",
@@ -59,12 +60,12 @@ LATER_KEYS = frozenset({
     "connection-proxy-header", "custom-headers", "disable-proxy-intercept-errors", "enable-access-log",
     "enable-global-auth", "enable-modsecurity", "enable-opentelemetry", "enable-owasp-core-rules",
     "enable-rewrite-log", "fastcgi-index", "fastcgi-params-configmap", "http2-push-preload", "limit-rate",
-    "limit-rate-after", "mirror-host", "mirror-request-body", "mirror-target", "modsecurity-transaction-id",
-    "opentelemetry-operation-name", "opentelemetry-trust-incoming-span", "proxy-buffer-size", "proxy-buffering",
-    "proxy-buffers-number", "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path",
-    "proxy-http-version", "proxy-max-temp-file-size", "proxy-next-upstream-timeout", "proxy-redirect-from",
-    "proxy-redirect-to", "proxy-request-buffering", "proxy-ssl-ciphers", "proxy-ssl-protocols",
-    "proxy-ssl-verify-depth", "relative-redirects", "satisfy", "service-upstream", "session-cookie-change-on-failure",
+    "limit-rate-after", "mirror-host", "modsecurity-transaction-id", "opentelemetry-operation-name",
+    "opentelemetry-trust-incoming-span", "proxy-buffer-size", "proxy-buffering", "proxy-buffers-number",
+    "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path", "proxy-http-version",
+    "proxy-max-temp-file-size", "proxy-next-upstream-timeout", "proxy-redirect-from", "proxy-redirect-to",
+    "proxy-request-buffering", "proxy-ssl-ciphers", "proxy-ssl-protocols", "proxy-ssl-verify-depth",
+    "relative-redirects", "satisfy", "service-upstream", "session-cookie-change-on-failure",
     "session-cookie-conditional-samesite-none", "ssl-ciphers", "ssl-passthrough", "ssl-prefer-server-ciphers",
     "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
 
@@ -104,6 +105,7 @@ class Routing:
     default_backend: str = ""  # a Service of the Ingress's namespace
     server_aliases: tuple[str, ...] = ()  # server-alias: more names for the Ingress's hosts
     proxy_ssl: ProxySSL | None = None  # proxy-ssl-*: how TLS to the pods is checked, and the certificate shown
+    mirror: tuple[str, str, int, bool] | None = None  # mirror-target: (namespace, Service, port, TLS)
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
@@ -219,6 +221,8 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
     if any(key in values for key in ("proxy-ssl-secret", "proxy-ssl-verify", "proxy-ssl-name",
                                      "proxy-ssl-server-name")):
         found["proxy_ssl"] = _proxy_ssl(ing, values, notes)
+    if "mirror-target" in values:
+        found["mirror"] = _mirror(ing, values, notes)
     if "server-alias" in values:
         aliases = [a.strip().lower() for a in values["server-alias"].split(",") if a.strip()]
         bad = [a for a in aliases if not re.fullmatch(r"(\*\.)?[a-z0-9]([-a-z0-9.]*[a-z0-9])?", a)]
@@ -403,6 +407,27 @@ def _proxy_ssl(ing: Resource, values: dict[str, str], notes: list[Problem]) -> P
                              "paths answer 500", ing.key))
         return ProxySSL(problem="the proxy-ssl-secret annotation is not usable", **found)
     return ProxySSL(**found)
+
+
+_MIRROR_TARGET = re.compile(r"(https?)://([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.([a-z0-9]([-a-z0-9]*[a-z0-9])?)"
+                            r"(\.svc(\.cluster\.local)?)?(:([0-9]{1,5}))?\$request_uri")
+
+
+def _mirror(ing: Resource, values: dict[str, str], notes: list[Problem]) -> tuple[str, str, int, bool] | None:
+    """mirror-target as a RequestMirror to a Service: `http(s)://NAME.NAMESPACE[.svc[.cluster.local]][:PORT]`
+    followed by `$request_uri` (the request's own path, as tidegate's mirror sends it). Bodies are not
+    mirrored (mirror-request-body on, ingress-nginx's default, is reported)."""
+    target = values["mirror-target"].strip()
+    found = _MIRROR_TARGET.fullmatch(target)
+    if found is None:
+        _drop(ing, notes, NGINX_PREFIX + "mirror-target", f"{target!r}: tidegate mirrors to a Service, written "
+              "http(s)://NAME.NAMESPACE[.svc[.cluster.local]][:PORT]$request_uri")
+        return None
+    if values.get("mirror-request-body", "on").strip() != "off":
+        notes.append(Problem("warning", ing.origin, f"annotation {NGINX_PREFIX}mirror-request-body: tidegate mirrors "
+                             "the request's head only, not its body", ing.key))
+    tls = found[1] == "https"
+    return found[4], found[2], int(found[9] or (443 if tls else 80)), tls
 
 
 def _denied(ing: Resource, notes: list[Problem], realm: str, key: str, why: str) -> BasicAuth:
