@@ -62,6 +62,17 @@ def route(name: str, host: str, rule: str) -> str:
     """) + textwrap.indent(textwrap.dedent(rule).strip("\n"), "    ") + "\n"
 
 
+# tidegate's IngressClass, the default one (Ingresses that name no class are served)
+DEFAULT_INGRESS_CLASS = """---
+apiVersion: networking.k8s.io/v1
+kind: IngressClass
+metadata:
+  name: tidegate
+  annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
+spec: {controller: tidegate.io/ingress-controller}
+"""
+
+
 def backend_policy(name: str, service_name: str, spec: str) -> str:
     """A BackendPolicy on one Service; `spec` is the YAML of its settings besides targetRefs."""
     return textwrap.dedent(f"""

@@ -32,7 +32,9 @@ spec: {controller: tidegate.io/ingress-controller}
 """
 
 
-def _service(name: str, pod: str = "10.0.0.1", pod_port: int = 8080) -> str:
+def _service(name: str, pod: str | tuple[str, ...] = "10.0.0.1", pod_port: int = 8080) -> str:
+    """A Service on port 80 and its EndpointSlice: one pod address, or several (none: no endpoint)."""
+    addresses = ", ".join(f'{{addresses: ["{p}"]}}' for p in ((pod,) if isinstance(pod, str) else pod))
     return f"""---
 apiVersion: v1
 kind: Service
@@ -43,7 +45,7 @@ apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
 addressType: IPv4
-endpoints: [{{addresses: ["{pod}"]}}]
+endpoints: [{addresses}]
 ports: [{{port: {pod_port}}}]
 """
 
@@ -385,3 +387,16 @@ def test_ingresses_without_a_class_are_served_with_the_flag_only(tmp_path):
     done = subprocess.run([sys.executable, "-m", "tidegate", "routes", "--watch-ingress-without-class",
                            str(tmp_path / "in.yaml")], capture_output=True, text=True, timeout=60)
     assert "classless.test" in done.stdout, (done.stdout, done.stderr)
+
+
+def test_keys_with_nothing_to_set_say_so_and_convert_carries_them():
+    """nginx's buffering knobs mean nothing to a proxy that streams: reported as having no effect (not as
+    missing), and convert does not fail a pipeline over them."""
+    from tidegate.convert import convert
+
+    notes = _notes({"proxy-buffering": "off", "proxy-buffer-size": "16k", "client-body-buffer-size": "1m"})
+    assert len(notes) == 3 and all("has nothing to set" in n for n in notes), notes
+    spec = {"name": "probe", "host": "probe.test", "path": "/", "pathType": "Prefix",
+            "annotations": {"proxy-buffering": "off", "proxy-request-buffering": "off"}}
+    _, report = convert(load_text(CLASS + _service("echo") + _ingress(spec), "x").resources)
+    assert {e.verdict for e in report if "buffering" in e.field} == {"converted"}, report

@@ -21,6 +21,7 @@ import yaml
 from tests.certs import tls_secret_yaml
 from tests.harness import free_port, process, tidegate_run, wait_until
 from tests.test_ingress_nginx import CLASS, _nginx_pod, _routers
+from tests.test_ingress_nginx import _service as nginx_service
 from tidegate.dataplane import basic_auth
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,20 +36,7 @@ needs_tools = pytest.mark.skipif(NGINX is None or CURL is None, reason="nginx an
 
 
 def _service(name: str, port: int, pods: tuple[str, ...] = PODS) -> str:
-    addresses = ", ".join(f'{{addresses: ["{pod}"]}}' for pod in pods)
-    return f"""---
-apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec: {{ports: [{{port: 80, targetPort: {port}}}]}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}
-addressType: IPv4
-endpoints: [{addresses}]
-ports: [{{port: {port}}}]
-"""
+    return nginx_service(name, pods, port)
 
 
 def _ingress(name: str, host: str, annotations: dict[str, str], path: str = "/", service: str = "echo",

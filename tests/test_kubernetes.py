@@ -13,7 +13,7 @@ import pytest
 
 from tests.apiserver import FakeAPIServer, fake_apiserver
 from tests.harness import TIDEGATE, free_port, process, request, wait_until
-from tests.manifests import http_gateway, route, service
+from tests.manifests import DEFAULT_INGRESS_CLASS, http_gateway, route, service
 from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
@@ -290,12 +290,7 @@ def test_an_ingress_hears_in_events_what_tidegate_made_of_its_annotations(cluste
     its grammar) are Events on it, as `kubectl describe ingress` shows them; each once, however often the
     configuration is translated again, and again for a new object of the same name."""
     api, port, _, _ = cluster
-    ingress = """
-apiVersion: networking.k8s.io/v1
-kind: IngressClass
-metadata: {name: tidegate, annotations: {ingressclass.kubernetes.io/is-default-class: "true"}}
-spec: {controller: tidegate.io/ingress-controller}
----
+    ingress = DEFAULT_INGRESS_CLASS + """---
 apiVersion: networking.k8s.io/v1
 kind: Ingress
 metadata:

@@ -21,7 +21,7 @@ import pytest
 
 from tests.harness import free_port, h2_request, process, tidegate_run, wait_until
 from tests.certs import tls_secret_yaml
-from tests.manifests import gateway, http_gateway, route, service
+from tests.manifests import DEFAULT_INGRESS_CLASS, gateway, http_gateway, route, service
 from tests.scripted import scripted_backends
 
 GW = "127.0.0.1"
@@ -278,14 +278,7 @@ def test_ingress_nginx_annotations_protect_an_ingress(tmp_path):
     port, pod_port = free_port(GW), free_port("127.0.10.1")
     config = tmp_path / "config"
     config.mkdir()
-    (config / "all.yaml").write_text(service("web", [("127.0.10.1", pod_port, "web-1")]) + """
----
-apiVersion: networking.k8s.io/v1
-kind: IngressClass
-metadata:
-  name: tidegate
-  annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
-spec: {controller: tidegate.io/ingress-controller}
+    (config / "all.yaml").write_text(service("web", [("127.0.10.1", pod_port, "web-1")]) + DEFAULT_INGRESS_CLASS + """
 ---
 apiVersion: networking.k8s.io/v1
 kind: Ingress

@@ -29,7 +29,7 @@ from tidegate.translate.ingress import ingresses_for_tidegate
 from tidegate.translate.backend_policies import ingress_sections
 from tidegate.translate.traffic_policies import ingress_sections as traffic_sections
 from tidegate.translate.ingress_annotations import (ACCESS_KEYS, BALANCING_KEYS, LATER_KEYS, NGINX_PREFIX,
-                                                    PROTECTION_KEYS, ROUTING_KEYS)
+                                                    NO_EFFECT_KEYS, PROTECTION_KEYS, ROUTING_KEYS)
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
 FROM = "tidegate.io/converted-from"
@@ -162,6 +162,8 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
             out.append(Entry(source, full, "approximated", "set appProtocol: kubernetes.io/h2c on the Service port"))
         elif key in ROUTING_KEYS:
             out.append(Entry(source, full, "converted"))
+        elif key in NO_EFFECT_KEYS:
+            out.append(Entry(source, full, "converted", f"nothing to carry: {NO_EFFECT_KEYS[key]}"))
         elif key in LATER_KEYS:
             out.append(Entry(source, full, "unsupported", "not supported by tidegate yet"))
         else:

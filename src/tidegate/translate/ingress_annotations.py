@@ -51,20 +51,31 @@ BALANCING_KEYS = frozenset({
 PROTECTION_KEYS = frozenset({
     "limit-rps", "limit-rpm", "limit-burst-multiplier", "limit-connections", "limit-whitelist", "limit-allowlist",
     "whitelist-source-range", "allowlist-source-range", "denylist-source-range", "proxy-body-size"})
+# Keys with nothing to set in tidegate, and why (reported as having no effect, not as missing).
+NO_EFFECT_KEYS = {
+    "proxy-buffering": "tidegate streams answers to the client as they come (nginx's proxy_buffering off)",
+    "proxy-buffer-size": "tidegate holds no response buffers of that kind (its limits: README, Limits and defaults)",
+    "proxy-buffers-number": "tidegate holds no response buffers of that kind",
+    "proxy-busy-buffers-size": "tidegate holds no response buffers of that kind",
+    "proxy-max-temp-file-size": "tidegate writes no temporary files",
+    "proxy-request-buffering": "tidegate streams request bodies to the pod as they come (nginx's off)",
+    "client-body-buffer-size": "tidegate writes no temporary files for request bodies",
+    "proxy-http-version": "tidegate speaks HTTP/1.1 to HTTP pods",
+    "connection-proxy-header": "tidegate keeps its own connections to pods alive",
+    "enable-rewrite-log": "tidegate's rewrites are pure and shown by `tidegate explain`",
+    "http2-push-preload": "HTTP/2 server push is gone from browsers and nginx alike",
+}
 # What ingress-nginx v1.15 knows besides those (its annotations/*/main.go): reported as not done yet.
 LATER_KEYS = frozenset({
     "affinity-canary-behavior", "auth-cache-duration", "auth-cache-key", "auth-file", "auth-keepalive",
     "auth-keepalive-requests", "auth-keepalive-share-vars", "auth-keepalive-timeout", "auth-map",
     "auth-proxy-set-headers", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
-    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "client-body-buffer-size",
-    "connection-proxy-header", "custom-headers", "disable-proxy-intercept-errors", "enable-access-log",
-    "enable-global-auth", "enable-modsecurity", "enable-opentelemetry", "enable-owasp-core-rules",
-    "enable-rewrite-log", "fastcgi-index", "fastcgi-params-configmap", "http2-push-preload", "limit-rate",
+    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "custom-headers",
+    "disable-proxy-intercept-errors", "enable-access-log", "enable-global-auth", "enable-modsecurity",
+    "enable-opentelemetry", "enable-owasp-core-rules", "fastcgi-index", "fastcgi-params-configmap", "limit-rate",
     "limit-rate-after", "mirror-host", "modsecurity-transaction-id", "opentelemetry-operation-name",
-    "opentelemetry-trust-incoming-span", "proxy-buffer-size", "proxy-buffering", "proxy-buffers-number",
-    "proxy-busy-buffers-size", "proxy-cookie-domain", "proxy-cookie-path", "proxy-http-version",
-    "proxy-max-temp-file-size", "proxy-next-upstream-timeout", "proxy-redirect-from", "proxy-redirect-to",
-    "proxy-request-buffering", "proxy-ssl-ciphers", "proxy-ssl-protocols", "proxy-ssl-verify-depth",
+    "opentelemetry-trust-incoming-span", "proxy-cookie-domain", "proxy-cookie-path", "proxy-next-upstream-timeout",
+    "proxy-redirect-from", "proxy-redirect-to", "proxy-ssl-ciphers", "proxy-ssl-protocols", "proxy-ssl-verify-depth",
     "relative-redirects", "satisfy", "service-upstream", "session-cookie-change-on-failure",
     "session-cookie-conditional-samesite-none", "ssl-ciphers", "ssl-passthrough", "ssl-prefer-server-ciphers",
     "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
@@ -164,6 +175,9 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
                                  "are never used (the rest of the Ingress is served without it)", ing.key))
         elif key in LATER_KEYS:
             notes.append(Problem("warning", ing.origin, f"annotation {full} is not supported yet: ignored", ing.key))
+        elif key in NO_EFFECT_KEYS:
+            notes.append(Problem("warning", ing.origin, f"annotation {full} has nothing to set: {NO_EFFECT_KEYS[key]}",
+                                 ing.key))
         elif key not in PROTECTION_KEYS and key not in ROUTING_KEYS and key not in ACCESS_KEYS \
                 and key not in BALANCING_KEYS:
             notes.append(Problem("warning", ing.origin, f"annotation {full} is unknown (not one of ingress-nginx's): "
