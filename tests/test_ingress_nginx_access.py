@@ -695,3 +695,61 @@ def test_mirror_target_sends_a_copy_to_a_services_pods(tmp_path):
         wait_until(lambda: (tmp_path / "shadow.log").exists()
                    and (tmp_path / "shadow.log").read_text().count("GET /copy/") == 3, what="three mirrored requests")
         assert "GET /copy/2?q=2 HTTP/1.1" in (tmp_path / "shadow.log").read_text()
+
+
+def _peer_certificate(port: int, name: str) -> str:
+    """The common name of the certificate the HTTPS port shows for `name` (SNI), unchecked."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            ctx.wrap_socket(raw, server_hostname=name) as tls:
+        der = tls.getpeercert(binary_form=True)
+    return x509.load_der_x509_certificate(der).subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+
+
+@needs_tools
+def test_ssl_passthrough_relays_a_hosts_tls_and_terminates_the_others_on_the_same_port(tmp_path):
+    """ssl-passthrough: on the one HTTPS port, a ClientHello for the passthrough host goes as it is to the pod
+    of its "/" path (Debian's nginx, which shows its own certificate and answers over its TLS), while other
+    names are terminated by tidegate with the Ingress's certificate; plain HTTP to the host is routed as
+    before; a host without a "/" path is reported and terminated."""
+    from tests.certs import self_signed
+
+    cert, key = self_signed(["pass.test"])
+    (tmp_path / "pod.pem").write_bytes(cert)
+    (tmp_path / "pod.key").write_bytes(key)
+    tls_port, plain_port, http_port, https_port = (free_port("127.0.10.13"), free_port("127.0.10.14"),
+                                                   free_port(), free_port())
+    conf = _nginx_pod(tmp_path, f"""
+    listen 127.0.10.13:{tls_port} ssl;
+    ssl_certificate {tmp_path}/pod.pem;
+    ssl_certificate_key {tmp_path}/pod.key;
+    location / {{ return 200 "pod over its own TLS, sni=$ssl_server_name"; }}
+  }}
+  server {{
+    listen 127.0.10.14:{plain_port};
+    location / {{ return 200 "plain pod"; }}""", files=True)
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        CLASS + _service("secure", tls_port, ("127.0.10.13",)) + _service("plain", plain_port, ("127.0.10.14",))
+        + _ingress("pass", "pass.test", {"ssl-passthrough": "true"}, service="secure")
+        + _ingress("term", "term.test", {}, service="plain", tls=True)
+        + _ingress("nopath", "nopath.test", {"ssl-passthrough": "true"}, path="/api", service="plain"))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                 ready=("127.0.10.13", tls_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port), "--ingress-https-port", str(https_port)):
+        assert _peer_certificate(https_port, "pass.test") == "pass.test"  # the pod's own certificate
+        assert _peer_certificate(https_port, "term.test") == "term.test"  # the Ingress's, from tidegate
+        assert _curl(https_port, "pass.test", scheme="https")[::2] == (200, "pod over its own TLS, sni=pass.test")
+        for extra in ((), ("--http2",)):
+            assert _curl(https_port, "term.test", scheme="https", extra=extra)[::2] == (200, "plain pod")
+        assert _curl(http_port, "term.test")[0] == 308  # (its certificate: plain HTTP is redirected)
+        assert "ssl-passthrough needs a host and a \"/\" path" in (tmp_path / "tidegate.log").read_text()

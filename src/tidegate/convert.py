@@ -134,6 +134,10 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
                 out.append(Entry(source, full, "unsupported", "tidegate sets no limit on writes to a pod"))
             else:
                 out.append(Entry(source, full, "tidegate-policy", "a BackendPolicy on the HTTPRoute"))
+        elif key == "ssl-passthrough":
+            out.append(Entry(source, full, "unsupported", "a TLSRoute on a TLS Passthrough listener of a port of its "
+                                                          "own: tidegate's Gateways do not pass through and "
+                                                          "terminate on one port"))
         elif key.startswith("proxy-ssl-"):
             out.append(Entry(source, full, "unsupported", "a BackendTLSPolicy checks the pods (caCertificateRefs "
                                                           "with ca.crt, hostname proxy-ssl-name), and the Gateway's "

@@ -337,6 +337,8 @@ class Listener:
     # The certificate the Gateway presents to TLS backends (spec.tls.backend.clientCertificateRef).
     backend_client_certificate: Certificate | None = None
     http_routes: tuple[HTTPRoute, ...] = ()
+    # TLS, TCP, UDP listeners: their routes. HTTPS: names passed through to pods, not terminated (chosen by the
+    # ClientHello's name before any handshake: an Ingress's ssl-passthrough)
     l4_routes: tuple[L4Route, ...] = ()
     access_log: str = ""  # json | clf | combined | off from the Gateway's tidegate.io/access-log; "" = global
     # Bind even when the address is not (yet) this host's (IP_FREEBIND): a LoadBalancer address that another

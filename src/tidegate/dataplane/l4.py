@@ -868,6 +868,7 @@ class L4DataPlane:
         # Sockets that could not be opened (a port taken, say), by address: DataPlane tries them again.
         self.unbound: dict[tuple[str, int], tuple[tuple[str, int, str], str]] = {}
         self.freebind: set[tuple[str, int, str]] = set()  # sockets bound with IP_FREEBIND (LoadBalancer addresses)
+        self.adopted: dict[str, L4Listener] = {}  # relays of sockets DataPlane accepts on (adopt)
 
     async def apply(self, config: ir.IR, bind: str, balancer: RouteBalancer, taken: set[tuple[str, int]]
                     ) -> dict[tuple[str, int], tuple[str, str]]:
@@ -980,14 +981,24 @@ class L4DataPlane:
         listener.close()
         log.info("stopped listening on %s:%d (%s)", key[0], key[1], _KIND_NAMES[key[2]])
 
+    def adopt(self, listener: L4Listener) -> None:
+        """Relays of a socket another part of the data plane accepts on (TLS passthrough names of an HTTPS
+        socket): swept, counted and closed with these. One of the same name before it drains."""
+        old = self.adopted.pop(listener.name, None)
+        if old is not None and old.relays:
+            self._draining.append(old)
+        self.adopted[listener.name] = listener
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
     def connections(self) -> int:
-        return sum(len(l.relays) for l in (*self.tcp.values(), *self._draining))
+        return sum(len(l.relays) for l in (*self.tcp.values(), *self.adopted.values(), *self._draining))
 
     async def _sweep(self) -> None:
         while True:
             await asyncio.sleep(SWEEP_INTERVAL)
             now = time.monotonic()
-            for tcp in (*self.tcp.values(), *self._draining):
+            for tcp in (*self.tcp.values(), *self.adopted.values(), *self._draining):
                 tcp.sweep(now)
             self._draining = [listener for listener in self._draining if listener.relays]
             for udp, _ in self.udp.values():
@@ -1005,6 +1016,8 @@ class L4DataPlane:
             self._sweeper = None
         for key in list(self.tcp):
             self._close_tcp(key)
+        self._draining += self.adopted.values()
+        self.adopted = {}
         for listener in self._draining:
             for relay in list(listener.relays):
                 relay.close(abort=True, outcome="shutdown")

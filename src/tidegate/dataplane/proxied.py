@@ -1,6 +1,8 @@
 """A listening socket whose connections from trusted proxies start with a PROXY header (ClientPolicy
 `clientIP.proxyProtocol`), for the listeners where that header comes before anything the connection's protocol
-reads: HTTPS and TLS (before the TLS handshake), TCP and TLS passthrough (before the relayed bytes).
+reads: HTTPS and TLS (before the TLS handshake), TCP and TLS passthrough (before the relayed bytes). An HTTPS
+socket with TLS passthrough names (an Ingress's ssl-passthrough) is accepted here too: the ClientHello's name,
+peeked, decides whether the connection is relayed to a pod as it is or terminated.
 
 tidegate accepts on such a socket itself. From a trusted peer it reads the header off the socket and not one
 byte further (it peeks, and takes only what the header is made of), so the TLS handshake or the relay then
@@ -62,13 +64,39 @@ async def read_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> s
         return source
 
 
+async def peek_server_name(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> str:
+    """The server name of the ClientHello that `sock` starts with, read without taking it off the socket
+    ("" when it names none, or the bytes are not a ClientHello: TLS itself then says what is wrong)."""
+    from tidegate.dataplane.l4 import NotTLS, client_hello_server_name  # (l4 imports this module)
+
+    while True:
+        await _readable(loop, sock.fileno())
+        try:
+            seen = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        if not seen:
+            raise ConnectionError("closed before its ClientHello")
+        try:
+            complete, name = client_hello_server_name(seen)
+        except NotTLS:
+            return ""
+        if complete:
+            return name
+        if len(seen) >= PEEK_BYTES:
+            return ""
+        await asyncio.sleep(0.005)  # the rest of it is on its way: peeking again at once would spin
+
+
 class ProxiedServer:
     """Accepts on `sock` (bound, not yet listening). `protocol(source)` makes a connection's protocol ("": the
     peer is the client); `trusted()` is the current configuration's set of proxies (guard.AddressSet or None)."""
 
     def __init__(self, sock: socket.socket, protocol: Callable[[str], asyncio.BaseProtocol],
                  trusted: Callable[[], Any], tls: ssl.SSLContext | None = None, handshake_timeout: float = 10.0,
-                 header_timeout: float = 10.0, limit_label: str = "proxy-protocol"):
+                 header_timeout: float = 10.0, limit_label: str = "proxy-protocol",
+                 passthrough: Callable[[str], Callable[[str], asyncio.BaseProtocol] | None] | None = None):
+        self.passthrough = passthrough  # TLS: a server name's relay protocol, when that name is passed through
         self.sock = sock
         self.protocol = protocol
         self.trusted = trusted
@@ -115,6 +143,12 @@ class ProxiedServer:
                 conn.close()
                 raise
         try:
+            if self.passthrough is not None:
+                relay = self.passthrough(await asyncio.wait_for(peek_server_name(self.loop, conn),
+                                                                self.handshake_timeout))
+                if relay is not None:  # the relay reads the ClientHello itself: it is still unread
+                    await self.loop.connect_accepted_socket(lambda: relay(source), conn)  # type: ignore[misc]
+                    return
             if self.tls is not None:
                 await self.loop.connect_accepted_socket(lambda: self.protocol(source), conn, ssl=self.tls,
                                                         ssl_handshake_timeout=self.handshake_timeout)
@@ -122,6 +156,10 @@ class ProxiedServer:
                 await self.loop.connect_accepted_socket(lambda: self.protocol(source), conn)
         except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
             log.debug("connection from %s ended before it was served: %s", source or peer, exc)
+            conn.close()
+        except asyncio.CancelledError:  # (closing: a connection still on its ClientHello or handshake)
+            conn.close()
+            raise
 
     def close(self) -> None:
         """Stop accepting (connections already served go on)."""

@@ -25,7 +25,7 @@ from tidegate.dataplane import deadlines, guard, h2limits
 from tidegate.dataplane.deadlines import DEADLINES, Deadlines
 from tidegate.dataplane.h2limits import H2_LIMITS, H2Limits
 from tidegate.dataplane.http1 import IN_FLIGHT, ClientConnection
-from tidegate.dataplane.l4 import L4DataPlane, free_socket, l4_kind
+from tidegate.dataplane.l4 import L4DataPlane, L4Listener, L4Site, L4Table, free_socket, l4_kind
 from tidegate.dataplane.proxied import ProxiedServer, listening_socket, proxy_peers
 from tidegate.dataplane.tls import TLSSite, server_context
 from tidegate.dataplane.upstream import EndpointPool, backend_tls_context
@@ -39,9 +39,10 @@ BIND_RETRY_FIRST = 1.0  # seconds before a failed bind is tried again; doubled e
 BIND_RETRY_MAX = 30.0
 
 # What a listening socket is opened with: its scheme; for HTTPS, its client-certificate checks, TLS handshake
-# timeout, and whether PROXY headers come before TLS (proxied.py). A new configuration that changes it opens
-# the socket anew.
-Identity = tuple[str, str, str, float, bool]
+# timeout, whether PROXY headers come before TLS (proxied.py), and whether some names are passed through to
+# pods rather than terminated (TLS passthrough routes on the HTTPS listener: an Ingress's ssl-passthrough). A
+# new configuration that changes it opens the socket anew.
+Identity = tuple[str, str, str, float, bool, bool]
 
 
 def _bind_error(key: tuple[str, int], exc: OSError) -> tuple[str, str]:
@@ -154,6 +155,7 @@ class DataPlane:
         self.registry = Registry()
         self.health = HealthChecker(self.registry)
         self.l4 = L4DataPlane(reuse_port)  # TCP, UDP and TLS passthrough listeners
+        self.passthrough: dict[tuple[str, int], L4Site] = {}  # TLS passthrough routes of HTTPS sockets
         # Failed binds are tried again (_retry_binds); HTTP(S) ones by the identity they were to have.
         self._unbound_http: dict[tuple[str, int], Identity] = {}
         # HTTP(S) sockets bound with IP_FREEBIND: a Gateway address from an IPAddressPool that another node
@@ -204,8 +206,13 @@ class DataPlane:
                                                           deadlines.backend_reads(by_socket.get(key, []))),
                            h2=h2limits.for_socket([l.http2 for l in by_socket.get(key, []) if l.http2]))
                  for key, router in routers.items()}
+        # TLS passthrough routes on HTTPS sockets: chosen by the ClientHello's name before any termination.
+        passthrough = {key: L4Site("tls", L4Table([r for l in group for r in l.l4_routes]), balancer, group[0].name,
+                                   {id(r): l.name for l in group for r in l.l4_routes})
+                       for key, group in https.items() if any(l.l4_routes for l in group)}
         self.sites = sites  # the atomic swap: new requests see the new configuration
         self.tls_sites = tls_sites
+        self.passthrough = passthrough
 
         errors: dict[tuple[str, int], tuple[str, str]] = {}
         self._unbound_http = {}
@@ -217,7 +224,7 @@ class DataPlane:
             validation = tls_sites[key].client_validation if key in tls_sites else ("", "")
             identity = (scheme, validation[0], validation[1],
                         sites[key].deadlines.tls_handshake if key in tls_sites else 0.0,
-                        key in tls_sites and sites[key].proxy_from is not None)
+                        key in tls_sites and sites[key].proxy_from is not None, key in passthrough)
             if key in self.servers and self.schemes.get(key) == identity:
                 continue
             if key in self.servers:
@@ -261,11 +268,18 @@ class DataPlane:
 
         loop = asyncio.get_running_loop()
         handshake = identity[3] if ssl_ctx is not None else None
-        if identity[4]:  # PROXY headers before TLS: tidegate accepts, and reads them first
+        if identity[4] or identity[5]:  # PROXY headers or passthrough names before TLS: tidegate accepts
             sock = free_socket(address, port, False, self.reuse_port) if key in self._freebind \
                 else listening_socket(address, port, self.reuse_port)
+            relays = L4Listener(f"{address}:{port} passthrough", lambda: self.passthrough.get(key))
+            self.l4.adopt(relays)
+
+            def passed_through(name: str) -> Callable[[str], Any] | None:
+                found = self.passthrough.get(key)
+                return relays.protocol if found is not None and found.table.for_server_name(name) else None
+
             server: Any = ProxiedServer(sock, protocol, lambda: site().proxy_from, ssl_ctx, identity[3],
-                                        identity[3])
+                                        identity[3], passthrough=passed_through if identity[5] else None)
         elif key in self._freebind:
             server = await loop.create_server(protocol, sock=free_socket(address, port, False, self.reuse_port),
                                               backlog=1024, ssl=ssl_ctx, ssl_handshake_timeout=handshake)

@@ -108,16 +108,37 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
         loadbalancer = ({"ingress": [{"hostname" if not _looks_like_ip(address) else "ip": address}]}
                         if address else {})
         statuses[ing.key] = {"loadBalancer": loadbalancer}
-    if not http_routes and not certificates:
+    passthrough = [route for ing in taken if routing[ing.key].ssl_passthrough
+                   for route in _passthrough_routes(index, ing, backend_tls, notes)]
+    if not http_routes and not certificates and not passthrough:
         return []
     listeners = [ir.Listener(name="ingress/http", gateway="ingress", address="", port=http_port, protocol="HTTP",
                              http_routes=tuple(http_routes))]
-    if certificates:
+    if certificates or passthrough:
         listeners.append(ir.Listener(
             name="ingress/https", gateway="ingress", address="", port=https_port, protocol="HTTPS",
             tls=ir.ListenerTLS(mode="Terminate", certificates=tuple(certificates.values())),
-            http_routes=tuple(https_routes)))
+            http_routes=tuple(https_routes), l4_routes=tuple(passthrough)))
     return listeners
+
+
+def _passthrough_routes(index: Index, ing: Resource, backend_tls: dict, notes: list[Problem]) -> list[ir.L4Route]:
+    """ssl-passthrough: each host's TLS connections, chosen by their ClientHello's name on the HTTPS port, go
+    as they are to the pods of its "/" path (ingress-nginx's rule: the other paths are ignored for it)."""
+    routes = []
+    for rule in ing.spec.get("rules", []):
+        host = rule.get("host", "")
+        paths = (rule.get("http") or {}).get("paths", [])
+        root = next((p for p in paths if (p.get("path") or "/") == "/"), None)
+        if not host or root is None:
+            notes.append(Problem("warning", ing.origin, f"ssl-passthrough needs a host and a \"/\" path: "
+                                 f"{host or 'a rule without a host'} is not passed through", ing.key))
+            continue
+        routes.append(ir.L4Route(name=f"ingress/{ing.namespace}/{ing.name}/passthrough/{host}",
+                                 source=f"Ingress {ing.namespace}/{ing.name}", hostnames=(host,),
+                                 backends=(_backend(index, ing, root["backend"], backend_tls, notes),),
+                                 created=ing.creation_timestamp))
+    return routes
 
 
 def _looks_like_ip(address: str) -> bool:
