@@ -169,9 +169,9 @@ def test_injection_strings_are_dropped_and_reach_nothing(key, value):
 
 
 def test_unknown_and_not_yet_supported_keys_are_reported():
-    notes = _notes({"no-such-thing": "1", "ssl-passthrough": "true", "limit-rps": "5", "use-regex": "maybe"})
+    notes = _notes({"no-such-thing": "1", "limit-rate": "1024", "limit-rps": "5", "use-regex": "maybe"})
     assert any("no-such-thing is unknown" in n for n in notes), notes
-    assert any("ssl-passthrough is not supported yet" in n for n in notes), notes
+    assert any("limit-rate is not supported yet" in n for n in notes), notes
     assert any("use-regex ignored: 'maybe' is not true or false" in n for n in notes), notes
     assert not any("limit-rps" in n for n in notes), notes  # read by the TrafficPolicy side
 
