@@ -23,7 +23,7 @@ from tests.harness import (
     wait_until,
     worker_pid,
 )
-from tests.manifests import gateway, http_gateway, route, service
+from tests.manifests import DEFAULT_INGRESS_CLASS, gateway, http_gateway, route, service
 
 GW_ADDR = "127.0.0.1"
 POD_A, POD_B, POD_M = "127.0.0.2", "127.0.0.3", "127.0.0.4"
@@ -347,13 +347,7 @@ def test_ingress_is_served_through_the_same_data_plane(tmp_path):
     echo_port, http_port = free_port(POD_A), free_port(GW_ADDR)
     config = tmp_path / "config"
     config.mkdir()
-    (config / "c.yaml").write_text(textwrap.dedent("""
-    apiVersion: networking.k8s.io/v1
-    kind: IngressClass
-    metadata:
-      name: tidegate
-      annotations: {ingressclass.kubernetes.io/is-default-class: "true"}
-    spec: {controller: tidegate.io/ingress-controller}
+    (config / "c.yaml").write_text(DEFAULT_INGRESS_CLASS + textwrap.dedent("""
     ---
     apiVersion: networking.k8s.io/v1
     kind: Ingress

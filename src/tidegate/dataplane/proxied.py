@@ -40,11 +40,9 @@ async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
         loop.remove_reader(fd)
 
 
-async def read_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> str:
-    """Take a PROXY header (v1 or v2) off `sock`, leaving what follows it unread. Returns its source address
-    ("" for LOCAL and UNKNOWN: the peer's own). Raises proxy_protocol.BadHeader, or ConnectionError when the peer
-    closes first."""
-    held = b""
+async def _peek(loop: asyncio.AbstractEventLoop, sock: socket.socket, what: str) -> bytes:
+    """What the peer has sent and nobody has read yet, once there is some (ConnectionError: it closed before
+    `what`)."""
     while True:
         await _readable(loop, sock.fileno())
         try:
@@ -52,7 +50,17 @@ async def read_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> s
         except BlockingIOError:
             continue
         if not seen:
-            raise ConnectionError("closed before its PROXY header ended")
+            raise ConnectionError(f"closed before {what}")
+        return seen
+
+
+async def read_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> str:
+    """Take a PROXY header (v1 or v2) off `sock`, leaving what follows it unread. Returns its source address
+    ("" for LOCAL and UNKNOWN: the peer's own). Raises proxy_protocol.BadHeader, or ConnectionError when the peer
+    closes first."""
+    held = b""
+    while True:
+        seen = await _peek(loop, sock, "its PROXY header ended")
         parsed = proxy_protocol.parse(held + seen)
         if parsed is None:  # all of it is header so far: taken, so that the socket is not readable at once again
             held += sock.recv(len(seen))
@@ -70,13 +78,7 @@ async def peek_server_name(loop: asyncio.AbstractEventLoop, sock: socket.socket)
     from tidegate.dataplane.l4 import NotTLS, client_hello_server_name  # (l4 imports this module)
 
     while True:
-        await _readable(loop, sock.fileno())
-        try:
-            seen = sock.recv(PEEK_BYTES, socket.MSG_PEEK)
-        except BlockingIOError:
-            continue
-        if not seen:
-            raise ConnectionError("closed before its ClientHello")
+        seen = await _peek(loop, sock, "its ClientHello")
         try:
             complete, name = client_hello_server_name(seen)
         except NotTLS:

@@ -339,13 +339,9 @@ def _cors(ing: Resource, values: dict[str, str], notes: list[Problem]) -> dict[s
                 config[field] = values[key]
             else:
                 _drop(ing, notes, NGINX_PREFIX + key, f"{values[key]!r} is not a list of names")
-    if "cors-allow-credentials" in values:
-        flag = _bool(values["cors-allow-credentials"])
-        if flag is None:
-            _drop(ing, notes, NGINX_PREFIX + "cors-allow-credentials", f"{values['cors-allow-credentials']!r} is "
-                  "not true or false")
-        else:
-            config["allowCredentials"] = flag
+    flag = _flag(ing, values, "cors-allow-credentials", notes)
+    if flag is not None:
+        config["allowCredentials"] = flag
     if "cors-max-age" in values:
         raw = values["cors-max-age"].strip()
         if re.fullmatch(r"-?[0-9]+", raw):
@@ -527,12 +523,9 @@ def _external_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) 
         _drop(ing, notes, NGINX_PREFIX + "auth-request-redirect", f"{redirect!r} is not a URL")
     elif redirect:
         found["request_redirect"] = redirect
-    if "auth-always-set-cookie" in values:
-        flag = _bool(values["auth-always-set-cookie"].strip())
-        if flag is None:
-            _drop(ing, notes, NGINX_PREFIX + "auth-always-set-cookie", "not true or false")
-        else:
-            found["always_set_cookie"] = flag
+    flag = _flag(ing, values, "auth-always-set-cookie", notes)
+    if flag is not None:
+        found["always_set_cookie"] = flag
     return ExternalAuth(**found)
 
 
@@ -676,16 +669,23 @@ def _affinity_cookie(ing: Resource, values: dict[str, str], notes: list[Problem]
         cookie["sameSite"] = same_site.capitalize()
     elif same_site:
         _drop(ing, notes, NGINX_PREFIX + "session-cookie-samesite", f"{same_site!r} is not None, Lax or Strict")
-    if "session-cookie-secure" in values:
-        flag = _bool(values["session-cookie-secure"].strip())
-        if flag is None:
-            _drop(ing, notes, NGINX_PREFIX + "session-cookie-secure", "not true or false")
-        else:
-            cookie["secure"] = flag
+    flag = _flag(ing, values, "session-cookie-secure", notes)
+    if flag is not None:
+        cookie["secure"] = flag
     mode = values.get("affinity-mode", "balanced").strip()
     if mode not in ("balanced", "persistent"):
         _drop(ing, notes, NGINX_PREFIX + "affinity-mode", f"{mode!r} is not balanced or persistent")
     return cookie
+
+
+def _flag(ing: Resource, values: dict[str, str], key: str, notes: list[Problem]) -> bool | None:
+    """A true/false annotation among `values` (Go's ParseBool); one that is neither is reported: None."""
+    if key not in values:
+        return None
+    flag = _bool(values[key].strip())
+    if flag is None:
+        _drop(ing, notes, NGINX_PREFIX + key, f"{values[key]!r} is not true or false")
+    return flag
 
 
 def _bool(value: str) -> bool | None:
