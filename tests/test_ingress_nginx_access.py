@@ -753,3 +753,30 @@ def test_ssl_passthrough_relays_a_hosts_tls_and_terminates_the_others_on_the_sam
             assert _curl(https_port, "term.test", scheme="https", extra=extra)[::2] == (200, "plain pod")
         assert _curl(http_port, "term.test")[0] == 308  # (its certificate: plain HTTP is redirected)
         assert "ssl-passthrough needs a host and a \"/\" path" in (tmp_path / "tidegate.log").read_text()
+
+
+@needs_tools
+def test_enable_access_log_false_keeps_an_ingress_out_of_the_access_log(tmp_path):
+    """enable-access-log: "false" (health checks, say): its requests write no access log line, over HTTP/1.1
+    and HTTP/2, while the other Ingresses' requests do."""
+    import json
+
+    pod_port, http_port = free_port(PODS[0]), free_port()
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(CLASS + _service("echo", pod_port)
+                                     + _ingress("health", "health.test", {"enable-access-log": "false"})
+                                     + _ingress("shop", "shop.test", {}))
+    log_file = tmp_path / "access.log"
+    with process([NGINX, "-p", str(tmp_path), "-c", str(_pods(tmp_path, pod_port)), "-g", "daemon off;"],
+                 tmp_path / "nginx.log", ready=(PODS[0], pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port), "--access-log", "json",
+                         "--access-log-file", str(log_file)):
+        for extra in ((), ("--http2-prior-knowledge",)):
+            for host in ("health.test", "shop.test", "health.test"):
+                assert _curl(http_port, host, "/" + host, extra=extra)[0] == 200
+        wait_until(lambda: log_file.exists() and log_file.read_text().count("\n") >= 2, what="the log lines")
+        time.sleep(0.5)  # (a line of the quiet Ingress would be written by now too)
+        hosts = [json.loads(line)["host"].split(":")[0] for line in log_file.read_text().splitlines()]
+    assert hosts == ["shop.test", "shop.test"], hosts

@@ -134,6 +134,9 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
                 out.append(Entry(source, full, "unsupported", "tidegate sets no limit on writes to a pod"))
             else:
                 out.append(Entry(source, full, "tidegate-policy", "a BackendPolicy on the HTTPRoute"))
+        elif key == "enable-access-log":
+            out.append(Entry(source, full, "unsupported", "access logs are chosen per Gateway (its tidegate.io/"
+                                                          "access-log annotation)"))
         elif key == "ssl-passthrough":
             out.append(Entry(source, full, "unsupported", "a TLSRoute on a TLS Passthrough listener of a port of its "
                                                           "own: tidegate's Gateways do not pass through and "

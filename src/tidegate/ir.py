@@ -291,6 +291,7 @@ class HTTPRoute:
     # Ingress semantics: "*.a.com" covers exactly one more label (the Gateway API allows any number).
     wildcard_single_label: bool = False
     guard: RequestGuard | None = None  # IP access, request limits, rate limits (TrafficPolicy)
+    access_log: bool = True  # False: no access log lines for it (an Ingress's enable-access-log: "false")
     client_ip: ClientIP | None = None  # its listener's (ClientPolicy), where routing can read it
 
 

@@ -842,7 +842,7 @@ def finished(conn: ClientSide, ex: Exchange, status: int, now: float = 0.0) -> N
     log_sink = accesslog.ACCESS_LOG
     if log_sink is None:
         return
-    fmt = log_sink.wants(status, ex.listener)
+    fmt = log_sink.wants(status, ex.listener, ex.route)
     if fmt:
         headers = ex.lowered()
         combined = fmt == "combined"  # the only format that writes the referer and the user agent

@@ -194,6 +194,8 @@ class DataPlane:
             self.health.apply(config)
         if accesslog.ACCESS_LOG is not None:
             accesslog.ACCESS_LOG.set_listeners({l.name: l.access_log for l in config.listeners if l.access_log})
+            accesslog.ACCESS_LOG.set_quiet({r.name for listener in config.listeners for r in listener.http_routes
+                                            if not r.access_log})
         balancer = RouteBalancer(self.registry)
         by_socket: dict[tuple[str, int], list[ir.Listener]] = {}
         for listener in config.listeners:

@@ -122,6 +122,7 @@ class AccessLog:
         self._pending: list[str] = []  # lines
         # Listener name → format, for Gateways that choose their own (set with each configuration).
         self.by_listener: dict[str, str] = {}
+        self.quiet: frozenset[str] = frozenset()  # rules that log nothing (an Ingress's enable-access-log: false)
         self.is_active = fmt != "off"  # cached `active`, read per request
         self._task: asyncio.Task | None = None
         self._json_time = _Stamp("%Y-%m-%dT%H:%M:%S")
@@ -137,10 +138,14 @@ class AccessLog:
         self.by_listener = formats
         self.is_active = self.active
 
-    def wants(self, status: int, listener: str = "") -> str:
-        """The format to log this response in, or "" when it is not logged (off, filtered, not sampled)."""
+    def set_quiet(self, routes: set[str]) -> None:
+        self.quiet = frozenset(routes)
+
+    def wants(self, status: int, listener: str = "", route: str = "") -> str:
+        """The format to log this response in, or "" when it is not logged (off, a quiet rule, filtered, not
+        sampled)."""
         fmt = self.by_listener.get(listener, self.format) if self.by_listener else self.format
-        if fmt == "off":
+        if fmt == "off" or (self.quiet and route in self.quiet):
             return ""
         if self.statuses is not None and not self.statuses[0] <= status <= self.statuses[1]:
             return ""

@@ -86,6 +86,8 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
         if aliases:
             plain, secure = ([dataclasses.replace(r, hostnames=(*r.hostnames, *aliases[r.hostnames[0]]))
                               if r.hostnames[0] in aliases else r for r in routes] for routes in (plain, secure))
+        if not routing[ing.key].enable_access_log:
+            plain, secure = ([dataclasses.replace(r, access_log=False) for r in routes] for routes in (plain, secure))
         http_routes += plain
         https_routes += secure
         for tls in ing.spec.get("tls", []):
