@@ -401,8 +401,9 @@ def test_convert_writes_a_backend_policy_a_traffic_policy_and_a_cors_filter():
 
 
 def test_the_cluster_source_keeps_the_secrets_annotations_name_in_their_own_namespace_only():
-    """With --kubernetes, Secrets are kept only when referenced: an Ingress's auth-secret and proxy-ssl-secret
-    are, when in the Ingress's namespace (another namespace's is refused, so never read)."""
+    """With --kubernetes, Secrets and ConfigMaps are kept only when referenced: an Ingress's auth-secret,
+    proxy-ssl-secret and custom-headers are, when in the Ingress's namespace (another namespace's is refused, so
+    never read)."""
     from tidegate.resources.loader import load_text
     from tidegate.resources.model import Key
     from tidegate.sources.kubernetes import referenced
@@ -410,9 +411,11 @@ def test_the_cluster_source_keeps_the_secrets_annotations_name_in_their_own_name
     auth = {"auth-type": "basic"}
     loaded = load_text(_ingress("mine", "a.test", {**auth, "auth-secret": "users"}, namespace="shop")
                        + _ingress("theirs", "b.test", {**auth, "auth-secret": "bank/vault"}, namespace="shop")
-                       + _ingress("pods", "c.test", {"proxy-ssl-secret": "shop/pod-tls"}, namespace="shop"), "x")
+                       + _ingress("pods", "c.test", {"proxy-ssl-secret": "shop/pod-tls"}, namespace="shop")
+                       + _ingress("headers", "d.test", {"custom-headers": "security"}, namespace="shop"), "x")
     wanted = referenced({r.key: r for r in loaded.resources})
-    assert wanted == {Key("Secret", "shop", "users"), Key("Secret", "shop", "pod-tls")}
+    assert wanted == {Key("Secret", "shop", "users"), Key("Secret", "shop", "pod-tls"),
+                      Key("ConfigMap", "shop", "security")}
 
 
 @needs_tools
@@ -780,3 +783,38 @@ def test_enable_access_log_false_keeps_an_ingress_out_of_the_access_log(tmp_path
         time.sleep(0.5)  # (a line of the quiet Ingress would be written by now too)
         hosts = [json.loads(line)["host"].split(":")[0] for line in log_file.read_text().splitlines()]
     assert hosts == ["shop.test", "shop.test"], hosts
+
+
+@needs_tools
+def test_custom_headers_from_a_config_map(tmp_path):
+    """custom-headers: the ConfigMap's entries are set on every answer of the Ingress (over the pod's own
+    copy); a missing ConfigMap, or one with a value outside ingress-nginx's grammar (a line break), makes
+    the Ingress's paths answer 503, and the others serve on."""
+    pod_port, http_port = free_port(PODS[0]), free_port()
+
+    def config_map(name: str, data: dict[str, str]) -> str:
+        return "---\n" + yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap",
+                                         "metadata": {"name": name, "namespace": "default"}, "data": data})
+
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        CLASS + _service("echo", pod_port)
+        + config_map("security", {"X-Frame-Options": "DENY", "Strict-Transport-Security": "max-age=31536000"})
+        + config_map("broken", {"X-Evil": "a\r\nSet-Cookie: owned=1"})
+        + _ingress("shop", "shop.test", {"custom-headers": "security"})
+        + _ingress("evil", "evil.test", {"custom-headers": "broken"})
+        + _ingress("gone", "gone.test", {"custom-headers": "no-such-map"})
+        + _ingress("plain", "plain.test", {}))
+    with process([NGINX, "-p", str(tmp_path), "-c", str(_pods(tmp_path, pod_port)), "-g", "daemon off;"],
+                 tmp_path / "nginx.log", ready=(PODS[0], pod_port)), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                         "--ingress-http-port", str(http_port)):
+        for extra in ((), ("--http2-prior-knowledge",)):
+            status, fields, _ = _curl(http_port, "shop.test", extra=extra)
+            assert status == 200 and _values(fields, "X-Frame-Options") == ["DENY"], fields
+            assert _values(fields, "Strict-Transport-Security") == ["max-age=31536000"]
+        status, fields, _ = _curl(http_port, "evil.test")
+        assert status == 503 and not _values(fields, "Set-Cookie")
+        assert _curl(http_port, "gone.test")[0] == 503
+        assert _curl(http_port, "plain.test")[0] == 200

@@ -367,6 +367,8 @@ def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
         return {"type": "URLRewrite", "urlRewrite": rewrite} if rewrite else None
     if f.type == "RequestHeaderModifier":
         return {"type": "RequestHeaderModifier", "requestHeaderModifier": config}
+    if f.type == "ResponseHeaderModifier":  # (custom-headers)
+        return {"type": "ResponseHeaderModifier", "responseHeaderModifier": config}
     if f.type == "CORS":
         def names(value: str) -> list[str]:
             return [n.strip() for n in value.split(",") if n.strip()]

@@ -67,13 +67,15 @@ def version_preference(info: kinds.KindInfo) -> list[str]:
     return sorted(served, key=lambda v: (v != "v1", v != stored, served.index(v)))
 
 
-# ingress-nginx's annotations that name a Secret of the Ingress's namespace
-SECRET_ANNOTATIONS = ("nginx.ingress.kubernetes.io/auth-secret", "nginx.ingress.kubernetes.io/proxy-ssl-secret")
+# ingress-nginx's annotations that name a Secret or a ConfigMap of the Ingress's namespace
+REFERENCE_ANNOTATIONS = (("nginx.ingress.kubernetes.io/auth-secret", "Secret"),
+                         ("nginx.ingress.kubernetes.io/proxy-ssl-secret", "Secret"),
+                         ("nginx.ingress.kubernetes.io/custom-headers", "ConfigMap"))
 
 
 def referenced(resources: dict[Key, Resource]) -> set[Key]:
-    """Secrets and ConfigMaps that Gateways, Ingresses (their TLS, and ingress-nginx's auth-secret and
-    proxy-ssl-secret) and BackendTLSPolicies point at."""
+    """Secrets and ConfigMaps that Gateways, Ingresses (their TLS, and ingress-nginx's auth-secret,
+    proxy-ssl-secret and custom-headers) and BackendTLSPolicies point at."""
     wanted: set[Key] = set()
 
     def add(ref: dict, namespace: str, default_kind: str = "Secret") -> None:
@@ -98,10 +100,10 @@ def referenced(resources: dict[Key, Resource]) -> set[Key]:
             for tls in spec.get("tls") or []:
                 if tls.get("secretName"):
                     wanted.add(Key("Secret", key.namespace, tls["secretName"]))
-            for annotation in SECRET_ANNOTATIONS:
+            for annotation, kind in REFERENCE_ANNOTATIONS:
                 namespace, _, name = str(res.annotations.get(annotation, "")).strip().rpartition("/")
                 if name and namespace in ("", key.namespace):  # (another namespace's is refused: never read)
-                    wanted.add(Key("Secret", key.namespace, name))
+                    wanted.add(Key(kind, key.namespace, name))
         elif key.kind == "BackendTLSPolicy":
             for ref in (spec.get("validation") or {}).get("caCertificateRefs") or []:
                 add(ref, key.namespace, "ConfigMap")

@@ -165,6 +165,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                              ing.key))
     pod_tls = _pod_tls(index, ing, routing, notes)
     mirror = _mirror_filter(index, ing, routing.mirror, backend_tls, notes) if routing.mirror else None
+    headers = _custom_headers(index, ing, routing.custom_headers, notes) if routing.custom_headers else None
     auth: list[ir.Filter] = []  # both must let a request in (nginx's `satisfy all`)
     if routing.external_auth is not None:
         auth.append(_external_auth_filter(index, ing, routing.external_auth))
@@ -184,6 +185,8 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                                      "path is not served", ing.key, f"spec.rules[{r}].http.paths[{p}].path"))
                 continue
             filters = _filters(routing, value, auth) + ([mirror] if mirror is not None else [])
+            if isinstance(headers, ir.Filter):
+                filters.append(headers)
             backend = _backend(index, ing, path["backend"], backend_tls, notes)
             if fallback is not None and routing.error_codes:
                 service, _, port = backend.name.rpartition(":")
@@ -198,6 +201,8 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                 hostnames=(host or "*",), matches=matches, filters=tuple(filters),
                 backends=(_with_protocol(backend, routing, False, pod_tls),),
                 created=ing.creation_timestamp, wildcard_single_label=True)
+            if isinstance(headers, str):  # ingress-nginx's "location denied"
+                route = dataclasses.replace(route, direct_status=503, guard=ir.RequestGuard(problem=headers))
             canaried = canaries.get((host, value))
             secure_route = dataclasses.replace(route, backends=(_with_protocol(backend, routing, True, pod_tls),))
             secure += _canary_routes(secure_route, canaried) if canaried else [secure_route]
@@ -400,6 +405,26 @@ def _filters(routing: Routing, value: str, auth: list[ir.Filter]) -> list[ir.Fil
     if rewrite:
         filters.append(ir.Filter("URLRewrite", rewrite))
     return filters
+
+
+_HEADER = re2.compile(r"[a-zA-Z0-9_-]+")  # ingress-nginx's customheaders headerRegexp and valueRegexp
+_HEADER_VALUE = re2.compile(r"[a-zA-Z0-9_ :;.,\\/\"'?!(){}\[\]@<>=\-+*#$&`|~^%]+")
+
+
+def _custom_headers(index: Index, ing: Resource, name: str, notes: list[Problem]) -> ir.Filter | str:
+    """custom-headers: the ConfigMap's entries as response headers (a ResponseHeaderModifier), or why the
+    Ingress's paths answer 503 instead (a missing ConfigMap, a name or value outside ingress-nginx's
+    grammar), as ingress-nginx denies the location."""
+    config_map = index.get("ConfigMap", ing.namespace, name)
+    where = f"custom-headers ConfigMap {ing.namespace}/{name}"
+    data = {str(k): str(v) for k, v in ((config_map.obj.get("data") or {}) if config_map else {}).items()}
+    bad = [k for k, v in data.items() if not _HEADER.fullmatch(k) or not _HEADER_VALUE.fullmatch(v)]
+    problem = f"{where} not found" if config_map is None else \
+        f"{where}: {len(bad)} entries are not a header name and value" if bad else ""
+    if problem:
+        notes.append(Problem("error", ing.origin, f"{problem}: the Ingress's paths answer 503", ing.key))
+        return problem
+    return ir.Filter("ResponseHeaderModifier", {"set": [{"name": k, "value": v} for k, v in sorted(data.items())]})
 
 
 def _mirror_filter(index: Index, ing: Resource, mirror: tuple[str, str, int, bool], backend_tls: dict,

@@ -34,7 +34,7 @@ ROUTING_KEYS = frozenset({
     "canary", "canary-by-cookie", "canary-by-header", "canary-by-header-pattern", "canary-by-header-value",
     "canary-weight", "canary-weight-total", "custom-http-errors", "default-backend", "server-alias",
     "proxy-ssl-secret", "proxy-ssl-verify", "proxy-ssl-name", "proxy-ssl-server-name", "mirror-target",
-    "mirror-request-body", "ssl-passthrough", "enable-access-log"})
+    "mirror-request-body", "ssl-passthrough", "enable-access-log", "custom-headers"})
 # Read here too, for the route's filters: CORS, basic and external authentication.
 ACCESS_KEYS = frozenset({
     "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers", "cors-allow-credentials",
@@ -70,15 +70,14 @@ LATER_KEYS = frozenset({
     "affinity-canary-behavior", "auth-cache-duration", "auth-cache-key", "auth-file", "auth-keepalive",
     "auth-keepalive-requests", "auth-keepalive-share-vars", "auth-keepalive-timeout", "auth-map",
     "auth-proxy-set-headers", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
-    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "custom-headers",
-    "disable-proxy-intercept-errors", "enable-global-auth", "enable-modsecurity", "enable-opentelemetry",
-    "enable-owasp-core-rules", "fastcgi-index", "fastcgi-params-configmap", "limit-rate", "limit-rate-after",
-    "mirror-host", "modsecurity-transaction-id", "opentelemetry-operation-name", "opentelemetry-trust-incoming-span",
-    "proxy-cookie-domain", "proxy-cookie-path", "proxy-next-upstream-timeout", "proxy-redirect-from",
-    "proxy-redirect-to", "proxy-ssl-ciphers", "proxy-ssl-protocols", "proxy-ssl-verify-depth", "relative-redirects",
-    "satisfy", "service-upstream", "session-cookie-change-on-failure", "session-cookie-conditional-samesite-none",
-    "ssl-ciphers", "ssl-prefer-server-ciphers", "upstream-hash-by-subset", "upstream-hash-by-subset-size",
-    "use-port-in-redirects"})
+    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "disable-proxy-intercept-errors",
+    "enable-global-auth", "enable-modsecurity", "enable-opentelemetry", "enable-owasp-core-rules", "fastcgi-index",
+    "fastcgi-params-configmap", "limit-rate", "limit-rate-after", "mirror-host", "modsecurity-transaction-id",
+    "opentelemetry-operation-name", "opentelemetry-trust-incoming-span", "proxy-cookie-domain", "proxy-cookie-path",
+    "proxy-next-upstream-timeout", "proxy-redirect-from", "proxy-redirect-to", "proxy-ssl-ciphers",
+    "proxy-ssl-protocols", "proxy-ssl-verify-depth", "relative-redirects", "satisfy", "service-upstream",
+    "session-cookie-change-on-failure", "session-cookie-conditional-samesite-none", "ssl-ciphers",
+    "ssl-prefer-server-ciphers", "upstream-hash-by-subset", "upstream-hash-by-subset-size", "use-port-in-redirects"})
 
 # ingress-nginx's value grammars (internal/ingress/annotations/parser/validators.go).
 _ALNUM = r"\-\.\_\~a-zA-Z0-9\/:"
@@ -119,6 +118,7 @@ class Routing:
     mirror: tuple[str, str, int, bool] | None = None  # mirror-target: (namespace, Service, port, TLS)
     ssl_passthrough: bool = False  # the hosts' TLS goes to the "/" path's pods as it is, chosen by SNI
     enable_access_log: bool = True  # False: its requests write no access log line
+    custom_headers: str = ""  # a ConfigMap of the Ingress's namespace: response headers to set
 
     def rewrites(self, path: str) -> bool:
         """ingress-nginx's needsRewrite: a rewrite-target that differs from the path."""
@@ -238,6 +238,12 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
     if any(key in values for key in ("proxy-ssl-secret", "proxy-ssl-verify", "proxy-ssl-name",
                                      "proxy-ssl-server-name")):
         found["proxy_ssl"] = _proxy_ssl(ing, values, notes)
+    if "custom-headers" in values:
+        namespace, _, name = values["custom-headers"].strip().rpartition("/")
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or namespace not in ("", ing.namespace):
+            _drop(ing, notes, NGINX_PREFIX + "custom-headers", "not the name of a ConfigMap of the Ingress's namespace")
+        else:
+            found["custom_headers"] = name
     if "mirror-target" in values:
         found["mirror"] = _mirror(ing, values, notes)
     if "server-alias" in values:
