@@ -424,8 +424,9 @@ def test_external_auth_asks_the_service_as_ingress_nginx_does(tmp_path):
     with X-Auth-User and a cookie, 401 with a challenge, 403, 502) and as the pod (it says what it received):
     2xx lets the request through with auth-response-headers copied (a client's own copy replaced, a header the
     service did not send removed) and the cookie added; 401, 403 pass on; anything else is 500; auth-signin
-    redirects a 401 with rd=; the URL's host may be a Service (its pods are asked) or an address; a broken
-    annotation answers 503 and other Ingresses serve on; HTTP/2 too."""
+    redirects a 401 with rd=; auth-proxy-set-headers adds a ConfigMap's headers; the URL's host may be a
+    Service (its pods are asked) or an address; a broken annotation answers 503 and other Ingresses serve on;
+    HTTP/2 too."""
     auth_port, pod_port, http_port = free_port("127.0.10.6"), free_port("127.0.10.7"), free_port()
     conf = _nginx_pod(tmp_path, f"""
     listen 127.0.10.6:{auth_port};
@@ -442,6 +443,10 @@ def test_external_auth_asks_the_service_as_ingress_nginx_does(tmp_path):
       if ($http_x_token = "forbidden") {{ return 403; }}
       if ($http_x_token = "broken") {{ return 502; }}
       add_header WWW-Authenticate 'Bearer realm="test"' always;
+      return 401;
+    }}
+    location = /auth-extra {{
+      if ($http_x_proxy_set = "from extra.test") {{ return 200; }}
       return 401;
     }}
   }}
@@ -462,6 +467,13 @@ def test_external_auth_asks_the_service_as_ingress_nginx_does(tmp_path):
         + _ingress("signin", "signin.test", {**by_service, "auth-signin": "http://$host/auth/start"})
         + _ingress("down", "down.test", {"auth-url": "http://nobody.default.svc:80/auth"})
         + _ingress("broken", "broken.test", {"auth-url": "http://$nonsense/auth"})
+        + "---\n" + yaml.safe_dump({"apiVersion": "v1", "kind": "ConfigMap", "data": {"X-Proxy-Set": "from $host"},
+                                    "metadata": {"name": "extra-headers", "namespace": "default"}})
+        + _ingress("extra", "extra.test", {"auth-url": f"http://127.0.10.6:{auth_port}/auth-extra",
+                                           "auth-proxy-set-headers": "extra-headers"})
+        + _ingress("noextra", "noextra.test", {"auth-url": f"http://127.0.10.6:{auth_port}/auth-extra"})
+        + _ingress("badextra", "badextra.test", {"auth-url": f"http://127.0.10.6:{auth_port}/auth-extra",
+                                                 "auth-proxy-set-headers": "no-such-map"})
         + _ingress("open", "open.test", {}))
     with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
                  ready=("127.0.10.6", auth_port)), \
@@ -484,6 +496,10 @@ def test_external_auth_asks_the_service_as_ingress_nginx_does(tmp_path):
         assert _curl(http_port, "down.test", headers={"X-Token": "good"})[0] == 500
         assert _curl(http_port, "broken.test", headers={"X-Token": "good"})[0] == 503
         assert _curl(http_port, "open.test")[0] == 200
+        # auth-proxy-set-headers: the ConfigMap's headers (variables filled in) over the client's own
+        assert _curl(http_port, "extra.test", headers={"X-Proxy-Set": "forged"})[0] == 200
+        assert _curl(http_port, "noextra.test")[0] == 401
+        assert _curl(http_port, "badextra.test")[0] == 503
         status, _, body = _curl(http_port, "app.test", headers={"X-Token": "good"}, extra=("--http2-prior-knowledge",))
         assert status == 200 and body.startswith("alice|"), (status, body)
 

@@ -135,6 +135,10 @@ async def check(config: dict[str, Any], method: str, headers: list[tuple[str, st
              ("X-Auth-Request-Redirect", expand(config.get("request_redirect") or "$request_uri", values))]
     if config.get("method"):
         head += [("X-Original-URI", request_uri), ("X-Scheme", scheme)]
+    extra = config.get("proxy_set_headers")
+    if extra:  # auth-proxy-set-headers: set, over the request's own
+        names = {name.lower() for name, _ in extra}
+        head = [(n, v) for n, v in head if n.lower() not in names] + [(n, expand(v, values)) for n, v in extra]
     url = expand(config["url"], values)
     try:
         async with asyncio.timeout(ANSWER_TIMEOUT):

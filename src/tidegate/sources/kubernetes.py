@@ -70,7 +70,8 @@ def version_preference(info: kinds.KindInfo) -> list[str]:
 # ingress-nginx's annotations that name a Secret or a ConfigMap of the Ingress's namespace
 REFERENCE_ANNOTATIONS = (("nginx.ingress.kubernetes.io/auth-secret", "Secret"),
                          ("nginx.ingress.kubernetes.io/proxy-ssl-secret", "Secret"),
-                         ("nginx.ingress.kubernetes.io/custom-headers", "ConfigMap"))
+                         ("nginx.ingress.kubernetes.io/custom-headers", "ConfigMap"),
+                         ("nginx.ingress.kubernetes.io/auth-proxy-set-headers", "ConfigMap"))
 
 
 def referenced(resources: dict[Key, Resource]) -> set[Key]:

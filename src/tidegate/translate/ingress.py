@@ -168,7 +168,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
     headers = _custom_headers(index, ing, routing.custom_headers, notes) if routing.custom_headers else None
     auth: list[ir.Filter] = []  # both must let a request in (nginx's `satisfy all`)
     if routing.external_auth is not None:
-        auth.append(_external_auth_filter(index, ing, routing.external_auth))
+        auth.append(_external_auth_filter(index, ing, routing.external_auth, notes))
     if routing.basic_auth is not None:
         auth.append(_basic_auth_filter(index, ing, routing.basic_auth, notes))
     for r, rule in enumerate(ing.spec.get("rules", [])):
@@ -458,11 +458,20 @@ def _default_backend(index: Index, ing: Resource, name: str, backend_tls: dict, 
     return backend
 
 
-def _external_auth_filter(index: Index, ing: Resource, auth: ExternalAuth) -> ir.Filter:
+def _external_auth_filter(index: Index, ing: Resource, auth: ExternalAuth, notes: list[Problem]) -> ir.Filter:
     """The ExternalAuth filter of an Ingress's paths (dataplane/external_auth.py). A URL whose host names a
     Service of the cluster (NAME.NAMESPACE, NAME.NAMESPACE.svc, NAME.NAMESPACE.svc.cluster.local) is sent
     straight to its ready pods (`targets`), as every backend is."""
     config: dict[str, Any] = {k: v for k, v in dataclasses.asdict(auth).items() if v}
+    if auth.proxy_set_headers:
+        config_map = index.get("ConfigMap", ing.namespace, auth.proxy_set_headers)
+        data = {str(k): str(v) for k, v in ((config_map.obj.get("data") or {}) if config_map else {}).items()}
+        where = f"auth-proxy-set-headers ConfigMap {ing.namespace}/{auth.proxy_set_headers}"
+        if config_map is None or any(not _HEADER.fullmatch(k) or "\n" in v or "\r" in v for k, v in data.items()):
+            problem = f"{where} {'not found' if config_map is None else 'has an entry that is not a header'}"
+            notes.append(Problem("error", ing.origin, f"{problem}: the Ingress's paths answer 503", ing.key))
+            return ir.Filter("ExternalAuth", {"problem": problem})
+        config["proxy_set_headers"] = [[k, v] for k, v in sorted(data.items())]
     if auth.problem:
         return ir.Filter("ExternalAuth", config)
     config["response_headers"] = list(auth.response_headers)

@@ -40,7 +40,7 @@ ACCESS_KEYS = frozenset({
     "enable-cors", "cors-allow-origin", "cors-allow-methods", "cors-allow-headers", "cors-allow-credentials",
     "cors-expose-headers", "cors-max-age", "auth-type", "auth-secret", "auth-secret-type", "auth-realm",
     "auth-url", "auth-method", "auth-signin", "auth-signin-redirect-param", "auth-response-headers",
-    "auth-request-redirect", "auth-always-set-cookie"})
+    "auth-request-redirect", "auth-always-set-cookie", "auth-proxy-set-headers"})
 # Read by `balancing` (BackendPolicy's sections from an Ingress, backend_policies.py).
 BALANCING_KEYS = frozenset({
     "affinity", "affinity-mode", "session-cookie-name", "session-cookie-path", "session-cookie-max-age",
@@ -64,14 +64,17 @@ NO_EFFECT_KEYS = {
     "connection-proxy-header": "tidegate keeps its own connections to pods alive",
     "enable-rewrite-log": "tidegate's rewrites are pure and shown by `tidegate explain`",
     "http2-push-preload": "HTTP/2 server push is gone from browsers and nginx alike",
+    "auth-keepalive": "tidegate keeps its connections to the authentication service alive",
+    "auth-keepalive-requests": "tidegate keeps its connections to the authentication service alive",
+    "auth-keepalive-timeout": "tidegate keeps its connections to the authentication service alive",
+    "auth-keepalive-share-vars": "tidegate keeps no nginx variables to share",
 }
 # What ingress-nginx v1.15 knows besides those (its annotations/*/main.go): reported as not done yet.
 LATER_KEYS = frozenset({
-    "affinity-canary-behavior", "auth-cache-duration", "auth-cache-key", "auth-file", "auth-keepalive",
-    "auth-keepalive-requests", "auth-keepalive-share-vars", "auth-keepalive-timeout", "auth-map",
-    "auth-proxy-set-headers", "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream",
-    "auth-tls-secret", "auth-tls-verify-client", "auth-tls-verify-depth", "disable-proxy-intercept-errors",
-    "enable-global-auth", "enable-modsecurity", "enable-opentelemetry", "enable-owasp-core-rules", "fastcgi-index",
+    "affinity-canary-behavior", "auth-cache-duration", "auth-cache-key", "auth-file", "auth-map",
+    "auth-tls-error-page", "auth-tls-match-cn", "auth-tls-pass-certificate-to-upstream", "auth-tls-secret",
+    "auth-tls-verify-client", "auth-tls-verify-depth", "disable-proxy-intercept-errors", "enable-global-auth",
+    "enable-modsecurity", "enable-opentelemetry", "enable-owasp-core-rules", "fastcgi-index",
     "fastcgi-params-configmap", "limit-rate", "limit-rate-after", "mirror-host", "modsecurity-transaction-id",
     "opentelemetry-operation-name", "opentelemetry-trust-incoming-span", "proxy-cookie-domain", "proxy-cookie-path",
     "proxy-next-upstream-timeout", "proxy-redirect-from", "proxy-redirect-to", "proxy-ssl-ciphers",
@@ -467,6 +470,7 @@ class ExternalAuth:
     response_headers: tuple[str, ...] = ()
     request_redirect: str = ""
     always_set_cookie: bool = False
+    proxy_set_headers: str = ""  # a ConfigMap of the Ingress's namespace: headers sent to the service
     problem: str = ""
 
 
@@ -533,6 +537,14 @@ def _external_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) 
     flag = _flag(ing, values, "auth-always-set-cookie", notes)
     if flag is not None:
         found["always_set_cookie"] = flag
+    if "auth-proxy-set-headers" in values:
+        namespace, _, name = values["auth-proxy-set-headers"].strip().rpartition("/")
+        if not re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", name) or namespace not in ("", ing.namespace):
+            notes.append(Problem("error", ing.origin, f"annotation {NGINX_PREFIX}auth-proxy-set-headers is not the "
+                                 "name of a ConfigMap of the Ingress's namespace; the Ingress's paths answer 503",
+                                 ing.key))
+            return ExternalAuth(problem="the auth-proxy-set-headers annotation is not usable")
+        found["proxy_set_headers"] = name
     return ExternalAuth(**found)
 
 
