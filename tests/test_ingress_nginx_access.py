@@ -482,7 +482,8 @@ def test_external_auth_asks_the_service_as_ingress_nginx_does(tmp_path):
         status, fields, _ = _curl(http_port, "app.test")
         assert status == 401 and _values(fields, "WWW-Authenticate") == ['Bearer realm="test"']
         status, fields, body = _curl(http_port, "app.test", "/shop?q=1", "POST",
-                                     {"X-Token": "good", "X-Auth-User": "mallory", "X-Missing": "forged"})
+                                     {"X-Token": "good", "X-Auth-User": "mallory", "X-Missing": "forged",
+                                      "X-Original-URL": "http://app.test/public"})
         assert status == 200, (status, body)
         assert body == f"alice|http://app.test:{http_port}/shop?q=1|GET POST||good", body
         assert _values(fields, "Set-Cookie") == ["session=s1; Path=/"]

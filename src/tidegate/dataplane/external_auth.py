@@ -129,16 +129,15 @@ async def check(config: dict[str, Any], method: str, headers: list[tuple[str, st
               "http_host": http_host, "best_http_host": http_host, "scheme": scheme,
               "pass_access_scheme": scheme, "request_uri": request_uri,
               "escaped_request_uri": quote(request_uri, safe=""), "remote_addr": client}
-    head = [(n, v) for n, v in headers if n.lower() not in NOT_SENT]
-    head += [("X-Original-URL", f"{scheme}://{http_host}{request_uri}"), ("X-Original-Method", method),
-             ("X-Sent-From", "nginx-ingress-controller"), ("X-Real-IP", client), ("X-Forwarded-For", client),
-             ("X-Auth-Request-Redirect", expand(config.get("request_redirect") or "$request_uri", values))]
+    ours = [("X-Original-URL", f"{scheme}://{http_host}{request_uri}"), ("X-Original-Method", method),
+            ("X-Sent-From", "nginx-ingress-controller"), ("X-Real-IP", client), ("X-Forwarded-For", client),
+            ("X-Auth-Request-Redirect", expand(config.get("request_redirect") or "$request_uri", values))]
     if config.get("method"):
-        head += [("X-Original-URI", request_uri), ("X-Scheme", scheme)]
-    extra = config.get("proxy_set_headers")
-    if extra:  # auth-proxy-set-headers: set, over the request's own
-        names = {name.lower() for name, _ in extra}
-        head = [(n, v) for n, v in head if n.lower() not in names] + [(n, expand(v, values)) for n, v in extra]
+        ours += [("X-Original-URI", request_uri), ("X-Scheme", scheme)]
+    ours += [(n, expand(v, values)) for n, v in config.get("proxy_set_headers", ())]  # auth-proxy-set-headers
+    # Set, as nginx's proxy_set_header: a client's own copy of these (a forged X-Original-URL) is not sent.
+    set_names = {name.lower() for name, _ in ours}
+    head = [(n, v) for n, v in headers if n.lower() not in NOT_SENT and n.lower() not in set_names] + ours
     url = expand(config["url"], values)
     try:
         async with asyncio.timeout(ANSWER_TIMEOUT):
