@@ -412,7 +412,7 @@ def _proxy_ssl(ing: Resource, values: dict[str, str], notes: list[Problem]) -> P
         elif raw:
             _drop(ing, notes, NGINX_PREFIX + key, f"{raw!r} is not on or off")
     name = values.get("proxy-ssl-name", "").strip()
-    if name and SERVER_NAME.fullmatch(name) and re.fullmatch(r"[A-Za-z0-9.-]+", name):
+    if name and re.fullmatch(r"[A-Za-z0-9.-]+", name):
         found["name"] = name
     elif name:
         _drop(ing, notes, NGINX_PREFIX + "proxy-ssl-name", f"{name!r} is not a host name")
