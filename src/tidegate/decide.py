@@ -10,12 +10,12 @@ same cases.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from tidegate import ir
 from tidegate.dataplane import basic_auth
 from tidegate.dataplane.filters import cors, modify_headers, redirect_location, replace_path, with_query
-from tidegate.router import Request, Router
+from tidegate.router import Request, Router, normal_path
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Decision:
 
 
 def decide(router: Router, request: Request, scheme: str = "http", port: int = 80, query: str = "") -> Decision:
+    request = replace(request, path=normal_path(request.path))  # as the data plane reads it (route_request)
     candidate = router.lookup(request)
     if candidate is None:
         return Decision(404)

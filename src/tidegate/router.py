@@ -45,6 +45,43 @@ def normalize_host(host: str) -> str:
     return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
 
 
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX: Final = frozenset("0123456789abcdefABCDEF")
+
+
+def normal_path(path: str) -> str:
+    """A request path in the form routes are matched against and pods receive (RFC 3986 section 6.2.2, as
+    nginx, Envoy and Traefik read paths before routing): percent-encoded unreserved characters decoded (%75
+    is u, %2E is a dot) and other escapes in upper case (%2f is %2F, still a slash inside a segment), runs of
+    slashes merged, "." segments dropped and ".." segments removing the one before (never above the root).
+    Without it `/public/../admin` would match a rule for /public and reach the pod as a request for /admin."""
+    if "//" not in path and "/." not in path and "%" not in path or not path.startswith("/"):
+        return path
+    if "%" in path:
+        parts = path.split("%")
+        out = [parts[0]]
+        for part in parts[1:]:
+            code = part[:2]
+            if len(code) == 2 and code[0] in _HEX and code[1] in _HEX:
+                char = chr(int(code, 16))
+                out.append((char if char in _UNRESERVED else "%" + code.upper()) + part[2:])
+            else:
+                out.append("%" + part)  # not an escape: left as it came
+        path = "".join(out)
+    segments: list[str] = []
+    pieces = path.split("/")
+    last = len(pieces) - 1
+    for i, segment in enumerate(pieces):
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment and segment != ".":
+            segments.append(segment)
+        if i == last and segment in ("", ".", ".."):
+            segments.append("")  # a path that ends in a directory keeps its slash
+    return "/" + "/".join(segments)
+
+
 class Candidate:
     """One match of one rule, with its regexes compiled."""
 

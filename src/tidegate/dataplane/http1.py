@@ -60,7 +60,7 @@ from tidegate.dataplane.upstream import (
 from tidegate.dataplane.upstream_h2 import H2UpstreamStream
 from tidegate.observe import accesslog
 from tidegate.observe.metrics import METRICS, RouteCounts
-from tidegate.router import Candidate, Request, normalize_host
+from tidegate.router import Candidate, Request, normal_path, normalize_host
 
 if TYPE_CHECKING:
     from tidegate.dataplane.server import Site
@@ -889,6 +889,7 @@ def route_request(conn: ClientSide, ex: Exchange, site: Site) -> Routed | bool:
     except RequestRejected as exc:
         conn.send_simple(exc.status, str(exc), close=True)
         return False
+    path = normal_path(path)  # matched and sent on in this form
     headers_lower = ex.lowered()
     host = abs_host or headers_lower.get("host") or ""
     if accesslog.ACCESS_LOG is not None and accesslog.ACCESS_LOG.is_active:

@@ -110,6 +110,8 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
         loadbalancer = ({"ingress": [{"hostname" if not _looks_like_ip(address) else "ip": address}]}
                         if address else {})
         statuses[ing.key] = {"loadBalancer": loadbalancer}
+    http_routes, https_routes = _slash_redirects_where_nginx_has_them(http_routes), \
+        _slash_redirects_where_nginx_has_them(https_routes)
     passthrough = [route for ing in taken if routing[ing.key].ssl_passthrough
                    for route in _passthrough_routes(index, ing, backend_tls, notes)]
     if not http_routes and not certificates and not passthrough:
@@ -214,6 +216,18 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                                                          "stripTrailingSlash": not routing.preserve_trailing_slash})
                 route = dataclasses.replace(route, filters=(*route.filters[:at], redirect, *route.filters[at:]))
             plain += _canary_routes(route, canaried) if canaried else [route]
+            if value != "/" and value.endswith("/") and host not in regex_hosts:
+                # nginx's location "/foo/" (or "= /foo/") with proxy_pass answers "/foo" itself: 301 to "/foo/",
+                # unless a location for "/foo" exists (the youngest rule: any other rule for "/foo" wins).
+                slash = ir.HTTPRoute(
+                    name=f"{route.name}/slash", source=source, hostnames=route.hostnames,
+                    matches=(ir.Match(path=ir.PathMatch("Exact", value[:-1])),),
+                    filters=(ir.Filter("RequestRedirect", {"path": {"type": "ReplaceFullPath",
+                                                                    "replaceFullPath": value},
+                                                           "statusCode": 301}),),
+                    created="~~", wildcard_single_label=True)
+                plain.append(slash)
+                secure.append(slash)
     default = ing.spec.get("defaultBackend")
     if default:
         route = ir.HTTPRoute(
@@ -248,6 +262,22 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
         plain.append(route)
         secure.append(route)
     return plain, secure
+
+
+def _slash_redirects_where_nginx_has_them(routes: list[ir.HTTPRoute]) -> list[ir.HTTPRoute]:
+    """Without the "/foo" → "/foo/" redirects of hosts where a rule takes "/foo" as it is (nginx's "= /foo",
+    from an Exact or a Prefix path "/foo"), and with one per host and path."""
+    taken = {(host, m.path.value) for r in routes if not r.name.endswith("/slash") for host in r.hostnames
+             for m in r.matches if m.path.type in ("Exact", "PathPrefix")}
+    out = []
+    for route in routes:
+        if route.name.endswith("/slash"):
+            key = (route.hostnames[0], route.matches[0].path.value)
+            if key in taken:
+                continue
+            taken.add(key)
+        out.append(route)
+    return out
 
 
 @dataclass(frozen=True)
