@@ -227,7 +227,10 @@ def test_a_running_tidegate_answers_as_decide_says(tmp_path):
         "preserve-trailing-slash keeps it, for a host with a certificate",
         "without regex, ImplementationSpecific is a plain string prefix and Prefix goes by segments",
         'a path that ends in "/" answers the same path without it with a 301',
-        "paths are normalised before they are matched")]
+        "paths are normalised before they are matched", "rewrite-target to a URL answers 302 there, the query "
+        "string after it", "a group's text is never a redirect, nor a path that is not absolute",
+        "what capture groups bring is normalised", "app-root with $is_args$args keeps the query string",
+        "upstream-vhost with the location's variables")]
     checked = 0
     for n, case in enumerate(chosen):
         config = tmp_path / f"config-{n}"
@@ -263,7 +266,7 @@ def test_a_running_tidegate_answers_as_decide_says(tmp_path):
                     assert got_host.split(":")[0] == expected.host.split(":")[0], (what, got_host)
                     assert prefix == expected.headers.get("x-forwarded-prefix", ""), (what, prefix)
                 checked += 1
-    assert checked >= 27
+    assert checked >= 40
 
 
 def _probe_backend(translation):

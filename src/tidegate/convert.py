@@ -322,17 +322,23 @@ def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
     config = dict(f.config)
     if f.type == "RequestRedirect":
         redirect: dict[str, Any] = {}
-        if config.get("location"):
-            url = urlsplit(config["location"])
+        to_url = (config.get("path") or {}).get("type") == "RegexReplace"  # (a rewrite-target to a URL)
+        if to_url and "$" in config["path"]["substitution"]:
+            once("rewrite-target", "unsupported", f"{config['path']['substitution']!r} redirects to a URL made of the "
+                                                  "path's groups: HTTPRoute's redirect cannot; no redirect")
+            return None
+        if to_url or config.get("location"):
+            url = urlsplit(config["path"]["substitution"] if to_url else config["location"])
             redirect = {"scheme": url.scheme, "hostname": url.hostname or ""}
             if url.port:
                 redirect["port"] = url.port
             redirect["path"] = {"type": "ReplaceFullPath", "replaceFullPath": url.path or "/"}
+        if config.get("location"):
             once("permanent-redirect / temporal-redirect", "approximated",
                  "HTTPRoute's redirect keeps the request's query string, where ingress-nginx's sent the URL as it is"
                  + (f" (with its own query, {url.query}, lost here)" if url.query else "")
                  + ("; a URL with no path gets \"/\"" if not url.path else ""))
-        else:
+        elif not to_url:
             for key in ("scheme", "hostname", "port", "path"):
                 if config.get(key):
                     redirect[key] = config[key]

@@ -59,6 +59,8 @@ def decide(router: Router, request: Request, scheme: str = "http", port: int = 8
                 return Decision(503, route.name)
             asks = f.config["url"]
         host, upstream_path, headers = _apply(f, host, upstream_path, headers, matched_prefix)
+    if upstream_path != path and not upstream_path.startswith("/"):
+        return Decision(400, route.name)  # a rewrite that made no absolute path (dataplane/http1.py)
     if route.direct_status:
         return Decision(route.direct_status, route.name)
     backend = next((b for b in route.backends if b.weight > 0), None)

@@ -7,6 +7,8 @@ from typing import Any
 
 import re2
 
+from tidegate.router import normal_path
+
 Headers = list[tuple[str, str]]  # (name as received, value), in order
 
 
@@ -55,8 +57,14 @@ def replace_path(path: str, config: dict[str, Any], matched_prefix: str | None) 
         if found is None:
             return path
         groups = found.groups()
-        return _CAPTURE.sub(lambda m: (groups[int(m.group(1)) - 1] or "") if 0 < int(m.group(1)) <= len(groups)
-                            else "", config["substitution"]) or "/"
+        result = _CAPTURE.sub(lambda m: (groups[int(m.group(1)) - 1] or "") if 0 < int(m.group(1)) <= len(groups)
+                              else "", config["substitution"]) or "/"
+        if not result.startswith("/"):
+            return result  # a URL (a redirect's), or no absolute path at all (the caller refuses it: 400)
+        # What the groups brought is normalised as the request's path was: a pod receives /x, not //x or
+        # /../x (from /api../x and "/$1").
+        new_path, mark, params = result.partition("?")
+        return normal_path(new_path) + mark + params
     if kind == "ReplacePrefixMatch" and matched_prefix is not None:
         rest = _after_segments(path, matched_prefix)
         return ((config.get("replacePrefixMatch") or "/").rstrip("/") + rest) or "/"
@@ -115,6 +123,10 @@ def redirect_location(config: dict[str, Any], scheme: str, host: str, listener_p
     when it is the scheme's default, as from-to-www-redirect writes it)."""
     if config.get("location"):
         return config["location"]
+    rewrite = config.get("path") or {}
+    if rewrite.get("type") == "RegexReplace" and rewrite["substitution"].startswith(("http://", "https://")):
+        # nginx's `rewrite` to a URL (the target itself one, not a group's text): a redirect there
+        return with_query(replace_path(path, rewrite, None), query)
     if config.get("dropQuery"):
         query = ""
     new_scheme = config.get("scheme") or scheme

@@ -1037,6 +1037,9 @@ async def serve_exchange(conn: ClientSide, ex: Exchange, routed: Routed | None =
         else:
             headers, upstream_host, upstream_path = _modify(f, headers, response_mods, upstream_host,
                                                             upstream_path, matched_prefix)
+    if upstream_path != path and not upstream_path.startswith("/"):  # a rewrite-target's "$1" of "http://x"
+        conn.send_simple(400, "the rewritten path is not an absolute path", close=not can_keep, head_only=head_only)
+        return can_keep
     if route.direct_status:
         why = route.guard.problem if route.guard is not None else "route has no backend"
         conn.send_simple(route.direct_status, why, close=not can_keep, head_only=head_only)

@@ -11,6 +11,7 @@ path's start, tried longest first. Annotations: ingress_annotations.py.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -186,7 +187,7 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
                 notes.append(Problem("error", ing.origin, f"path {value!r} of host {host or '*'}: {matches}; this "
                                      "path is not served", ing.key, f"spec.rules[{r}].http.paths[{p}].path"))
                 continue
-            filters = _filters(routing, value, auth) + ([mirror] if mirror is not None else [])
+            filters = _filters(routing, value, auth, ing, path["backend"]) + ([mirror] if mirror is not None else [])
             if isinstance(headers, ir.Filter):
                 filters.append(headers)
             backend = _backend(index, ing, path["backend"], backend_tls, notes)
@@ -209,9 +210,10 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
             secure_route = dataclasses.replace(route, backends=(_with_protocol(backend, routing, True, pod_tls),))
             secure += _canary_routes(secure_route, canaried) if canaried else [secure_route]
             if routing.force_ssl_redirect or (routing.ssl_redirect and host in tls_hosts):
-                # Before the rewrite (ingress-nginx redirects in its rewrite phase); after permanent-redirect
-                # and temporal-redirect, whose `return` comes first, and the CORS headers.
-                at = (routing.cors is not None) + bool(routing.redirect_url)
+                # Lua's, at the end of ingress-nginx's rewrite phase: after permanent-redirect, temporal-redirect
+                # and a rewrite-target to a URL (nginx's own rewrite directives), and the CORS headers; its
+                # Location has the path as requested, so the path's rewrite does not change it.
+                at = sum(f.type in ("CORS", "RequestRedirect") for f in route.filters)
                 redirect = ir.Filter("RequestRedirect", {"scheme": "https", "statusCode": 308,
                                                          "stripTrailingSlash": not routing.preserve_trailing_slash})
                 route = dataclasses.replace(route, filters=(*route.filters[:at], redirect, *route.filters[at:]))
@@ -251,13 +253,14 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
         secure.append(route)
     for host in app_root_hosts:
         # ingress-nginx's `if ($uri = /) { return 302 $scheme://$http_host<app-root>; }`, in the server block:
-        # before any location, for the host's "/" alone.
+        # before any location, for the host's "/" alone; the query string only with "$is_args$args".
         route = ir.HTTPRoute(
             name=f"ingress/{ing.namespace}/{ing.name}/app-root/{host or '*'}", source=source,
             hostnames=(host or "*",), matches=(ir.Match(path=ir.PathMatch("Exact", "/")),),
-            filters=(ir.Filter("RequestRedirect", {"path": {"type": "ReplaceFullPath",
-                                                            "replaceFullPath": routing.app_root},
-                                                   "statusCode": 302, "dropQuery": True}),),
+            filters=(ir.Filter("RequestRedirect", {
+                "path": {"type": "ReplaceFullPath",
+                         "replaceFullPath": routing.app_root.removesuffix(ingress_annotations.APP_ROOT_QUERY)},
+                "statusCode": 302, "dropQuery": not routing.app_root.endswith(ingress_annotations.APP_ROOT_QUERY)}),),
             created="0", wildcard_single_label=True)  # "0": before every other rule for "/" (the oldest)
         plain.append(route)
         secure.append(route)
@@ -412,7 +415,7 @@ def _pod_tls(index: Index, ing: Resource, routing: Routing, notes: list[Problem]
                          verify=ssl.verify, client_certificate=client)
 
 
-def _filters(routing: Routing, value: str, auth: list[ir.Filter]) -> list[ir.Filter]:
+def _filters(routing: Routing, value: str, auth: list[ir.Filter], ing: Resource, backend: dict) -> list[ir.Filter]:
     """A path's filters from its Ingress's annotations, in the order ingress-nginx applies them: CORS (its
     rewrite phase), the redirect annotations, authentication (its access phase), then the request's changes.
     The caller puts the redirect to HTTPS after the CORS and redirect filters."""
@@ -422,16 +425,26 @@ def _filters(routing: Routing, value: str, auth: list[ir.Filter]) -> list[ir.Fil
     if routing.redirect_url:
         filters.append(ir.Filter("RequestRedirect", {"location": routing.redirect_url,
                                                      "statusCode": routing.redirect_code}))
+    to_url = routing.rewrites(value) and routing.rewrite_target.startswith(("http://", "https://"))
+    if to_url:
+        # `rewrite "(?i)PATH" https://... break;`: nginx answers 302 to that URL (the request's query after it)
+        filters.append(ir.Filter("RequestRedirect", {"path": {
+            "type": "RegexReplace", "pattern": f"(?i){value}", "substitution": routing.rewrite_target},
+            "statusCode": 302}))
     filters += auth
     rewrite: dict[str, Any] = {}
-    if routing.rewrites(value):
+    if routing.rewrites(value) and not to_url:
         # `rewrite "(?i)PATH" TARGET break;`: the whole path becomes TARGET, $1... its groups
         rewrite["path"] = {"type": "RegexReplace", "pattern": f"(?i){value}", "substitution": routing.rewrite_target}
         if routing.x_forwarded_prefix:
             filters.append(ir.Filter("RequestHeaderModifier", {"set": [{"name": "X-Forwarded-Prefix",
                                                                         "value": routing.x_forwarded_prefix}]}))
     if routing.upstream_vhost:
-        rewrite["hostname"] = routing.upstream_vhost
+        service = backend.get("service") or {}
+        port = service.get("port") or {}
+        known = {"$namespace": ing.namespace, "$ingress_name": ing.name, "$service_name": service.get("name", ""),
+                 "$service_port": str(port.get("number") or port.get("name") or "")}
+        rewrite["hostname"] = re.sub(r"\$\w+", lambda m: known[m.group(0)], routing.upstream_vhost)
     if rewrite:
         filters.append(ir.Filter("URLRewrite", rewrite))
     return filters

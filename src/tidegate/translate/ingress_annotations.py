@@ -84,6 +84,9 @@ LATER_KEYS = frozenset({
 
 # ingress-nginx's value grammars (internal/ingress/annotations/parser/validators.go).
 _ALNUM = r"\-\.\_\~a-zA-Z0-9\/:"
+# The variables ingress-nginx sets in each location, which upstream-vhost may use ($service_name.$namespace...)
+VHOST_VARIABLES = frozenset({"$namespace", "$ingress_name", "$service_name", "$service_port"})
+APP_ROOT_QUERY = "$is_args$args"  # app-root's idiom: the query string carried to the redirect
 PATH_WITH_CAPTURE = re.compile(r"^/?[" + _ALNUM + r"\/\$]*$")  # RegexPathWithCapture
 URL_CHARS = re.compile(r"^[" + _ALNUM + r",:?&=]*$")  # URLIsValidRegex
 SERVER_NAME = re.compile(r"^[/" + _ALNUM + r"\^\$\[\]\(\)\{\}\*\+\?\|&=\\]*$")  # IsValidRegex
@@ -208,12 +211,20 @@ def read(ing: Resource, notes: list[Problem]) -> Routing:
             _drop(ing, notes, NGINX_PREFIX + key, f"{value!r} is not a path (letters, digits, -._~/:$)")
         elif key == "app-root" and not value.startswith("/"):
             _drop(ing, notes, NGINX_PREFIX + key, f"{value!r} is not an absolute path")
+        elif key == "app-root" and "$" in value.removesuffix(APP_ROOT_QUERY):
+            _drop(ing, notes, NGINX_PREFIX + key, f"{value!r}: of nginx's variables, only a trailing "
+                                                  f"{APP_ROOT_QUERY} (the request's query string) is read")
         else:
             found[key.replace("-", "_")] = checked
     if "upstream-vhost" in values:
         vhost = values["upstream-vhost"].strip()
-        if not SERVER_NAME.fullmatch(vhost) or "$" in vhost:
-            _drop(ing, notes, NGINX_PREFIX + "upstream-vhost", f"{vhost!r} is not a host name")
+        unknown = set(re.findall(r"\$\w*", vhost)) - VHOST_VARIABLES
+        if vhost in ("$host", "$http_host"):
+            pass  # the Host as it came, which is what goes on without the annotation
+        elif not SERVER_NAME.fullmatch(vhost) or unknown:
+            _drop(ing, notes, NGINX_PREFIX + "upstream-vhost", f"{vhost!r} is not a host name" + (
+                f" (of nginx's variables, {', '.join(sorted(VHOST_VARIABLES))} are read, or $host alone)"
+                if unknown else ""))
         else:
             found["upstream_vhost"] = vhost
     if "backend-protocol" in values:
