@@ -360,9 +360,16 @@ def test_the_convert_command_writes_objects_and_a_report_and_says_by_its_exit_co
     same = subprocess.run([*cmd, "diff", str(exact), str(tmp_path / "out")], capture_output=True, text=True,
                           timeout=60)
     assert same.returncode == 0, same.stdout
-    unsupported = subprocess.run([*cmd, "convert", str(case("capture groups"))], capture_output=True, text=True,
-                                 timeout=60)
-    assert unsupported.returncode == 1 and "unsupported: Ingress default/regex: rewrite-target" in unsupported.stderr
+    policy = subprocess.run([*cmd, "convert", str(case("capture groups"))], capture_output=True, text=True,
+                            timeout=60)
+    assert policy.returncode == 0 and "tidegate-policy: Ingress default/regex: rewrite-target" in policy.stderr
+    assert "kind: HTTPRoute\n" in policy.stdout and "kind: HTTPRouteFilter" in policy.stdout
+    unknown = tmp_path / "unknown.yaml"
+    odd = {"name": "odd", "host": "odd.test", "path": "/", "pathType": "Prefix",
+           "annotations": {"proxy-ssl-ciphers": "HIGH"}}
+    unknown.write_text(_case_config({"ingresses": [odd]}))
+    unsupported = subprocess.run([*cmd, "convert", str(unknown)], capture_output=True, text=True, timeout=60)
+    assert unsupported.returncode == 1 and "unsupported: Ingress default/odd: nginx.ingress" in unsupported.stderr
     assert "kind: HTTPRoute" in unsupported.stdout
     approximated = case("force-ssl-redirect")
     assert subprocess.run([*cmd, "convert", str(approximated)], capture_output=True, timeout=60).returncode == 0

@@ -352,7 +352,7 @@ def test_balancing_annotations_become_the_backends_policy():
 def test_convert_writes_a_backend_policy_a_traffic_policy_and_a_cors_filter():
     """convert: the balancing and timeout annotations become a BackendPolicy on the HTTPRoute, the protection
     ones a TrafficPolicy, which the converted set serves as the Ingress was served; enable-cors becomes
-    HTTPRoute's CORS filter (approximated); basic authentication is reported unsupported."""
+    HTTPRoute's CORS filter (approximated); basic authentication an HTTPRouteFilter (tidegate.io) the rule names."""
     from tidegate.convert import convert
     from tidegate.resources.loader import load_text
     from tidegate.translate import translate
@@ -396,7 +396,12 @@ def test_convert_writes_a_backend_policy_a_traffic_policy_and_a_cors_filter():
     assert [o["kind"] for o in objects].count("TrafficPolicy") == 1
     verdicts = {e.field.removeprefix("nginx.ingress.kubernetes.io/"): e.verdict for e in report}
     assert verdicts["affinity"] == verdicts["proxy-read-timeout"] == "tidegate-policy"
-    assert verdicts["enable-cors"] == "approximated" and verdicts["auth-type"] == "unsupported"
+    assert verdicts["enable-cors"] == "approximated" and verdicts["auth-type"] == "tidegate-policy"
+    [auth] = [o for o in objects if o["kind"] == "HTTPRouteFilter"]
+    assert auth["spec"] == {"basicAuth": {"secretName": "users", "secretType": "auth-file"}}
+    named = {"type": "ExtensionRef", "extensionRef": {"group": "tidegate.io", "kind": "HTTPRouteFilter",
+                                                      "name": auth["metadata"]["name"]}}
+    assert named in route["spec"]["rules"][0]["filters"]
     assert verdicts["limit-rps"] == verdicts["proxy-body-size"] == "tidegate-policy"
 
 
@@ -548,6 +553,57 @@ $request_uri $http_x_ingress_name";
         status, _, body = _curl(http_port, "shop.test", "/missing", extra=("--http2-prior-knowledge",))
         assert (status, body) == (200, "page 404 echo:80 /missing GET / shop")
         assert "custom-http-errors without a default-backend" in (tmp_path / "tidegate.log").read_text()
+
+
+@needs_tools
+def test_the_converted_set_authenticates_rewrites_and_serves_error_pages_as_the_ingress_did(tmp_path):
+    """convert's HTTPRouteFilters (tidegate.io), named by ExtensionRef: basic authentication, a rewrite with
+    capture groups and custom-http-errors pages, served from the Gateway API objects alone as tidegate served
+    the Ingress (curl as the client, Debian's nginx as the pod and the error backend)."""
+    from tidegate.convert import convert
+    from tidegate.resources.loader import load_text
+    from tidegate.translate import TranslateOptions
+
+    pod_port, pages_port = free_port("127.0.10.7"), free_port("127.0.10.8")
+    conf = _nginx_pod(tmp_path, f"""
+    listen 127.0.10.7:{pod_port};
+    location = /missing {{ return 404 "pod's own 404"; }}
+    location / {{ return 200 "app $request_uri"; }}
+  }}
+  server {{
+    listen 127.0.10.8:{pages_port};
+    location / {{ return 200 "page $http_x_code $http_x_original_uri $http_x_service_name"; }}""")
+    text = (CLASS + _service("echo", pod_port, ("127.0.10.7",)) + _service("pages", pages_port, ("127.0.10.8",))
+            + "---\n" + yaml.safe_dump({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                                        "metadata": {"name": "users", "namespace": "default"},
+                                        "stringData": {"auth": "foo:{PLAIN}bar\n"}})
+            + _ingress("shop", "shop.test", {"use-regex": "true", "rewrite-target": "/$2", "auth-type": "basic",
+                                             "auth-secret": "users", "custom-http-errors": "404",
+                                             "default-backend": "pages"}, path="/shop(/|$)(.*)"))
+    loaded = load_text(text, "ingress")
+    port = free_port()
+    objects, report = convert(loaded.resources, options=TranslateOptions(ingress_http_port=port))
+    assert {o["kind"] for o in objects} >= {"Gateway", "HTTPRoute", "HTTPRouteFilter"}
+    assert {e.verdict for e in report if "auth" in e.field or "errors" in e.field or "rewrite" in e.field} == {
+        "tidegate-policy"}
+    others = [r.obj for r in loaded.resources if r.kind not in ("Ingress", "IngressClass")]
+    answers = {}
+    for name, content in (("ingress", text), ("converted", "".join("---\n" + yaml.safe_dump(o)
+                                                                     for o in objects + others))):
+        config = tmp_path / name
+        config.mkdir()
+        (config / "all.yaml").write_text(content)
+        with process([NGINX, "-p", str(tmp_path), "-c", str(conf), "-g", "daemon off;"], tmp_path / "nginx.log",
+                     ready=("127.0.10.8", pages_port)), \
+                tidegate_run(config, ("127.0.0.1", port), tmp_path / f"tidegate-{name}.log",
+                             "--ingress-http-port", str(port)):
+            answers[name] = [_curl(port, "shop.test", path, headers=headers)[::2] for path, headers in (
+                ("/shop/x", {}), ("/shop/x", {"Authorization": "Basic Zm9vOmJhcg=="}),
+                ("/SHOP/a/b?q=1", {"Authorization": "Basic Zm9vOmJhcg=="}),
+                ("/shop/missing", {"Authorization": "Basic Zm9vOmJhcg=="}))]
+    assert answers["ingress"][1:] == [(200, "app /x"), (200, "app /a/b?q=1"), (200, "page 404 /shop/missing echo")]
+    assert answers["ingress"][0][0] == 401
+    assert answers["converted"] == answers["ingress"]
 
 
 ACCESS_INJECTION_KEYS = {

@@ -8,14 +8,17 @@ rules, ReferenceGrants for certificates in other namespaces. Every object names 
 
 A report says, per Ingress and field, `converted`, `approximated` (with the behaviour that changes),
 `tidegate-policy` (tidegate's own kinds carry it, and are written: a BackendPolicy on the HTTPRoute for
-balancing and timeouts, a TrafficPolicy on the Ingress's HTTPRoutes for edge protection), `unsupported` or
-`refused`.
+balancing and timeouts, a TrafficPolicy on the Ingress's HTTPRoutes for edge protection, HTTPRouteFilters that
+the rules name by ExtensionRef for authentication, error pages and rewrites with capture groups),
+`unsupported` or `refused`.
 `tidegate diff INGRESS CONVERTED` then shows, request by request, that nothing else changed.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,6 +35,8 @@ from tidegate.translate.ingress_annotations import (ACCESS_KEYS, BALANCING_KEYS,
                                                     NO_EFFECT_KEYS, PROTECTION_KEYS, ROUTING_KEYS)
 
 GATEWAY_API = "gateway.networking.k8s.io/v1"
+TIDEGATE_API = "tidegate.io/v1alpha1"
+Extension = Callable[[str, dict[str, Any]], dict[str, Any]]  # (kind, HTTPRouteFilter spec) → the filter naming it
 FROM = "tidegate.io/converted-from"
 VERDICTS = ("converted", "approximated", "tidegate-policy", "unsupported", "refused")
 _REDIRECT_CODES = (301, 302, 303, 307, 308)  # what HTTPRoute's RequestRedirect takes
@@ -71,6 +76,7 @@ def convert(resources: list[Resource], gateway: str = "", options: TranslateOpti
     seen_paths: set[tuple[str, str]] = set()
     by_name = {f"{ing.namespace}/{ing.name}": ing for ing in ingresses}
     route_names: dict[str, list[str]] = {}  # Ingress → its HTTPRoutes
+    extensions: dict[tuple[str, str], str] = {}  # (namespace, an HTTPRouteFilter's spec) → its name
     for (source, hostnames), sections in by_ingress.items():
         ns, ing_name = source.split("/", 1)
         host = hostnames[0] if hostnames != ("*",) else ""
@@ -80,8 +86,22 @@ def convert(resources: list[Resource], gateway: str = "", options: TranslateOpti
         else:
             groups = [("-http", plain, ["http"]), ("-https", secure, ["https"])]
         for suffix, routes, parents in groups:
-            rules = [_rule(route, source, report, seen_paths) for route in routes]
             route_name = _name(ing_name, host) + suffix
+
+            def extension(kind: str, spec: dict[str, Any], ns: str = ns, ing_name: str = ing_name,
+                          source: str = source) -> dict[str, Any]:
+                """An HTTPRouteFilter with `spec` (one per Ingress and content), as the filter that names it."""
+                key = (ns, json.dumps(spec, sort_keys=True))
+                if key not in extensions:
+                    taken = sum(1 for other in extensions.values() if other.startswith(f"{ing_name}-{kind}"))
+                    extensions[key] = f"{ing_name}-{kind}" + (f"-{taken + 1}" if taken else "")
+                    objects.append({"apiVersion": TIDEGATE_API, "kind": "HTTPRouteFilter", "metadata": {
+                        "name": extensions[key], "namespace": ns, "annotations": {FROM: f"Ingress {source}"}},
+                        "spec": spec})
+                return {"type": "ExtensionRef", "extensionRef": {"group": "tidegate.io", "kind": "HTTPRouteFilter",
+                                                                 "name": extensions[key]}}
+
+            rules = [_rule(route, source, report, seen_paths, extension) for route in routes]
             objects.append({
                 "apiVersion": GATEWAY_API, "kind": "HTTPRoute",
                 "metadata": {"name": route_name, "namespace": ns, "annotations": {FROM: f"Ingress {source}"}},
@@ -150,14 +170,15 @@ def _annotation_entries(ing: Resource) -> list[Entry]:
                                                            "the body is not mirrored; a Service in another "
                                                            "namespace needs a ReferenceGrant there)"))
         elif key == "custom-http-errors":
-            out.append(Entry(source, full, "unsupported", "no HTTPRoute filter answers a pod's error with another "
-                                                          "Service"))
+            out.append(Entry(source, full, "tidegate-policy", "an HTTPRouteFilter (tidegate.io) errorPages on the "
+                                                              "rules"))
         elif key == "default-backend":
-            out.append(Entry(source, full, "unsupported", "HTTPRoute has no fallback for a Service without ready "
-                                                          "endpoints (the conversion names the Service serving now)"))
+            out.append(Entry(source, full, "approximated", "its error pages are carried (custom-http-errors), but "
+                                                           "HTTPRoute has no fallback for a Service without ready "
+                                                           "endpoints (the conversion names the Service serving now)"))
         elif key in ACCESS_KEYS and key.startswith("auth-"):
-            out.append(Entry(source, full, "unsupported", "no HTTPRoute filter or tidegate policy kind authenticates "
-                                                          "yet: keep serving this host from the Ingress"))
+            out.append(Entry(source, full, "tidegate-policy", "an HTTPRouteFilter (tidegate.io) on the rules: "
+                                                              "basicAuth or externalAuth"))
         elif key in ACCESS_KEYS:
             out.append(Entry(source, full, "approximated", "HTTPRoute's CORS filter answers only preflights (OPTIONS "
                                                            "with Access-Control-Request-Method) and sends its "
@@ -268,7 +289,8 @@ def _gateway(namespace: str, name: str, listeners: dict[str, ir.Listener], optio
     return [gateway, *grants.values()]
 
 
-def _rule(route: ir.HTTPRoute, source: str, report: list[Entry], seen: set[tuple[str, str]]) -> dict[str, Any]:
+def _rule(route: ir.HTTPRoute, source: str, report: list[Entry], seen: set[tuple[str, str]],
+          extension: Extension) -> dict[str, Any]:
     def once(field: str, verdict: str, note: str) -> None:
         if (source, field + note) not in seen:
             seen.add((source, field + note))
@@ -290,9 +312,7 @@ def _rule(route: ir.HTTPRoute, source: str, report: list[Entry], seen: set[tuple
         matches.append(out)
     filters = []
     for f in route.filters:
-        converted = _filter(f, once)
-        if converted is not None:
-            filters.append(converted)
+        filters += _filter(f, once, extension)
     rule: dict[str, Any] = {"name": _rule_name(route.name), "matches": matches}
     if filters:
         rule["filters"] = filters
@@ -318,15 +338,45 @@ def _backend_ref(backend: ir.Backend, weighted: bool) -> dict[str, Any]:
     return ref
 
 
-def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
+def _filter(f: ir.Filter, once: Any, extension: Extension) -> list[dict[str, Any]]:
+    """The HTTPRoute filters for one of the rule's IR filters (none when it cannot be written)."""
     config = dict(f.config)
+    regex = (config.get("path") or {}).get("type") == "RegexReplace"
+    if f.type in ("RequestRedirect", "URLRewrite") and regex and "$" in config["path"]["substitution"]:
+        # capture groups: tidegate's regexRewrite (a URL among them: its redirect)
+        path = config["path"]
+        once("rewrite-target", "tidegate-policy", "capture groups: an HTTPRouteFilter (tidegate.io) regexRewrite")
+        out = [extension("rewrite", {"regexRewrite": {"pattern": path["pattern"],
+                                                      "substitution": path["substitution"]}})]
+        if f.type == "URLRewrite" and config.get("hostname"):
+            out.append({"type": "URLRewrite", "urlRewrite": {"hostname": config["hostname"]}})
+        return out
+    if f.type == "BasicAuth" and config.get("secretName"):
+        spec = {"secretName": config["secretName"], "secretType": config.get("secretType", "auth-file")}
+        if config.get("realm"):
+            spec["realm"] = config["realm"]
+        return [extension("basic-auth", {"basicAuth": spec})]
+    if f.type == "ExternalAuth" and config.get("url"):
+        names = {"url": "url", "method": "method", "signin": "signin", "signin_param": "signinRedirectParam",
+                 "request_redirect": "requestRedirect", "always_set_cookie": "alwaysSetCookie",
+                 "proxySetHeadersConfigMap": "proxySetHeadersConfigMap"}
+        spec = {names[k]: v for k, v in config.items() if k in names and v}
+        if config.get("response_headers"):
+            spec["responseHeaders"] = list(config["response_headers"])
+        return [extension("external-auth", {"externalAuth": spec})]
+    if f.type == "ErrorPages" and f.mirror is not None:
+        service, _, port = f.mirror.name.rpartition(":")
+        return [extension("error-pages", {"errorPages": {
+            "codes": list(config["codes"]), "service": {"name": service.partition("/")[2], "port": int(port)},
+            "ingressName": config.get("ingress", "")}})]
+    one = _one_filter(f, config, once)
+    return [one] if one is not None else []
+
+
+def _one_filter(f: ir.Filter, config: dict[str, Any], once: Any) -> dict[str, Any] | None:
     if f.type == "RequestRedirect":
         redirect: dict[str, Any] = {}
         to_url = (config.get("path") or {}).get("type") == "RegexReplace"  # (a rewrite-target to a URL)
-        if to_url and "$" in config["path"]["substitution"]:
-            once("rewrite-target", "unsupported", f"{config['path']['substitution']!r} redirects to a URL made of the "
-                                                  "path's groups: HTTPRoute's redirect cannot; no redirect")
-            return None
         if to_url or config.get("location"):
             url = urlsplit(config["path"]["substitution"] if to_url else config["location"])
             redirect = {"scheme": url.scheme, "hostname": url.hostname or ""}
@@ -363,9 +413,9 @@ def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
         path = config.get("path")
         if path and path.get("type") == "RegexReplace":
             target = path["substitution"]
-            if "$" in target or "?" in target:
-                once("rewrite-target", "unsupported", f"{target!r} uses capture groups or a query: HTTPRoute's "
-                                                      "URLRewrite cannot; the path is not rewritten")
+            if "?" in target:
+                once("rewrite-target", "unsupported", f"{target!r} has a query: HTTPRoute's URLRewrite cannot; the "
+                                                      "path is not rewritten")
             else:
                 rewrite["path"] = {"type": "ReplaceFullPath", "replaceFullPath": target}
         elif path:
@@ -393,7 +443,9 @@ def _filter(f: ir.Filter, once: Any) -> dict[str, Any] | None:
         namespace, _, name = service.partition("/")
         return {"type": "RequestMirror", "requestMirror": {"backendRef": {
             "name": name, "namespace": namespace, "port": int(port) if port.isdigit() else port}}}
-    if f.type in ("BasicAuth", "ExternalAuth", "ErrorPages"):
-        return None  # (reported with its annotations: unsupported)
+    if f.type in ("BasicAuth", "ExternalAuth"):
+        once(f"filter {f.type}", "unsupported", "authentication that answers 503 (its annotation is not usable): "
+                                                "no filter does that")
+        return None
     once(f"filter {f.type}", "unsupported", "no HTTPRoute filter for it")
     return None

@@ -76,7 +76,7 @@ REFERENCE_ANNOTATIONS = (("nginx.ingress.kubernetes.io/auth-secret", "Secret"),
 
 def referenced(resources: dict[Key, Resource]) -> set[Key]:
     """Secrets and ConfigMaps that Gateways, Ingresses (their TLS, and ingress-nginx's auth-secret,
-    proxy-ssl-secret and custom-headers) and BackendTLSPolicies point at."""
+    proxy-ssl-secret and custom-headers), BackendTLSPolicies and HTTPRouteFilters point at."""
     wanted: set[Key] = set()
 
     def add(ref: dict, namespace: str, default_kind: str = "Secret") -> None:
@@ -108,6 +108,11 @@ def referenced(resources: dict[Key, Resource]) -> set[Key]:
         elif key.kind == "BackendTLSPolicy":
             for ref in (spec.get("validation") or {}).get("caCertificateRefs") or []:
                 add(ref, key.namespace, "ConfigMap")
+        elif key.kind == "HTTPRouteFilter":
+            if (spec.get("basicAuth") or {}).get("secretName"):
+                wanted.add(Key("Secret", key.namespace, spec["basicAuth"]["secretName"]))
+            if (spec.get("externalAuth") or {}).get("proxySetHeadersConfigMap"):
+                wanted.add(Key("ConfigMap", key.namespace, spec["externalAuth"]["proxySetHeadersConfigMap"]))
     return wanted
 
 

@@ -171,9 +171,9 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
     headers = _custom_headers(index, ing, routing.custom_headers, notes) if routing.custom_headers else None
     auth: list[ir.Filter] = []  # both must let a request in (nginx's `satisfy all`)
     if routing.external_auth is not None:
-        auth.append(_external_auth_filter(index, ing, routing.external_auth, notes))
+        auth.append(external_auth_filter(index, ing, routing.external_auth, notes))
     if routing.basic_auth is not None:
-        auth.append(_basic_auth_filter(index, ing, routing.basic_auth, notes))
+        auth.append(basic_auth_filter(index, ing, routing.basic_auth, notes))
     for r, rule in enumerate(ing.spec.get("rules", [])):
         host = rule.get("host", "")
         if routing.app_root and host not in app_root_hosts:
@@ -501,7 +501,7 @@ def _default_backend(index: Index, ing: Resource, name: str, backend_tls: dict, 
     return backend
 
 
-def _external_auth_filter(index: Index, ing: Resource, auth: ExternalAuth, notes: list[Problem]) -> ir.Filter:
+def external_auth_filter(index: Index, ing: Resource, auth: ExternalAuth, notes: list[Problem]) -> ir.Filter:
     """The ExternalAuth filter of an Ingress's paths (dataplane/external_auth.py). A URL whose host names a
     Service of the cluster (NAME.NAMESPACE, NAME.NAMESPACE.svc, NAME.NAMESPACE.svc.cluster.local) is sent
     straight to its ready pods (`targets`), as every backend is."""
@@ -515,6 +515,7 @@ def _external_auth_filter(index: Index, ing: Resource, auth: ExternalAuth, notes
             notes.append(Problem("error", ing.origin, f"{problem}: the Ingress's paths answer 503", ing.key))
             return ir.Filter("ExternalAuth", {"problem": problem})
         config["proxy_set_headers"] = [[k, v] for k, v in sorted(data.items())]
+        config["proxySetHeadersConfigMap"] = auth.proxy_set_headers
     if auth.problem:
         return ir.Filter("ExternalAuth", config)
     config["response_headers"] = list(auth.response_headers)
@@ -531,9 +532,10 @@ def _external_auth_filter(index: Index, ing: Resource, auth: ExternalAuth, notes
     return ir.Filter("ExternalAuth", config)
 
 
-def _basic_auth_filter(index: Index, ing: Resource, auth: BasicAuth, notes: list[Problem]) -> ir.Filter:
+def basic_auth_filter(index: Index, ing: Resource, auth: BasicAuth, notes: list[Problem]) -> ir.Filter:
     """The BasicAuth filter of an Ingress's paths: the users from its Secret, or the reason they answer 503."""
-    config: dict[str, Any] = {"realm": auth.realm, "source": f"Ingress {ing.namespace}/{ing.name}"}
+    config: dict[str, Any] = {"realm": auth.realm, "source": f"{ing.kind} {ing.namespace}/{ing.name}",
+                              "secretName": auth.secret_name, "secretType": auth.secret_type}
     problem = auth.problem
     secret = index.get("Secret", auth.secret_namespace, auth.secret_name) if not problem else None
     if not problem and secret is None:

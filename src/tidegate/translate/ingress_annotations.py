@@ -493,7 +493,7 @@ _VARIABLE = re.compile(r"\$([A-Za-z_]+)")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE"})
 
 
-def _auth_url(value: str) -> str:
+def auth_url_problem(value: str) -> str:
     """Why an auth-url or auth-signin value cannot be used, or ""."""
     if not _URL_WITH_VARIABLES.fullmatch(value):
         return "it holds characters other than letters, digits, -._~/:,?&=$ and spaces"
@@ -510,7 +510,7 @@ def _external_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) 
     """auth-url with auth-method, auth-signin(-redirect-param), auth-response-headers, auth-request-redirect and
     auth-always-set-cookie. What ingress-nginx refuses (a location denied) answers 503."""
     url = values["auth-url"].strip()
-    why = _auth_url(url)
+    why = auth_url_problem(url)
     if why:
         notes.append(Problem("error", ing.origin, f"annotation {NGINX_PREFIX}auth-url: {why}; the Ingress's paths "
                              "answer 503", ing.key))
@@ -524,7 +524,7 @@ def _external_auth(ing: Resource, values: dict[str, str], notes: list[Problem]) 
     found["method"] = method
     signin = values.get("auth-signin", "").strip()
     if signin:
-        why = _auth_url(signin)
+        why = auth_url_problem(signin)
         if why:
             _drop(ing, notes, NGINX_PREFIX + "auth-signin", why)
         else:

@@ -12,6 +12,7 @@ from tidegate import ir
 from tidegate.resources.model import Resource
 from tidegate.translate.backends import RefProblem, resolve_backend
 from tidegate.translate.conditions import CONTROLLER_NAME, condition
+from tidegate.translate.extension_filters import KIND as EXTENSION_KIND, extension_filter
 from tidegate.translate.gateways import GATEWAY_GROUP, GatewayState, ListenerState
 from tidegate.translate.hostnames import intersect
 from tidegate.translate.index import Index, selector_matches
@@ -19,7 +20,7 @@ from tidegate.translate.index import Index, selector_matches
 ROUTE_KINDS = ("HTTPRoute", "GRPCRoute", "TLSRoute", "TCPRoute", "UDPRoute")
 _HOSTNAME_KINDS = ("HTTPRoute", "GRPCRoute", "TLSRoute")
 SUPPORTED_HTTP_FILTERS = {"RequestHeaderModifier", "ResponseHeaderModifier", "RequestRedirect", "URLRewrite",
-                          "RequestMirror", "CORS"}
+                          "RequestMirror", "CORS", "ExtensionRef"}
 SUPPORTED_GRPC_FILTERS = {"RequestHeaderModifier", "ResponseHeaderModifier", "RequestMirror"}
 _DURATION = re.compile(r"(\d+)(ms|h|m|s)")
 _UNIT_SECONDS = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
@@ -173,6 +174,8 @@ def _http_rule(index: Index, route: Resource, rule: dict, name: str, backends: t
     grpc = route.kind == "GRPCRoute"
     matches = tuple(_grpc_match(m) if grpc else _http_match(m) for m in rule.get("matches", [])) or (ir.Match(),)
     filters = tuple(_filter(index, route, f, backend_tls, compiled, "filters") for f in rule.get("filters", []))
+    unresolved = next((f.config["problem"] for f in filters if f.type == _UNRESOLVED), "")
+    filters = tuple(_for_backends(f, backends) for f in filters if f.type != _UNRESOLVED)
     timeouts = ir.Timeouts()
     if rule.get("timeouts"):
         t = rule["timeouts"]
@@ -189,8 +192,21 @@ def _http_rule(index: Index, route: Resource, rule: dict, name: str, backends: t
         name=name, source=f"{route.kind} {route.namespace}/{route.name}", hostnames=(), matches=matches,
         filters=filters, backends=backends, timeouts=timeouts, retry=retry, rule_name=rule.get("name", ""),
         created=route.creation_timestamp,
-        # A rule with no backends and nothing that answers by itself answers 500 (the spec's rule).
-        direct_status=0 if backends or responds else 500)
+        # A rule with no backends and nothing that answers by itself answers 500 (the spec's rule), and so
+        # does a rule whose ExtensionRef filter cannot be resolved ("MUST NOT be skipped").
+        direct_status=500 if unresolved or not (backends or responds) else 0,
+        guard=ir.RequestGuard(problem=unresolved) if unresolved else None)
+
+
+_UNRESOLVED = "Unresolved"  # an ExtensionRef that could not be resolved (its config: the problem)
+
+
+def _for_backends(f: ir.Filter, backends: tuple[ir.Backend, ...]) -> ir.Filter:
+    """An ErrorPages filter tells its pages the Service of the rule (X-Service-Name, X-Service-Port)."""
+    if f.type != "ErrorPages" or f.config.get("service") or not backends:
+        return f
+    service, _, port = backends[0].name.rpartition(":")
+    return replace(f, config={**f.config, "service": service.partition("/")[2], "port": port})
 
 
 def _http_match(m: dict) -> ir.Match:
@@ -246,6 +262,15 @@ def _filter(index: Index, route: Resource, spec: dict, backend_tls: dict, compil
     supported = SUPPORTED_GRPC_FILTERS if route.kind == "GRPCRoute" else SUPPORTED_HTTP_FILTERS
     if ftype not in supported:
         raise InvalidRoute(f"{where}: filter type {ftype} is not supported by tidegate")
+    if ftype == "ExtensionRef":
+        if where != "filters":
+            raise InvalidRoute(f"{where}: ExtensionRef filters are read on rules, not on backendRefs")
+        made = extension_filter(index, route, spec.get("extensionRef") or {}, backend_tls)
+        problem = made if isinstance(made, str) else made.config.get("problem", "")
+        if problem and compiled.ref_problem is None:
+            kind_known = (spec.get("extensionRef") or {}).get("kind") == EXTENSION_KIND
+            compiled.ref_problem = RefProblem("BackendNotFound" if kind_known else "InvalidKind", problem)
+        return ir.Filter(_UNRESOLVED, {"problem": made}) if isinstance(made, str) else made
     key = ftype[0].lower() + ftype[1:]
     if ftype == "URLRewrite":
         key = "urlRewrite"
