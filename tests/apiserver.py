@@ -57,6 +57,8 @@ KINDS = [
     Kind("tidegate.io", "v1alpha1", "TrafficPolicy", "trafficpolicies"),
     Kind("tidegate.io", "v1alpha1", "ClientPolicy", "clientpolicies"),
     Kind("tidegate.io", "v1alpha1", "HTTPRouteFilter", "httproutefilters"),
+    Kind("tidegate.io", "v1alpha1", "AcmeIssuer", "acmeissuers"),
+    Kind("tidegate.io", "v1alpha1", "ClusterAcmeIssuer", "clusteracmeissuers", namespaced=False),
     Kind("", "v1", "Namespace", "namespaces", namespaced=False), Kind("", "v1", "Service", "services"),
     Kind("", "v1", "Secret", "secrets"), Kind("", "v1", "ConfigMap", "configmaps"),
     Kind("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices"),

@@ -55,10 +55,10 @@ def _output(proc: subprocess.Popen) -> str:
 
 @contextmanager
 def process(args: list[str], log_path: Path, ready: tuple[str, int] | None = None,
-            timeout: float = 15.0) -> Iterator[subprocess.Popen]:
+            timeout: float = 15.0, env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     with open(log_path, "w") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     proc.log_path = str(log_path)  # type: ignore[attr-defined]
     try:
         if ready:

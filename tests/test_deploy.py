@@ -48,7 +48,8 @@ def test_a_typo_in_a_manifest_fails_the_schema_check():
 
 def test_the_deployable_tidegate_crds_are_the_ones_tidegate_validates_with():
     for name in ("tidegate.io_backendpolicies.yaml", "tidegate.io_trafficpolicies.yaml",
-                 "tidegate.io_clientpolicies.yaml", "tidegate.io_httproutefilters.yaml"):
+                 "tidegate.io_clientpolicies.yaml", "tidegate.io_httproutefilters.yaml", "tidegate.io_acmeissuers.yaml",
+                 "tidegate.io_clusteracmeissuers.yaml"):
         shipped = DEPLOY / "crds" / name
         bundled = ROOT / "src" / "tidegate" / "resources" / "crds" / name
         assert shipped.read_text() == bundled.read_text()

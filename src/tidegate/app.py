@@ -40,6 +40,14 @@ async def serve(args: argparse.Namespace) -> int:
     def report(problem: Problem) -> None:
         (log.error if problem.severity == "error" else log.warning)("%s", problem)
 
+    acme = None
+    if args.acme_dir:
+        from tidegate.acme.manager import AcmeManager
+        from tidegate.acme.store import FileStore
+
+        acme = AcmeManager(FileStore(args.acme_dir), backoff=args.acme_backoff)
+        # the certificates it writes come back as Secrets, through the file source like any other
+        args.paths = [*args.paths, str(acme.store.secrets_dir)]
     source = FileSource(args.paths, store, args.namespace, report)
     for problem in source.load():
         report(problem)
@@ -84,7 +92,8 @@ async def serve(args: argparse.Namespace) -> int:
                                                   incarnation=incarnation, transparent=return_path is not None,
                                                   workers=args.workers, rate_limit_redis=args.rate_limit_redis,
                                                   rate_limit_redis_timeout=args.rate_limit_redis_timeout,
-                                                  rate_limit_replicas=args.rate_limit_replicas),
+                                                  rate_limit_replicas=args.rate_limit_replicas,
+                                                  acme_dir=args.acme_dir),
                       registry)
     health = HealthChecker(registry, on_change=pool.health_changed)
     await pool.start()
@@ -147,6 +156,7 @@ async def serve(args: argparse.Namespace) -> int:
     pool.on_listeners = publish
 
     logged = [frozenset[str]()]  # the failing conditions the last configuration logged
+    acme_said: list[bool] = []  # whether the lack of --acme-dir was logged
 
     cannot_announce: list[str] = []  # why the Layer 2 agent could not start, once it failed
     cannot_bgp: list[str] = []  # likewise for BGP
@@ -233,6 +243,12 @@ async def serve(args: argparse.Namespace) -> int:
             unmarked[0] = dict(translation.statuses)
             publish(errors)
             await announce(translation)
+            if acme is not None:
+                acme.update(translation.acme)
+            elif translation.acme and not acme_said:
+                acme_said.append(True)
+                log.error("%d certificate(s) are to be ordered over ACME (%s), and this run has no --acme-dir: "
+                          "none is ordered", len(translation.acme), translation.acme[0].source)
             METRICS.reloads.labels("ok").inc()
             METRICS.config_version.set(snapshot.version)
             logged[0] = _log_translation(log, snapshot.version, translation, logged[0])
@@ -249,6 +265,8 @@ async def serve(args: argparse.Namespace) -> int:
         await state.announcer.leave()  # the other nodes take this node's addresses now, not after a timeout
     for task in tasks:
         task.cancel()
+    if acme is not None:
+        await acme.close()
     if elector is not None:
         await elector.release()
     if cluster is not None:

@@ -136,6 +136,13 @@ def _parser() -> argparse.ArgumentParser:
     limits.add_argument("--rate-limit-replicas", type=int, default=1, metavar="N",
                         help="replicas sharing a Global limit: without Redis (or with Redis down under "
                              "FallBackToLocal) each admits 1/N of it (default: %(default)s)")
+    acme = run.add_argument_group("ACME", "certificates ordered from an ACME CA (AcmeIssuer, ClusterAcmeIssuer)")
+    acme.add_argument("--acme-dir", default="", metavar="DIR",
+                      help="where ACME accounts, pending challenges and certificates are kept; replicas that "
+                           "share it order one at a time and answer each other's challenges (file mode)")
+    acme.add_argument("--acme-backoff", type=float, default=120.0, metavar="SECONDS",
+                      help="the wait after a failed order, doubled after each further failure up to 6 hours "
+                           "(default: %(default)s)")
     run.add_argument("--bind", default="0.0.0.0",
                      help="address for listeners whose Gateway has no spec.addresses (default: %(default)s)")
     limits = run.add_argument_group("deadlines", "defaults for every listener (README: Limits and defaults)")
@@ -743,6 +750,10 @@ def _run_args_problem(args: argparse.Namespace) -> str:
             return f"--{flag.replace('_', '-')} must be positive"
     if not 1 <= args.workers <= 256:
         return "--workers must be between 1 and 256"
+    if args.acme_dir and os.path.exists(args.acme_dir) and not os.path.isdir(args.acme_dir):
+        return f"--acme-dir {args.acme_dir!r} is not a directory"
+    if not args.acme_backoff > 0:
+        return "--acme-backoff must be positive"
     if not args.paths and not args.kubernetes:
         return "say where resources come from: -f PATH (files) and/or --kubernetes (a cluster)"
     if args.kubernetes and not args.lease_duration > args.renew_deadline > args.retry_period > 0:

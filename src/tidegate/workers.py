@@ -24,12 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from tidegate import ir
 from tidegate.balancing.state import Registry
 from tidegate.channel import Channel
-from tidegate.dataplane import descriptors
+from tidegate.dataplane import acme_challenge, descriptors
 from tidegate.dataplane.deadlines import DEADLINES, Deadlines
 
 log = logging.getLogger("tidegate.workers")
@@ -56,6 +57,7 @@ class WorkerOptions:
     rate_limit_redis: str = ""  # --rate-limit-redis: where Global rate limits are counted
     rate_limit_redis_timeout: float = 0.05
     rate_limit_replicas: int = 1  # --rate-limit-replicas: this replica's share of a Global limit without Redis
+    acme_dir: str = ""  # --acme-dir: where HTTP-01 answers are read from
 
 
 # -- the control process's side ---------------------------------------------------------------------------
@@ -266,6 +268,8 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
     for deadline in fields(Deadlines):  # in place: the data plane's modules hold this object
         setattr(DEADLINES, deadline.name, getattr(options.deadlines, deadline.name))
     TRANSPARENCY.enabled = options.transparent
+    if options.acme_dir:
+        acme_challenge.DIR = Path(options.acme_dir) / "challenges" / "http-01"
     SHARE.workers = max(1, options.workers)
     LAG.start()
     SHARE.replicas = max(1, options.rate_limit_replicas)

@@ -45,7 +45,7 @@ from tidegate.dataplane.filters import (
     set_headers,
     with_query,
 )
-from tidegate.dataplane import basic_auth, external_auth, fastlane, guard, proxy_protocol
+from tidegate.dataplane import acme_challenge, basic_auth, external_auth, fastlane, guard, proxy_protocol
 from tidegate.dataplane.deadlines import DEADLINES, Deadlines, Watch, slow_body_message
 from tidegate.dataplane.tls import take_server_name
 from tidegate.dataplane.upstream import (
@@ -900,6 +900,11 @@ def route_request(conn: ClientSide, ex: Exchange, site: Site) -> Routed | bool:
     # Answering before the body was read: the connection cannot be reused unless the body is done.
     can_keep = not ex.has_body or ex.body_done
     head_only = ex.method == "HEAD"
+    if acme_challenge.DIR is not None and path.startswith(acme_challenge.PREFIX):
+        key_authorization = acme_challenge.answer(path)
+        if key_authorization is not None:
+            conn.send_simple(200, key_authorization, close=not can_keep, head_only=head_only)
+            return can_keep
     limits = site.limits
     if limits is not None and guard.LAG.over(limits):  # ClientPolicy overload: shed until the loop keeps time
         METRICS.limits.labels("overload").inc()

@@ -58,6 +58,8 @@ KINDS: dict[tuple[str, str], KindInfo] = {
         KindInfo(TIDEGATE_GROUP, "TrafficPolicy", True, f"{TIDEGATE_GROUP}_trafficpolicies.yaml"),
         KindInfo(TIDEGATE_GROUP, "ClientPolicy", True, f"{TIDEGATE_GROUP}_clientpolicies.yaml"),
         KindInfo(TIDEGATE_GROUP, "HTTPRouteFilter", True, f"{TIDEGATE_GROUP}_httproutefilters.yaml"),
+        KindInfo(TIDEGATE_GROUP, "AcmeIssuer", True, f"{TIDEGATE_GROUP}_acmeissuers.yaml"),
+        KindInfo(TIDEGATE_GROUP, "ClusterAcmeIssuer", False, f"{TIDEGATE_GROUP}_clusteracmeissuers.yaml"),
         # MetalLB's objects, read as MetalLB defines them (its CRDs, Apache-2.0, bundled with their notice)
         _metallb("IPAddressPool", "ipaddresspools"),
         _metallb("L2Advertisement", "l2advertisements"),

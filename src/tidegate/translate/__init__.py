@@ -17,6 +17,7 @@ from tidegate.announce.ipam import AllocationOptions
 from tidegate.resources.model import Key, Problem, Resource
 from tidegate.translate.backend_policies import apply_backend_policies
 from tidegate.translate.client_policies import apply_client_policies
+from tidegate.translate.acme import Wanted
 from tidegate.translate.conditions import condition
 from tidegate.translate.gateways import gateway_status, translate_gateway_classes, translate_gateways
 from tidegate.translate.index import Index
@@ -59,6 +60,7 @@ class Translation:
     statuses: dict[Key, dict[str, Any]] = field(default_factory=dict)
     notes: list[Problem] = field(default_factory=list)  # warnings about resources that have no status field
     load_balancers: LoadBalancers = field(default_factory=LoadBalancers)
+    acme: list[Wanted] = field(default_factory=list)  # the certificates to order (translate/acme.py)
 
 
 def translate(resources: Iterable[Resource], options: TranslateOptions = TranslateOptions()) -> Translation:
@@ -114,8 +116,9 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
                     access_log=access_log, freebind=address in pool_addresses,
                     http_routes=tuple(sorted(state.http_routes, key=lambda r: r.name)),
                     l4_routes=tuple(sorted(state.l4_routes, key=lambda r: r.name))))
+    acme = [state.acme for gw in gateways for state in gw.listeners if state.acme is not None]
     listeners += translate_ingresses(index, options.address, options.ingress_http_port, options.ingress_https_port,
-                                     policies.by_target, statuses, notes, options.ingress_without_class)
+                                     policies.by_target, statuses, notes, options.ingress_without_class, acme)
     listeners += load_balancers.listeners
     if options.node_ports:
         node_port_listeners, load_balancers.health_checks = translate_node_ports(index, options.node, notes)
@@ -125,4 +128,4 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
     listeners = apply_client_policies(index, listeners, statuses, notes)
     statuses.update(policy_statuses(index, policies, listeners))
     return Translation(ir=ir.IR(listeners=tuple(listeners)), statuses=dict(sorted(statuses.items())), notes=notes,
-                       load_balancers=load_balancers)
+                       load_balancers=load_balancers, acme=acme)

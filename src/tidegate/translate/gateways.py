@@ -8,6 +8,7 @@ from typing import Any
 from tidegate import ir
 from tidegate.resources.cel import is_ip
 from tidegate.resources.model import Resource
+from tidegate.translate.acme import ISSUER_OPTION, Wanted, find_issuer, listener_secret
 from tidegate.translate.backends import decode_secret_field
 from tidegate.translate.certificates import CertificateError, ca_bundle_is_valid, certificate_from_secret
 from tidegate.translate.conditions import CONTROLLER_NAME, condition
@@ -41,6 +42,8 @@ class ListenerState:
     resolved: tuple[bool, str, str] = (True, "ResolvedRefs", "All references are resolved")
     conflicted: tuple[bool, str, str] = (False, "NoConflicts", "No conflicts")
     programmable: bool = True  # certificates resolved: the data plane can serve it
+    acme: Wanted | None = None  # the certificate it asks tidegate to order (tls.options tidegate.io/acme-issuer)
+    pending: str = ""  # why it waits (for that certificate): Programmed=False, reason CertificatePending
     attached: int = 0
     http_routes: list[ir.HTTPRoute] = field(default_factory=list)
     l4_routes: list[ir.L4Route] = field(default_factory=list)
@@ -203,6 +206,10 @@ def _listener_state(index: Index, gateway: GatewayState, spec: dict[str, Any]) -
 
 
 def _resolve_certificates(index: Index, gw: Resource, listener: ListenerState, tls_spec: dict) -> None:
+    issuer = (tls_spec.get("options") or {}).get(ISSUER_OPTION)
+    if issuer and not tls_spec.get("certificateRefs"):
+        _resolve_acme(index, gw, listener, str(issuer))
+        return
     certs: list[ir.Certificate] = []
     problem: tuple[str, str] | None = None
     for ref in tls_spec.get("certificateRefs", []):
@@ -232,6 +239,35 @@ def _resolve_certificates(index: Index, gw: Resource, listener: ListenerState, t
         if not certs:
             listener.programmable = False
     listener.tls = ir.ListenerTLS(mode="Terminate", certificates=tuple(certs))
+
+
+def _resolve_acme(index: Index, gw: Resource, listener: ListenerState, issuer_name: str) -> None:
+    """A listener whose certificate tidegate orders (translate/acme.py): served once its Secret exists."""
+    listener.tls = ir.ListenerTLS(mode="Terminate")
+    if not listener.hostname or listener.hostname.startswith("*"):
+        listener.resolved = (False, "InvalidCertificateRef", f"{ISSUER_OPTION}: an ACME certificate is ordered for "
+                             "the listener's hostname, which must be set and not a wildcard (HTTP-01 and "
+                             "TLS-ALPN-01 cannot validate one)")
+        listener.programmable = False
+        return
+    issuer = find_issuer(index, gw.namespace, issuer_name)
+    if isinstance(issuer, str):
+        listener.resolved = (False, "InvalidCertificateRef", f"{ISSUER_OPTION}: {issuer}")
+        listener.programmable = False
+        return
+    name = listener_secret(gw.name, listener.name)
+    listener.acme = Wanted(issuer, (listener.hostname,), gw.namespace, name,
+                           f"Gateway {gw.namespace}/{gw.name} listener {listener.name}")
+    secret = index.get("Secret", gw.namespace, name)
+    try:
+        cert = certificate_from_secret(secret) if secret is not None else None
+    except CertificateError:
+        cert = None
+    if cert is None:
+        listener.programmable = False
+        listener.pending = f"waiting for its certificate from {issuer.key} (Secret {gw.namespace}/{name})"
+        return
+    listener.tls = ir.ListenerTLS(mode="Terminate", certificates=(cert,))
 
 
 def _resolve_client_validation(index: Index, gw: Resource, listener: ListenerState) -> None:
@@ -334,6 +370,8 @@ def listener_status(listener: ListenerState) -> dict[str, Any]:
     programmed = accepted[0] and listener.programmable and listener.gateway.accepted
     if programmed:
         p_reason, p_msg = "Programmed", "Listener is programmed"
+    elif listener.pending and accepted[0] and resolved[0]:
+        p_reason, p_msg = "CertificatePending", "Listener " + listener.pending
     else:
         p_reason = "Invalid"
         p_msg = "Listener cannot be served: " + (accepted[2] if not accepted[0] else resolved[2])

@@ -26,6 +26,7 @@ from tidegate.translate.certificates import (CertificateError, ca_bundle_is_vali
                                              certificate_pair)
 from tidegate.translate.conditions import INGRESS_CONTROLLER
 from tidegate.translate import ingress_annotations
+from tidegate.translate.acme import ISSUER_OPTION, TLS_ACME, Issuer, Wanted, default_issuer, find_issuer
 from tidegate.translate.index import Index
 from tidegate.translate.ingress_annotations import BasicAuth, Canary, ExternalAuth, Routing
 
@@ -48,7 +49,7 @@ def ingresses_for_tidegate(index: Index, without_class: bool = False) -> list[Re
 
 def translate_ingresses(index: Index, address: str, http_port: int, https_port: int,
                         backend_tls: dict, statuses: dict[Key, Any], notes: list[Problem],
-                        without_class: bool = False) -> list[ir.Listener]:
+                        without_class: bool = False, acme: list[Wanted] | None = None) -> list[ir.Listener]:
     http_routes: list[ir.HTTPRoute] = []
     https_routes: list[ir.HTTPRoute] = []
     certificates: dict[str, ir.Certificate] = {}
@@ -91,13 +92,18 @@ def translate_ingresses(index: Index, address: str, http_port: int, https_port: 
             plain, secure = ([dataclasses.replace(r, access_log=False) for r in routes] for routes in (plain, secure))
         http_routes += plain
         https_routes += secure
+        ordered = _acme_issuer(index, ing, notes)
         for tls in ing.spec.get("tls", []):
             secret_name = tls.get("secretName")
             if not secret_name:
                 continue
+            if ordered is not None and tls.get("hosts") and acme is not None:
+                acme.append(Wanted(ordered, tuple(tls["hosts"]), ing.namespace, secret_name,
+                                   f"Ingress {ing.namespace}/{ing.name}"))
             secret = index.get("Secret", ing.namespace, secret_name)
             if secret is None:
-                notes.append(Problem("warning", ing.origin, f"TLS Secret {ing.namespace}/{secret_name} not found",
+                waiting = f"waiting for its certificate from {ordered.key}" if ordered is not None else "not found"
+                notes.append(Problem("warning", ing.origin, f"TLS Secret {ing.namespace}/{secret_name} {waiting}",
                                      ing.key, "spec.tls"))
                 continue
             try:
@@ -265,6 +271,20 @@ def _ingress_routes(index: Index, ing: Resource, routing: Routing, regex_hosts: 
         plain.append(route)
         secure.append(route)
     return plain, secure
+
+
+def _acme_issuer(index: Index, ing: Resource, notes: list[Problem]) -> Issuer | None:
+    """The issuer that orders the Ingress's certificates (tidegate.io/acme-issuer, or kubernetes.io/tls-acme
+    and the default issuer), if it asks for one."""
+    name = str(ing.annotations.get(ISSUER_OPTION, "")).strip()
+    if not name and str(ing.annotations.get(TLS_ACME, "")).strip().lower() != "true":
+        return None
+    issuer = find_issuer(index, ing.namespace, name) if name else default_issuer(index, ing.namespace)
+    if isinstance(issuer, str):
+        notes.append(Problem("error", ing.origin, f"{ISSUER_OPTION if name else TLS_ACME}: {issuer}; no certificate "
+                             "is ordered", ing.key))
+        return None
+    return issuer
 
 
 def _slash_redirects_where_nginx_has_them(routes: list[ir.HTTPRoute]) -> list[ir.HTTPRoute]:

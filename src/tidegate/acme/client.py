@@ -1,0 +1,133 @@
+"""One ACME order, start to end, with the `acme` library (RFC 8555). Blocking: the manager runs it in a thread.
+
+The account key is ECDSA P-256 (ES256), kept in the store per directory, contact and external account
+binding, so that every replica orders as the same account. The certificate's key is new for each order
+(ECDSA P-256, or RSA 2048). HTTP-01 answers are put in the store before the CA is told to validate, and
+removed when the order ends, whatever its outcome.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import josepy as jose
+from acme import challenges, client as acme_client, errors, messages
+from acme import crypto_util
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tidegate import __version__
+from tidegate.acme.store import FileStore
+from tidegate.translate.acme import Issuer
+
+log = logging.getLogger("tidegate.acme")
+
+
+class OrderFailed(Exception):
+    """An order that did not give a certificate: why, and how long the CA asked us to wait (0: it did not)."""
+
+    def __init__(self, message: str, retry_after: float = 0.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Issued:
+    key_pem: str
+    chain_pem: str
+
+
+def _certificate_key(algorithm: str) -> str:
+    key = rsa.generate_private_key(65537, 2048) if algorithm == "RSA" else ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode("ascii")
+
+
+def _ca_file(issuer: Issuer, store: FileStore) -> str | bool:
+    """What requests checks the directory's TLS certificate with: the issuer's caBundle, else the system's."""
+    if not issuer.ca_bundle:
+        return True
+    path = store.root / "ca" / (hashlib.sha256(issuer.ca_bundle.encode()).hexdigest()[:24] + ".pem")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(issuer.ca_bundle)
+    return str(path)
+
+
+def _client(issuer: Issuer, store: FileStore) -> tuple[acme_client.ClientV2, jose.JWK]:
+    """A client logged in as the issuer's account (registered now when the store has none)."""
+    saved = store.account(issuer)
+    if saved is not None:
+        key = jose.JWK.json_loads(saved["key"])
+        # Its URL is what requests are signed for (the "kid"); the rest stays at the CA.
+        account = messages.RegistrationResource(uri=saved["uri"], body=messages.Registration())
+    else:
+        key = jose.JWKEC(key=ec.generate_private_key(ec.SECP256R1()))
+        account = None
+    net = acme_client.ClientNetwork(key, account=account, alg=jose.ES256, verify_ssl=_ca_file(issuer, store),
+                                    user_agent=f"tidegate/{__version__}", timeout=30)
+    directory = acme_client.ClientV2.get_directory(issuer.server, net)
+    client = acme_client.ClientV2(directory, net)
+    if account is None:
+        binding = messages.ExternalAccountBinding.from_data(
+            account_public_key=key.public_key(), kid=issuer.eab_key_id, hmac_key=issuer.eab_hmac_key,
+            directory=directory) if issuer.eab_key_id else None
+        registration = messages.NewRegistration.from_data(email=issuer.email or None, terms_of_service_agreed=True,
+                                                          external_account_binding=binding)
+        account = client.new_account(registration)
+        store.save_account(issuer, {"key": key.json_dumps(), "uri": account.uri, "server": issuer.server,
+                                    "email": issuer.email})
+        log.info("ACME account %s registered at %s", account.uri, issuer.server)
+    return client, key
+
+
+def order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: float = 90.0) -> Issued:
+    """Order a certificate for `names` and wait for it (at most `timeout` seconds)."""
+    try:
+        return _order(issuer, names, store, timeout)
+    except OrderFailed:
+        raise
+    except messages.Error as exc:  # a problem document from the CA
+        raise OrderFailed(f"{issuer.server} answered {exc.typ}: {exc.detail}") from exc
+    except errors.ValidationError as exc:
+        details = "; ".join(f"{a.body.identifier.value}: {c.error.detail if c.error else c.status}"
+                            for a in exc.failed_authzrs for c in a.body.challenges if c.status != messages.STATUS_VALID)
+        raise OrderFailed(f"validation failed ({details})") from exc
+    except errors.TimeoutError as exc:
+        raise OrderFailed(f"no certificate within {timeout:.0f} s") from exc
+    except (errors.Error, OSError, ValueError) as exc:  # the network, TLS, a malformed answer
+        raise OrderFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: float) -> Issued:
+    deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
+    client, account_key = _client(issuer, store)
+    key_pem = _certificate_key(issuer.key_algorithm)
+    csr = crypto_util.make_csr(key_pem.encode("ascii"), list(names))
+    placed = client.new_order(csr, profile=issuer.profile or None)
+    tokens: list[str] = []
+    try:
+        for authorization in placed.authorizations:
+            if authorization.body.status == messages.STATUS_VALID:
+                continue  # validated for this account recently: the CA reuses it
+            offered = {c.chall.typ: c for c in authorization.body.challenges}
+            chosen = next((offered[s] for s in issuer.solvers if s in offered and s == "http-01"), None)
+            if chosen is None:
+                raise OrderFailed(f"{authorization.body.identifier.value}: the CA offers {', '.join(sorted(offered))}"
+                                  f"; tidegate answers {', '.join(s for s in issuer.solvers if s == 'http-01')}")
+            assert isinstance(chosen.chall, challenges.HTTP01)
+            response, validation = chosen.chall.response_and_validation(account_key)
+            token = chosen.chall.encode("token")
+            store.put_http01(token, validation)
+            tokens.append(token)
+            client.answer_challenge(chosen, response)
+        done = client.poll_and_finalize(placed, deadline)
+    finally:
+        for token in tokens:
+            store.remove_http01(token)
+    if not done.fullchain_pem:
+        raise OrderFailed("the order ended without a certificate")
+    return Issued(key_pem, done.fullchain_pem)

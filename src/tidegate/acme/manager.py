@@ -1,0 +1,143 @@
+"""Keeps each wanted certificate (translate/acme.py): orders it when there is none, when its names or issuer
+changed, and when a third of its lifetime is left; backs off per certificate after a failure.
+
+One replica orders at a time: the store's lock. A replica that finds the lock taken checks again shortly,
+and re-reads the store first: the certificate another replica wrote is not ordered twice. Failures wait
+`backoff` seconds, doubling up to 6 hours, with ±20 % jitter: with the default of 120 s a name that cannot
+validate is tried 5 times in its first hour, within Let's Encrypt's limit of 5 failed validations per
+account, name and hour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cryptography import x509
+
+from tidegate.acme import client
+from tidegate.acme.store import FileStore
+from tidegate.translate.acme import Wanted
+
+log = logging.getLogger("tidegate.acme")
+
+LOCK_RETRY = 2.0  # seconds between looks at a lock another replica holds
+LONGEST_WAIT = 3600.0  # a certificate's renewal time is looked at again at least this often
+MAX_BACKOFF = 6 * 3600.0
+
+
+@dataclass
+class Progress:
+    """What the manager knows of one certificate, for status, logs and the admin API."""
+
+    wanted: Wanted
+    state: str = "pending"  # pending | ordering | valid | failed
+    message: str = ""
+    failures: int = 0
+    not_after: float = 0.0
+    orders: list[float] = field(default_factory=list)  # when each order this process placed started
+
+
+def renewal_due(chain_pem: str) -> tuple[float, float]:
+    """(when to renew: a third of the lifetime before the end, when it ends) of a chain's first certificate."""
+    cert = x509.load_pem_x509_certificate(chain_pem.encode("ascii"))
+    start = cert.not_valid_before_utc.timestamp()
+    end = cert.not_valid_after_utc.timestamp()
+    return end - (end - start) / 3, end
+
+
+class AcmeManager:
+    def __init__(self, store: FileStore, backoff: float = 120.0, order: Callable[..., client.Issued] = client.order,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.backoff = backoff
+        self._order = order
+        self._clock = clock
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.progress: dict[str, Progress] = {}
+
+    def update(self, wanted: list[Wanted]) -> None:
+        """The certificates the configuration now asks for (the first ask for a Secret wins)."""
+        by_key: dict[str, Wanted] = {}
+        for want in wanted:
+            by_key.setdefault(want.key, want)
+        for key in list(self._tasks):
+            if key not in by_key or self.progress[key].wanted != by_key[key]:
+                self._tasks.pop(key).cancel()
+                del self.progress[key]
+        for key, want in by_key.items():
+            if key not in self._tasks:
+                self.progress[key] = Progress(want)
+                self._tasks[key] = asyncio.create_task(self._keep(self.progress[key]), name=f"acme {key}")
+
+    async def close(self) -> None:
+        for task in self._tasks.values():
+            task.cancel()
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+        self._tasks.clear()
+
+    def _wait(self, progress: Progress) -> float:
+        """Seconds until the certificate held for it must be ordered (0: now)."""
+        held = self.store.certificate(progress.wanted)
+        if held is None:
+            return 0.0
+        chain, names, issuer = held
+        if names != progress.wanted.names or issuer != progress.wanted.issuer.key:
+            return 0.0
+        try:
+            renew_at, progress.not_after = renewal_due(chain)
+        except ValueError:
+            return 0.0
+        progress.state = "valid"
+        return max(0.0, renew_at - self._clock())
+
+    async def _keep(self, progress: Progress) -> None:
+        want = progress.wanted
+        while True:
+            wait = self._wait(progress)
+            if wait > 0:
+                await asyncio.sleep(min(wait, LONGEST_WAIT))
+                continue
+            outcome = await asyncio.to_thread(self._order_if_first, progress)
+            if outcome == "locked":  # another replica (or certificate) is being ordered: look again shortly
+                await asyncio.sleep(LOCK_RETRY)
+            elif outcome == "issued":
+                progress.failures, progress.message = 0, ""
+                log.info("ACME: certificate for %s issued by %s (Secret %s)", ", ".join(want.names),
+                         want.issuer.key, want.key)
+            elif outcome != "held":
+                progress.failures += 1
+                progress.state, progress.message = "failed", outcome
+                delay = self._delay(progress.failures)
+                log.error("ACME: no certificate for %s from %s: %s; next try in %.0f s", ", ".join(want.names),
+                          want.issuer.key, outcome, delay)
+                await asyncio.sleep(delay)
+
+    def _delay(self, failures: int) -> float:
+        return min(self.backoff * 2 ** (failures - 1), MAX_BACKOFF) * random.uniform(0.8, 1.2)
+
+    def _order_if_first(self, progress: Progress) -> str:
+        """In a thread: order under the store's lock. "locked" (not this replica's turn), "held" (another
+        replica wrote it meanwhile), "issued", or why it failed."""
+        with self.store.ordering() as mine:
+            if not mine:
+                return "locked"
+            if self._wait(progress) > 0:
+                return "held"
+            progress.state = "ordering"
+            progress.orders.append(self._clock())
+            want = progress.wanted
+            try:
+                issued = self._order(want.issuer, want.names, self.store)
+            except client.OrderFailed as exc:
+                return str(exc)
+            except Exception as exc:  # a bug, or a library's surprise: reported, backed off, never silent
+                log.exception("ACME: ordering %s failed unexpectedly", ", ".join(want.names))
+                return f"{type(exc).__name__}: {exc}"
+            self.store.save_certificate(want, issued.key_pem, issued.chain_pem)
+            self._wait(progress)
+            return "issued"

@@ -1,0 +1,153 @@
+"""ACME certificates (issue 21): what asks for one (translate/acme.py), and orders against Let's Encrypt's test
+CA (Debian's pebble, started here) over HTTP-01, served by tidegate once issued."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tests.acme_ca import CHALLTESTSRV, EAB_KEYS, PEBBLE, pebble
+from tests.harness import echo_servers, free_port, tidegate_run, wait_until
+from tests.manifests import gateway, route, service
+from tidegate.resources.loader import load_text
+from tidegate.translate import translate
+
+CURL = shutil.which("curl")
+needs_pebble = pytest.mark.skipif(PEBBLE is None or CHALLTESTSRV is None or CURL is None,
+                                  reason="pebble and curl are not installed (scripts/test does)")
+
+
+def _issuer(server: str = "https://localhost:14000/dir", ca_bundle: str = "", name: str = "pebble",
+            kind: str = "AcmeIssuer", extra: dict | None = None) -> str:
+    issuer = {"apiVersion": "tidegate.io/v1alpha1", "kind": kind,
+              "metadata": {"name": name, **({"namespace": "default"} if kind == "AcmeIssuer" else {})},
+              "spec": {"server": server, "email": "ops@example.com", **({"caBundle": ca_bundle} if ca_bundle else {}),
+                       **(extra or {})}}
+    return "---\n" + yaml.safe_dump(issuer)
+
+
+def _listeners(http_port: int, https_port: int, hostname: str = "app.test", issuer: str = "pebble") -> str:
+    return (f"[{{name: http, port: {http_port}, protocol: HTTP}}, {{name: https, port: {https_port}, protocol: HTTPS, "
+            f"hostname: '{hostname}', tls: {{mode: Terminate, options: {{tidegate.io/acme-issuer: {issuer}}}}}}}]")
+
+
+def _translated(text: str):
+    loaded = load_text(text, "acme")
+    assert not loaded.errors, loaded.errors
+    return translate(loaded.resources)
+
+
+def _listener_conditions(translation, name: str = "https") -> dict[str, tuple[str, str]]:
+    status = next(s for k, s in translation.statuses.items() if k.kind == "Gateway")
+    found = next(listener for listener in status["listeners"] if listener["name"] == name)
+    return {c["type"]: (c["status"], c["reason"]) for c in found["conditions"]}
+
+
+def test_a_listener_with_the_acme_option_waits_for_its_certificate_then_serves_it():
+    config = gateway("127.0.0.1", _listeners(80, 443)) + _issuer()
+    waiting = _translated(config)
+    assert [(w.names, w.namespace, w.secret, w.issuer.key) for w in waiting.acme] == [
+        (("app.test",), "default", "acme-gw-https", "AcmeIssuer default/pebble")]
+    assert _listener_conditions(waiting)["Programmed"] == ("False", "CertificatePending")
+    assert _listener_conditions(waiting)["ResolvedRefs"] == ("True", "ResolvedRefs")
+    assert {listener.port for listener in waiting.ir.listeners} == {80}  # nothing served on the name yet
+    from tests.certs import tls_secret_yaml
+
+    issued = _translated(config + "---\n" + tls_secret_yaml("default", "acme-gw-https", ["app.test"]))
+    assert _listener_conditions(issued)["Programmed"] == ("True", "Programmed")
+    [https] = [listener for listener in issued.ir.listeners if listener.port == 443]
+    assert https.tls is not None and https.tls.certificates[0].hostnames == ("app.test",)
+    assert len(issued.acme) == 1  # still kept: renewed when due
+
+
+@pytest.mark.parametrize("hostname, issuer, message", [
+    ("*.app.test", "pebble", "must be set and not a wildcard"),
+    ("app.test", "nobody", "no AcmeIssuer default/nobody or ClusterAcmeIssuer nobody"),
+])
+def test_a_listener_that_cannot_be_given_a_certificate_says_why(hostname, issuer, message):
+    translation = _translated(gateway("127.0.0.1", _listeners(80, 443, hostname, issuer)) + _issuer())
+    assert _listener_conditions(translation)["ResolvedRefs"] == ("False", "InvalidCertificateRef")
+    status = next(s for k, s in translation.statuses.items() if k.kind == "Gateway")
+    assert message in str(status)
+    assert not translation.acme
+
+
+def test_a_cluster_issuer_serves_any_namespace_and_the_ingress_annotations_ask_too():
+    ingress = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+               "metadata": {"name": "shop", "namespace": "default",
+                            "annotations": {"kubernetes.io/tls-acme": "true"}},
+               "spec": {"ingressClassName": "tidegate",
+                        "tls": [{"hosts": ["shop.test", "www.shop.test"], "secretName": "shop-tls"}],
+                        "rules": [{"host": "shop.test", "http": {"paths": [{
+                            "path": "/", "pathType": "Prefix",
+                            "backend": {"service": {"name": "web", "port": {"number": 80}}}}]}}]}}
+    default = {"apiVersion": "tidegate.io/v1alpha1", "kind": "ClusterAcmeIssuer",
+               "metadata": {"name": "letsencrypt", "annotations": {"tidegate.io/default-acme-issuer": "true"}},
+               "spec": {"server": "https://acme.example/dir", "solvers": [{"http01": {}}, {"tlsAlpn01": {}}]}}
+    text = ("apiVersion: networking.k8s.io/v1\nkind: IngressClass\nmetadata: {name: tidegate}\n"
+            "spec: {controller: tidegate.io/ingress-controller}\n---\n" + yaml.safe_dump(ingress)
+            + "---\n" + yaml.safe_dump(default))
+    translation = _translated(text)
+    [wanted] = translation.acme
+    assert (wanted.names, wanted.secret, wanted.issuer.key, wanted.issuer.solvers) == (
+        ("shop.test", "www.shop.test"), "shop-tls", "ClusterAcmeIssuer letsencrypt", ("http-01", "tls-alpn-01"))
+    assert any("waiting for its certificate from ClusterAcmeIssuer letsencrypt" in n.message
+               for n in translation.notes)
+
+
+def test_external_account_binding_is_read_from_its_secret():
+    secret = ("---\napiVersion: v1\nkind: Secret\nmetadata: {name: eab, namespace: default}\n"
+              f"stringData: {{secret: {EAB_KEYS['kid-1']}}}\n")
+    binding = {"externalAccountBinding": {"keyID": "kid-1", "keySecretRef": {"name": "eab"}}}
+    [wanted] = _translated(gateway("127.0.0.1", _listeners(80, 443)) + _issuer(extra=binding) + secret).acme
+    assert (wanted.issuer.eab_key_id, wanted.issuer.eab_hmac_key) == ("kid-1", EAB_KEYS["kid-1"])
+    missing = _translated(gateway("127.0.0.1", _listeners(80, 443)) + _issuer(extra=binding))
+    assert "externalAccountBinding Secret eab (key secret) not found" in str(missing.statuses)
+
+
+@needs_pebble
+@pytest.mark.parametrize("binding", [False, True], ids=["plain", "external-account-binding"])
+def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding):
+    """pebble validates HTTP-01 on tidegate's HTTP listener; the HTTPS listener then serves a certificate that
+    curl verifies against pebble's root. With external account binding, the account is bound with pebble's
+    EAB key."""
+    http_port, https_port, pod_port = free_port(), free_port(), free_port("127.0.20.1")
+    with pebble(tmp_path, http_port, https_port) as ca:
+        config = tmp_path / "config"
+        config.mkdir()
+        extra = {"externalAccountBinding": {"keyID": "kid-1", "keySecretRef": {"name": "eab"}}} if binding else None
+        (config / "all.yaml").write_text(
+            gateway("127.0.0.1", _listeners(http_port, https_port)) + _issuer(ca.directory, ca.api_ca, extra=extra)
+            + ("---\napiVersion: v1\nkind: Secret\nmetadata: {name: eab, namespace: default}\n"
+               f"stringData: {{secret: {EAB_KEYS['kid-1']}}}\n" if binding else "")
+            + service("web", [("127.0.20.1", pod_port, "web-1")])
+            + route("web", "app.test", "- backendRefs: [{name: web, port: 80}]"))
+        (tmp_path / "root.pem").write_text(ca.root())
+        with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"):
+            started = time.monotonic()
+            with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
+                              "--acme-dir", str(tmp_path / "acme")):
+
+                def verified() -> bool:
+                    done = subprocess.run([CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
+                                           str(tmp_path / "root.pem"), "--resolve", f"app.test:{https_port}:127.0.0.1",
+                                           f"https://app.test:{https_port}/"], capture_output=True, text=True,
+                                          timeout=10)
+                    return done.stdout == "200"
+
+                wait_until(verified, timeout=30, what="a certificate from pebble, served and verified")
+                took = time.monotonic() - started
+                print(f"first certificate served {took:.2f} s after tidegate started")
+                log = (tmp_path / "tidegate.log").read_text()
+                assert "ACME: certificate for app.test issued by AcmeIssuer default/pebble" in log
+                assert "ACME account" in log and "registered" in log
+        secret = yaml.safe_load((tmp_path / "acme" / "secrets" / "default" / "acme-gw-https.yaml").read_text())
+        assert secret["type"] == "kubernetes.io/tls" and secret["metadata"]["annotations"][
+            "tidegate.io/acme-names"] == "app.test"
+        assert not list((tmp_path / "acme" / "challenges" / "http-01").iterdir())  # answered, then removed
+        pebble_log = (tmp_path / "pebble.log").read_text()
+        assert pebble_log.count("Issued certificate serial") == 1, pebble_log[-3000:]
