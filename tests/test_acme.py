@@ -4,8 +4,11 @@ CA (Debian's pebble, started here) over HTTP-01, served by tidegate once issued.
 from __future__ import annotations
 
 import shutil
+import socket
+import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -151,3 +154,85 @@ def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding
         assert not list((tmp_path / "acme" / "challenges" / "http-01").iterdir())  # answered, then removed
         pebble_log = (tmp_path / "pebble.log").read_text()
         assert pebble_log.count("Issued certificate serial") == 1, pebble_log[-3000:]
+
+
+def _gateway_on_bind(listeners: str) -> str:
+    """The Gateway with no spec.addresses: each replica listens on its own --bind address."""
+    return gateway("127.0.0.1", listeners).replace("  addresses: [{value: 127.0.0.1}]\n", "")
+
+
+def _served_certificate(address: str, port: int, host: str) -> bytes:
+    """The certificate a listener presents for `host` (DER), not checked."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with socket.create_connection((address, port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname=host) as tls:
+        return tls.getpeercert(binary_form=True) or b""
+
+
+def _verified(root: Path, address: str, port: int, host: str = "app.test") -> bool:
+    done = subprocess.run([CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", str(root), "--resolve",
+                           f"{host}:{port}:{address}", f"https://{host}:{port}/"], capture_output=True, text=True,
+                          timeout=10)
+    return done.stdout == "200"
+
+
+@needs_pebble
+def test_replicas_sharing_the_acme_dir_order_once_and_answer_each_others_challenges(tmp_path):
+    """Two `tidegate run` processes share --acme-dir. pebble-challtestsrv points the name at replica B, which
+    does not order (its configuration does not ask yet): replica A orders, and every validation is answered
+    by B from the shared store. Once B's configuration asks too, B serves the certificate A wrote, without an
+    order of its own: one certificate issued, the same one served by both."""
+    http_port, https_port, pod_port = free_port(), free_port(), free_port("127.0.20.1")
+    with pebble(tmp_path, http_port, https_port) as ca:
+        ca.point("app.test", "127.0.0.3")  # B's address: A (127.0.0.2) never sees a validation request
+        (tmp_path / "root.pem").write_text(ca.root())
+        common = (_issuer(ca.directory, ca.api_ca) + service("web", [("127.0.20.1", pod_port, "web-1")])
+                  + route("web", "app.test", "- backendRefs: [{name: web, port: 80}]"))
+        plain = _gateway_on_bind(f"[{{name: http, port: {http_port}, protocol: HTTP}}]") + common
+        ordering = _gateway_on_bind(_listeners(http_port, https_port)) + common
+        for name, text in (("a", ordering), ("b", plain)):
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "all.yaml").write_text(text)
+        acme = str(tmp_path / "acme")
+        with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"), \
+                tidegate_run(tmp_path / "b", ("127.0.0.3", http_port), tmp_path / "tidegate-b.log",
+                             "--bind", "127.0.0.3", "--acme-dir", acme), \
+                tidegate_run(tmp_path / "a", ("127.0.0.2", http_port), tmp_path / "tidegate-a.log",
+                             "--bind", "127.0.0.2", "--acme-dir", acme):
+            wait_until(lambda: _verified(tmp_path / "root.pem", "127.0.0.2", https_port), timeout=30,
+                       what="replica A serving the certificate it ordered")
+            (tmp_path / "b" / "all.yaml").write_text(ordering)
+            wait_until(lambda: _verified(tmp_path / "root.pem", "127.0.0.3", https_port), timeout=30,
+                       what="replica B serving the certificate A ordered")
+            assert _served_certificate("127.0.0.2", https_port, "app.test") == \
+                _served_certificate("127.0.0.3", https_port, "app.test")
+        assert "issued by" in (tmp_path / "tidegate-a.log").read_text()
+        assert "issued by" not in (tmp_path / "tidegate-b.log").read_text()
+        assert (tmp_path / "pebble.log").read_text().count("Issued certificate serial") == 1
+
+
+@needs_pebble
+def test_a_name_that_cannot_validate_is_ordered_again_after_growing_waits(tmp_path):
+    """Validation goes to an address where nothing listens: each order fails, and the next one waits twice
+    as long as the last (--acme-backoff 1: about 1, 2, 4 s), counted at pebble; the failure is logged with
+    pebble's reason."""
+    http_port, https_port = free_port(), free_port()
+    with pebble(tmp_path, http_port, https_port) as ca:
+        ca.point("app.test", "127.0.0.9")
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "all.yaml").write_text(gateway("127.0.0.1", _listeners(http_port, https_port))
+                                         + _issuer(ca.directory, ca.api_ca))
+        with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log", "--acme-dir",
+                          str(tmp_path / "acme"), "--acme-backoff", "1"):
+            orders = lambda: (tmp_path / "pebble.log").read_text().count("POST /order-plz")  # noqa: E731
+            wait_until(lambda: orders() >= 3, timeout=20, what="three orders")
+            started = time.monotonic()
+            wait_until(lambda: orders() >= 4, timeout=20, what="a fourth order")
+            fourth = time.monotonic() - started  # the wait before it: about 4 s (1 s doubled twice, ±20 %)
+            log = (tmp_path / "tidegate.log").read_text()
+        assert 2.0 < fourth < 7.0, fourth
+        assert orders() == 4
+        assert "ACME: no certificate for app.test from AcmeIssuer default/pebble: validation failed" in log
+        assert "next try in" in log
