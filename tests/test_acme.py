@@ -236,3 +236,69 @@ def test_a_name_that_cannot_validate_is_ordered_again_after_growing_waits(tmp_pa
         assert orders() == 4
         assert "ACME: no certificate for app.test from AcmeIssuer default/pebble: validation failed" in log
         assert "next try in" in log
+
+
+@needs_pebble
+def test_a_short_certificate_is_renewed_under_load_with_no_failed_request(tmp_path):
+    """pebble issues certificates of 60 s: with a third of that left, the certificate is ordered again, and
+    both replicas serve the new one while clients keep sending requests over kept-alive and new connections,
+    every one of them answered 200 and verified against pebble's root."""
+    import threading
+
+    import urllib3
+
+    http_port, https_port, pod_port = free_port(), free_port(), free_port("127.0.20.1")
+    with pebble(tmp_path, http_port, https_port, validity=60) as ca:
+        ca.point("app.test", "127.0.0.2")
+        root = tmp_path / "root.pem"
+        root.write_text(ca.root())
+        config = tmp_path / "config"
+        config.mkdir()
+        (config / "all.yaml").write_text(
+            _gateway_on_bind(_listeners(http_port, https_port)) + _issuer(ca.directory, ca.api_ca)
+            + service("web", [("127.0.20.1", pod_port, "web-1")])
+            + route("web", "app.test", "- backendRefs: [{name: web, port: 80}]"))
+        acme = str(tmp_path / "acme")
+        replicas = ("127.0.0.2", "127.0.0.3")
+        with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"), \
+                tidegate_run(config, (replicas[0], http_port), tmp_path / "tidegate-a.log", "--bind", replicas[0],
+                             "--acme-dir", acme), \
+                tidegate_run(config, (replicas[1], http_port), tmp_path / "tidegate-b.log", "--bind", replicas[1],
+                             "--acme-dir", acme):
+            for address in replicas:
+                wait_until(lambda: _verified(root, address, https_port), timeout=30, what=f"{address}'s first "
+                           "certificate")
+            first = _served_certificate(replicas[0], https_port, "app.test")
+            stop = threading.Event()
+            outcomes: list[str] = []
+
+            def load(address: str) -> None:
+                sent = 0
+                while not stop.is_set() and sent < 20000:  # bounded in count, and by the deadline below
+                    pool = urllib3.HTTPSConnectionPool(address, https_port, server_hostname="app.test",
+                                                       assert_hostname="app.test", ca_certs=str(root), maxsize=1,
+                                                       retries=False, timeout=5)
+                    for _ in range(20):  # 20 requests per connection, then a new one (a new handshake)
+                        try:
+                            status = pool.request("GET", "/", headers={"Host": "app.test"}).status
+                            outcomes.append("ok" if status == 200 else f"status {status}")
+                        except urllib3.exceptions.HTTPError as exc:
+                            outcomes.append(f"{type(exc).__name__}: {exc}")
+                        sent += 1
+                        time.sleep(0.01)
+                    pool.close()
+
+            threads = [threading.Thread(target=load, args=(address,)) for address in replicas]
+            for thread in threads:
+                thread.start()
+            try:
+                wait_until(lambda: all(_served_certificate(a, https_port, "app.test") != first for a in replicas),
+                           timeout=75, what="the renewed certificate served by both replicas")
+                time.sleep(1)  # requests on the new certificate too
+            finally:
+                stop.set()
+                for thread in threads:
+                    thread.join(30)
+        failures = [o for o in outcomes if o != "ok"]
+        assert not failures and len(outcomes) > 200, (len(outcomes), failures[:5])
+        assert (tmp_path / "pebble.log").read_text().count("Issued certificate serial") == 2
