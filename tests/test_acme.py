@@ -57,7 +57,9 @@ def test_a_listener_with_the_acme_option_waits_for_its_certificate_then_serves_i
         (("app.test",), "default", "acme-gw-https", "AcmeIssuer default/pebble")]
     assert _listener_conditions(waiting)["Programmed"] == ("False", "CertificatePending")
     assert _listener_conditions(waiting)["ResolvedRefs"] == ("True", "ResolvedRefs")
-    assert {listener.port for listener in waiting.ir.listeners} == {80}  # nothing served on the name yet
+    # opened without a certificate (a TLS-ALPN-01 validation is answered there; no other handshake succeeds)
+    [pending] = [listener for listener in waiting.ir.listeners if listener.port == 443]
+    assert pending.tls is not None and pending.tls.certificates == ()
     from tests.certs import tls_secret_yaml
 
     issued = _translated(config + "---\n" + tls_secret_yaml("default", "acme-gw-https", ["app.test"]))
@@ -302,3 +304,28 @@ def test_a_short_certificate_is_renewed_under_load_with_no_failed_request(tmp_pa
         failures = [o for o in outcomes if o != "ok"]
         assert not failures and len(outcomes) > 200, (len(outcomes), failures[:5])
         assert (tmp_path / "pebble.log").read_text().count("Issued certificate serial") == 2
+
+
+@needs_pebble
+def test_a_listener_gets_a_certificate_from_pebble_over_tls_alpn01_alone(tmp_path):
+    """An issuer with the TLS-ALPN-01 solver only, and a Gateway with no HTTP listener at all: pebble's
+    validation (a ClientHello offering acme-tls/1 alone) is answered on the HTTPS listener itself, before TLS,
+    with the challenge certificate, and the listener then serves the certificate issued."""
+    https_port, pod_port = free_port(), free_port("127.0.20.1")
+    with pebble(tmp_path, free_port(), https_port) as ca:
+        config = tmp_path / "config"
+        config.mkdir()
+        https_only = (f"[{{name: https, port: {https_port}, protocol: HTTPS, hostname: app.test, "
+                      "tls: {mode: Terminate, options: {tidegate.io/acme-issuer: pebble}}}]")
+        (config / "all.yaml").write_text(
+            gateway("127.0.0.1", https_only) + _issuer(ca.directory, ca.api_ca, extra={"solvers": [{"tlsAlpn01": {}}]})
+            + service("web", [("127.0.20.1", pod_port, "web-1")])
+            + route("web", "app.test", "- backendRefs: [{name: web, port: 80}]"))
+        (tmp_path / "root.pem").write_text(ca.root())
+        with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"), \
+                tidegate_run(config, ("127.0.0.1", https_port), tmp_path / "tidegate.log",
+                             "--acme-dir", str(tmp_path / "acme")):
+            wait_until(lambda: _verified(tmp_path / "root.pem", "127.0.0.1", https_port), timeout=30,
+                       what="a certificate from pebble over TLS-ALPN-01, served and verified")
+            assert "ACME: answering tls-alpn-01 for app.test" in (tmp_path / "tidegate.log").read_text()
+        assert not list((tmp_path / "acme" / "challenges" / "tls-alpn-01").iterdir())

@@ -269,7 +269,7 @@ async def _serve(conn: Connection, index: int, options: WorkerOptions) -> None:
         setattr(DEADLINES, deadline.name, getattr(options.deadlines, deadline.name))
     TRANSPARENCY.enabled = options.transparent
     if options.acme_dir:
-        acme_challenge.DIR = Path(options.acme_dir) / "challenges" / "http-01"
+        acme_challenge.DIR = Path(options.acme_dir) / "challenges"
     SHARE.workers = max(1, options.workers)
     LAG.start()
     SHARE.replicas = max(1, options.rate_limit_replicas)

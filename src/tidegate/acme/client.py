@@ -2,8 +2,9 @@
 
 The account key is ECDSA P-256 (ES256), kept in the store per directory, contact and external account
 binding, so that every replica orders as the same account. The certificate's key is new for each order
-(ECDSA P-256, or RSA 2048). HTTP-01 answers are put in the store before the CA is told to validate, and
-removed when the order ends, whatever its outcome.
+(ECDSA P-256, or RSA 2048). The first of the issuer's solvers the CA offers answers each authorization:
+HTTP-01 (the key authorization, by token) or TLS-ALPN-01 (a certificate, by name) is put in the store before
+the CA is told to validate, and removed when the order ends, whatever its outcome.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from dataclasses import dataclass
 import josepy as jose
 from acme import challenges, client as acme_client, errors, messages
 from acme import crypto_util
-from cryptography.hazmat.primitives import serialization
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
 
 from tidegate import __version__
 from tidegate.acme.store import FileStore
@@ -44,6 +47,39 @@ def _certificate_key(algorithm: str) -> str:
     key = rsa.generate_private_key(65537, 2048) if algorithm == "RSA" else ec.generate_private_key(ec.SECP256R1())
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption()).decode("ascii")
+
+
+def _kind(challenge: messages.ChallengeBody) -> str:
+    """A challenge's type: the acme library knows HTTP-01 and DNS-01; TLS-ALPN-01 comes unrecognised."""
+    jobj = getattr(challenge.chall, "jobj", None)
+    return str(jobj.get("type", "")) if isinstance(jobj, dict) else str(challenge.chall.typ)
+
+
+def _token(challenge: messages.ChallengeBody) -> str:
+    jobj = getattr(challenge.chall, "jobj", None)
+    return str(jobj["token"]) if isinstance(jobj, dict) else challenge.chall.encode("token")
+
+
+ACME_IDENTIFIER = x509.ObjectIdentifier("1.3.6.1.5.5.7.1.31")  # id-pe-acmeIdentifier (RFC 8737)
+
+
+def tls_alpn01_certificate(name: str, key_authorization: str) -> tuple[str, str]:
+    """The self-signed certificate a TLS-ALPN-01 validation is answered with (RFC 8737 section 3): the name
+    as its only subjectAltName, and the critical acmeIdentifier extension holding the SHA-256 of the key
+    authorization (DER: an OCTET STRING). (cert PEM, key PEM)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    digest = hashlib.sha256(key_authorization.encode("ascii")).digest()
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.UnrecognizedExtension(ACME_IDENTIFIER, b"\x04\x20" + digest), critical=True)
+            .sign(key, hashes.SHA256()))
+    return (cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode("ascii"))
 
 
 def _ca_file(issuer: Issuer, store: FileStore) -> str | bool:
@@ -108,26 +144,35 @@ def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: fl
     key_pem = _certificate_key(issuer.key_algorithm)
     csr = crypto_util.make_csr(key_pem.encode("ascii"), list(names))
     placed = client.new_order(csr, profile=issuer.profile or None)
-    tokens: list[str] = []
+    answered: list[tuple[str, str]] = []  # (kind, token or name)
     try:
         for authorization in placed.authorizations:
             if authorization.body.status == messages.STATUS_VALID:
                 continue  # validated for this account recently: the CA reuses it
-            offered = {c.chall.typ: c for c in authorization.body.challenges}
-            chosen = next((offered[s] for s in issuer.solvers if s in offered and s == "http-01"), None)
-            if chosen is None:
-                raise OrderFailed(f"{authorization.body.identifier.value}: the CA offers {', '.join(sorted(offered))}"
-                                  f"; tidegate answers {', '.join(s for s in issuer.solvers if s == 'http-01')}")
-            assert isinstance(chosen.chall, challenges.HTTP01)
-            response, validation = chosen.chall.response_and_validation(account_key)
-            token = chosen.chall.encode("token")
-            store.put_http01(token, validation)
-            tokens.append(token)
-            client.answer_challenge(chosen, response)
+            offered = {_kind(c): c for c in authorization.body.challenges}
+            kind = next((s for s in issuer.solvers if s in offered), "")
+            name = authorization.body.identifier.value
+            if not kind:
+                raise OrderFailed(f"{name}: the CA offers {', '.join(sorted(offered))}; the issuer's solvers are "
+                                  f"{', '.join(issuer.solvers)}")
+            chosen = offered[kind]
+            log.info("ACME: answering %s for %s", kind, name)
+            token = _token(chosen)
+            key_authorization = f"{token}.{jose.b64encode(account_key.thumbprint()).decode('ascii')}"
+            if kind == "http-01":
+                store.put_http01(token, key_authorization)
+                answered.append(("http-01", token))
+            else:
+                store.put_tls_alpn01(name, *tls_alpn01_certificate(name, key_authorization))
+                answered.append(("tls-alpn-01", name))
+            # The answer's body is "{}" (RFC 8555 section 7.5.1). An empty response object would be sent as an
+            # empty body, a POST-as-GET that only reads the challenge; this one writes "{}" for any type.
+            client.answer_challenge(chosen, challenges.KeyAuthorizationChallengeResponse(
+                key_authorization=key_authorization))
         done = client.poll_and_finalize(placed, deadline)
     finally:
-        for token in tokens:
-            store.remove_http01(token)
+        for kind, what in answered:
+            (store.remove_http01 if kind == "http-01" else store.remove_tls_alpn01)(what)
     if not done.fullchain_pem:
         raise OrderFailed("the order ended without a certificate")
     return Issued(key_pem, done.fullchain_pem)

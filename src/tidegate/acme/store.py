@@ -1,6 +1,7 @@
 """The ACME state replicas share, in a directory (`--acme-dir`), every write atomic (a new file renamed in):
 
     challenges/http-01/TOKEN     an HTTP-01 key authorization, while its order is pending
+    challenges/tls-alpn-01/NAME.pem  a TLS-ALPN-01 certificate and its key, likewise
     accounts/ID.json             an account's key and registration, per directory, contact and binding
     secrets/NAMESPACE/NAME.yaml  an issued certificate, as the kubernetes.io/tls Secret the sources read
     order.lock                   held (flock) by the replica that is ordering
@@ -27,6 +28,7 @@ import yaml
 from tidegate.translate.acme import Issuer, Wanted
 
 TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")  # base64url: never a path of its own
+NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")  # a host name, lower case
 ISSUER_ANNOTATION = "tidegate.io/acme-issuer"
 NAMES_ANNOTATION = "tidegate.io/acme-names"
 
@@ -44,7 +46,7 @@ def _write(path: Path, data: bytes, mode: int = 0o600) -> None:
 class FileStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        for sub in ("challenges/http-01", "accounts", "secrets"):
+        for sub in ("challenges/http-01", "challenges/tls-alpn-01", "accounts", "secrets"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     @property
@@ -61,6 +63,17 @@ class FileStore:
         if TOKEN.fullmatch(token):
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "challenges" / "http-01" / token).unlink()
+
+    # TLS-ALPN-01
+    def put_tls_alpn01(self, name: str, cert_pem: str, key_pem: str) -> None:
+        if not NAME.fullmatch(name):
+            raise ValueError(f"not a host name: {name!r}")
+        _write(self.root / "challenges" / "tls-alpn-01" / f"{name}.pem", (cert_pem + key_pem).encode("ascii"))
+
+    def remove_tls_alpn01(self, name: str) -> None:
+        if NAME.fullmatch(name):
+            with contextlib.suppress(FileNotFoundError):
+                (self.root / "challenges" / "tls-alpn-01" / f"{name}.pem").unlink()
 
     # accounts
     def account(self, issuer: Issuer) -> dict[str, Any] | None:

@@ -70,6 +70,19 @@ def client_hello_server_name(data: bytes) -> tuple[bool, str]:
     """(complete, server name) from the first bytes a TLS client sends. `complete` is False while more bytes
     are needed; the name is "" when the ClientHello has none. Raises NotTLS when the bytes are not a TLS
     handshake that starts with a ClientHello. The ClientHello may span several records."""
+    hello = _client_hello(data)
+    return (True, _server_name(hello)) if hello is not None else (False, "")
+
+
+def client_hello_offer(data: bytes) -> tuple[bool, str, tuple[str, ...]]:
+    """(complete, server name, the ALPN protocols offered) from the first bytes a TLS client sends, as
+    client_hello_server_name reads them (an ACME TLS-ALPN-01 validation offers acme-tls/1 alone)."""
+    hello = _client_hello(data)
+    return (True, _server_name(hello), _alpn(hello)) if hello is not None else (False, "", ())
+
+
+def _client_hello(data: bytes) -> bytes | None:
+    """The body of the ClientHello the bytes start with (None: more bytes are needed)."""
     handshake = bytearray()
     offset = 0
     while offset + 5 <= len(data):
@@ -89,22 +102,44 @@ def client_hello_server_name(data: bytes) -> tuple[bool, str]:
                 raise NotTLS("the first handshake message is not a ClientHello")
             body_length = int.from_bytes(handshake[1:4], "big")
             if len(handshake) >= 4 + body_length:
-                return True, _server_name(bytes(handshake[4:4 + body_length]))
+                return bytes(handshake[4:4 + body_length])
     if offset == 0 and data[:1] not in (b"", b"\x16"):
         raise NotTLS("not a TLS handshake record")
-    return False, ""
+    return None
 
 
-def _server_name(hello: bytes) -> str:
-    """The host_name of a ClientHello body's server_name extension (RFC 6066), or ""."""
+def _extensions(hello: bytes) -> _Reader | None:
+    """A ClientHello body's extensions (None: it has none)."""
     reader = _Reader(hello)
     reader.take(2 + 32)  # legacy version, random
     reader.take(reader.number(1))  # session id
     reader.take(reader.number(2))  # cipher suites
     reader.take(reader.number(1))  # compression methods
     if reader.left() == 0:
-        return ""  # no extensions
-    extensions = _Reader(reader.take(reader.number(2)))
+        return None
+    return _Reader(reader.take(reader.number(2)))
+
+
+def _alpn(hello: bytes) -> tuple[str, ...]:
+    """The protocols of a ClientHello body's application_layer_protocol_negotiation extension (RFC 7301)."""
+    extensions = _extensions(hello)
+    while extensions is not None and extensions.left():
+        kind, body = extensions.number(2), extensions.take(extensions.number(2))
+        if kind == 16:
+            protocols = _Reader(body)
+            protocols = _Reader(protocols.take(protocols.number(2)))
+            offered = []
+            while protocols.left():
+                offered.append(protocols.take(protocols.number(1)).decode("latin-1"))
+            return tuple(offered)
+    return ()
+
+
+def _server_name(hello: bytes) -> str:
+    """The host_name of a ClientHello body's server_name extension (RFC 6066), or ""."""
+    extensions = _extensions(hello)
+    if extensions is None:
+        return ""
     while extensions.left():
         kind, body = extensions.number(2), extensions.take(extensions.number(2))
         if kind != 0:

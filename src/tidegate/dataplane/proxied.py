@@ -2,7 +2,8 @@
 `clientIP.proxyProtocol`), for the listeners where that header comes before anything the connection's protocol
 reads: HTTPS and TLS (before the TLS handshake), TCP and TLS passthrough (before the relayed bytes). An HTTPS
 socket with TLS passthrough names (an Ingress's ssl-passthrough) is accepted here too: the ClientHello's name,
-peeked, decides whether the connection is relayed to a pod as it is or terminated.
+peeked, decides whether the connection is relayed to a pod as it is or terminated; and so is every HTTPS socket
+of a run with ACME, whose ClientHello may be a TLS-ALPN-01 validation (acme_challenge.py).
 
 tidegate accepts on such a socket itself. From a trusted peer it reads the header off the socket and not one
 byte further (it peeks, and takes only what the header is made of), so the TLS handshake or the relay then
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tidegate.dataplane import proxy_protocol
+from tidegate.dataplane.acme_challenge import ALPN, AnsweredChallenge
 from tidegate.dataplane.guard import AddressSet
 from tidegate.observe.metrics import METRICS
 
@@ -72,21 +74,22 @@ async def read_header(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> s
         return source
 
 
-async def peek_server_name(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> str:
-    """The server name of the ClientHello that `sock` starts with, read without taking it off the socket
-    ("" when it names none, or the bytes are not a ClientHello: TLS itself then says what is wrong)."""
-    from tidegate.dataplane.l4 import NotTLS, client_hello_server_name  # (l4 imports this module)
+async def peek_client_hello(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> tuple[str, tuple[str, ...]]:
+    """The server name and the ALPN protocols of the ClientHello that `sock` starts with, read without taking
+    it off the socket ("" and () when it names none, or the bytes are not a ClientHello: TLS itself then says
+    what is wrong)."""
+    from tidegate.dataplane.l4 import NotTLS, client_hello_offer  # (l4 imports this module)
 
     while True:
         seen = await _peek(loop, sock, "its ClientHello")
         try:
-            complete, name = client_hello_server_name(seen)
+            complete, name, alpn = client_hello_offer(seen)
         except NotTLS:
-            return ""
+            return "", ()
         if complete:
-            return name
+            return name, alpn
         if len(seen) >= PEEK_BYTES:
-            return ""
+            return "", ()
         await asyncio.sleep(0.005)  # the rest of it is on its way: peeking again at once would spin
 
 
@@ -97,8 +100,10 @@ class ProxiedServer:
     def __init__(self, sock: socket.socket, protocol: Callable[[str], asyncio.BaseProtocol],
                  trusted: Callable[[], Any], tls: ssl.SSLContext | None = None, handshake_timeout: float = 10.0,
                  header_timeout: float = 10.0, limit_label: str = "proxy-protocol",
-                 passthrough: Callable[[str], Callable[[str], asyncio.BaseProtocol] | None] | None = None):
+                 passthrough: Callable[[str], Callable[[str], asyncio.BaseProtocol] | None] | None = None,
+                 challenge: Callable[[str], ssl.SSLContext | None] | None = None):
         self.passthrough = passthrough  # TLS: a server name's relay protocol, when that name is passed through
+        self.challenge = challenge  # TLS: a name's ACME TLS-ALPN-01 answer (acme_challenge.tls_alpn_context)
         self.sock = sock
         self.protocol = protocol
         self.trusted = trusted
@@ -145,9 +150,14 @@ class ProxiedServer:
                 conn.close()
                 raise
         try:
-            if self.passthrough is not None:
-                relay = self.passthrough(await asyncio.wait_for(peek_server_name(self.loop, conn),
-                                                                self.handshake_timeout))
+            if self.passthrough is not None or self.challenge is not None:
+                name, alpn = await asyncio.wait_for(peek_client_hello(self.loop, conn), self.handshake_timeout)
+                answer = self.challenge(name) if self.challenge is not None and alpn == (ALPN,) else None
+                if answer is not None:  # an ACME validation: the challenge certificate is the whole answer
+                    await self.loop.connect_accepted_socket(AnsweredChallenge, conn, ssl=answer,
+                                                            ssl_handshake_timeout=self.handshake_timeout)
+                    return
+                relay = self.passthrough(name) if self.passthrough is not None else None
                 if relay is not None:  # the relay reads the ClientHello itself: it is still unread
                     await self.loop.connect_accepted_socket(lambda: relay(source), conn)  # type: ignore[misc]
                     return

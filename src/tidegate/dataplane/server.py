@@ -21,7 +21,7 @@ from tidegate import ir
 from tidegate.balancing.balancer import RouteBalancer
 from tidegate.balancing.health import HealthChecker
 from tidegate.balancing.state import Registry
-from tidegate.dataplane import deadlines, guard, h2limits
+from tidegate.dataplane import acme_challenge, deadlines, guard, h2limits
 from tidegate.dataplane.deadlines import DEADLINES, Deadlines
 from tidegate.dataplane.h2limits import H2_LIMITS, H2Limits
 from tidegate.dataplane.http1 import IN_FLIGHT, ClientConnection
@@ -270,7 +270,10 @@ class DataPlane:
 
         loop = asyncio.get_running_loop()
         handshake = identity[3] if ssl_ctx is not None else None
-        if identity[4] or identity[5]:  # PROXY headers or passthrough names before TLS: tidegate accepts
+        challenge = acme_challenge.tls_alpn_context if ssl_ctx is not None and acme_challenge.DIR is not None \
+            else None
+        if identity[4] or identity[5] or challenge is not None:  # before TLS: PROXY headers, passthrough
+            # names or an ACME TLS-ALPN-01 validation (tidegate accepts)
             sock = free_socket(address, port, False, self.reuse_port) if key in self._freebind \
                 else listening_socket(address, port, self.reuse_port)
             relays = L4Listener(f"{address}:{port} passthrough", lambda: self.passthrough.get(key))
@@ -281,7 +284,8 @@ class DataPlane:
                 return relays.protocol if found is not None and found.table.for_server_name(name) else None
 
             server: Any = ProxiedServer(sock, protocol, lambda: site().proxy_from, ssl_ctx, identity[3],
-                                        identity[3], passthrough=passed_through if identity[5] else None)
+                                        identity[3], passthrough=passed_through if identity[5] else None,
+                                        challenge=challenge)
         elif key in self._freebind:
             server = await loop.create_server(protocol, sock=free_socket(address, port, False, self.reuse_port),
                                               backlog=1024, ssl=ssl_ctx, ssl_handshake_timeout=handshake)

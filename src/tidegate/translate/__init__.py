@@ -103,7 +103,9 @@ def translate(resources: Iterable[Resource], options: TranslateOptions = Transla
                                  "access log setting applies", gw.resource.key))
             access_log = ""
         for state in gw.listeners:
-            if not (state.accepted[0] and state.programmable):
+            # (A listener waiting for its ACME certificate is opened without one: a TLS-ALPN-01 validation
+            # reaches it there, and no other handshake succeeds.)
+            if not (state.accepted[0] and (state.programmable or state.pending)):
                 continue
             addresses = gw.bind_addresses or [""]
             if options.gateway_addresses_relayed:  # reached through the node agents, at any address of this pod
