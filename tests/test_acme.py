@@ -135,7 +135,7 @@ def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding
         with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"):
             started = time.monotonic()
             with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
-                              "--acme-dir", str(tmp_path / "acme")):
+                              "--acme-dir", str(tmp_path / "acme")) as proxy:
 
                 def verified() -> bool:
                     done = subprocess.run([CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
@@ -149,6 +149,11 @@ def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding
                 print(f"first certificate served {took:.2f} s after tidegate started")
                 log = (tmp_path / "tidegate.log").read_text()
                 assert "ACME: certificate for app.test issued by AcmeIssuer default/pebble" in log
+                [certificate] = _admin(proxy, "/api/v1/certificates")["certificates"]
+                assert (certificate["names"], certificate["state"], certificate["failures"]) == (
+                    ["app.test"], "valid", 0)
+                assert certificate["daysLeft"] > 1  # pebble's default lifetime is 5 years
+                assert 'tidegate_acme_orders_total{result="issued"} 1.0' in _admin(proxy, "/metrics", raw=True)
                 assert "ACME account" in log and "registered" in log
         secret = yaml.safe_load((tmp_path / "acme" / "secrets" / "default" / "acme-gw-https.yaml").read_text())
         assert secret["type"] == "kubernetes.io/tls" and secret["metadata"]["annotations"][
@@ -156,6 +161,15 @@ def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding
         assert not list((tmp_path / "acme" / "challenges" / "http-01").iterdir())  # answered, then removed
         pebble_log = (tmp_path / "pebble.log").read_text()
         assert pebble_log.count("Issued certificate serial") == 1, pebble_log[-3000:]
+
+
+def _admin(proxy, path: str, raw: bool = False):
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin_port}{path}", timeout=10) as answer:
+        body = answer.read().decode()
+    return body if raw else json.loads(body)
 
 
 def _gateway_on_bind(listeners: str) -> str:
@@ -227,13 +241,25 @@ def test_a_name_that_cannot_validate_is_ordered_again_after_growing_waits(tmp_pa
         (config / "all.yaml").write_text(gateway("127.0.0.1", _listeners(http_port, https_port))
                                          + _issuer(ca.directory, ca.api_ca))
         with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log", "--acme-dir",
-                          str(tmp_path / "acme"), "--acme-backoff", "1"):
+                          str(tmp_path / "acme"), "--acme-backoff", "1") as proxy:
             orders = lambda: (tmp_path / "pebble.log").read_text().count("POST /order-plz")  # noqa: E731
             wait_until(lambda: orders() >= 3, timeout=20, what="three orders")
             started = time.monotonic()
             wait_until(lambda: orders() >= 4, timeout=20, what="a fourth order")
             fourth = time.monotonic() - started  # the wait before it: about 4 s (1 s doubled twice, ±20 %)
             log = (tmp_path / "tidegate.log").read_text()
+            # visible: the listener's condition, the admin API, the metrics
+            [certificate] = _admin(proxy, "/api/v1/certificates")["certificates"]
+            assert (certificate["secret"], certificate["state"]) == ("default/acme-gw-https", "failed")
+            assert certificate["failures"] >= 3 and "validation failed" in certificate["message"]
+            gateway_status = next(s for s in _admin(proxy, "/api/v1/status") if s["kind"] == "Gateway")
+            [https] = [s for s in gateway_status["status"]["listeners"] if s["name"] == "https"]
+            [programmed] = [c for c in https["conditions"] if c["type"] == "Programmed"]
+            assert (programmed["status"], programmed["reason"]) == ("False", "CertificateFailed")
+            assert "the last order failed: validation failed" in programmed["message"]
+            metrics = _admin(proxy, "/metrics", raw=True)
+            assert 'tidegate_acme_certificate_failures{secret="default/acme-gw-https"}' in metrics
+            assert float(metrics.split('tidegate_acme_orders_total{result="failed"} ')[1].split()[0]) >= 3
         assert 2.0 < fourth < 7.0, fourth
         assert orders() == 4
         assert "ACME: no certificate for app.test from AcmeIssuer default/pebble: validation failed" in log

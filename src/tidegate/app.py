@@ -130,6 +130,7 @@ async def serve(args: argparse.Namespace) -> int:
             log.error("cannot open the metrics listener %s: %s", args.metrics, exc)
 
     unmarked = [dict[Any, Any]()]  # the statuses of the translation in force, before what the data plane found
+    last_errors = [dict[Any, Any]()]  # the sockets that could not be opened, as publish was last told
 
     def publish(errors: dict) -> None:
         """Status, readiness and the listener gauges from the translation in force and the sockets the workers
@@ -140,6 +141,9 @@ async def serve(args: argparse.Namespace) -> int:
         listeners = list(served_ir(translation.ir, args.serve).listeners)
         # A copy each time: the status writer may still hold the statuses it was given last.
         translation.statuses = mark_unbindable(dict(unmarked[0]), listeners, errors, args.bind)
+        if acme is not None:  # an ACME certificate's failed orders, on the listener that waits for it
+            translation.statuses = acme.mark(translation.statuses)
+        last_errors[0] = errors
         state.statuses = statuses_as_data(translation)
         state.unbound = {f"{address}:{port}": message for (address, port), (_, message) in errors.items()}
         ready = serves_something(listeners, errors, args.bind)
@@ -154,6 +158,12 @@ async def serve(args: argparse.Namespace) -> int:
             writer.submit(translation.statuses, translation.notes)
 
     pool.on_listeners = publish
+    if acme is not None:
+        from tidegate.acme.manager import AcmeMetrics
+
+        acme.on_change = lambda: publish(last_errors[0])
+        state.acme = acme
+        METRICS.registry.register(AcmeMetrics(acme))
 
     logged = [frozenset[str]()]  # the failing conditions the last configuration logged
     acme_said: list[bool] = []  # whether the lack of --acme-dir was logged

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 
@@ -39,6 +40,7 @@ class Progress:
     message: str = ""
     failures: int = 0
     not_after: float = 0.0
+    next_try: float = 0.0  # after a failure: when the next order is placed
     orders: list[float] = field(default_factory=list)  # when each order this process placed started
 
 
@@ -50,9 +52,36 @@ def renewal_due(chain_pem: str) -> tuple[float, float]:
     return end - (end - start) / 3, end
 
 
+class AcmeMetrics:
+    """Prometheus collector of a manager's certificates: orders by result, seconds to expiry, failures."""
+
+    def __init__(self, manager: AcmeManager):
+        self.manager = manager
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        orders = CounterMetricFamily("tidegate_acme_orders", "ACME orders this process placed, by result",
+                                     labels=["result"])
+        for result in ("issued", "failed"):
+            orders.add_metric([result], self.manager.results.get(result, 0))
+        expiry = GaugeMetricFamily("tidegate_acme_certificate_expiry_seconds", "Seconds until an ACME "
+                                   "certificate expires, by Secret", labels=["secret"])
+        failures = GaugeMetricFamily("tidegate_acme_certificate_failures", "Orders of a certificate that failed "
+                                     "in a row (0 once one succeeds), by Secret", labels=["secret"])
+        now = self.manager._clock()
+        for key, progress in sorted(self.manager.progress.items()):
+            if progress.not_after:
+                expiry.add_metric([key], progress.not_after - now)
+            failures.add_metric([key], progress.failures)
+        return [orders, expiry, failures]
+
+
 class AcmeManager:
     def __init__(self, store: FileStore, backoff: float = 120.0, order: Callable[..., client.Issued] = client.order,
                  clock: Callable[[], float] = time.time):
+        self.on_change: Callable[[], None] | None = None  # told when a certificate's state changes (status)
+        self.results: dict[str, int] = {}  # orders this process placed, by result: issued, failed
         self.store = store
         self.backoff = backoff
         self._order = order
@@ -107,15 +136,57 @@ class AcmeManager:
                 await asyncio.sleep(LOCK_RETRY)
             elif outcome == "issued":
                 progress.failures, progress.message = 0, ""
+                self._count("issued")
                 log.info("ACME: certificate for %s issued by %s (Secret %s)", ", ".join(want.names),
                          want.issuer.key, want.key)
             elif outcome != "held":
                 progress.failures += 1
                 progress.state, progress.message = "failed", outcome
                 delay = self._delay(progress.failures)
+                progress.next_try = self._clock() + delay
+                self._count("failed")
                 log.error("ACME: no certificate for %s from %s: %s; next try in %.0f s", ", ".join(want.names),
                           want.issuer.key, outcome, delay)
                 await asyncio.sleep(delay)
+
+    def _count(self, result: str) -> None:
+        self.results[result] = self.results.get(result, 0) + 1
+        if self.on_change is not None:
+            self.on_change()
+
+    def view(self) -> list[dict[str, Any]]:
+        """The certificates it keeps, for the admin API and the dashboard."""
+        now = self._clock()
+        return [{"secret": key, "names": list(p.wanted.names), "issuer": p.wanted.issuer.key,
+                 "server": p.wanted.issuer.server, "for": p.wanted.source, "state": p.state, "message": p.message,
+                 "failures": p.failures, "notAfter": p.not_after or None,
+                 "daysLeft": round((p.not_after - now) / 86400, 3) if p.not_after else None,
+                 "nextTry": p.next_try if p.state == "failed" else None, "ordersPlaced": len(p.orders)}
+                for key, p in sorted(self.progress.items())]
+
+    def mark(self, statuses: dict) -> dict:
+        """`statuses` (a copy where it changes) with each waiting Gateway listener's last failure in its
+        Programmed condition: the reason tidegate's order failed, and when it is tried again."""
+        failed = {p.wanted.listener: p for p in self.progress.values() if p.state == "failed" and p.wanted.listener}
+        if not failed:
+            return statuses
+        out = dict(statuses)
+        for key, status in statuses.items():
+            if key.kind != "Gateway":
+                continue
+            listeners = []
+            for listener in status.get("listeners", []):
+                progress = failed.get((key.namespace, key.name, listener["name"]))
+                if progress is not None:
+                    listener = {**listener, "conditions": [
+                        {**c, "reason": "CertificateFailed", "message": f"the last order failed: "
+                         f"{progress.message[:512]} (failures: {progress.failures}; next try at "
+                         f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(progress.next_try))})"}
+                        if c["type"] == "Programmed" and c["status"] == "False" else c
+                        for c in listener["conditions"]]}
+                listeners.append(listener)
+            out[key] = {**status, "listeners": listeners}
+        return out
 
     def _delay(self, failures: int) -> float:
         return min(self.backoff * 2 ** (failures - 1), MAX_BACKOFF) * random.uniform(0.8, 1.2)

@@ -12,6 +12,7 @@
                             which listener, route and rule serve a request, and why others do not
     GET /api/v1/backends    backends and their endpoints: health, ejection, weight, in flight, counts, latency
     GET /api/v1/traffic     request counts by route and status class, latency buckets, connections
+    GET /api/v1/certificates  ACME certificates: names, issuer, state, the last failure, expiry, next try
     GET /api/v1/loadbalancers  LoadBalancer Services: addresses, pools and their counts, Services refused an
                             address and why, which node announces each address and since when, nodes up
     GET /dashboard/         the web dashboard (static files from the package; nothing from outside)
@@ -66,6 +67,7 @@ class RunState:
     refresh: Callable[[], Awaitable[None]] | None = None
     announcer: Any = None  # tidegate.announce.node.Layer2Agent, with --node
     bgp: Any = None  # tidegate.announce.bgp.BGPAgent, with --node and BGPPeers for this node
+    acme: Any = None  # tidegate.acme.manager.AcmeManager, with --acme-dir
 
 
 # Answers that show the workers' counts: they are brought up to date first.
@@ -211,6 +213,9 @@ class AdminProtocol(asyncio.Protocol):
                 "application/json"
         if path == "/api/v1/loadbalancers":
             return 200, _json(loadbalancers_view(state)), "application/json"
+        if path == "/api/v1/certificates":
+            return 200, _json({"certificates": state.acme.view() if state.acme is not None else []}), \
+                "application/json"
         if parts.path.startswith("/dashboard/"):
             name = parts.path[len("/dashboard/"):] or "index.html"
             asset = DASHBOARD.get(name)

@@ -55,6 +55,7 @@ class Wanted:
     namespace: str
     secret: str
     source: str  # "Gateway ns/name listener x" or "Ingress ns/name"
+    listener: tuple[str, str, str] | None = None  # (namespace, Gateway, listener) that waits for it
 
     @property
     def key(self) -> str:

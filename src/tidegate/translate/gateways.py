@@ -257,7 +257,8 @@ def _resolve_acme(index: Index, gw: Resource, listener: ListenerState, issuer_na
         return
     name = listener_secret(gw.name, listener.name)
     listener.acme = Wanted(issuer, (listener.hostname,), gw.namespace, name,
-                           f"Gateway {gw.namespace}/{gw.name} listener {listener.name}")
+                           f"Gateway {gw.namespace}/{gw.name} listener {listener.name}",
+                           (gw.namespace, gw.name, listener.name))
     secret = index.get("Secret", gw.namespace, name)
     try:
         cert = certificate_from_secret(secret) if secret is not None else None
