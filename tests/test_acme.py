@@ -3,10 +3,13 @@ CA (Debian's pebble, started here) over HTTP-01, served by tidegate once issued.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 import yaml
 
 from tests.acme_ca import CHALLTESTSRV, EAB_KEYS, PEBBLE, pebble
-from tests.harness import echo_servers, free_port, tidegate_run, wait_until
+from tests.harness import children, echo_servers, free_port, tidegate_run, wait_until
 from tests.manifests import gateway, route, service
 from tidegate.resources.loader import load_text
 from tidegate.translate import translate
@@ -248,8 +251,10 @@ def test_a_name_that_cannot_validate_is_ordered_again_after_growing_waits(tmp_pa
             wait_until(lambda: orders() >= 4, timeout=20, what="a fourth order")
             fourth = time.monotonic() - started  # the wait before it: about 4 s (1 s doubled twice, ±20 %)
             log = (tmp_path / "tidegate.log").read_text()
-            # visible: the listener's condition, the admin API, the metrics
-            [certificate] = _admin(proxy, "/api/v1/certificates")["certificates"]
+            # visible: the listener's condition, the admin API, the metrics (once the fourth order has failed)
+            [certificate] = wait_until(lambda: [c for c in _admin(proxy, "/api/v1/certificates")["certificates"]
+                                                if c["state"] == "failed" and c["failures"] == 4],
+                                       what="the fourth failure")
             assert (certificate["secret"], certificate["state"]) == ("default/acme-gw-https", "failed")
             assert certificate["failures"] >= 3 and "validation failed" in certificate["message"]
             gateway_status = next(s for s in _admin(proxy, "/api/v1/status") if s["kind"] == "Gateway")
@@ -271,8 +276,6 @@ def test_a_short_certificate_is_renewed_under_load_with_no_failed_request(tmp_pa
     """pebble issues certificates of 60 s: with a third of that left, the certificate is ordered again, and
     both replicas serve the new one while clients keep sending requests over kept-alive and new connections,
     every one of them answered 200 and verified against pebble's root."""
-    import threading
-
     import urllib3
 
     http_port, https_port, pod_port = free_port(), free_port(), free_port("127.0.20.1")
@@ -355,3 +358,85 @@ def test_a_listener_gets_a_certificate_from_pebble_over_tls_alpn01_alone(tmp_pat
                        what="a certificate from pebble over TLS-ALPN-01, served and verified")
             assert "ACME: answering tls-alpn-01 for app.test" in (tmp_path / "tidegate.log").read_text()
         assert not list((tmp_path / "acme" / "challenges" / "tls-alpn-01").iterdir())
+
+
+class _HeldRelay:
+    """Relays each connection to (address, port) after holding it `hold` seconds: a slow network between
+    pebble's validation and the replicas."""
+
+    def __init__(self, listen: tuple[str, int], to: tuple[str, int], hold: float):
+        self.to, self.hold = to, hold
+        self.sock = socket.create_server(listen)
+        self.sock.settimeout(0.2)
+        self.closing = threading.Event()
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.closing.is_set():
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                with client:
+                    time.sleep(self.hold)
+                    with socket.create_connection(self.to, timeout=5) as server:
+                        client.settimeout(5)
+                        server.sendall(client.recv(65536))
+                        while data := server.recv(65536):
+                            client.sendall(data)
+            except OSError:
+                pass  # a peer that went away: the next connection is relayed as well
+
+    def close(self) -> None:
+        self.closing.set()
+        self.thread.join(10)
+        self.sock.close()
+
+
+@needs_pebble
+def test_the_replica_left_resumes_the_order_of_a_replica_killed_mid_order(tmp_path):
+    """Two replicas on one address and port (SO_REUSEPORT: the kernel spreads connections over both), one
+    --acme-dir. pebble's validation reaches them through a relay that holds it 2 s, so that the replica that
+    orders is surely mid-order when it is killed (SIGKILL, workers too) as it answers its challenge: the other
+    takes the lock within seconds, resumes that very order (pebble saw one order, no second) and serves the
+    certificate."""
+    http_port, https_port, pod_port = free_port(), free_port(), free_port("127.0.20.1")
+    relay = _HeldRelay(("127.0.0.2", http_port), ("127.0.0.1", http_port), 2.0)
+    try:
+        with pebble(tmp_path, http_port, https_port) as ca:
+            ca.point("app.test", "127.0.0.2")  # through the relay
+            (tmp_path / "root.pem").write_text(ca.root())
+            config = tmp_path / "config"
+            config.mkdir()
+            (config / "all.yaml").write_text(
+                gateway("127.0.0.1", _listeners(http_port, https_port)) + _issuer(ca.directory, ca.api_ca)
+                + service("web", [("127.0.20.1", pod_port, "web-1")])
+                + route("web", "app.test", "- backendRefs: [{name: web, port: 80}]"))
+            acme = str(tmp_path / "acme")
+            logs = [tmp_path / "tidegate-a.log", tmp_path / "tidegate-b.log"]
+
+            def answering() -> int | None:
+                return next((n for n, log in enumerate(logs) if "ACME: answering http-01" in log.read_text()), None)
+
+            with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"), \
+                    tidegate_run(config, ("127.0.0.1", http_port), logs[0], "--acme-dir", acme) as a, \
+                    tidegate_run(config, ("127.0.0.1", http_port), logs[1], "--acme-dir", acme) as b:
+                wait_until(lambda: answering() is not None, timeout=30, what="a replica answering its challenge")
+                ordering = answering()
+                assert ordering is not None
+                killed, left = (a, b) if ordering == 0 else (b, a)
+                for pid in [*children(killed.pid, workers_only=False), killed.pid]:
+                    os.kill(pid, signal.SIGKILL)
+                killed.wait(10)
+                started = time.monotonic()
+                wait_until(lambda: _verified(tmp_path / "root.pem", "127.0.0.1", https_port), timeout=30,
+                           what="the replica left serving the certificate")
+                print(f"served {time.monotonic() - started:.2f} s after the ordering replica was killed")
+                assert "resuming the order for app.test" in logs[1 - ordering].read_text()
+                assert left.poll() is None
+            pebble_log = (tmp_path / "pebble.log").read_text()
+            assert pebble_log.count("POST /order-plz") == 1 and pebble_log.count("Issued certificate serial") == 1
+    finally:
+        relay.close()

@@ -120,10 +120,11 @@ def _client(issuer: Issuer, store: FileStore) -> tuple[acme_client.ClientV2, jos
     return client, key
 
 
-def order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: float = 90.0) -> Issued:
-    """Order a certificate for `names` and wait for it (at most `timeout` seconds)."""
+def order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: float = 90.0, journal: str = "") -> Issued:
+    """Order a certificate for `names` and wait for it (at most `timeout` seconds). `journal`: the store's
+    name for this certificate's order in progress, which a replica that takes over resumes."""
     try:
-        return _order(issuer, names, store, timeout)
+        return _order(issuer, names, store, timeout, journal)
     except OrderFailed:
         raise
     except messages.Error as exc:  # a problem document from the CA
@@ -138,12 +139,24 @@ def order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: flo
         raise OrderFailed(f"{type(exc).__name__}: {exc}") from exc
 
 
-def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: float) -> Issued:
+def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: float, journal: str) -> Issued:
     deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
     client, account_key = _client(issuer, store)
-    key_pem = _certificate_key(issuer.key_algorithm)
-    csr = crypto_util.make_csr(key_pem.encode("ascii"), list(names))
-    placed = client.new_order(csr, profile=issuer.profile or None)
+    resumed = _resumed(client, issuer, names, store, journal) if journal else None
+    if resumed is not None:
+        placed, key_pem = resumed
+        log.info("ACME: resuming the order for %s that another replica placed (%s)", ", ".join(names), placed.uri)
+        if placed.body.status == messages.STATUS_VALID and placed.body.certificate:
+            chain = client._post_as_get(placed.body.certificate).text  # issued: only its fetch was missing
+            store.forget_order(journal)
+            return Issued(key_pem, chain)
+    else:
+        key_pem = _certificate_key(issuer.key_algorithm)
+        placed = client.new_order(crypto_util.make_csr(key_pem.encode("ascii"), list(names)),
+                                  profile=issuer.profile or None)
+        if journal:  # another replica finishes it if this one dies: the order and its key, in the store
+            store.save_order(journal, {"uri": placed.uri, "key": key_pem, "names": list(names),
+                                       "issuer": issuer.key, "account": issuer.account_id})
     answered: list[tuple[str, str]] = []  # (kind, token or name)
     try:
         for authorization in placed.authorizations:
@@ -165,14 +178,47 @@ def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: fl
             else:
                 store.put_tls_alpn01(name, *tls_alpn01_certificate(name, key_authorization))
                 answered.append(("tls-alpn-01", name))
+            if chosen.status != messages.STATUS_PENDING:
+                continue  # answered before (a resumed order): the CA is validating it
             # The answer's body is "{}" (RFC 8555 section 7.5.1). An empty response object would be sent as an
             # empty body, a POST-as-GET that only reads the challenge; this one writes "{}" for any type.
             client.answer_challenge(chosen, challenges.KeyAuthorizationChallengeResponse(
                 key_authorization=key_authorization))
         done = client.poll_and_finalize(placed, deadline)
+    except (errors.ValidationError, messages.Error):
+        if journal:
+            store.forget_order(journal)  # over at the CA: the next try places a new order
+        raise
     finally:
         for kind, what in answered:
             (store.remove_http01 if kind == "http-01" else store.remove_tls_alpn01)(what)
+    if journal:
+        store.forget_order(journal)
     if not done.fullchain_pem:
         raise OrderFailed("the order ended without a certificate")
     return Issued(key_pem, done.fullchain_pem)
+
+
+def _resumed(client: acme_client.ClientV2, issuer: Issuer, names: tuple[str, ...], store: FileStore,
+             journal: str) -> tuple[messages.OrderResource, str] | None:
+    """The order a replica that died placed for the same names, as the CA has it now, and its key; None when
+    there is none to go on with (then a new one is placed). (The acme library reads an order back only
+    through its private helpers: acme is pinned.)"""
+    saved = store.order(journal)
+    if saved is None or saved.get("names") != list(names) or saved.get("issuer") != issuer.key \
+            or saved.get("account") != issuer.account_id:
+        return None
+    try:
+        body = messages.Order.from_json(client._post_as_get(saved["uri"]).json())
+        if body.status not in (messages.STATUS_PENDING, messages.STATUS_READY, messages.STATUS_PROCESSING,
+                               messages.STATUS_VALID):
+            raise ValueError(f"the order is {body.status}")
+        authorizations = [client._authzr_from_response(client._post_as_get(url), uri=url)
+                          for url in body.authorizations]
+    except (errors.Error, messages.Error, OSError, ValueError, KeyError) as exc:
+        log.info("ACME: the order %s cannot be resumed (%s): placing a new one", saved.get("uri"), exc)
+        store.forget_order(journal)
+        return None
+    csr = crypto_util.make_csr(saved["key"].encode("ascii"), list(names))
+    return messages.OrderResource(body=body, uri=saved["uri"], csr_pem=csr, authorizations=authorizations), \
+        saved["key"]

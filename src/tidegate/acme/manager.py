@@ -203,7 +203,7 @@ class AcmeManager:
             progress.orders.append(self._clock())
             want = progress.wanted
             try:
-                issued = self._order(want.issuer, want.names, self.store)
+                issued = self._order(want.issuer, want.names, self.store, journal=want.key)
             except client.OrderFailed as exc:
                 return str(exc)
             except Exception as exc:  # a bug, or a library's surprise: reported, backed off, never silent

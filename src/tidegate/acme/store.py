@@ -3,6 +3,7 @@
     challenges/http-01/TOKEN     an HTTP-01 key authorization, while its order is pending
     challenges/tls-alpn-01/NAME.pem  a TLS-ALPN-01 certificate and its key, likewise
     accounts/ID.json             an account's key and registration, per directory, contact and binding
+    orders/ID.json               an order in progress and its certificate key, per certificate
     secrets/NAMESPACE/NAME.yaml  an issued certificate, as the kubernetes.io/tls Secret the sources read
     order.lock                   held (flock) by the replica that is ordering
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -74,6 +76,23 @@ class FileStore:
         if NAME.fullmatch(name):
             with contextlib.suppress(FileNotFoundError):
                 (self.root / "challenges" / "tls-alpn-01" / f"{name}.pem").unlink()
+
+    # orders in progress (resumed by the replica that takes over when the one placing it dies)
+    def _order_path(self, journal: str) -> Path:
+        return self.root / "orders" / (hashlib.sha256(journal.encode()).hexdigest()[:24] + ".json")
+
+    def order(self, journal: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self._order_path(journal).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def save_order(self, journal: str, order: dict[str, Any]) -> None:
+        _write(self._order_path(journal), json.dumps(order).encode())
+
+    def forget_order(self, journal: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._order_path(journal).unlink()
 
     # accounts
     def account(self, issuer: Issuer) -> dict[str, Any] | None:
