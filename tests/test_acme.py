@@ -118,13 +118,15 @@ def test_external_account_binding_is_read_from_its_secret():
 
 
 @needs_pebble
-@pytest.mark.parametrize("binding", [False, True], ids=["plain", "external-account-binding"])
-def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding):
+@pytest.mark.parametrize("binding, nonces", [(False, 0), (True, 0), (False, 40)],
+                         ids=["plain", "external-account-binding", "bad-nonces"])
+def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding, nonces):
     """pebble validates HTTP-01 on tidegate's HTTP listener; the HTTPS listener then serves a certificate that
     curl verifies against pebble's root. With external account binding, the account is bound with pebble's
-    EAB key."""
+    EAB key. With pebble refusing 40 % of the nonces (PEBBLE_WFE_NONCEREJECT), the refused requests are sent
+    again and the order still succeeds at its first try, as one order."""
     http_port, https_port, pod_port = free_port(), free_port(), free_port("127.0.20.1")
-    with pebble(tmp_path, http_port, https_port) as ca:
+    with pebble(tmp_path, http_port, https_port, env={"PEBBLE_WFE_NONCEREJECT": str(nonces)}) as ca:
         config = tmp_path / "config"
         config.mkdir()
         extra = {"externalAccountBinding": {"keyID": "kid-1", "keySecretRef": {"name": "eab"}}} if binding else None
@@ -136,9 +138,9 @@ def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding
             + route("web", "app.test", "- backendRefs: [{name: web, port: 80}]"))
         (tmp_path / "root.pem").write_text(ca.root())
         with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"):
-            started = time.monotonic()
             with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log",
                               "--acme-dir", str(tmp_path / "acme")) as proxy:
+                started = time.monotonic()  # the configuration, with the listener that asks, is applied
 
                 def verified() -> bool:
                     done = subprocess.run([CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert",
@@ -149,7 +151,7 @@ def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding
 
                 wait_until(verified, timeout=30, what="a certificate from pebble, served and verified")
                 took = time.monotonic() - started
-                print(f"first certificate served {took:.2f} s after tidegate started")
+                print(f"first certificate served {took:.2f} s after the listener appeared")
                 log = (tmp_path / "tidegate.log").read_text()
                 assert "ACME: certificate for app.test issued by AcmeIssuer default/pebble" in log
                 [certificate] = _admin(proxy, "/api/v1/certificates")["certificates"]
@@ -164,6 +166,8 @@ def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding
         assert not list((tmp_path / "acme" / "challenges" / "http-01").iterdir())  # answered, then removed
         pebble_log = (tmp_path / "pebble.log").read_text()
         assert pebble_log.count("Issued certificate serial") == 1, pebble_log[-3000:]
+        assert pebble_log.count("Added order") == 1  # (a POST /order-plz whose nonce is refused adds none)
+        assert f"Configured to reject {nonces}% of good nonces" in pebble_log
 
 
 def _admin(proxy, path: str, raw: bool = False):
@@ -245,7 +249,7 @@ def test_a_name_that_cannot_validate_is_ordered_again_after_growing_waits(tmp_pa
                                          + _issuer(ca.directory, ca.api_ca))
         with tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log", "--acme-dir",
                           str(tmp_path / "acme"), "--acme-backoff", "1") as proxy:
-            orders = lambda: (tmp_path / "pebble.log").read_text().count("POST /order-plz")  # noqa: E731
+            orders = lambda: (tmp_path / "pebble.log").read_text().count("Added order")  # noqa: E731
             wait_until(lambda: orders() >= 3, timeout=20, what="three orders")
             started = time.monotonic()
             wait_until(lambda: orders() >= 4, timeout=20, what="a fourth order")
@@ -434,9 +438,9 @@ def test_the_replica_left_resumes_the_order_of_a_replica_killed_mid_order(tmp_pa
                 wait_until(lambda: _verified(tmp_path / "root.pem", "127.0.0.1", https_port), timeout=30,
                            what="the replica left serving the certificate")
                 print(f"served {time.monotonic() - started:.2f} s after the ordering replica was killed")
-                assert "resuming the order for app.test" in logs[1 - ordering].read_text()
+                assert "resuming the order for app.test placed before" in logs[1 - ordering].read_text()
                 assert left.poll() is None
             pebble_log = (tmp_path / "pebble.log").read_text()
-            assert pebble_log.count("POST /order-plz") == 1 and pebble_log.count("Issued certificate serial") == 1
+            assert pebble_log.count("Added order") == 1 and pebble_log.count("Issued certificate serial") == 1
     finally:
         relay.close()

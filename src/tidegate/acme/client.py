@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import josepy as jose
@@ -27,6 +28,9 @@ from tidegate.acme.store import FileStore
 from tidegate.translate.acme import Issuer
 
 log = logging.getLogger("tidegate.acme")
+
+
+BAD_NONCE_TRIES = 8  # goes at an order again after a request's nonce was refused twice (RFC 8555 6.5)
 
 
 class OrderFailed(Exception):
@@ -124,7 +128,16 @@ def order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: flo
     """Order a certificate for `names` and wait for it (at most `timeout` seconds). `journal`: the store's
     name for this certificate's order in progress, which a replica that takes over resumes."""
     try:
-        return _order(issuer, names, store, timeout, journal)
+        for attempt in range(BAD_NONCE_TRIES):
+            try:
+                return _order(issuer, names, store, timeout, journal)
+            except messages.Error as exc:
+                # A nonce refused twice in a row (the library tries each request twice): the order goes on
+                # where it stood (its journal), not counted as a failure.
+                if exc.code != "badNonce" or attempt == BAD_NONCE_TRIES - 1:
+                    raise
+                log.info("ACME: %s refused a nonce twice; going on with the order", issuer.server)
+        raise AssertionError("unreachable")
     except OrderFailed:
         raise
     except messages.Error as exc:  # a problem document from the CA
@@ -145,18 +158,21 @@ def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: fl
     resumed = _resumed(client, issuer, names, store, journal) if journal else None
     if resumed is not None:
         placed, key_pem = resumed
-        log.info("ACME: resuming the order for %s that another replica placed (%s)", ", ".join(names), placed.uri)
+        log.info("ACME: resuming the order for %s placed before (%s)", ", ".join(names), placed.uri)
         if placed.body.status == messages.STATUS_VALID and placed.body.certificate:
             chain = client._post_as_get(placed.body.certificate).text  # issued: only its fetch was missing
             store.forget_order(journal)
             return Issued(key_pem, chain)
     else:
         key_pem = _certificate_key(issuer.key_algorithm)
-        placed = client.new_order(crypto_util.make_csr(key_pem.encode("ascii"), list(names)),
-                                  profile=issuer.profile or None)
-        if journal:  # another replica finishes it if this one dies: the order and its key, in the store
-            store.save_order(journal, {"uri": placed.uri, "key": key_pem, "names": list(names),
-                                       "issuer": issuer.key, "account": issuer.account_id})
+
+        def placed_at(uri: str) -> None:  # kept at once: a replica that takes over (or a retry) goes on with it
+            if journal:
+                store.save_order(journal, {"uri": uri, "key": key_pem, "names": list(names), "issuer": issuer.key,
+                                           "account": issuer.account_id})
+
+        placed = _new_order(client, crypto_util.make_csr(key_pem.encode("ascii"), list(names)), names,
+                            issuer.profile, placed_at)
     answered: list[tuple[str, str]] = []  # (kind, token or name)
     try:
         for authorization in placed.authorizations:
@@ -185,8 +201,8 @@ def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: fl
             client.answer_challenge(chosen, challenges.KeyAuthorizationChallengeResponse(
                 key_authorization=key_authorization))
         done = client.poll_and_finalize(placed, deadline)
-    except (errors.ValidationError, messages.Error):
-        if journal:
+    except (errors.ValidationError, messages.Error) as exc:
+        if journal and getattr(exc, "code", "") != "badNonce":
             store.forget_order(journal)  # over at the CA: the next try places a new order
         raise
     finally:
@@ -197,6 +213,20 @@ def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: fl
     if not done.fullchain_pem:
         raise OrderFailed("the order ended without a certificate")
     return Issued(key_pem, done.fullchain_pem)
+
+
+def _new_order(client: acme_client.ClientV2, csr_pem: bytes, names: tuple[str, ...], profile: str,
+               placed_at: Callable[[str], None]) -> messages.OrderResource:
+    """ClientV2.new_order, telling `placed_at` the order's URL as soon as the CA gives it (before its
+    authorizations are read, a request that may fail on its own)."""
+    request = messages.NewOrder(identifiers=[messages.Identifier(typ=messages.IDENTIFIER_FQDN, value=name)
+                                             for name in names], profile=profile)
+    response = client._post(client.directory["newOrder"], request)
+    uri = response.headers["Location"]
+    placed_at(uri)
+    body = messages.Order.from_json(response.json())
+    authorizations = [client._authzr_from_response(client._post_as_get(url), uri=url) for url in body.authorizations]
+    return messages.OrderResource(body=body, uri=uri, csr_pem=csr_pem, authorizations=authorizations)
 
 
 def _resumed(client: acme_client.ClientV2, issuer: Issuer, names: tuple[str, ...], store: FileStore,
@@ -215,7 +245,13 @@ def _resumed(client: acme_client.ClientV2, issuer: Issuer, names: tuple[str, ...
             raise ValueError(f"the order is {body.status}")
         authorizations = [client._authzr_from_response(client._post_as_get(url), uri=url)
                           for url in body.authorizations]
-    except (errors.Error, messages.Error, OSError, ValueError, KeyError) as exc:
+    except messages.Error as exc:
+        if exc.code == "badNonce":
+            raise  # not the order's fault: read it back again (order's retry)
+        log.info("ACME: the order %s cannot be resumed (%s): placing a new one", saved.get("uri"), exc)
+        store.forget_order(journal)
+        return None
+    except (errors.Error, OSError, ValueError, KeyError) as exc:
         log.info("ACME: the order %s cannot be resumed (%s): placing a new one", saved.get("uri"), exc)
         store.forget_order(journal)
         return None
