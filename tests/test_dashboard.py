@@ -47,7 +47,23 @@ def test_the_dashboard_shows_live_numbers_and_an_unhealthy_endpoint(tmp_path):
     config = tmp_path / "config"
     config.mkdir()
     lb_port = free_port("127.0.10.200")
+    https_port = free_port(GW)
     (config / "all.yaml").write_text(actively_checked_app(GW, port, pods) + f"""
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {{name: certs, namespace: default}}
+spec:
+  gatewayClassName: tidegate
+  addresses: [{{value: {GW}}}]
+  listeners:
+    - {{name: https, port: {https_port}, protocol: HTTPS, hostname: shop.test,
+       tls: {{mode: Terminate, options: {{tidegate.io/acme-issuer: nowhere}}}}}}
+---
+apiVersion: tidegate.io/v1alpha1
+kind: AcmeIssuer
+metadata: {{name: nowhere, namespace: default}}
+spec: {{server: "https://127.0.0.1:1/directory"}}""" + f"""
 ---
 apiVersion: metallb.io/v1beta1
 kind: IPAddressPool
@@ -84,7 +100,8 @@ spec:
             sent[0] += 1
             time.sleep(0.01)
 
-    with scripted_backends(*pods) as (_, b), tidegate_run(config, (GW, port), tmp_path / "tidegate.log") as proxy:
+    with scripted_backends(*pods) as (_, b), \
+            tidegate_run(config, (GW, port), tmp_path / "tidegate.log", "--acme-dir", str(tmp_path / "acme")) as proxy:
         b.healthy = False
         driver = _browser(tmp_path / "chromium-profile")
         loader = threading.Thread(target=traffic)
@@ -126,6 +143,12 @@ spec:
                 timeout=15, what="the route's refusals on the dashboard")
             cells = edge.split("\t")
             assert cells[0] == "httproute/default/app/rule/0" and cells[-1] == "5", cells
+            # An ACME certificate whose CA cannot be reached: failed, with the reason.
+            certificate = wait_until(lambda: driver.execute_script(
+                "const r = document.querySelector('#certificates tr[data-secret=\"default/acme-certs-https\"]');"
+                " return r && r.innerText.includes('failed') && r.innerText"), timeout=15,
+                what="the certificate's row, failed")
+            assert "shop.test" in certificate and "AcmeIssuer default/nowhere" in certificate, certificate
             ARTIFACTS.mkdir(exist_ok=True)
             driver.save_screenshot(str(ARTIFACTS / "dashboard.png"))
         finally:

@@ -257,6 +257,19 @@ function renderBGP(bgp) {
   document.querySelector("#bgp-routes tbody").replaceChildren(...routes);
 }
 
+function renderCertificates(data) {
+  const rows = data.certificates.map((c) => {
+    const tr = row([c.secret, c.names.join(", "), c.issuer,
+      el("td", c.state, c.state === "valid" ? "ok" : c.state === "failed" ? "bad" : "muted"),
+      num(c.daysLeft === null ? "–" : c.daysLeft.toFixed(1)), num(String(c.failures)),
+      el("td", c.message || "", "bad")]);
+    tr.dataset.secret = c.secret;
+    return tr;
+  });
+  if (!rows.length) rows.push(row([el("td", "none (no listener or Ingress asks for one, or no --acme-dir)", "muted")]));
+  document.querySelector("#certificates tbody").replaceChildren(...rows);
+}
+
 let lastConfig = null; // [routes, statuses, config] from the slow poll: the route table's rates move faster
 
 async function fast() {
@@ -272,11 +285,13 @@ async function fast() {
 
 async function slow() {
   try {
-    const [routes, statuses, config, loadbalancers] = await Promise.all([getJSON("/api/v1/routes"),
-      getJSON("/api/v1/status"), getJSON("/api/v1/config"), getJSON("/api/v1/loadbalancers")]);
+    const [routes, statuses, config, loadbalancers, certificates] = await Promise.all([getJSON("/api/v1/routes"),
+      getJSON("/api/v1/status"), getJSON("/api/v1/config"), getJSON("/api/v1/loadbalancers"),
+      getJSON("/api/v1/certificates")]);
     lastConfig = [routes, statuses, config];
     renderConfig(routes, statuses, config);
     renderLoadBalancers(loadbalancers);
+    renderCertificates(certificates);
   } catch (err) {
     document.getElementById("ready").textContent = "unreachable";
   }
