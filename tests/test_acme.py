@@ -444,3 +444,131 @@ def test_the_replica_left_resumes_the_order_of_a_replica_killed_mid_order(tmp_pa
             assert pebble_log.count("Added order") == 1 and pebble_log.count("Issued certificate serial") == 1
     finally:
         relay.close()
+
+
+def _issued_certificate(names: list[str], days: int = 90) -> tuple[str, str]:
+    """A certificate as an ACME CA issues one (signed by a CA, with its authorityKeyIdentifier, which ACME
+    Renewal Information names it by): (chain PEM, key PEM)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    return (leaf.public_bytes(serialization.Encoding.PEM).decode(),
+            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                              serialization.NoEncryption()).decode())
+
+
+def test_renewal_follows_the_window_the_ca_suggests(tmp_path):
+    """ACME Renewal Information (RFC 9773): a 90-day certificate whose CA suggests renewing it now is ordered
+    again at once (not at day 60); the new one, for which the CA suggests nothing, is kept. The CA is stood
+    in for (the orders and the renewal information); the manager's own loop runs."""
+    import asyncio
+
+    from tidegate.acme.client import Issued
+    from tidegate.acme.manager import AcmeManager
+    from tidegate.acme.store import FileStore
+    from tidegate.translate.acme import Issuer, Wanted
+
+    orders: list[float] = []
+    asked: list[str] = []
+
+    def order(issuer, names, store, journal=""):
+        orders.append(time.time())
+        return Issued(*reversed(_issued_certificate(list(names))))
+
+    def renewal_window(issuer, chain, store):
+        asked.append(chain)
+        return (time.time() - 1 if len(asked) == 1 else None), time.time() + 3600
+
+    async def run() -> None:
+        manager = AcmeManager(FileStore(tmp_path / "acme"), order=order, renewal_window=renewal_window)
+        manager.update([Wanted(Issuer("AcmeIssuer default/ca", "https://ca.test/dir"), ("app.test",), "default",
+                               "acme-gw-https", "Gateway default/gw listener https")])
+        deadline = time.monotonic() + 10
+        while (len(orders) < 2 or len(asked) < 2) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # nothing more
+        [view] = manager.view()
+        await manager.close()
+        assert view["state"] == "valid" and view["daysLeft"] > 89
+
+    asyncio.run(run())
+    assert len(orders) == 2 and len(asked) == 2 and asked[0] != asked[1]
+
+
+def test_renewal_information_is_read_from_the_directory(tmp_path):
+    """client.renewal_window against a directory with a renewalInfo URL (a stand-in CA over HTTPS): the
+    suggested window and Retry-After; a directory without one (Debian's pebble 2.4 has none) gives no
+    suggestion and a look again in 6 hours."""
+    import http.server
+    import json
+    import threading
+
+    from tests.certs import ca_and_leaf
+    from tidegate.acme.client import renewal_window
+    from tidegate.acme.store import FileStore
+    from tidegate.translate.acme import Issuer
+
+    ca, leaf, key = ca_and_leaf(["localhost"])
+    (tmp_path / "server.pem").write_bytes(leaf + key)
+    seen: list[str] = []
+    offers = [True]
+
+    class Directory(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.path)
+            base = f"https://localhost:{self.server.server_address[1]}"
+            if self.path == "/dir":
+                body = {"newNonce": f"{base}/nonce", "newAccount": f"{base}/account", "newOrder": f"{base}/order",
+                        **({"renewalInfo": f"{base}/renewal-info"} if offers[0] else {})}
+                headers = {}
+            else:
+                body = {"suggestedWindow": {"start": "2026-01-01T00:00:00Z", "end": "2026-01-02T00:00:00Z"}}
+                headers = {"Retry-After": "120"}
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Directory)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tmp_path / "server.pem")
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    try:
+        issuer = Issuer("AcmeIssuer default/ca", f"https://localhost:{server.server_address[1]}/dir",
+                        ca_bundle=ca.decode())
+        chain, _ = _issued_certificate(["app.test"])
+        store = FileStore(tmp_path / "acme")
+        start = time.time()
+        at, check = renewal_window(issuer, chain, store)
+        assert at is not None and 1767225600 <= at <= 1767312000  # within 2026-01-01 .. 2026-01-02
+        assert start + 100 < check < time.time() + 140  # Retry-After: 120
+        assert any(p.startswith("/renewal-info/") for p in seen)
+        offers[0] = False
+        at, check = renewal_window(issuer, chain, store)
+        assert at is None and check > time.time() + 5 * 3600
+    finally:
+        server.shutdown()
+        thread.join(10)
+        server.server_close()

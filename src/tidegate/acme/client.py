@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -213,6 +214,24 @@ def _order(issuer: Issuer, names: tuple[str, ...], store: FileStore, timeout: fl
     if not done.fullchain_pem:
         raise OrderFailed("the order ended without a certificate")
     return Issued(key_pem, done.fullchain_pem)
+
+
+def renewal_window(issuer: Issuer, chain_pem: str, store: FileStore) -> tuple[float | None, float]:
+    """ACME Renewal Information (RFC 9773) for a certificate, when the CA's directory offers it: (a time in
+    the window the CA suggests for its renewal, or None without one; when to ask again)."""
+    net = acme_client.ClientNetwork(None, verify_ssl=_ca_file(issuer, store), user_agent=f"tidegate/{__version__}",
+                                    timeout=30)
+    later = time.time() + 6 * 3600
+    try:
+        client = acme_client.ClientV2(acme_client.ClientV2.get_directory(issuer.server, net), net)
+        suggested, check = client.renewal_time(chain_pem.encode("ascii"))
+    except errors.ARIError as exc:
+        log.info("ACME: no renewal information from %s (%s)", issuer.server, exc.__cause__ or exc)
+        return None, exc.retry_after.timestamp() if exc.retry_after else later
+    except (errors.Error, messages.Error, OSError, ValueError) as exc:
+        log.info("ACME: no renewal information from %s (%s)", issuer.server, exc)
+        return None, later
+    return (suggested.timestamp() if suggested is not None else None), check.timestamp()
 
 
 def _new_order(client: acme_client.ClientV2, csr_pem: bytes, names: tuple[str, ...], profile: str,

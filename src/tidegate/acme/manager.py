@@ -1,5 +1,6 @@
 """Keeps each wanted certificate (translate/acme.py): orders it when there is none, when its names or issuer
-changed, and when a third of its lifetime is left; backs off per certificate after a failure.
+changed, and at renewal time: within the window the CA suggests (ACME Renewal Information, RFC 9773) when its
+directory offers one, else when a third of the lifetime is left. Backs off per certificate after a failure.
 
 One replica orders at a time: the store's lock. A replica that finds the lock taken checks again shortly,
 and re-reads the store first: the certificate another replica wrote is not ordered twice. Failures wait
@@ -41,6 +42,11 @@ class Progress:
     failures: int = 0
     not_after: float = 0.0
     next_try: float = 0.0  # after a failure: when the next order is placed
+    # ACME Renewal Information for the certificate held (`ari_for`: its chain): a time in the CA's window, and
+    # when to ask again
+    ari_for: str = ""
+    ari_at: float | None = None
+    ari_check: float = 0.0
     orders: list[float] = field(default_factory=list)  # when each order this process placed started
 
 
@@ -79,7 +85,9 @@ class AcmeMetrics:
 
 class AcmeManager:
     def __init__(self, store: FileStore, backoff: float = 120.0, order: Callable[..., client.Issued] = client.order,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 renewal_window: Callable[..., tuple[float | None, float]] = client.renewal_window):
+        self._renewal_window = renewal_window
         self.on_change: Callable[[], None] | None = None  # told when a certificate's state changes (status)
         self.results: dict[str, int] = {}  # orders this process placed, by result: issued, failed
         self.store = store
@@ -122,12 +130,33 @@ class AcmeManager:
         except ValueError:
             return 0.0
         progress.state = "valid"
-        return max(0.0, renew_at - self._clock())
+        wait = renew_at - self._clock()
+        if progress.ari_for == chain:  # the CA's suggestion wins, and is asked for again in time
+            if progress.ari_at is not None:
+                wait = progress.ari_at - self._clock()
+            wait = min(wait, max(progress.ari_check - self._clock(), 1.0))
+        return max(0.0, wait)
+
+    async def _ask_for_renewal_information(self, progress: Progress) -> None:
+        """Ask the CA when to renew the certificate held (RFC 9773), once it is time to ask again."""
+        held = self.store.certificate(progress.wanted)
+        if held is None or (progress.ari_for == held[0] and self._clock() < progress.ari_check):
+            return
+        progress.ari_at, progress.ari_check = await asyncio.to_thread(
+            self._renewal_window, progress.wanted.issuer, held[0], self.store)
+        progress.ari_for = held[0]
+        if progress.ari_at is not None:
+            log.info("ACME: %s suggests renewing the certificate for %s at %s", progress.wanted.issuer.key,
+                     ", ".join(progress.wanted.names),
+                     time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(progress.ari_at)))
 
     async def _keep(self, progress: Progress) -> None:
         want = progress.wanted
         while True:
             wait = self._wait(progress)
+            if wait > 0:
+                await self._ask_for_renewal_information(progress)
+                wait = self._wait(progress)
             if wait > 0:
                 await asyncio.sleep(min(wait, LONGEST_WAIT))
                 continue
