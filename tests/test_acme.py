@@ -158,7 +158,9 @@ def test_a_listener_gets_a_certificate_from_pebble_over_http01(tmp_path, binding
                 assert (certificate["names"], certificate["state"], certificate["failures"]) == (
                     ["app.test"], "valid", 0)
                 assert certificate["daysLeft"] > 1  # pebble's default lifetime is 5 years
-                assert 'tidegate_acme_orders_total{result="issued"} 1.0' in _admin(proxy, "/metrics", raw=True)
+                metrics = _admin(proxy, "/metrics", raw=True)
+                assert 'tidegate_acme_orders_total{result="issued"} 1.0' in metrics
+                assert float(metrics.split('tidegate_acme_challenges_served_total{type="http-01"} ')[1].split()[0]) >= 1
                 assert "ACME account" in log and "registered" in log
         secret = yaml.safe_load((tmp_path / "acme" / "secrets" / "default" / "acme-gw-https.yaml").read_text())
         assert secret["type"] == "kubernetes.io/tls" and secret["metadata"]["annotations"][
@@ -357,10 +359,12 @@ def test_a_listener_gets_a_certificate_from_pebble_over_tls_alpn01_alone(tmp_pat
         (tmp_path / "root.pem").write_text(ca.root())
         with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"), \
                 tidegate_run(config, ("127.0.0.1", https_port), tmp_path / "tidegate.log",
-                             "--acme-dir", str(tmp_path / "acme")):
+                             "--acme-dir", str(tmp_path / "acme")) as proxy:
             wait_until(lambda: _verified(tmp_path / "root.pem", "127.0.0.1", https_port), timeout=30,
                        what="a certificate from pebble over TLS-ALPN-01, served and verified")
             assert "ACME: answering tls-alpn-01 for app.test" in (tmp_path / "tidegate.log").read_text()
+            served = _admin(proxy, "/metrics", raw=True)
+            assert float(served.split('tidegate_acme_challenges_served_total{type="tls-alpn-01"} ')[1].split()[0]) >= 1
         assert not list((tmp_path / "acme" / "challenges" / "tls-alpn-01").iterdir())
 
 

@@ -903,6 +903,7 @@ def route_request(conn: ClientSide, ex: Exchange, site: Site) -> Routed | bool:
     if acme_challenge.DIR is not None and path.startswith(acme_challenge.PREFIX):
         key_authorization = acme_challenge.answer(path)
         if key_authorization is not None:
+            METRICS.acme_challenges.labels("http-01").inc()
             conn.send_simple(200, key_authorization, close=not can_keep, head_only=head_only)
             return can_keep
     limits = site.limits

@@ -154,6 +154,7 @@ class ProxiedServer:
                 name, alpn = await asyncio.wait_for(peek_client_hello(self.loop, conn), self.handshake_timeout)
                 answer = self.challenge(name) if self.challenge is not None and alpn == (ALPN,) else None
                 if answer is not None:  # an ACME validation: the challenge certificate is the whole answer
+                    METRICS.acme_challenges.labels("tls-alpn-01").inc()
                     await self.loop.connect_accepted_socket(AnsweredChallenge, conn, ssl=answer,
                                                             ssl_handshake_timeout=self.handshake_timeout)
                     return

@@ -326,6 +326,8 @@ class Metrics:
                                      ["backend", "result"], registry=self.registry)
         self.limits = Counter("tidegate_limit_hits", "Connections, streams and requests cut off at one of tidegate's "
                               "limits, by limit (README: Limits and defaults)", ["limit"], registry=self.registry)
+        self.acme_challenges = Counter("tidegate_acme_challenges_served", "ACME validations this replica answered, "
+                                       "by type (http-01, tls-alpn-01)", ["type"], registry=self.registry)
         self.traffic_policy = Counter("tidegate_traffic_policy_refusals", "Requests a TrafficPolicy refused, by "
                                       "route, rule and result (denied: 403, limited: 429, too-large: 413)",
                                       ["route", "rule", "result"], registry=self.registry)
@@ -382,7 +384,7 @@ class Metrics:
         return (self.upstream_errors, self.retries, self.connections, self.ejections,
                 self.circuit_rejections, self.retry_budget_exhausted, self.l4, self.limits, self.open_fds,
                 self.max_fds, self.tasks, self.traffic_policy, self.redis_up, self.redis_seconds,
-                self.redis_failures, self.redis_fallbacks, self.loop_lag)
+                self.redis_failures, self.redis_fallbacks, self.loop_lag, self.acme_challenges)
 
     def snapshot(self) -> dict:
         """What a worker process counted, as plain data for the control process to add up."""
