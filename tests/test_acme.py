@@ -576,3 +576,33 @@ def test_renewal_information_is_read_from_the_directory(tmp_path):
         server.shutdown()
         thread.join(10)
         server.server_close()
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed (scripts/test does)")
+def test_a_listener_waiting_for_its_certificate_completes_no_handshake(tmp_path):
+    """While its certificate cannot be had (the CA is unreachable), the HTTPS listener is open (for a
+    TLS-ALPN-01 validation) but completes no ordinary handshake: nothing is served on the name, not even with
+    another listener's certificate; the Gateway's HTTP listener serves meanwhile."""
+    http_port, https_port, pod_port = free_port(), free_port(), free_port("127.0.20.1")
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "all.yaml").write_text(
+        gateway("127.0.0.1", _listeners(http_port, https_port)) + _issuer("https://127.0.0.1:1/dir")
+        + service("web", [("127.0.20.1", pod_port, "web-1")])
+        + route("web", "app.test", "- backendRefs: [{name: web, port: 80}]"))
+    with echo_servers({("127.0.20.1", pod_port): "default/web-1"}, tmp_path / "echo.log"), \
+            tidegate_run(config, ("127.0.0.1", http_port), tmp_path / "tidegate.log", "--acme-dir",
+                         str(tmp_path / "acme")) as proxy:
+        wait_until(lambda: "ACME: no certificate for app.test" in (tmp_path / "tidegate.log").read_text(),
+                   what="the failed order")
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        for name in ("app.test", "other.test", None):
+            with socket.create_connection(("127.0.0.1", https_port), timeout=5) as raw:
+                with pytest.raises((ssl.SSLError, ConnectionError)):
+                    context.wrap_socket(raw, server_hostname=name).close()
+        done = subprocess.run([CURL, "-s", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: app.test",
+                               f"http://127.0.0.1:{http_port}/"], capture_output=True, text=True, timeout=10)
+        assert done.stdout == "200"
+        [certificate] = _admin(proxy, "/api/v1/certificates")["certificates"]
+        assert certificate["state"] == "failed"
