@@ -115,6 +115,9 @@ def test_external_account_binding_is_read_from_its_secret():
     assert (wanted.issuer.eab_key_id, wanted.issuer.eab_hmac_key) == ("kid-1", EAB_KEYS["kid-1"])
     missing = _translated(gateway("127.0.0.1", _listeners(80, 443)) + _issuer(extra=binding))
     assert "externalAccountBinding Secret eab (key secret) not found" in str(missing.statuses)
+    garbled = _translated(gateway("127.0.0.1", _listeners(80, 443)) + _issuer(extra=binding)
+                          + secret.replace(EAB_KEYS["kid-1"], "not/base64+url!"))
+    assert "the externalAccountBinding key is not base64url" in str(garbled.statuses) and not garbled.acme
 
 
 @needs_pebble

@@ -12,8 +12,8 @@ through the sources like any other.
 
 from __future__ import annotations
 
-import base64
 import hashlib
+import re
 from dataclasses import dataclass
 
 from tidegate.resources.model import Resource
@@ -24,6 +24,7 @@ ISSUER_OPTION = "tidegate.io/acme-issuer"  # a listener's tls.options key, and a
 TLS_ACME = "kubernetes.io/tls-acme"  # cert-manager's and kube-lego's annotation: the default issuer
 DEFAULT_ISSUER = "tidegate.io/default-acme-issuer"  # an issuer's annotation: the one TLS_ACME means
 SOLVERS = {"http01": "http-01", "tlsAlpn01": "tls-alpn-01"}
+BASE64URL = re.compile(r"[A-Za-z0-9_-]+=*")
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,9 @@ def read_issuer(index: Index, found: Resource) -> Issuer | str:
         if raw is None:
             return f"{key}: externalAccountBinding Secret {ref['name']} (key {ref.get('key') or 'secret'}) not found"
         eab_id, eab_key = binding["keyID"], raw.decode("ascii", "replace").strip()
-        try:
-            base64.urlsafe_b64decode(eab_key + "=" * (-len(eab_key) % 4))
-        except ValueError:
-            return f"{key}: the externalAccountBinding key is not base64url"
+        # (base64's decoders skip characters outside the alphabet: the key is checked whole)
+        if not BASE64URL.fullmatch(eab_key):
+            return f"{key}: the externalAccountBinding key is not base64url (A-Z, a-z, 0-9, - and _)"
     solvers = tuple(SOLVERS[name] for solver in spec.get("solvers") or [] for name in solver if name in SOLVERS)
     return Issuer(key=key, server=spec["server"], email=spec.get("email", ""), ca_bundle=spec.get("caBundle", ""),
                   eab_key_id=eab_id, eab_hmac_key=eab_key,
