@@ -35,11 +35,7 @@ BAD_NONCE_TRIES = 8  # goes at an order again after a request's nonce was refuse
 
 
 class OrderFailed(Exception):
-    """An order that did not give a certificate: why, and how long the CA asked us to wait (0: it did not)."""
-
-    def __init__(self, message: str, retry_after: float = 0.0):
-        super().__init__(message)
-        self.retry_after = retry_after
+    """An order that did not give a certificate, and why."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -47,7 +47,7 @@ class Progress:
     ari_for: str = ""
     ari_at: float | None = None
     ari_check: float = 0.0
-    orders: list[float] = field(default_factory=list)  # when each order this process placed started
+    orders: int = 0  # orders this process placed for it
 
 
 def renewal_due(chain_pem: str) -> tuple[float, float]:
@@ -190,7 +190,7 @@ class AcmeManager:
                  "server": p.wanted.issuer.server, "for": p.wanted.source, "state": p.state, "message": p.message,
                  "failures": p.failures, "notAfter": p.not_after or None,
                  "daysLeft": round((p.not_after - now) / 86400, 3) if p.not_after else None,
-                 "nextTry": p.next_try if p.state == "failed" else None, "ordersPlaced": len(p.orders)}
+                 "nextTry": p.next_try if p.state == "failed" else None, "ordersPlaced": p.orders}
                 for key, p in sorted(self.progress.items())]
 
     def mark(self, statuses: dict) -> dict:
@@ -229,7 +229,7 @@ class AcmeManager:
             if self._wait(progress) > 0:
                 return "held"
             progress.state = "ordering"
-            progress.orders.append(self._clock())
+            progress.orders += 1
             want = progress.wanted
             try:
                 issued = self._order(want.issuer, want.names, self.store, journal=want.key)
